@@ -1,0 +1,286 @@
+//! Command-line flags and their validation.
+
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Sockets one process may hold: the hard open-files limit here is 20,000 per process.
+pub const MAX_CONNS_PER_PROCESS: usize = 19_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Random senders to random users at --rate messages/s (open loop).
+    Direct,
+    /// One sender to one recipient that has --devices connections.
+    Fanout,
+    /// Hold connections for --duration; with --server-pid, report RSS per connection.
+    Idle,
+    /// Raise the rate step by step until p99 exceeds --p99-bound-ms or a message is lost.
+    Ramp,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about = "Open-loop load generator for the switchboard WebSocket server"
+)]
+pub struct Args {
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+
+    /// Server address; repeat for several instances (devices are spread round-robin).
+    #[arg(long = "addr", default_value = "127.0.0.1:8080")]
+    pub addrs: Vec<SocketAddr>,
+
+    /// WebSocket path; `?token=...` is appended.
+    #[arg(long, default_value = "/ws")]
+    pub path: String,
+
+    /// Number of users (direct, idle, ramp).
+    #[arg(long, default_value_t = 200)]
+    pub users: u64,
+
+    /// Connections per user; for fanout, the recipient's connections.
+    #[arg(long, default_value_t = 2)]
+    pub devices: u32,
+
+    /// Fanout only: connections of the sending user.
+    #[arg(long, default_value_t = 1)]
+    pub sender_devices: u32,
+
+    /// User ids are `<prefix><n>`.
+    #[arg(long, default_value = "u")]
+    pub user_prefix: String,
+
+    /// Total messages per second (direct, fanout).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+
+    /// Seconds of sending (or holding, for idle).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Seconds to wait for stragglers after sending stops.
+    #[arg(long, default_value_t = 3.0)]
+    pub drain: f64,
+
+    /// Ramp: first rate (messages/s).
+    #[arg(long, default_value_t = 1000.0)]
+    pub start_rate: f64,
+
+    /// Ramp: rate increase per step.
+    #[arg(long, default_value_t = 1000.0)]
+    pub step: f64,
+
+    /// Ramp: seconds per step (each step is followed by --drain).
+    #[arg(long, default_value_t = 5.0)]
+    pub step_duration: f64,
+
+    /// Ramp: a step fails when its p99 latency exceeds this.
+    #[arg(long, default_value_t = 50.0)]
+    pub p99_bound_ms: f64,
+
+    /// Ramp: stop after this many steps even if every step held.
+    #[arg(long, default_value_t = 20)]
+    pub max_steps: u32,
+
+    /// Pad each message payload to about this many bytes (0 = no padding).
+    #[arg(long, default_value_t = 0)]
+    pub size: usize,
+
+    /// Event-loop threads per process.
+    #[arg(long, default_value_t = 2)]
+    pub threads: u32,
+
+    /// Worker processes (each with its own shard of users), for more than 19,000 sockets.
+    #[arg(long, default_value_t = 1)]
+    pub workers: u32,
+
+    /// Concurrent connection attempts per process.
+    #[arg(long, default_value_t = 512)]
+    pub connect_concurrency: usize,
+
+    /// Seconds before a connect + handshake counts as failed.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+
+    /// Mint HS256 JWTs (sub = user id) with this secret instead of dev tokens.
+    #[arg(long, env = "LOADTEST_JWT_SECRET")]
+    pub jwt_secret: Option<String>,
+
+    /// Lifetime of minted JWTs in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub jwt_ttl: u64,
+
+    /// Server process to sample VmRSS from (idle: RSS per connection).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Print the summary as JSON on stdout (the human summary goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write an SVG with latency over time and the percentile curve.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+
+    /// No per-second progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+
+    /// Unsent bytes allowed per connection before new sends are dropped and counted.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub write_buffer_cap: usize,
+
+    /// Seed for sender/recipient choice (default: random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    // Set by the parent when it re-executes itself as a worker.
+    #[arg(long, hide = true)]
+    pub worker_index: Option<u32>,
+    #[arg(long, hide = true)]
+    pub run_id: Option<String>,
+}
+
+impl Args {
+    pub fn validate(&self) -> Result<(), String> {
+        let pos = |v: f64, name: &str| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("--{name} must be > 0"))
+            }
+        };
+        if self.addrs.is_empty() {
+            return Err("need at least one --addr".into());
+        }
+        if !self.path.starts_with('/') {
+            return Err("--path must start with '/'".into());
+        }
+        if self
+            .user_prefix
+            .bytes()
+            .any(|b| !(b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return Err("--user-prefix may only use [A-Za-z0-9_-]".into());
+        }
+        if self.threads == 0 || self.threads > 64 {
+            return Err("--threads must be 1..=64".into());
+        }
+        if self.workers == 0 || self.workers > 64 {
+            return Err("--workers must be 1..=64".into());
+        }
+        if self.devices == 0 || self.sender_devices == 0 {
+            return Err("--devices and --sender-devices must be >= 1".into());
+        }
+        if self.connect_concurrency == 0 {
+            return Err("--connect-concurrency must be >= 1".into());
+        }
+        pos(self.duration, "duration")?;
+        pos(self.connect_timeout, "connect-timeout")?;
+        if !(self.drain.is_finite() && self.drain >= 0.0) {
+            return Err("--drain must be >= 0".into());
+        }
+        match self.scenario {
+            Scenario::Direct | Scenario::Fanout => pos(self.rate, "rate")?,
+            Scenario::Ramp => {
+                pos(self.start_rate, "start-rate")?;
+                pos(self.step_duration, "step-duration")?;
+                pos(self.p99_bound_ms, "p99-bound-ms")?;
+                if !(self.step.is_finite() && self.step >= 0.0) {
+                    return Err("--step must be >= 0".into());
+                }
+                if self.max_steps == 0 {
+                    return Err("--max-steps must be >= 1".into());
+                }
+            }
+            Scenario::Idle => {}
+        }
+        if self.scenario != Scenario::Fanout {
+            if self.users == 0 {
+                return Err("--users must be >= 1".into());
+            }
+            if self.users < u64::from(self.workers) {
+                return Err("--users must be at least --workers".into());
+            }
+        }
+        let per_process = self.conns_per_worker();
+        if per_process > MAX_CONNS_PER_PROCESS as u64 {
+            return Err(format!(
+                "{per_process} connections per process exceeds {MAX_CONNS_PER_PROCESS} \
+                 (open-files limit); raise --workers{}",
+                if self.scenario == Scenario::Fanout {
+                    " (fanout: each worker runs its own sender/recipient pair, so lower --devices)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        Ok(())
+    }
+
+    /// Connections of the largest worker shard.
+    pub fn conns_per_worker(&self) -> u64 {
+        match self.scenario {
+            Scenario::Fanout => u64::from(self.devices) + u64::from(self.sender_devices),
+            _ => self.users.div_ceil(u64::from(self.workers)) * u64::from(self.devices),
+        }
+    }
+
+    pub fn total_conns(&self) -> u64 {
+        match self.scenario {
+            Scenario::Fanout => self.conns_per_worker() * u64::from(self.workers),
+            _ => self.users * u64::from(self.devices),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("loadtest").chain(v.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_repeated_addrs() {
+        let a = parse(&["direct", "--addr", "127.0.0.1:1", "--addr", "127.0.0.1:2"]);
+        assert_eq!(a.addrs.len(), 2);
+        assert_eq!(a.scenario, Scenario::Direct);
+        assert!(a.validate().is_ok());
+        let d = parse(&["idle"]);
+        assert_eq!(d.addrs, vec!["127.0.0.1:8080".parse().unwrap()]);
+    }
+
+    #[test]
+    fn enforces_per_process_socket_limit() {
+        let a = parse(&["idle", "--users", "10000", "--devices", "2"]);
+        assert!(a.validate().unwrap_err().contains("--workers"));
+        let b = parse(&[
+            "idle",
+            "--users",
+            "10000",
+            "--devices",
+            "2",
+            "--workers",
+            "2",
+        ]);
+        assert!(b.validate().is_ok());
+        assert_eq!(b.total_conns(), 20_000);
+        let f = parse(&["fanout", "--devices", "25000", "--workers", "4"]);
+        assert!(f.validate().is_err());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(parse(&["direct", "--rate", "0"]).validate().is_err());
+        assert!(parse(&["direct", "--threads", "0"]).validate().is_err());
+        assert!(parse(&["direct", "--user-prefix", "a b"])
+            .validate()
+            .is_err());
+        assert!(parse(&["ramp", "--max-steps", "0"]).validate().is_err());
+    }
+}

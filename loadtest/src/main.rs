@@ -1,0 +1,259 @@
+//! Entry point: parses flags, picks the mode (single process, parent of `--workers`, or a
+//! worker re-executed by a parent), and prints the final report.
+//!
+//! Exit status: 0 = run completed clean, 1 = run completed with problems (loss,
+//! duplicates, failed connections...), 2 = could not run.
+
+mod cli;
+mod codec;
+mod control;
+mod director;
+mod engine;
+mod fleet;
+mod ledger;
+mod marker;
+mod plot;
+mod population;
+mod report;
+mod shard;
+mod stats;
+mod sysinfo;
+mod token;
+
+use clap::Parser;
+use cli::{Args, Scenario};
+use population::{Population, Shard};
+use report::{ConnectReport, IdleReport, PhaseReport, Progress, Report};
+use shard::{ConnectSummary, PhaseResult};
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = args.validate() {
+        eprintln!("loadtest: {e}");
+        return ExitCode::from(2);
+    }
+    let result = if let Some(w) = args.worker_index {
+        run_worker(&args, w).map(|()| true)
+    } else {
+        run_main(&args)
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn random_u64() -> u64 {
+    // No RNG crate needed: hashing the clock and pid is unpredictable enough for run ids.
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    population::splitmix64(t ^ (u64::from(std::process::id()) << 32))
+}
+
+/// The connections and tokens of one shard, ready for the event loops.
+fn build_shared(
+    args: &Args,
+    shard: Shard,
+    run_id: &str,
+    seed: u64,
+) -> Result<engine::Shared, String> {
+    let n_addrs = args.addrs.len() as u32;
+    let pop = match args.scenario {
+        Scenario::Fanout => Population::fanout(
+            &args.user_prefix,
+            args.sender_devices,
+            args.devices,
+            shard,
+            n_addrs,
+            seed,
+        ),
+        _ => Population::uniform(
+            &args.user_prefix,
+            args.users,
+            args.devices,
+            shard,
+            n_addrs,
+            seed,
+        ),
+    };
+    if !pop.can_send() {
+        return Err("this shard has no users".into());
+    }
+    let minter = token::Minter::new(args.jwt_secret.as_deref(), args.jwt_ttl);
+    let now = token::unix_now_s();
+    let mut user_ids = Vec::with_capacity(pop.users.len());
+    let mut paths = Vec::with_capacity(pop.users.len());
+    for u in 0..pop.users.len() as u32 {
+        let id = pop.user_id(u);
+        let tok = minter.token(&id, now)?;
+        paths.push(format!("{}?token={tok}", args.path));
+        user_ids.push(id);
+    }
+    // Workers on loopback bind distinct source addresses so that each gets its own
+    // ephemeral port range toward the same server port.
+    let source_ip = (args.workers > 1
+        && args
+            .addrs
+            .iter()
+            .all(|a| a.ip().is_loopback() && a.is_ipv4()))
+    .then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (shard.index % 250) as u8)));
+    Ok(engine::Shared {
+        open: (0..pop.conns.len())
+            .map(|_| AtomicBool::new(false))
+            .collect(),
+        pop,
+        paths,
+        user_ids,
+        addrs: args.addrs.clone(),
+        run_id: run_id.to_owned(),
+        origin: Instant::now(),
+        threads: args.threads,
+        pad_to: args.size,
+        connect_timeout: Duration::from_secs_f64(args.connect_timeout),
+        connect_concurrency: (args.connect_concurrency / args.threads as usize).max(1),
+        source_ip,
+        wbuf_cap: args.write_buffer_cap,
+    })
+}
+
+fn run_worker(args: &Args, index: u32) -> Result<(), String> {
+    let run_id = args.run_id.clone().ok_or("worker without --run-id")?;
+    let seed = args.seed.ok_or("worker without --seed")?;
+    let shard = Shard {
+        index,
+        count: args.workers,
+    };
+    let shared = build_shared(args, shard, &run_id, seed)?;
+    let mut ctl = control::Worker::new();
+    let outcome = shard::run(shared, &mut ctl)?;
+    ctl.done(&control::WorkerDone {
+        cpu_total_s: outcome.cpu_total_s,
+    });
+    Ok(())
+}
+
+struct Collected {
+    connect: ConnectSummary,
+    phases: Vec<PhaseResult>,
+    ramp: director::RampOutcome,
+    cpu_total_s: f64,
+    rss_connected_kib: Option<u64>,
+    rss_end_kib: Option<u64>,
+}
+
+fn run_main(args: &Args) -> Result<bool, String> {
+    let run_id = format!("{:08x}", random_u64() as u32);
+    let seed = args.seed.unwrap_or_else(random_u64);
+    let healthz_before: Vec<_> = args.addrs.iter().map(|a| sysinfo::healthz(*a)).collect();
+    let rss_before_kib = args.server_pid.and_then(sysinfo::rss_kib);
+    if args.server_pid.is_some() && rss_before_kib.is_none() {
+        eprintln!("loadtest: warning: cannot read VmRSS of the server pid");
+    }
+    eprintln!(
+        "loadtest {:?}: run {run_id}, {} connections to {} address(es), {} worker(s) x {} thread(s)",
+        args.scenario,
+        args.total_conns(),
+        args.addrs.len(),
+        args.workers,
+        args.threads
+    );
+    let mut progress = Progress::new(args.quiet);
+    let c = if args.workers > 1 {
+        let f = fleet::run(args, &run_id, seed, &mut progress)?;
+        Collected {
+            connect: f.connect,
+            phases: f.phases,
+            ramp: f.ramp,
+            cpu_total_s: f.cpu_total_s,
+            rss_connected_kib: f.rss_connected_kib,
+            rss_end_kib: f.rss_end_kib,
+        }
+    } else {
+        let shared = build_shared(args, Shard { index: 0, count: 1 }, &run_id, seed)?;
+        let mut ctl = control::Local {
+            director: director::Director::new(args),
+            progress,
+            server_pid: args.server_pid,
+            rss_connected_kib: None,
+            rss_end_kib: None,
+        };
+        let o = shard::run(shared, &mut ctl)?;
+        progress = ctl.progress;
+        Collected {
+            connect: o.connect,
+            phases: o.phases,
+            ramp: ctl.director.ramp,
+            cpu_total_s: o.cpu_total_s,
+            rss_connected_kib: ctl.rss_connected_kib,
+            rss_end_kib: ctl.rss_end_kib,
+        }
+    };
+    let healthz_after: Vec<_> = args.addrs.iter().map(|a| sysinfo::healthz(*a)).collect();
+    let idle = args.server_pid.map(|pid| IdleReport {
+        server_pid: pid,
+        rss_before_kib,
+        rss_connected_kib: c.rss_connected_kib,
+        rss_end_kib: c.rss_end_kib,
+        rss_per_connection_bytes: report::rss_per_conn(
+            rss_before_kib,
+            c.rss_connected_kib,
+            c.connect.established,
+        ),
+    });
+    let mut rep = Report {
+        scenario: format!("{:?}", args.scenario).to_lowercase(),
+        run_id,
+        addrs: args.addrs.iter().map(ToString::to_string).collect(),
+        users: if args.scenario == Scenario::Fanout {
+            2 * u64::from(args.workers)
+        } else {
+            args.users
+        },
+        devices: args.devices,
+        connections: args.total_conns(),
+        threads: args.threads,
+        workers: args.workers,
+        connect: ConnectReport::of(&c.connect),
+        phases: c.phases.iter().map(PhaseReport::of).collect(),
+        ramp: (args.scenario == Scenario::Ramp).then_some(c.ramp),
+        idle,
+        generator_cpu_s: c.cpu_total_s,
+        generator_cpu_us_per_delivery: None,
+        healthz_before,
+        healthz_after,
+        timeline: progress.timeline,
+        clean: false,
+    };
+    rep.finish();
+    if let Some(path) = &args.plot {
+        let mut all = stats::new_hist();
+        for p in &c.phases {
+            stats::merge_hist(&mut all, &p.latency());
+        }
+        let title = format!("switchboard {}", rep.scenario);
+        match plot::write_svg(path, &title, &rep.timeline, &all) {
+            Ok(()) => eprintln!("plot written to {}", path.display()),
+            Err(e) => eprintln!("loadtest: {e}"),
+        }
+    }
+    if args.json {
+        eprint!("{}", rep.human());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?
+        );
+    } else {
+        print!("{}", rep.human());
+    }
+    Ok(rep.clean)
+}

@@ -1,0 +1,137 @@
+//! The in-process bus: one bounded lock-free inbox per core, woken through its `mio::Waker`.
+//!
+//! A dispatch is encoded once into a [`Dispatch`] and shared by `Arc` between cores; each core
+//! looks the target users up in its own index. A full inbox never blocks the sender: the dispatch
+//! is dropped for that core and counted (`switchboard_inbox_drops_total`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crossbeam_queue::ArrayQueue;
+use mio::Waker;
+use tungstenite::Utf8Bytes;
+
+use crate::UserId;
+
+/// One encoded event for a set of users. Cheap to share: the frame is reference-counted.
+#[derive(Debug)]
+pub struct Dispatch {
+    /// The users whose every live connection receives `frame`. No duplicates.
+    pub users: Box<[UserId]>,
+    /// The complete text frame payload, encoded once.
+    pub frame: Utf8Bytes,
+}
+
+/// A core's inbox.
+struct Inbox {
+    queue: ArrayQueue<Arc<Dispatch>>,
+    /// Set by the core when its `Poll` exists (the waker is bound to it).
+    waker: OnceLock<Waker>,
+    /// `true` while a wake is outstanding, so a burst of sends costs one eventfd write.
+    pending: AtomicBool,
+}
+
+/// Every core's inbox, shared by all cores.
+pub struct Bus {
+    inboxes: Box<[Inbox]>,
+}
+
+impl Bus {
+    /// An inbox of `capacity` dispatches for each of `cores` cores.
+    pub fn new(cores: usize, capacity: usize) -> Self {
+        let inboxes = (0..cores)
+            .map(|_| Inbox {
+                queue: ArrayQueue::new(capacity),
+                waker: OnceLock::new(),
+                pending: AtomicBool::new(false),
+            })
+            .collect();
+        Bus { inboxes }
+    }
+
+    /// Number of cores on the bus.
+    pub fn cores(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// Installs `core`'s waker. Called once by the core after it builds its `Poll`.
+    pub fn set_waker(&self, core: usize, waker: Waker) {
+        let _ = self.inboxes[core].waker.set(waker);
+    }
+
+    /// Queues `dispatch` for `core` and wakes it. Returns `false` when the inbox was full and
+    /// the dispatch was dropped for that core.
+    pub fn send(&self, core: usize, dispatch: Arc<Dispatch>) -> bool {
+        let inbox = &self.inboxes[core];
+        let queued = inbox.queue.push(dispatch).is_ok();
+        self.wake(core);
+        queued
+    }
+
+    /// Wakes `core` unless a wake is already outstanding.
+    pub fn wake(&self, core: usize) {
+        let inbox = &self.inboxes[core];
+        // SeqCst on both sides (here and in `drain`): the core clears the flag before it drains,
+        // so a push that lands after the drain began either is seen by it or sets the flag
+        // again and wakes the core. Weaker orderings could lose that wake.
+        if !inbox.pending.swap(true, Ordering::SeqCst) {
+            if let Some(waker) = inbox.waker.get() {
+                // A failed eventfd write means the Poll is gone: the core has exited.
+                let _ = waker.wake();
+            }
+        }
+    }
+
+    /// Takes every queued dispatch for `core`, calling `f` on each.
+    pub fn drain(&self, core: usize, mut f: impl FnMut(Arc<Dispatch>)) {
+        let inbox = &self.inboxes[core];
+        inbox.pending.store(false, Ordering::SeqCst);
+        while let Some(d) = inbox.queue.pop() {
+            f(d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dispatch(text: &'static str) -> Arc<Dispatch> {
+        Arc::new(Dispatch {
+            users: vec!["u".into()].into(),
+            frame: Utf8Bytes::from_static(text),
+        })
+    }
+
+    #[test]
+    fn full_inbox_drops_without_blocking() {
+        let bus = Bus::new(2, 16);
+        for _ in 0..16 {
+            assert!(bus.send(1, dispatch("a")));
+        }
+        assert!(!bus.send(1, dispatch("b")));
+        let mut seen = 0;
+        bus.drain(1, |_| seen += 1);
+        assert_eq!(seen, 16);
+        bus.drain(0, |_| panic!("core 0 got nothing"));
+    }
+
+    #[test]
+    fn waker_fires_once_per_burst() {
+        let mut poll = mio::Poll::new().unwrap();
+        let bus = Bus::new(1, 16);
+        bus.set_waker(0, Waker::new(poll.registry(), mio::Token(7)).unwrap());
+        bus.send(0, dispatch("a"));
+        bus.send(0, dispatch("b"));
+        let mut events = mio::Events::with_capacity(8);
+        poll.poll(&mut events, Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(
+            events.iter().filter(|e| e.token() == mio::Token(7)).count(),
+            1
+        );
+        let mut n = 0;
+        bus.drain(0, |_| n += 1);
+        assert_eq!(n, 2);
+    }
+}

@@ -1,0 +1,233 @@
+//! Server configuration: every bound with its documented `DEFAULT_*`, and validation before bind.
+//!
+//! The binary fills a [`Config`] from CLI flags and environment variables (see `src/main.rs`);
+//! embedders and tests build one from [`Config::default`] and change the fields they care about.
+//! [`Config::validate`] runs before any socket is bound, so a bad value is a one-line error.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Address the server listens on when none is given.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Largest WebSocket message (and frame) a client may send, in bytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Bytes queued for one connection before it is closed as a slow consumer.
+pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 1024 * 1024;
+/// Eager per-connection read buffer. tungstenite defaults to 128 KiB; chat frames are small,
+/// and this buffer dominates the memory of an idle connection.
+pub const DEFAULT_READ_BUFFER_BYTES: usize = 2 * 1024;
+/// Time a client has to send a complete HTTP upgrade request.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval between server pings on an open connection.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(25);
+/// How long past a ping interval a silent connection is kept before it is closed.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long graceful shutdown waits for close handshakes and flushes.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Dispatches one core may hold for another before it drops (and counts) new ones.
+pub const DEFAULT_INBOX_CAPACITY: usize = 64 * 1024;
+/// Largest HTTP request head (request line + headers) accepted; past it, HTTP 431.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
+/// File descriptors kept free for listeners, pending handshakes, Redis and logs when
+/// `max_connections` is derived from the open-file limit.
+pub const FD_HEADROOM: u64 = 512;
+/// Longest user id accepted from a token, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 256;
+/// Leeway for the JWT `exp` (and `nbf`) check, to absorb clock skew between issuer and server.
+pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+
+/// How clients prove who they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthMode {
+    /// The token is the user id. For local development and load tests only.
+    Dev,
+    /// HS256 JSON Web Tokens; the user id is the `sub` claim and `exp` is required.
+    Jwt {
+        /// The shared HMAC secret.
+        secret: String,
+        /// Required `aud` claim, when set.
+        audience: Option<String>,
+        /// Required `iss` claim, when set.
+        issuer: Option<String>,
+        /// Clock-skew allowance for `exp`/`nbf`.
+        leeway: Duration,
+    },
+}
+
+/// A validated server configuration. Build with [`Config::default`] and adjust fields.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address every core's `SO_REUSEPORT` listener binds. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Number of core loops (threads), each pinned to a CPU.
+    pub cores: usize,
+    /// Authentication mode.
+    pub auth: AuthMode,
+    /// Open WebSocket connections allowed in this process; past it upgrades get HTTP 503.
+    pub max_connections: usize,
+    /// Largest inbound message and frame, in bytes (close 1009 past it).
+    pub max_message_bytes: usize,
+    /// Outbound bytes buffered per connection before it is closed as a slow consumer (4008).
+    pub max_outbound_bytes: usize,
+    /// Per-connection read buffer, in bytes.
+    pub read_buffer_bytes: usize,
+    /// Deadline for a complete HTTP request after accept.
+    pub handshake_timeout: Duration,
+    /// Interval between server pings.
+    pub ping_interval: Duration,
+    /// Grace after a missed ping interval before a silent connection is closed (4000).
+    pub ping_timeout: Duration,
+    /// Graceful-shutdown deadline.
+    pub shutdown_timeout: Duration,
+    /// Capacity of each core's cross-core inbox.
+    pub inbox_capacity: usize,
+    /// Largest HTTP request head accepted.
+    pub max_request_header_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a valid address"),
+            cores: default_cores(),
+            auth: AuthMode::Dev,
+            max_connections: default_max_connections(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
+            read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            ping_timeout: DEFAULT_PING_TIMEOUT,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            inbox_capacity: DEFAULT_INBOX_CAPACITY,
+            max_request_header_bytes: DEFAULT_MAX_REQUEST_HEADER_BYTES,
+        }
+    }
+}
+
+/// A configuration value that cannot work. The message names the option.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Checks every bound; call before binding. Returns the first problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError(m.to_string()));
+        if self.cores == 0 {
+            return err("--cores must be at least 1");
+        }
+        if self.cores > 1024 {
+            return err("--cores must be at most 1024");
+        }
+        if self.max_connections == 0 {
+            return err("--max-connections must be at least 1");
+        }
+        if self.max_message_bytes < 128 {
+            return err("--max-message-bytes must be at least 128");
+        }
+        if self.max_outbound_bytes < 2 * self.max_message_bytes.min(64 * 1024) {
+            return err(
+                "--max-outbound-bytes must be at least twice the largest message (or 128 KiB)",
+            );
+        }
+        if self.read_buffer_bytes < 256 {
+            return err("--read-buffer-bytes must be at least 256");
+        }
+        if self.handshake_timeout.is_zero() {
+            return err("--handshake-timeout must be above zero");
+        }
+        if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
+            return err("--ping-interval and --ping-timeout must be above zero");
+        }
+        if self.inbox_capacity < 16 {
+            return err("--inbox-capacity must be at least 16");
+        }
+        if self.max_request_header_bytes < 512 {
+            return err("--max-request-header-bytes must be at least 512");
+        }
+        if let AuthMode::Jwt { secret, .. } = &self.auth {
+            if secret.len() < 16 {
+                return err("the JWT secret must be at least 16 bytes");
+            }
+        }
+        Ok(())
+    }
+
+    /// The idle time after which an open connection that sent nothing is closed.
+    pub fn idle_timeout(&self) -> Duration {
+        self.ping_interval + self.ping_timeout
+    }
+}
+
+/// Every CPU this process may run on.
+pub fn default_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+}
+
+/// The open-file limit (raised to its hard maximum first) less [`FD_HEADROOM`].
+pub fn default_max_connections() -> usize {
+    let limit = raise_nofile_limit();
+    limit.saturating_sub(FD_HEADROOM).max(1) as usize
+}
+
+/// Raises the soft open-file limit to the hard one and returns the soft limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    use rlimit::Resource;
+    match Resource::NOFILE.get() {
+        Ok((soft, hard)) => {
+            if soft < hard && Resource::NOFILE.set(hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn zero_cores_is_rejected() {
+        let cfg = Config {
+            cores: 0,
+            ..Config::default()
+        };
+        assert!(cfg.validate().unwrap_err().0.contains("--cores"));
+    }
+
+    #[test]
+    fn short_jwt_secret_is_rejected() {
+        let cfg = Config {
+            auth: AuthMode::Jwt {
+                secret: "short".into(),
+                audience: None,
+                issuer: None,
+                leeway: DEFAULT_JWT_LEEWAY,
+            },
+            ..Config::default()
+        };
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn max_connections_leaves_headroom() {
+        let limit = raise_nofile_limit();
+        assert_eq!(
+            default_max_connections() as u64,
+            limit.saturating_sub(FD_HEADROOM).max(1)
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! One client socket through its life: reading the HTTP request, answering plain HTTP, then the
+//! open WebSocket. The core loop owns every [`Connection`] in its slab and moves it between
+//! states; the state owns the stream, so a connection cannot be in two states at once.
+
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use tungstenite::WebSocket;
+
+use crate::metrics::Closed;
+use crate::UserId;
+
+/// A TCP stream that counts the bytes written through it, for `switchboard_bytes_out_total`.
+#[derive(Debug)]
+pub struct Stream {
+    tcp: TcpStream,
+    written: u64,
+}
+
+impl Stream {
+    /// Wraps an accepted stream.
+    pub fn new(tcp: TcpStream) -> Self {
+        Stream { tcp, written: 0 }
+    }
+
+    /// The socket, for (de)registration.
+    pub fn tcp(&mut self) -> &mut TcpStream {
+        &mut self.tcp
+    }
+
+    /// Bytes written since the last call.
+    pub fn take_written(&mut self) -> u64 {
+        std::mem::take(&mut self.written)
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tcp.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// A connection in one of its states.
+pub enum Connection {
+    /// Accepted; reading the HTTP request head.
+    Request(PendingRequest),
+    /// Writing a plain HTTP response, then closing.
+    Reply(Reply),
+    /// An upgraded WebSocket.
+    Open(Open),
+}
+
+/// Reading the request head, before the handshake deadline.
+pub struct PendingRequest {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read so far (at most `max_request_header_bytes`).
+    pub buf: Vec<u8>,
+    /// When the request must be complete.
+    pub deadline: Instant,
+}
+
+/// A plain HTTP response being written; afterwards the request side is drained until the
+/// client closes, so the response is not lost to a TCP reset.
+pub struct Reply {
+    /// The socket.
+    pub stream: TcpStream,
+    /// The whole response.
+    pub out: Vec<u8>,
+    /// How much of `out` is written.
+    pub written: usize,
+    /// Response written and write side shut: only draining remains.
+    pub lingering: bool,
+    /// When the connection is dropped whatever its state.
+    pub deadline: Instant,
+}
+
+/// An open WebSocket.
+pub struct Open {
+    /// The WebSocket over the counted stream.
+    pub ws: WebSocket<Stream>,
+    /// The verified user.
+    pub user: UserId,
+    /// Last time any frame arrived.
+    pub last_heard: Instant,
+    /// When the next server ping is due.
+    pub next_ping: Instant,
+    /// Set when a close handshake began: the connection is dropped at this instant at the latest.
+    pub closing: Option<Instant>,
+    /// Why the server is closing it, counted when the connection is finally removed.
+    pub ended: Option<Closed>,
+    /// Queued output awaits the end-of-turn flush (the key is in the core's dirty list).
+    pub dirty: bool,
+    /// Still listed in the core's user index.
+    pub indexed: bool,
+}
+
+impl Connection {
+    /// The socket, whatever the state.
+    pub fn tcp(&mut self) -> &mut TcpStream {
+        match self {
+            Connection::Request(r) => &mut r.stream,
+            Connection::Reply(r) => &mut r.stream,
+            Connection::Open(o) => o.ws.get_mut().tcp(),
+        }
+    }
+}
+
+impl Reply {
+    /// Writes what it can. `Ok(true)` once everything is written.
+    pub fn write_some(&mut self) -> io::Result<bool> {
+        while self.written < self.out.len() {
+            match self.stream.write(&self.out[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads and discards input. `Ok(true)` when the client closed its side.
+    pub fn drain_input(&mut self) -> io::Result<bool> {
+        let mut scratch = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut scratch) {
+                Ok(0) => return Ok(true),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -1,0 +1,833 @@
+//! One core's event loop: its `mio::Poll`, listener, slab of connections, user index and inbox.
+//!
+//! A turn of the loop: poll; accept until WouldBlock; read every readable connection (up to a
+//! budget, the rest carried to the next turn); run handlers and deliver their dispatches; drain
+//! the inbox; then flush every connection that got output during the turn, once. Nothing here
+//! takes a lock: everything a turn touches belongs to this core, except the inboxes (lock-free)
+//! and the metrics (relaxed atomics on this core's own cache line).
+
+use std::io::{self, Read};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use smallvec::SmallVec;
+use tungstenite::protocol::Role;
+use tungstenite::{Message, Utf8Bytes, WebSocket};
+
+use crate::bus::Dispatch;
+use crate::connection::{Connection, Open, PendingRequest, Reply, Stream};
+use crate::handlers::{Args, ConnectionId, Context, MessageIds};
+use crate::http::{self, Parse, Request, RequestError};
+use crate::metrics::{add, Closed, CoreMetrics};
+use crate::protocol::{self, CloseReason, ErrorCode};
+use crate::runtime::Shared;
+use crate::user_index::UserIndex;
+
+/// Reserved tokens sit above any slab key.
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+
+/// Messages read from one connection per turn before the others get their go.
+const READ_BUDGET: usize = 64;
+/// How often deadlines (handshake, ping, idle, close) are checked.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a server-initiated close waits for the client's close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long an HTTP reply may take to be written and the client to hang up.
+const REPLY_GRACE: Duration = Duration::from_secs(5);
+/// Accepting stops this long after the process ran out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A core loop and everything it owns.
+pub struct CoreLoop {
+    id: usize,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    conns: Slab<Connection>,
+    users: UserIndex,
+    shared: Arc<Shared>,
+    /// Open WebSocket connections on this core.
+    open: usize,
+    /// Connections with output queued this turn, flushed once at the end of it.
+    dirty: Vec<usize>,
+    /// Connections with input left over (read budget spent, or accepted with data waiting).
+    carry: Vec<usize>,
+    /// Dispatches made by handlers during the current message.
+    outbox: Vec<Arc<Dispatch>>,
+    ids: MessageIds,
+    accept_paused_until: Option<Instant>,
+    shutdown_deadline: Option<Instant>,
+    next_sweep: Instant,
+}
+
+impl CoreLoop {
+    /// Builds the loop around a bound listener. Call on the pinned thread that will run it.
+    pub fn new(
+        id: usize,
+        poll: Poll,
+        mut listener: TcpListener,
+        shared: Arc<Shared>,
+    ) -> io::Result<Self> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = mio::Waker::new(poll.registry(), WAKER)?;
+        shared.bus.set_waker(id, waker);
+        Ok(CoreLoop {
+            id,
+            poll,
+            listener: Some(listener),
+            conns: Slab::with_capacity(1024),
+            users: UserIndex::default(),
+            ids: MessageIds::new(shared.node_id, id),
+            shared,
+            open: 0,
+            dirty: Vec::new(),
+            carry: Vec::new(),
+            outbox: Vec::new(),
+            accept_paused_until: None,
+            shutdown_deadline: None,
+            next_sweep: Instant::now() + SWEEP_INTERVAL,
+        })
+    }
+
+    fn metrics(&self) -> &CoreMetrics {
+        &self.shared.metrics[self.id]
+    }
+
+    /// Runs until shutdown completes (every connection closed, or the deadline passed).
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        self.drain_inbox();
+        loop {
+            let timeout = if self.carry.is_empty() {
+                self.next_sweep.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => self.drain_inbox(),
+                    Token(key) => {
+                        if event.is_writable() {
+                            self.on_writable(key);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(key);
+                        }
+                    }
+                }
+            }
+            let carried = std::mem::take(&mut self.carry);
+            for &key in &carried {
+                self.on_readable(key);
+            }
+            self.flush_dirty();
+            let now = Instant::now();
+            if now >= self.next_sweep {
+                self.sweep(now);
+                self.next_sweep = now + SWEEP_INTERVAL;
+                self.flush_dirty();
+            }
+            if self.shared.shutdown.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
+                self.begin_shutdown();
+                self.flush_dirty();
+            }
+            self.publish_gauges();
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+                self.next_sweep = self
+                    .next_sweep
+                    .min(Instant::now() + Duration::from_millis(20));
+            }
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.remove(key, Closed::Server(CloseReason::Shutdown));
+        }
+        self.publish_gauges();
+        Ok(())
+    }
+
+    fn publish_gauges(&self) {
+        let m = self.metrics();
+        m.connections_open
+            .store(self.open as u64, Ordering::Relaxed);
+        m.sockets.store(self.conns.len() as u64, Ordering::Relaxed);
+        m.users.store(self.users.len() as u64, Ordering::Relaxed);
+    }
+
+    // ---- accepting ------------------------------------------------------------------------
+
+    fn accept(&mut self) {
+        if self.accept_paused_until.is_some() || self.shutdown_deadline.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            match listener.accept() {
+                Ok((stream, _peer)) => self.admit(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_fd_exhaustion(&e) => {
+                    log::warn!("core={} accept paused: {e}", self.id);
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
+                // ECONNABORTED and friends concern one peer only.
+                Err(e) => log::debug!("core={} accept error: {e}", self.id),
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("core={} register failed: {e}", self.id);
+            return;
+        }
+        entry.insert(Connection::Request(PendingRequest {
+            stream,
+            buf: Vec::new(),
+            deadline: Instant::now() + self.shared.config.handshake_timeout,
+        }));
+        // The request may already be waiting; its readable edge may have passed.
+        self.carry.push(key);
+    }
+
+    // ---- readiness ------------------------------------------------------------------------
+
+    fn on_writable(&mut self, key: usize) {
+        match self.conns.get_mut(key) {
+            Some(Connection::Reply(_)) => self.progress_reply(key),
+            Some(Connection::Open(_)) => self.mark_dirty(key),
+            _ => {}
+        }
+    }
+
+    fn on_readable(&mut self, key: usize) {
+        match self.conns.get(key) {
+            Some(Connection::Request(_)) => self.read_request(key),
+            Some(Connection::Reply(_)) => self.progress_reply(key),
+            Some(Connection::Open(_)) => self.read_frames(key),
+            None => {}
+        }
+    }
+
+    // ---- HTTP ----------------------------------------------------------------------------
+
+    fn read_request(&mut self, key: usize) {
+        let max = self.shared.config.max_request_header_bytes;
+        let mut chunk = [0u8; 2048];
+        loop {
+            let Some(Connection::Request(req)) = self.conns.get_mut(key) else {
+                return;
+            };
+            let room = (max - req.buf.len()).min(chunk.len());
+            if room == 0 {
+                add(&self.metrics().handshake_failures, 1);
+                self.reply(
+                    key,
+                    http::error_response(431, "request header fields too large"),
+                    &[],
+                );
+                return;
+            }
+            match req.stream.read(&mut chunk[..room]) {
+                Ok(0) => {
+                    self.remove(key, Closed::Reset);
+                    return;
+                }
+                Ok(n) => {
+                    req.buf.extend_from_slice(&chunk[..n]);
+                    match http::parse_request(&req.buf) {
+                        Ok(Parse::Partial) => continue,
+                        Ok(Parse::Complete(request, head_len)) => {
+                            let rest = req.buf.split_off(head_len);
+                            self.route(key, request, rest);
+                            return;
+                        }
+                        Err(e) => {
+                            add(&self.metrics().handshake_failures, 1);
+                            let status = match e {
+                                RequestError::Malformed => 400,
+                                RequestError::TooLarge => 431,
+                            };
+                            self.reply(key, http::error_response(status, &e.to_string()), &[]);
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.remove(key, Closed::Reset);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn route(&mut self, key: usize, req: Request, rest: Vec<u8>) {
+        add(&self.metrics().http_requests, 1);
+        let known = matches!(req.path.as_str(), "/ws" | "/healthz" | "/metrics");
+        if known && req.method != "GET" {
+            self.reply(key, http::error_response(405, "method not allowed"), &rest);
+            return;
+        }
+        match req.path.as_str() {
+            "/ws" => self.upgrade(key, req, rest),
+            "/healthz" => {
+                let extra = format!(r#","node":"{:016x}""#, self.shared.node_id);
+                let body = crate::metrics::render_health(&self.shared.metrics, &extra);
+                self.reply(
+                    key,
+                    http::response(200, "application/json", "", &body),
+                    &rest,
+                );
+            }
+            "/metrics" => {
+                let body = crate::metrics::render_prometheus(&self.shared.metrics);
+                let ct = "text/plain; version=0.0.4; charset=utf-8";
+                self.reply(key, http::response(200, ct, "", &body), &rest);
+            }
+            _ => self.reply(key, http::error_response(404, "not found"), &rest),
+        }
+    }
+
+    fn upgrade(&mut self, key: usize, req: Request, rest: Vec<u8>) {
+        let refuse = |this: &mut Self, status: u16, headers: &str, reason: &str| {
+            add(&this.metrics().handshake_failures, 1);
+            let body = format!("{reason}\n");
+            this.reply(
+                key,
+                http::response(status, "text/plain; charset=utf-8", headers, &body),
+                &rest,
+            );
+        };
+        if !req.wants_upgrade {
+            return refuse(
+                self,
+                426,
+                "Upgrade: websocket\r\n",
+                "websocket upgrade required",
+            );
+        }
+        if req.ws_version.as_deref() != Some("13") {
+            return refuse(
+                self,
+                426,
+                "Sec-WebSocket-Version: 13\r\n",
+                "unsupported websocket version",
+            );
+        }
+        let Some(ws_key) = req.ws_key.as_deref().filter(|k| http::valid_ws_key(k)) else {
+            return refuse(self, 400, "", "missing or invalid Sec-WebSocket-Key");
+        };
+        let user = match self.shared.auth.authenticate(req.token().as_deref()) {
+            Ok(user) => user,
+            Err(e) => {
+                add(&self.metrics().auth_failures, 1);
+                self.reply(key, http::error_response(401, &e.to_string()), &rest);
+                return;
+            }
+        };
+        let max = self.shared.config.max_connections;
+        if self.shared.open_connections.fetch_add(1, Ordering::SeqCst) >= max {
+            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            add(&self.metrics().rejected_over_capacity, 1);
+            self.reply(
+                key,
+                http::error_response(503, "server at max_connections"),
+                &rest,
+            );
+            return;
+        }
+        let Some(Connection::Request(pending)) = self.conns.get_mut(key) else {
+            return;
+        };
+        // A fresh socket's send buffer is empty, so the 101 (under 200 bytes) is written whole;
+        // a short write here means the peer is already gone.
+        let response = http::upgrade_response(ws_key);
+        let written = std::io::Write::write(&mut pending.stream, &response);
+        if !matches!(written, Ok(n) if n == response.len()) {
+            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            add(&self.metrics().handshake_failures, 1);
+            self.remove(key, Closed::Reset);
+            return;
+        }
+        // Re-inserted below: slab's free list is LIFO, so the connection keeps its key (and the
+        // token its socket is registered under).
+        let Some(Connection::Request(pending)) = self.conns.try_remove(key) else {
+            return;
+        };
+        let stream = Stream::new(pending.stream);
+        let config = Some(self.shared.ws_config);
+        let ws = if rest.is_empty() {
+            WebSocket::from_raw_socket(stream, Role::Server, config)
+        } else {
+            WebSocket::from_partially_read(stream, rest, Role::Server, config)
+        };
+        let now = Instant::now();
+        let open = Open {
+            ws,
+            user: user.clone(),
+            last_heard: now,
+            next_ping: now + self.shared.config.ping_interval,
+            closing: None,
+            ended: None,
+            dirty: false,
+            indexed: true,
+        };
+        let new_key = self.conns.insert(Connection::Open(open));
+        debug_assert_eq!(new_key, key, "slab reuses the slot just freed");
+        if new_key != key {
+            // Cannot happen with slab's LIFO free list, but never leave a socket registered
+            // under a token that names another slot.
+            if let Some(conn) = self.conns.get_mut(new_key) {
+                let _ = self.poll.registry().reregister(
+                    conn.tcp(),
+                    Token(new_key),
+                    Interest::READABLE | Interest::WRITABLE,
+                );
+            }
+        }
+        self.users.insert(&user, new_key);
+        self.open += 1;
+        add(&self.metrics().connections_accepted, 1);
+        log::debug!("core={} conn={new_key} user={user} open", self.id);
+        // Frames may have arrived with (or right after) the request.
+        self.carry.push(new_key);
+    }
+
+    /// Switches the connection to writing `response`, then closing.
+    fn reply(&mut self, key: usize, response: Vec<u8>, _rest: &[u8]) {
+        let Some(conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        let stream = match conn {
+            Connection::Request(r) => r.stream,
+            Connection::Reply(r) => r.stream,
+            Connection::Open(o) => {
+                // Not reachable: replies are only sent before an upgrade.
+                self.conns.insert(Connection::Open(o));
+                return;
+            }
+        };
+        let reply = Reply {
+            stream,
+            out: response,
+            written: 0,
+            lingering: false,
+            deadline: Instant::now() + REPLY_GRACE,
+        };
+        let new_key = self.conns.insert(Connection::Reply(reply));
+        debug_assert_eq!(new_key, key);
+        self.progress_reply(new_key);
+    }
+
+    fn progress_reply(&mut self, key: usize) {
+        let Some(Connection::Reply(reply)) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !reply.lingering {
+            match reply.write_some() {
+                Ok(true) => {
+                    let _ = reply.stream.shutdown(std::net::Shutdown::Write);
+                    reply.lingering = true;
+                }
+                Ok(false) => return,
+                Err(_) => {
+                    self.remove(key, Closed::Reset);
+                    return;
+                }
+            }
+        }
+        match reply.drain_input() {
+            Ok(false) => {}
+            Ok(true) | Err(_) => self.remove(key, Closed::Reset),
+        }
+    }
+
+    // ---- WebSocket -------------------------------------------------------------------------
+
+    fn read_frames(&mut self, key: usize) {
+        for _ in 0..READ_BUDGET {
+            let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+                return;
+            };
+            let result = open.ws.read();
+            if result.is_ok() {
+                open.last_heard = Instant::now();
+            }
+            let closing = open.closing.is_some();
+            match result {
+                Ok(Message::Text(text)) => {
+                    if !closing {
+                        add(&self.metrics().frames_in, 1);
+                        self.on_text(key, text);
+                    }
+                }
+                Ok(Message::Binary(_)) => {
+                    if !closing {
+                        self.close(key, CloseReason::BinaryFrame);
+                    }
+                }
+                Ok(Message::Ping(_)) => self.mark_dirty(key), // tungstenite queued the pong
+                Ok(Message::Pong(_)) | Ok(Message::Frame(_)) => {}
+                Ok(Message::Close(_)) => {
+                    // tungstenite queued the reply; the next read reports the end.
+                    self.unindex(key);
+                    if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
+                        open.closing.get_or_insert(Instant::now() + CLOSE_GRACE);
+                    }
+                    self.mark_dirty(key);
+                }
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(tungstenite::Error::ConnectionClosed)
+                | Err(tungstenite::Error::AlreadyClosed) => {
+                    self.remove(key, Closed::ClientClose);
+                    return;
+                }
+                Err(e) if closing => {
+                    log::debug!("core={} conn={key} error while closing: {e}", self.id);
+                    self.remove(key, Closed::Reset);
+                    return;
+                }
+                Err(tungstenite::Error::Protocol(p)) => {
+                    log::debug!("core={} conn={key} protocol error: {p}", self.id);
+                    self.close(key, CloseReason::ProtocolError);
+                    return;
+                }
+                Err(tungstenite::Error::Utf8(_)) => {
+                    self.close(key, CloseReason::InvalidUtf8);
+                    return;
+                }
+                Err(tungstenite::Error::Capacity(_)) => {
+                    self.close(key, CloseReason::MessageTooBig);
+                    return;
+                }
+                Err(tungstenite::Error::WriteBufferFull(_)) => {
+                    self.close(key, CloseReason::SlowConsumer);
+                    return;
+                }
+                Err(_) => {
+                    self.remove(key, Closed::Reset);
+                    return;
+                }
+            }
+        }
+        // Budget spent with input possibly left: continue next turn (edge-triggered: no new
+        // event would come for bytes already buffered).
+        self.carry.push(key);
+    }
+
+    fn on_text(&mut self, key: usize, text: Utf8Bytes) {
+        let Some(Connection::Open(open)) = self.conns.get(key) else {
+            return;
+        };
+        let user = open.user.clone();
+        let envelope = match protocol::parse_envelope(text.as_str()) {
+            Ok(env) => env,
+            Err(e) => {
+                add(&self.metrics().client_errors, 1);
+                self.send(
+                    key,
+                    protocol::encode_error(e.ack, e.code.as_str(), &e.message),
+                );
+                return;
+            }
+        };
+        let ack = envelope.ack;
+        let shared = Arc::clone(&self.shared);
+        let Some(handler) = shared.handlers.get(&envelope.event) else {
+            add(&self.metrics().client_errors, 1);
+            let message = format!("no handler for event {:?}", truncate(&envelope.event, 64));
+            self.send(
+                key,
+                protocol::encode_error(ack, ErrorCode::UnknownEvent.as_str(), &message),
+            );
+            return;
+        };
+        let connection = ConnectionId { core: self.id, key };
+        let mut ctx = Context::new(&user, connection, &mut self.outbox, &mut self.ids);
+        let args = Args::new(envelope.args);
+        // A panicking handler must not take the core (and every connection on it) down.
+        let result = catch_unwind(AssertUnwindSafe(|| handler.handle(&mut ctx, args)))
+            .unwrap_or_else(|_| {
+                log::error!("handler for {:?} panicked", truncate(&envelope.event, 64));
+                Err(crate::handlers::HandlerError::internal("handler failed"))
+            });
+        if result.is_err() {
+            // Nothing a failed handler dispatched goes out.
+            self.outbox.clear();
+        }
+        self.flush_outbox();
+        match (result, ack) {
+            (Ok(value), Some(n)) => self.send(key, protocol::encode_ack(n, &value)),
+            (Ok(_), None) => {}
+            (Err(e), ack) => {
+                add(&self.metrics().client_errors, 1);
+                self.send(key, protocol::encode_error(ack, &e.code, &e.message));
+            }
+        }
+    }
+
+    /// Delivers the handler's dispatches here and hands them to every other core.
+    fn flush_outbox(&mut self) {
+        let outbox = std::mem::take(&mut self.outbox);
+        for dispatch in &outbox {
+            add(&self.metrics().dispatches, 1);
+            self.deliver_local(dispatch);
+            for core in (0..self.shared.bus.cores()).filter(|&c| c != self.id) {
+                if !self.shared.bus.send(core, Arc::clone(dispatch)) {
+                    add(&self.metrics().inbox_drops, 1);
+                }
+            }
+        }
+        self.outbox = outbox;
+        self.outbox.clear();
+    }
+
+    fn drain_inbox(&mut self) {
+        let shared = Arc::clone(&self.shared);
+        shared
+            .bus
+            .drain(self.id, |dispatch| self.deliver_local(&dispatch));
+    }
+
+    /// Queues the dispatch's frame on every local connection of its users.
+    fn deliver_local(&mut self, dispatch: &Dispatch) {
+        for user in dispatch.users.iter() {
+            let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(user));
+            for key in keys {
+                self.send(key, dispatch.frame.clone());
+            }
+        }
+    }
+
+    /// Queues a text frame for the end-of-turn flush. A connection over its outbound bound is
+    /// closed as a slow consumer.
+    fn send(&mut self, key: usize, frame: Utf8Bytes) {
+        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+            return;
+        };
+        if open.closing.is_some() {
+            return;
+        }
+        match open.ws.write(Message::Text(frame)) {
+            Ok(()) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(tungstenite::Error::WriteBufferFull(_)) => {
+                self.close(key, CloseReason::SlowConsumer);
+                return;
+            }
+            Err(_) => {
+                self.remove(key, Closed::Reset);
+                return;
+            }
+        }
+        add(&self.metrics().frames_out, 1);
+        self.mark_dirty(key);
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
+            if !open.dirty {
+                open.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    /// Flushes every connection that got output this turn: one write burst per connection.
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let mut bytes = 0;
+        for &key in &dirty {
+            let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+                continue;
+            };
+            open.dirty = false;
+            let result = open.ws.flush();
+            bytes += open.ws.get_mut().take_written();
+            match result {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(tungstenite::Error::ConnectionClosed) => self.remove(key, Closed::ClientClose),
+                Err(_) => self.remove(key, Closed::Reset),
+            }
+        }
+        add(&self.metrics().bytes_out, bytes);
+        dirty.clear();
+        // Keep the allocation; anything added while flushing (none today) would be kept too.
+        dirty.append(&mut self.dirty);
+        self.dirty = dirty;
+    }
+
+    /// Starts a server-initiated close: the close frame is queued, the user unindexed, and the
+    /// connection dropped when the client answers or the grace period ends.
+    fn close(&mut self, key: usize, reason: CloseReason) {
+        self.unindex(key);
+        let grace = self
+            .shutdown_deadline
+            .unwrap_or_else(|| Instant::now() + CLOSE_GRACE);
+        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+            return;
+        };
+        if open.closing.is_some() {
+            return;
+        }
+        open.closing = Some(grace);
+        open.ended = Some(Closed::Server(reason));
+        if reason == CloseReason::SlowConsumer {
+            // The buffer is full by definition; make room for the close frame alone.
+            open.ws.set_config(|c| c.max_write_buffer_size += 256);
+        }
+        log::debug!("core={} conn={key} closing: {}", self.id, reason.text());
+        match open.ws.close(Some(reason.frame())) {
+            Ok(()) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => {}
+        }
+        self.mark_dirty(key);
+    }
+
+    fn unindex(&mut self, key: usize) {
+        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+            return;
+        };
+        if open.indexed {
+            open.indexed = false;
+            self.users.remove(&open.user, key);
+        }
+    }
+
+    /// Drops a connection now, whatever its state.
+    fn remove(&mut self, key: usize, why: Closed) {
+        self.unindex(key);
+        let Some(mut conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(conn.tcp());
+        if let Connection::Open(open) = &mut conn {
+            let why = open.ended.unwrap_or(why);
+            self.metrics().closed(why);
+            self.open -= 1;
+            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            add(&self.metrics().bytes_out, open.ws.get_mut().take_written());
+            log::debug!(
+                "core={} conn={key} user={} removed ({why:?})",
+                self.id,
+                open.user
+            );
+        }
+    }
+
+    // ---- time ------------------------------------------------------------------------------
+
+    fn sweep(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+            self.accept();
+        }
+        let idle_timeout = self.shared.config.idle_timeout();
+        let ping_interval = self.shared.config.ping_interval;
+        let mut expired: Vec<(usize, Closed)> = Vec::new();
+        let mut silent = Vec::new();
+        let mut pings = Vec::new();
+        for (key, conn) in self.conns.iter_mut() {
+            match conn {
+                Connection::Request(r) if now >= r.deadline => {
+                    expired.push((key, Closed::Reset));
+                }
+                Connection::Reply(r) if now >= r.deadline => expired.push((key, Closed::Reset)),
+                Connection::Open(o) => match o.closing {
+                    Some(deadline) if now >= deadline => expired.push((key, Closed::Reset)),
+                    Some(_) => {}
+                    None if now.duration_since(o.last_heard) >= idle_timeout => silent.push(key),
+                    None if now >= o.next_ping => {
+                        o.next_ping = now + ping_interval;
+                        pings.push(key);
+                    }
+                    None => {}
+                },
+                _ => {}
+            }
+        }
+        for (key, why) in expired {
+            if matches!(self.conns.get(key), Some(Connection::Request(_))) {
+                add(&self.metrics().handshake_failures, 1);
+            }
+            self.remove(key, why);
+        }
+        for key in silent {
+            self.close(key, CloseReason::HeartbeatTimeout);
+        }
+        for key in pings {
+            if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
+                if open.ws.write(Message::Ping(Default::default())).is_ok() {
+                    add(&self.metrics().frames_out, 1);
+                }
+                self.mark_dirty(key);
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        self.shutdown_deadline = Some(Instant::now() + self.shared.config.shutdown_timeout);
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            match self.conns.get(key) {
+                Some(Connection::Open(_)) => self.close(key, CloseReason::Shutdown),
+                Some(_) => self.remove(key, Closed::Server(CloseReason::Shutdown)),
+                None => {}
+            }
+        }
+        log::info!(
+            "core={} shutting down: {} connections closing",
+            self.id,
+            self.conns.len()
+        );
+    }
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    // EMFILE (24) and ENFILE (23): out of file descriptors, per process or system-wide.
+    matches!(e.raw_os_error(), Some(23) | Some(24))
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

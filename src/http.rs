@@ -1,0 +1,286 @@
+//! The plain HTTP side of the port: parsing request heads, routing, and building responses.
+//!
+//! Every request arrives here first. `GET /ws` with valid upgrade headers becomes a WebSocket;
+//! `/healthz` and `/metrics` are answered in place; everything else gets a status and a one-line
+//! reason. Plain HTTP responses always close the connection (no keep-alive: these routes are
+//! for probes and scrapers, not browsers).
+
+use std::fmt::Write as _;
+
+/// Most headers a request may carry before it is refused with 431.
+const MAX_HEADERS: usize = 64;
+
+/// The parts of a request head the server acts on.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    /// Raw query string, without `?`.
+    pub query: Option<String>,
+    /// `Connection` lists `upgrade` and `Upgrade` is `websocket`.
+    pub wants_upgrade: bool,
+    /// `Sec-WebSocket-Key`.
+    pub ws_key: Option<String>,
+    /// `Sec-WebSocket-Version`.
+    pub ws_version: Option<String>,
+    /// The token of an `Authorization: Bearer` header.
+    pub bearer: Option<String>,
+    /// `Content-Length`, when present and numeric.
+    pub content_length: Option<usize>,
+}
+
+/// What a buffer holding the start of a request amounts to so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parse {
+    /// More bytes are needed.
+    Partial,
+    /// A full head of `head_len` bytes; bytes after it belong to the body or the WebSocket.
+    Complete(Request, usize),
+}
+
+/// Why a request head was refused before routing.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not HTTP/1.x, or broken syntax. Answer 400.
+    #[error("malformed request")]
+    Malformed,
+    /// Too many headers (or too large: the caller checks the size). Answer 431.
+    #[error("request header fields too large")]
+    TooLarge,
+}
+
+/// Parses the request head in `buf`.
+pub fn parse_request(buf: &[u8]) -> Result<Parse, RequestError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Parse::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(RequestError::TooLarge),
+        Err(_) => return Err(RequestError::Malformed),
+    };
+    let target = req.path.unwrap_or("/");
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_string())),
+        None => (target, None),
+    };
+    let mut out = Request {
+        method: req.method.unwrap_or("").to_string(),
+        path: path.to_string(),
+        query,
+        ..Request::default()
+    };
+    let mut connection_upgrade = false;
+    let mut upgrade_websocket = false;
+    for h in req.headers.iter() {
+        let value = match std::str::from_utf8(h.value) {
+            Ok(v) => v.trim(),
+            Err(_) => continue,
+        };
+        let name = h.name;
+        if name.eq_ignore_ascii_case("connection") {
+            connection_upgrade |= value
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            upgrade_websocket |= value
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            out.ws_key = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            out.ws_version = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("authorization") {
+            if let Some((scheme, token)) = value.split_once(' ') {
+                if scheme.eq_ignore_ascii_case("bearer") {
+                    out.bearer = Some(token.trim().to_string());
+                }
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            out.content_length = value.parse().ok();
+        }
+    }
+    out.wants_upgrade = connection_upgrade && upgrade_websocket;
+    Ok(Parse::Complete(out, head_len))
+}
+
+impl Request {
+    /// The first value of query parameter `name`, percent-decoded.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        let query = self.query.as_deref()?;
+        query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| percent_decode(v))
+        })
+    }
+
+    /// The token from `Authorization: Bearer` or else `?token=`.
+    pub fn token(&self) -> Option<String> {
+        self.bearer.clone().or_else(|| self.query_param("token"))
+    }
+}
+
+/// Decodes `%XX` escapes and `+` (as space); invalid escapes are kept literally.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The reason phrase of the statuses this server sends.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// A complete response that closes the connection.
+pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &str) -> Vec<u8> {
+    let mut head = String::with_capacity(160 + body.len());
+    let _ = write!(
+        head,
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\nCache-Control: no-store\r\n{extra_headers}\r\n",
+        reason_phrase(status),
+        body.len()
+    );
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+/// A plain-text error response with a one-line reason.
+pub fn error_response(status: u16, reason: &str) -> Vec<u8> {
+    response(
+        status,
+        "text/plain; charset=utf-8",
+        "",
+        &format!("{reason}\n"),
+    )
+}
+
+/// The `101 Switching Protocols` answer for a WebSocket key.
+pub fn upgrade_response(ws_key: &str) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A `Sec-WebSocket-Key` must be 16 bytes, base64-encoded: 24 characters ending in `==`.
+pub fn valid_ws_key(key: &str) -> bool {
+    key.len() == 24
+        && key.ends_with("==")
+        && key[..22]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_an_upgrade_request() {
+        let raw =
+            b"GET /ws?token=u%201&x=2 HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\
+            Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+            Sec-WebSocket-Version: 13\r\n\r\nrest";
+        let Parse::Complete(req, len) = parse_request(raw).unwrap() else {
+            panic!("partial")
+        };
+        assert_eq!(&raw[len..], b"rest");
+        assert_eq!(req.method, "GET");
+        assert_eq!(req.path, "/ws");
+        assert!(req.wants_upgrade);
+        assert_eq!(req.query_param("token").as_deref(), Some("u 1"));
+        assert_eq!(req.token().as_deref(), Some("u 1"));
+        assert!(valid_ws_key(req.ws_key.as_deref().unwrap()));
+    }
+
+    #[test]
+    fn bearer_wins_over_query() {
+        let raw = b"GET /ws?token=q HTTP/1.1\r\nAuthorization: Bearer h\r\n\r\n";
+        let Parse::Complete(req, _) = parse_request(raw).unwrap() else {
+            panic!("partial")
+        };
+        assert_eq!(req.token().as_deref(), Some("h"));
+        assert!(!req.wants_upgrade);
+    }
+
+    #[test]
+    fn partial_garbage_and_too_many_headers() {
+        assert_eq!(
+            parse_request(b"GET /ws HTTP/1.1\r\nHost:").unwrap(),
+            Parse::Partial
+        );
+        assert_eq!(
+            parse_request(b"\x00\x01garbage\r\n\r\n"),
+            Err(RequestError::Malformed)
+        );
+        let mut raw = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..100 {
+            raw.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        raw.extend_from_slice(b"\r\n");
+        assert_eq!(parse_request(&raw), Err(RequestError::TooLarge));
+    }
+
+    #[test]
+    fn percent_decoding_keeps_bad_escapes() {
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
+        assert_eq!(percent_decode("%"), "%");
+    }
+
+    #[test]
+    fn rfc6455_accept_key() {
+        let resp = String::from_utf8(upgrade_response("dGhlIHNhbXBsZSBub25jZQ==")).unwrap();
+        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+    }
+
+    #[test]
+    fn rejects_bad_keys() {
+        assert!(!valid_ws_key("short"));
+        assert!(!valid_ws_key("dGhlIHNhbXBsZSBub25jZQ=!"));
+    }
+}

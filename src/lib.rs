@@ -1,0 +1,58 @@
+//! switchboard: a real-time WebSocket messaging server, one `mio` event loop per CPU core.
+//!
+//! ```text
+//!            SO_REUSEPORT: the kernel spreads new connections over the cores' listeners
+//!        ┌────────────────────────────┐          ┌────────────────────────────┐
+//!        │ core 0 (pinned thread)     │          │ core 1 (pinned thread)     │
+//!        │  Poll + listener           │  inbox   │  Poll + listener           │
+//!        │  Slab<Connection>          │ ───────▶ │  Slab<Connection>          │
+//!        │  UserIndex: user → keys    │ ◀─────── │  UserIndex: user → keys    │
+//!        └────────────────────────────┘  (bus)   └────────────────────────────┘
+//! ```
+//!
+//! - [`runtime`] starts one [`core_loop`] per core, pinned, each with its own listener.
+//! - A [`connection`] reads its HTTP request ([`http`]), is authenticated ([`auth`]) and
+//!   upgraded to a WebSocket inside the loop, then indexed by user ([`user_index`]).
+//! - Client envelopes ([`protocol`]) go to [`handlers`]; a handler's dispatch is encoded once and
+//!   delivered to this core's connections at once and to the other cores through the [`bus`]
+//!   (bounded lock-free inboxes plus `mio::Waker`).
+//! - [`metrics`] are per-core counters summed on demand for `/metrics` and `/healthz`.
+//! - [`config`] holds every bound and its documented default.
+//!
+//! Embedding: build a [`Config`], add handlers to a [`Server`], call [`Server::start`].
+//!
+//! ```no_run
+//! use switchboard::{Config, Server, HandlerResult};
+//! let handle = Server::new(Config::default())
+//!     .handler("echo", |ctx: &mut switchboard::Context<'_>, args: switchboard::Args<'_>| -> HandlerResult {
+//!         let me = ctx.user().clone();
+//!         let value: serde_json::Value = args.parse()?;
+//!         ctx.dispatch([me], "echo", &value)?;
+//!         Ok(serde_json::Value::Null)
+//!     })
+//!     .start()
+//!     .expect("server starts");
+//! println!("listening on {}", handle.local_addr());
+//! handle.join();
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod connection;
+mod core_loop;
+pub mod handlers;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod runtime;
+pub mod user_index;
+
+/// A user id, shared cheaply between connections, indexes and dispatches.
+pub type UserId = std::sync::Arc<str>;
+
+pub use config::{AuthMode, Config};
+pub use handlers::{Args, ConnectionId, Context, Handler, HandlerError, HandlerResult, Handlers};
+pub use runtime::{CoreStats, Server, ServerHandle, StartError, Stopper};

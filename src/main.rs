@@ -1,0 +1,207 @@
+//! The `switchboard` binary: CLI flags and environment → validated `Config` → run until SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use switchboard::config::{self, AuthMode, Config};
+use switchboard::Server;
+
+/// Real-time WebSocket messaging server: one event loop per CPU core.
+///
+/// Clients connect to ws://ADDR/ws?token=TOKEN. Plain HTTP on the same port: GET /healthz and
+/// GET /metrics. Durations take a unit: 500ms, 10s, 2m (a bare number is seconds).
+#[derive(Parser, Debug)]
+#[command(name = "switchboard", version, about, long_about = None)]
+struct Cli {
+    /// Address every core listens on (SO_REUSEPORT). Port 0 picks a free port.
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = config::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+
+    /// Event-loop threads, one pinned per CPU [default: every CPU this process may use]
+    #[arg(long, env = "SWITCHBOARD_CORES")]
+    cores: Option<usize>,
+
+    /// HS256 secret: enables JWT auth (user id = `sub`, `exp` required). Without it, dev auth
+    /// (the token is the user id) is used and a warning is logged.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+
+    /// Required JWT `aud` claim (JWT mode).
+    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+
+    /// Required JWT `iss` claim (JWT mode).
+    #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+
+    /// Clock-skew allowance for JWT `exp`/`nbf`.
+    #[arg(long, env = "SWITCHBOARD_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    jwt_leeway: Duration,
+
+    /// Open WebSocket connections per process; past it, HTTP 503
+    /// [default: open-file limit - 512]
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+
+    /// Largest client message (and frame) in bytes; past it, close 1009.
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_BYTES", default_value_t = config::DEFAULT_MAX_MESSAGE_BYTES)]
+    max_message_bytes: usize,
+
+    /// Outbound bytes buffered per connection before closing it as a slow consumer (4008).
+    #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_BYTES", default_value_t = config::DEFAULT_MAX_OUTBOUND_BYTES)]
+    max_outbound_bytes: usize,
+
+    /// Per-connection read buffer in bytes (the main cost of an idle connection).
+    #[arg(long, env = "SWITCHBOARD_READ_BUFFER_BYTES", default_value_t = config::DEFAULT_READ_BUFFER_BYTES)]
+    read_buffer_bytes: usize,
+
+    /// Time a client has to send its HTTP upgrade request.
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+
+    /// Interval between server pings.
+    #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    ping_interval: Duration,
+
+    /// Extra silence tolerated after a ping interval before closing (4000).
+    #[arg(long, env = "SWITCHBOARD_PING_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    ping_timeout: Duration,
+
+    /// Graceful-shutdown deadline after SIGTERM/SIGINT.
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
+
+    /// Dispatches each core's cross-core inbox holds before dropping (and counting) new ones.
+    #[arg(long, env = "SWITCHBOARD_INBOX_CAPACITY", default_value_t = config::DEFAULT_INBOX_CAPACITY)]
+    inbox_capacity: usize,
+
+    /// Largest HTTP request head in bytes; past it, HTTP 431.
+    #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEADER_BYTES", default_value_t = config::DEFAULT_MAX_REQUEST_HEADER_BYTES)]
+    max_request_header_bytes: usize,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
+    log_level: String,
+}
+
+/// Parses `500ms`, `10s`, `2m` or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (try 500ms, 10s, 2m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+    }
+}
+
+impl Cli {
+    fn into_config(self) -> Config {
+        let defaults = Config::default();
+        let auth = match self.jwt_secret {
+            Some(secret) => AuthMode::Jwt {
+                secret,
+                audience: self.jwt_audience,
+                issuer: self.jwt_issuer,
+                leeway: self.jwt_leeway,
+            },
+            None => AuthMode::Dev,
+        };
+        Config {
+            listen: self.listen,
+            cores: self.cores.unwrap_or(defaults.cores),
+            auth,
+            max_connections: self.max_connections.unwrap_or(defaults.max_connections),
+            max_message_bytes: self.max_message_bytes,
+            max_outbound_bytes: self.max_outbound_bytes,
+            read_buffer_bytes: self.read_buffer_bytes,
+            handshake_timeout: self.handshake_timeout,
+            ping_interval: self.ping_interval,
+            ping_timeout: self.ping_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            inbox_capacity: self.inbox_capacity,
+            max_request_header_bytes: self.max_request_header_bytes,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .parse_filters(&cli.log_level)
+        .parse_env("RUST_LOG")
+        .format_timestamp_millis()
+        .init();
+    let config = cli.into_config();
+    if let Err(e) = config.validate() {
+        eprintln!("switchboard: {e}");
+        return ExitCode::from(2);
+    }
+    if config.auth == AuthMode::Dev {
+        log::warn!(
+            "dev auth: the token is taken as the user id, unverified. Set --jwt-secret \
+             (or SWITCHBOARD_JWT_SECRET) in production"
+        );
+    }
+    let (cores, max_connections) = (config.cores, config.max_connections);
+    let handle = match Server::new(config).start() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    log::info!(
+        "listening on ws://{}/ws cores={cores} max_connections={max_connections} node={:016x}",
+        handle.local_addr(),
+        handle.node_id()
+    );
+    let stopper = handle.stopper();
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchboard: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            log::info!("signal {sig}: closing connections");
+            stopper.stop();
+        }
+    });
+    let clean = handle.join();
+    if clean {
+        log::info!("stopped");
+        ExitCode::SUCCESS
+    } else {
+        log::error!("a core failed");
+        ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5h").is_err());
+    }
+}

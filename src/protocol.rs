@@ -1,0 +1,262 @@
+//! The wire protocol: client envelopes in, server events out, error codes and close codes.
+//!
+//! docs/PROTOCOL.md is the prose version of this file; keep the two in step.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::Utf8Bytes;
+
+/// A decoded client envelope: `{"event": "...", "args": ..., "ack": n}`.
+#[derive(Debug, Deserialize)]
+pub struct Envelope<'a> {
+    /// Handler name.
+    #[serde(borrow)]
+    pub event: std::borrow::Cow<'a, str>,
+    /// Handler arguments; `null` when absent.
+    #[serde(borrow, default)]
+    pub args: Option<&'a RawValue>,
+    /// When present, the server answers with an `ack` or `error` event carrying this number.
+    #[serde(default)]
+    pub ack: Option<u64>,
+}
+
+/// Error codes sent in `{"event": "error", "args": {"code": ..., "message": ...}}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The text frame is not JSON.
+    BadJson,
+    /// JSON, but not an object with a string `event` (and a non-negative integer `ack`).
+    BadEnvelope,
+    /// No handler is registered for the event name.
+    UnknownEvent,
+    /// The handler could not use `args`.
+    BadArgs,
+    /// The handler failed; nothing was dispatched.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code string on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::BadEnvelope => "bad_envelope",
+            ErrorCode::UnknownEvent => "unknown_event",
+            ErrorCode::BadArgs => "bad_args",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Why the server closes an open WebSocket; each maps to one close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The server is shutting down: 1001.
+    Shutdown,
+    /// The client broke RFC 6455 (unmasked frame, bad opcode, ...): 1002.
+    ProtocolError,
+    /// The client sent a binary frame: 1003.
+    BinaryFrame,
+    /// A text frame was not valid UTF-8: 1007.
+    InvalidUtf8,
+    /// A message or frame exceeded `max_message_bytes`: 1009.
+    MessageTooBig,
+    /// Nothing was heard for `ping_interval + ping_timeout`: 4000.
+    HeartbeatTimeout,
+    /// More than `max_outbound_bytes` waited to be written: 4008.
+    SlowConsumer,
+}
+
+/// Close code for a client that stopped reading (outbound buffer over its bound).
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a client that stopped answering pings.
+pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
+
+impl CloseReason {
+    /// The RFC 6455 close code sent.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::Shutdown => 1001,
+            CloseReason::ProtocolError => 1002,
+            CloseReason::BinaryFrame => 1003,
+            CloseReason::InvalidUtf8 => 1007,
+            CloseReason::MessageTooBig => 1009,
+            CloseReason::HeartbeatTimeout => CLOSE_HEARTBEAT_TIMEOUT,
+            CloseReason::SlowConsumer => CLOSE_SLOW_CONSUMER,
+        }
+    }
+
+    /// The reason text sent in the close frame (at most 123 bytes by RFC 6455).
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::Shutdown => "server shutting down",
+            CloseReason::ProtocolError => "protocol error",
+            CloseReason::BinaryFrame => "binary frames are not supported",
+            CloseReason::InvalidUtf8 => "invalid utf-8",
+            CloseReason::MessageTooBig => "message too big",
+            CloseReason::HeartbeatTimeout => "heartbeat timeout",
+            CloseReason::SlowConsumer => "slow consumer",
+        }
+    }
+
+    /// The close frame for this reason.
+    pub fn frame(self) -> tungstenite::protocol::CloseFrame {
+        tungstenite::protocol::CloseFrame {
+            code: CloseCode::from(self.code()),
+            reason: Utf8Bytes::from_static(self.text()),
+        }
+    }
+}
+
+/// A frame the client sent that could not be turned into an envelope.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EnvelopeError {
+    /// The error code to report.
+    pub code: ErrorCode,
+    /// A human-readable explanation.
+    pub message: String,
+    /// The `ack` number, when one could still be recovered from the frame.
+    pub ack: Option<u64>,
+}
+
+/// Parses a client text frame. Fast path: one typed parse. Only when it fails is the frame parsed
+/// again, untyped, to say precisely what is wrong.
+pub fn parse_envelope(text: &str) -> Result<Envelope<'_>, EnvelopeError> {
+    match serde_json::from_str::<Envelope<'_>>(text) {
+        Ok(env) => Ok(env),
+        Err(_) => Err(diagnose(text)),
+    }
+}
+
+fn diagnose(text: &str) -> EnvelopeError {
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return EnvelopeError {
+                code: ErrorCode::BadJson,
+                message: format!("frame is not valid JSON: {e}"),
+                ack: None,
+            }
+        }
+    };
+    let Some(obj) = value.as_object() else {
+        return EnvelopeError {
+            code: ErrorCode::BadEnvelope,
+            message: "envelope must be a JSON object".into(),
+            ack: None,
+        };
+    };
+    let ack = obj.get("ack").and_then(Value::as_u64);
+    let message = match (obj.get("event"), obj.get("ack")) {
+        (None, _) => "envelope has no \"event\"",
+        (Some(e), _) if !e.is_string() => "\"event\" must be a string",
+        (_, Some(a)) if !a.is_u64() && !a.is_null() => "\"ack\" must be a non-negative integer",
+        _ => "envelope is malformed",
+    };
+    EnvelopeError {
+        code: ErrorCode::BadEnvelope,
+        message: message.into(),
+        ack,
+    }
+}
+
+#[derive(Serialize)]
+struct Outgoing<'a, T: ?Sized> {
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack: Option<u64>,
+    args: &'a T,
+}
+
+/// Encodes a server event once; the result is shared by every recipient.
+pub fn encode_event<T: Serialize + ?Sized>(
+    event: &str,
+    args: &T,
+) -> Result<Utf8Bytes, serde_json::Error> {
+    encode(event, None, args)
+}
+
+fn encode<T: Serialize + ?Sized>(
+    event: &str,
+    ack: Option<u64>,
+    args: &T,
+) -> Result<Utf8Bytes, serde_json::Error> {
+    serde_json::to_string(&Outgoing { event, ack, args }).map(Utf8Bytes::from)
+}
+
+/// `{"event": "ack", "ack": n, "args": result}`.
+pub fn encode_ack(ack: u64, result: &Value) -> Utf8Bytes {
+    encode("ack", Some(ack), result).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+}
+
+/// `{"event": "error", ["ack": n,] "args": {"code": ..., "message": ...}}`.
+pub fn encode_error(ack: Option<u64>, code: &str, message: &str) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct ErrorArgs<'a> {
+        code: &'a str,
+        message: &'a str,
+    }
+    encode("error", ack, &ErrorArgs { code, message })
+        .unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_envelope() {
+        let env = parse_envelope(r#"{"event":"sendMessage","args":{"to":"u2"},"ack":7}"#).unwrap();
+        assert_eq!(env.event, "sendMessage");
+        assert_eq!(env.args.unwrap().get(), r#"{"to":"u2"}"#);
+        assert_eq!(env.ack, Some(7));
+        let env = parse_envelope(r#"{"event":"x"}"#).unwrap();
+        assert!(env.args.is_none() && env.ack.is_none());
+    }
+
+    #[test]
+    fn escaped_event_names_are_decoded() {
+        let env = parse_envelope(r#"{"event":"send\u004dessage"}"#).unwrap();
+        assert_eq!(env.event, "sendMessage");
+    }
+
+    #[test]
+    fn diagnoses_bad_frames() {
+        assert_eq!(parse_envelope("{").unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(
+            parse_envelope("[1]").unwrap_err().code,
+            ErrorCode::BadEnvelope
+        );
+        let e = parse_envelope(r#"{"args":1,"ack":3}"#).unwrap_err();
+        assert_eq!((e.code, e.ack), (ErrorCode::BadEnvelope, Some(3)));
+        assert_eq!(
+            parse_envelope(r#"{"event":5}"#).unwrap_err().code,
+            ErrorCode::BadEnvelope
+        );
+        let e = parse_envelope(r#"{"event":"x","ack":-1}"#).unwrap_err();
+        assert!(e.message.contains("ack"));
+    }
+
+    #[test]
+    fn deep_nesting_is_bad_json_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let text = format!(r#"{{"event":"x","args":{deep}}}"#);
+        assert_eq!(parse_envelope(&text).unwrap_err().code, ErrorCode::BadJson);
+    }
+
+    #[test]
+    fn encodes_events_acks_and_errors() {
+        let f = encode_event("newMessage", &serde_json::json!({"a": 1})).unwrap();
+        assert_eq!(f.as_str(), r#"{"event":"newMessage","args":{"a":1}}"#);
+        assert_eq!(
+            encode_ack(4, &Value::Null).as_str(),
+            r#"{"event":"ack","ack":4,"args":null}"#
+        );
+        assert_eq!(
+            encode_error(None, "bad_json", "x").as_str(),
+            r#"{"event":"error","args":{"code":"bad_json","message":"x"}}"#
+        );
+    }
+}

@@ -1,0 +1,362 @@
+//! Test support: an in-process server on port 0 (shut down on drop), the real binary as a child
+//! process, and a blocking WebSocket client whose every wait has a deadline.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use switchboard::{Config, Server, ServerHandle};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+/// How long any single expectation may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A test configuration: port 0, two cores, short timers.
+pub fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cores: 2,
+        ..Config::default()
+    }
+}
+
+/// An in-process server; dropped → shut down and joined.
+pub struct TestServer {
+    pub handle: ServerHandle,
+    pub addr: SocketAddr,
+}
+
+impl TestServer {
+    pub fn start() -> Self {
+        Self::with_config(test_config())
+    }
+
+    pub fn with_config(config: Config) -> Self {
+        Self::from_server(Server::new(config))
+    }
+
+    pub fn from_server(server: Server) -> Self {
+        let handle = server.start().expect("server starts");
+        let addr = handle.local_addr();
+        TestServer { handle, addr }
+    }
+
+    pub fn connect(&self, user: &str) -> Client {
+        Client::connect(self.addr, user)
+    }
+
+    /// `GET path` → (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path)
+    }
+
+    pub fn health(&self) -> Value {
+        let (status, body) = self.get("/healthz");
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).expect("healthz is JSON")
+    }
+
+    /// Open connections per core, from the handle's gauges.
+    pub fn per_core_connections(&self) -> Vec<u64> {
+        self.handle.stats().iter().map(|s| s.connections).collect()
+    }
+
+    /// Waits until `pred` holds for the per-core stats.
+    pub fn wait_stats(&self, what: &str, pred: impl Fn(&[switchboard::CoreStats]) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let stats = self.handle.stats();
+            if pred(&stats) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {stats:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Sends a raw request and reads the whole response (the server closes after plain HTTP).
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(request).expect("write request");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    raw_request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes(),
+    )
+}
+
+/// Attempts a WebSocket upgrade; returns the HTTP status and body when refused.
+pub fn try_upgrade(addr: SocketAddr, path_and_query: &str, extra_headers: &str) -> (u16, String) {
+    let req = format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra_headers}\r\n"
+    );
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // A 101 leaves the socket open: stop at the end of the head in that case.
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+        if out.starts_with(b"HTTP/1.1 101") && out.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A blocking WebSocket client.
+pub struct Client {
+    pub ws: WebSocket<MaybeTlsStream<TcpStream>>,
+    pub user: String,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr, token: &str) -> Self {
+        Self::connect_url(&format!("ws://{addr}/ws?token={token}"), token)
+    }
+
+    pub fn connect_url(url: &str, user: &str) -> Self {
+        let (ws, resp) = tungstenite::connect(url).expect("websocket connects");
+        assert_eq!(resp.status(), 101);
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            s.set_nodelay(true).unwrap();
+        }
+        Client {
+            ws,
+            user: user.to_string(),
+        }
+    }
+
+    pub fn send_json(&mut self, v: &Value) {
+        self.ws.send(Message::text(v.to_string())).expect("send");
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text.to_string())).expect("send");
+    }
+
+    pub fn send_message(&mut self, to: &str, text: &str) {
+        self.send_json(
+            &serde_json::json!({"event": "sendMessage", "args": {"to": to, "text": text}}),
+        );
+    }
+
+    /// The next message of any kind, or `None` at the deadline.
+    pub fn next_message(
+        &mut self,
+        deadline: Instant,
+    ) -> Option<Result<Message, tungstenite::Error>> {
+        loop {
+            match self.ws.read() {
+                Ok(m) => return Some(Ok(m)),
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if Instant::now() >= deadline {
+                        return None;
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// The next JSON text frame (pings are skipped); panics at the deadline.
+    pub fn recv_json(&mut self) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match self.next_message(deadline) {
+                Some(Ok(Message::Text(t))) => {
+                    return serde_json::from_str(&t).expect("server sends JSON")
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("{}: expected a text frame, got {other:?}", self.user),
+            }
+        }
+    }
+
+    /// The next event named `event`, skipping others.
+    pub fn recv_event(&mut self, event: &str) -> Value {
+        loop {
+            let v = self.recv_json();
+            if v["event"] == event {
+                return v;
+            }
+        }
+    }
+
+    /// Asserts nothing but pings arrives within `wait`.
+    pub fn expect_silence(&mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.next_message(deadline) {
+                None => return,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("{}: expected nothing, got {other:?}", self.user),
+            }
+        }
+    }
+
+    /// Reads until the server's close frame; returns its code.
+    pub fn expect_close(&mut self) -> u16 {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match self.next_message(deadline) {
+                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    panic!("{}: connection failed before a close frame: {e}", self.user)
+                }
+                None => panic!("{}: no close frame before the deadline", self.user),
+            }
+        }
+    }
+
+    pub fn close(mut self) {
+        let _ = self.ws.close(None);
+        let deadline = Instant::now() + DEADLINE;
+        while let Some(Ok(_)) = self.next_message(deadline) {}
+    }
+}
+
+/// Mints an HS256 JWT.
+pub fn jwt(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The real `switchboard` binary as a child process, on a port it picks (port 0 is resolved by
+/// reading the "listening on" log line).
+pub struct ChildServer {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl ChildServer {
+    pub fn spawn(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["--listen", "127.0.0.1:0", "--cores", "2"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn switchboard");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if !sent {
+                    if let Some(rest) = line.split("listening on ws://").nth(1) {
+                        let addr = rest.split('/').next().unwrap().to_string();
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(DEADLINE)
+            .expect("server logs its address")
+            .parse()
+            .unwrap();
+        ChildServer { child, addr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// VmRSS of the child in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
