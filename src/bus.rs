@@ -18,8 +18,10 @@ use crate::UserId;
 pub struct Dispatch {
     /// The users whose every live connection receives `frame`. No duplicates.
     pub users: Box<[UserId]>,
-    /// The complete text frame payload, encoded once.
+    /// The complete text frame payload, encoded once: `{"event":E,"args":A}`.
     pub frame: Utf8Bytes,
+    /// Byte offset of `,"args":` in `frame` (used to build the seed backplane format).
+    pub args_at: usize,
 }
 
 /// A core's inbox.

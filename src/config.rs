@@ -83,6 +83,8 @@ pub struct Config {
     pub inbox_capacity: usize,
     /// Largest HTTP request head accepted.
     pub max_request_header_bytes: usize,
+    /// The Redis backplane; `None` runs embedded (one instance, every core, in-process).
+    pub backplane: Option<crate::backplane::RedisConfig>,
 }
 
 impl Default for Config {
@@ -103,6 +105,7 @@ impl Default for Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
             max_request_header_bytes: DEFAULT_MAX_REQUEST_HEADER_BYTES,
+            backplane: None,
         }
     }
 }
@@ -147,6 +150,9 @@ impl Config {
         }
         if self.max_request_header_bytes < 512 {
             return err("--max-request-header-bytes must be at least 512");
+        }
+        if let Some(redis) = &self.backplane {
+            redis.validate().map_err(ConfigError)?;
         }
         if let AuthMode::Jwt { secret, .. } = &self.auth {
             if secret.len() < 16 {

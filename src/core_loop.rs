@@ -298,7 +298,11 @@ impl CoreLoop {
         match req.path.as_str() {
             "/ws" => self.upgrade(key, req, rest),
             "/healthz" => {
-                let extra = format!(r#","node":"{:016x}""#, self.shared.node_id);
+                let mut extra = format!(r#","node":"{:016x}""#, self.shared.node_id);
+                match &self.shared.backplane {
+                    Some(bp) => extra.push_str(&bp.render_health()),
+                    None => extra.push_str(r#","backplane":{"kind":"none"}"#),
+                }
                 let body = crate::metrics::render_health(&self.shared.metrics, &extra);
                 self.reply(
                     key,
@@ -307,7 +311,10 @@ impl CoreLoop {
                 );
             }
             "/metrics" => {
-                let body = crate::metrics::render_prometheus(&self.shared.metrics);
+                let mut body = crate::metrics::render_prometheus(&self.shared.metrics);
+                if let Some(bp) = &self.shared.backplane {
+                    bp.render_prometheus(&mut body);
+                }
                 let ct = "text/plain; version=0.0.4; charset=utf-8";
                 self.reply(key, http::response(200, ct, "", &body), &rest);
             }
@@ -412,7 +419,11 @@ impl CoreLoop {
                 );
             }
         }
-        self.users.insert(&user, new_key);
+        if self.users.insert(&user, new_key) {
+            if let Some(bp) = &self.shared.backplane {
+                bp.user_joined(&user, self.id);
+            }
+        }
         self.open += 1;
         add(&self.metrics().connections_accepted, 1);
         log::debug!("core={} conn={new_key} user={user} open", self.id);
@@ -605,6 +616,10 @@ impl CoreLoop {
                     add(&self.metrics().inbox_drops, 1);
                 }
             }
+            // Other instances last: local delivery never waits for Redis.
+            if let Some(bp) = &self.shared.backplane {
+                bp.publish(dispatch);
+            }
         }
         self.outbox = outbox;
         self.outbox.clear();
@@ -720,7 +735,11 @@ impl CoreLoop {
         };
         if open.indexed {
             open.indexed = false;
-            self.users.remove(&open.user, key);
+            if self.users.remove(&open.user, key) {
+                if let Some(bp) = &self.shared.backplane {
+                    bp.user_left(&open.user, self.id);
+                }
+            }
         }
     }
 

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::auth::valid_user_id;
 use crate::bus::Dispatch;
-use crate::protocol::{encode_event, ErrorCode};
+use crate::protocol::{encode_dispatch, ErrorCode};
 use crate::UserId;
 
 /// Identifies one connection in the process: the core that owns it and its slab key there.
@@ -162,11 +162,9 @@ impl<'a> Context<'a> {
         if users.is_empty() {
             return Ok(());
         }
-        let frame = encode_event(event, args).map_err(|e| HandlerError::internal(e.to_string()))?;
-        self.outbox.push(Arc::new(Dispatch {
-            users: users.into_boxed_slice(),
-            frame,
-        }));
+        let dispatch = encode_dispatch(users, event, args)
+            .map_err(|e| HandlerError::internal(e.to_string()))?;
+        self.outbox.push(Arc::new(dispatch));
         Ok(())
     }
 }

@@ -16,6 +16,8 @@
 //! - Client envelopes ([`protocol`]) go to [`handlers`]; a handler's dispatch is encoded once and
 //!   delivered to this core's connections at once and to the other cores through the [`bus`]
 //!   (bounded lock-free inboxes plus `mio::Waker`).
+//! - With a [`backplane`], dispatches also go to other instances through Redis pub/sub: a
+//!   publisher thread pipelines what the cores queue, a subscriber thread feeds the inboxes.
 //! - [`metrics`] are per-core counters summed on demand for `/metrics` and `/healthz`.
 //! - [`config`] holds every bound and its documented default.
 //!
@@ -39,6 +41,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod backplane;
 pub mod bus;
 pub mod config;
 pub mod connection;

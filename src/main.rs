@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use switchboard::backplane::{self, RedisConfig, Routing};
 use switchboard::config::{self, AuthMode, Config};
 use switchboard::Server;
 
@@ -81,9 +82,50 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEADER_BYTES", default_value_t = config::DEFAULT_MAX_REQUEST_HEADER_BYTES)]
     max_request_header_bytes: usize,
 
+    /// Where dispatches for other instances go: `none` (one instance, in-process) or `redis`.
+    #[arg(long, env = "SWITCHBOARD_BACKPLANE", value_enum, default_value_t = BackplaneKind::None)]
+    backplane: BackplaneKind,
+
+    /// Redis URL for `--backplane redis`: redis://[user:password@]host:port.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
+
+    /// Cross-instance routing: `per-user` (a channel per user, subscribed only where the user
+    /// is connected) or `seed` (the original Node.js design's single channel and payload).
+    #[arg(long, env = "SWITCHBOARD_ROUTING", value_enum, default_value_t = RoutingKind::PerUser)]
+    routing: RoutingKind,
+
+    /// Publications held while Redis is slow or down; past it the oldest are dropped (counted).
+    #[arg(long, env = "SWITCHBOARD_PUBLISH_QUEUE", default_value_t = backplane::DEFAULT_PUBLISH_QUEUE)]
+    publish_queue: usize,
+
+    /// Longest delay between Redis reconnect attempts (backoff starts at 100ms, with jitter).
+    #[arg(long, env = "SWITCHBOARD_REDIS_RECONNECT_MAX", default_value = "2s", value_parser = parse_duration)]
+    redis_reconnect_max: Duration,
+
+    /// Prefix of per-user channels: `{prefix}:u:{user}`.
+    #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX", default_value = backplane::DEFAULT_CHANNEL_PREFIX)]
+    redis_prefix: String,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     log_level: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BackplaneKind {
+    None,
+    Redis,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum RoutingKind {
+    PerUser,
+    Seed,
 }
 
 /// Parses `500ms`, `10s`, `2m` or a bare number of seconds.
@@ -130,6 +172,17 @@ impl Cli {
             shutdown_timeout: self.shutdown_timeout,
             inbox_capacity: self.inbox_capacity,
             max_request_header_bytes: self.max_request_header_bytes,
+            backplane: (self.backplane == BackplaneKind::Redis).then(|| RedisConfig {
+                url: self.redis_url,
+                routing: match self.routing {
+                    RoutingKind::PerUser => Routing::PerUser,
+                    RoutingKind::Seed => Routing::Seed,
+                },
+                publish_queue: self.publish_queue,
+                reconnect_min: backplane::DEFAULT_RECONNECT_MIN.min(self.redis_reconnect_max),
+                reconnect_max: self.redis_reconnect_max,
+                channel_prefix: self.redis_prefix,
+            }),
         }
     }
 }
@@ -153,6 +206,10 @@ fn main() -> ExitCode {
         );
     }
     let (cores, max_connections) = (config.cores, config.max_connections);
+    let backplane_desc = match &config.backplane {
+        None => "none".to_string(),
+        Some(r) => format!("redis routing={:?}", r.routing),
+    };
     let handle = match Server::new(config).start() {
         Ok(h) => h,
         Err(e) => {
@@ -161,7 +218,7 @@ fn main() -> ExitCode {
         }
     };
     log::info!(
-        "listening on ws://{}/ws cores={cores} max_connections={max_connections} node={:016x}",
+        "listening on ws://{}/ws cores={cores} max_connections={max_connections} backplane={backplane_desc} node={:016x}",
         handle.local_addr(),
         handle.node_id()
     );

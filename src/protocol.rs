@@ -125,9 +125,49 @@ pub struct EnvelopeError {
 /// again, untyped, to say precisely what is wrong.
 pub fn parse_envelope(text: &str) -> Result<Envelope<'_>, EnvelopeError> {
     match serde_json::from_str::<Envelope<'_>>(text) {
+        // `RawValue` skips `args` without serde_json's recursion limit: enforce it here, so a
+        // frame is refused as bad_json whatever the handler does with its args.
+        Ok(env) if env.args.is_some_and(|a| too_deep(a.get(), MAX_DEPTH - 1)) => {
+            Err(EnvelopeError {
+                code: ErrorCode::BadJson,
+                message: format!("frame is not valid JSON: nested deeper than {MAX_DEPTH} levels"),
+                ack: None,
+            })
+        }
         Ok(env) => Ok(env),
         Err(_) => Err(diagnose(text)),
     }
+}
+
+/// Deepest nesting of arrays and objects accepted in a frame (serde_json's own limit).
+pub const MAX_DEPTH: usize = 128;
+
+/// Whether already-validated JSON nests arrays/objects more than `limit` levels deep.
+fn too_deep(json: &str, limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn diagnose(text: &str) -> EnvelopeError {
@@ -184,6 +224,28 @@ fn encode<T: Serialize + ?Sized>(
     args: &T,
 ) -> Result<Utf8Bytes, serde_json::Error> {
     serde_json::to_string(&Outgoing { event, ack, args }).map(Utf8Bytes::from)
+}
+
+/// Encodes `{"event":E,"args":A}` once for `users`, remembering where `,"args":` starts so the
+/// backplane can splice other fields in without re-encoding (see `backplane::wire`).
+pub fn encode_dispatch<T: Serialize + ?Sized>(
+    users: Vec<crate::UserId>,
+    event: &str,
+    args: &T,
+) -> Result<crate::bus::Dispatch, serde_json::Error> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"{\"event\":");
+    serde_json::to_writer(&mut out, event)?;
+    let args_at = out.len();
+    out.extend_from_slice(b",\"args\":");
+    serde_json::to_writer(&mut out, args)?;
+    out.push(b'}');
+    let text = String::from_utf8(out).map_err(|e| serde::ser::Error::custom(e.to_string()))?;
+    Ok(crate::bus::Dispatch {
+        users: users.into_boxed_slice(),
+        frame: Utf8Bytes::from(text),
+        args_at,
+    })
 }
 
 /// `{"event": "ack", "ack": n, "args": result}`.
@@ -244,6 +306,30 @@ mod tests {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         let text = format!(r#"{{"event":"x","args":{deep}}}"#);
         assert_eq!(parse_envelope(&text).unwrap_err().code, ErrorCode::BadJson);
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_accepted() {
+        let ok = format!(
+            r#"{{"event":"x","args":{}"[{{\"]"{}}}"#,
+            "[".repeat(MAX_DEPTH - 1),
+            "]".repeat(MAX_DEPTH - 1)
+        );
+        assert!(parse_envelope(&ok).is_ok());
+        let deep = format!(
+            r#"{{"event":"x","args":{}{}}}"#,
+            "[".repeat(MAX_DEPTH),
+            "]".repeat(MAX_DEPTH)
+        );
+        assert_eq!(parse_envelope(&deep).unwrap_err().code, ErrorCode::BadJson);
+    }
+
+    #[test]
+    fn dispatch_frames_match_event_frames() {
+        let args = serde_json::json!({"a": [1, "x"]});
+        let d = encode_dispatch(vec!["u".into()], "ev\"t", &args).unwrap();
+        assert_eq!(d.frame, encode_event("ev\"t", &args).unwrap());
+        assert!(d.frame.as_str()[d.args_at..].starts_with(",\"args\":"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Authenticator;
+use crate::backplane::Backplane;
 use crate::bus::Bus;
 use crate::config::{Config, ConfigError};
 use crate::core_loop::CoreLoop;
@@ -28,7 +29,8 @@ pub(crate) struct Shared {
     pub ws_config: WebSocketConfig,
     pub auth: Authenticator,
     pub handlers: Handlers,
-    pub bus: Bus,
+    pub bus: Arc<Bus>,
+    pub backplane: Option<Arc<Backplane>>,
     pub metrics: Box<[CoreMetrics]>,
     pub shutdown: AtomicBool,
     /// Set when a core loop failed or panicked.
@@ -96,15 +98,21 @@ impl Server {
             .max_write_buffer_size(config.max_outbound_bytes)
             .max_message_size(Some(config.max_message_bytes))
             .max_frame_size(Some(config.max_message_bytes));
+        let node_id = new_node_id();
+        let backplane = config
+            .backplane
+            .clone()
+            .map(|redis| Backplane::new(redis, node_id));
         let shared = Arc::new(Shared {
             auth: Authenticator::new(&config.auth),
             handlers: self.handlers,
-            bus: Bus::new(config.cores, config.inbox_capacity),
+            bus: Arc::new(Bus::new(config.cores, config.inbox_capacity)),
+            backplane,
             metrics: (0..config.cores).map(|_| CoreMetrics::default()).collect(),
             shutdown: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
-            node_id: new_node_id(),
+            node_id,
             ws_config,
             config,
         });
@@ -113,6 +121,7 @@ impl Server {
             addr: shared.config.listen,
             shared: Arc::clone(&shared),
             threads: Vec::new(),
+            backplane_threads: Vec::new(),
         };
         for core in 0..shared.config.cores {
             let (ready_tx, ready_rx) = mpsc::channel();
@@ -141,6 +150,15 @@ impl Server {
                     handle.stop();
                     let source = io::Error::other("core thread exited during start");
                     return Err(StartError::Core { core, source });
+                }
+            }
+        }
+        if let Some(bp) = &shared.backplane {
+            match bp.start(Arc::clone(&shared.bus)) {
+                Ok(threads) => handle.backplane_threads = threads,
+                Err(source) => {
+                    handle.stop();
+                    return Err(StartError::Core { core: 0, source });
                 }
             }
         }
@@ -256,6 +274,7 @@ pub struct ServerHandle {
     addr: SocketAddr,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    backplane_threads: Vec<JoinHandle<()>>,
 }
 
 impl ServerHandle {
@@ -308,7 +327,19 @@ impl ServerHandle {
         for t in self.threads.drain(..) {
             ok &= t.join().is_ok();
         }
+        // The cores are done: nothing more will be published. Let the publisher flush, then stop.
+        if let Some(bp) = &self.shared.backplane {
+            bp.stop();
+        }
+        for t in self.backplane_threads.drain(..) {
+            ok &= t.join().is_ok();
+        }
         ok
+    }
+
+    /// The backplane, when one is configured (for its counters).
+    pub fn backplane(&self) -> Option<&Arc<Backplane>> {
+        self.shared.backplane.as_ref()
     }
 
     fn stop(&mut self) {

@@ -1,0 +1,460 @@
+//! The Redis backplane: how a dispatch reaches the user's connections on other instances.
+//!
+//! Two threads per process, never a core loop, talk to Redis:
+//! - the [`publisher`] drains a bounded lock-free queue that cores push publications onto, and
+//!   sends whatever has queued as one pipeline, so one round trip carries many messages;
+//! - the [`subscriber`] owns the one subscriber connection, keeps the process-wide map of which
+//!   cores host which users (fed by the cores when a user's first device on a core arrives and
+//!   its last leaves), subscribes per user (or to the seed channel), and pushes each incoming
+//!   frame into the inboxes of the cores hosting its user.
+//!
+//! Local delivery never waits for Redis: the core delivers a dispatch to its own and its sibling
+//! cores' connections first and only then queues the publication for other instances.
+
+pub mod publisher;
+pub mod subscriber;
+pub mod wire;
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_queue::{ArrayQueue, SegQueue};
+
+use crate::bus::{Bus, Dispatch};
+use crate::UserId;
+
+/// Publications held while Redis is slow or down before the oldest are dropped.
+pub const DEFAULT_PUBLISH_QUEUE: usize = 100_000;
+/// First reconnect delay; doubled per failure up to the maximum, with jitter.
+pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Longest delay between reconnect attempts.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Channel-name prefix for per-user routing.
+pub const DEFAULT_CHANNEL_PREFIX: &str = "switchboard";
+
+/// How dispatches are routed between instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// A channel per user; an instance subscribes only to the users it hosts.
+    PerUser,
+    /// The original Node.js design's single channel and payload, for mixed fleets.
+    Seed,
+}
+
+/// Redis backplane settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Routing mode.
+    pub routing: Routing,
+    /// Bound of the publication queue.
+    pub publish_queue: usize,
+    /// Reconnect backoff bounds.
+    pub reconnect_min: Duration,
+    /// Reconnect backoff bounds.
+    pub reconnect_max: Duration,
+    /// Per-user channel prefix (`{prefix}:u:{user}`).
+    pub channel_prefix: String,
+}
+
+impl RedisConfig {
+    /// Defaults for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            routing: Routing::PerUser,
+            publish_queue: DEFAULT_PUBLISH_QUEUE,
+            reconnect_min: DEFAULT_RECONNECT_MIN,
+            reconnect_max: DEFAULT_RECONNECT_MAX,
+            channel_prefix: DEFAULT_CHANNEL_PREFIX.to_string(),
+        }
+    }
+
+    /// Checks the URL and bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        use redis::IntoConnectionInfo;
+        let info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("--redis-url: {e}"))?;
+        if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..)) {
+            return Err("--redis-url: only redis:// (TCP) URLs are supported".into());
+        }
+        if self.publish_queue == 0 {
+            return Err("--publish-queue must be at least 1".into());
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
+            return Err("reconnect backoff: min must be above zero and at most max".into());
+        }
+        if self.channel_prefix.is_empty() || self.channel_prefix.contains(':') {
+            return Err("--redis-prefix must be non-empty and contain no ':'".into());
+        }
+        Ok(())
+    }
+}
+
+/// A publication: one dispatch for one target user.
+pub struct Publication {
+    /// The target user.
+    pub user: UserId,
+    /// The shared, already encoded dispatch.
+    pub dispatch: Arc<Dispatch>,
+}
+
+/// A change in which cores host a user, sent by a core to the subscriber.
+pub(crate) enum Membership {
+    /// The user's first connection on `core` opened.
+    Joined(UserId, usize),
+    /// The user's last connection on `core` closed.
+    Left(UserId, usize),
+}
+
+/// Counters and gauges, shown in `/healthz` and `/metrics`.
+#[derive(Default, Debug)]
+pub struct BackplaneStats {
+    /// 1 while the publisher connection is up.
+    pub publisher_connected: AtomicU64,
+    /// 1 while the subscriber connection is up (and its subscriptions were sent).
+    pub subscriber_connected: AtomicU64,
+    /// Channels Redis confirmed this instance is subscribed to.
+    pub subscribed_channels: AtomicU64,
+    /// Publications Redis accepted.
+    pub published: AtomicU64,
+    /// Pipelines that failed (their publications are retried after reconnecting).
+    pub publish_errors: AtomicU64,
+    /// Publications dropped because the queue was full (the oldest go first).
+    pub dropped: AtomicU64,
+    /// Successful reconnects of either connection.
+    pub reconnects: AtomicU64,
+    /// Messages received from Redis.
+    pub received: AtomicU64,
+    /// Received messages this instance published itself (already delivered locally).
+    pub ignored_own: AtomicU64,
+    /// Received payloads that were not valid, counted and skipped.
+    pub invalid: AtomicU64,
+    /// Received messages for users with no connection here (seed mode, or after leaving).
+    pub not_hosted: AtomicU64,
+    /// Frames handed to core inboxes.
+    pub delivered: AtomicU64,
+    /// Frames dropped because a core inbox was full.
+    pub inbox_drops: AtomicU64,
+}
+
+/// The backplane as the cores see it.
+pub struct Backplane {
+    config: RedisConfig,
+    node_id: u64,
+    publications: ArrayQueue<Publication>,
+    publisher_thread: OnceLock<std::thread::Thread>,
+    membership: SegQueue<Membership>,
+    subscriber_waker: OnceLock<mio::Waker>,
+    /// Seed mode: hashes of our own payloads in flight, handed from publisher to subscriber.
+    own_payloads: SegQueue<u64>,
+    /// The subscriber has (re)subscribed since its last reconnect.
+    subscriber_ready: AtomicBool,
+    stop: AtomicBool,
+    /// Counters.
+    pub stats: BackplaneStats,
+}
+
+impl Backplane {
+    /// Creates the shared state; [`Backplane::start`] launches the threads.
+    pub fn new(config: RedisConfig, node_id: u64) -> Arc<Self> {
+        Arc::new(Backplane {
+            publications: ArrayQueue::new(config.publish_queue),
+            config,
+            node_id,
+            publisher_thread: OnceLock::new(),
+            membership: SegQueue::new(),
+            subscriber_waker: OnceLock::new(),
+            own_payloads: SegQueue::new(),
+            subscriber_ready: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            stats: BackplaneStats::default(),
+        })
+    }
+
+    /// Starts the publisher and subscriber threads.
+    pub fn start(self: &Arc<Self>, bus: Arc<Bus>) -> std::io::Result<Vec<JoinHandle<()>>> {
+        let sub = subscriber::Subscriber::new(Arc::clone(self), bus)?;
+        let sub_thread = std::thread::Builder::new()
+            .name("switchboard-redis-sub".into())
+            .spawn(move || sub.run())?;
+        let this = Arc::clone(self);
+        let pub_thread = std::thread::Builder::new()
+            .name("switchboard-redis-pub".into())
+            .spawn(move || publisher::run(this))?;
+        let _ = self.publisher_thread.set(pub_thread.thread().clone());
+        Ok(vec![sub_thread, pub_thread])
+    }
+
+    /// Asks both threads to finish (the publisher flushes what it can first).
+    pub fn stop(&self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.publisher_thread.get() {
+            t.unpark();
+        }
+        if let Some(w) = self.subscriber_waker.get() {
+            let _ = w.wake();
+        }
+    }
+
+    /// The routing mode.
+    pub fn routing(&self) -> Routing {
+        self.config.routing
+    }
+
+    /// Queues `dispatch` for every target user. Never blocks: past the bound the oldest queued
+    /// publication is dropped and counted.
+    pub fn publish(&self, dispatch: &Arc<Dispatch>) {
+        for user in dispatch.users.iter() {
+            let publication = Publication {
+                user: user.clone(),
+                dispatch: Arc::clone(dispatch),
+            };
+            if self.publications.force_push(publication).is_some() {
+                self.stats.dropped.fetch_add(1, Relaxed);
+            }
+        }
+        if let Some(t) = self.publisher_thread.get() {
+            // Cheap when the publisher is busy: unpark only issues a futex wake if it is parked.
+            t.unpark();
+        }
+    }
+
+    /// A core reports that `user`'s first connection on `core` opened.
+    pub(crate) fn user_joined(&self, user: &UserId, core: usize) {
+        self.membership.push(Membership::Joined(user.clone(), core));
+        self.wake_subscriber();
+    }
+
+    /// A core reports that `user`'s last connection on `core` closed.
+    pub(crate) fn user_left(&self, user: &UserId, core: usize) {
+        self.membership.push(Membership::Left(user.clone(), core));
+        self.wake_subscriber();
+    }
+
+    fn wake_subscriber(&self) {
+        if let Some(w) = self.subscriber_waker.get() {
+            let _ = w.wake();
+        }
+    }
+
+    /// Publications waiting for Redis.
+    pub fn queue_depth(&self) -> usize {
+        self.publications.len()
+    }
+
+    /// `"backplane":{...}` for `/healthz`.
+    pub fn render_health(&self) -> String {
+        let s = &self.stats;
+        let state = if s.publisher_connected.load(Relaxed) == 1
+            && s.subscriber_connected.load(Relaxed) == 1
+        {
+            "connected"
+        } else {
+            "degraded"
+        };
+        format!(
+            r#","backplane":{{"kind":"redis","routing":"{}","state":"{state}","publisher_connected":{},"subscriber_connected":{},"subscribed_channels":{},"queue_depth":{},"published":{},"publish_errors":{},"dropped":{},"reconnects":{},"received":{},"ignored_own":{},"invalid":{},"not_hosted":{},"delivered":{}}}"#,
+            match self.config.routing {
+                Routing::PerUser => "per-user",
+                Routing::Seed => "seed",
+            },
+            s.publisher_connected.load(Relaxed) == 1,
+            s.subscriber_connected.load(Relaxed) == 1,
+            s.subscribed_channels.load(Relaxed),
+            self.queue_depth(),
+            s.published.load(Relaxed),
+            s.publish_errors.load(Relaxed),
+            s.dropped.load(Relaxed),
+            s.reconnects.load(Relaxed),
+            s.received.load(Relaxed),
+            s.ignored_own.load(Relaxed),
+            s.invalid.load(Relaxed),
+            s.not_hosted.load(Relaxed),
+            s.delivered.load(Relaxed),
+        )
+    }
+
+    /// Prometheus families for `/metrics`.
+    pub fn render_prometheus(&self, out: &mut String) {
+        let s = &self.stats;
+        let rows: [(&str, &str, &str, u64); 14] = [
+            (
+                "switchboard_backplane_publisher_connected",
+                "gauge",
+                "1 while the Redis publisher connection is up.",
+                s.publisher_connected.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_subscriber_connected",
+                "gauge",
+                "1 while the Redis subscriber connection is up.",
+                s.subscriber_connected.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_subscribed_channels",
+                "gauge",
+                "Channels Redis confirmed.",
+                s.subscribed_channels.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_queue_depth",
+                "gauge",
+                "Publications waiting for Redis.",
+                self.queue_depth() as u64,
+            ),
+            (
+                "switchboard_backplane_published_total",
+                "counter",
+                "Publications Redis accepted.",
+                s.published.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_publish_errors_total",
+                "counter",
+                "Failed publish pipelines (retried).",
+                s.publish_errors.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_dropped_total",
+                "counter",
+                "Publications dropped from a full queue.",
+                s.dropped.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_reconnects_total",
+                "counter",
+                "Redis reconnects.",
+                s.reconnects.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_received_total",
+                "counter",
+                "Messages received from Redis.",
+                s.received.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_ignored_own_total",
+                "counter",
+                "Own publications received back and skipped.",
+                s.ignored_own.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_invalid_total",
+                "counter",
+                "Invalid payloads skipped.",
+                s.invalid.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_not_hosted_total",
+                "counter",
+                "Messages for users not hosted here.",
+                s.not_hosted.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_delivered_total",
+                "counter",
+                "Frames handed to core inboxes.",
+                s.delivered.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_inbox_drops_total",
+                "counter",
+                "Frames dropped at a full core inbox.",
+                s.inbox_drops.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+}
+
+/// Exponential backoff with jitter.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration, seed: u64) -> Self {
+        Backoff {
+            min,
+            max,
+            current: min,
+            seed: seed | 1,
+        }
+    }
+
+    /// The next delay: the current step, jittered to 50–100 %, then the step doubles.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        // xorshift: enough randomness to spread a fleet's reconnects apart.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let frac = 0.5 + (self.seed % 1000) as f64 / 2000.0;
+        let delay = self.current.mul_f64(frac);
+        self.current = (self.current * 2).min(self.max);
+        delay
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 42);
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)));
+        assert!(delays[7] >= Duration::from_millis(500));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn config_validation() {
+        assert!(RedisConfig::new("redis://127.0.0.1:6379")
+            .validate()
+            .is_ok());
+        assert!(RedisConfig::new("not a url").validate().is_err());
+        let mut c = RedisConfig::new("redis://127.0.0.1:1");
+        c.channel_prefix = "a:b".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn full_queue_drops_the_oldest() {
+        let mut cfg = RedisConfig::new("redis://127.0.0.1:1");
+        cfg.publish_queue = 2;
+        let bp = Backplane::new(cfg, 1);
+        let d = Arc::new(
+            crate::protocol::encode_dispatch(vec!["a".into(), "b".into(), "c".into()], "e", &1)
+                .unwrap(),
+        );
+        bp.publish(&d);
+        assert_eq!(bp.queue_depth(), 2);
+        assert_eq!(bp.stats.dropped.load(Relaxed), 1);
+        let first = bp.publications.pop().unwrap();
+        assert_eq!(&*first.user, "b", "the oldest (a) was dropped");
+    }
+}

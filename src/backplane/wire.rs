@@ -1,0 +1,217 @@
+//! What travels on the Redis channels: channel names and payloads for both routing modes.
+//!
+//! - `per-user`: channel `{prefix}:u:{user}`, payload `{node id, 16 hex digits} {frame}`: the
+//!   frame is the exact text every device receives, so no instance re-encodes it. The node id lets
+//!   an instance skip its own publications (it already delivered them locally).
+//! - `seed`: channel `message:outgoing_socket_message`, payload
+//!   `{"event": "<name>", "id": "<target user id>", "args": <any>}`: the original Node.js design's
+//!   format, byte for byte, so a fleet can migrate one instance at a time.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tungstenite::Utf8Bytes;
+
+use crate::bus::Dispatch;
+
+/// The seed design's channel: node-redis-pubsub scope `message` + channel `outgoing_socket_message`.
+pub const SEED_CHANNEL: &str = "message:outgoing_socket_message";
+
+/// `{prefix}:u:{user}`.
+pub fn user_channel(prefix: &str, user: &str) -> String {
+    let mut s = String::with_capacity(prefix.len() + 3 + user.len());
+    s.push_str(prefix);
+    s.push_str(":u:");
+    s.push_str(user);
+    s
+}
+
+/// The user a per-user channel is for.
+pub fn user_of_channel<'a>(prefix: &str, channel: &'a [u8]) -> Option<&'a str> {
+    let rest = channel
+        .strip_prefix(prefix.as_bytes())?
+        .strip_prefix(b":u:")?;
+    std::str::from_utf8(rest).ok().filter(|u| !u.is_empty())
+}
+
+/// Appends the per-user payload for `frame` from `node` to `out`.
+pub fn write_user_payload(out: &mut Vec<u8>, node: u64, frame: &str) {
+    use std::io::Write;
+    let _ = write!(out, "{node:016x} ");
+    out.extend_from_slice(frame.as_bytes());
+}
+
+/// Why a payload was skipped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Skip {
+    /// Published by this very instance.
+    Own,
+    /// Not a payload switchboard (or the seed) would publish.
+    Invalid,
+}
+
+/// Checks a per-user payload and returns the frame to deliver.
+pub fn read_user_payload(payload: &[u8], own_node: u64) -> Result<Utf8Bytes, Skip> {
+    if payload.len() < 18 || payload[16] != b' ' {
+        return Err(Skip::Invalid);
+    }
+    let node = std::str::from_utf8(&payload[..16])
+        .ok()
+        .and_then(|h| u64::from_str_radix(h, 16).ok());
+    match node {
+        None => return Err(Skip::Invalid),
+        Some(n) if n == own_node => return Err(Skip::Own),
+        Some(_) => {}
+    }
+    let frame = &payload[17..];
+    if !is_event_frame(frame) {
+        return Err(Skip::Invalid);
+    }
+    let text = std::str::from_utf8(frame).map_err(|_| Skip::Invalid)?;
+    Ok(Utf8Bytes::from(text.to_string()))
+}
+
+/// A frame is deliverable when it is a JSON object with a string `event`.
+fn is_event_frame(frame: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct EventOnly<'a> {
+        #[serde(borrow)]
+        #[allow(dead_code)]
+        event: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<EventOnly<'_>>(frame).is_ok()
+}
+
+/// The seed payload for one target user of `dispatch`:
+/// `{"event":E,"id":U,"args":A}`, spliced from the already encoded frame `{"event":E,"args":A}`.
+pub fn write_seed_payload(out: &mut Vec<u8>, dispatch: &Dispatch, user: &str) {
+    let frame = dispatch.frame.as_str();
+    let (head, tail) = frame.split_at(dispatch.args_at);
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    // A user id is a string; serializing a &str cannot fail.
+    let _ = serde_json::to_writer(&mut *out, user);
+    out.extend_from_slice(tail.as_bytes());
+}
+
+#[derive(Deserialize)]
+struct SeedPayload<'a> {
+    #[serde(borrow)]
+    event: std::borrow::Cow<'a, str>,
+    id: SeedId<'a>,
+    #[serde(borrow, default)]
+    args: Option<&'a RawValue>,
+}
+
+/// The seed's user ids are strings, but a JavaScript publisher may send a number.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SeedId<'a> {
+    Str(#[serde(borrow)] std::borrow::Cow<'a, str>),
+    Num(serde_json::Number),
+}
+
+/// Decodes a seed payload into (target user, frame).
+pub fn read_seed_payload(payload: &[u8]) -> Result<(String, Utf8Bytes), Skip> {
+    let p: SeedPayload<'_> = serde_json::from_slice(payload).map_err(|_| Skip::Invalid)?;
+    let user = match p.id {
+        SeedId::Str(s) => s.into_owned(),
+        SeedId::Num(n) => n.to_string(),
+    };
+    if !crate::auth::valid_user_id(&user) {
+        return Err(Skip::Invalid);
+    }
+    let args = p.args.map_or("null", RawValue::get);
+    let frame =
+        crate::protocol::encode_event(&p.event, &RawArgs(args)).map_err(|_| Skip::Invalid)?;
+    Ok((user, frame))
+}
+
+/// Serializes already valid JSON text verbatim.
+struct RawArgs<'a>(&'a str);
+
+impl serde::Serialize for RawArgs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match serde_json::from_str::<&RawValue>(self.0) {
+            Ok(raw) => raw.serialize(s),
+            Err(e) => Err(serde::ser::Error::custom(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::encode_dispatch;
+
+    #[test]
+    fn user_channels_round_trip() {
+        let ch = user_channel("sb", "alice:1");
+        assert_eq!(ch, "sb:u:alice:1");
+        assert_eq!(user_of_channel("sb", ch.as_bytes()), Some("alice:1"));
+        assert_eq!(user_of_channel("sb", b"other:u:x"), None);
+        assert_eq!(user_of_channel("sb", b"sb:u:"), None);
+    }
+
+    #[test]
+    fn user_payloads_carry_the_node_and_the_frame() {
+        let mut out = Vec::new();
+        write_user_payload(&mut out, 0xabc, r#"{"event":"e","args":1}"#);
+        assert_eq!(&out[..17], b"0000000000000abc ");
+        assert_eq!(
+            read_user_payload(&out, 7).unwrap().as_str(),
+            r#"{"event":"e","args":1}"#
+        );
+        assert_eq!(read_user_payload(&out, 0xabc), Err(Skip::Own));
+        assert_eq!(read_user_payload(b"garbage", 7), Err(Skip::Invalid));
+        assert_eq!(
+            read_user_payload(b"zzzzzzzzzzzzzzzz {\"event\":\"e\"}", 7),
+            Err(Skip::Invalid)
+        );
+        assert_eq!(
+            read_user_payload(b"0000000000000001 [1,2]", 7),
+            Err(Skip::Invalid)
+        );
+        assert_eq!(
+            read_user_payload(b"0000000000000001 {\"event\":\xff}", 7),
+            Err(Skip::Invalid)
+        );
+    }
+
+    #[test]
+    fn seed_payload_is_the_seed_format_exactly() {
+        let d = encode_dispatch(
+            vec!["u1".into()],
+            "newMessage",
+            &serde_json::json!({"text": "hi"}),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        write_seed_payload(&mut out, &d, "u\"1");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"event":"newMessage","id":"u\"1","args":{"text":"hi"}}"#
+        );
+        let (user, frame) = read_seed_payload(&out).unwrap();
+        assert_eq!(user, "u\"1");
+        assert_eq!(
+            frame.as_str(),
+            r#"{"event":"newMessage","args":{"text":"hi"}}"#
+        );
+    }
+
+    #[test]
+    fn seed_payloads_from_javascript_are_accepted() {
+        let (user, frame) = read_seed_payload(br#"{"id": 42, "event": "x"}"#).unwrap();
+        assert_eq!(user, "42");
+        assert_eq!(frame.as_str(), r#"{"event":"x","args":null}"#);
+        assert_eq!(
+            read_seed_payload(b"{\"event\":1,\"id\":\"u\"}").unwrap_err(),
+            Skip::Invalid
+        );
+        assert_eq!(read_seed_payload(b"not json").unwrap_err(), Skip::Invalid);
+        assert_eq!(
+            read_seed_payload(br#"{"event":"x","id":""}"#).unwrap_err(),
+            Skip::Invalid
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! Across instances through Redis: every device of a user, on any instance and core, gets each
+//! event exactly once; per-user routing keeps other users' traffic away; Redis outages and
+//! garbage on the channels are survived.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use switchboard::backplane::Routing;
+
+#[test]
+fn devices_on_two_instances_each_get_the_event_once() {
+    let redis = TestRedis::start();
+    let a = redis_server(&redis, Routing::PerUser);
+    let b = redis_server(&redis, Routing::PerUser);
+    assert_ne!(a.handle.node_id(), b.handle.node_id());
+    // u1: four devices, two per instance (spread over cores by the kernel), u2 on A.
+    let mut u1: Vec<Client> = (0..4)
+        .map(|i| {
+            if i % 2 == 0 {
+                a.connect("u1")
+            } else {
+                b.connect("u1")
+            }
+        })
+        .collect();
+    let mut u2 = a.connect("u2");
+    a.wait_channels(2);
+    b.wait_channels(1);
+
+    for n in 0..20 {
+        u2.send_message("u1", &format!("m{n}"));
+    }
+    for dev in u1.iter_mut() {
+        for n in 0..20 {
+            let m = dev.recv_event("newMessage");
+            assert_eq!(m["args"]["text"], format!("m{n}"), "in order, once");
+            assert_eq!(m["args"]["from"], "u2");
+        }
+        dev.expect_silence(Duration::from_millis(200));
+    }
+    for n in 0..20 {
+        assert_eq!(u2.recv_event("newMessage")["args"]["text"], format!("m{n}"));
+    }
+    u2.expect_silence(Duration::from_millis(100));
+    // B got u1's traffic from Redis; A's own publications came back and were skipped.
+    assert!(b.bp_stat(|s| &s.delivered) >= 20);
+    assert_eq!(
+        a.bp_stat(|s| &s.delivered),
+        0,
+        "A hosts u1 itself: nothing from Redis to deliver"
+    );
+}
+
+#[test]
+fn per_user_routing_keeps_unrelated_instances_quiet() {
+    let redis = TestRedis::start();
+    let a = redis_server(&redis, Routing::PerUser);
+    let b = redis_server(&redis, Routing::PerUser);
+    let c = redis_server(&redis, Routing::PerUser);
+    let mut u1 = b.connect("u1");
+    let mut u2 = a.connect("u2");
+    let _u3 = c.connect("u3");
+    a.wait_channels(1);
+    b.wait_channels(1);
+    c.wait_channels(1);
+    for n in 0..50 {
+        u2.send_message("u1", &format!("{n}"));
+    }
+    for _ in 0..50 {
+        u1.recv_event("newMessage");
+    }
+    assert_eq!(b.bp_stat(|s| &s.received), 50);
+    assert_eq!(
+        c.bp_stat(|s| &s.received),
+        0,
+        "C hosts neither u1 nor u2: it receives none of it"
+    );
+
+    // When u1 leaves B, B unsubscribes.
+    u1.close();
+    b.wait_channels(0);
+}
+
+#[test]
+fn redis_outage_keeps_local_delivery_and_resumes_with_the_backlog() {
+    let mut redis = TestRedis::start();
+    let a = redis_server(&redis, Routing::PerUser);
+    let b = redis_server(&redis, Routing::PerUser);
+    let mut u1_a = a.connect("u1");
+    let mut u1_b = b.connect("u1");
+    let mut u2 = a.connect("u2");
+    a.wait_channels(2);
+    b.wait_channels(1);
+
+    redis.kill();
+    wait_for("A to notice the outage", || {
+        a.bp_stat(|s| &s.subscriber_connected) == 0
+    });
+    // Same-instance delivery does not depend on Redis.
+    for n in 0..5 {
+        u2.send_message("u1", &format!("during {n}"));
+    }
+    for n in 0..5 {
+        assert_eq!(
+            u1_a.recv_event("newMessage")["args"]["text"],
+            format!("during {n}")
+        );
+        assert_eq!(
+            u2.recv_event("newMessage")["args"]["text"],
+            format!("during {n}")
+        );
+    }
+    u1_b.expect_silence(Duration::from_millis(300));
+    assert!(a.handle.backplane().unwrap().queue_depth() + 5 > 0);
+
+    redis.restart();
+    wait_for("A and B to reconnect", || {
+        a.bp_stat(|s| &s.subscriber_connected) == 1 && b.bp_stat(|s| &s.subscriber_connected) == 1
+    });
+    // What was queued during the outage reaches B, in order, then live traffic flows again.
+    for n in 0..5 {
+        assert_eq!(
+            u1_b.recv_event("newMessage")["args"]["text"],
+            format!("during {n}")
+        );
+    }
+    b.wait_channels(1);
+    u2.send_message("u1", "after");
+    assert_eq!(u1_b.recv_event("newMessage")["args"]["text"], "after");
+    assert_eq!(u1_a.recv_event("newMessage")["args"]["text"], "after");
+    assert!(a.bp_stat(|s| &s.reconnects) >= 1);
+}
+
+#[test]
+fn garbage_on_the_channels_is_counted_and_skipped() {
+    let redis = TestRedis::start();
+    let a = redis_server(&redis, Routing::PerUser);
+    let mut u1 = a.connect("u1");
+    a.wait_channels(1);
+    let mut r = redis.connection();
+    let channel = "switchboard:u:u1";
+    for garbage in [
+        &b"not a payload"[..],
+        b"zzzzzzzzzzzzzzzz {}",
+        b"0000000000000001 [1]",
+        b"0000000000000001 {\"event\":\xff}",
+        b"",
+    ] {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(garbage)
+            .query(&mut r)
+            .unwrap();
+    }
+    wait_for("5 invalid payloads", || a.bp_stat(|s| &s.invalid) == 5);
+    u1.expect_silence(Duration::from_millis(200));
+    // A well-formed foreign publication still arrives, and u1 is still connected.
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(r#"00000000000000ff {"event":"notice","args":{"x":1}}"#)
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(
+        u1.recv_json(),
+        serde_json::json!({"event": "notice", "args": {"x": 1}})
+    );
+}
+
+#[test]
+fn seed_mode_speaks_the_original_wire_format() {
+    let redis = TestRedis::start();
+    let a = redis_server(&redis, Routing::Seed);
+    let b = redis_server(&redis, Routing::Seed);
+    let mut u1 = b.connect("u1");
+    let mut u2 = a.connect("u2");
+    a.wait_channels(1);
+    b.wait_channels(1);
+
+    // A listener with a plain Redis client sees exactly the seed's payload, one per target user.
+    let mut listener = redis.connection();
+    let mut pubsub = listener.as_pubsub();
+    pubsub
+        .psubscribe("message:outgoing_socket_message")
+        .unwrap();
+    pubsub.set_read_timeout(Some(DEADLINE)).unwrap();
+
+    u2.send_message("u1", "hello seed");
+    let m = u1.recv_event("newMessage");
+    assert_eq!(m["args"]["text"], "hello seed");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let msg = pubsub.get_message().unwrap();
+        assert_eq!(msg.get_channel_name(), "message:outgoing_socket_message");
+        let payload: String = msg.get_payload().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            ["args", "event", "id"],
+            "exactly event, id, args: {payload}"
+        );
+        assert!(
+            payload.starts_with(r#"{"event":"newMessage","id":""#),
+            "{payload}"
+        );
+        assert_eq!(v["args"], m["args"]);
+        seen.push(v["id"].as_str().unwrap().to_string());
+    }
+    seen.sort();
+    assert_eq!(seen, ["u1", "u2"]);
+
+    // A plain client publishing the seed payload reaches u1's sockets (and nobody else's).
+    let mut r = redis.connection();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("message:outgoing_socket_message")
+        .arg(r#"{"event":"newMessage","id":"u1","args":{"text":"from node"}}"#)
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(
+        u1.recv_json(),
+        serde_json::json!({"event": "newMessage", "args": {"text": "from node"}})
+    );
+    u2.recv_event("newMessage"); // u2's own copy of the first message
+    u2.expect_silence(Duration::from_millis(200));
+    u1.expect_silence(Duration::from_millis(100));
+    assert_eq!(
+        a.bp_stat(|s| &s.ignored_own) + b.bp_stat(|s| &s.ignored_own),
+        2
+    );
+}
