@@ -107,6 +107,11 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_REDIS_RECONNECT_MAX", default_value = "2s", value_parser = parse_duration)]
     redis_reconnect_max: Duration,
 
+    /// Redis Cluster seed nodes, `host:port,host:port,...`: per-user channels then use sharded
+    /// pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7) on the shard owning each channel's slot.
+    #[arg(long, env = "SWITCHBOARD_REDIS_CLUSTER", value_delimiter = ',')]
+    redis_cluster: Vec<String>,
+
     /// Prefix of per-user channels: `{prefix}:u:{user}`.
     #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX", default_value = backplane::DEFAULT_CHANNEL_PREFIX)]
     redis_prefix: String,
@@ -182,6 +187,7 @@ impl Cli {
                 reconnect_min: backplane::DEFAULT_RECONNECT_MIN.min(self.redis_reconnect_max),
                 reconnect_max: self.redis_reconnect_max,
                 channel_prefix: self.redis_prefix,
+                cluster: self.redis_cluster,
             }),
         }
     }

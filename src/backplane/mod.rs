@@ -11,6 +11,7 @@
 //! Local delivery never waits for Redis: the core delivers a dispatch to its own and its sibling
 //! cores' connections first and only then queues the publication for other instances.
 
+pub mod cluster;
 pub mod publisher;
 pub mod subscriber;
 pub mod wire;
@@ -59,6 +60,9 @@ pub struct RedisConfig {
     pub reconnect_max: Duration,
     /// Per-user channel prefix (`{prefix}:u:{user}`).
     pub channel_prefix: String,
+    /// Redis Cluster seed nodes (`host:port`). When set, per-user channels use sharded pub/sub
+    /// (`SPUBLISH`/`SSUBSCRIBE`) on the primary owning each channel's slot, and `url` is unused.
+    pub cluster: Vec<String>,
 }
 
 impl RedisConfig {
@@ -71,6 +75,49 @@ impl RedisConfig {
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_string(),
+            cluster: Vec::new(),
+        }
+    }
+
+    /// Whether sharded pub/sub on a Redis Cluster is used.
+    pub fn sharded(&self) -> bool {
+        !self.cluster.is_empty() && self.routing == Routing::PerUser
+    }
+
+    /// The initial topology: the cluster's slot map, or the one server of `url`.
+    pub(crate) fn topology(&self) -> std::io::Result<cluster::SlotMap> {
+        use redis::IntoConnectionInfo;
+        if !self.cluster.is_empty() {
+            let map = cluster::SlotMap::fetch(&self.cluster)?;
+            return Ok(if self.sharded() {
+                map
+            } else {
+                cluster::SlotMap::single(map.shards[0].clone())
+            });
+        }
+        let info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(std::io::Error::other)?;
+        match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => {
+                Ok(cluster::SlotMap::single(format!("{host}:{port}")))
+            }
+            _ => Err(std::io::Error::other("only redis:// URLs are supported")),
+        }
+    }
+
+    /// A client for one node, with the credentials of `url`.
+    pub(crate) fn node_url(&self, addr: &str) -> String {
+        match self
+            .url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+        {
+            Some((creds, _)) if !self.cluster.is_empty() => format!("redis://{creds}@{addr}"),
+            _ if self.cluster.is_empty() => self.url.clone(),
+            _ => format!("redis://{addr}"),
         }
     }
 
@@ -90,6 +137,14 @@ impl RedisConfig {
         }
         if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
             return Err("reconnect backoff: min must be above zero and at most max".into());
+        }
+        for node in &self.cluster {
+            let ok = node
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("--redis-cluster: {node:?} is not host:port"));
+            }
         }
         if self.channel_prefix.is_empty() || self.channel_prefix.contains(':') {
             return Err("--redis-prefix must be non-empty and contain no ':'".into());

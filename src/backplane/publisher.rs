@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::cluster::SlotMap;
 use super::wire;
 use super::{Backoff, Backplane, Publication, Routing};
 
@@ -31,118 +32,207 @@ pub(crate) fn payload_hash(payload: &[u8]) -> u64 {
 
 /// Runs until [`Backplane::stop`].
 pub(crate) fn run(bp: Arc<Backplane>) {
-    let client = match redis::Client::open(bp.config.url.as_str()) {
-        Ok(c) => c,
-        Err(e) => {
-            log::error!("redis publisher: bad url: {e}");
-            return;
-        }
+    let mut publisher = Publisher {
+        backoff: Backoff::new(
+            bp.config.reconnect_min,
+            bp.config.reconnect_max,
+            bp.node_id ^ 0x9e37,
+        ),
+        bp,
+        topology: None,
+        conns: Vec::new(),
+        ever_connected: false,
+        outage_logged: false,
     };
-    let mut backoff = Backoff::new(
-        bp.config.reconnect_min,
-        bp.config.reconnect_max,
-        bp.node_id ^ 0x9e37,
-    );
-    let mut conn: Option<redis::Connection> = None;
-    let mut batch: Vec<Publication> = Vec::with_capacity(MAX_BATCH);
-    let mut scratch = Vec::with_capacity(256);
-    let mut ever_connected = false;
-    let mut outage_logged = false;
-    let mut stop_deadline: Option<Instant> = None;
-    loop {
-        if bp.stop.load(Relaxed) {
-            let deadline = *stop_deadline.get_or_insert_with(|| Instant::now() + STOP_FLUSH);
-            if Instant::now() >= deadline || (batch.is_empty() && bp.publications.is_empty()) {
-                break;
-            }
-        }
-        if batch.is_empty() {
-            while batch.len() < MAX_BATCH {
-                match bp.publications.pop() {
-                    Some(p) => batch.push(p),
-                    None => break,
+    publisher.run();
+}
+
+struct Publisher {
+    bp: Arc<Backplane>,
+    backoff: Backoff,
+    /// Shards and their primaries (one "shard" without a cluster).
+    topology: Option<SlotMap>,
+    /// One connection per shard, `None` while down.
+    conns: Vec<Option<redis::Connection>>,
+    ever_connected: bool,
+    outage_logged: bool,
+}
+
+impl Publisher {
+    fn run(&mut self) {
+        let bp = Arc::clone(&self.bp);
+        let mut batch: Vec<Publication> = Vec::with_capacity(MAX_BATCH);
+        let mut stop_deadline: Option<Instant> = None;
+        loop {
+            if bp.stop.load(Relaxed) {
+                let deadline = *stop_deadline.get_or_insert_with(|| Instant::now() + STOP_FLUSH);
+                if Instant::now() >= deadline || (batch.is_empty() && bp.publications.is_empty()) {
+                    break;
                 }
             }
-        }
-        if batch.is_empty() {
-            std::thread::park_timeout(IDLE_PARK);
-            continue;
-        }
-        let Some(c) = conn.as_mut() else {
-            match client.get_connection_with_timeout(IO_TIMEOUT) {
-                Ok(c) => {
-                    let _ = c.set_read_timeout(Some(IO_TIMEOUT));
-                    let _ = c.set_write_timeout(Some(IO_TIMEOUT));
-                    if ever_connected {
-                        bp.stats.reconnects.fetch_add(1, Relaxed);
-                        log::info!(
-                            "redis publisher reconnected; {} publications waiting",
-                            batch.len() + bp.queue_depth()
-                        );
-                        settle_after_outage(&bp);
+            if batch.is_empty() {
+                while batch.len() < MAX_BATCH {
+                    match bp.publications.pop() {
+                        Some(p) => batch.push(p),
+                        None => break,
                     }
-                    ever_connected = true;
-                    outage_logged = false;
-                    backoff.reset();
-                    bp.stats.publisher_connected.store(1, Relaxed);
-                    conn = Some(c);
-                }
-                Err(e) => {
-                    if !outage_logged {
-                        log::warn!("redis publisher cannot connect: {e}; retrying with backoff");
-                        outage_logged = true;
-                    }
-                    if bp.stop.load(Relaxed) {
-                        break;
-                    }
-                    std::thread::sleep(backoff.next_delay());
                 }
             }
-            continue;
-        };
-        let mut pipe = redis::Pipeline::with_capacity(batch.len());
-        for p in &batch {
-            scratch.clear();
-            match bp.config.routing {
-                Routing::PerUser => {
-                    wire::write_user_payload(&mut scratch, bp.node_id, p.dispatch.frame.as_str());
-                    pipe.cmd("PUBLISH")
-                        .arg(wire::user_channel(&bp.config.channel_prefix, &p.user))
-                        .arg(&scratch[..])
-                        .ignore();
-                }
-                Routing::Seed => {
-                    wire::write_seed_payload(&mut scratch, &p.dispatch, &p.user);
-                    // Announce it before Redis can echo it back to our subscriber.
-                    bp.own_payloads.push(payload_hash(&scratch));
-                    pipe.cmd("PUBLISH")
-                        .arg(wire::SEED_CHANNEL)
-                        .arg(&scratch[..])
-                        .ignore();
-                }
+            if batch.is_empty() {
+                std::thread::park_timeout(IDLE_PARK);
+                continue;
             }
-        }
-        match pipe.exec(c) {
-            Ok(()) => {
-                bp.stats.published.fetch_add(batch.len() as u64, Relaxed);
-                batch.clear();
-            }
-            Err(e) => {
+            if self.send(&mut batch) {
+                self.backoff.reset();
+            } else {
                 bp.stats.publish_errors.fetch_add(1, Relaxed);
                 bp.stats.publisher_connected.store(0, Relaxed);
-                log::warn!(
-                    "redis publish failed: {e}; {} publications kept for retry",
-                    batch.len()
-                );
-                conn = None;
-                outage_logged = true;
                 if !bp.stop.load(Relaxed) {
-                    std::thread::sleep(backoff.next_delay());
+                    std::thread::sleep(self.backoff.next_delay());
                 }
+            }
+        }
+        bp.stats.publisher_connected.store(0, Relaxed);
+    }
+
+    /// Publishes the batch, one pipeline per shard; removes what Redis accepted. Returns `false`
+    /// when anything is left for a retry.
+    fn send(&mut self, batch: &mut Vec<Publication>) -> bool {
+        let bp = Arc::clone(&self.bp);
+        if self.topology.is_none() {
+            match bp.config.topology() {
+                Ok(map) => {
+                    self.conns = (0..map.shards.len()).map(|_| None).collect();
+                    self.topology = Some(map);
+                }
+                Err(e) => {
+                    self.log_outage(&e.to_string());
+                    return false;
+                }
+            }
+        }
+        let Some(map) = self.topology.clone() else {
+            return false;
+        };
+        let sharded = bp.config.sharded();
+        // Channel and payload of each publication, built once.
+        let mut shard_of = Vec::with_capacity(batch.len());
+        let mut wires: Vec<(String, Vec<u8>)> = Vec::with_capacity(batch.len());
+        for p in batch.iter() {
+            let mut payload = Vec::with_capacity(p.dispatch.frame.len() + 24);
+            let channel = match bp.config.routing {
+                Routing::PerUser => {
+                    wire::write_user_payload(&mut payload, bp.node_id, p.dispatch.frame.as_str());
+                    wire::user_channel(&bp.config.channel_prefix, &p.user)
+                }
+                Routing::Seed => {
+                    wire::write_seed_payload(&mut payload, &p.dispatch, &p.user);
+                    wire::SEED_CHANNEL.to_string()
+                }
+            };
+            shard_of.push(if sharded {
+                map.shard_of(channel.as_bytes())
+            } else {
+                0
+            });
+            wires.push((channel, payload));
+        }
+        let mut done = vec![false; batch.len()];
+        let mut all_ok = true;
+        for shard in 0..map.shards.len() {
+            let members: Vec<usize> = (0..batch.len()).filter(|&i| shard_of[i] == shard).collect();
+            if members.is_empty() {
+                continue;
+            }
+            if self.conns[shard].is_none() && !self.connect(shard, &map.shards[shard]) {
+                all_ok = false;
+                continue;
+            }
+            let mut pipe = redis::Pipeline::with_capacity(members.len());
+            let command = if sharded { "SPUBLISH" } else { "PUBLISH" };
+            for &i in &members {
+                let (channel, payload) = &wires[i];
+                if bp.config.routing == Routing::Seed {
+                    // Announce it before Redis can echo it back to our subscriber.
+                    bp.own_payloads.push(payload_hash(payload));
+                }
+                pipe.cmd(command)
+                    .arg(channel.as_str())
+                    .arg(&payload[..])
+                    .ignore();
+            }
+            let Some(conn) = self.conns[shard].as_mut() else {
+                continue;
+            };
+            match pipe.exec(conn) {
+                Ok(()) => {
+                    bp.stats.published.fetch_add(members.len() as u64, Relaxed);
+                    for i in members {
+                        done[i] = true;
+                    }
+                }
+                Err(e) => {
+                    all_ok = false;
+                    self.conns[shard] = None;
+                    if e.is_cluster_error() || format!("{e}").contains("MOVED") {
+                        log::info!("redis cluster topology changed ({e}); refreshing");
+                        self.topology = None;
+                    } else {
+                        log::warn!(
+                            "redis publish to {} failed: {e}; {} publications kept for retry",
+                            map.shards[shard],
+                            members.len()
+                        );
+                    }
+                    self.outage_logged = true;
+                }
+            }
+        }
+        let mut i = 0;
+        batch.retain(|_| {
+            let keep = !done[i];
+            i += 1;
+            keep
+        });
+        all_ok && batch.is_empty()
+    }
+
+    fn connect(&mut self, shard: usize, addr: &str) -> bool {
+        let bp = Arc::clone(&self.bp);
+        let result = redis::Client::open(bp.config.node_url(addr))
+            .and_then(|client| client.get_connection_with_timeout(IO_TIMEOUT));
+        match result {
+            Ok(c) => {
+                let _ = c.set_read_timeout(Some(IO_TIMEOUT));
+                let _ = c.set_write_timeout(Some(IO_TIMEOUT));
+                if self.ever_connected && self.outage_logged {
+                    bp.stats.reconnects.fetch_add(1, Relaxed);
+                    log::info!(
+                        "redis publisher reconnected to {addr}; {} publications waiting",
+                        bp.queue_depth()
+                    );
+                    settle_after_outage(&bp);
+                }
+                self.ever_connected = true;
+                self.outage_logged = false;
+                self.conns[shard] = Some(c);
+                let all = self.conns.iter().all(Option::is_some);
+                bp.stats.publisher_connected.store(u64::from(all), Relaxed);
+                true
+            }
+            Err(e) => {
+                self.log_outage(&e.to_string());
+                false
             }
         }
     }
-    bp.stats.publisher_connected.store(0, Relaxed);
+
+    fn log_outage(&mut self, e: &str) {
+        if !self.outage_logged {
+            log::warn!("redis publisher cannot connect: {e}; retrying with backoff");
+            self.outage_logged = true;
+        }
+    }
 }
 
 /// After an outage, other instances' subscribers re-subscribe on their own backoff schedule.

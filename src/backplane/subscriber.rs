@@ -1,5 +1,5 @@
-//! The subscriber thread: one Redis connection per process, multiplexed with membership changes
-//! from the cores on a `mio::Poll`.
+//! The subscriber thread: one Redis connection per process (one per shard on a Redis Cluster),
+//! multiplexed with membership changes from the cores on a `mio::Poll`.
 //!
 //! It owns the process-wide map user → cores hosting the user. In `per-user` routing it keeps
 //! exactly one Redis subscription per user in that map (subscribing on the first device in the
@@ -21,14 +21,15 @@ use redis::{IntoConnectionInfo, Value};
 use smallvec::SmallVec;
 use tungstenite::Utf8Bytes;
 
+use super::cluster::SlotMap;
 use super::publisher::payload_hash;
 use super::wire::{self, Skip};
 use super::{Backoff, Backplane, Membership, Routing};
 use crate::bus::{Bus, Dispatch};
 use crate::UserId;
 
-const SOCKET: Token = Token(0);
-const WAKER: Token = Token(1);
+/// Shard `i`'s socket is registered as `Token(i)`; the waker sits above any shard.
+const WAKER: Token = Token(usize::MAX - 1);
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
 const CHANNELS_PER_COMMAND: usize = 1024;
 /// A PING is sent this often to notice a dead connection that TCP has not reported.
@@ -50,17 +51,28 @@ struct Connection {
     ready_on_pong: bool,
 }
 
+/// One shard's connection slot.
+struct Shard {
+    addr: String,
+    conn: Option<Connection>,
+    backoff: Backoff,
+    retry_at: Instant,
+    /// Channels Redis confirmed on this connection.
+    confirmed: u64,
+}
+
 /// The subscriber and the state it owns.
 pub struct Subscriber {
     bp: Arc<Backplane>,
     bus: Arc<Bus>,
     poll: Poll,
     hosts: HashMap<UserId, SmallVec<[u16; 4]>>,
-    /// Users subscribed on the current connection (per-user routing).
+    /// Users whose channel was subscribed (per-user routing), on whichever shard serves it.
     subscribed: HashSet<UserId>,
-    conn: Option<Connection>,
-    backoff: Backoff,
-    retry_at: Instant,
+    topology: Option<SlotMap>,
+    shards: Vec<Shard>,
+    topology_retry_at: Instant,
+    topology_backoff: Backoff,
     ever_connected: bool,
     outage_logged: bool,
     own: HashMap<u64, (u32, Instant)>,
@@ -73,16 +85,18 @@ impl Subscriber {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let _ = bp.subscriber_waker.set(waker);
-        let backoff = Backoff::new(bp.config.reconnect_min, bp.config.reconnect_max, bp.node_id);
+        let topology_backoff =
+            Backoff::new(bp.config.reconnect_min, bp.config.reconnect_max, bp.node_id);
         Ok(Subscriber {
             bp,
             bus,
             poll,
             hosts: HashMap::new(),
             subscribed: HashSet::new(),
-            conn: None,
-            backoff,
-            retry_at: Instant::now(),
+            topology: None,
+            shards: Vec::new(),
+            topology_retry_at: Instant::now(),
+            topology_backoff,
             ever_connected: false,
             outage_logged: false,
             own: HashMap::new(),
@@ -90,32 +104,43 @@ impl Subscriber {
         })
     }
 
+    fn sharded(&self) -> bool {
+        self.bp.config.sharded()
+    }
+
     /// Runs until [`Backplane::stop`].
     pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(64);
         while !self.bp.stop.load(Relaxed) {
+            self.ensure_connected();
             let now = Instant::now();
-            if self.conn.is_none() && now >= self.retry_at {
-                self.connect();
+            let mut wake_at = now + Duration::from_secs(1);
+            if self.topology.is_none() {
+                wake_at = wake_at.min(self.topology_retry_at);
             }
-            let timeout = match &self.conn {
-                None => self.retry_at.saturating_duration_since(Instant::now()),
-                Some(_) => Duration::from_secs(1),
-            };
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            for shard in self.shards.iter().filter(|s| s.conn.is_none()) {
+                wake_at = wake_at.min(shard.retry_at);
+            }
+            if let Err(e) = self
+                .poll
+                .poll(&mut events, Some(wake_at.saturating_duration_since(now)))
+            {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("redis subscriber poll failed: {e}");
                     break;
                 }
             }
-            let mut readable = false;
+            let mut readable: SmallVec<[usize; 8]> = SmallVec::new();
             for event in events.iter() {
-                if event.token() == SOCKET {
-                    readable |= event.is_readable() || event.is_read_closed() || event.is_error();
+                let Token(i) = event.token();
+                if i < self.shards.len()
+                    && (event.is_readable() || event.is_read_closed() || event.is_error())
+                {
+                    readable.push(i);
                 }
             }
-            if readable {
-                self.read_all();
+            for i in readable {
+                self.read_all(i);
             }
             self.apply_membership();
             self.keepalive();
@@ -124,38 +149,107 @@ impl Subscriber {
         self.bp.stats.subscriber_connected.store(0, Relaxed);
     }
 
-    fn connect(&mut self) {
-        match self.open() {
-            Ok(conn) => {
-                if self.ever_connected {
-                    self.bp.stats.reconnects.fetch_add(1, Relaxed);
-                    log::info!(
-                        "redis subscriber reconnected; re-subscribing {} users",
-                        self.hosts.len()
-                    );
-                }
-                self.ever_connected = true;
-                self.outage_logged = false;
-                self.backoff.reset();
-                self.conn = Some(conn);
-                self.resubscribe();
-                self.bp.stats.subscriber_connected.store(1, Relaxed);
+    /// Fetches the topology when unknown and (re)connects every shard whose retry time came.
+    fn ensure_connected(&mut self) {
+        let now = Instant::now();
+        if self.topology.is_none() {
+            if now < self.topology_retry_at {
+                return;
             }
-            Err(e) => {
-                if !self.outage_logged {
-                    log::warn!("redis subscriber cannot connect: {e}; retrying with backoff");
-                    self.outage_logged = true;
+            match self.bp.config.topology() {
+                Ok(map) => {
+                    self.topology_backoff.reset();
+                    self.shards = map
+                        .shards
+                        .iter()
+                        .enumerate()
+                        .map(|(i, addr)| Shard {
+                            addr: addr.clone(),
+                            conn: None,
+                            backoff: Backoff::new(
+                                self.bp.config.reconnect_min,
+                                self.bp.config.reconnect_max,
+                                self.bp.node_id ^ (i as u64 + 1),
+                            ),
+                            retry_at: now,
+                            confirmed: 0,
+                        })
+                        .collect();
+                    self.topology = Some(map);
                 }
-                self.retry_at = Instant::now() + self.backoff.next_delay();
+                Err(e) => {
+                    if !self.outage_logged {
+                        log::warn!(
+                            "redis subscriber cannot reach redis: {e}; retrying with backoff"
+                        );
+                        self.outage_logged = true;
+                    }
+                    self.topology_retry_at = now + self.topology_backoff.next_delay();
+                    return;
+                }
+            }
+        }
+        for i in 0..self.shards.len() {
+            if self.shards[i].conn.is_none() && now >= self.shards[i].retry_at {
+                self.connect(i);
             }
         }
     }
 
-    fn open(&mut self) -> io::Result<Connection> {
-        let info = self
-            .bp
-            .config
-            .url
+    fn connect(&mut self, i: usize) {
+        match self.open(i) {
+            Ok(conn) => {
+                if self.ever_connected {
+                    self.bp.stats.reconnects.fetch_add(1, Relaxed);
+                    log::info!("redis subscriber reconnected to {}", self.shards[i].addr);
+                }
+                self.ever_connected = true;
+                self.outage_logged = false;
+                self.shards[i].backoff.reset();
+                self.shards[i].conn = Some(conn);
+                self.resubscribe(i);
+                self.update_connected();
+            }
+            Err(e) => {
+                if !self.outage_logged {
+                    log::warn!(
+                        "redis subscriber cannot connect to {}: {e}; retrying with backoff",
+                        self.shards[i].addr
+                    );
+                    self.outage_logged = true;
+                }
+                let shard = &mut self.shards[i];
+                shard.retry_at = Instant::now() + shard.backoff.next_delay();
+            }
+        }
+    }
+
+    fn update_connected(&self) {
+        let all = !self.shards.is_empty() && self.shards.iter().all(|s| s.conn.is_some());
+        self.bp
+            .stats
+            .subscriber_connected
+            .store(u64::from(all), Relaxed);
+        let ready = all
+            && self
+                .shards
+                .iter()
+                .all(|s| s.conn.as_ref().is_some_and(|c| !c.ready_on_pong));
+        self.bp.subscriber_ready.store(ready, SeqCst);
+        let confirmed: u64 = self.shards.iter().map(|s| s.confirmed).sum();
+        self.bp.stats.subscribed_channels.store(confirmed, Relaxed);
+    }
+
+    fn shard_of(&self, channel: &str) -> usize {
+        match &self.topology {
+            Some(map) if self.sharded() => map.shard_of(channel.as_bytes()),
+            _ => 0,
+        }
+    }
+
+    fn open(&mut self, i: usize) -> io::Result<Connection> {
+        let url = self.bp.config.node_url(&self.shards[i].addr);
+        let info = url
             .as_str()
             .into_connection_info()
             .map_err(io::Error::other)?;
@@ -172,7 +266,7 @@ impl Subscriber {
         let mut stream = TcpStream::from_std(std_stream);
         self.poll.registry().register(
             &mut stream,
-            SOCKET,
+            Token(i),
             Interest::READABLE | Interest::WRITABLE,
         )?;
         let mut out = Vec::new();
@@ -196,31 +290,42 @@ impl Subscriber {
         })
     }
 
-    /// Subscribes everything this instance needs on a fresh connection, then a PING whose reply
-    /// says Redis has processed all of it.
-    fn resubscribe(&mut self) {
-        self.bp.subscriber_ready.store(false, SeqCst);
-        self.subscribed.clear();
+    /// Subscribes everything shard `i` serves for this instance on its fresh connection, then
+    /// a PING whose reply says Redis has processed all of it.
+    fn resubscribe(&mut self, i: usize) {
+        self.shards[i].confirmed = 0;
         let channels: Vec<String> = match self.bp.config.routing {
             Routing::Seed => vec![wire::SEED_CHANNEL.to_string()],
             Routing::PerUser => {
-                self.subscribed.extend(self.hosts.keys().cloned());
                 let prefix = &self.bp.config.channel_prefix;
-                self.hosts
+                let users: Vec<UserId> = self
+                    .hosts
                     .keys()
+                    .filter(|u| self.shard_of(&wire::user_channel(prefix, u)) == i)
+                    .cloned()
+                    .collect();
+                let channels = users
+                    .iter()
                     .map(|u| wire::user_channel(prefix, u))
-                    .collect()
+                    .collect();
+                self.subscribed.extend(users);
+                channels
             }
         };
-        self.write_channels("SUBSCRIBE", &channels);
-        if let Some(conn) = self.conn.as_mut() {
+        let command = if self.sharded() {
+            "SSUBSCRIBE"
+        } else {
+            "SUBSCRIBE"
+        };
+        self.write_channels(i, command, &channels);
+        if let Some(conn) = self.shards[i].conn.as_mut() {
             conn.ready_on_pong = true;
         }
-        self.send_ping();
+        self.send_ping(i);
     }
 
-    fn write_channels(&mut self, command: &str, channels: &[String]) {
-        let Some(conn) = self.conn.as_mut() else {
+    fn write_channels(&mut self, i: usize, command: &str, channels: &[String]) {
+        let Some(conn) = self.shards[i].conn.as_mut() else {
             return;
         };
         for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
@@ -232,8 +337,8 @@ impl Subscriber {
         }
     }
 
-    fn send_ping(&mut self) {
-        let Some(conn) = self.conn.as_mut() else {
+    fn send_ping(&mut self, i: usize) {
+        let Some(conn) = self.shards[i].conn.as_mut() else {
             return;
         };
         redis::cmd("PING").write_packed_command(&mut conn.out);
@@ -243,15 +348,15 @@ impl Subscriber {
     }
 
     fn keepalive(&mut self) {
-        let Some(conn) = self.conn.as_ref() else {
-            return;
-        };
-        if conn.oldest_ping.is_some_and(|t| t.elapsed() > PONG_TIMEOUT) {
-            self.disconnect("no PONG from redis");
-            return;
-        }
-        if conn.last_ping.elapsed() >= KEEPALIVE {
-            self.send_ping();
+        for i in 0..self.shards.len() {
+            let Some(conn) = self.shards[i].conn.as_ref() else {
+                continue;
+            };
+            if conn.oldest_ping.is_some_and(|t| t.elapsed() > PONG_TIMEOUT) {
+                self.disconnect(i, "no PONG from redis");
+            } else if conn.last_ping.elapsed() >= KEEPALIVE {
+                self.send_ping(i);
+            }
         }
     }
 
@@ -278,81 +383,124 @@ impl Subscriber {
                 }
             }
         }
-        if touched.is_empty() || self.bp.config.routing != Routing::PerUser || self.conn.is_none() {
+        if touched.is_empty() || self.bp.config.routing != Routing::PerUser {
             return;
         }
         let prefix = self.bp.config.channel_prefix.clone();
-        let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
+        let n = self.shards.len();
+        let (mut subscribe, mut unsubscribe) = (vec![Vec::new(); n], vec![Vec::new(); n]);
         for user in touched {
+            let channel = wire::user_channel(&prefix, &user);
+            let shard = self.shard_of(&channel);
+            if self.shards.get(shard).is_none_or(|s| s.conn.is_none()) {
+                // Disconnected: the reconnect re-subscribes from `hosts`.
+                continue;
+            }
             let wanted = self.hosts.contains_key(&user);
             let have = self.subscribed.contains(&user);
             if wanted && !have {
-                subscribe.push(wire::user_channel(&prefix, &user));
+                subscribe[shard].push(channel);
                 self.subscribed.insert(user);
             } else if !wanted && have {
-                unsubscribe.push(wire::user_channel(&prefix, &user));
+                unsubscribe[shard].push(channel);
                 self.subscribed.remove(&user);
             }
         }
-        self.write_channels("SUBSCRIBE", &subscribe);
-        self.write_channels("UNSUBSCRIBE", &unsubscribe);
-    }
-
-    fn flush(&mut self) {
-        let Some(conn) = self.conn.as_mut() else {
-            return;
+        let (sub, unsub) = if self.sharded() {
+            ("SSUBSCRIBE", "SUNSUBSCRIBE")
+        } else {
+            ("SUBSCRIBE", "UNSUBSCRIBE")
         };
-        let mut written = 0;
-        let result = loop {
-            if written == conn.out.len() {
-                break Ok(());
-            }
-            match conn.stream.write(&conn.out[written..]) {
-                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
-        conn.out.drain(..written);
-        if let Err(e) = result {
-            self.disconnect(&format!("write failed: {e}"));
+        for i in 0..n {
+            self.write_channels(i, sub, &subscribe[i]);
+            self.write_channels(i, unsub, &unsubscribe[i]);
         }
     }
 
-    fn read_all(&mut self) {
+    fn flush(&mut self) {
+        for i in 0..self.shards.len() {
+            let Some(conn) = self.shards[i].conn.as_mut() else {
+                continue;
+            };
+            let mut written = 0;
+            let result = loop {
+                if written == conn.out.len() {
+                    break Ok(());
+                }
+                match conn.stream.write(&conn.out[written..]) {
+                    Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            conn.out.drain(..written);
+            if let Err(e) = result {
+                self.disconnect(i, &format!("write failed: {e}"));
+            }
+        }
+    }
+
+    fn read_all(&mut self, i: usize) {
         loop {
-            let Some(conn) = self.conn.as_mut() else {
+            let Some(conn) = self.shards[i].conn.as_mut() else {
                 return;
             };
             match conn.parser.parse_value(&mut conn.stream) {
-                Ok(value) => self.on_value(value),
+                Ok(value) => self.on_value(i, value),
                 Err(e) if e.is_timeout() => return,
                 Err(e) => {
                     // Includes Redis closing the connection, e.g. a subscriber over its
                     // client-output-buffer-limit.
-                    self.disconnect(&format!("read failed: {e}"));
+                    self.disconnect(i, &format!("read failed: {e}"));
                     return;
                 }
             }
         }
     }
 
-    fn disconnect(&mut self, why: &str) {
-        if let Some(mut conn) = self.conn.take() {
+    /// Drops shard `i`'s connection; its channels are re-subscribed on reconnect.
+    fn disconnect(&mut self, i: usize, why: &str) {
+        let shard = &mut self.shards[i];
+        if let Some(mut conn) = shard.conn.take() {
             let _ = self.poll.registry().deregister(&mut conn.stream);
-            log::warn!("redis subscriber disconnected: {why}");
+            log::warn!("redis subscriber disconnected from {}: {why}", shard.addr);
         }
-        self.bp.stats.subscriber_connected.store(0, Relaxed);
-        self.bp.stats.subscribed_channels.store(0, Relaxed);
-        self.bp.subscriber_ready.store(false, SeqCst);
-        self.subscribed.clear();
+        shard.confirmed = 0;
+        shard.retry_at = Instant::now() + shard.backoff.next_delay();
         self.outage_logged = true;
-        self.retry_at = Instant::now() + self.backoff.next_delay();
+        if self.bp.config.routing == Routing::PerUser {
+            let prefix = self.bp.config.channel_prefix.clone();
+            let lost: Vec<UserId> = self
+                .subscribed
+                .iter()
+                .filter(|u| self.shard_of(&wire::user_channel(&prefix, u)) == i)
+                .cloned()
+                .collect();
+            for u in lost {
+                self.subscribed.remove(&u);
+            }
+        }
+        self.update_connected();
     }
 
-    fn on_value(&mut self, value: Value) {
+    /// The cluster moved slots: forget the topology, reconnect everything from scratch.
+    fn refresh_topology(&mut self, why: &str) {
+        log::info!("redis cluster topology changed ({why}); refreshing");
+        for i in 0..self.shards.len() {
+            if let Some(mut conn) = self.shards[i].conn.take() {
+                let _ = self.poll.registry().deregister(&mut conn.stream);
+            }
+        }
+        self.shards.clear();
+        self.subscribed.clear();
+        self.topology = None;
+        self.topology_retry_at = Instant::now();
+        self.update_connected();
+    }
+
+    fn on_value(&mut self, i: usize, value: Value) {
         let items = match value {
             Value::Array(items) => items,
             Value::Push { kind, mut data } => {
@@ -360,6 +508,15 @@ impl Subscriber {
                 data
             }
             Value::Okay | Value::SimpleString(_) => return, // AUTH
+            Value::ServerError(e) => {
+                let text = format!("{e:?}");
+                if text.contains("MOVED") || text.contains("ASK") {
+                    self.refresh_topology("MOVED");
+                } else {
+                    log::warn!("redis subscriber: server error {text}");
+                }
+                return;
+            }
             other => {
                 log::warn!("redis subscriber: unexpected reply {other:?}");
                 return;
@@ -371,26 +528,35 @@ impl Subscriber {
             _ => return,
         };
         match (kind, items.as_slice()) {
-            (b"message", [_, Value::BulkString(ch), Value::BulkString(payload)]) => {
+            (b"message" | b"smessage", [_, Value::BulkString(ch), Value::BulkString(payload)]) => {
                 self.on_message(ch, payload)
             }
             (b"pmessage", [_, _, Value::BulkString(ch), Value::BulkString(payload)]) => {
                 self.on_message(ch, payload)
             }
-            (b"subscribe" | b"unsubscribe", [_, _, Value::Int(count)]) => {
-                self.bp
-                    .stats
-                    .subscribed_channels
-                    .store((*count).max(0) as u64, Relaxed);
+            (b"subscribe" | b"unsubscribe" | b"ssubscribe", [_, _, Value::Int(count)]) => {
+                self.shards[i].confirmed = (*count).max(0) as u64;
+                self.update_connected();
+            }
+            (b"sunsubscribe", [_, Value::BulkString(ch), Value::Int(count)]) => {
+                self.shards[i].confirmed = (*count).max(0) as u64;
+                // An SUNSUBSCRIBE we did not ask for means the slot moved to another shard.
+                let user =
+                    wire::user_of_channel(&self.bp.config.channel_prefix, ch).map(UserId::from);
+                if user.is_some_and(|u| self.subscribed.contains(&u)) {
+                    self.refresh_topology("slot migrated");
+                } else {
+                    self.update_connected();
+                }
             }
             (b"pong", _) => {
-                if let Some(conn) = self.conn.as_mut() {
+                if let Some(conn) = self.shards[i].conn.as_mut() {
                     conn.pings_in_flight = conn.pings_in_flight.saturating_sub(1);
                     if conn.pings_in_flight == 0 {
                         conn.oldest_ping = None;
                     }
                     if std::mem::take(&mut conn.ready_on_pong) {
-                        self.bp.subscriber_ready.store(true, SeqCst);
+                        self.update_connected();
                     }
                 }
             }
