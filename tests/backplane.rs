@@ -230,3 +230,41 @@ fn seed_mode_speaks_the_original_wire_format() {
         2
     );
 }
+
+#[test]
+fn a_subscriber_dropped_by_redis_for_its_output_buffer_recovers() {
+    let redis = TestRedis::start();
+    let a = redis_server(&redis, Routing::PerUser);
+    let b = redis_server(&redis, Routing::PerUser);
+    let mut u1 = b.connect("u1");
+    let mut u2 = a.connect("u2");
+    a.wait_channels(1);
+    b.wait_channels(1);
+    let mut r = redis.connection();
+    // Redis disconnects any subscriber with more than 4 KiB waiting in its output buffer.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("pubsub 4kb 4kb 0")
+        .query(&mut r)
+        .unwrap();
+    let big = format!(
+        r#"00000000000000ff {{"event":"big","args":"{}"}}"#,
+        "x".repeat(64 * 1024)
+    );
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("switchboard:u:u1")
+        .arg(&big)
+        .query(&mut r)
+        .unwrap();
+    wait_for("B to reconnect after being dropped", || {
+        b.bp_stat(|s| &s.reconnects) >= 1
+    });
+    b.wait_channels(1);
+    wait_for("B's subscriber to be ready", || {
+        b.bp_stat(|s| &s.subscriber_connected) == 1
+    });
+    u2.send_message("u1", "after the drop");
+    let m = u1.recv_event("newMessage");
+    assert_eq!(m["args"]["text"], "after the drop");
+}
