@@ -40,6 +40,8 @@ pub struct Authenticator {
     mode: Mode,
 }
 
+// One per server: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Mode {
     Dev,
     Jwt {
@@ -61,7 +63,12 @@ impl Authenticator {
             } => {
                 let mut validation = Validation::new(Algorithm::HS256);
                 validation.leeway = leeway.as_secs();
-                validation.set_required_spec_claims(&["exp", "sub"]);
+                // jsonwebtoken checks `aud`/`iss` only when present unless they are required:
+                // a configured audience or issuer must also refuse tokens without the claim.
+                let mut required = vec!["exp", "sub"];
+                required.extend(audience.as_ref().map(|_| "aud"));
+                required.extend(issuer.as_ref().map(|_| "iss"));
+                validation.set_required_spec_claims(&required);
                 validation.validate_nbf = true;
                 match audience {
                     Some(aud) => validation.set_audience(&[aud]),
@@ -194,6 +201,32 @@ mod tests {
             auth.authenticate(Some(&no_exp)),
             Err(AuthError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn configured_audience_and_issuer_are_required() {
+        let auth = Authenticator::new(&AuthMode::Jwt {
+            secret: SECRET.into(),
+            audience: Some("sb".into()),
+            issuer: Some("idp".into()),
+            leeway: Duration::ZERO,
+        });
+        let exp = now() + 60;
+        let t = token(
+            json!({"sub": "u1", "exp": exp, "aud": "sb", "iss": "idp"}),
+            SECRET,
+        );
+        assert_eq!(&*auth.authenticate(Some(&t)).unwrap(), "u1");
+        for claims in [
+            json!({"sub": "u1", "exp": exp, "iss": "idp"}),
+            json!({"sub": "u1", "exp": exp, "aud": "sb"}),
+        ] {
+            let t = token(claims, SECRET);
+            assert_eq!(
+                auth.authenticate(Some(&t)),
+                Err(AuthError::Invalid("missing required claim"))
+            );
+        }
     }
 
     #[test]

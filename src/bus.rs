@@ -102,6 +102,7 @@ mod tests {
         Arc::new(Dispatch {
             users: vec!["u".into()].into(),
             frame: Utf8Bytes::from_static(text),
+            args_at: 0,
         })
     }
 

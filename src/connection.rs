@@ -54,6 +54,8 @@ impl Write for Stream {
 }
 
 /// A connection in one of its states.
+// Most slab entries are `Open`, so boxing it would only add an indirection per connection.
+#[allow(clippy::large_enum_variant)]
 pub enum Connection {
     /// Accepted; reading the HTTP request head.
     Request(PendingRequest),

@@ -526,6 +526,13 @@ impl CoreLoop {
                     self.remove(key, Closed::Reset);
                     return;
                 }
+                // tungstenite's name for a peer that hung up without a close frame.
+                Err(tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                )) => {
+                    self.remove(key, Closed::Reset);
+                    return;
+                }
                 Err(tungstenite::Error::Protocol(p)) => {
                     log::debug!("core={} conn={key} protocol error: {p}", self.id);
                     self.close(key, CloseReason::ProtocolError);

@@ -116,6 +116,14 @@ impl Server {
             ws_config,
             config,
         });
+        if shared.config.listen.port() != 0 {
+            // SO_REUSEPORT would let a second process (same user) silently share the port and
+            // take half the connections: refuse, as a plain bind would.
+            probe_port_free(shared.config.listen).map_err(|source| StartError::Bind {
+                addr: shared.config.listen,
+                source,
+            })?;
+        }
         let cpus = core_affinity::get_core_ids().unwrap_or_default();
         let mut handle = ServerHandle {
             addr: shared.config.listen,
@@ -218,6 +226,23 @@ fn run_core(
             shared.bus.wake(c);
         }
     }
+}
+
+/// Fails with `AddrInUse` when anything is bound to `addr` already.
+fn probe_port_free(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // SO_REUSEADDR: a port left in TIME_WAIT by a previous run is free; a listener is not.
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                e.kind(),
+                "address already in use (is another switchboard running?)",
+            )
+        } else {
+            e
+        }
+    })
 }
 
 fn bind_reuseport(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {

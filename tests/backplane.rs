@@ -86,7 +86,9 @@ fn per_user_routing_keeps_unrelated_instances_quiet() {
 #[test]
 fn redis_outage_keeps_local_delivery_and_resumes_with_the_backlog() {
     let mut redis = TestRedis::start();
-    let a = redis_server(&redis, Routing::PerUser);
+    // A holds its backlog for 2 s after reconnecting; B re-subscribes within 300 ms of Redis
+    // being back, even on a loaded machine.
+    let a = redis_server_with(&redis, Routing::PerUser, Duration::from_secs(2));
     let b = redis_server(&redis, Routing::PerUser);
     let mut u1_a = a.connect("u1");
     let mut u1_b = b.connect("u1");
@@ -267,4 +269,21 @@ fn a_subscriber_dropped_by_redis_for_its_output_buffer_recovers() {
     u2.send_message("u1", "after the drop");
     let m = u1.recv_event("newMessage");
     assert_eq!(m["args"]["text"], "after the drop");
+}
+
+#[test]
+fn a_fresh_instance_is_ready_at_once_and_stays_connected() {
+    let redis = TestRedis::start();
+    let a = redis_server(&redis, Routing::PerUser);
+    let start = std::time::Instant::now();
+    wait_for("the subscriber to be ready", || {
+        a.handle.backplane().unwrap().subscriber_ready()
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "ready takes one PING round trip, not a keepalive period"
+    );
+    let health = a.health();
+    assert_eq!(health["backplane"]["state"], "connected");
+    assert_eq!(health["backplane"]["subscriber_ready"], true);
 }

@@ -300,6 +300,12 @@ impl Backplane {
         }
     }
 
+    /// Whether the subscriber is connected and Redis has processed all its subscriptions.
+    pub fn subscriber_ready(&self) -> bool {
+        self.subscriber_ready
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Publications waiting for Redis.
     pub fn queue_depth(&self) -> usize {
         self.publications.len()
@@ -316,11 +322,13 @@ impl Backplane {
             "degraded"
         };
         format!(
-            r#","backplane":{{"kind":"redis","routing":"{}","state":"{state}","publisher_connected":{},"subscriber_connected":{},"subscribed_channels":{},"queue_depth":{},"published":{},"publish_errors":{},"dropped":{},"reconnects":{},"received":{},"ignored_own":{},"invalid":{},"not_hosted":{},"delivered":{}}}"#,
+            r#","backplane":{{"kind":"redis","routing":"{}","state":"{state}","subscriber_ready":{},"publisher_connected":{},"subscriber_connected":{},"subscribed_channels":{},"queue_depth":{},"published":{},"publish_errors":{},"dropped":{},"reconnects":{},"received":{},"ignored_own":{},"invalid":{},"not_hosted":{},"delivered":{}}}"#,
             match self.config.routing {
                 Routing::PerUser => "per-user",
                 Routing::Seed => "seed",
             },
+            self.subscriber_ready
+                .load(std::sync::atomic::Ordering::SeqCst),
             s.publisher_connected.load(Relaxed) == 1,
             s.subscriber_connected.load(Relaxed) == 1,
             s.subscribed_channels.load(Relaxed),

@@ -79,6 +79,12 @@ impl Publisher {
                 }
             }
             if batch.is_empty() {
+                // Connect ahead of need, so /healthz tells the truth and the first message
+                // does not pay for the connection.
+                if !bp.stop.load(Relaxed) && !self.connect_all() {
+                    std::thread::sleep(self.backoff.next_delay());
+                    continue;
+                }
                 std::thread::park_timeout(IDLE_PARK);
                 continue;
             }
@@ -195,6 +201,35 @@ impl Publisher {
             keep
         });
         all_ok && batch.is_empty()
+    }
+
+    /// Makes sure the topology is known and every shard connected.
+    fn connect_all(&mut self) -> bool {
+        if self.topology.is_none() {
+            match self.bp.config.topology() {
+                Ok(map) => {
+                    self.conns = (0..map.shards.len()).map(|_| None).collect();
+                    self.topology = Some(map);
+                }
+                Err(e) => {
+                    self.log_outage(&e.to_string());
+                    return false;
+                }
+            }
+        }
+        let Some(map) = self.topology.clone() else {
+            return false;
+        };
+        let mut ok = true;
+        for (shard, addr) in map.shards.iter().enumerate() {
+            if self.conns[shard].is_none() {
+                ok &= self.connect(shard, addr);
+            }
+        }
+        if ok {
+            self.backoff.reset();
+        }
+        ok
     }
 
     fn connect(&mut self, shard: usize, addr: &str) -> bool {

@@ -507,6 +507,11 @@ impl Subscriber {
                 data.insert(0, Value::BulkString(kind.to_string().into_bytes()));
                 data
             }
+            // Outside subscribed mode (no channel yet) PING answers +PONG.
+            Value::SimpleString(s) if s.eq_ignore_ascii_case("pong") => {
+                self.on_pong(i);
+                return;
+            }
             Value::Okay | Value::SimpleString(_) => return, // AUTH
             Value::ServerError(e) => {
                 let text = format!("{e:?}");
@@ -549,21 +554,23 @@ impl Subscriber {
                     self.update_connected();
                 }
             }
-            (b"pong", _) => {
-                if let Some(conn) = self.shards[i].conn.as_mut() {
-                    conn.pings_in_flight = conn.pings_in_flight.saturating_sub(1);
-                    if conn.pings_in_flight == 0 {
-                        conn.oldest_ping = None;
-                    }
-                    if std::mem::take(&mut conn.ready_on_pong) {
-                        self.update_connected();
-                    }
-                }
-            }
+            (b"pong", _) => self.on_pong(i),
             _ => log::debug!(
                 "redis subscriber: ignored {:?}",
                 String::from_utf8_lossy(kind)
             ),
+        }
+    }
+
+    fn on_pong(&mut self, i: usize) {
+        if let Some(conn) = self.shards[i].conn.as_mut() {
+            conn.pings_in_flight = conn.pings_in_flight.saturating_sub(1);
+            if conn.pings_in_flight == 0 {
+                conn.oldest_ping = None;
+            }
+            if std::mem::take(&mut conn.ready_on_pong) {
+                self.update_connected();
+            }
         }
     }
 

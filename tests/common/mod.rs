@@ -161,6 +161,49 @@ impl Client {
         }
     }
 
+    /// Connects with a hand-built request (extra headers such as `Authorization`).
+    pub fn connect_request(request: tungstenite::handshake::client::Request, user: &str) -> Self {
+        let url = request.uri().clone();
+        let host = url.host().unwrap_or("127.0.0.1").to_string();
+        let port = url.port_u16().unwrap_or(80);
+        let tcp = TcpStream::connect((host.as_str(), port)).expect("connect");
+        let (ws, resp) =
+            tungstenite::client(request, MaybeTlsStream::Plain(tcp)).expect("websocket connects");
+        assert_eq!(resp.status(), 101);
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            s.set_nodelay(true).unwrap();
+        }
+        Client {
+            ws,
+            user: user.to_string(),
+        }
+    }
+
+    /// The TCP socket under the WebSocket, for writing hand-made frames.
+    pub fn tcp(&mut self) -> &mut TcpStream {
+        match self.ws.get_mut() {
+            MaybeTlsStream::Plain(s) => s,
+            _ => unreachable!("tests use plain TCP"),
+        }
+    }
+
+    /// Sends `sendMessage` with an ack number and returns the ack's result, skipping the
+    /// sender's own `newMessage` copy (and anything else) that arrives first.
+    pub fn send_acked(&mut self, to: &str, text: &str, ack: u64) -> Value {
+        self.send_json(&serde_json::json!(
+            {"event": "sendMessage", "args": {"to": to, "text": text}, "ack": ack}
+        ));
+        loop {
+            let v = self.recv_json();
+            if v["event"] == "ack" && v["ack"] == ack {
+                return v["args"].clone();
+            }
+            assert_ne!(v["event"], "error", "{}: unexpected error {v}", self.user);
+        }
+    }
+
     pub fn send_json(&mut self, v: &Value) {
         self.ws.send(Message::text(v.to_string())).expect("send");
     }
@@ -234,13 +277,16 @@ impl Client {
         }
     }
 
-    /// Reads until the server's close frame; returns its code.
+    /// Reads until the server's close frame; returns its code. The close reply tungstenite
+    /// queued is flushed, as a well-behaved client would, so the server can finish at once.
     pub fn expect_close(&mut self) -> u16 {
         let deadline = Instant::now() + DEADLINE;
         loop {
             match self.next_message(deadline) {
-                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
-                Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
+                Some(Ok(Message::Close(frame))) => {
+                    let _ = self.ws.flush();
+                    return frame.map_or(u16::from(CloseCode::Status), |f| u16::from(f.code));
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => {
                     panic!("{}: connection failed before a close frame: {e}", self.user)
@@ -283,9 +329,15 @@ pub struct ChildServer {
 
 impl ChildServer {
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_on("127.0.0.1:0", args)
+    }
+
+    /// Like [`ChildServer::spawn`], listening on `listen` (e.g. the address of a server that
+    /// just exited).
+    pub fn spawn_on(listen: &str, args: &[&str]) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["--listen", "127.0.0.1:0", "--cores", "2"])
+            .args(["--listen", listen, "--cores", "2"])
             .args(args)
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
@@ -353,12 +405,220 @@ impl Drop for ChildServer {
 }
 
 pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// Peak resident set (VmHWM) of a process in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// The value of one sample in `/metrics` (`name` includes any labels), or panics if absent.
+pub fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not in /metrics:\n{body}"))
+}
+
+/// Polls `/metrics` until `name` is at least `at_least`; returns its value.
+pub fn wait_metric(addr: SocketAddr, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let v = metric(addr, name);
+        if v >= at_least {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed at {v}, wanted >= {at_least}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `switchboard_connections_closed_total{reason="..."}`.
+pub fn closed_metric(reason: &str) -> String {
+    format!("switchboard_connections_closed_total{{reason=\"{reason}\"}}")
+}
+
+/// A WebSocket spoken by hand over a plain `TcpStream`: for frames tungstenite will not send
+/// (unmasked, invalid UTF-8) and for clients that never read or never answer pings.
+pub struct RawWs {
+    pub stream: TcpStream,
+    /// Bytes read past the last returned frame.
+    buf: Vec<u8>,
+}
+
+/// A frame as read by [`RawWs::read_frame`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The close code of a close frame (1005 when it carries none).
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 0x8).then(|| match self.payload.get(..2) {
+            Some(b) => u16::from_be_bytes([b[0], b[1]]),
+            None => 1005,
+        })
+    }
+}
+
+impl RawWs {
+    /// Upgrades a fresh connection to `addr` with `?token=`; panics unless the answer is 101.
+    pub fn connect(addr: SocketAddr, token: &str) -> Self {
+        Self::upgrade(TcpStream::connect(addr).expect("connect"), token)
+    }
+
+    /// Upgrades an already connected stream.
+    pub fn upgrade(mut stream: TcpStream, token: &str) -> Self {
+        stream.set_nodelay(true).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let req = format!(
+            "GET /ws?token={token} HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = stream.read(&mut chunk).expect("read the upgrade response");
+            assert!(n > 0, "server closed during the upgrade");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        assert!(
+            buf.starts_with(b"HTTP/1.1 101 "),
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        let rest = buf.split_off(head_end);
+        RawWs { stream, buf: rest }
+    }
+
+    /// Writes one frame. `mask` is what a client must do; `rsv` sets RSV1-3 (bits 4-6).
+    pub fn write_frame(&mut self, fin: bool, rsv: u8, opcode: u8, payload: &[u8], mask: bool) {
+        self.stream
+            .write_all(&encode_frame(fin, rsv, opcode, payload, mask))
+            .expect("write frame");
+    }
+
+    /// A masked, final text frame with arbitrary (possibly invalid UTF-8) bytes.
+    pub fn send_text_bytes(&mut self, payload: &[u8]) {
+        self.write_frame(true, 0, 0x1, payload, true);
+    }
+
+    /// Reads the next frame; `None` at EOF, on a reset, or at the deadline.
+    pub fn read_frame(&mut self, deadline: Instant) -> Option<RawFrame> {
+        loop {
+            if let Some((frame, used)) = decode_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads frames until a close frame (returns its code) or the end of the connection
+    /// (returns `None`); `seen` counts the other frames by opcode.
+    pub fn read_until_close(&mut self, deadline: Instant, seen: &mut Vec<u8>) -> Option<u16> {
+        while let Some(frame) = self.read_frame(deadline) {
+            if let Some(code) = frame.close_code() {
+                return Some(code);
+            }
+            seen.push(frame.opcode);
+        }
+        None
+    }
+}
+
+/// Encodes a client (or, unmasked, server) frame.
+pub fn encode_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8], mask: bool) -> Vec<u8> {
+    let mut out = vec![(u8::from(fin) << 7) | ((rsv & 0x7) << 4) | (opcode & 0xf)];
+    let mask_bit = if mask { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if mask {
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// Decodes one frame from the start of `buf`: the frame and the bytes it took.
+pub fn decode_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    let b0 = *buf.first()?;
+    let b1 = *buf.get(1)?;
+    let (len, mut at) = match b1 & 0x7f {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let key = if b1 & 0x80 != 0 {
+        let k: [u8; 4] = buf.get(at..at + 4)?.try_into().ok()?;
+        at += 4;
+        Some(k)
+    } else {
+        None
+    };
+    let mut payload = buf.get(at..at + len)?.to_vec();
+    if let Some(k) = key {
+        payload
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b ^= k[i % 4]);
+    }
+    let frame = RawFrame {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0f,
+        payload,
+    };
+    Some((frame, at + len))
 }
 
 /// A private `redis-server` on a free port in a temp dir; stopped (by pid) on drop.
@@ -473,9 +733,19 @@ pub fn wait_for(what: &str, mut pred: impl FnMut() -> bool) {
 
 /// A server on `redis` with the given routing.
 pub fn redis_server(redis: &TestRedis, routing: switchboard::backplane::Routing) -> TestServer {
+    redis_server_with(redis, routing, Duration::from_millis(300))
+}
+
+/// A server on `redis` whose reconnect backoff tops out at `reconnect_max` (its publisher also
+/// holds an outage's backlog for that long after reconnecting).
+pub fn redis_server_with(
+    redis: &TestRedis,
+    routing: switchboard::backplane::Routing,
+    reconnect_max: Duration,
+) -> TestServer {
     let mut rc = switchboard::backplane::RedisConfig::new(redis.url());
     rc.routing = routing;
-    rc.reconnect_max = Duration::from_millis(300);
+    rc.reconnect_max = reconnect_max;
     TestServer::with_config(Config {
         backplane: Some(rc),
         ..test_config()
