@@ -70,6 +70,12 @@ impl Bus {
         queued
     }
 
+    /// Queues `dispatch` for `core` without waking it; the caller wakes it later (once per
+    /// loop turn). Returns `false` when the inbox was full and the dispatch was dropped.
+    pub fn push(&self, core: usize, dispatch: Arc<Dispatch>) -> bool {
+        self.inboxes[core].queue.push(dispatch).is_ok()
+    }
+
     /// Wakes `core` unless a wake is already outstanding.
     pub fn wake(&self, core: usize) {
         let inbox = &self.inboxes[core];

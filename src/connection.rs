@@ -16,17 +16,30 @@ use crate::UserId;
 pub struct Stream {
     tcp: TcpStream,
     written: u64,
+    /// The last read returned less than asked: the socket was empty then. The next read
+    /// answers WouldBlock without a syscall; a new readable edge clears this (see
+    /// [`Stream::readable_edge`]), because data arriving later raises one.
+    drained: bool,
 }
 
 impl Stream {
     /// Wraps an accepted stream.
     pub fn new(tcp: TcpStream) -> Self {
-        Stream { tcp, written: 0 }
+        Stream {
+            tcp,
+            written: 0,
+            drained: false,
+        }
     }
 
     /// The socket, for (de)registration.
     pub fn tcp(&mut self) -> &mut TcpStream {
         &mut self.tcp
+    }
+
+    /// A readable event arrived: the next read must ask the socket.
+    pub fn readable_edge(&mut self) {
+        self.drained = false;
     }
 
     /// Bytes written since the last call.
@@ -37,7 +50,15 @@ impl Stream {
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.tcp.read(buf)
+        if self.drained {
+            self.drained = false;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.tcp.read(buf)?;
+        // Edge-triggered epoll reports data that arrives after this read, so a short read
+        // spares the read that would only say WouldBlock.
+        self.drained = n > 0 && n < buf.len();
+        Ok(n)
     }
 }
 

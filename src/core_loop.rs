@@ -59,6 +59,8 @@ pub struct CoreLoop {
     carry: Vec<usize>,
     /// Dispatches made by handlers during the current message.
     outbox: Vec<Arc<Dispatch>>,
+    /// Sibling cores given a dispatch this turn, woken once at the end of it.
+    wake_cores: Vec<bool>,
     ids: MessageIds,
     accept_paused_until: Option<Instant>,
     shutdown_deadline: Option<Instant>,
@@ -77,6 +79,7 @@ impl CoreLoop {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = mio::Waker::new(poll.registry(), WAKER)?;
         shared.bus.set_waker(id, waker);
+        let cores = shared.bus.cores();
         Ok(CoreLoop {
             id,
             poll,
@@ -89,6 +92,7 @@ impl CoreLoop {
             dirty: Vec::new(),
             carry: Vec::new(),
             outbox: Vec::new(),
+            wake_cores: vec![false; cores],
             accept_paused_until: None,
             shutdown_deadline: None,
             next_sweep: Instant::now() + SWEEP_INTERVAL,
@@ -123,6 +127,9 @@ impl CoreLoop {
                             self.on_writable(key);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
+                                open.ws.get_mut().readable_edge();
+                            }
                             self.on_readable(key);
                         }
                     }
@@ -131,6 +138,12 @@ impl CoreLoop {
             let carried = std::mem::take(&mut self.carry);
             for &key in &carried {
                 self.on_readable(key);
+            }
+            // One wake per sibling core per turn, however many dispatches went its way.
+            for core in 0..self.wake_cores.len() {
+                if std::mem::take(&mut self.wake_cores[core]) {
+                    self.shared.bus.wake(core);
+                }
             }
             self.flush_dirty();
             let now = Instant::now();
@@ -619,7 +632,9 @@ impl CoreLoop {
             add(&self.metrics().dispatches, 1);
             self.deliver_local(dispatch);
             for core in (0..self.shared.bus.cores()).filter(|&c| c != self.id) {
-                if !self.shared.bus.send(core, Arc::clone(dispatch)) {
+                if self.shared.bus.push(core, Arc::clone(dispatch)) {
+                    self.wake_cores[core] = true;
+                } else {
                     add(&self.metrics().inbox_drops, 1);
                 }
             }
