@@ -4,7 +4,6 @@
 //! individual rounds prints p50/p99/p99.9 per case.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
 mod common;
 
 use std::time::{Duration, Instant};

@@ -14,7 +14,7 @@ use switchboard::Server;
 /// Clients connect to ws://ADDR/ws?token=TOKEN. Plain HTTP on the same port: GET /healthz and
 /// GET /metrics. Durations take a unit: 500ms, 10s, 2m (a bare number is seconds).
 #[derive(Parser, Debug)]
-#[command(name = "switchboard", version, about, long_about = None)]
+#[command(name = "switchboard", version)]
 struct Cli {
     /// Address every core listens on (SO_REUSEPORT). Port 0 picks a free port.
     #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = config::DEFAULT_LISTEN)]
