@@ -113,9 +113,10 @@ pub struct Args {
     #[arg(long, default_value_t = 3600)]
     pub jwt_ttl: u64,
 
-    /// Server process to sample VmRSS from (idle: RSS per connection).
+    /// Server process(es) to sample VmRSS from (idle: RSS per connection); repeat for
+    /// several instances, their RSS is summed.
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
 
     /// Print the summary as JSON on stdout (the human summary goes to stderr).
     #[arg(long)]
@@ -132,6 +133,11 @@ pub struct Args {
     /// Unsent bytes allowed per connection before new sends are dropped and counted.
     #[arg(long, default_value_t = 8 << 20)]
     pub write_buffer_cap: usize,
+
+    /// Loopback only: spread connections over this many 127.0.x.y source addresses
+    /// (0 = let the kernel pick the source; slow past ~10k sockets to one port).
+    #[arg(long, default_value_t = 64)]
+    pub source_spread: u32,
 
     /// Seed for sender/recipient choice (default: random).
     #[arg(long)]

@@ -17,14 +17,23 @@ use std::io::{BufRead, Write};
 pub struct Local {
     pub director: Director,
     pub progress: Progress,
-    pub server_pid: Option<u32>,
+    pub server_pids: Vec<u32>,
     pub rss_connected_kib: Option<u64>,
     pub rss_end_kib: Option<u64>,
+    pub addrs: Vec<std::net::SocketAddr>,
+    pub healthz_connected: Vec<serde_json::Value>,
 }
 
 impl Control for Local {
+    fn connecting(&mut self, open: u64, total: u64) {
+        if !self.progress.quiet {
+            eprintln!("connecting: {open}/{total} open");
+        }
+    }
+
     fn connected(&mut self, s: &ConnectSummary) -> bool {
-        self.rss_connected_kib = self.server_pid.and_then(sysinfo::rss_kib);
+        self.rss_connected_kib = sysinfo::rss_total_kib(&self.server_pids);
+        self.healthz_connected = self.addrs.iter().map(|a| sysinfo::healthz(*a)).collect();
         log_connected(s);
         s.established > 0
     }
@@ -35,7 +44,7 @@ impl Control for Local {
 
     fn next_phase(&mut self, last: Option<&PhaseResult>) -> Option<PhaseSpec> {
         if last.is_some() {
-            self.rss_end_kib = self.server_pid.and_then(sysinfo::rss_kib);
+            self.rss_end_kib = sysinfo::rss_total_kib(&self.server_pids);
         }
         let next = self.director.next(last);
         if let Some(p) = &next {
@@ -94,12 +103,16 @@ pub fn parse_line(line: &str) -> Result<Line, String> {
 
 pub struct Worker {
     stdin: std::io::StdinLock<'static>,
+    index: u32,
+    quiet: bool,
 }
 
 impl Worker {
-    pub fn new() -> Self {
+    pub fn new(index: u32, quiet: bool) -> Self {
         Self {
             stdin: std::io::stdin().lock(),
+            index,
+            quiet,
         }
     }
 
@@ -125,6 +138,12 @@ impl Worker {
 }
 
 impl Control for Worker {
+    fn connecting(&mut self, open: u64, total: u64) {
+        if !self.quiet {
+            eprintln!("worker {}: connecting: {open}/{total} open", self.index);
+        }
+    }
+
     fn connected(&mut self, s: &ConnectSummary) -> bool {
         self.send("READY", s);
         self.read() == "GO"

@@ -12,16 +12,26 @@ use crate::population::Population;
 use crate::stats::{self, Counters};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const WAKER: Token = Token(usize::MAX);
+const TIMER: Token = Token(usize::MAX - 1);
+/// Sends are batched at least this far apart: epoll's own timeout has 1 ms granularity,
+/// which would add up to 1 ms of generator-made latency, so a timerfd wakes the loop, but
+/// not for every single message at high rates.
+const MIN_SEND_GAP_NS: u64 = 100_000;
 const READ_CHUNK: usize = 64 * 1024;
 /// Largest server frame accepted; a delivery is a few hundred bytes.
 const MAX_FRAME: usize = 16 << 20;
@@ -46,7 +56,8 @@ pub struct Shared {
     pub connect_timeout: Duration,
     /// Concurrent connects/handshakes per thread.
     pub connect_concurrency: usize,
-    pub source_ip: Option<IpAddr>,
+    /// Local addresses to bind, round-robin by connection (empty: let the kernel choose).
+    pub source_ips: Vec<IpAddr>,
     /// Per-connection cap of unsent bytes before sends are dropped (and counted).
     pub wbuf_cap: usize,
 }
@@ -78,6 +89,8 @@ pub enum Report {
         ok: u64,
         failures: BTreeMap<String, u64>,
         connect_us: Histogram<u64>,
+        /// Time to TCP established only (µs): tells a slow accept from a slow upgrade.
+        tcp_us: Histogram<u64>,
     },
     Tick {
         sec: u64,
@@ -87,7 +100,11 @@ pub enum Report {
     PhaseDone {
         counters: Counters,
         hist: Histogram<u64>,
+        /// How late (µs) each send was written compared with its intended time.
+        send_lag: Histogram<u64>,
         error_codes: BTreeMap<String, u64>,
+        /// Why open connections went away (eof, reset, server close code, ...).
+        disconnect_reasons: BTreeMap<String, u64>,
     },
 }
 
@@ -139,6 +156,9 @@ pub struct Engine {
     shared: Arc<Shared>,
     thread: u32,
     poll: Poll,
+    timer: TimerFd,
+    /// Absolute (origin-relative) ns the timer is armed for; 0 = not armed.
+    timer_at: u64,
     conns: Vec<Conn>,
     cmds: Receiver<Command>,
     reports: Sender<Report>,
@@ -151,12 +171,15 @@ pub struct Engine {
     connect_ok: u64,
     connect_failures: BTreeMap<String, u64>,
     connect_us: Histogram<u64>,
+    tcp_us: Histogram<u64>,
     connect_reported: bool,
     // Measurement.
     phase: Option<Active>,
     phase_counters: Counters,
     phase_hist: Histogram<u64>,
+    send_lag: Histogram<u64>,
     error_codes: BTreeMap<String, u64>,
+    disconnect_reasons: BTreeMap<String, u64>,
     run_start_ns: Option<u64>,
     next_tick_ns: u64,
     tick_counters: Counters,
@@ -180,15 +203,26 @@ impl Engine {
         poll: Poll,
         cmds: Receiver<Command>,
         reports: Sender<Report>,
-    ) -> Self {
+    ) -> io::Result<Self> {
         let total = shared.pop.conns.len();
         let t = shared.threads as usize;
         let mine = (total + t - 1 - thread as usize) / t;
         let classifier = Classifier::new(&shared.run_id);
         let seed = shared.pop.seed ^ (u64::from(thread) + 1).wrapping_mul(0xA076_1D64_78BD_642F);
-        Self {
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        poll.registry().register(
+            &mut SourceFd(&timer.as_fd().as_raw_fd()),
+            TIMER,
+            Interest::READABLE,
+        )?;
+        Ok(Self {
             thread,
             poll,
+            timer,
+            timer_at: 0,
             conns: (0..mine).map(|_| Conn::new()).collect(),
             cmds,
             reports,
@@ -200,11 +234,14 @@ impl Engine {
             connect_ok: 0,
             connect_failures: BTreeMap::new(),
             connect_us: stats::new_hist(),
+            tcp_us: stats::new_hist(),
             connect_reported: false,
             phase: None,
             phase_counters: Counters::default(),
             phase_hist: stats::new_hist(),
+            send_lag: stats::new_hist(),
             error_codes: BTreeMap::new(),
+            disconnect_reasons: BTreeMap::new(),
             run_start_ns: None,
             next_tick_ns: 0,
             tick_counters: Counters::default(),
@@ -213,7 +250,7 @@ impl Engine {
             scratch: vec![0; READ_CHUNK],
             payload: Vec::with_capacity(512),
             shared,
-        }
+        })
     }
 
     fn global(&self, local: usize) -> usize {
@@ -238,6 +275,7 @@ impl Engine {
         self.start_connects(self.shared.now_ns());
         loop {
             let now = self.shared.now_ns();
+            self.arm_timer(now);
             let timeout = self.poll_timeout(now);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -246,7 +284,7 @@ impl Engine {
                 }
             }
             for ev in events.iter() {
-                if ev.token() == WAKER {
+                if ev.token() == WAKER || ev.token() == TIMER {
                     continue;
                 }
                 let local = ev.token().0;
@@ -272,6 +310,7 @@ impl Engine {
                         ok: self.connect_ok,
                         failures: std::mem::take(&mut self.connect_failures),
                         connect_us: std::mem::replace(&mut self.connect_us, stats::new_hist()),
+                        tcp_us: std::mem::replace(&mut self.tcp_us, stats::new_hist()),
                     });
                 }
             }
@@ -296,10 +335,33 @@ impl Engine {
         }
     }
 
+    /// Arms the timerfd for the next due send (the poll timeout covers everything else).
+    fn arm_timer(&mut self, now: u64) {
+        let Some(a) = &self.phase else {
+            return;
+        };
+        if a.next_i >= a.run.ledger.count {
+            return;
+        }
+        let due = self.due_ns(a, a.next_i).max(now + MIN_SEND_GAP_NS);
+        if self.timer_at > now && self.timer_at <= due {
+            return; // Already armed for no later than needed.
+        }
+        let rel = TimeSpec::from_duration(Duration::from_nanos(due - now));
+        if self
+            .timer
+            .set(Expiration::OneShot(rel), TimerSetTimeFlags::empty())
+            .is_ok()
+        {
+            self.timer_at = due;
+        }
+    }
+
     fn poll_timeout(&self, now: u64) -> Duration {
         let mut until = now + 100_000_000;
         if let Some(a) = &self.phase {
-            if a.next_i < a.run.ledger.count {
+            if a.next_i < a.run.ledger.count && self.timer_at <= now {
+                // The timer could not be armed: fall back to the coarse poll timeout.
                 until = until.min(self.due_ns(a, a.next_i));
             }
             until = until.min(a.run.drain_end_ns);
@@ -348,7 +410,10 @@ impl Engine {
         )?;
         sock.set_nonblocking(true)?;
         sock.set_tcp_nodelay(true)?;
-        if let Some(ip) = self.shared.source_ip {
+        if !self.shared.source_ips.is_empty() {
+            let ip = self.shared.source_ips[self.global(local) % self.shared.source_ips.len()];
+            // Choose the port at connect() time, per 4-tuple, instead of reserving one here.
+            setsockopt(&sock, sockopt::IpBindAddressNoPort, &true)?;
             sock.bind(&SocketAddr::new(ip, 0).into())?;
         }
         match sock.connect(&addr.into()) {
@@ -426,7 +491,13 @@ impl Engine {
             Ok(None) => {}
         }
         match stream.peer_addr() {
-            Ok(_) => {}
+            Ok(_) => {
+                let took = self
+                    .shared
+                    .now_ns()
+                    .saturating_sub(self.conns[local].started_ns);
+                self.tcp_us.saturating_record((took / 1000).max(1));
+            }
             // Spurious wakeup: the connect is still in progress.
             Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
             Err(e) => return self.fail_connect(local, reason(&e)),
@@ -599,7 +670,11 @@ impl Engine {
                 let mask = self.mask();
                 codec::encode_frame(&mut self.conns[local].wbuf, codec::OP_CLOSE, &code, mask);
                 self.flush(local);
-                self.close(local, "server close");
+                let why = match payload {
+                    [a, b, ..] => format!("server close {}", u16::from_be_bytes([*a, *b])),
+                    _ => "server close".to_owned(),
+                };
+                self.close(local, &why);
             }
             _ => {} // Pong: nothing to do.
         }
@@ -657,13 +732,14 @@ impl Engine {
         }
     }
 
-    fn close(&mut self, local: usize, _why: &str) {
+    fn close(&mut self, local: usize, why: &str) {
         if self.conns[local].state == State::Handshaking {
-            return self.fail_connect(local, "closed during handshake".into());
+            return self.fail_connect(local, format!("{why} during handshake"));
         }
         if self.conns[local].state == State::Open {
             self.phase_counters.disconnects += 1;
             self.tick_counters.disconnects += 1;
+            *self.disconnect_reasons.entry(why.to_owned()).or_default() += 1;
         }
         self.drop_stream(local);
     }
@@ -782,6 +858,8 @@ impl Engine {
             &self.payload,
             mask,
         );
+        let lag_us = self.shared.now_ns().saturating_sub(due) / 1000;
+        self.send_lag.saturating_record(lag_us.max(1));
         ledger.mark_sent(seq);
         self.phase_counters.sent += 1;
         self.tick_counters.sent += 1;
@@ -811,7 +889,9 @@ impl Engine {
             let _ = self.reports.send(Report::PhaseDone {
                 counters: std::mem::take(&mut self.phase_counters),
                 hist: std::mem::replace(&mut self.phase_hist, stats::new_hist()),
+                send_lag: std::mem::replace(&mut self.send_lag, stats::new_hist()),
                 error_codes: std::mem::take(&mut self.error_codes),
+                disconnect_reasons: std::mem::take(&mut self.disconnect_reasons),
             });
         }
     }

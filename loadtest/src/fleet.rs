@@ -20,12 +20,15 @@ pub struct FleetOutcome {
     pub rss_connected_kib: Option<u64>,
     pub rss_end_kib: Option<u64>,
     pub ramp: RampOutcome,
+    pub healthz_connected: Vec<serde_json::Value>,
 }
 
 struct Fleet {
     children: Vec<Child>,
     stdins: Vec<ChildStdin>,
     lines: mpsc::Receiver<(usize, Option<String>)>,
+    /// Workers that sent DONE: their stdout closing is expected, not an error.
+    finished: Vec<bool>,
 }
 
 impl Fleet {
@@ -39,11 +42,22 @@ impl Fleet {
     }
 
     /// Next protocol line from any worker; a closed stdout before DONE is an error.
-    fn recv(&self) -> Result<(usize, Line), String> {
-        match self.lines.recv() {
-            Ok((w, Some(l))) => control::parse_line(&l).map(|p| (w, p)),
-            Ok((w, None)) => Err(format!("worker {w} exited early (see its stderr above)")),
-            Err(_) => Err("all workers are gone".into()),
+    fn recv(&mut self) -> Result<(usize, Line), String> {
+        loop {
+            match self.lines.recv() {
+                Ok((w, Some(l))) => {
+                    let line = control::parse_line(&l)?;
+                    if matches!(line, Line::Done(_)) {
+                        self.finished[w] = true;
+                    }
+                    return Ok((w, line));
+                }
+                Ok((w, None)) if self.finished[w] => {}
+                Ok((w, None)) => {
+                    return Err(format!("worker {w} exited early (see its stderr above)"))
+                }
+                Err(_) => return Err("all workers are gone".into()),
+            }
         }
     }
 
@@ -68,6 +82,7 @@ pub fn run(
         children: Vec::new(),
         stdins: Vec::new(),
         lines: rx,
+        finished: vec![false; k as usize],
     };
     for w in 0..k {
         let mut cmd = Command::new(&exe);
@@ -144,7 +159,8 @@ fn drive(fleet: &mut Fleet, args: &Args, progress: &mut Progress) -> Result<Flee
         }
     }
     control::log_connected(&connect);
-    let rss_connected_kib = args.server_pid.and_then(sysinfo::rss_kib);
+    let rss_connected_kib = sysinfo::rss_total_kib(&args.server_pid);
+    let healthz_connected = args.addrs.iter().map(|a| sysinfo::healthz(*a)).collect();
     let mut rss_end_kib = None;
     let mut phases = Vec::new();
     let go = connect.established > 0;
@@ -152,45 +168,47 @@ fn drive(fleet: &mut Fleet, args: &Args, progress: &mut Progress) -> Result<Flee
     let mut director = Director::new(args);
     let mut last: Option<PhaseResult> = None;
     let mut ticks = TickMerger::new(args.workers);
-    while go {
-        if last.is_some() {
-            rss_end_kib = args.server_pid.and_then(sysinfo::rss_kib);
-        }
-        let Some(spec) = director.next(last.as_ref()) else {
-            break;
-        };
-        control::log_phase(&spec);
-        let share = PhaseSpec {
-            rate: spec.rate / k as f64,
-            ..spec
-        };
-        let body = serde_json::to_string(&share).map_err(|e| e.to_string())?;
-        fleet.broadcast(&format!("RUN {body}"))?;
-        let mut merged: Option<PhaseResult> = None;
-        let mut got = 0;
-        while got < k {
-            match fleet.recv()? {
-                (_, Line::Tick(t)) => {
-                    let h = stats::hist_from_b64(&t.hist_b64)?;
-                    if let Some(m) = ticks.add(t.sec, &t.counters, &h) {
-                        progress.tick(&m);
-                    }
-                }
-                (_, Line::Phase(r)) => {
-                    got += 1;
-                    match &mut merged {
-                        None => merged = Some(*r),
-                        Some(m) => m.merge(&r),
-                    }
-                }
-                (w, other) => return Err(format!("worker {w}: unexpected {other:?}")),
+    if go {
+        loop {
+            if last.is_some() {
+                rss_end_kib = sysinfo::rss_total_kib(&args.server_pid);
             }
+            let Some(spec) = director.next(last.as_ref()) else {
+                break;
+            };
+            control::log_phase(&spec);
+            let share = PhaseSpec {
+                rate: spec.rate / k as f64,
+                ..spec
+            };
+            let body = serde_json::to_string(&share).map_err(|e| e.to_string())?;
+            fleet.broadcast(&format!("RUN {body}"))?;
+            let mut merged: Option<PhaseResult> = None;
+            let mut got = 0;
+            while got < k {
+                match fleet.recv()? {
+                    (_, Line::Tick(t)) => {
+                        let h = stats::hist_from_b64(&t.hist_b64)?;
+                        if let Some(m) = ticks.add(t.sec, &t.counters, &h) {
+                            progress.tick(&m);
+                        }
+                    }
+                    (_, Line::Phase(r)) => {
+                        got += 1;
+                        match &mut merged {
+                            None => merged = Some(*r),
+                            Some(m) => m.merge(&r),
+                        }
+                    }
+                    (w, other) => return Err(format!("worker {w}: unexpected {other:?}")),
+                }
+            }
+            if let Some(m) = &mut merged {
+                m.rate = spec.rate;
+                phases.push(m.clone());
+            }
+            last = merged;
         }
-        if let Some(m) = &mut merged {
-            m.rate = spec.rate;
-            phases.push(m.clone());
-        }
-        last = merged;
     }
     if go {
         fleet.broadcast("STOP")?;
@@ -215,5 +233,6 @@ fn drive(fleet: &mut Fleet, args: &Args, progress: &mut Progress) -> Result<Flee
         rss_connected_kib,
         rss_end_kib,
         ramp,
+        healthz_connected,
     })
 }

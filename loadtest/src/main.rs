@@ -18,6 +18,8 @@ mod report;
 mod shard;
 mod stats;
 mod sysinfo;
+#[cfg(test)]
+mod testserver;
 mod token;
 
 use clap::Parser;
@@ -99,14 +101,7 @@ fn build_shared(
         paths.push(format!("{}?token={tok}", args.path));
         user_ids.push(id);
     }
-    // Workers on loopback bind distinct source addresses so that each gets its own
-    // ephemeral port range toward the same server port.
-    let source_ip = (args.workers > 1
-        && args
-            .addrs
-            .iter()
-            .all(|a| a.ip().is_loopback() && a.is_ipv4()))
-    .then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (shard.index % 250) as u8)));
+    let source_ips = source_ips(args, shard);
     Ok(engine::Shared {
         open: (0..pop.conns.len())
             .map(|_| AtomicBool::new(false))
@@ -121,9 +116,28 @@ fn build_shared(
         pad_to: args.size,
         connect_timeout: Duration::from_secs_f64(args.connect_timeout),
         connect_concurrency: (args.connect_concurrency / args.threads as usize).max(1),
-        source_ip,
+        source_ips,
         wbuf_cap: args.write_buffer_cap,
     })
+}
+
+/// Loopback source addresses to spread connections over. With thousands of sockets to one
+/// server port, the kernel's ephemeral-port search in connect() turns linear (it was 65% of
+/// the generator's CPU and stalled the loop for ~1 s at 15k connections); binding to many
+/// 127.x addresses with IP_BIND_ADDRESS_NO_PORT keeps each search short. Each worker gets
+/// its own third octet.
+fn source_ips(args: &Args, shard: Shard) -> Vec<IpAddr> {
+    let loopback_v4 = args
+        .addrs
+        .iter()
+        .all(|a| a.ip().is_loopback() && a.is_ipv4());
+    if !loopback_v4 || args.source_spread == 0 {
+        return Vec::new();
+    }
+    let third = 1 + (shard.index % 250) as u8;
+    (0..args.source_spread.min(250))
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, third, 1 + i as u8)))
+        .collect()
 }
 
 fn run_worker(args: &Args, index: u32) -> Result<(), String> {
@@ -134,7 +148,7 @@ fn run_worker(args: &Args, index: u32) -> Result<(), String> {
         count: args.workers,
     };
     let shared = build_shared(args, shard, &run_id, seed)?;
-    let mut ctl = control::Worker::new();
+    let mut ctl = control::Worker::new(index, args.quiet);
     let outcome = shard::run(shared, &mut ctl)?;
     ctl.done(&control::WorkerDone {
         cpu_total_s: outcome.cpu_total_s,
@@ -149,14 +163,15 @@ struct Collected {
     cpu_total_s: f64,
     rss_connected_kib: Option<u64>,
     rss_end_kib: Option<u64>,
+    healthz_connected: Vec<serde_json::Value>,
 }
 
 fn run_main(args: &Args) -> Result<bool, String> {
     let run_id = format!("{:08x}", random_u64() as u32);
     let seed = args.seed.unwrap_or_else(random_u64);
     let healthz_before: Vec<_> = args.addrs.iter().map(|a| sysinfo::healthz(*a)).collect();
-    let rss_before_kib = args.server_pid.and_then(sysinfo::rss_kib);
-    if args.server_pid.is_some() && rss_before_kib.is_none() {
+    let rss_before_kib = sysinfo::rss_total_kib(&args.server_pid);
+    if !args.server_pid.is_empty() && rss_before_kib.is_none() {
         eprintln!("loadtest: warning: cannot read VmRSS of the server pid");
     }
     eprintln!(
@@ -177,15 +192,18 @@ fn run_main(args: &Args) -> Result<bool, String> {
             cpu_total_s: f.cpu_total_s,
             rss_connected_kib: f.rss_connected_kib,
             rss_end_kib: f.rss_end_kib,
+            healthz_connected: f.healthz_connected,
         }
     } else {
         let shared = build_shared(args, Shard { index: 0, count: 1 }, &run_id, seed)?;
         let mut ctl = control::Local {
             director: director::Director::new(args),
             progress,
-            server_pid: args.server_pid,
+            server_pids: args.server_pid.clone(),
             rss_connected_kib: None,
             rss_end_kib: None,
+            addrs: args.addrs.clone(),
+            healthz_connected: Vec::new(),
         };
         let o = shard::run(shared, &mut ctl)?;
         progress = ctl.progress;
@@ -196,11 +214,14 @@ fn run_main(args: &Args) -> Result<bool, String> {
             cpu_total_s: o.cpu_total_s,
             rss_connected_kib: ctl.rss_connected_kib,
             rss_end_kib: ctl.rss_end_kib,
+            healthz_connected: ctl.healthz_connected,
         }
     };
+    // Give the server a moment to reap our closes, so its count shows leaks, not lag.
+    std::thread::sleep(Duration::from_secs(1));
     let healthz_after: Vec<_> = args.addrs.iter().map(|a| sysinfo::healthz(*a)).collect();
-    let idle = args.server_pid.map(|pid| IdleReport {
-        server_pid: pid,
+    let idle = (!args.server_pid.is_empty()).then(|| IdleReport {
+        server_pids: args.server_pid.clone(),
         rss_before_kib,
         rss_connected_kib: c.rss_connected_kib,
         rss_end_kib: c.rss_end_kib,
@@ -230,6 +251,7 @@ fn run_main(args: &Args) -> Result<bool, String> {
         generator_cpu_s: c.cpu_total_s,
         generator_cpu_us_per_delivery: None,
         healthz_before,
+        healthz_connected: c.healthz_connected,
         healthz_after,
         timeline: progress.timeline,
         clean: false,

@@ -53,7 +53,8 @@ pub fn write_svg(
         .y_desc("ms from intended send")
         .draw()
         .map_err(|e| err(&e))?;
-    let series: [(&str, RGBColor, fn(&TimelinePoint) -> f64); 3] = [
+    type Pick = fn(&TimelinePoint) -> f64;
+    let series: [(&str, RGBColor, Pick); 3] = [
         ("max", RED, |p| p.max_ms),
         ("p99", BLUE, |p| p.p99_ms),
         ("p50", GREEN, |p| p.p50_ms),
@@ -90,6 +91,7 @@ pub fn write_svg(
     chart
         .configure_mesh()
         .x_desc("percentile")
+        .x_labels(6)
         .x_label_formatter(&|n| {
             let p = 100.0 * (1.0 - 10f64.powf(-n));
             format!("{p:.3}%")

@@ -143,7 +143,7 @@ impl Population {
 
     pub fn route(&self, seq: u64) -> Route {
         let h = splitmix64(self.seed ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let pick = |bits: u64, n: u32| ((bits & 0xFFFF_FFFF) * u64::from(n) >> 32) as u32;
+        let pick = |bits: u64, n: u32| (((bits & 0xFFFF_FFFF) * u64::from(n)) >> 32) as u32;
         match self.routing {
             Routing::Uniform => {
                 let n = self.users.len() as u32;

@@ -20,7 +20,7 @@ pub struct TimelinePoint {
 
 /// Prints one line per second (to stderr) and keeps the timeline for the report and plot.
 pub struct Progress {
-    quiet: bool,
+    pub quiet: bool,
     pub timeline: Vec<TimelinePoint>,
 }
 
@@ -69,7 +69,10 @@ pub struct ConnectReport {
     pub failures: BTreeMap<String, u64>,
     pub elapsed_s: f64,
     pub per_second: f64,
+    /// TCP connect + HTTP upgrade, per established connection.
     pub handshake_latency: Percentiles,
+    /// TCP connect alone.
+    pub tcp_connect_latency: Percentiles,
 }
 
 impl ConnectReport {
@@ -83,6 +86,9 @@ impl ConnectReport {
             elapsed_s: c.elapsed_s,
             per_second: rate(c.established as f64, c.elapsed_s),
             handshake_latency: Percentiles::of(&h),
+            tcp_connect_latency: Percentiles::of(
+                &stats::hist_from_b64(&c.tcp_us_b64).unwrap_or_else(|_| stats::new_hist()),
+            ),
         }
     }
 }
@@ -107,6 +113,7 @@ pub struct PhaseReport {
     pub foreign: u64,
     pub error_frames: u64,
     pub error_codes: BTreeMap<String, u64>,
+    pub disconnect_reasons: BTreeMap<String, u64>,
     pub other_frames: u64,
     pub pings: u64,
     pub closes_by_server: u64,
@@ -115,6 +122,9 @@ pub struct PhaseReport {
     pub deliveries_per_s: f64,
     /// From each message's intended send time to each delivery's arrival.
     pub latency: Percentiles,
+    /// How late the generator itself wrote each message (part of `latency`); if this is
+    /// large, the generator, not the server, is the bottleneck.
+    pub send_lag: Percentiles,
     pub generator_cpu_s: f64,
     pub generator_cpu_us_per_delivery: Option<f64>,
 }
@@ -141,6 +151,7 @@ impl PhaseReport {
             foreign: c.foreign,
             error_frames: c.error_frames,
             error_codes: r.error_codes.clone(),
+            disconnect_reasons: r.disconnect_reasons.clone(),
             other_frames: c.other_frames,
             pings: c.pings,
             closes_by_server: c.closes_by_server,
@@ -148,6 +159,7 @@ impl PhaseReport {
             protocol_errors: c.protocol_errors,
             deliveries_per_s: rate(c.delivered as f64, r.duration_s),
             latency: Percentiles::of(&r.latency()),
+            send_lag: Percentiles::of(&r.send_lag()),
             generator_cpu_s: r.cpu_s,
             generator_cpu_us_per_delivery: (c.delivered > 0)
                 .then(|| r.cpu_s * 1e6 / c.delivered as f64),
@@ -166,7 +178,7 @@ impl PhaseReport {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct IdleReport {
-    pub server_pid: u32,
+    pub server_pids: Vec<u32>,
     pub rss_before_kib: Option<u64>,
     pub rss_connected_kib: Option<u64>,
     pub rss_end_kib: Option<u64>,
@@ -193,6 +205,8 @@ pub struct Report {
     pub generator_cpu_s: f64,
     pub generator_cpu_us_per_delivery: Option<f64>,
     pub healthz_before: Vec<serde_json::Value>,
+    /// Taken right after every connection was established.
+    pub healthz_connected: Vec<serde_json::Value>,
     pub healthz_after: Vec<serde_json::Value>,
     pub timeline: Vec<TimelinePoint>,
     /// Every connection up, no loss, duplicates, misroutes, skips or disconnects.
@@ -224,7 +238,7 @@ impl Report {
         let c = &self.connect;
         let _ = writeln!(
             s,
-            "connect: {}/{} established in {:.2} s ({:.0}/s); failures: {}; connect+handshake p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            "connect: {}/{} established in {:.2} s ({:.0}/s); failures: {}; connect+upgrade p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (TCP alone: p50 {:.2}, p99 {:.2}, max {:.2})",
             c.established,
             c.attempted,
             c.elapsed_s,
@@ -232,9 +246,27 @@ impl Report {
             codes(&c.failures),
             c.handshake_latency.p50_ms,
             c.handshake_latency.p99_ms,
-            c.handshake_latency.max_ms
+            c.handshake_latency.max_ms,
+            c.tcp_connect_latency.p50_ms,
+            c.tcp_connect_latency.p99_ms,
+            c.tcp_connect_latency.max_ms
         );
         for p in &self.phases {
+            if p.planned == 0 {
+                // Idle: only the connection health during the hold matters.
+                let _ = writeln!(
+                    s,
+                    "held {} s: server pings {}, closes {}, disconnects {} ({}), protocol errors {}, other frames {}",
+                    p.duration_s,
+                    p.pings,
+                    p.closes_by_server,
+                    p.disconnects,
+                    codes(&p.disconnect_reasons),
+                    p.protocol_errors,
+                    p.other_frames
+                );
+                continue;
+            }
             let _ = writeln!(
                 s,
                 "phase {}: {} msg/s for {} s (+{} s drain)",
@@ -269,20 +301,21 @@ impl Report {
             );
             let _ = writeln!(
                 s,
-                "  server frames: errors {} {}, other {}, pings {}, closes {}; disconnects {}, protocol errors {}",
+                "  server frames: errors {} ({}), other {}, pings {}, closes {}; disconnects {} ({}), protocol errors {}",
                 p.error_frames,
                 codes(&p.error_codes),
                 p.other_frames,
                 p.pings,
                 p.closes_by_server,
                 p.disconnects,
+                codes(&p.disconnect_reasons),
                 p.protocol_errors
             );
             if let Some(us) = p.generator_cpu_us_per_delivery {
                 let _ = writeln!(
                     s,
-                    "  generator CPU: {:.2} s, {:.2} µs per delivery",
-                    p.generator_cpu_s, us
+                    "  generator: CPU {:.2} s = {:.2} µs per delivery; own send lag p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                    p.generator_cpu_s, us, p.send_lag.p50_ms, p.send_lag.p99_ms, p.send_lag.max_ms
                 );
             }
         }
@@ -300,8 +333,8 @@ impl Report {
             let kib = |v: Option<u64>| v.map_or("?".to_owned(), |k| format!("{k} KiB"));
             let _ = writeln!(
                 s,
-                "server RSS (pid {}): before {}, connected {}, end {}; per connection {}",
-                i.server_pid,
+                "server RSS (pids {:?}): before {}, connected {}, end {}; per connection {}",
+                i.server_pids,
                 kib(i.rss_before_kib),
                 kib(i.rss_connected_kib),
                 kib(i.rss_end_kib),
@@ -316,8 +349,15 @@ impl Report {
             self.generator_cpu_us_per_delivery
                 .map_or(String::new(), |us| format!(", {us:.2} µs per delivery"))
         );
+        for (i, h) in self.healthz_connected.iter().enumerate() {
+            let _ = writeln!(s, "healthz when connected [{}]: {h}", self.addrs[i]);
+        }
         for (i, h) in self.healthz_after.iter().enumerate() {
-            let _ = writeln!(s, "healthz after [{}]: {h}", self.addrs[i]);
+            let _ = writeln!(
+                s,
+                "healthz 1 s after disconnecting [{}]: {h}",
+                self.addrs[i]
+            );
         }
         let _ = writeln!(
             s,

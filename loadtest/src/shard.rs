@@ -39,6 +39,8 @@ pub struct ConnectSummary {
     pub elapsed_s: f64,
     /// Connect + handshake time per connection (µs), serialized HDR histogram.
     pub connect_us_b64: String,
+    /// TCP connect alone (µs), serialized HDR histogram.
+    pub tcp_us_b64: String,
 }
 
 impl ConnectSummary {
@@ -50,6 +52,7 @@ impl ConnectSummary {
         // Workers connect in parallel: the slowest one bounds the connect phase.
         self.elapsed_s = self.elapsed_s.max(o.elapsed_s);
         self.connect_us_b64 = merge_b64(&self.connect_us_b64, &o.connect_us_b64);
+        self.tcp_us_b64 = merge_b64(&self.tcp_us_b64, &o.tcp_us_b64);
     }
 }
 
@@ -73,7 +76,10 @@ pub struct PhaseResult {
     pub messages_incomplete: u64,
     pub counters: Counters,
     pub error_codes: BTreeMap<String, u64>,
+    pub disconnect_reasons: BTreeMap<String, u64>,
     pub latency_us_b64: String,
+    /// Generator-side lateness of each send versus its intended time (µs).
+    pub send_lag_us_b64: String,
     /// CPU seconds (user + sys) this process spent during the phase.
     pub cpu_s: f64,
 }
@@ -88,17 +94,25 @@ impl PhaseResult {
         self.messages_incomplete += o.messages_incomplete;
         self.counters.add(&o.counters);
         stats::merge_codes(&mut self.error_codes, &o.error_codes);
+        stats::merge_codes(&mut self.disconnect_reasons, &o.disconnect_reasons);
         self.latency_us_b64 = merge_b64(&self.latency_us_b64, &o.latency_us_b64);
+        self.send_lag_us_b64 = merge_b64(&self.send_lag_us_b64, &o.send_lag_us_b64);
         self.cpu_s += o.cpu_s;
     }
 
     pub fn latency(&self) -> Histogram<u64> {
         stats::hist_from_b64(&self.latency_us_b64).unwrap_or_else(|_| stats::new_hist())
     }
+
+    pub fn send_lag(&self) -> Histogram<u64> {
+        stats::hist_from_b64(&self.send_lag_us_b64).unwrap_or_else(|_| stats::new_hist())
+    }
 }
 
 /// Decides what happens between phases; see module docs.
 pub trait Control {
+    /// Called about once a second while connections are still being opened.
+    fn connecting(&mut self, _open: u64, _total: u64) {}
     /// All connections resolved; return false to stop without running anything.
     fn connected(&mut self, summary: &ConnectSummary) -> bool;
     fn tick(&mut self, tick: Tick);
@@ -124,7 +138,8 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
     for t in 0..threads {
         let (poll, waker) = engine::new_poll().map_err(|e| format!("poll: {e}"))?;
         let (cmd_tx, cmd_rx) = mpsc::channel();
-        let engine = Engine::new(Arc::clone(&shared), t, poll, cmd_rx, report_tx.clone());
+        let engine = Engine::new(Arc::clone(&shared), t, poll, cmd_rx, report_tx.clone())
+            .map_err(|e| format!("timerfd: {e}"))?;
         let h = std::thread::Builder::new()
             .name(format!("lt-loop-{t}"))
             .spawn(move || engine.run())
@@ -148,27 +163,49 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
         ..Default::default()
     };
     let mut connect_hist = stats::new_hist();
+    let mut tcp_hist = stats::new_hist();
     let mut pending = threads;
     let mut ticks = TickMerger::new(threads);
+    // Watchdog: every connection resolves within its timeout, in waves of the concurrency.
+    let waves = shared.pop.conns.len() / shared.connect_concurrency.max(1) + 1;
+    let connect_deadline =
+        connect_started + shared.connect_timeout * waves as u32 + Duration::from_secs(30);
     while pending > 0 {
-        match report_rx.recv() {
+        if Instant::now() > connect_deadline {
+            send_all(&|| Command::Shutdown);
+            return Err("event loops did not finish connecting in time".into());
+        }
+        match report_rx.recv_timeout(Duration::from_secs(1)) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let open = shared
+                    .open
+                    .iter()
+                    .filter(|o| o.load(Ordering::Relaxed))
+                    .count();
+                control.connecting(open as u64, connect.attempted);
+            }
             Ok(Report::Connected {
                 ok,
                 failures,
                 connect_us,
+                tcp_us,
             }) => {
+                stats::merge_hist(&mut tcp_hist, &tcp_us);
                 pending -= 1;
                 connect.established += ok;
                 stats::merge_codes(&mut connect.failures, &failures);
                 stats::merge_hist(&mut connect_hist, &connect_us);
             }
             Ok(_) => {}
-            Err(_) => return Err("event-loop thread exited during connect".into()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("event-loop thread exited during connect".into())
+            }
         }
     }
     connect.failed = connect.attempted - connect.established;
     connect.elapsed_s = connect_started.elapsed().as_secs_f64();
     connect.connect_us_b64 = stats::hist_to_b64(&connect_hist);
+    connect.tcp_us_b64 = stats::hist_to_b64(&tcp_hist);
 
     let mut phases = Vec::new();
     let cpu_start = sysinfo::cpu_self_s();
@@ -217,15 +254,28 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
                 ..Default::default()
             };
             let mut hist = stats::new_hist();
+            let mut lag = stats::new_hist();
             let mut waiting = threads;
+            // Watchdog: threads report at drain end; a missing report means one is wedged.
+            let deadline =
+                shared.origin + Duration::from_nanos(drain_end_ns) + Duration::from_secs(30);
             while waiting > 0 {
-                match report_rx.recv() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    send_all(&|| Command::Shutdown);
+                    return Err("an event loop did not finish its phase in time".into());
+                }
+                match report_rx.recv_timeout(left) {
                     Ok(Report::PhaseDone {
                         counters,
                         hist: h,
+                        send_lag,
                         error_codes,
+                        disconnect_reasons,
                     }) => {
+                        stats::merge_codes(&mut result.disconnect_reasons, &disconnect_reasons);
                         waiting -= 1;
+                        stats::merge_hist(&mut lag, &send_lag);
                         result.counters.add(&counters);
                         stats::merge_hist(&mut hist, &h);
                         stats::merge_codes(&mut result.error_codes, &error_codes);
@@ -239,8 +289,10 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
                             control.tick(t);
                         }
                     }
-                    Ok(Report::Connected { .. }) => {}
-                    Err(_) => return Err("event-loop thread exited during a phase".into()),
+                    Ok(Report::Connected { .. }) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err("event-loop thread exited during a phase".into())
+                    }
                 }
             }
             let tally = ledger.tally(&shared.pop, &live);
@@ -248,6 +300,7 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
             result.missing = tally.missing;
             result.messages_incomplete = tally.messages_incomplete;
             result.latency_us_b64 = stats::hist_to_b64(&hist);
+            result.send_lag_us_b64 = stats::hist_to_b64(&lag);
             result.cpu_s = sysinfo::cpu_self_s() - cpu0;
             phases.push(result.clone());
             last = Some(result);
@@ -306,6 +359,95 @@ impl TickMerger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::Args;
+    use crate::population::Shard;
+    use crate::testserver::{self, Faults};
+    use clap::Parser;
+
+    /// Runs the given phases in order, then stops.
+    struct Scripted {
+        phases: Vec<PhaseSpec>,
+        connected: Option<ConnectSummary>,
+        ticks: u32,
+    }
+
+    impl Control for Scripted {
+        fn connected(&mut self, s: &ConnectSummary) -> bool {
+            self.connected = Some(s.clone());
+            true
+        }
+        fn tick(&mut self, _t: Tick) {
+            self.ticks += 1;
+        }
+        fn next_phase(&mut self, _last: Option<&PhaseResult>) -> Option<PhaseSpec> {
+            (!self.phases.is_empty()).then(|| self.phases.remove(0))
+        }
+    }
+
+    fn run_against(faults: Faults, users: u64, threads: u32) -> (ShardOutcome, Scripted) {
+        let devices = 2;
+        let addr = testserver::start((users * devices) as usize, faults);
+        let args = Args::try_parse_from([
+            "loadtest".to_owned(),
+            "direct".to_owned(),
+            format!("--addr={addr}"),
+            format!("--users={users}"),
+            format!("--devices={devices}"),
+            format!("--threads={threads}"),
+            "--seed=42".to_owned(),
+        ])
+        .unwrap();
+        let shared = crate::build_shared(&args, Shard { index: 0, count: 1 }, "t3st", 42).unwrap();
+        let spec = PhaseSpec {
+            rate: 300.0,
+            duration_s: 1.0,
+            drain_s: 0.7,
+        };
+        let mut ctl = Scripted {
+            phases: vec![spec, spec],
+            connected: None,
+            ticks: 0,
+        };
+        let out = run(shared, &mut ctl).unwrap();
+        (out, ctl)
+    }
+
+    #[test]
+    fn end_to_end_against_a_correct_server() {
+        let (out, ctl) = run_against(Faults::default(), 6, 2);
+        let c = ctl.connected.unwrap();
+        assert_eq!((c.attempted, c.established, c.failed), (12, 12, 0));
+        assert_eq!(out.phases.len(), 2);
+        for p in &out.phases {
+            assert_eq!(p.planned, 300);
+            assert_eq!(p.counters.sent, 300);
+            assert!(p.expected >= 600 && p.expected <= 1200, "{}", p.expected);
+            assert_eq!(p.missing, 0);
+            assert_eq!(p.counters.delivered, p.expected);
+            assert_eq!(p.counters.duplicates + p.counters.misrouted, 0);
+            assert_eq!(p.counters.protocol_errors + p.counters.disconnects, 0);
+            assert_eq!(p.latency().len(), p.expected);
+        }
+        // The server's greeting ping arrives before the first phase and is counted there.
+        assert_eq!(out.phases[0].counters.pings, 12);
+        assert!(ctl.ticks >= 2);
+    }
+
+    #[test]
+    fn end_to_end_counts_duplicates_and_losses() {
+        let (out, _) = run_against(
+            Faults {
+                duplicate_every: 10,
+                drop_every: 7,
+            },
+            5,
+            1,
+        );
+        let p = &out.phases[0];
+        assert!(p.missing > 0);
+        assert!(p.counters.duplicates > 0);
+        assert_eq!(p.counters.delivered + p.missing, p.expected);
+    }
 
     #[test]
     fn tick_merger_waits_for_all_sources() {

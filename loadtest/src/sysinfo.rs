@@ -11,11 +11,6 @@ pub fn cpu_self_s() -> f64 {
     cpu_of(UsageWho::RUSAGE_SELF)
 }
 
-/// CPU seconds of waited-for children (worker processes once they have exited).
-pub fn cpu_children_s() -> f64 {
-    cpu_of(UsageWho::RUSAGE_CHILDREN)
-}
-
 fn cpu_of(who: UsageWho) -> f64 {
     match getrusage(who) {
         Ok(u) => {
@@ -30,6 +25,14 @@ fn cpu_of(who: UsageWho) -> f64 {
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     parse_vmrss(&status)
+}
+
+/// Summed VmRSS of all `pids`; None if there are none or any cannot be read.
+pub fn rss_total_kib(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| rss_kib(p)).sum()
 }
 
 fn parse_vmrss(status: &str) -> Option<u64> {

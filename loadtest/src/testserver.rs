@@ -1,0 +1,129 @@
+//! Test-only stand-in for the switchboard server (blocking, thread per connection), so the
+//! event loops, codec and accounting can be exercised end to end inside `cargo test`.
+//! It can misbehave on purpose: duplicate or drop every n-th delivery.
+
+use crate::codec;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Copy, Default)]
+pub struct Faults {
+    pub duplicate_every: u64,
+    pub drop_every: u64,
+}
+
+type Registry = Arc<Mutex<HashMap<String, Vec<TcpStream>>>>;
+
+/// Starts a server that accepts exactly `conns` connections; returns its address.
+pub fn start(conns: usize, faults: Faults) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let reg: Registry = Arc::default();
+    let counter = Arc::new(AtomicU64::new(0));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(conns).flatten() {
+            let reg = Arc::clone(&reg);
+            let counter = Arc::clone(&counter);
+            std::thread::spawn(move || {
+                let _ = serve(stream, &reg, &counter, faults);
+            });
+        }
+    });
+    addr
+}
+
+fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x80 | op];
+    let n = payload.len();
+    if n < 126 {
+        v.push(n as u8);
+    } else {
+        v.push(126);
+        v.extend_from_slice(&(n as u16).to_be_bytes());
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
+fn serve(mut s: TcpStream, reg: &Registry, counter: &AtomicU64, f: Faults) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b)?;
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let user = head
+        .split_once("token=")
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .unwrap_or("")
+        .to_owned();
+    let key = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        codec::accept_for(&key)
+    );
+    {
+        let mut map = reg.lock().expect("registry");
+        s.write_all(resp.as_bytes())?;
+        s.write_all(&server_frame(codec::OP_PING, b"hi"))?;
+        map.entry(user.clone()).or_default().push(s.try_clone()?);
+    }
+    loop {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h)?;
+        let mut len = u64::from(h[1] & 0x7F);
+        if len == 126 {
+            let mut e = [0u8; 2];
+            s.read_exact(&mut e)?;
+            len = u64::from(u16::from_be_bytes(e));
+        } else if len == 127 {
+            let mut e = [0u8; 8];
+            s.read_exact(&mut e)?;
+            len = u64::from_be_bytes(e);
+        }
+        let mut mask = [0u8; 4];
+        s.read_exact(&mut mask)?;
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload)?;
+        codec::apply_mask(&mut payload, mask);
+        match h[0] & 0x0F {
+            codec::OP_CLOSE => return Ok(()),
+            codec::OP_TEXT => {}
+            _ => continue,
+        }
+        let v: serde_json::Value = serde_json::from_slice(&payload)?;
+        let to = v["args"]["to"].as_str().unwrap_or("").to_owned();
+        let out = serde_json::json!({
+            "event": "newMessage",
+            "args": {"id": "x", "from": user, "to": to, "text": v["args"]["text"], "ts": 0},
+            "offset": "0-0",
+        });
+        let frame = server_frame(codec::OP_TEXT, out.to_string().as_bytes());
+        let mut map = reg.lock().expect("registry");
+        let mut users = vec![to.clone()];
+        if to != user {
+            users.push(user.clone());
+        }
+        for u in users {
+            for t in map.get_mut(&u).into_iter().flatten() {
+                let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                if f.drop_every > 0 && n % f.drop_every == 0 {
+                    continue;
+                }
+                let _ = t.write_all(&frame);
+                if f.duplicate_every > 0 && n % f.duplicate_every == 0 {
+                    let _ = t.write_all(&frame);
+                }
+            }
+        }
+    }
+}
