@@ -1,8 +1,10 @@
 //! The in-process bus: one bounded lock-free inbox per core, woken through its `mio::Waker`.
 //!
 //! A dispatch is encoded once into a [`Dispatch`] and shared by `Arc` between cores; each core
-//! looks the target users up in its own index. A full inbox never blocks the sender: the dispatch
-//! is dropped for that core and counted (`switchboard_inbox_drops_total`).
+//! looks the target users up in its own index. With history on, what travels is a
+//! [`Delivery`] (one user's frame with its offset) and the answers to replay requests; see
+//! [`CoreMsg`]. A full inbox never blocks the sender: the message is dropped for that core and
+//! counted (`switchboard_inbox_drops_total`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -11,7 +13,31 @@ use crossbeam_queue::ArrayQueue;
 use mio::Waker;
 use tungstenite::Utf8Bytes;
 
+use crate::history::{Delivery, Replay};
 use crate::UserId;
+
+/// What a core receives in its inbox.
+#[derive(Debug)]
+pub enum CoreMsg {
+    /// A dispatch without offsets (history off): every local device of its users gets it.
+    Dispatch(Arc<Dispatch>),
+    /// One user's frame with its offset (history on), in offset order per user.
+    Delivered(Arc<Delivery>),
+    /// The answer to a connection's replay request.
+    Replayed(Box<ReplayResult>),
+}
+
+/// The events a recovering connection missed, for the connection `key` with `serial` (a slab
+/// slot reused by another connection has another serial, so a late answer is dropped).
+#[derive(Debug)]
+pub struct ReplayResult {
+    /// The connection's slab key on the receiving core.
+    pub key: usize,
+    /// The connection's serial.
+    pub serial: u64,
+    /// What to replay.
+    pub replay: Replay,
+}
 
 /// One encoded event for a set of users. Cheap to share: the frame is reference-counted.
 #[derive(Debug)]
@@ -26,7 +52,7 @@ pub struct Dispatch {
 
 /// A core's inbox.
 struct Inbox {
-    queue: ArrayQueue<Arc<Dispatch>>,
+    queue: ArrayQueue<CoreMsg>,
     /// Set by the core when its `Poll` exists (the waker is bound to it).
     waker: OnceLock<Waker>,
     /// `true` while a wake is outstanding, so a burst of sends costs one eventfd write.
@@ -63,7 +89,7 @@ impl Bus {
 
     /// Queues `dispatch` for `core` and wakes it. Returns `false` when the inbox was full and
     /// the dispatch was dropped for that core.
-    pub fn send(&self, core: usize, dispatch: Arc<Dispatch>) -> bool {
+    pub fn send(&self, core: usize, dispatch: CoreMsg) -> bool {
         let inbox = &self.inboxes[core];
         let queued = inbox.queue.push(dispatch).is_ok();
         self.wake(core);
@@ -72,7 +98,7 @@ impl Bus {
 
     /// Queues `dispatch` for `core` without waking it; the caller wakes it later (once per
     /// loop turn). Returns `false` when the inbox was full and the dispatch was dropped.
-    pub fn push(&self, core: usize, dispatch: Arc<Dispatch>) -> bool {
+    pub fn push(&self, core: usize, dispatch: CoreMsg) -> bool {
         self.inboxes[core].queue.push(dispatch).is_ok()
     }
 
@@ -91,7 +117,7 @@ impl Bus {
     }
 
     /// Takes every queued dispatch for `core`, calling `f` on each.
-    pub fn drain(&self, core: usize, mut f: impl FnMut(Arc<Dispatch>)) {
+    pub fn drain(&self, core: usize, mut f: impl FnMut(CoreMsg)) {
         let inbox = &self.inboxes[core];
         inbox.pending.store(false, Ordering::SeqCst);
         while let Some(d) = inbox.queue.pop() {
@@ -104,12 +130,12 @@ impl Bus {
 mod tests {
     use super::*;
 
-    fn dispatch(text: &'static str) -> Arc<Dispatch> {
-        Arc::new(Dispatch {
+    fn dispatch(text: &'static str) -> CoreMsg {
+        CoreMsg::Dispatch(Arc::new(Dispatch {
             users: vec!["u".into()].into(),
             frame: Utf8Bytes::from_static(text),
             args_at: 0,
-        })
+        }))
     }
 
     #[test]

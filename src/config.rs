@@ -85,6 +85,8 @@ pub struct Config {
     pub max_request_header_bytes: usize,
     /// The Redis backplane; `None` runs embedded (one instance, every core, in-process).
     pub backplane: Option<crate::backplane::RedisConfig>,
+    /// Offsets, per-user history, resume and the history/publish routes.
+    pub history: crate::history::HistoryConfig,
 }
 
 impl Default for Config {
@@ -106,6 +108,7 @@ impl Default for Config {
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
             max_request_header_bytes: DEFAULT_MAX_REQUEST_HEADER_BYTES,
             backplane: None,
+            history: crate::history::HistoryConfig::default(),
         }
     }
 }
@@ -154,12 +157,23 @@ impl Config {
         if let Some(redis) = &self.backplane {
             redis.validate().map_err(ConfigError)?;
         }
+        self.history.validate().map_err(ConfigError)?;
         if let AuthMode::Jwt { secret, .. } = &self.auth {
             if secret.len() < 16 {
                 return err("the JWT secret must be at least 16 bytes");
             }
         }
         Ok(())
+    }
+
+    /// Whether history is in force: it is enabled and the deployment supports it. History needs
+    /// per-user routing on a single Redis (or no Redis at all); with seed routing or a Redis
+    /// Cluster it stays off, and the binary says so at startup.
+    pub fn history_active(&self) -> bool {
+        self.history.enabled
+            && self.backplane.as_ref().is_none_or(|r| {
+                r.routing == crate::backplane::Routing::PerUser && r.cluster.is_empty()
+            })
     }
 
     /// The idle time after which an open connection that sent nothing is closed.
@@ -226,6 +240,26 @@ mod tests {
             ..Config::default()
         };
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn history_is_active_only_where_supported() {
+        use crate::backplane::{RedisConfig, Routing};
+        let mut cfg = Config::default();
+        cfg.history.enabled = true;
+        assert!(cfg.history_active(), "embedded");
+        cfg.backplane = Some(RedisConfig::new("redis://127.0.0.1:6379"));
+        assert!(cfg.history_active(), "per-user routing");
+        let mut seed = RedisConfig::new("redis://127.0.0.1:6379");
+        seed.routing = Routing::Seed;
+        cfg.backplane = Some(seed);
+        assert!(!cfg.history_active(), "seed routing");
+        let mut cluster = RedisConfig::new("redis://127.0.0.1:6379");
+        cluster.cluster = vec!["127.0.0.1:7000".into()];
+        cfg.backplane = Some(cluster);
+        assert!(!cfg.history_active(), "cluster");
+        cfg.history.max_len = 0;
+        assert!(cfg.validate().unwrap_err().0.contains("--history-max-len"));
     }
 
     #[test]

@@ -129,6 +129,13 @@ pub struct Open {
     pub dirty: bool,
     /// Still listed in the core's user index.
     pub indexed: bool,
+    /// Per-core number of this connection, so a late answer meant for an earlier connection in
+    /// the same slab slot is recognised and dropped.
+    pub serial: u64,
+    /// The offset of the newest event sent (history on): anything at or below is a duplicate.
+    pub last_offset: Option<crate::history::Offset>,
+    /// Set while the connection waits for its replay (`?since=`).
+    pub recovering: Option<crate::history::Recovering>,
 }
 
 impl Connection {

@@ -19,9 +19,10 @@ use smallvec::SmallVec;
 use tungstenite::protocol::Role;
 use tungstenite::{Message, Utf8Bytes, WebSocket};
 
-use crate::bus::Dispatch;
+use crate::bus::{CoreMsg, Dispatch, ReplayResult};
 use crate::connection::{Connection, Open, PendingRequest, Reply, Stream};
 use crate::handlers::{Args, ConnectionId, Context, MessageIds};
+use crate::history::{self, Delivery, Offset, Recovering};
 use crate::http::{self, Parse, Request, RequestError};
 use crate::metrics::{add, Closed, CoreMetrics};
 use crate::protocol::{self, CloseReason, ErrorCode};
@@ -62,6 +63,11 @@ pub struct CoreLoop {
     /// Sibling cores given a dispatch this turn, woken once at the end of it.
     wake_cores: Vec<bool>,
     ids: MessageIds,
+    /// Numbers the connections this core opens (see `Open::serial`).
+    next_serial: u64,
+    /// This core's own inbox got a message this turn (history deliveries go through it, so
+    /// they keep offset order with the other cores'): drained before the flush.
+    drain_self: bool,
     accept_paused_until: Option<Instant>,
     shutdown_deadline: Option<Instant>,
     next_sweep: Instant,
@@ -88,6 +94,8 @@ impl CoreLoop {
             users: UserIndex::default(),
             ids: MessageIds::new(shared.node_id, id),
             shared,
+            next_serial: 0,
+            drain_self: false,
             open: 0,
             dirty: Vec::new(),
             carry: Vec::new(),
@@ -138,6 +146,9 @@ impl CoreLoop {
             let carried = std::mem::take(&mut self.carry);
             for &key in &carried {
                 self.on_readable(key);
+            }
+            if std::mem::take(&mut self.drain_self) {
+                self.drain_inbox();
             }
             // One wake per sibling core per turn, however many dispatches went its way.
             for core in 0..self.wake_cores.len() {
@@ -418,7 +429,12 @@ impl CoreLoop {
             ended: None,
             dirty: false,
             indexed: true,
+            serial: self.next_serial,
+            last_offset: None,
+            recovering: None,
         };
+        self.next_serial += 1;
+        let since = req.query_param("since");
         let new_key = self.conns.insert(Connection::Open(open));
         debug_assert_eq!(new_key, key, "slab reuses the slot just freed");
         if new_key != key {
@@ -440,6 +456,9 @@ impl CoreLoop {
         self.open += 1;
         add(&self.metrics().connections_accepted, 1);
         log::debug!("core={} conn={new_key} user={user} open", self.id);
+        if let Some(since) = since {
+            self.begin_recovery(new_key, since.parse().ok());
+        }
         // Frames may have arrived with (or right after) the request.
         self.carry.push(new_key);
     }
@@ -630,9 +649,17 @@ impl CoreLoop {
         let outbox = std::mem::take(&mut self.outbox);
         for dispatch in &outbox {
             add(&self.metrics().dispatches, 1);
+            if self.shared.config.history_active() {
+                self.dispatch_with_history(dispatch);
+                continue;
+            }
             self.deliver_local(dispatch);
             for core in (0..self.shared.bus.cores()).filter(|&c| c != self.id) {
-                if self.shared.bus.push(core, Arc::clone(dispatch)) {
+                if self
+                    .shared
+                    .bus
+                    .push(core, CoreMsg::Dispatch(Arc::clone(dispatch)))
+                {
                     self.wake_cores[core] = true;
                 } else {
                     add(&self.metrics().inbox_drops, 1);
@@ -647,11 +674,133 @@ impl CoreLoop {
         self.outbox.clear();
     }
 
+    /// History on: every device, local ones included, gets the event with its offset, after
+    /// the offset is assigned (by Redis, or by the embedded store).
+    fn dispatch_with_history(&mut self, dispatch: &Arc<Dispatch>) {
+        let shared = Arc::clone(&self.shared);
+        if let Some(bp) = &shared.backplane {
+            bp.publish(dispatch);
+            return;
+        }
+        let Some(store) = &shared.history else {
+            return;
+        };
+        let now = crate::handlers::now_ms();
+        let mut drops = 0;
+        for user in dispatch.users.iter() {
+            store.append(user, dispatch.frame.as_str(), now, |delivery| {
+                let delivery = Arc::new(delivery);
+                for core in 0..shared.bus.cores() {
+                    if !shared
+                        .bus
+                        .push(core, CoreMsg::Delivered(Arc::clone(&delivery)))
+                    {
+                        drops += 1;
+                    }
+                }
+            });
+        }
+        add(&self.metrics().inbox_drops, drops);
+        for (core, wake) in self.wake_cores.iter_mut().enumerate() {
+            *wake |= core != self.id;
+        }
+        self.drain_self = true;
+    }
+
     fn drain_inbox(&mut self) {
         let shared = Arc::clone(&self.shared);
-        shared
-            .bus
-            .drain(self.id, |dispatch| self.deliver_local(&dispatch));
+        shared.bus.drain(self.id, |msg| match msg {
+            CoreMsg::Dispatch(dispatch) => self.deliver_local(&dispatch),
+            CoreMsg::Delivered(delivery) => self.deliver_offset(&delivery),
+            CoreMsg::Replayed(result) => self.on_replay(*result),
+        });
+    }
+
+    /// Queues a frame with an offset on every local connection of its user, skipping those that
+    /// already have it; recovering connections hold it until their replay is in.
+    fn deliver_offset(&mut self, d: &Delivery) {
+        let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(&d.user));
+        for key in keys {
+            let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if let Some(rec) = open.recovering.as_mut() {
+                if rec.buffered.len() < history::RECOVERY_BUFFER {
+                    rec.buffered.push((d.offset, d.frame.clone()));
+                } else {
+                    rec.overflow = true;
+                }
+                continue;
+            }
+            if open.last_offset.is_some_and(|last| d.offset <= last) {
+                continue;
+            }
+            open.last_offset = Some(d.offset);
+            self.send(key, d.frame.clone());
+        }
+    }
+
+    /// `?since=` (or a `resume` event): hold live frames and ask for what was missed. `since`
+    /// is `None` when the client's offset did not parse: it gets `complete: false`.
+    fn begin_recovery(&mut self, key: usize, since: Option<Offset>) {
+        let shared = Arc::clone(&self.shared);
+        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !shared.config.history_active() || open.recovering.is_some() {
+            return;
+        }
+        let serial = open.serial;
+        let user = open.user.clone();
+        open.recovering = Some(Recovering {
+            since,
+            buffered: Vec::new(),
+            overflow: false,
+            deadline: Instant::now() + history::RECOVERY_TIMEOUT,
+        });
+        if let Some(store) = &shared.history {
+            // Embedded: the store answers at once. Deliveries already in this core's inbox are
+            // in the replay too; the high-water mark drops them when they are drained.
+            let replay = store.replay(&user, since, crate::handlers::now_ms());
+            self.on_replay(ReplayResult {
+                key,
+                serial,
+                replay,
+            });
+        } else if let Some(bp) = &shared.backplane {
+            match since {
+                Some(since) => bp.request_replay(crate::backplane::ReplayRequest {
+                    user,
+                    since,
+                    core: self.id,
+                    key,
+                    serial,
+                }),
+                None => self.on_replay(ReplayResult {
+                    key,
+                    serial,
+                    replay: history::Replay::default(),
+                }),
+            }
+        }
+    }
+
+    /// Sends the replay, then what arrived live meanwhile, then `recovered`.
+    fn on_replay(&mut self, result: ReplayResult) {
+        let Some(Connection::Open(open)) = self.conns.get_mut(result.key) else {
+            return;
+        };
+        if open.serial != result.serial {
+            return;
+        }
+        let Some(rec) = open.recovering.take() else {
+            return;
+        };
+        let (frames, last) = history::finish_recovery(rec, result.replay, open.last_offset);
+        open.last_offset = last;
+        for frame in frames {
+            self.send(result.key, frame);
+        }
     }
 
     /// Queues the dispatch's frame on every local connection of its users.
@@ -798,7 +947,13 @@ impl CoreLoop {
         let mut expired: Vec<(usize, Closed)> = Vec::new();
         let mut silent = Vec::new();
         let mut pings = Vec::new();
+        let mut stalled = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
+            if let Connection::Open(o) = conn {
+                if o.recovering.as_ref().is_some_and(|r| now >= r.deadline) {
+                    stalled.push((key, o.serial));
+                }
+            }
             match conn {
                 Connection::Request(r) if now >= r.deadline => {
                     expired.push((key, Closed::Reset));
@@ -825,6 +980,15 @@ impl CoreLoop {
         }
         for key in silent {
             self.close(key, CloseReason::HeartbeatTimeout);
+        }
+        for (key, serial) in stalled {
+            // No answer (Redis down?): the client refetches; what was buffered still goes out.
+            log::warn!("core={} conn={key} replay timed out", self.id);
+            self.on_replay(ReplayResult {
+                key,
+                serial,
+                replay: history::Replay::default(),
+            });
         }
         for key in pings {
             if let Some(Connection::Open(open)) = self.conns.get_mut(key) {

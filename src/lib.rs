@@ -47,6 +47,7 @@ pub mod config;
 pub mod connection;
 mod core_loop;
 pub mod handlers;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod protocol;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use switchboard::backplane::{self, RedisConfig, Routing};
 use switchboard::config::{self, AuthMode, Config};
+use switchboard::history;
 use switchboard::Server;
 
 /// Real-time WebSocket messaging server: one event loop per CPU core.
@@ -116,6 +117,27 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX", default_value = backplane::DEFAULT_CHANNEL_PREFIX)]
     redis_prefix: String,
 
+    /// Offsets, per-user history and resume (`?since=`): `on` or `off`. Applies to embedded mode
+    /// and per-user Redis routing; with `--routing seed` or `--redis-cluster` it stays off.
+    #[arg(long, env = "SWITCHBOARD_HISTORY", value_enum, default_value_t = OnOff::Off)]
+    history: OnOff,
+
+    /// Events kept per user.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_LEN", default_value_t = history::DEFAULT_MAX_LEN)]
+    history_max_len: usize,
+
+    /// How long events are kept (ms, s, m or h).
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    history_max_age: Duration,
+
+    /// Largest page of `GET /api/history` and of the `history` event.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_PAGE", default_value_t = history::DEFAULT_MAX_PAGE)]
+    history_max_page: usize,
+
+    /// Key for `POST /api/publish` (`Authorization: Bearer <key>`); without it the route is off.
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     log_level: String,
@@ -125,6 +147,12 @@ struct Cli {
 enum BackplaneKind {
     None,
     Redis,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,7 +175,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration unit in {s:?} (use ms, s or m)")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "invalid duration unit in {s:?} (use ms, s, m or h)"
+        )),
     }
 }
 
@@ -189,6 +220,14 @@ impl Cli {
                 channel_prefix: self.redis_prefix,
                 cluster: self.redis_cluster,
             }),
+            history: history::HistoryConfig {
+                enabled: self.history == OnOff::On,
+                max_len: self.history_max_len,
+                max_age: self.history_max_age,
+                max_page: self.history_max_page,
+                api_key: self.api_key,
+                ..history::HistoryConfig::default()
+            },
         }
     }
 }
@@ -205,6 +244,12 @@ fn main() -> ExitCode {
         eprintln!("switchboard: {e}");
         return ExitCode::from(2);
     }
+    if config.history.enabled && !config.history_active() {
+        log::warn!(
+            "history is off: it needs per-user routing on a single Redis (or no Redis); \
+             --routing seed and --redis-cluster do not support it yet"
+        );
+    }
     if config.auth == AuthMode::Dev {
         log::warn!(
             "dev auth: the token is taken as the user id, unverified. Set --jwt-secret \
@@ -216,6 +261,7 @@ fn main() -> ExitCode {
         None => "none".to_string(),
         Some(r) => format!("redis routing={:?}", r.routing),
     };
+    let history_desc = if config.history_active() { "on" } else { "off" };
     let handle = match Server::new(config).start() {
         Ok(h) => h,
         Err(e) => {
@@ -224,7 +270,7 @@ fn main() -> ExitCode {
         }
     };
     log::info!(
-        "listening on ws://{}/ws cores={cores} max_connections={max_connections} backplane={backplane_desc} node={:016x}",
+        "listening on ws://{}/ws cores={cores} max_connections={max_connections} backplane={backplane_desc} history={history_desc} node={:016x}",
         handle.local_addr(),
         handle.node_id()
     );
@@ -265,6 +311,7 @@ mod tests {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("5d").is_err());
     }
 }

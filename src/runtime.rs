@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     /// Open WebSocket connections in the process, for `max_connections`.
     pub open_connections: AtomicUsize,
     pub node_id: u64,
+    /// Embedded mode's history, when history is active without a backplane.
+    pub history: Option<crate::history::MemoryHistory>,
 }
 
 /// Why the server could not start.
@@ -103,6 +105,11 @@ impl Server {
             .backplane
             .clone()
             .map(|redis| Backplane::new(redis, node_id));
+        if let Some(bp) = &backplane {
+            if config.history_active() {
+                bp.enable_history(config.history.clone());
+            }
+        }
         let shared = Arc::new(Shared {
             auth: Authenticator::new(&config.auth),
             handlers: self.handlers,
@@ -113,6 +120,9 @@ impl Server {
             failed: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
             node_id,
+            history: (config.history_active() && config.backplane.is_none()).then(|| {
+                crate::history::MemoryHistory::new(&config.history, crate::handlers::now_ms())
+            }),
             ws_config,
             config,
         });

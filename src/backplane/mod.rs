@@ -12,6 +12,7 @@
 //! cores' connections first and only then queues the publication for other instances.
 
 pub mod cluster;
+mod history_worker;
 pub mod publisher;
 pub mod subscriber;
 pub mod wire;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use crossbeam_queue::{ArrayQueue, SegQueue};
 
 use crate::bus::{Bus, Dispatch};
+use crate::history::{HistoryConfig, Offset};
 use crate::UserId;
 
 /// Publications held while Redis is slow or down before the oldest are dropped.
@@ -161,6 +163,23 @@ pub struct Publication {
     pub dispatch: Arc<Dispatch>,
 }
 
+/// A recovering connection's request for the events of `user` after `since`. It is run only
+/// once Redis confirmed this instance's subscription to the user's channel, so nothing published
+/// between the query and the subscription can fall in between.
+#[derive(Debug)]
+pub struct ReplayRequest {
+    /// The user.
+    pub user: UserId,
+    /// The offset the client has.
+    pub since: Offset,
+    /// The core owning the connection.
+    pub core: usize,
+    /// The connection's slab key there.
+    pub key: usize,
+    /// The connection's serial.
+    pub serial: u64,
+}
+
 /// A change in which cores host a user, sent by a core to the subscriber.
 pub(crate) enum Membership {
     /// The user's first connection on `core` opened.
@@ -213,6 +232,10 @@ pub struct Backplane {
     /// The subscriber has (re)subscribed since its last reconnect.
     subscriber_ready: AtomicBool,
     stop: AtomicBool,
+    /// Set when history is active: publications go through [`crate::history::APPEND_SCRIPT`].
+    history: OnceLock<HistoryConfig>,
+    /// Replay requests from the cores, for the subscriber.
+    replays: SegQueue<ReplayRequest>,
     /// Counters.
     pub stats: BackplaneStats,
 }
@@ -230,13 +253,46 @@ impl Backplane {
             own_payloads: SegQueue::new(),
             subscriber_ready: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            history: OnceLock::new(),
+            replays: SegQueue::new(),
             stats: BackplaneStats::default(),
         })
     }
 
-    /// Starts the publisher and subscriber threads.
+    /// Turns history on (per-user routing only): call before [`Backplane::start`].
+    pub fn enable_history(&self, config: HistoryConfig) {
+        let _ = self.history.set(config);
+    }
+
+    /// The history settings, when history is on.
+    pub fn history(&self) -> Option<&HistoryConfig> {
+        self.history.get()
+    }
+
+    /// Asks for the events a recovering connection missed; the answer arrives in the core's
+    /// inbox as [`crate::bus::CoreMsg::Replayed`].
+    pub fn request_replay(&self, request: ReplayRequest) {
+        self.replays.push(request);
+        self.wake_subscriber();
+    }
+
+    /// Starts the publisher and subscriber threads (and the history worker with history on).
     pub fn start(self: &Arc<Self>, bus: Arc<Bus>) -> std::io::Result<Vec<JoinHandle<()>>> {
-        let sub = subscriber::Subscriber::new(Arc::clone(self), bus)?;
+        let mut threads = Vec::new();
+        let worker = if self.history.get().is_some() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let this = Arc::clone(self);
+            let bus = Arc::clone(&bus);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("switchboard-redis-history".into())
+                    .spawn(move || history_worker::run(this, bus, rx))?,
+            );
+            Some(tx)
+        } else {
+            None
+        };
+        let sub = subscriber::Subscriber::new(Arc::clone(self), bus, worker)?;
         let sub_thread = std::thread::Builder::new()
             .name("switchboard-redis-sub".into())
             .spawn(move || sub.run())?;
@@ -245,7 +301,9 @@ impl Backplane {
             .name("switchboard-redis-pub".into())
             .spawn(move || publisher::run(this))?;
         let _ = self.publisher_thread.set(pub_thread.thread().clone());
-        Ok(vec![sub_thread, pub_thread])
+        threads.push(sub_thread);
+        threads.push(pub_thread);
+        Ok(threads)
     }
 
     /// Asks both threads to finish (the publisher flushes what it can first).

@@ -43,6 +43,7 @@ pub(crate) fn run(bp: Arc<Backplane>) {
         conns: Vec::new(),
         ever_connected: false,
         outage_logged: false,
+        script_sha: None,
     };
     publisher.run();
 }
@@ -56,6 +57,9 @@ struct Publisher {
     conns: Vec<Option<redis::Connection>>,
     ever_connected: bool,
     outage_logged: bool,
+    /// SHA1 of [`crate::history::APPEND_SCRIPT`], loaded on every (re)connect (a restarted
+    /// Redis has an empty script cache), when history is on.
+    script_sha: Option<String>,
 }
 
 impl Publisher {
@@ -156,7 +160,26 @@ impl Publisher {
             }
             let mut pipe = redis::Pipeline::with_capacity(members.len());
             let command = if sharded { "SPUBLISH" } else { "PUBLISH" };
+            let history = bp.history().zip(self.script_sha.as_deref());
             for &i in &members {
+                if let Some((h, sha)) = history {
+                    // One atomic append + publish per (user, dispatch): see APPEND_SCRIPT.
+                    let p = &batch[i];
+                    pipe.cmd("EVALSHA")
+                        .arg(sha)
+                        .arg(2)
+                        .arg(crate::history::stream_key(
+                            &bp.config.channel_prefix,
+                            &p.user,
+                        ))
+                        .arg(wires[i].0.as_str())
+                        .arg(format!("{:016x}", bp.node_id))
+                        .arg(p.dispatch.frame.as_str())
+                        .arg(h.max_len)
+                        .arg(h.max_age.as_millis() as u64)
+                        .ignore();
+                    continue;
+                }
                 let (channel, payload) = &wires[i];
                 if bp.config.routing == Routing::Seed {
                     // Announce it before Redis can echo it back to our subscriber.
@@ -236,6 +259,16 @@ impl Publisher {
         let bp = Arc::clone(&self.bp);
         let result = redis::Client::open(bp.config.node_url(addr))
             .and_then(|client| client.get_connection_with_timeout(IO_TIMEOUT));
+        let result = result.and_then(|mut c| {
+            if bp.history().is_some() {
+                let sha: String = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(crate::history::APPEND_SCRIPT)
+                    .query(&mut c)?;
+                self.script_sha = Some(sha);
+            }
+            Ok(c)
+        });
         match result {
             Ok(c) => {
                 let _ = c.set_read_timeout(Some(IO_TIMEOUT));

@@ -24,8 +24,9 @@ use tungstenite::Utf8Bytes;
 use super::cluster::SlotMap;
 use super::publisher::payload_hash;
 use super::wire::{self, Skip};
-use super::{Backoff, Backplane, Membership, Routing};
-use crate::bus::{Bus, Dispatch};
+use super::{Backoff, Backplane, Membership, ReplayRequest, Routing};
+use crate::bus::{Bus, CoreMsg, Dispatch};
+use crate::history::Delivery;
 use crate::UserId;
 
 /// Shard `i`'s socket is registered as `Token(i)`; the waker sits above any shard.
@@ -77,11 +78,21 @@ pub struct Subscriber {
     outage_logged: bool,
     own: HashMap<u64, (u32, Instant)>,
     next_own_purge: Instant,
+    /// Users whose channel Redis confirmed (history: replays wait for this).
+    confirmed: HashSet<UserId>,
+    /// Replay requests waiting for their user's subscription to be confirmed.
+    pending_replays: HashMap<UserId, Vec<ReplayRequest>>,
+    /// The history worker, when history is on.
+    worker: Option<std::sync::mpsc::Sender<ReplayRequest>>,
 }
 
 impl Subscriber {
     /// Builds the poll and installs the waker the cores use.
-    pub(crate) fn new(bp: Arc<Backplane>, bus: Arc<Bus>) -> io::Result<Self> {
+    pub(crate) fn new(
+        bp: Arc<Backplane>,
+        bus: Arc<Bus>,
+        worker: Option<std::sync::mpsc::Sender<ReplayRequest>>,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
         let _ = bp.subscriber_waker.set(waker);
@@ -101,6 +112,9 @@ impl Subscriber {
             outage_logged: false,
             own: HashMap::new(),
             next_own_purge: Instant::now() + OWN_PAYLOAD_TTL,
+            confirmed: HashSet::new(),
+            pending_replays: HashMap::new(),
+            worker,
         })
     }
 
@@ -143,6 +157,7 @@ impl Subscriber {
                 self.read_all(i);
             }
             self.apply_membership();
+            self.take_replays();
             self.keepalive();
             self.flush();
         }
@@ -404,6 +419,9 @@ impl Subscriber {
             } else if !wanted && have {
                 unsubscribe[shard].push(channel);
                 self.subscribed.remove(&user);
+                // Not confirmed from here on, even before Redis answers: a replay must wait
+                // for the next subscription's confirmation.
+                self.confirmed.remove(&user);
             }
         }
         let (sub, unsub) = if self.sharded() {
@@ -480,6 +498,7 @@ impl Subscriber {
                 .collect();
             for u in lost {
                 self.subscribed.remove(&u);
+                self.confirmed.remove(&u);
             }
         }
         self.update_connected();
@@ -495,6 +514,7 @@ impl Subscriber {
         }
         self.shards.clear();
         self.subscribed.clear();
+        self.confirmed.clear();
         self.topology = None;
         self.topology_retry_at = Instant::now();
         self.update_connected();
@@ -539,6 +559,18 @@ impl Subscriber {
             (b"pmessage", [_, _, Value::BulkString(ch), Value::BulkString(payload)]) => {
                 self.on_message(ch, payload)
             }
+            (b"subscribe" | b"ssubscribe", [_, Value::BulkString(ch), Value::Int(count)]) => {
+                self.shards[i].confirmed = (*count).max(0) as u64;
+                self.update_connected();
+                let user =
+                    wire::user_of_channel(&self.bp.config.channel_prefix, ch).map(UserId::from);
+                if let Some(user) = user.filter(|u| self.subscribed.contains(u)) {
+                    self.confirmed.insert(user.clone());
+                    for request in self.pending_replays.remove(&user).unwrap_or_default() {
+                        self.to_worker(request);
+                    }
+                }
+            }
             (b"subscribe" | b"unsubscribe" | b"ssubscribe", [_, _, Value::Int(count)]) => {
                 self.shards[i].confirmed = (*count).max(0) as u64;
                 self.update_connected();
@@ -562,6 +594,31 @@ impl Subscriber {
         }
     }
 
+    /// Hands each replay request to the worker once its user's channel is confirmed.
+    fn take_replays(&mut self) {
+        while let Some(request) = self.bp.replays.pop() {
+            if self.confirmed.contains(&request.user) {
+                self.to_worker(request);
+            } else {
+                self.pending_replays
+                    .entry(request.user.clone())
+                    .or_default()
+                    .push(request);
+            }
+        }
+        // Requests of users who left before their subscription was confirmed: the connection
+        // is gone, so is the need for an answer.
+        let hosts = &self.hosts;
+        self.pending_replays.retain(|u, _| hosts.contains_key(u));
+    }
+
+    fn to_worker(&self, request: ReplayRequest) {
+        if let Some(worker) = &self.worker {
+            // Fails only when the worker exited (shutdown); the core's deadline answers then.
+            let _ = worker.send(request);
+        }
+    }
+
     fn on_pong(&mut self, i: usize) {
         if let Some(conn) = self.shards[i].conn.as_mut() {
             conn.pings_in_flight = conn.pings_in_flight.saturating_sub(1);
@@ -578,6 +635,16 @@ impl Subscriber {
         let bp = Arc::clone(&self.bp);
         let stats = &bp.stats;
         stats.received.fetch_add(1, Relaxed);
+        if bp.history().is_some() {
+            let user = wire::user_of_channel(&bp.config.channel_prefix, channel);
+            match user.map(|u| (u, wire::read_history_payload(payload))) {
+                Some((user, Ok((offset, frame)))) => self.route_delivery(user, offset, frame),
+                _ => {
+                    stats.invalid.fetch_add(1, Relaxed);
+                }
+            }
+            return;
+        }
         let decoded = match self.bp.config.routing {
             Routing::PerUser => {
                 match wire::user_of_channel(&self.bp.config.channel_prefix, channel) {
@@ -632,6 +699,29 @@ impl Subscriber {
         }
     }
 
+    fn route_delivery(&self, user: &str, offset: crate::history::Offset, frame: Utf8Bytes) {
+        let stats = &self.bp.stats;
+        let Some((user, cores)) = self.hosts.get_key_value(user) else {
+            stats.not_hosted.fetch_add(1, Relaxed);
+            return;
+        };
+        let delivery = Arc::new(Delivery {
+            user: user.clone(),
+            offset,
+            frame,
+        });
+        for &core in cores {
+            if self
+                .bus
+                .send(core as usize, CoreMsg::Delivered(Arc::clone(&delivery)))
+            {
+                stats.delivered.fetch_add(1, Relaxed);
+            } else {
+                stats.inbox_drops.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
     fn route(&self, user: &str, frame: Utf8Bytes) {
         let stats = &self.bp.stats;
         let Some(cores) = self.hosts.get(user) else {
@@ -645,7 +735,10 @@ impl Subscriber {
             args_at: 0,
         });
         for &core in cores {
-            if self.bus.send(core as usize, Arc::clone(&dispatch)) {
+            if self
+                .bus
+                .send(core as usize, CoreMsg::Dispatch(Arc::clone(&dispatch)))
+            {
                 stats.delivered.fetch_add(1, Relaxed);
             } else {
                 stats.inbox_drops.fetch_add(1, Relaxed);

@@ -70,6 +70,25 @@ pub fn read_user_payload(payload: &[u8], own_node: u64) -> Result<Utf8Bytes, Ski
     Ok(Utf8Bytes::from(text.to_string()))
 }
 
+/// Checks a history payload, `<node> <offset> <frame with offset>` (published by
+/// [`crate::history::APPEND_SCRIPT`]), and returns the offset and frame. Own publications are
+/// delivered too: with history on, local devices get their frames through Redis.
+pub fn read_history_payload(payload: &[u8]) -> Result<(crate::history::Offset, Utf8Bytes), Skip> {
+    let rest = payload.get(17..).filter(|_| payload[16] == b' ');
+    let rest = rest.ok_or(Skip::Invalid)?;
+    let space = rest.iter().position(|&b| b == b' ').ok_or(Skip::Invalid)?;
+    let offset = std::str::from_utf8(&rest[..space])
+        .ok()
+        .and_then(|o| o.parse().ok())
+        .ok_or(Skip::Invalid)?;
+    let frame = &rest[space + 1..];
+    if !is_event_frame(frame) {
+        return Err(Skip::Invalid);
+    }
+    let text = std::str::from_utf8(frame).map_err(|_| Skip::Invalid)?;
+    Ok((offset, Utf8Bytes::from(text.to_string())))
+}
+
 /// A frame is deliverable when it is a JSON object with a string `event`.
 fn is_event_frame(frame: &[u8]) -> bool {
     #[derive(Deserialize)]
@@ -175,6 +194,22 @@ mod tests {
             read_user_payload(b"0000000000000001 {\"event\":\xff}", 7),
             Err(Skip::Invalid)
         );
+    }
+
+    #[test]
+    fn history_payloads_carry_the_offset() {
+        let p = b"0000000000000abc 17-3 {\"event\":\"e\",\"args\":1,\"offset\":\"17-3\"}";
+        let (offset, frame) = read_history_payload(p).unwrap();
+        assert_eq!(offset, crate::history::Offset(17, 3));
+        assert!(frame.as_str().ends_with(r#""offset":"17-3"}"#));
+        for bad in [
+            &b"short"[..],
+            b"0000000000000abc x-3 {\"event\":\"e\"}",
+            b"0000000000000abc 17-3",
+            b"0000000000000abc 17-3 [1]",
+        ] {
+            assert_eq!(read_history_payload(bad), Err(Skip::Invalid));
+        }
     }
 
     #[test]

@@ -1,0 +1,457 @@
+//! Per-user history: offsets, the frames that carry them, the in-memory store of embedded mode,
+//! and the Redis script that appends and publishes in one step.
+//!
+//! Every event dispatched to a user gets an [`Offset`], strictly increasing per user, and the
+//! frame each device receives carries it: `{"event":E,"args":A,"offset":"A-B"}`. A device that
+//! reconnects with `?since=<offset>` is sent every retained event after it, then live events,
+//! then `{"event":"recovered","args":{"complete":bool,"offset":...}}` (see docs/PROTOCOL.md).
+//!
+//! - Embedded mode ([`MemoryHistory`]): a bounded ring per user, in shards behind short mutexes.
+//!   The offset is assigned and the delivery pushed to every core's inbox under the user's shard
+//!   lock, so every core sees a user's frames in offset order.
+//! - Redis mode: a stream per user; [`APPEND_SCRIPT`] appends, trims and publishes atomically,
+//!   so a live device and a recovering one never disagree on what exists or in what order.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tungstenite::Utf8Bytes;
+
+use crate::UserId;
+
+/// Events kept per user.
+pub const DEFAULT_MAX_LEN: usize = 1000;
+/// How long an event is kept.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Largest page of `GET /api/history` and the `history` event.
+pub const DEFAULT_MAX_PAGE: usize = 100;
+/// Most users in one `POST /api/publish`.
+pub const DEFAULT_MAX_PUBLISH_USERS: usize = 1000;
+/// Largest `POST /api/publish` body, in bytes.
+pub const DEFAULT_MAX_PUBLISH_BODY_BYTES: usize = 1024 * 1024;
+/// Live frames a recovering connection holds while its replay is fetched; past it the recovery
+/// ends with `complete: false`.
+pub const RECOVERY_BUFFER: usize = 10_000;
+/// How long a recovering connection waits for its replay before it ends with `complete: false`.
+pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Mutex shards of the embedded store: enough that cores rarely meet on one.
+const SHARDS: usize = 64;
+
+/// History settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryConfig {
+    /// Offsets, history and resume. Applies to embedded mode and to per-user Redis routing
+    /// without a cluster; elsewhere it is off (see [`crate::Config::history_active`]).
+    pub enabled: bool,
+    /// Events kept per user (`--history-max-len`).
+    pub max_len: usize,
+    /// Age past which events are dropped (`--history-max-age`).
+    pub max_age: Duration,
+    /// Largest history page (`--history-max-page`).
+    pub max_page: usize,
+    /// Key for `POST /api/publish` (`--api-key`); the route answers 404 without one.
+    pub api_key: Option<String>,
+    /// Most users in one `POST /api/publish`.
+    pub max_publish_users: usize,
+    /// Largest `POST /api/publish` body.
+    pub max_publish_body_bytes: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            enabled: false,
+            max_len: DEFAULT_MAX_LEN,
+            max_age: DEFAULT_MAX_AGE,
+            max_page: DEFAULT_MAX_PAGE,
+            api_key: None,
+            max_publish_users: DEFAULT_MAX_PUBLISH_USERS,
+            max_publish_body_bytes: DEFAULT_MAX_PUBLISH_BODY_BYTES,
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// Checks the bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_len == 0 {
+            return Err("--history-max-len must be at least 1".into());
+        }
+        if self.max_age < Duration::from_millis(1) {
+            return Err("--history-max-age must be at least 1ms".into());
+        }
+        if self.max_page == 0 {
+            return Err("--history-max-page must be at least 1".into());
+        }
+        if self.api_key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err("--api-key must be at least 16 bytes".into());
+        }
+        if self.max_publish_users == 0 || self.max_publish_body_bytes < 64 {
+            return Err("publish bounds must be at least 1 user and 64 bytes".into());
+        }
+        Ok(())
+    }
+}
+
+/// A position in one user's history: two numbers, compared as a tuple, written `A-B`.
+///
+/// Redis mode: the stream entry id (milliseconds, sequence). Embedded mode: (process start in
+/// milliseconds, per-user sequence), so an offset from an earlier run is never taken for a
+/// current one. Clients treat it as opaque.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Offset(pub u64, pub u64);
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// A string that is not an offset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not an offset (expected two decimal numbers joined by '-')")]
+pub struct BadOffset;
+
+impl FromStr for Offset {
+    type Err = BadOffset;
+
+    fn from_str(s: &str) -> Result<Self, BadOffset> {
+        let (a, b) = s.split_once('-').ok_or(BadOffset)?;
+        let num = |t: &str| {
+            if t.is_empty() || t.len() > 20 || !t.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(BadOffset);
+            }
+            t.parse::<u64>().map_err(|_| BadOffset)
+        };
+        Ok(Offset(num(a)?, num(b)?))
+    }
+}
+
+/// `{"event":E,"args":A}` → `{"event":E,"args":A,"offset":"A-B"}`: the dispatch frame always
+/// ends with its object's `}`, so the field is spliced in without re-encoding.
+pub fn with_offset(frame: &str, offset: Offset) -> Utf8Bytes {
+    let head = frame.strip_suffix('}').unwrap_or(frame);
+    Utf8Bytes::from(format!("{head},\"offset\":\"{offset}\"}}"))
+}
+
+/// `{"event":"recovered","args":{"complete":C,"offset":"A-B"|null}}`.
+pub fn encode_recovered(complete: bool, last: Option<Offset>) -> Utf8Bytes {
+    let offset = match last {
+        Some(o) => format!("\"{o}\""),
+        None => "null".to_string(),
+    };
+    Utf8Bytes::from(format!(
+        "{{\"event\":\"recovered\",\"args\":{{\"complete\":{complete},\"offset\":{offset}}}}}"
+    ))
+}
+
+/// One event delivered to one user's devices: shared by every core it goes to.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The user.
+    pub user: UserId,
+    /// Its offset in the user's history.
+    pub offset: Offset,
+    /// The frame, offset included.
+    pub frame: Utf8Bytes,
+}
+
+/// What a resume gets: the retained events after `since`, oldest first.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Events after `since`, oldest first, frames with their offsets.
+    pub entries: Vec<(Offset, Utf8Bytes)>,
+    /// `false` when events after `since` may be missing (trimmed, expired, another epoch).
+    pub complete: bool,
+}
+
+/// A connection waiting for its replay; live frames are held here meanwhile.
+#[derive(Debug)]
+pub struct Recovering {
+    /// The offset the client asked to resume after (`None`: unparsable, so incomplete).
+    pub since: Option<Offset>,
+    /// Live frames that arrived meanwhile, in offset order.
+    pub buffered: Vec<(Offset, Utf8Bytes)>,
+    /// More than [`RECOVERY_BUFFER`] frames arrived: some were dropped.
+    pub overflow: bool,
+    /// When the recovery gives up and reports `complete: false`.
+    pub deadline: std::time::Instant,
+}
+
+/// Finishes a recovery: the frames to send in order and the final `recovered` frame, given the
+/// replay and the connection's high-water mark. Returns the new high-water mark too.
+pub fn finish_recovery(
+    rec: Recovering,
+    replay: Replay,
+    mut high: Option<Offset>,
+) -> (Vec<Utf8Bytes>, Option<Offset>) {
+    let mut out = Vec::with_capacity(replay.entries.len() + rec.buffered.len() + 1);
+    let since = rec.since;
+    let fresh = |o: Offset, high: Option<Offset>| Some(o) > high && Some(o) > since;
+    for (offset, frame) in replay.entries.into_iter().chain(rec.buffered) {
+        if fresh(offset, high) {
+            high = Some(offset);
+            out.push(frame);
+        }
+    }
+    let complete = replay.complete && !rec.overflow;
+    let last = high.max(since.filter(|_| complete));
+    out.push(encode_recovered(complete, last));
+    (out, last)
+}
+
+struct Ring {
+    /// (offset sequence, append time in ms, frame with offset)
+    entries: VecDeque<(u64, u64, Utf8Bytes)>,
+    /// The last sequence assigned.
+    last_seq: u64,
+    /// The highest sequence dropped by a bound.
+    dropped_through: u64,
+}
+
+/// Embedded mode's history: a bounded ring per user.
+pub struct MemoryHistory {
+    epoch: u64,
+    max_len: usize,
+    max_age_ms: u64,
+    shards: Box<[Mutex<HashMap<UserId, Ring>>]>,
+}
+
+impl MemoryHistory {
+    /// An empty store whose offsets start with `epoch` (the process start in ms).
+    pub fn new(config: &HistoryConfig, epoch: u64) -> Self {
+        MemoryHistory {
+            epoch,
+            max_len: config.max_len,
+            max_age_ms: config.max_age.as_millis() as u64,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<UserId, Ring>> {
+        let mut h = std::hash::DefaultHasher::new();
+        user.hash(&mut h);
+        let shard = &self.shards[(h.finish() % SHARDS as u64) as usize];
+        // A panic while holding the lock leaves a consistent ring (every update is one push
+        // or pop), so a poisoned lock is still usable.
+        shard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn trim(&self, ring: &mut Ring, now_ms: u64) {
+        while ring.entries.len() > self.max_len
+            || ring
+                .entries
+                .front()
+                .is_some_and(|e| now_ms.saturating_sub(e.1) > self.max_age_ms)
+        {
+            if let Some((seq, _, _)) = ring.entries.pop_front() {
+                ring.dropped_through = seq;
+            }
+        }
+    }
+
+    /// Assigns the next offset of `user` to `frame` (a dispatch frame without offset), keeps it,
+    /// and calls `deliver` with the delivery while the user's shard is still locked, so
+    /// deliveries of one user leave in offset order.
+    pub fn append(&self, user: &UserId, frame: &str, now_ms: u64, deliver: impl FnOnce(Delivery)) {
+        let mut shard = self.shard(user);
+        let ring = shard.entry(user.clone()).or_insert_with(|| Ring {
+            entries: VecDeque::new(),
+            last_seq: 0,
+            dropped_through: 0,
+        });
+        ring.last_seq += 1;
+        let offset = Offset(self.epoch, ring.last_seq);
+        let framed = with_offset(frame, offset);
+        ring.entries
+            .push_back((ring.last_seq, now_ms, framed.clone()));
+        self.trim(ring, now_ms);
+        deliver(Delivery {
+            user: user.clone(),
+            offset,
+            frame: framed,
+        });
+    }
+
+    /// The retained events of `user` after `since`, oldest first.
+    pub fn replay(&self, user: &UserId, since: Option<Offset>, now_ms: u64) -> Replay {
+        let Some(since) = since.filter(|s| s.0 == self.epoch) else {
+            return Replay::default();
+        };
+        let mut shard = self.shard(user);
+        let Some(ring) = shard.get_mut(user) else {
+            return Replay::default();
+        };
+        self.trim(ring, now_ms);
+        let entries = ring
+            .entries
+            .iter()
+            .filter(|e| e.0 > since.1)
+            .map(|e| (Offset(self.epoch, e.0), e.2.clone()))
+            .collect();
+        Replay {
+            entries,
+            complete: since.1 >= ring.dropped_through && since.1 <= ring.last_seq,
+        }
+    }
+
+    /// Up to `limit` events of `user` before `before` (all when `None`), newest first.
+    pub fn page(
+        &self,
+        user: &UserId,
+        before: Option<Offset>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Vec<(Offset, Utf8Bytes)> {
+        let mut shard = self.shard(user);
+        let Some(ring) = shard.get_mut(user) else {
+            return Vec::new();
+        };
+        self.trim(ring, now_ms);
+        ring.entries
+            .iter()
+            .rev()
+            .map(|e| (Offset(self.epoch, e.0), e.2.clone()))
+            .filter(|(o, _)| before.is_none_or(|b| *o < b))
+            .take(limit)
+            .collect()
+    }
+}
+
+/// Appends a frame to a user's stream, trims it by count and age, refreshes its expiry and
+/// publishes the frame with its offset, all at once. KEYS: stream, channel. ARGV: node id (16
+/// hex digits), frame without offset, max length, max age in ms. Returns the entry id.
+///
+/// The payload published is `<node> <offset> <frame with offset>`. Stream entries hold the frame
+/// without offset in field `f`.
+pub const APPEND_SCRIPT: &str = r#"
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'f', ARGV[2])
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[4])
+if cutoff > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', cutoff))
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local framed = string.sub(ARGV[2], 1, -2) .. ',"offset":"' .. id .. '"}'
+redis.call('PUBLISH', KEYS[2], ARGV[1] .. ' ' .. id .. ' ' .. framed)
+return id
+"#;
+
+/// `{prefix}:h:{user}`: the user's history stream.
+pub fn stream_key(prefix: &str, user: &str) -> String {
+    format!("{prefix}:h:{user}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_parse_print_and_order_as_tuples() {
+        let a: Offset = "1700000000000-2".parse().unwrap();
+        assert_eq!(a, Offset(1_700_000_000_000, 2));
+        assert_eq!(a.to_string(), "1700000000000-2");
+        assert!(Offset(1, 10) > Offset(1, 9), "numeric, not lexical");
+        assert!(Offset(2, 0) > Offset(1, 99));
+        for bad in [
+            "",
+            "1",
+            "1-",
+            "-1",
+            "a-1",
+            "1-2-3",
+            "1--2",
+            "+1-2",
+            "99999999999999999999-1",
+        ] {
+            assert_eq!(bad.parse::<Offset>(), Err(BadOffset), "{bad}");
+        }
+    }
+
+    #[test]
+    fn offset_is_spliced_into_the_frame() {
+        let f = with_offset(r#"{"event":"e","args":{"a":1}}"#, Offset(5, 7));
+        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        assert_eq!(v["offset"], "5-7");
+        assert_eq!(v["args"]["a"], 1);
+    }
+
+    fn store(max_len: usize) -> MemoryHistory {
+        let cfg = HistoryConfig {
+            max_len,
+            max_age: Duration::from_secs(10),
+            ..HistoryConfig::default()
+        };
+        MemoryHistory::new(&cfg, 42)
+    }
+
+    fn add(h: &MemoryHistory, user: &UserId, n: u64, now: u64) -> Offset {
+        let mut got = None;
+        h.append(user, &format!(r#"{{"event":"e","args":{n}}}"#), now, |d| {
+            got = Some(d.offset)
+        });
+        got.unwrap()
+    }
+
+    #[test]
+    fn ring_replays_after_since_and_knows_when_it_lost_some() {
+        let h = store(3);
+        let u: UserId = "u".into();
+        let offs: Vec<Offset> = (0..5).map(|n| add(&h, &u, n, 1000)).collect();
+        assert!(offs.windows(2).all(|w| w[0] < w[1]));
+        let r = h.replay(&u, Some(offs[2]), 1000);
+        assert!(r.complete);
+        assert_eq!(r.entries.len(), 2);
+        assert_eq!(r.entries[0].0, offs[3]);
+        let r = h.replay(&u, Some(offs[0]), 1000);
+        assert!(!r.complete, "offsets 2 was trimmed");
+        assert_eq!(r.entries.len(), 3);
+        assert!(!h.replay(&u, Some(Offset(41, 1)), 1000).complete, "epoch");
+        assert!(!h.replay(&u, Some(Offset(42, 99)), 1000).complete, "future");
+        assert!(h.replay(&u, Some(offs[4]), 1000).entries.is_empty());
+        // Age: everything older than 10 s goes; only a client that had it all is complete.
+        let r = h.replay(&u, Some(offs[3]), 20_000);
+        assert!(!r.complete && r.entries.is_empty());
+        assert!(h.replay(&u, Some(offs[4]), 20_000).complete);
+    }
+
+    #[test]
+    fn pages_are_newest_first() {
+        let h = store(10);
+        let u: UserId = "u".into();
+        let offs: Vec<Offset> = (0..5).map(|n| add(&h, &u, n, 1000)).collect();
+        let p = h.page(&u, None, 2, 1000);
+        assert_eq!(
+            p.iter().map(|e| e.0).collect::<Vec<_>>(),
+            [offs[4], offs[3]]
+        );
+        let p = h.page(&u, Some(offs[3]), 10, 1000);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0].0, offs[2]);
+    }
+
+    #[test]
+    fn recovery_seam_has_no_gap_and_no_duplicate() {
+        let o = |n| Offset(1, n);
+        let f = |n: u64| Utf8Bytes::from(n.to_string());
+        let rec = Recovering {
+            since: Some(o(2)),
+            buffered: vec![(o(4), f(4)), (o(5), f(5)), (o(6), f(6))],
+            overflow: false,
+            deadline: std::time::Instant::now(),
+        };
+        let replay = Replay {
+            entries: vec![(o(3), f(3)), (o(4), f(4)), (o(5), f(5))],
+            complete: true,
+        };
+        let (out, last) = finish_recovery(rec, replay, None);
+        let texts: Vec<&str> = out.iter().map(|t| t.as_str()).collect();
+        assert_eq!(&texts[..4], ["3", "4", "5", "6"]);
+        assert!(texts[4].contains(r#""complete":true,"offset":"1-6""#));
+        assert_eq!(last, Some(o(6)));
+    }
+}

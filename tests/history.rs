@@ -1,0 +1,361 @@
+//! History and the zero-loss device switch: offsets on every event, `?since=` resume with no gap
+//! and no duplicate at the seam, embedded and across instances through Redis (including an
+//! instance killed with SIGKILL and a Redis restart with AOF persistence).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use switchboard::backplane::{RedisConfig, Routing};
+use switchboard::history::{HistoryConfig, Offset};
+use switchboard::Config;
+
+fn history(max_len: usize) -> HistoryConfig {
+    HistoryConfig {
+        enabled: true,
+        max_len,
+        ..HistoryConfig::default()
+    }
+}
+
+fn embedded(max_len: usize) -> TestServer {
+    TestServer::with_config(Config {
+        history: history(max_len),
+        ..test_config()
+    })
+}
+
+fn on_redis(redis: &TestRedis, max_len: usize) -> TestServer {
+    let mut rc = RedisConfig::new(redis.url());
+    rc.routing = Routing::PerUser;
+    rc.reconnect_max = Duration::from_millis(300);
+    TestServer::with_config(Config {
+        backplane: Some(rc),
+        history: history(max_len),
+        ..test_config()
+    })
+}
+
+fn child_on_redis(redis: &TestRedis) -> ChildServer {
+    ChildServer::spawn(&[
+        "--backplane",
+        "redis",
+        "--redis-url",
+        &redis.url(),
+        "--redis-reconnect-max",
+        "300ms",
+        "--history",
+        "on",
+    ])
+}
+
+fn resume(addr: SocketAddr, user: &str, since: &str) -> Client {
+    Client::connect_url(&format!("ws://{addr}/ws?token={user}&since={since}"), user)
+}
+
+fn offset_of(v: &Value) -> Offset {
+    v["offset"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no offset in {v}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("bad offset in {v}"))
+}
+
+/// Sends `n` messages from `from` to `to` and waits until `witness` (a live device of `to`)
+/// got all of them, so they are in history. Returns the last offset the witness saw.
+fn send_and_witness(
+    from: &mut Client,
+    to: &str,
+    witness: &mut Client,
+    prefix: &str,
+    n: usize,
+) -> Offset {
+    for i in 0..n {
+        from.send_message(to, &format!("{prefix}{i}"));
+    }
+    let mut last = None;
+    for i in 0..n {
+        let m = witness.recv_event("newMessage");
+        assert_eq!(m["args"]["text"], format!("{prefix}{i}"));
+        let o = offset_of(&m);
+        assert!(Some(o) > last, "offsets increase: {m}");
+        last = Some(o);
+    }
+    last.unwrap()
+}
+
+/// While the laptop resumes, u3 keeps sending `live{k}` to u1 from `live_addr`.
+struct LiveSender {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl LiveSender {
+    fn start(live_addr: SocketAddr) -> Self {
+        let mut u3 = Client::connect(live_addr, "u3");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut k = 0;
+            while !flag.load(Ordering::SeqCst) && k < 2000 {
+                u3.send_message("u1", &format!("live{k}"));
+                k += 1;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Every message is acknowledged by its own copy coming back: all were dispatched.
+            let mut seen = 0;
+            while seen < k {
+                let m = u3.recv_event("newMessage");
+                if m["args"]["from"] == "u3" {
+                    seen += 1;
+                }
+            }
+            k
+        });
+        LiveSender {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sending; returns how many were sent.
+    fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Reads the resumed laptop: exactly `missed` (`m0..`) in order, then `live{k}` with k
+/// consecutive from 0, `recovered` somewhere after the replay, offsets strictly increasing,
+/// nothing twice. Returns once `live{total-1}` arrived.
+fn check_resumed(laptop: &mut Client, missed: usize, live: LiveSender) {
+    let mut last: Option<Offset> = None;
+    for i in 0..missed {
+        let m = laptop.recv_json();
+        assert_eq!(m["event"], "newMessage", "replay first: {m}");
+        assert_eq!(
+            m["args"]["text"],
+            format!("m{i}"),
+            "the missed ones, in order"
+        );
+        let o = offset_of(&m);
+        assert!(Some(o) > last);
+        last = Some(o);
+    }
+    let mut next_live = 0;
+    let mut recovered = false;
+    let mut live = Some(live);
+    let mut total = None;
+    loop {
+        if recovered && next_live >= 20 {
+            if let Some(sender) = live.take() {
+                total = Some(sender.finish());
+            }
+        }
+        if recovered && total == Some(next_live) {
+            break;
+        }
+        let m = laptop.recv_json();
+        match m["event"].as_str() {
+            Some("recovered") => {
+                assert!(!recovered, "one recovered event");
+                assert_eq!(m["args"]["complete"], true, "{m}");
+                assert_eq!(
+                    m["args"]["offset"]
+                        .as_str()
+                        .map(|s| s.parse::<Offset>().unwrap()),
+                    last,
+                    "recovered names the last event sent"
+                );
+                recovered = true;
+            }
+            Some("newMessage") => {
+                assert_eq!(
+                    m["args"]["text"],
+                    format!("live{next_live}"),
+                    "no gap, no duplicate at the seam"
+                );
+                let o = offset_of(&m);
+                assert!(Some(o) > last);
+                last = Some(o);
+                next_live += 1;
+            }
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    laptop.expect_silence(Duration::from_millis(200));
+}
+
+/// The kitchen scenario on any deployment: phone on `a`, laptop on `b` (connected by the
+/// caller), the laptop drops, 100 messages arrive, `between` runs (kill B, restart Redis...),
+/// and the laptop resumes on `a` while messages keep coming.
+fn kitchen(a: SocketAddr, mut laptop: Client, between: impl FnOnce(), wait_ready: impl Fn()) {
+    let mut phone = Client::connect(a, "u1");
+    let mut u2 = Client::connect(a, "u2");
+    wait_ready();
+    let seen = send_and_witness(&mut u2, "u1", &mut phone, "warmup", 1);
+    let m = laptop.recv_event("newMessage");
+    assert_eq!(offset_of(&m), seen, "every device sees the same offset");
+    drop(laptop);
+    let _ = send_and_witness(&mut u2, "u1", &mut phone, "m", 100);
+    between();
+    let live = LiveSender::start(a);
+    let mut laptop = resume(a, "u1", &seen.to_string());
+    check_resumed(&mut laptop, 100, live);
+}
+
+#[test]
+fn embedded_resume_replays_exactly_what_was_missed_then_goes_live() {
+    let server = embedded(1000);
+    let laptop = server.connect("u1");
+    kitchen(server.addr, laptop, || {}, || {});
+}
+
+#[test]
+fn embedded_since_older_than_history_is_incomplete() {
+    let server = embedded(10);
+    let mut phone = server.connect("u1");
+    let mut u2 = server.connect("u2");
+    let first = send_and_witness(&mut u2, "u1", &mut phone, "a", 1);
+    send_and_witness(&mut u2, "u1", &mut phone, "m", 30);
+    let mut laptop = resume(server.addr, "u1", &first.to_string());
+    for i in 20..30 {
+        assert_eq!(
+            laptop.recv_json()["args"]["text"],
+            format!("m{i}"),
+            "what is left"
+        );
+    }
+    let r = laptop.recv_json();
+    assert_eq!(r["event"], "recovered");
+    assert_eq!(r["args"]["complete"], false, "{r}");
+    // Garbage and offsets of another process run are incomplete too, never an error.
+    for since in ["garbage", "1-1"] {
+        let mut c = resume(server.addr, "u1", since);
+        let r = c.recv_event("recovered");
+        assert_eq!(r["args"]["complete"], false, "{since}: {r}");
+    }
+}
+
+#[test]
+fn history_off_sends_no_offsets() {
+    let server = TestServer::start();
+    let mut u1 = server.connect("u1");
+    let mut u2 = server.connect("u2");
+    u2.send_message("u1", "x");
+    let m = u1.recv_event("newMessage");
+    assert!(m.get("offset").is_none(), "{m}");
+}
+
+fn wait_subscribed(redis: &TestRedis, user: &str, n: usize) {
+    let mut c = redis.connection();
+    let channel = format!("switchboard:u:{user}");
+    wait_for(&format!("{n} subscribers of {channel}"), || {
+        let v: Vec<(String, usize)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query(&mut c)
+            .unwrap_or_default();
+        v.first().is_some_and(|(_, k)| *k >= n)
+    });
+}
+
+#[test]
+fn kitchen_across_instances() {
+    let redis = TestRedis::start();
+    let a = on_redis(&redis, 1000);
+    let b = on_redis(&redis, 1000);
+    let laptop = b.connect("u1");
+    kitchen(
+        a.addr,
+        laptop,
+        || {},
+        || {
+            wait_subscribed(&redis, "u1", 2);
+            wait_subscribed(&redis, "u2", 1);
+        },
+    );
+}
+
+#[test]
+fn kitchen_after_sigkill_of_the_laptops_instance() {
+    let redis = TestRedis::start();
+    let a = on_redis(&redis, 1000);
+    let b = child_on_redis(&redis);
+    let laptop = Client::connect(b.addr, "u1");
+    let b = std::cell::RefCell::new(Some(b));
+    kitchen(
+        a.addr,
+        laptop,
+        || {
+            let mut b = b.borrow_mut().take().unwrap();
+            b.signal(9);
+            b.wait_exit();
+        },
+        || {
+            wait_subscribed(&redis, "u1", 2);
+            wait_subscribed(&redis, "u2", 1);
+        },
+    );
+}
+
+#[test]
+fn kitchen_across_a_redis_restart_with_aof() {
+    let redis = std::cell::RefCell::new(TestRedis::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]));
+    let a = on_redis(&redis.borrow(), 1000);
+    let b = on_redis(&redis.borrow(), 1000);
+    let laptop = b.connect("u1");
+    kitchen(
+        a.addr,
+        laptop,
+        || {
+            let mut r = redis.borrow_mut();
+            r.kill();
+            r.restart();
+        },
+        || {
+            let r = redis.borrow();
+            wait_subscribed(&r, "u1", 2);
+            wait_subscribed(&r, "u2", 1);
+        },
+    );
+}
+
+#[test]
+fn redis_since_older_than_history_is_incomplete() {
+    let redis = TestRedis::start();
+    let a = on_redis(&redis, 10);
+    let mut phone = a.connect("u1");
+    let mut u2 = a.connect("u2");
+    wait_subscribed(&redis, "u1", 1);
+    wait_subscribed(&redis, "u2", 1);
+    let first = send_and_witness(&mut u2, "u1", &mut phone, "a", 1);
+    let last = send_and_witness(&mut u2, "u1", &mut phone, "m", 30);
+    let mut laptop = resume(a.addr, "u1", &first.to_string());
+    for i in 20..30 {
+        assert_eq!(
+            laptop.recv_json()["args"]["text"],
+            format!("m{i}"),
+            "what is left"
+        );
+    }
+    let r = laptop.recv_json();
+    assert_eq!(r["event"], "recovered");
+    assert_eq!(r["args"]["complete"], false, "{r}");
+    // Up to date: nothing to replay, complete.
+    let mut c = resume(a.addr, "u1", &last.to_string());
+    let r = c.recv_json();
+    assert_eq!(r["event"], "recovered", "{r}");
+    assert_eq!(r["args"]["complete"], true, "{r}");
+    assert_eq!(r["args"]["offset"], last.to_string());
+}
