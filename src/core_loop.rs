@@ -775,6 +775,7 @@ impl CoreLoop {
                     core: self.id,
                     key,
                     serial,
+                    deadline: Instant::now() + history::RECOVERY_TIMEOUT,
                 }),
                 None => self.on_replay(ReplayResult {
                     key,

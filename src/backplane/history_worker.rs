@@ -32,41 +32,42 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<ReplayRequest>
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        // Redis may be restarting: keep trying for as long as the core waits.
-        let give_up = Instant::now() + history::RECOVERY_TIMEOUT;
-        let replay = loop {
-            if conn.is_none() {
-                conn = redis::Client::open(bp.config.url.as_str())
-                    .and_then(|c| c.get_connection_with_timeout(IO_TIMEOUT))
-                    .inspect(|c| {
-                        let _ = c.set_read_timeout(Some(IO_TIMEOUT));
-                        let _ = c.set_write_timeout(Some(IO_TIMEOUT));
-                    })
-                    .ok();
+        if Instant::now() >= request.deadline {
+            continue;
+        }
+        if conn.is_none() {
+            conn = redis::Client::open(bp.config.url.as_str())
+                .and_then(|c| c.get_connection_with_timeout(IO_TIMEOUT))
+                .inspect(|c| {
+                    let _ = c.set_read_timeout(Some(IO_TIMEOUT));
+                    let _ = c.set_write_timeout(Some(IO_TIMEOUT));
+                })
+                .ok();
+        }
+        let result = match conn.as_mut() {
+            Some(c) => query(c, &bp.config.channel_prefix, &request, config.max_len),
+            None => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "not connected",
+            ))),
+        };
+        let replay = match result {
+            Ok(replay) => {
+                backoff.reset();
+                replay
             }
-            let result = match conn.as_mut() {
-                Some(c) => query(c, &bp.config.channel_prefix, &request, config.max_len),
-                None => Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "not connected",
-                ))),
-            };
-            match result {
-                Ok(replay) => {
-                    backoff.reset();
-                    break Some(replay);
-                }
-                Err(e) => {
-                    log::warn!("redis history query for {} failed: {e}", request.user);
-                    conn = None;
-                    if Instant::now() >= give_up || bp.stop.load(Relaxed) {
-                        break None;
-                    }
-                    std::thread::sleep(backoff.next_delay());
-                }
+            Err(e) => {
+                // Redis may be restarting. The request goes back through the subscriber, which
+                // holds it until the user's channel is confirmed again: querying as soon as
+                // Redis answers could run before the re-subscription and miss what is
+                // published in between.
+                log::warn!("redis history query for {} failed: {e}", request.user);
+                conn = None;
+                std::thread::sleep(backoff.next_delay());
+                bp.request_replay(request);
+                continue;
             }
         };
-        let replay = replay.unwrap_or_default();
         let result = ReplayResult {
             key: request.key,
             serial: request.serial,

@@ -166,7 +166,7 @@ pub struct Publication {
 /// A recovering connection's request for the events of `user` after `since`. It is run only
 /// once Redis confirmed this instance's subscription to the user's channel, so nothing published
 /// between the query and the subscription can fall in between.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ReplayRequest {
     /// The user.
     pub user: UserId,
@@ -178,6 +178,8 @@ pub struct ReplayRequest {
     pub key: usize,
     /// The connection's serial.
     pub serial: u64,
+    /// When the core stops waiting (and answers `complete: false` itself).
+    pub deadline: std::time::Instant,
 }
 
 /// A change in which cores host a user, sent by a core to the subscriber.

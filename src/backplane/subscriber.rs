@@ -565,10 +565,7 @@ impl Subscriber {
                 let user =
                     wire::user_of_channel(&self.bp.config.channel_prefix, ch).map(UserId::from);
                 if let Some(user) = user.filter(|u| self.subscribed.contains(u)) {
-                    self.confirmed.insert(user.clone());
-                    for request in self.pending_replays.remove(&user).unwrap_or_default() {
-                        self.to_worker(request);
-                    }
+                    self.confirmed.insert(user);
                 }
             }
             (b"subscribe" | b"unsubscribe" | b"ssubscribe", [_, _, Value::Int(count)]) => {
@@ -594,22 +591,41 @@ impl Subscriber {
         }
     }
 
-    /// Hands each replay request to the worker once its user's channel is confirmed.
+    /// Hands each replay request to the worker once its user's channel is confirmed and the
+    /// requesting core is listed as a host (its membership change travels on another queue), so
+    /// every frame published after the query reaches the recovering connection.
     fn take_replays(&mut self) {
         while let Some(request) = self.bp.replays.pop() {
-            if self.confirmed.contains(&request.user) {
-                self.to_worker(request);
-            } else {
-                self.pending_replays
-                    .entry(request.user.clone())
-                    .or_default()
-                    .push(request);
-            }
+            self.pending_replays
+                .entry(request.user.clone())
+                .or_default()
+                .push(request);
         }
-        // Requests of users who left before their subscription was confirmed: the connection
-        // is gone, so is the need for an answer.
-        let hosts = &self.hosts;
-        self.pending_replays.retain(|u, _| hosts.contains_key(u));
+        if self.pending_replays.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        let (hosts, confirmed) = (&self.hosts, &self.confirmed);
+        self.pending_replays.retain(|user, requests| {
+            let cores = hosts.get(user);
+            requests.retain(|r| {
+                // Past its deadline the core already answered the client.
+                if now >= r.deadline {
+                    return false;
+                }
+                let go =
+                    confirmed.contains(user) && cores.is_some_and(|c| c.contains(&(r.core as u16)));
+                if go {
+                    ready.push(r.clone());
+                }
+                !go
+            });
+            !requests.is_empty()
+        });
+        for request in ready {
+            self.to_worker(request);
+        }
     }
 
     fn to_worker(&self, request: ReplayRequest) {
