@@ -25,6 +25,34 @@ pub enum CoreMsg {
     Delivered(Arc<Delivery>),
     /// The answer to a connection's replay request.
     Replayed(Box<ReplayResult>),
+    /// A page of history for a `history` event or a waiting `GET /api/history`.
+    Page(Box<PageResult>),
+    /// The offsets of a waiting `POST /api/publish`.
+    Published(Box<PublishResult>),
+}
+
+/// The outcome of a `POST /api/publish` for connection `key` with `serial`.
+#[derive(Debug)]
+pub struct PublishResult {
+    /// The connection's slab key on the receiving core.
+    pub key: usize,
+    /// The connection's serial.
+    pub serial: u64,
+    /// Each user's offset, or why nothing was published.
+    pub result: Result<Vec<(UserId, crate::history::Offset)>, String>,
+}
+
+/// A page of history, newest first, for connection `key` with `serial`.
+#[derive(Debug)]
+pub struct PageResult {
+    /// The connection's slab key on the receiving core.
+    pub key: usize,
+    /// The connection's serial.
+    pub serial: u64,
+    /// The `history` event's ack number; `None` for HTTP.
+    pub ack: Option<u64>,
+    /// The frames (offsets included), or why Redis could not answer.
+    pub result: Result<Vec<Utf8Bytes>, String>,
 }
 
 /// The events a recovering connection missed, for the connection `key` with `serial` (a slab

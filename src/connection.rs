@@ -84,6 +84,34 @@ pub enum Connection {
     Reply(Reply),
     /// An upgraded WebSocket.
     Open(Open),
+    /// Reading the body of a request (`POST /api/publish`).
+    Body(PendingBody),
+    /// A plain HTTP request whose answer comes from another thread (a Redis query).
+    Waiting(Waiting),
+}
+
+/// Reading a request body up to its `Content-Length`.
+pub struct PendingBody {
+    /// The socket.
+    pub stream: TcpStream,
+    /// The request head.
+    pub request: crate::http::Request,
+    /// The body so far.
+    pub body: Vec<u8>,
+    /// The whole body's length.
+    pub len: usize,
+    /// When the body must be complete.
+    pub deadline: Instant,
+}
+
+/// Holding the socket until an answer arrives from another thread, or the deadline (503).
+pub struct Waiting {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Matches the answer to this connection (see [`Open::serial`]).
+    pub serial: u64,
+    /// When the client gets a 503 instead.
+    pub deadline: Instant,
 }
 
 /// Reading the request head, before the handshake deadline.
@@ -145,6 +173,8 @@ impl Connection {
             Connection::Request(r) => &mut r.stream,
             Connection::Reply(r) => &mut r.stream,
             Connection::Open(o) => o.ws.get_mut().tcp(),
+            Connection::Body(b) => &mut b.stream,
+            Connection::Waiting(w) => &mut w.stream,
         }
     }
 }

@@ -19,8 +19,9 @@ use smallvec::SmallVec;
 use tungstenite::protocol::Role;
 use tungstenite::{Message, Utf8Bytes, WebSocket};
 
-use crate::bus::{CoreMsg, Dispatch, ReplayResult};
-use crate::connection::{Connection, Open, PendingRequest, Reply, Stream};
+use crate::api::{self, ApiError};
+use crate::bus::{CoreMsg, Dispatch, PageResult, PublishResult, ReplayResult};
+use crate::connection::{Connection, Open, PendingBody, PendingRequest, Reply, Stream, Waiting};
 use crate::handlers::{Args, ConnectionId, Context, MessageIds};
 use crate::history::{self, Delivery, Offset, Recovering};
 use crate::http::{self, Parse, Request, RequestError};
@@ -41,6 +42,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long an HTTP reply may take to be written and the client to hang up.
 const REPLY_GRACE: Duration = Duration::from_secs(5);
+/// How long an HTTP request may wait for Redis (history page, publish) before a 503.
+const API_WAIT: Duration = Duration::from_secs(5);
 /// Accepting stops this long after the process ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -254,7 +257,9 @@ impl CoreLoop {
             Some(Connection::Request(_)) => self.read_request(key),
             Some(Connection::Reply(_)) => self.progress_reply(key),
             Some(Connection::Open(_)) => self.read_frames(key),
-            None => {}
+            Some(Connection::Body(_)) => self.read_body(key),
+            // The answer (or the deadline) decides; a hang-up shows then as a failed write.
+            Some(Connection::Waiting(_)) | None => {}
         }
     }
 
@@ -314,13 +319,18 @@ impl CoreLoop {
 
     fn route(&mut self, key: usize, req: Request, rest: Vec<u8>) {
         add(&self.metrics().http_requests, 1);
-        let known = matches!(req.path.as_str(), "/ws" | "/healthz" | "/metrics");
-        if known && req.method != "GET" {
+        let known = matches!(
+            req.path.as_str(),
+            "/ws" | "/healthz" | "/metrics" | "/api/history"
+        );
+        if known && req.method != "GET" || req.path == "/api/publish" && req.method != "POST" {
             self.reply(key, http::error_response(405, "method not allowed"), &rest);
             return;
         }
         match req.path.as_str() {
             "/ws" => self.upgrade(key, req, rest),
+            "/api/history" => self.api_history(key, req),
+            "/api/publish" => self.api_publish(key, req, rest),
             "/healthz" => {
                 let mut extra = format!(r#","node":"{:016x}""#, self.shared.node_id);
                 match &self.shared.backplane {
@@ -463,6 +473,198 @@ impl CoreLoop {
         self.carry.push(new_key);
     }
 
+    // ---- history API -------------------------------------------------------------------------
+
+    /// `GET /api/history?limit=&before=` with the user's token: the user's events, newest first.
+    fn api_history(&mut self, key: usize, req: Request) {
+        let shared = Arc::clone(&self.shared);
+        if !shared.config.history_active() {
+            return self.reply(key, api::json_error(404, "history is off"), &[]);
+        }
+        let user = match shared.auth.authenticate(req.token().as_deref()) {
+            Ok(user) => user,
+            Err(e) => {
+                add(&self.metrics().auth_failures, 1);
+                return self.reply(key, api::json_error(401, &e.to_string()), &[]);
+            }
+        };
+        let (limit, before) = match api::page_query(&req, shared.config.history.max_page) {
+            Ok(q) => q,
+            Err(e) => return self.reply(key, e.response(), &[]),
+        };
+        if let Some(store) = &shared.history {
+            let page = store.page(&user, before, limit, crate::handlers::now_ms());
+            let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
+            return self.reply(key, api::json_ok(&history::page_json(&frames)), &[]);
+        }
+        let Some(bp) = &shared.backplane else {
+            return;
+        };
+        let serial = self.wait(key);
+        let asked = bp.request_page(crate::backplane::PageRequest {
+            user,
+            before,
+            limit,
+            core: self.id,
+            key,
+            serial,
+            ack: None,
+        });
+        if !asked {
+            self.reply(key, api::json_error(503, "history unavailable"), &[]);
+        }
+    }
+
+    /// Parks an HTTP connection until another thread answers; returns the serial to answer to.
+    fn wait(&mut self, key: usize) -> u64 {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let stream = match self.conns.try_remove(key) {
+            Some(Connection::Request(r)) => r.stream,
+            Some(Connection::Body(b)) => b.stream,
+            Some(other) => {
+                self.conns.insert(other);
+                return serial;
+            }
+            None => return serial,
+        };
+        let new_key = self.conns.insert(Connection::Waiting(Waiting {
+            stream,
+            serial,
+            deadline: Instant::now() + API_WAIT,
+        }));
+        debug_assert_eq!(new_key, key, "slab reuses the slot just freed");
+        serial
+    }
+
+    /// `POST /api/publish` with the API key: checks the head, then reads the body.
+    fn api_publish(&mut self, key: usize, req: Request, rest: Vec<u8>) {
+        let config = &self.shared.config;
+        let len = api::check_api_key(&req, &config.history)
+            .and_then(|()| api::publish_body_len(&req, &config.history));
+        let len = match len {
+            Ok(len) => len,
+            Err(e) => {
+                if e.status == 401 {
+                    add(&self.metrics().auth_failures, 1);
+                }
+                return self.reply(key, e.response(), &[]);
+            }
+        };
+        let Some(Connection::Request(pending)) = self.conns.try_remove(key) else {
+            return;
+        };
+        let mut body = rest;
+        body.truncate(len);
+        let new_key = self.conns.insert(Connection::Body(PendingBody {
+            stream: pending.stream,
+            request: req,
+            body,
+            len,
+            deadline: pending.deadline,
+        }));
+        debug_assert_eq!(new_key, key, "slab reuses the slot just freed");
+        self.read_body(key);
+    }
+
+    fn read_body(&mut self, key: usize) {
+        let mut chunk = [0u8; 8192];
+        loop {
+            let Some(Connection::Body(b)) = self.conns.get_mut(key) else {
+                return;
+            };
+            if b.body.len() >= b.len {
+                break;
+            }
+            let room = (b.len - b.body.len()).min(chunk.len());
+            match b.stream.read(&mut chunk[..room]) {
+                Ok(0) => return self.remove(key, Closed::Reset),
+                Ok(n) => b.body.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.remove(key, Closed::Reset),
+            }
+        }
+        let Some(Connection::Body(b)) = self.conns.get(key) else {
+            return;
+        };
+        let parsed = api::parse_publish(&b.body, &self.shared.config.history);
+        match parsed {
+            Ok(dispatch) => self.publish(key, Arc::new(dispatch)),
+            Err(e) => self.reply(key, e.response(), &[]),
+        }
+    }
+
+    /// Dispatches a checked publication like a handler's dispatch and answers with the offsets.
+    fn publish(&mut self, key: usize, dispatch: Arc<Dispatch>) {
+        let shared = Arc::clone(&self.shared);
+        add(&self.metrics().dispatches, 1);
+        if !shared.config.history_active() {
+            // No offsets without history: the event goes out as a handler's would.
+            self.outbox.push(dispatch);
+            self.flush_outbox();
+            return self.reply(key, api::json_ok(r#"{"offsets":{}}"#), &[]);
+        }
+        if let Some(store) = &shared.history {
+            let offsets = self.append_embedded(store, &dispatch);
+            return self.reply(key, api::json_ok(&api::offsets_json(&offsets)), &[]);
+        }
+        let Some(bp) = &shared.backplane else {
+            return;
+        };
+        let serial = self.wait(key);
+        let asked = bp.request_publish(crate::backplane::PublishRequest {
+            dispatch,
+            core: self.id,
+            key,
+            serial,
+        });
+        if !asked {
+            self.reply(key, api::json_error(503, "publishing unavailable"), &[]);
+        }
+    }
+
+    fn on_page(&mut self, page: PageResult) {
+        match self.conns.get(page.key) {
+            Some(Connection::Open(o)) if o.serial == page.serial => {
+                let Some(ack) = page.ack else {
+                    return;
+                };
+                let frame = match page.result {
+                    Ok(frames) => history::encode_page_ack(ack, &frames),
+                    Err(e) => protocol::encode_error(
+                        Some(ack),
+                        ErrorCode::Internal.as_str(),
+                        &format!("history unavailable: {e}"),
+                    ),
+                };
+                self.send(page.key, frame);
+            }
+            Some(Connection::Waiting(w)) if w.serial == page.serial => {
+                let response = match page.result {
+                    Ok(frames) => api::json_ok(&history::page_json(&frames)),
+                    Err(e) => ApiError::new(503, format!("history unavailable: {e}")).response(),
+                };
+                self.reply(page.key, response, &[]);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_published(&mut self, published: PublishResult) {
+        let Some(Connection::Waiting(w)) = self.conns.get(published.key) else {
+            return;
+        };
+        if w.serial != published.serial {
+            return;
+        }
+        let response = match published.result {
+            Ok(offsets) => api::json_ok(&api::offsets_json(&offsets)),
+            Err(e) => ApiError::new(503, format!("not published: {e}")).response(),
+        };
+        self.reply(published.key, response, &[]);
+    }
+
     /// Switches the connection to writing `response`, then closing.
     fn reply(&mut self, key: usize, response: Vec<u8>, _rest: &[u8]) {
         let Some(conn) = self.conns.try_remove(key) else {
@@ -471,6 +673,8 @@ impl CoreLoop {
         let stream = match conn {
             Connection::Request(r) => r.stream,
             Connection::Reply(r) => r.stream,
+            Connection::Body(b) => b.stream,
+            Connection::Waiting(w) => w.stream,
             Connection::Open(o) => {
                 // Not reachable: replies are only sent before an upgrade.
                 self.conns.insert(Connection::Open(o));
@@ -611,6 +815,13 @@ impl CoreLoop {
         };
         let ack = envelope.ack;
         let shared = Arc::clone(&self.shared);
+        if shared.config.history_active() {
+            match envelope.event.as_ref() {
+                "resume" => return self.on_resume(key, ack, Args::new(envelope.args)),
+                "history" => return self.on_history(key, &user, ack, Args::new(envelope.args)),
+                _ => {}
+            }
+        }
         let Some(handler) = shared.handlers.get(&envelope.event) else {
             add(&self.metrics().client_errors, 1);
             let message = format!("no handler for event {:?}", truncate(&envelope.event, 64));
@@ -641,6 +852,102 @@ impl CoreLoop {
                 add(&self.metrics().client_errors, 1);
                 self.send(key, protocol::encode_error(ack, &e.code, &e.message));
             }
+        }
+    }
+
+    /// `resume {since}`: what `?since=` does, for clients that cannot change the URL. The replay
+    /// starts after `since` whatever this connection already got (the client skips offsets it
+    /// has), so a client should send it first.
+    fn on_resume(&mut self, key: usize, ack: Option<u64>, args: Args<'_>) {
+        #[derive(serde::Deserialize)]
+        struct Resume<'a> {
+            #[serde(borrow)]
+            since: std::borrow::Cow<'a, str>,
+        }
+        let since = match args.parse::<Resume<'_>>() {
+            Ok(r) => r.since.parse::<Offset>().ok(),
+            Err(e) => {
+                add(&self.metrics().client_errors, 1);
+                let frame = protocol::encode_error(ack, &e.code, &e.message);
+                return self.send(key, frame);
+            }
+        };
+        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+            return;
+        };
+        if open.recovering.is_some() {
+            let frame = protocol::encode_error(
+                ack,
+                ErrorCode::BadArgs.as_str(),
+                "a recovery is already in progress",
+            );
+            return self.send(key, frame);
+        }
+        open.last_offset = None;
+        if let Some(n) = ack {
+            self.send(key, protocol::encode_ack(n, &serde_json::Value::Null));
+        }
+        self.begin_recovery(key, since);
+    }
+
+    /// `history {limit, before}` with an ack: the user's events, newest first, in the ack.
+    fn on_history(&mut self, key: usize, user: &crate::UserId, ack: Option<u64>, args: Args<'_>) {
+        let shared = Arc::clone(&self.shared);
+        let error = |this: &mut Self, message: &str| {
+            add(&this.metrics().client_errors, 1);
+            let frame = protocol::encode_error(ack, ErrorCode::BadArgs.as_str(), message);
+            this.send(key, frame);
+        };
+        let Some(ack) = ack else {
+            return error(self, "history answers through an ack: send one");
+        };
+        let raw = args.raw();
+        let parsed = if raw == "null" {
+            Ok(api::PageArgs::default())
+        } else {
+            args.parse::<api::PageArgs<'_>>()
+        };
+        let page_args = match parsed {
+            Ok(a) => a,
+            Err(e) => return error(self, &e.message),
+        };
+        let limit = match page_args.limit {
+            Some(0) => return error(self, "limit must be positive"),
+            Some(n) => n.min(shared.config.history.max_page),
+            None => api::DEFAULT_PAGE.min(shared.config.history.max_page),
+        };
+        let before = match page_args.before.as_deref().map(str::parse::<Offset>) {
+            None => None,
+            Some(Ok(b)) => Some(b),
+            Some(Err(_)) => return error(self, "before is not an offset"),
+        };
+        if let Some(store) = &shared.history {
+            let page = store.page(user, before, limit, crate::handlers::now_ms());
+            let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
+            return self.send(key, history::encode_page_ack(ack, &frames));
+        }
+        let Some(Connection::Open(open)) = self.conns.get(key) else {
+            return;
+        };
+        let serial = open.serial;
+        let asked = shared.backplane.as_ref().is_some_and(|bp| {
+            bp.request_page(crate::backplane::PageRequest {
+                user: user.clone(),
+                before,
+                limit,
+                core: self.id,
+                key,
+                serial,
+                ack: Some(ack),
+            })
+        });
+        if !asked {
+            let frame = protocol::encode_error(
+                Some(ack),
+                ErrorCode::Internal.as_str(),
+                "history unavailable",
+            );
+            self.send(key, frame);
         }
     }
 
@@ -682,16 +989,28 @@ impl CoreLoop {
             bp.publish(dispatch);
             return;
         }
-        let Some(store) = &shared.history else {
-            return;
-        };
+        if let Some(store) = &shared.history {
+            self.append_embedded(store, dispatch);
+        }
+    }
+
+    /// Embedded history: appends `dispatch` for each of its users and hands each delivery to
+    /// every core, this one included (so this core, too, sees a user's frames in offset order).
+    fn append_embedded(
+        &mut self,
+        store: &history::MemoryHistory,
+        dispatch: &Dispatch,
+    ) -> Vec<(crate::UserId, Offset)> {
         let now = crate::handlers::now_ms();
         let mut drops = 0;
+        let mut offsets = Vec::with_capacity(dispatch.users.len());
         for user in dispatch.users.iter() {
             store.append(user, dispatch.frame.as_str(), now, |delivery| {
+                offsets.push((user.clone(), delivery.offset));
                 let delivery = Arc::new(delivery);
-                for core in 0..shared.bus.cores() {
-                    if !shared
+                for core in 0..self.shared.bus.cores() {
+                    if !self
+                        .shared
                         .bus
                         .push(core, CoreMsg::Delivered(Arc::clone(&delivery)))
                     {
@@ -705,6 +1024,7 @@ impl CoreLoop {
             *wake |= core != self.id;
         }
         self.drain_self = true;
+        offsets
     }
 
     fn drain_inbox(&mut self) {
@@ -713,6 +1033,8 @@ impl CoreLoop {
             CoreMsg::Dispatch(dispatch) => self.deliver_local(&dispatch),
             CoreMsg::Delivered(delivery) => self.deliver_offset(&delivery),
             CoreMsg::Replayed(result) => self.on_replay(*result),
+            CoreMsg::Page(page) => self.on_page(*page),
+            CoreMsg::Published(published) => self.on_published(*published),
         });
     }
 
@@ -949,6 +1271,7 @@ impl CoreLoop {
         let mut silent = Vec::new();
         let mut pings = Vec::new();
         let mut stalled = Vec::new();
+        let mut waited_out = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             if let Connection::Open(o) = conn {
                 if o.recovering.as_ref().is_some_and(|r| now >= r.deadline) {
@@ -960,6 +1283,8 @@ impl CoreLoop {
                     expired.push((key, Closed::Reset));
                 }
                 Connection::Reply(r) if now >= r.deadline => expired.push((key, Closed::Reset)),
+                Connection::Body(b) if now >= b.deadline => expired.push((key, Closed::Reset)),
+                Connection::Waiting(w) if now >= w.deadline => waited_out.push(key),
                 Connection::Open(o) => match o.closing {
                     Some(deadline) if now >= deadline => expired.push((key, Closed::Reset)),
                     Some(_) => {}
@@ -981,6 +1306,13 @@ impl CoreLoop {
         }
         for key in silent {
             self.close(key, CloseReason::HeartbeatTimeout);
+        }
+        for key in waited_out {
+            self.reply(
+                key,
+                api::json_error(503, "redis did not answer in time"),
+                &[],
+            );
         }
         for (key, serial) in stalled {
             // No answer (Redis down?): the client refetches; what was buffered still goes out.

@@ -149,6 +149,29 @@ pub fn encode_recovered(complete: bool, last: Option<Offset>) -> Utf8Bytes {
     ))
 }
 
+/// `{"events":[F1,F2,...]}`: history frames (each an event object with its offset) as a JSON
+/// document, spliced without re-encoding.
+pub fn page_json(frames: &[Utf8Bytes]) -> String {
+    let mut out = String::with_capacity(16 + frames.iter().map(|f| f.len() + 1).sum::<usize>());
+    out.push_str("{\"events\":[");
+    for (i, f) in frames.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(f.as_str());
+    }
+    out.push_str("]}");
+    out
+}
+
+/// `{"event":"ack","ack":n,"args":{"events":[...]}}`: the answer to a `history` event.
+pub fn encode_page_ack(ack: u64, frames: &[Utf8Bytes]) -> Utf8Bytes {
+    Utf8Bytes::from(format!(
+        "{{\"event\":\"ack\",\"ack\":{ack},\"args\":{}}}",
+        page_json(frames)
+    ))
+}
+
 /// One event delivered to one user's devices: shared by every core it goes to.
 #[derive(Debug)]
 pub struct Delivery {
@@ -417,6 +440,18 @@ mod tests {
         let r = h.replay(&u, Some(offs[3]), 20_000);
         assert!(!r.complete && r.entries.is_empty());
         assert!(h.replay(&u, Some(offs[4]), 20_000).complete);
+    }
+
+    #[test]
+    fn page_json_is_json() {
+        let frames = [with_offset(r#"{"event":"e","args":1}"#, Offset(1, 2))];
+        let v: serde_json::Value = serde_json::from_str(&page_json(&frames)).unwrap();
+        assert_eq!(v["events"][0]["offset"], "1-2");
+        let v: serde_json::Value =
+            serde_json::from_str(encode_page_ack(7, &frames).as_str()).unwrap();
+        assert_eq!(v["ack"], 7);
+        assert_eq!(v["args"]["events"][0]["args"], 1);
+        assert_eq!(page_json(&[]), r#"{"events":[]}"#);
     }
 
     #[test]

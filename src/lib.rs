@@ -40,6 +40,7 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod auth;
 pub mod backplane;
 pub mod bus;

@@ -359,3 +359,172 @@ fn redis_since_older_than_history_is_incomplete() {
     assert_eq!(r["args"]["complete"], true, "{r}");
     assert_eq!(r["args"]["offset"], last.to_string());
 }
+
+const SECRET: &str = "a-test-secret-of-32-bytes-length";
+const API_KEY: &str = "publish-key-0123456789";
+
+fn token(user: &str) -> String {
+    jwt(
+        SECRET,
+        serde_json::json!({"sub": user, "exp": now_secs() + 600}),
+    )
+}
+
+/// History on with JWT auth and an API key; on `redis` when given.
+fn api_server(redis: Option<&TestRedis>) -> TestServer {
+    let backplane = redis.map(|r| {
+        let mut rc = RedisConfig::new(r.url());
+        rc.reconnect_max = Duration::from_millis(300);
+        rc
+    });
+    TestServer::with_config(Config {
+        auth: switchboard::AuthMode::Jwt {
+            secret: SECRET.into(),
+            audience: None,
+            issuer: None,
+            leeway: Duration::from_secs(5),
+        },
+        backplane,
+        history: HistoryConfig {
+            api_key: Some(API_KEY.into()),
+            max_publish_users: 3,
+            max_publish_body_bytes: 4096,
+            ..history(1000)
+        },
+        ..test_config()
+    })
+}
+
+fn post(addr: SocketAddr, path: &str, key: &str, body: &str) -> (u16, Value) {
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, body) = raw_request(addr, req.as_bytes());
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn history_api(redis: Option<&TestRedis>) {
+    let server = api_server(redis);
+    let connect = |user: &str| Client::connect(server.addr, &token(user));
+    let mut u1 = connect("u1");
+    let mut u2 = connect("u2");
+    if let Some(r) = redis {
+        wait_subscribed(r, "u1", 1);
+        wait_subscribed(r, "u2", 1);
+    }
+    let last = send_and_witness(&mut u2, "u1", &mut u1, "m", 60);
+
+    // GET: the newest 50, newest first, each with its offset.
+    let (status, body) = server.get(&format!("/api/history?token={}", token("u1")));
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).unwrap();
+    let events = page["events"].as_array().unwrap();
+    assert_eq!(events.len(), 50);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["args"]["text"], format!("m{}", 59 - i), "newest first");
+    }
+    assert_eq!(offset_of(&events[0]), last);
+    // The next page, before the oldest of this one.
+    let before = events[49]["offset"].as_str().unwrap();
+    let (status, body) = server.get(&format!(
+        "/api/history?token={}&limit=20&before={before}",
+        token("u1")
+    ));
+    assert_eq!(status, 200);
+    let page: Value = serde_json::from_str(&body).unwrap();
+    let texts: Vec<&str> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["args"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["m9", "m8", "m7", "m6", "m5", "m4", "m3", "m2", "m1", "m0"]
+    );
+    // Wrong or missing token, bad parameters.
+    assert_eq!(server.get("/api/history?token=forged").0, 401);
+    assert_eq!(server.get("/api/history").0, 401);
+    let t = token("u1");
+    assert_eq!(
+        server.get(&format!("/api/history?token={t}&limit=0")).0,
+        400
+    );
+    assert_eq!(
+        server.get(&format!("/api/history?token={t}&before=x")).0,
+        400
+    );
+
+    // The `history` event answers through its ack.
+    u1.send_json(&serde_json::json!({"event": "history", "args": {"limit": 3}, "ack": 9}));
+    let ack = u1.recv_event("ack");
+    assert_eq!(ack["ack"], 9);
+    let texts: Vec<&str> = ack["args"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["args"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["m59", "m58", "m57"]);
+
+    // `resume` as an event: the replay after m49, then recovered.
+    let mut laptop = connect("u1");
+    let since = events[10]["offset"].as_str().unwrap(); // m49
+    laptop.send_json(&serde_json::json!({"event": "resume", "args": {"since": since}}));
+    for i in 50..60 {
+        assert_eq!(laptop.recv_json()["args"]["text"], format!("m{i}"));
+    }
+    let r = laptop.recv_json();
+    assert_eq!(r["event"], "recovered");
+    assert_eq!(r["args"]["complete"], true);
+    assert_eq!(r["args"]["offset"], last.to_string());
+
+    // POST /api/publish.
+    let body = r#"{"users":["u1","u2"],"event":"notice","args":{"n":1}}"#;
+    assert_eq!(post(server.addr, "/api/publish", "wrong-key", body).0, 401);
+    for bad in [
+        "not json",
+        r#"{"users":["u1"],"event":"notice"}"#,
+        r#"{"users":[],"event":"notice","args":1}"#,
+        r#"{"users":["a","b","c","d"],"event":"notice","args":1}"#,
+    ] {
+        let (status, err) = post(server.addr, "/api/publish", API_KEY, bad);
+        assert_eq!(status, 400, "{bad}: {err}");
+        assert!(err["error"].is_string(), "JSON error: {err}");
+    }
+    let huge = format!(
+        r#"{{"users":["u1"],"event":"e","args":"{}"}}"#,
+        "x".repeat(5000)
+    );
+    assert_eq!(post(server.addr, "/api/publish", API_KEY, &huge).0, 413);
+    // Nothing of the refused calls went out.
+    let (status, answer) = post(server.addr, "/api/publish", API_KEY, body);
+    assert_eq!(status, 200, "{answer}");
+    for (device, user) in [(&mut u1, "u1"), (&mut laptop, "u1"), (&mut u2, "u2")] {
+        // The refused calls (args 1) would come first: the first notice is the good one.
+        let m = device.recv_event("notice");
+        assert_eq!(m["args"]["n"], 1, "{m}");
+        assert_eq!(m["offset"], answer["offsets"][user], "{answer}");
+        device.expect_silence(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn history_api_embedded() {
+    history_api(None);
+}
+
+#[test]
+fn history_api_on_redis() {
+    let redis = TestRedis::start();
+    history_api(Some(&redis));
+}
+
+#[test]
+fn publish_is_off_without_an_api_key() {
+    let server = embedded(10);
+    let (status, body) = post(server.addr, "/api/publish", "anything", "{}");
+    assert_eq!(status, 404, "{body}");
+}

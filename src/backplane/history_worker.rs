@@ -9,14 +9,15 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Backoff, Backplane, ReplayRequest};
-use crate::bus::{Bus, CoreMsg, ReplayResult};
+use super::{Backoff, Backplane, Job, PageRequest, PublishRequest, ReplayRequest};
+use crate::bus::{Bus, CoreMsg, PageResult, PublishResult, ReplayResult};
 use crate::history::{self, Offset, Replay};
+use crate::UserId;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs until the subscriber (the only sender) is gone or the backplane stops.
-pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<ReplayRequest>) {
+pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
     let Some(config) = bp.history().cloned() else {
         return;
     };
@@ -28,29 +29,50 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<ReplayRequest>
     );
     while !bp.stop.load(Relaxed) {
         let request = match rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(r) => r,
+            Ok(Job::Replay(r)) => r,
+            Ok(Job::Page(p)) => {
+                let result = connected(&mut conn, &bp)
+                    .and_then(|c| page(c, &bp.config.channel_prefix, &p))
+                    .map_err(|e| {
+                        conn = None;
+                        e.to_string()
+                    });
+                let answer = PageResult {
+                    key: p.key,
+                    serial: p.serial,
+                    ack: p.ack,
+                    result,
+                };
+                if !bus.send(p.core, CoreMsg::Page(Box::new(answer))) {
+                    bp.stats.inbox_drops.fetch_add(1, Relaxed);
+                }
+                continue;
+            }
+            Ok(Job::Publish(p)) => {
+                let result = connected(&mut conn, &bp)
+                    .and_then(|c| publish(c, &bp, &config, &p))
+                    .map_err(|e| {
+                        conn = None;
+                        e.to_string()
+                    });
+                let answer = PublishResult {
+                    key: p.key,
+                    serial: p.serial,
+                    result,
+                };
+                if !bus.send(p.core, CoreMsg::Published(Box::new(answer))) {
+                    bp.stats.inbox_drops.fetch_add(1, Relaxed);
+                }
+                continue;
+            }
+            Ok(Job::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
         };
         if Instant::now() >= request.deadline {
             continue;
         }
-        if conn.is_none() {
-            conn = redis::Client::open(bp.config.url.as_str())
-                .and_then(|c| c.get_connection_with_timeout(IO_TIMEOUT))
-                .inspect(|c| {
-                    let _ = c.set_read_timeout(Some(IO_TIMEOUT));
-                    let _ = c.set_write_timeout(Some(IO_TIMEOUT));
-                })
-                .ok();
-        }
-        let result = match conn.as_mut() {
-            Some(c) => query(c, &bp.config.channel_prefix, &request, config.max_len),
-            None => Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "not connected",
-            ))),
-        };
+        let result = connected(&mut conn, &bp)
+            .and_then(|c| query(c, &bp.config.channel_prefix, &request, config.max_len));
         let replay = match result {
             Ok(replay) => {
                 backoff.reset();
@@ -78,6 +100,99 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<ReplayRequest>
             bp.stats.inbox_drops.fetch_add(1, Relaxed);
         }
     }
+}
+
+/// The worker's connection, (re)opened when needed.
+fn connected<'a>(
+    conn: &'a mut Option<redis::Connection>,
+    bp: &Backplane,
+) -> redis::RedisResult<&'a mut redis::Connection> {
+    if conn.is_none() {
+        let c =
+            redis::Client::open(bp.config.url.as_str())?.get_connection_with_timeout(IO_TIMEOUT)?;
+        c.set_read_timeout(Some(IO_TIMEOUT))?;
+        c.set_write_timeout(Some(IO_TIMEOUT))?;
+        *conn = Some(c);
+    }
+    conn.as_mut()
+        .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "not connected")))
+}
+
+/// Runs the append script for every user of the dispatch inside one MULTI/EXEC: all users get
+/// the event, or (on an error) none does.
+fn publish(
+    conn: &mut redis::Connection,
+    bp: &Backplane,
+    config: &crate::history::HistoryConfig,
+    request: &PublishRequest,
+) -> redis::RedisResult<Vec<(UserId, Offset)>> {
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(history::APPEND_SCRIPT)
+        .query(conn)?;
+    let prefix = &bp.config.channel_prefix;
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let users = &request.dispatch.users;
+    for user in users.iter() {
+        pipe.cmd("EVALSHA")
+            .arg(&sha)
+            .arg(2)
+            .arg(history::stream_key(prefix, user))
+            .arg(super::wire::user_channel(prefix, user))
+            .arg(format!("{:016x}", bp.node_id))
+            .arg(request.dispatch.frame.as_str())
+            .arg(config.max_len)
+            .arg(config.max_age.as_millis() as u64);
+    }
+    let ids: Vec<String> = pipe.query(conn)?;
+    if ids.len() != users.len() {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "unexpected reply to the publish transaction",
+        )));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for (user, id) in users.iter().zip(ids) {
+        let offset = id.parse::<Offset>().map_err(|_| {
+            redis::RedisError::from((redis::ErrorKind::Client, "redis returned a bad stream id"))
+        })?;
+        out.push((user.clone(), offset));
+    }
+    Ok(out)
+}
+
+/// `XREVRANGE key (before - COUNT limit`: newest first.
+fn page(
+    conn: &mut redis::Connection,
+    prefix: &str,
+    request: &PageRequest,
+) -> redis::RedisResult<Vec<tungstenite::Utf8Bytes>> {
+    let key = history::stream_key(prefix, &request.user);
+    let end = match request.before {
+        Some(b) => format!("({b}"),
+        None => "+".to_string(),
+    };
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(&key)
+        .arg(end)
+        .arg("-")
+        .arg("COUNT")
+        .arg(request.limit)
+        .query(conn)?;
+    Ok(reply
+        .ids
+        .into_iter()
+        .filter_map(|entry| {
+            let offset = entry.id.parse::<Offset>().ok()?;
+            match entry.map.get("f") {
+                Some(redis::Value::BulkString(b)) => std::str::from_utf8(b)
+                    .ok()
+                    .map(|f| history::with_offset(f, offset)),
+                _ => None,
+            }
+        })
+        .collect())
 }
 
 /// `XRANGE key since + COUNT n`: `since` itself is asked for too, because its presence is what

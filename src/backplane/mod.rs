@@ -182,6 +182,49 @@ pub struct ReplayRequest {
     pub deadline: std::time::Instant,
 }
 
+/// A request for a page of `user`'s history, newest first, for a `history` event (`ack`) or a
+/// waiting `GET /api/history` (no `ack`).
+#[derive(Debug, Clone)]
+pub struct PageRequest {
+    /// The user.
+    pub user: UserId,
+    /// Only events before this offset.
+    pub before: Option<Offset>,
+    /// At most this many.
+    pub limit: usize,
+    /// The core owning the connection.
+    pub core: usize,
+    /// The connection's slab key there.
+    pub key: usize,
+    /// The connection's serial.
+    pub serial: u64,
+    /// The `history` event's ack number; `None` for HTTP.
+    pub ack: Option<u64>,
+}
+
+/// A `POST /api/publish` waiting for its offsets: the dispatch is appended and published for
+/// every user in one MULTI/EXEC, so it happens for all of them or for none.
+#[derive(Debug)]
+pub struct PublishRequest {
+    /// The dispatch.
+    pub dispatch: Arc<Dispatch>,
+    /// The core owning the HTTP connection.
+    pub core: usize,
+    /// The connection's slab key there.
+    pub key: usize,
+    /// The connection's serial.
+    pub serial: u64,
+}
+
+/// Work for the history worker.
+#[derive(Debug)]
+pub(crate) enum Job {
+    Replay(ReplayRequest),
+    Page(PageRequest),
+    Publish(PublishRequest),
+    Stop,
+}
+
 /// A change in which cores host a user, sent by a core to the subscriber.
 pub(crate) enum Membership {
     /// The user's first connection on `core` opened.
@@ -238,6 +281,8 @@ pub struct Backplane {
     history: OnceLock<HistoryConfig>,
     /// Replay requests from the cores, for the subscriber.
     replays: SegQueue<ReplayRequest>,
+    /// The history worker's queue (pages go straight there; replays through the subscriber).
+    jobs: OnceLock<std::sync::mpsc::Sender<Job>>,
     /// Counters.
     pub stats: BackplaneStats,
 }
@@ -257,6 +302,7 @@ impl Backplane {
             stop: AtomicBool::new(false),
             history: OnceLock::new(),
             replays: SegQueue::new(),
+            jobs: OnceLock::new(),
             stats: BackplaneStats::default(),
         })
     }
@@ -278,11 +324,29 @@ impl Backplane {
         self.wake_subscriber();
     }
 
+    /// Asks the history worker for a page; the answer arrives in the core's inbox as
+    /// [`crate::bus::CoreMsg::Page`]. Returns `false` when there is no worker (history off).
+    pub fn request_page(&self, request: PageRequest) -> bool {
+        self.jobs
+            .get()
+            .is_some_and(|jobs| jobs.send(Job::Page(request)).is_ok())
+    }
+
+    /// Has the history worker append and publish `request.dispatch` for all its users at once;
+    /// the offsets arrive in the core's inbox as [`crate::bus::CoreMsg::Published`]. Returns
+    /// `false` when there is no worker (history off).
+    pub fn request_publish(&self, request: PublishRequest) -> bool {
+        self.jobs
+            .get()
+            .is_some_and(|jobs| jobs.send(Job::Publish(request)).is_ok())
+    }
+
     /// Starts the publisher and subscriber threads (and the history worker with history on).
     pub fn start(self: &Arc<Self>, bus: Arc<Bus>) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut threads = Vec::new();
         let worker = if self.history.get().is_some() {
             let (tx, rx) = std::sync::mpsc::channel();
+            let _ = self.jobs.set(tx.clone());
             let this = Arc::clone(self);
             let bus = Arc::clone(&bus);
             threads.push(
@@ -316,6 +380,9 @@ impl Backplane {
         }
         if let Some(w) = self.subscriber_waker.get() {
             let _ = w.wake();
+        }
+        if let Some(jobs) = self.jobs.get() {
+            let _ = jobs.send(Job::Stop);
         }
     }
 

@@ -24,7 +24,7 @@ use tungstenite::Utf8Bytes;
 use super::cluster::SlotMap;
 use super::publisher::payload_hash;
 use super::wire::{self, Skip};
-use super::{Backoff, Backplane, Membership, ReplayRequest, Routing};
+use super::{Backoff, Backplane, Job, Membership, ReplayRequest, Routing};
 use crate::bus::{Bus, CoreMsg, Dispatch};
 use crate::history::Delivery;
 use crate::UserId;
@@ -83,7 +83,7 @@ pub struct Subscriber {
     /// Replay requests waiting for their user's subscription to be confirmed.
     pending_replays: HashMap<UserId, Vec<ReplayRequest>>,
     /// The history worker, when history is on.
-    worker: Option<std::sync::mpsc::Sender<ReplayRequest>>,
+    worker: Option<std::sync::mpsc::Sender<Job>>,
 }
 
 impl Subscriber {
@@ -91,7 +91,7 @@ impl Subscriber {
     pub(crate) fn new(
         bp: Arc<Backplane>,
         bus: Arc<Bus>,
-        worker: Option<std::sync::mpsc::Sender<ReplayRequest>>,
+        worker: Option<std::sync::mpsc::Sender<Job>>,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
@@ -631,7 +631,7 @@ impl Subscriber {
     fn to_worker(&self, request: ReplayRequest) {
         if let Some(worker) = &self.worker {
             // Fails only when the worker exited (shutdown); the core's deadline answers then.
-            let _ = worker.send(request);
+            let _ = worker.send(Job::Replay(request));
         }
     }
 
