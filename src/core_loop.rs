@@ -42,6 +42,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long an HTTP reply may take to be written and the client to hang up.
 const REPLY_GRACE: Duration = Duration::from_secs(5);
+/// How often core 0 drops expired embedded history (users who stopped getting events).
+const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long an HTTP request may wait for Redis (history page, publish) before a 503.
 const API_WAIT: Duration = Duration::from_secs(5);
 /// Accepting stops this long after the process ran out of file descriptors.
@@ -74,6 +76,8 @@ pub struct CoreLoop {
     accept_paused_until: Option<Instant>,
     shutdown_deadline: Option<Instant>,
     next_sweep: Instant,
+    /// Core 0 purges expired embedded history this often.
+    next_purge: Instant,
 }
 
 impl CoreLoop {
@@ -107,6 +111,7 @@ impl CoreLoop {
             accept_paused_until: None,
             shutdown_deadline: None,
             next_sweep: Instant::now() + SWEEP_INTERVAL,
+            next_purge: Instant::now() + PURGE_INTERVAL,
         })
     }
 
@@ -164,6 +169,12 @@ impl CoreLoop {
             if now >= self.next_sweep {
                 self.sweep(now);
                 self.next_sweep = now + SWEEP_INTERVAL;
+                if self.id == 0 && now >= self.next_purge {
+                    if let Some(store) = &self.shared.history {
+                        store.purge(crate::handlers::now_ms());
+                    }
+                    self.next_purge = now + PURGE_INTERVAL;
+                }
                 self.flush_dirty();
             }
             if self.shared.shutdown.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {

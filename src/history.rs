@@ -227,6 +227,14 @@ pub fn finish_recovery(
     (out, last)
 }
 
+/// One lock's worth of users. The sequence is per shard, not per user, so a user whose ring
+/// was purged and is created again never reuses a sequence an old offset could name.
+#[derive(Default)]
+struct Shard {
+    seq: u64,
+    rings: HashMap<UserId, Ring>,
+}
+
 struct Ring {
     /// (offset sequence, append time in ms, frame with offset)
     entries: VecDeque<(u64, u64, Utf8Bytes)>,
@@ -241,7 +249,7 @@ pub struct MemoryHistory {
     epoch: u64,
     max_len: usize,
     max_age_ms: u64,
-    shards: Box<[Mutex<HashMap<UserId, Ring>>]>,
+    shards: Box<[Mutex<Shard>]>,
 }
 
 impl MemoryHistory {
@@ -251,11 +259,11 @@ impl MemoryHistory {
             epoch,
             max_len: config.max_len,
             max_age_ms: config.max_age.as_millis() as u64,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
 
-    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<UserId, Ring>> {
+    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, Shard> {
         let mut h = std::hash::DefaultHasher::new();
         user.hash(&mut h);
         let shard = &self.shards[(h.finish() % SHARDS as u64) as usize];
@@ -281,13 +289,16 @@ impl MemoryHistory {
     /// and calls `deliver` with the delivery while the user's shard is still locked, so
     /// deliveries of one user leave in offset order.
     pub fn append(&self, user: &UserId, frame: &str, now_ms: u64, deliver: impl FnOnce(Delivery)) {
-        let mut shard = self.shard(user);
-        let ring = shard.entry(user.clone()).or_insert_with(|| Ring {
+        let mut guard = self.shard(user);
+        let shard = &mut *guard;
+        // A new ring knows nothing of the shard's earlier sequences: as if they were dropped.
+        let ring = shard.rings.entry(user.clone()).or_insert_with(|| Ring {
             entries: VecDeque::new(),
-            last_seq: 0,
-            dropped_through: 0,
+            last_seq: shard.seq,
+            dropped_through: shard.seq,
         });
-        ring.last_seq += 1;
+        shard.seq += 1;
+        ring.last_seq = shard.seq;
         let offset = Offset(self.epoch, ring.last_seq);
         let framed = with_offset(frame, offset);
         ring.entries
@@ -300,13 +311,25 @@ impl MemoryHistory {
         });
     }
 
+    /// Drops expired events of every user and forgets users with none left, so users who stop
+    /// receiving events do not keep memory for good. Call now and then (core 0's sweep does).
+    pub fn purge(&self, now_ms: u64) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.rings.retain(|_, ring| {
+                self.trim(ring, now_ms);
+                !ring.entries.is_empty()
+            });
+        }
+    }
+
     /// The retained events of `user` after `since`, oldest first.
     pub fn replay(&self, user: &UserId, since: Option<Offset>, now_ms: u64) -> Replay {
         let Some(since) = since.filter(|s| s.0 == self.epoch) else {
             return Replay::default();
         };
         let mut shard = self.shard(user);
-        let Some(ring) = shard.get_mut(user) else {
+        let Some(ring) = shard.rings.get_mut(user) else {
             return Replay::default();
         };
         self.trim(ring, now_ms);
@@ -331,7 +354,7 @@ impl MemoryHistory {
         now_ms: u64,
     ) -> Vec<(Offset, Utf8Bytes)> {
         let mut shard = self.shard(user);
-        let Some(ring) = shard.get_mut(user) else {
+        let Some(ring) = shard.rings.get_mut(user) else {
             return Vec::new();
         };
         self.trim(ring, now_ms);
@@ -440,6 +463,15 @@ mod tests {
         let r = h.replay(&u, Some(offs[3]), 20_000);
         assert!(!r.complete && r.entries.is_empty());
         assert!(h.replay(&u, Some(offs[4]), 20_000).complete);
+        // Purged, the user is forgotten; later events continue the sequence (no old offset
+        // names a new event), and only what the new ring cannot vouch for is incomplete.
+        h.purge(20_000);
+        assert!(h.shard(&u).rings.is_empty());
+        let next = add(&h, &u, 9, 20_000);
+        assert!(next > offs[4]);
+        let r = h.replay(&u, Some(offs[4]), 20_000);
+        assert!(r.complete && r.entries.len() == 1 && r.entries[0].0 == next);
+        assert!(!h.replay(&u, Some(offs[3]), 20_000).complete);
     }
 
     #[test]
