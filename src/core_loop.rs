@@ -856,6 +856,11 @@ impl CoreLoop {
             self.outbox.clear();
         }
         self.flush_outbox();
+        if std::mem::take(&mut self.drain_self) {
+            // History deliveries travel through the inbox (offset order across cores); taking
+            // them now keeps the sender's own copy ahead of its ack, as without history.
+            self.drain_inbox();
+        }
         match (result, ack) {
             (Ok(value), Some(n)) => self.send(key, protocol::encode_ack(n, &value)),
             (Ok(_), None) => {}

@@ -64,7 +64,7 @@ pub struct HistoryConfig {
 impl Default for HistoryConfig {
     fn default() -> Self {
         HistoryConfig {
-            enabled: false,
+            enabled: true,
             max_len: DEFAULT_MAX_LEN,
             max_age: DEFAULT_MAX_AGE,
             max_page: DEFAULT_MAX_PAGE,

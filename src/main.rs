@@ -119,7 +119,7 @@ struct Cli {
 
     /// Offsets, per-user history and resume (`?since=`): `on` or `off`. Applies to embedded mode
     /// and per-user Redis routing; with `--routing seed` or `--redis-cluster` it stays off.
-    #[arg(long, env = "SWITCHBOARD_HISTORY", value_enum, default_value_t = OnOff::Off)]
+    #[arg(long, env = "SWITCHBOARD_HISTORY", value_enum, default_value_t = OnOff::On)]
     history: OnOff,
 
     /// Events kept per user.

@@ -44,8 +44,39 @@ fn devices_on_two_instances_each_get_the_event_once() {
         assert_eq!(u2.recv_event("newMessage")["args"]["text"], format!("m{n}"));
     }
     u2.expect_silence(Duration::from_millis(100));
+    // With history on, every device gets its frames through Redis (so that all agree on the
+    // offsets), A's own devices included.
+    assert!(b.bp_stat(|s| &s.delivered) >= 20);
+    assert!(a.bp_stat(|s| &s.delivered) >= 40, "u1 and u2 on A");
+    assert_eq!(a.bp_stat(|s| &s.ignored_own), 0);
+}
+
+#[test]
+fn without_history_own_publications_are_skipped() {
+    let redis = TestRedis::start();
+    let a = redis_server_history(&redis, Routing::PerUser, Duration::from_millis(300), false);
+    let b = redis_server_history(&redis, Routing::PerUser, Duration::from_millis(300), false);
+    let mut u1_a = a.connect("u1");
+    let mut u1_b = b.connect("u1");
+    let mut u2 = a.connect("u2");
+    a.wait_channels(2);
+    b.wait_channels(1);
+    for n in 0..20 {
+        u2.send_message("u1", &format!("m{n}"));
+    }
+    for dev in [&mut u1_a, &mut u1_b] {
+        for n in 0..20 {
+            let m = dev.recv_event("newMessage");
+            assert_eq!(m["args"]["text"], format!("m{n}"), "in order, once");
+            assert!(m.get("offset").is_none(), "no history, no offsets: {m}");
+        }
+        dev.expect_silence(Duration::from_millis(200));
+    }
     // B got u1's traffic from Redis; A's own publications came back and were skipped.
     assert!(b.bp_stat(|s| &s.delivered) >= 20);
+    wait_for("A to see its own 40 publications", || {
+        a.bp_stat(|s| &s.ignored_own) >= 40
+    });
     assert_eq!(
         a.bp_stat(|s| &s.delivered),
         0,
@@ -84,12 +115,13 @@ fn per_user_routing_keeps_unrelated_instances_quiet() {
 }
 
 #[test]
-fn redis_outage_keeps_local_delivery_and_resumes_with_the_backlog() {
+fn without_history_a_redis_outage_keeps_local_delivery_and_resumes_with_the_backlog() {
     let mut redis = TestRedis::start();
     // A holds its backlog for 2 s after reconnecting; B re-subscribes within 300 ms of Redis
-    // being back, even on a loaded machine.
-    let a = redis_server_with(&redis, Routing::PerUser, Duration::from_secs(2));
-    let b = redis_server(&redis, Routing::PerUser);
+    // being back, even on a loaded machine. Local-first delivery is a history-off property:
+    // with history on, offsets come from Redis (see the next test).
+    let a = redis_server_history(&redis, Routing::PerUser, Duration::from_secs(2), false);
+    let b = redis_server_history(&redis, Routing::PerUser, Duration::from_millis(300), false);
     let mut u1_a = a.connect("u1");
     let mut u1_b = b.connect("u1");
     let mut u2 = a.connect("u2");
@@ -136,6 +168,42 @@ fn redis_outage_keeps_local_delivery_and_resumes_with_the_backlog() {
 }
 
 #[test]
+fn with_history_a_redis_outage_delays_delivery_and_loses_nothing() {
+    let mut redis = TestRedis::start();
+    let a = redis_server_with(&redis, Routing::PerUser, Duration::from_secs(1));
+    let b = redis_server(&redis, Routing::PerUser);
+    let mut u1_a = a.connect("u1");
+    let mut u1_b = b.connect("u1");
+    let mut u2 = a.connect("u2");
+    a.wait_channels(2);
+    b.wait_channels(1);
+
+    redis.kill();
+    wait_for("A to notice the outage", || {
+        a.bp_stat(|s| &s.subscriber_connected) == 0
+    });
+    for n in 0..5 {
+        u2.send_message("u1", &format!("during {n}"));
+    }
+    // No offset without Redis: nobody gets the events yet, not even on A.
+    u1_a.expect_silence(Duration::from_millis(300));
+
+    redis.restart();
+    // Then every device gets them, in order, with the same offsets everywhere.
+    let mut offsets = Vec::new();
+    for dev in [&mut u1_a, &mut u1_b] {
+        let mut seen = Vec::new();
+        for n in 0..5 {
+            let m = dev.recv_event("newMessage");
+            assert_eq!(m["args"]["text"], format!("during {n}"));
+            seen.push(m["offset"].as_str().unwrap().to_string());
+        }
+        offsets.push(seen);
+    }
+    assert_eq!(offsets[0], offsets[1]);
+}
+
+#[test]
 fn garbage_on_the_channels_is_counted_and_skipped() {
     let redis = TestRedis::start();
     let a = redis_server(&redis, Routing::PerUser);
@@ -149,6 +217,7 @@ fn garbage_on_the_channels_is_counted_and_skipped() {
         b"0000000000000001 [1]",
         b"0000000000000001 {\"event\":\xff}",
         b"",
+        b"00000000000000ff {\"event\":\"no offset\"}",
     ] {
         let _: i64 = redis::cmd("PUBLISH")
             .arg(channel)
@@ -156,17 +225,18 @@ fn garbage_on_the_channels_is_counted_and_skipped() {
             .query(&mut r)
             .unwrap();
     }
-    wait_for("5 invalid payloads", || a.bp_stat(|s| &s.invalid) == 5);
+    wait_for("6 invalid payloads", || a.bp_stat(|s| &s.invalid) == 6);
     u1.expect_silence(Duration::from_millis(200));
     // A well-formed foreign publication still arrives, and u1 is still connected.
+    // (History on: the payload carries the offset, see backplane::wire.)
     let _: i64 = redis::cmd("PUBLISH")
         .arg(channel)
-        .arg(r#"00000000000000ff {"event":"notice","args":{"x":1}}"#)
+        .arg(r#"00000000000000ff 5-1 {"event":"notice","args":{"x":1},"offset":"5-1"}"#)
         .query(&mut r)
         .unwrap();
     assert_eq!(
         u1.recv_json(),
-        serde_json::json!({"event": "notice", "args": {"x": 1}})
+        serde_json::json!({"event": "notice", "args": {"x": 1}, "offset": "5-1"})
     );
 }
 

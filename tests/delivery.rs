@@ -132,14 +132,16 @@ fn embedders_register_their_own_handlers() {
     let mut a = server.connect("a");
     let mut b = server.connect("b");
     a.send_json(&serde_json::json!({"event": "shout", "args": "hi", "ack": 9}));
-    assert_eq!(
-        b.recv_json(),
-        serde_json::json!({"event": "shouted", "args": "HI"})
-    );
-    assert_eq!(
-        a.recv_json(),
-        serde_json::json!({"event": "shouted", "args": "HI"})
-    );
+    // Each user's copy carries that user's own offset (history is on by default).
+    for device in [&mut b, &mut a] {
+        let mut m = device.recv_json();
+        let offset = m["offset"].take();
+        assert!(offset.as_str().is_some_and(|o| o.contains('-')), "{m}");
+        assert_eq!(
+            m,
+            serde_json::json!({"event": "shouted", "args": "HI", "offset": null})
+        );
+    }
     assert_eq!(
         a.recv_json(),
         serde_json::json!({"event": "ack", "ack": 9, "args": {"by": "a"}})

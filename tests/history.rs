@@ -244,12 +244,29 @@ fn embedded_since_older_than_history_is_incomplete() {
 
 #[test]
 fn history_off_sends_no_offsets() {
-    let server = TestServer::start();
+    let mut config = test_config();
+    config.history.enabled = false;
+    let server = TestServer::with_config(config);
     let mut u1 = server.connect("u1");
     let mut u2 = server.connect("u2");
     u2.send_message("u1", "x");
     let m = u1.recv_event("newMessage");
     assert!(m.get("offset").is_none(), "{m}");
+    // Nor resume: `since` is ignored, and the reserved events are unknown.
+    let mut c = resume(server.addr, "u1", "1-1");
+    c.send_json(&serde_json::json!({"event": "history", "ack": 1}));
+    let e = c.recv_json();
+    assert_eq!(e["event"], "error", "{e}");
+    assert_eq!(e["args"]["code"], "unknown_event");
+}
+
+#[test]
+fn history_is_on_by_default() {
+    let server = TestServer::start();
+    let mut u1 = server.connect("u1");
+    let mut u2 = server.connect("u2");
+    u2.send_message("u1", "x");
+    offset_of(&u1.recv_event("newMessage"));
 }
 
 fn wait_subscribed(redis: &TestRedis, user: &str, n: usize) {

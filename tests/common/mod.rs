@@ -743,13 +743,25 @@ pub fn redis_server_with(
     routing: switchboard::backplane::Routing,
     reconnect_max: Duration,
 ) -> TestServer {
+    redis_server_history(redis, routing, reconnect_max, true)
+}
+
+/// Like [`redis_server_with`], with history on or off (on is the default).
+pub fn redis_server_history(
+    redis: &TestRedis,
+    routing: switchboard::backplane::Routing,
+    reconnect_max: Duration,
+    history: bool,
+) -> TestServer {
     let mut rc = switchboard::backplane::RedisConfig::new(redis.url());
     rc.routing = routing;
     rc.reconnect_max = reconnect_max;
-    TestServer::with_config(Config {
+    let mut config = Config {
         backplane: Some(rc),
         ..test_config()
-    })
+    };
+    config.history.enabled = history;
+    TestServer::with_config(config)
 }
 
 impl TestServer {
