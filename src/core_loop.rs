@@ -335,7 +335,12 @@ impl CoreLoop {
             "/ws" | "/healthz" | "/metrics" | "/api/history"
         );
         if known && req.method != "GET" || req.path == "/api/publish" && req.method != "POST" {
-            self.reply(key, http::error_response(405, "method not allowed"), &rest);
+            let response = if req.path.starts_with("/api/") {
+                api::json_error(405, "method not allowed")
+            } else {
+                http::error_response(405, "method not allowed")
+            };
+            self.reply(key, response, &rest);
             return;
         }
         match req.path.as_str() {

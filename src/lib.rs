@@ -18,6 +18,10 @@
 //!   (bounded lock-free inboxes plus `mio::Waker`).
 //! - With a [`backplane`], dispatches also go to other instances through Redis pub/sub: a
 //!   publisher thread pipelines what the cores queue, a subscriber thread feeds the inboxes.
+//! - With [`history`] on (the default), every event a user gets carries a per-user offset and is
+//!   kept (embedded: a ring per user; Redis: a stream per user, appended and published by one
+//!   script), so a device that reconnects with `?since=` gets what it missed, then live events.
+//!   [`api`] serves `GET /api/history` and `POST /api/publish`.
 //! - [`metrics`] are per-core counters summed on demand for `/metrics` and `/healthz`.
 //! - [`config`] holds every bound and its documented default.
 //!

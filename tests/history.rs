@@ -545,3 +545,37 @@ fn publish_is_off_without_an_api_key() {
     let (status, body) = post(server.addr, "/api/publish", "anything", "{}");
     assert_eq!(status, 404, "{body}");
 }
+
+#[test]
+fn publish_reaches_every_device_of_every_user_across_instances() {
+    let redis = TestRedis::start();
+    let a = api_server(Some(&redis));
+    let b = api_server(Some(&redis));
+    let mut devices = [
+        ("u1", Client::connect(a.addr, &token("u1"))),
+        ("u1", Client::connect(b.addr, &token("u1"))),
+        ("u2", Client::connect(b.addr, &token("u2"))),
+        ("u3", Client::connect(a.addr, &token("u3"))),
+    ];
+    wait_subscribed(&redis, "u1", 2);
+    wait_subscribed(&redis, "u2", 1);
+    wait_subscribed(&redis, "u3", 1);
+    let body = r#"{"users":["u1","u2","u3"],"event":"notice","args":{"n":2}}"#;
+    let (status, answer) = post(a.addr, "/api/publish", API_KEY, body);
+    assert_eq!(status, 200, "{answer}");
+    for (user, device) in devices.iter_mut() {
+        let m = device.recv_json();
+        assert_eq!(m["event"], "notice", "{user}: {m}");
+        assert_eq!(m["args"]["n"], 2);
+        assert_eq!(m["offset"], answer["offsets"][*user], "{answer}");
+        device.expect_silence(Duration::from_millis(100));
+    }
+    // The publication is in each user's history too.
+    let (_, page) = b.get(&format!("/api/history?token={}&limit=1", token("u2")));
+    let page: Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["events"][0]["offset"], answer["offsets"]["u2"]);
+    // Another method is refused, with a JSON body.
+    let (status, body) = http_get(a.addr, "/api/publish");
+    assert_eq!(status, 405);
+    assert!(serde_json::from_str::<Value>(&body).is_ok(), "{body}");
+}

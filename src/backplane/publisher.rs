@@ -129,9 +129,14 @@ impl Publisher {
         let mut shard_of = Vec::with_capacity(batch.len());
         let mut wires: Vec<(String, Vec<u8>)> = Vec::with_capacity(batch.len());
         for p in batch.iter() {
-            let mut payload = Vec::with_capacity(p.dispatch.frame.len() + 24);
+            let mut payload = Vec::new();
             let channel = match bp.config.routing {
+                // History: the script builds the payload (it needs the offset Redis assigns).
+                Routing::PerUser if bp.history().is_some() => {
+                    wire::user_channel(&bp.config.channel_prefix, &p.user)
+                }
                 Routing::PerUser => {
+                    payload.reserve(p.dispatch.frame.len() + 24);
                     wire::write_user_payload(&mut payload, bp.node_id, p.dispatch.frame.as_str());
                     wire::user_channel(&bp.config.channel_prefix, &p.user)
                 }
