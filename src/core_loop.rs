@@ -1140,8 +1140,15 @@ impl CoreLoop {
         let Some(rec) = open.recovering.take() else {
             return;
         };
+        let complete = result.replay.complete && !rec.overflow;
         let (frames, last) = history::finish_recovery(rec, result.replay, open.last_offset);
         open.last_offset = last;
+        let m = &self.shared.metrics[self.id];
+        if complete {
+            add(&m.recoveries_complete, 1);
+        } else {
+            add(&m.recoveries_incomplete, 1);
+        }
         for frame in frames {
             self.send(result.key, frame);
         }

@@ -213,7 +213,10 @@ pub fn finish_recovery(
     mut high: Option<Offset>,
 ) -> (Vec<Utf8Bytes>, Option<Offset>) {
     let mut out = Vec::with_capacity(replay.entries.len() + rec.buffered.len() + 1);
-    let since = rec.since;
+    let complete = replay.complete && !rec.overflow;
+    // An incomplete recovery's `since` may be anything (another run's, garbage): only a valid one
+    // may hide frames.
+    let since = rec.since.filter(|_| complete);
     let fresh = |o: Offset, high: Option<Offset>| Some(o) > high && Some(o) > since;
     for (offset, frame) in replay.entries.into_iter().chain(rec.buffered) {
         if fresh(offset, high) {
@@ -221,8 +224,7 @@ pub fn finish_recovery(
             out.push(frame);
         }
     }
-    let complete = replay.complete && !rec.overflow;
-    let last = high.max(since.filter(|_| complete));
+    let last = high.max(since);
     out.push(encode_recovered(complete, last));
     (out, last)
 }
@@ -520,5 +522,17 @@ mod tests {
         assert_eq!(&texts[..4], ["3", "4", "5", "6"]);
         assert!(texts[4].contains(r#""complete":true,"offset":"1-6""#));
         assert_eq!(last, Some(o(6)));
+
+        // A bogus `since` (far ahead) is incomplete and hides nothing that arrived live.
+        let rec = Recovering {
+            since: Some(o(99)),
+            buffered: vec![(o(7), f(7))],
+            overflow: false,
+            deadline: std::time::Instant::now(),
+        };
+        let (out, last) = finish_recovery(rec, Replay::default(), None);
+        assert_eq!(out[0].as_str(), "7");
+        assert!(out[1].contains(r#""complete":false,"offset":"1-7""#));
+        assert_eq!(last, Some(o(7)));
     }
 }

@@ -78,6 +78,10 @@ pub struct CoreMetrics {
     pub client_errors: AtomicU64,
     /// Plain HTTP requests answered (health, metrics, errors).
     pub http_requests: AtomicU64,
+    /// Resumes (`?since=`, `resume`) that ended with `complete: true`.
+    pub recoveries_complete: AtomicU64,
+    /// Resumes that ended with `complete: false` (history lost, unknown offset, timeout).
+    pub recoveries_incomplete: AtomicU64,
 }
 
 /// Adds `n` to a counter owned by the calling core.
@@ -192,6 +196,18 @@ pub fn render_prometheus(cores: &[CoreMetrics]) -> String {
         "counter",
         "Error events sent for bad input.",
         &|c| &c.client_errors,
+    );
+    family(
+        "switchboard_recoveries_complete_total",
+        "counter",
+        "Resumes that replayed everything missed.",
+        &|c| &c.recoveries_complete,
+    );
+    family(
+        "switchboard_recoveries_incomplete_total",
+        "counter",
+        "Resumes that could not replay everything missed (complete: false).",
+        &|c| &c.recoveries_incomplete,
     );
     family(
         "switchboard_http_requests_total",

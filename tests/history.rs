@@ -240,6 +240,14 @@ fn embedded_since_older_than_history_is_incomplete() {
         let r = c.recv_event("recovered");
         assert_eq!(r["args"]["complete"], false, "{since}: {r}");
     }
+    assert_eq!(
+        metric(server.addr, "switchboard_recoveries_incomplete_total"),
+        3
+    );
+    assert_eq!(
+        metric(server.addr, "switchboard_recoveries_complete_total"),
+        0
+    );
 }
 
 #[test]
