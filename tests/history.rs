@@ -98,20 +98,43 @@ struct LiveSender {
 impl LiveSender {
     fn start(live_addr: SocketAddr) -> Self {
         let mut u3 = Client::connect(live_addr, "u3");
+        // Until its instance is subscribed to u3's channel, u3 would not get its own copies
+        // (a fresh connection gets what is published after that): probe until one comes back.
+        let deadline = std::time::Instant::now() + DEADLINE;
+        'probe: loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "u3 never got its probe"
+            );
+            u3.send_message("u3", "probe");
+            let wait = std::time::Instant::now() + Duration::from_millis(300);
+            while let Some(Ok(tungstenite::Message::Text(t))) = u3.next_message(wait) {
+                if t.contains("probe") {
+                    break 'probe;
+                }
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
             let mut k = 0;
-            while !flag.load(Ordering::SeqCst) && k < 2000 {
-                u3.send_message("u1", &format!("live{k}"));
-                k += 1;
-                std::thread::sleep(Duration::from_millis(1));
+            // Bursts with short pauses: dense enough that a gap at the seam (even one of a
+            // fraction of a millisecond) would swallow a message.
+            while !flag.load(Ordering::SeqCst) && k < 3000 {
+                for _ in 0..20 {
+                    u3.send_message("u1", &format!("live{k}"));
+                    k += 1;
+                }
+                std::thread::sleep(Duration::from_millis(2));
             }
             // Every message is acknowledged by its own copy coming back: all were dispatched.
             let mut seen = 0;
             while seen < k {
                 let m = u3.recv_event("newMessage");
-                if m["args"]["from"] == "u3" {
+                if m["args"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("live"))
+                {
                     seen += 1;
                 }
             }
@@ -194,7 +217,18 @@ fn check_resumed(laptop: &mut Client, missed: usize, live: LiveSender) {
 /// The kitchen scenario on any deployment: phone on `a`, laptop on `b` (connected by the
 /// caller), the laptop drops, 100 messages arrive, `between` runs (kill B, restart Redis...),
 /// and the laptop resumes on `a` while messages keep coming.
-fn kitchen(a: SocketAddr, mut laptop: Client, between: impl FnOnce(), wait_ready: impl Fn()) {
+fn kitchen(a: SocketAddr, laptop: Client, between: impl FnOnce(), wait_ready: impl Fn()) {
+    kitchen_to(a, a, laptop, between, wait_ready)
+}
+
+/// [`kitchen`], with the laptop resuming on `resume_on`.
+fn kitchen_to(
+    a: SocketAddr,
+    resume_on: SocketAddr,
+    mut laptop: Client,
+    between: impl FnOnce(),
+    wait_ready: impl Fn(),
+) {
     let mut phone = Client::connect(a, "u1");
     let mut u2 = Client::connect(a, "u2");
     wait_ready();
@@ -205,7 +239,7 @@ fn kitchen(a: SocketAddr, mut laptop: Client, between: impl FnOnce(), wait_ready
     let _ = send_and_witness(&mut u2, "u1", &mut phone, "m", 100);
     between();
     let live = LiveSender::start(a);
-    let mut laptop = resume(a, "u1", &seen.to_string());
+    let mut laptop = resume(resume_on, "u1", &seen.to_string());
     check_resumed(&mut laptop, 100, live);
 }
 
@@ -298,6 +332,27 @@ fn kitchen_across_instances() {
     let laptop = b.connect("u1");
     kitchen(
         a.addr,
+        laptop,
+        || {},
+        || {
+            wait_subscribed(&redis, "u1", 2);
+            wait_subscribed(&redis, "u2", 1);
+        },
+    );
+}
+
+#[test]
+fn kitchen_resuming_on_an_instance_that_never_hosted_the_user() {
+    // C subscribes to u1's channel only when the laptop arrives: the replay must wait for
+    // Redis to confirm that subscription, or what is published in between is lost.
+    let redis = TestRedis::start();
+    let a = on_redis(&redis, 1000);
+    let b = on_redis(&redis, 1000);
+    let c = on_redis(&redis, 1000);
+    let laptop = b.connect("u1");
+    kitchen_to(
+        a.addr,
+        c.addr,
         laptop,
         || {},
         || {
