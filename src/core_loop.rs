@@ -567,9 +567,15 @@ impl CoreLoop {
                 return self.reply(key, e.response(), &[]);
             }
         };
-        let Some(Connection::Request(pending)) = self.conns.try_remove(key) else {
+        let Some(Connection::Request(mut pending)) = self.conns.try_remove(key) else {
             return;
         };
+        if req.expect_continue && rest.len() < len {
+            // curl and others wait for this (up to a second) before sending a larger body. A
+            // fresh socket's send buffer takes these 25 bytes whole; if not, the client sends
+            // its body after its own timeout anyway.
+            let _ = std::io::Write::write(&mut pending.stream, b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
         let mut body = rest;
         body.truncate(len);
         let new_key = self.conns.insert(Connection::Body(PendingBody {

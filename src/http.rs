@@ -29,6 +29,8 @@ pub struct Request {
     pub bearer: Option<String>,
     /// `Content-Length`, when present and numeric.
     pub content_length: Option<usize>,
+    /// `Expect: 100-continue`: the client waits for `100 Continue` before sending its body.
+    pub expect_continue: bool,
 }
 
 /// What a buffer holding the start of a request amounts to so far.
@@ -100,6 +102,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, RequestError> {
             }
         } else if name.eq_ignore_ascii_case("content-length") {
             out.content_length = value.parse().ok();
+        } else if name.eq_ignore_ascii_case("expect") {
+            out.expect_continue = value.eq_ignore_ascii_case("100-continue");
         }
     }
     out.wants_upgrade = connection_upgrade && upgrade_websocket;

@@ -637,6 +637,25 @@ fn publish_reaches_every_device_of_every_user_across_instances() {
     let (_, page) = b.get(&format!("/api/history?token={}&limit=1", token("u2")));
     let page: Value = serde_json::from_str(&page).unwrap();
     assert_eq!(page["events"][0]["offset"], answer["offsets"]["u2"]);
+    // A client that waits for `100 Continue` before its body gets it.
+    let mut s = std::net::TcpStream::connect(a.addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    std::io::Write::write_all(&mut s, head.as_bytes()).unwrap();
+    let mut got = [0u8; 25];
+    std::io::Read::read_exact(&mut s, &mut got).unwrap();
+    assert_eq!(&got, b"HTTP/1.1 100 Continue\r\n\r\n");
+    std::io::Write::write_all(&mut s, body.as_bytes()).unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut rest);
+    assert!(rest.starts_with("HTTP/1.1 200"), "{rest}");
+    for (_, device) in devices.iter_mut() {
+        assert_eq!(device.recv_json()["event"], "notice");
+    }
     // Another method is refused, with a JSON body.
     let (status, body) = http_get(a.addr, "/api/publish");
     assert_eq!(status, 405);
