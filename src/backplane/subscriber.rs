@@ -762,3 +762,64 @@ impl Subscriber {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::RedisConfig;
+    use crate::history::Offset;
+
+    fn request(user: &str, core: usize, deadline: Instant) -> ReplayRequest {
+        ReplayRequest {
+            user: user.into(),
+            since: Offset(1, 1),
+            core,
+            key: 7,
+            serial: 3,
+            deadline,
+        }
+    }
+
+    /// A replay may run only once Redis confirmed the user's channel and the requesting core is
+    /// a host: before that, a publication could fall between the query and the subscription.
+    #[test]
+    fn replays_wait_for_the_confirmed_subscription_and_the_core() {
+        let bp = Backplane::new(RedisConfig::new("redis://127.0.0.1:1"), 1);
+        let bus = Arc::new(Bus::new(2, 16));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut sub = Subscriber::new(Arc::clone(&bp), bus, Some(tx)).unwrap();
+        let later = Instant::now() + Duration::from_secs(60);
+        bp.request_replay(request("u1", 1, later));
+        sub.take_replays();
+        assert!(rx.try_recv().is_err(), "not subscribed yet");
+
+        let u1 = UserId::from("u1");
+        sub.confirmed.insert(u1.clone());
+        sub.take_replays();
+        assert!(
+            rx.try_recv().is_err(),
+            "confirmed, but core 1 is not a host yet"
+        );
+
+        sub.hosts.insert(u1.clone(), SmallVec::from_slice(&[0]));
+        sub.take_replays();
+        assert!(
+            rx.try_recv().is_err(),
+            "another core hosts u1, not the requester"
+        );
+
+        sub.hosts.insert(u1, SmallVec::from_slice(&[0, 1]));
+        sub.take_replays();
+        match rx.try_recv() {
+            Ok(Job::Replay(r)) => assert_eq!((r.core, r.key, r.serial), (1, 7, 3)),
+            other => panic!("expected the replay, got {other:?}"),
+        }
+        assert!(sub.pending_replays.is_empty());
+
+        // A request past its deadline is dropped: the core has answered the client already.
+        bp.request_replay(request("u2", 0, Instant::now()));
+        sub.take_replays();
+        assert!(sub.pending_replays.is_empty());
+        assert!(rx.try_recv().is_err());
+    }
+}
