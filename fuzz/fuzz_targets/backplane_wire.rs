@@ -13,7 +13,10 @@ fn assert_event_frame(frame: &str) {
         #[allow(dead_code)]
         event: String,
     }
-    assert!(serde_json::from_str::<&serde_json::value::RawValue>(frame).is_ok(), "{frame}");
+    assert!(
+        serde_json::from_str::<&serde_json::value::RawValue>(frame).is_ok(),
+        "{frame}"
+    );
     assert!(serde_json::from_str::<EventOnly>(frame).is_ok(), "{frame}");
 }
 

@@ -47,14 +47,21 @@ impl Write for Mock<'_> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&chunk, input)) = data.split_first() else { return };
+    let Some((&chunk, input)) = data.split_first() else {
+        return;
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(256)
         .write_buffer_size(1024)
         .max_write_buffer_size(4096)
         .max_message_size(Some(4096))
         .max_frame_size(Some(4096));
-    let mock = Mock { input, chunk: usize::from(chunk % 64) + 1, block_next: false, written: 0 };
+    let mock = Mock {
+        input,
+        chunk: usize::from(chunk % 64) + 1,
+        block_next: false,
+        written: 0,
+    };
     let mut ws = WebSocket::from_raw_socket(mock, Role::Server, Some(config));
     for _ in 0..10_000 {
         match ws.read() {

@@ -204,7 +204,10 @@ mod tests {
         // Found by fuzz/backplane_wire: valid JSON by the grammar, so it is forwarded as sent.
         let payload = br#"{"event":"e","id":"u","args":[9999,99999999999999999999e9999]}"#;
         let (_, frame) = read_seed_payload(payload).unwrap();
-        assert_eq!(frame.as_str(), r#"{"event":"e","args":[9999,99999999999999999999e9999]}"#);
+        assert_eq!(
+            frame.as_str(),
+            r#"{"event":"e","args":[9999,99999999999999999999e9999]}"#
+        );
     }
 
     #[test]
