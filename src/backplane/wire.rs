@@ -235,6 +235,17 @@ mod tests {
     }
 
     #[test]
+    fn numbers_past_f64_range_pass_through_verbatim() {
+        // Found by fuzz/backplane_wire: valid JSON by the grammar, so it is forwarded as sent.
+        let payload = br#"{"event":"e","id":"u","args":[9999,99999999999999999999e9999]}"#;
+        let (_, frame) = read_seed_payload(payload).unwrap();
+        assert_eq!(
+            frame.as_str(),
+            r#"{"event":"e","args":[9999,99999999999999999999e9999]}"#
+        );
+    }
+
+    #[test]
     fn seed_payloads_from_javascript_are_accepted() {
         let (user, frame) = read_seed_payload(br#"{"id": 42, "event": "x"}"#).unwrap();
         assert_eq!(user, "42");
