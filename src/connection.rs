@@ -162,8 +162,9 @@ pub struct Open {
     pub serial: u64,
     /// The offset of the newest event sent (history on): anything at or below is a duplicate.
     pub last_offset: Option<crate::history::Offset>,
-    /// Set while the connection waits for its replay (`?since=`).
-    pub recovering: Option<crate::history::Recovering>,
+    /// Set while the connection waits for its replay (`?since=`). Boxed: most connections
+    /// never recover, and each byte here is paid by every idle connection.
+    pub recovering: Option<Box<crate::history::Recovering>>,
 }
 
 impl Connection {

@@ -1101,12 +1101,12 @@ impl CoreLoop {
         }
         let serial = open.serial;
         let user = open.user.clone();
-        open.recovering = Some(Recovering {
+        open.recovering = Some(Box::new(Recovering {
             since,
             buffered: Vec::new(),
             overflow: false,
             deadline: Instant::now() + history::RECOVERY_TIMEOUT,
-        });
+        }));
         if let Some(store) = &shared.history {
             // Embedded: the store answers at once. Deliveries already in this core's inbox are
             // in the replay too; the high-water mark drops them when they are drained.
@@ -1147,7 +1147,7 @@ impl CoreLoop {
             return;
         };
         let complete = result.replay.complete && !rec.overflow;
-        let (frames, last) = history::finish_recovery(rec, result.replay, open.last_offset);
+        let (frames, last) = history::finish_recovery(*rec, result.replay, open.last_offset);
         open.last_offset = last;
         let m = &self.shared.metrics[self.id];
         if complete {
