@@ -3,7 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchboard::backplane::wire::{read_seed_payload, read_user_payload, user_of_channel};
+use switchboard::backplane::wire::{
+    read_history_payload, read_seed_payload, read_user_payload, user_of_channel,
+};
 
 /// A frame must be JSON text (by the grammar: numbers past f64's range are valid JSON and are
 /// forwarded verbatim) whose `event` is a string.
@@ -23,6 +25,9 @@ fn assert_event_frame(frame: &str) {
 fuzz_target!(|data: &[u8]| {
     let _ = user_of_channel("switchboard", data);
     if let Ok(frame) = read_user_payload(data, 1) {
+        assert_event_frame(frame.as_str());
+    }
+    if let Ok((_offset, frame)) = read_history_payload(data) {
         assert_event_frame(frame.as_str());
     }
     if let Ok((user, frame)) = read_seed_payload(data) {

@@ -655,7 +655,16 @@ impl Subscriber {
             let user = wire::user_of_channel(&bp.config.channel_prefix, channel);
             match user.map(|u| (u, wire::read_history_payload(payload))) {
                 Some((user, Ok((offset, frame)))) => self.route_delivery(user, offset, frame),
-                _ => {
+                // An instance without history (an older version during a rolling upgrade, or
+                // `--history off`) publishes frames without offsets: still delivered, as they
+                // are, so a mixed fleet keeps working in this direction.
+                Some((user, Err(_))) => match wire::read_user_payload(payload, bp.node_id) {
+                    Ok(frame) => self.route(user, frame),
+                    Err(_) => {
+                        stats.invalid.fetch_add(1, Relaxed);
+                    }
+                },
+                None => {
                     stats.invalid.fetch_add(1, Relaxed);
                 }
             }
