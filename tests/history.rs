@@ -661,3 +661,28 @@ fn publish_reaches_every_device_of_every_user_across_instances() {
     assert_eq!(status, 405);
     assert!(serde_json::from_str::<Value>(&body).is_ok(), "{body}");
 }
+
+#[test]
+fn a_replay_cut_short_by_a_smaller_bound_is_incomplete() {
+    // A keeps 100 events per user, B only 10: B must not claim a complete replay of 40.
+    let redis = TestRedis::start();
+    let a = on_redis(&redis, 100);
+    let b = on_redis(&redis, 10);
+    let mut phone = a.connect("u1");
+    let mut u2 = a.connect("u2");
+    wait_subscribed(&redis, "u1", 1);
+    wait_subscribed(&redis, "u2", 1);
+    let first = send_and_witness(&mut u2, "u1", &mut phone, "a", 1);
+    send_and_witness(&mut u2, "u1", &mut phone, "m", 40);
+    let mut laptop = resume(b.addr, "u1", &first.to_string());
+    for i in 30..40 {
+        assert_eq!(
+            laptop.recv_json()["args"]["text"],
+            format!("m{i}"),
+            "the newest"
+        );
+    }
+    let r = laptop.recv_json();
+    assert_eq!(r["event"], "recovered");
+    assert_eq!(r["args"]["complete"], false, "{r}");
+}

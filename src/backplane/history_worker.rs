@@ -204,19 +204,36 @@ fn query(
     max_len: usize,
 ) -> redis::RedisResult<Replay> {
     let key = history::stream_key(prefix, &request.user);
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+    // `since` plus at most `max_len` entries, plus one: its presence means the stream is longer
+    // than this instance's bound (another instance keeps more), and the replay was cut short.
+    let count = max_len + 2;
+    let mut reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(&key)
         .arg(request.since.to_string())
         .arg("+")
         .arg("COUNT")
-        .arg(max_len + 1)
+        .arg(count)
         .query(conn)?;
+    let truncated = reply.ids.len() >= count;
+    if truncated {
+        // Send the newest ones instead: those are what the client is about to see live next
+        // to. (Rare: only a fleet with mixed bounds gets here.)
+        let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(&key)
+            .arg("+")
+            .arg(format!("({}", request.since))
+            .arg("COUNT")
+            .arg(max_len)
+            .query(conn)?;
+        reply.ids = newest.ids;
+        reply.ids.reverse();
+    }
     let mut replay = Replay::default();
     for (i, entry) in reply.ids.into_iter().enumerate() {
         let Ok(offset) = entry.id.parse::<Offset>() else {
             continue;
         };
-        if i == 0 && offset == request.since {
+        if i == 0 && offset == request.since && !truncated {
             replay.complete = true;
         }
         if offset <= request.since {
