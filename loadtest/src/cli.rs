@@ -19,6 +19,15 @@ pub enum Scenario {
     Ramp,
 }
 
+/// Wire protocol spoken to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// switchboard's own: JSON `{event, args}` text frames on a plain WebSocket.
+    Native,
+    /// Socket.IO v5 over Engine.IO v4, websocket transport only (a socket.io v4 server).
+    Socketio,
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "loadtest",
@@ -33,9 +42,15 @@ pub struct Args {
     #[arg(long = "addr", default_value = "127.0.0.1:8080")]
     pub addrs: Vec<SocketAddr>,
 
-    /// WebSocket path; `?token=...` is appended.
-    #[arg(long, default_value = "/ws")]
-    pub path: String,
+    /// Wire protocol: `native` (switchboard) or `socketio` (Socket.IO v5 / Engine.IO v4
+    /// over a WebSocket, for a socket.io v4 server).
+    #[arg(long, value_enum, default_value_t = Protocol::Native)]
+    pub protocol: Protocol,
+
+    /// WebSocket path; `?token=...` is appended (default `/ws`, or `/socket.io/` with
+    /// `--protocol socketio`, where `?EIO=4&transport=websocket&token=...` is appended).
+    #[arg(long)]
+    pub path: Option<String>,
 
     /// Number of users (direct, idle, ramp).
     #[arg(long, default_value_t = 200)]
@@ -164,7 +179,7 @@ impl Args {
         if self.addrs.is_empty() {
             return Err("need at least one --addr".into());
         }
-        if !self.path.starts_with('/') {
+        if !self.ws_path().starts_with('/') {
             return Err("--path must start with '/'".into());
         }
         if self
@@ -229,6 +244,15 @@ impl Args {
         Ok(())
     }
 
+    /// The WebSocket path, defaulted by protocol.
+    pub fn ws_path(&self) -> &str {
+        match (&self.path, self.protocol) {
+            (Some(p), _) => p,
+            (None, Protocol::Native) => "/ws",
+            (None, Protocol::Socketio) => "/socket.io/",
+        }
+    }
+
     /// Connections of the largest worker shard.
     pub fn conns_per_worker(&self) -> u64 {
         match self.scenario {
@@ -280,6 +304,19 @@ mod tests {
         assert_eq!(b.total_conns(), 20_000);
         let f = parse(&["fanout", "--devices", "25000", "--workers", "4"]);
         assert!(f.validate().is_err());
+    }
+
+    #[test]
+    fn protocol_defaults_the_path() {
+        let n = parse(&["direct"]);
+        assert_eq!(n.protocol, Protocol::Native);
+        assert_eq!(n.ws_path(), "/ws");
+        let s = parse(&["direct", "--protocol", "socketio"]);
+        assert_eq!(s.protocol, Protocol::Socketio);
+        assert_eq!(s.ws_path(), "/socket.io/");
+        let p = parse(&["direct", "--protocol", "socketio", "--path", "/sio/"]);
+        assert_eq!(p.ws_path(), "/sio/");
+        assert!(parse(&["direct", "--path", "ws"]).validate().is_err());
     }
 
     #[test]

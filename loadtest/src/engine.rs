@@ -9,6 +9,7 @@ use crate::codec::{self, Handshake, Parse};
 use crate::ledger::{Ledger, Mark};
 use crate::marker::{self, Classifier, Frame};
 use crate::population::Population;
+use crate::sio;
 use crate::stats::{self, Counters};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub pop: Population,
     /// Request path (with token) per user.
     pub paths: Vec<String>,
+    /// Socket.IO CONNECT packet (with auth token) per user; empty for the native protocol.
+    pub sio_connect: Vec<Vec<u8>>,
     /// User id per user, as addressed in `to`.
     pub user_ids: Vec<String>,
     pub addrs: Vec<SocketAddr>,
@@ -113,8 +116,18 @@ enum State {
     Pending,
     Connecting,
     Handshaking,
+    /// Socket.IO only: WebSocket upgraded, waiting for the Engine.IO open packet and the
+    /// CONNECT ack; not yet counted as established.
+    Upgraded,
     Open,
     Closed,
+}
+
+impl State {
+    /// The WebSocket is up and frames are being parsed.
+    fn framed(self) -> bool {
+        matches!(self, State::Upgraded | State::Open)
+    }
 }
 
 struct Conn {
@@ -434,8 +447,10 @@ impl Engine {
         let limit = self.shared.connect_timeout.as_nanos() as u64;
         for local in 0..self.next_pending {
             let c = &self.conns[local];
-            if matches!(c.state, State::Connecting | State::Handshaking)
-                && now.saturating_sub(c.started_ns) > limit
+            if matches!(
+                c.state,
+                State::Connecting | State::Handshaking | State::Upgraded
+            ) && now.saturating_sub(c.started_ns) > limit
             {
                 self.fail_connect(local, "timeout".into());
             }
@@ -470,7 +485,7 @@ impl Engine {
                     self.on_connected(local);
                 }
             }
-            State::Handshaking | State::Open => {
+            State::Handshaking | State::Upgraded | State::Open => {
                 if writable {
                     self.flush(local);
                 }
@@ -529,7 +544,7 @@ impl Engine {
         let mut buf = std::mem::take(&mut self.scratch);
         loop {
             let state = self.conns[local].state;
-            if !matches!(state, State::Handshaking | State::Open) {
+            if !matches!(state, State::Handshaking | State::Upgraded | State::Open) {
                 break;
             }
             let Some(stream) = self.conns[local].stream.as_mut() else {
@@ -573,15 +588,13 @@ impl Engine {
             Handshake::Rejected(why) => self.fail_connect(local, why),
             Handshake::Accepted { header_len } => {
                 c.rbuf.drain(..header_len);
-                c.state = State::Open;
                 c.accept = String::new();
-                let took = now.saturating_sub(c.started_ns) / 1000;
-                self.connect_us.saturating_record(took.max(1));
-                self.inflight -= 1;
-                self.resolved += 1;
-                self.connect_ok += 1;
-                let g = self.global(local);
-                self.shared.open[g].store(true, Ordering::Relaxed);
+                if self.shared.sio_connect.is_empty() {
+                    self.established(local, now);
+                } else {
+                    // Counted once the Socket.IO CONNECT is acknowledged.
+                    self.conns[local].state = State::Upgraded;
+                }
                 if !self.conns[local].rbuf.is_empty() {
                     let rest = std::mem::take(&mut self.conns[local].rbuf);
                     self.on_frame_bytes(local, &rest, now);
@@ -590,19 +603,32 @@ impl Engine {
         }
     }
 
+    /// The connection is ready for traffic: count it as connected.
+    fn established(&mut self, local: usize, now: u64) {
+        let c = &mut self.conns[local];
+        c.state = State::Open;
+        let took = now.saturating_sub(c.started_ns) / 1000;
+        self.connect_us.saturating_record(took.max(1));
+        self.inflight -= 1;
+        self.resolved += 1;
+        self.connect_ok += 1;
+        let g = self.global(local);
+        self.shared.open[g].store(true, Ordering::Relaxed);
+    }
+
     /// Parses frames straight out of `data` when nothing is buffered (the common case),
     /// keeping only an incomplete tail; otherwise appends and parses the connection buffer.
     fn on_frame_bytes(&mut self, local: usize, data: &[u8], now: u64) {
         if self.conns[local].rbuf.is_empty() {
             let used = self.parse_frames(local, data, now);
-            if self.conns[local].state == State::Open && used < data.len() {
+            if self.conns[local].state.framed() && used < data.len() {
                 self.conns[local].rbuf.extend_from_slice(&data[used..]);
             }
         } else {
             let mut rbuf = std::mem::take(&mut self.conns[local].rbuf);
             rbuf.extend_from_slice(data);
             let used = self.parse_frames(local, &rbuf, now);
-            if self.conns[local].state == State::Open {
+            if self.conns[local].state.framed() {
                 rbuf.drain(..used);
                 self.conns[local].rbuf = rbuf;
             }
@@ -611,7 +637,7 @@ impl Engine {
 
     fn parse_frames(&mut self, local: usize, data: &[u8], now: u64) -> usize {
         let mut pos = 0;
-        while self.conns[local].state == State::Open {
+        while self.conns[local].state.framed() {
             match codec::parse_frame(&data[pos..], MAX_FRAME) {
                 Parse::Incomplete => break,
                 Parse::Error(_) => {
@@ -687,6 +713,54 @@ impl Engine {
     }
 
     fn on_message(&mut self, local: usize, payload: &[u8], now: u64) {
+        if !self.shared.sio_connect.is_empty() {
+            return self.on_sio_packet(local, payload, now);
+        }
+        self.on_app_message(local, payload, now);
+    }
+
+    /// One Engine.IO packet (Socket.IO protocol): handshake steps, heartbeats, events.
+    fn on_sio_packet(&mut self, local: usize, payload: &[u8], now: u64) {
+        let state = self.conns[local].state;
+        match sio::classify(payload) {
+            sio::Packet::Event if state == State::Open => self.on_app_message(local, payload, now),
+            sio::Packet::Ping(data) => {
+                self.phase_counters.pings += 1;
+                let mut pong = Vec::with_capacity(1 + data.len());
+                sio::pong(&mut pong, data);
+                self.send_text(local, &pong);
+            }
+            sio::Packet::Open if state == State::Upgraded => {
+                let g = self.global(local);
+                let user = self.shared.pop.conns[g].user as usize;
+                let shared = Arc::clone(&self.shared);
+                self.send_text(local, &shared.sio_connect[user]);
+            }
+            sio::Packet::ConnectAck if state == State::Upgraded => self.established(local, now),
+            sio::Packet::ConnectError(data) if state == State::Upgraded => {
+                self.fail_connect(local, sio::connect_error_reason(data))
+            }
+            sio::Packet::Close => {
+                self.phase_counters.closes_by_server += 1;
+                self.tick_counters.closes_by_server += 1;
+                self.close(local, "engine.io close");
+            }
+            sio::Packet::Disconnect => {
+                self.phase_counters.closes_by_server += 1;
+                self.tick_counters.closes_by_server += 1;
+                self.close(local, "socket.io disconnect");
+            }
+            _ => self.phase_counters.other_frames += 1,
+        }
+    }
+
+    fn send_text(&mut self, local: usize, payload: &[u8]) {
+        let mask = self.mask();
+        codec::encode_frame(&mut self.conns[local].wbuf, codec::OP_TEXT, payload, mask);
+        self.mark_dirty(local);
+    }
+
+    fn on_app_message(&mut self, local: usize, payload: &[u8], now: u64) {
         match self.classifier.classify(payload) {
             Frame::Delivery { seq, intended_ns } => self.on_delivery(local, seq, intended_ns, now),
             Frame::Foreign => self.phase_counters.foreign += 1,
@@ -733,7 +807,10 @@ impl Engine {
     }
 
     fn close(&mut self, local: usize, why: &str) {
-        if self.conns[local].state == State::Handshaking {
+        if matches!(
+            self.conns[local].state,
+            State::Handshaking | State::Upgraded
+        ) {
             return self.fail_connect(local, format!("{why} during handshake"));
         }
         if self.conns[local].state == State::Open {
@@ -844,14 +921,16 @@ impl Engine {
         let mask = self.mask();
         let to = &self.shared.user_ids[route.recipient as usize];
         self.payload.clear();
-        marker::write_send_message(
-            &mut self.payload,
-            to,
-            &self.shared.run_id,
-            seq,
-            due,
-            self.shared.pad_to,
-        );
+        let sio = !self.shared.sio_connect.is_empty();
+        let mut pad_to = self.shared.pad_to;
+        if sio {
+            self.payload.extend_from_slice(sio::EVENT_PREFIX);
+            pad_to = pad_to.saturating_sub(sio::EVENT_PREFIX.len() + sio::EVENT_SUFFIX.len());
+        }
+        marker::write_send_message(&mut self.payload, to, &self.shared.run_id, seq, due, pad_to);
+        if sio {
+            self.payload.extend_from_slice(sio::EVENT_SUFFIX);
+        }
         codec::encode_frame(
             &mut self.conns[local].wbuf,
             codec::OP_TEXT,

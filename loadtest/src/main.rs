@@ -16,6 +16,7 @@ mod plot;
 mod population;
 mod report;
 mod shard;
+mod sio;
 mod stats;
 mod sysinfo;
 #[cfg(test)]
@@ -95,10 +96,17 @@ fn build_shared(
     let now = token::unix_now_s();
     let mut user_ids = Vec::with_capacity(pop.users.len());
     let mut paths = Vec::with_capacity(pop.users.len());
+    let mut sio_connect = Vec::new();
     for u in 0..pop.users.len() as u32 {
         let id = pop.user_id(u);
         let tok = minter.token(&id, now)?;
-        paths.push(format!("{}?token={tok}", args.path));
+        match args.protocol {
+            cli::Protocol::Native => paths.push(format!("{}?token={tok}", args.ws_path())),
+            cli::Protocol::Socketio => {
+                paths.push(sio::upgrade_path(args.ws_path(), &tok));
+                sio_connect.push(sio::connect_packet(&tok));
+            }
+        }
         user_ids.push(id);
     }
     let source_ips = source_ips(args, shard);
@@ -108,6 +116,7 @@ fn build_shared(
             .collect(),
         pop,
         paths,
+        sio_connect,
         user_ids,
         addrs: args.addrs.clone(),
         run_id: run_id.to_owned(),

@@ -387,8 +387,14 @@ mod tests {
     fn run_against(faults: Faults, users: u64, threads: u32) -> (ShardOutcome, Scripted) {
         let devices = 2;
         let addr = testserver::start((users * devices) as usize, faults);
+        let protocol = if faults.socketio {
+            "socketio"
+        } else {
+            "native"
+        };
         let args = Args::try_parse_from([
             "loadtest".to_owned(),
+            format!("--protocol={protocol}"),
             "direct".to_owned(),
             format!("--addr={addr}"),
             format!("--users={users}"),
@@ -434,11 +440,54 @@ mod tests {
     }
 
     #[test]
+    fn end_to_end_socketio() {
+        let faults = Faults {
+            socketio: true,
+            ..Default::default()
+        };
+        let (out, ctl) = run_against(faults, 6, 2);
+        let c = ctl.connected.unwrap();
+        assert_eq!((c.attempted, c.established, c.failed), (12, 12, 0));
+        for p in &out.phases {
+            assert_eq!(p.counters.sent, 300);
+            assert!(p.expected >= 600, "{}", p.expected);
+            assert_eq!(p.missing, 0);
+            assert_eq!(p.counters.delivered, p.expected);
+            assert_eq!(p.counters.duplicates + p.counters.misrouted, 0);
+            assert_eq!(p.counters.protocol_errors + p.counters.disconnects, 0);
+        }
+        // The Engine.IO heartbeat ("2") sent right after the CONNECT ack, answered with "3".
+        assert_eq!(out.phases[0].counters.pings, 12);
+    }
+
+    #[test]
+    fn socketio_connect_error_is_a_connect_failure() {
+        let faults = Faults {
+            socketio: true,
+            reject_user: Some("u0"),
+            ..Default::default()
+        };
+        let (out, ctl) = run_against(faults, 4, 1);
+        let c = ctl.connected.unwrap();
+        assert_eq!((c.attempted, c.established, c.failed), (8, 6, 2));
+        assert_eq!(
+            c.failures.get("socket.io connect_error: unauthorized"),
+            Some(&2),
+            "{:?}",
+            c.failures
+        );
+        // Messages from u0 count as skipped (sender down); everything else is delivered.
+        let p = &out.phases[0];
+        assert_eq!(p.counters.duplicates + p.counters.misrouted, 0);
+    }
+
+    #[test]
     fn end_to_end_counts_duplicates_and_losses() {
         let (out, _) = run_against(
             Faults {
                 duplicate_every: 10,
                 drop_every: 7,
+                ..Default::default()
             },
             5,
             1,

@@ -1,6 +1,7 @@
 //! Test-only stand-in for the switchboard server (blocking, thread per connection), so the
 //! event loops, codec and accounting can be exercised end to end inside `cargo test`.
-//! It can misbehave on purpose: duplicate or drop every n-th delivery.
+//! It can misbehave on purpose: duplicate or drop every n-th delivery. With `socketio` it
+//! speaks Engine.IO v4 / Socket.IO v5 framing like a socket.io v4 server (default namespace).
 
 use crate::codec;
 use std::collections::HashMap;
@@ -13,6 +14,10 @@ use std::sync::{Arc, Mutex};
 pub struct Faults {
     pub duplicate_every: u64,
     pub drop_every: u64,
+    /// Speak Socket.IO (Engine.IO open, CONNECT ack, `42[...]` events, a heartbeat ping).
+    pub socketio: bool,
+    /// Socket.IO: answer this user's CONNECT with CONNECT_ERROR.
+    pub reject_user: Option<&'static str>,
 }
 
 type Registry = Arc<Mutex<HashMap<String, Vec<TcpStream>>>>;
@@ -71,43 +76,63 @@ fn serve(mut s: TcpStream, reg: &Registry, counter: &AtomicU64, f: Faults) -> st
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
         codec::accept_for(&key)
     );
-    {
+    if f.socketio {
+        s.write_all(resp.as_bytes())?;
+        s.write_all(&server_frame(
+            codec::OP_TEXT,
+            br#"0{"sid":"e1","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}"#,
+        ))?;
+        let (op, connect) = read_frame(&mut s)?;
+        let want = format!("40{{\"token\":\"{user}\"}}");
+        if op != codec::OP_TEXT || connect != want.as_bytes() {
+            return Ok(());
+        }
+        if f.reject_user == Some(user.as_str()) {
+            s.write_all(&server_frame(
+                codec::OP_TEXT,
+                br#"44{"message":"unauthorized"}"#,
+            ))?;
+            return Ok(());
+        }
+        let mut map = reg.lock().expect("registry");
+        s.write_all(&server_frame(codec::OP_TEXT, br#"40{"sid":"s1"}"#))?;
+        s.write_all(&server_frame(codec::OP_TEXT, b"2"))?;
+        map.entry(user.clone()).or_default().push(s.try_clone()?);
+    } else {
         let mut map = reg.lock().expect("registry");
         s.write_all(resp.as_bytes())?;
         s.write_all(&server_frame(codec::OP_PING, b"hi"))?;
         map.entry(user.clone()).or_default().push(s.try_clone()?);
     }
     loop {
-        let mut h = [0u8; 2];
-        s.read_exact(&mut h)?;
-        let mut len = u64::from(h[1] & 0x7F);
-        if len == 126 {
-            let mut e = [0u8; 2];
-            s.read_exact(&mut e)?;
-            len = u64::from(u16::from_be_bytes(e));
-        } else if len == 127 {
-            let mut e = [0u8; 8];
-            s.read_exact(&mut e)?;
-            len = u64::from_be_bytes(e);
-        }
-        let mut mask = [0u8; 4];
-        s.read_exact(&mut mask)?;
-        let mut payload = vec![0u8; len as usize];
-        s.read_exact(&mut payload)?;
-        codec::apply_mask(&mut payload, mask);
-        match h[0] & 0x0F {
+        let (op, payload) = read_frame(&mut s)?;
+        match op {
             codec::OP_CLOSE => return Ok(()),
             codec::OP_TEXT => {}
             _ => continue,
         }
-        let v: serde_json::Value = serde_json::from_slice(&payload)?;
+        let (v, out) = if f.socketio {
+            // Only events; pongs ("3") and anything else are ignored.
+            let Some(json) = payload.strip_prefix(b"42") else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_slice(json)?;
+            (v[1].clone(), "42")
+        } else {
+            (serde_json::from_slice(&payload)?, "")
+        };
         let to = v["args"]["to"].as_str().unwrap_or("").to_owned();
-        let out = serde_json::json!({
+        let event = serde_json::json!({
             "event": "newMessage",
             "args": {"id": "x", "from": user, "to": to, "text": v["args"]["text"], "ts": 0},
             "offset": "0-0",
         });
-        let frame = server_frame(codec::OP_TEXT, out.to_string().as_bytes());
+        let body = if f.socketio {
+            format!("{out}{}", serde_json::json!(["message", event]))
+        } else {
+            event.to_string()
+        };
+        let frame = server_frame(codec::OP_TEXT, body.as_bytes());
         let mut map = reg.lock().expect("registry");
         let mut users = vec![to.clone()];
         if to != user {
@@ -126,4 +151,26 @@ fn serve(mut s: TcpStream, reg: &Registry, counter: &AtomicU64, f: Faults) -> st
             }
         }
     }
+}
+
+/// Reads one client frame (masked), returns its opcode and unmasked payload.
+fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let mut len = u64::from(h[1] & 0x7F);
+    if len == 126 {
+        let mut e = [0u8; 2];
+        s.read_exact(&mut e)?;
+        len = u64::from(u16::from_be_bytes(e));
+    } else if len == 127 {
+        let mut e = [0u8; 8];
+        s.read_exact(&mut e)?;
+        len = u64::from_be_bytes(e);
+    }
+    let mut mask = [0u8; 4];
+    s.read_exact(&mut mask)?;
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload)?;
+    codec::apply_mask(&mut payload, mask);
+    Ok((h[0] & 0x0F, payload))
 }
