@@ -215,17 +215,18 @@ fn check_resumed(laptop: &mut Client, missed: usize, live: LiveSender) {
 }
 
 /// The kitchen scenario on any deployment: phone on `a`, laptop on `b` (connected by the
-/// caller), the laptop drops, 100 messages arrive, `between` runs (kill B, restart Redis...),
-/// and the laptop resumes on `a` while messages keep coming.
+/// caller), the laptop drops, 100 messages arrive, `between` runs (restart Redis...), and the
+/// laptop resumes on `a` while messages keep coming.
 fn kitchen(a: SocketAddr, laptop: Client, between: impl FnOnce(), wait_ready: impl Fn()) {
-    kitchen_to(a, a, laptop, between, wait_ready)
+    kitchen_to(a, a, laptop, drop, between, wait_ready)
 }
 
-/// [`kitchen`], with the laptop resuming on `resume_on`.
+/// [`kitchen`], with the laptop resuming on `resume_on` and dropped by `disconnect`.
 fn kitchen_to(
     a: SocketAddr,
     resume_on: SocketAddr,
     mut laptop: Client,
+    disconnect: impl FnOnce(Client),
     between: impl FnOnce(),
     wait_ready: impl Fn(),
 ) {
@@ -235,7 +236,7 @@ fn kitchen_to(
     let seen = send_and_witness(&mut u2, "u1", &mut phone, "warmup", 1);
     let m = laptop.recv_event("newMessage");
     assert_eq!(offset_of(&m), seen, "every device sees the same offset");
-    drop(laptop);
+    disconnect(laptop);
     let _ = send_and_witness(&mut u2, "u1", &mut phone, "m", 100);
     between();
     let live = LiveSender::start(a);
@@ -354,6 +355,7 @@ fn kitchen_resuming_on_an_instance_that_never_hosted_the_user() {
         a.addr,
         c.addr,
         laptop,
+        drop,
         || {},
         || {
             wait_subscribed(&redis, "u1", 2);
@@ -369,14 +371,19 @@ fn kitchen_after_sigkill_of_the_laptops_instance() {
     let b = child_on_redis(&redis);
     let laptop = Client::connect(b.addr, "u1");
     let b = std::cell::RefCell::new(Some(b));
-    kitchen(
+    kitchen_to(
+        a.addr,
         a.addr,
         laptop,
-        || {
+        // B dies under the laptop, which finds its connection gone.
+        |mut laptop| {
             let mut b = b.borrow_mut().take().unwrap();
             b.signal(9);
             b.wait_exit();
+            let gone = laptop.next_message(std::time::Instant::now() + DEADLINE);
+            assert!(matches!(gone, Some(Err(_))), "{gone:?}");
         },
+        || {},
         || {
             wait_subscribed(&redis, "u1", 2);
             wait_subscribed(&redis, "u2", 1);
