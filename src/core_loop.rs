@@ -348,7 +348,15 @@ impl CoreLoop {
             "/api/history" => self.api_history(key, req),
             "/api/publish" => self.api_publish(key, req, rest),
             "/healthz" => {
-                let mut extra = format!(r#","node":"{:016x}""#, self.shared.node_id);
+                let history = if self.shared.config.history_active() {
+                    "on"
+                } else {
+                    "off"
+                };
+                let mut extra = format!(
+                    r#","node":"{:016x}","history":"{history}""#,
+                    self.shared.node_id
+                );
                 match &self.shared.backplane {
                     Some(bp) => extra.push_str(&bp.render_health()),
                     None => extra.push_str(r#","backplane":{"kind":"none"}"#),

@@ -295,6 +295,7 @@ fn history_off_sends_no_offsets() {
     u2.send_message("u1", "x");
     let m = u1.recv_event("newMessage");
     assert!(m.get("offset").is_none(), "{m}");
+    assert_eq!(server.health()["history"], "off");
     // Nor resume: `since` is ignored, and the reserved events are unknown.
     let mut c = resume(server.addr, "u1", "1-1");
     c.send_json(&serde_json::json!({"event": "history", "ack": 1}));
@@ -310,6 +311,7 @@ fn history_is_on_by_default() {
     let mut u2 = server.connect("u2");
     u2.send_message("u1", "x");
     offset_of(&u1.recv_event("newMessage"));
+    assert_eq!(server.health()["history"], "on");
 }
 
 fn wait_subscribed(redis: &TestRedis, user: &str, n: usize) {

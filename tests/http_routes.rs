@@ -11,7 +11,7 @@ use common::*;
 use switchboard::Config;
 
 /// Every metric name docs/PROTOCOL.md lists.
-const METRICS: [&str; 14] = [
+const METRICS: [&str; 16] = [
     "switchboard_connections_open",
     "switchboard_connections_accepted_total",
     "switchboard_frames_in_total",
@@ -26,6 +26,8 @@ const METRICS: [&str; 14] = [
     "switchboard_http_requests_total",
     "switchboard_connections_closed_total",
     "switchboard_core_connections_open",
+    "switchboard_recoveries_complete_total",
+    "switchboard_recoveries_incomplete_total",
 ];
 
 const CLOSE_REASONS: [&str; 9] = [
@@ -91,8 +93,10 @@ fn healthz_reports_cores_connections_and_node() {
     assert_eq!(node, format!("{:016x}", server.handle.node_id()));
     // Without a backplane configured, it says so.
     assert_eq!(h["backplane"], serde_json::json!({"kind": "none"}));
+    // History is on by default.
+    assert_eq!(h["history"], "on");
     let keys: Vec<&str> = h.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys.len(), 6, "{h}");
+    assert_eq!(keys.len(), 7, "{h}");
 }
 
 #[test]
