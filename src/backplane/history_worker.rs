@@ -22,6 +22,9 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
         return;
     };
     let mut conn: Option<redis::Connection> = None;
+    // The append script's SHA1 once loaded on `conn` (a new connection may face a restarted
+    // Redis with an empty script cache, so it is forgotten with the connection).
+    let mut sha: Option<String> = None;
     let mut backoff = Backoff::new(
         bp.config.reconnect_min,
         bp.config.reconnect_max,
@@ -35,6 +38,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
                     .and_then(|c| page(c, &bp.config.channel_prefix, &p))
                     .map_err(|e| {
                         conn = None;
+                        sha = None;
                         e.to_string()
                     });
                 let answer = PageResult {
@@ -50,9 +54,10 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
             }
             Ok(Job::Publish(p)) => {
                 let result = connected(&mut conn, &bp)
-                    .and_then(|c| publish(c, &bp, &config, &p))
+                    .and_then(|c| publish(c, &mut sha, &bp, &config, &p))
                     .map_err(|e| {
                         conn = None;
+                        sha = None;
                         e.to_string()
                     });
                 let answer = PublishResult {
@@ -85,6 +90,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
                 // published in between.
                 log::warn!("redis history query for {} failed: {e}", request.user);
                 conn = None;
+                sha = None;
                 std::thread::sleep(backoff.next_delay());
                 bp.request_replay(request);
                 continue;
@@ -122,21 +128,27 @@ fn connected<'a>(
 /// the event, or (on an error) none does.
 fn publish(
     conn: &mut redis::Connection,
+    sha: &mut Option<String>,
     bp: &Backplane,
     config: &crate::history::HistoryConfig,
     request: &PublishRequest,
 ) -> redis::RedisResult<Vec<(UserId, Offset)>> {
-    let sha: String = redis::cmd("SCRIPT")
-        .arg("LOAD")
-        .arg(history::APPEND_SCRIPT)
-        .query(conn)?;
+    let sha = match sha {
+        Some(sha) => sha,
+        None => sha.insert(
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(history::APPEND_SCRIPT)
+                .query(conn)?,
+        ),
+    };
     let prefix = &bp.config.channel_prefix;
     let mut pipe = redis::pipe();
     pipe.atomic();
     let users = &request.dispatch.users;
     for user in users.iter() {
         pipe.cmd("EVALSHA")
-            .arg(&sha)
+            .arg(sha.as_str())
             .arg(2)
             .arg(history::stream_key(prefix, user))
             .arg(super::wire::user_channel(prefix, user))
