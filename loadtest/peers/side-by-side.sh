@@ -7,8 +7,9 @@
 #   LOADTEST=/path/to/loadtest SWITCHBOARD=/path/to/switchboard OUT=/tmp/sbs \
 #       loadtest/peers/side-by-side.sh
 #
-# WARMUP=1: before each ramp, warm the fresh server up with `direct --rate 250 --duration 5`
-# (the same for every design; the JIT of a just-started Node process is slow at first).
+# WARMUP=1: before each ramp, warm the fresh server up with `direct --rate $WARMUP_RATE
+# --duration $WARMUP_SECONDS` (default 250 and 5; the same for every design: a just-started
+# Node process is slow until V8 has optimised its hot paths).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 LOADTEST=${LOADTEST:-$HERE/../../target/release/loadtest}
@@ -74,7 +75,8 @@ run() {  # name, loadtest args...
 }
 warm() {  # same address flags as the ramp that follows
     if [ "${WARMUP:-0}" = 1 ]; then
-        "$LOADTEST" direct --users 200 --devices 2 --rate 250 --duration 5 --drain 1 --quiet "$@" \
+        "$LOADTEST" direct --users 200 --devices 2 --rate "${WARMUP_RATE:-250}" \
+            --duration "${WARMUP_SECONDS:-5}" --drain 1 --quiet "$@" \
             >"$OUT/warmup.log" 2>&1 || true
     fi
 }

@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Summarise a side-by-side.sh result directory as a Markdown table (stdout)."""
+"""Summarise side-by-side.sh result directories as Markdown tables (stdout).
+
+One directory: the detailed table. Several: one line per directory (pass) with the highest
+rate each design held, for judging run-to-run spread on a shared machine."""
 import json
 import sys
 from pathlib import Path
@@ -26,7 +29,26 @@ def uptime(d, name):
     return f"{la(lines[1])}→{la(lines[2])}" if len(lines) >= 3 else "?"
 
 
+def held(d, name):
+    r = load(d, name)
+    if r is None:
+        return "–"
+    h = r["ramp"]["highest_held_rate"]
+    return f"{h:,.0f}" if h else "none"
+
+
+def passes(dirs):
+    print("| pass | " + " | ".join(label for label, _, _ in ROWS) + " | load avg 1 min |")
+    print("|---|" + "---|" * (len(ROWS) + 1))
+    for d in dirs:
+        las = [uptime(d, r) for _, r, _ in ROWS if (d / f"{r}.uptime").exists()]
+        print(f"| {d.name} | " + " | ".join(held(d, r) for _, r, _ in ROWS) +
+              f" | {las[0].split('→')[0]}–{las[-1].split('→')[-1]} |")
+
+
 def main():
+    if len(sys.argv) > 2:
+        return passes([Path(a) for a in sys.argv[1:]])
     d = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/side-by-side")
     print("| design | highest rate held (msg/s) | deliveries/s | p50 | p99 | lost | "
           "generator CPU/delivery | first failing step | RSS/idle conn | load avg 1 min |")
