@@ -31,6 +31,11 @@ pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
 /// File descriptors kept free for listeners, pending handshakes, Redis and logs when
 /// `max_connections` is derived from the open-file limit.
 pub const FD_HEADROOM: u64 = 512;
+/// Text frames a connection may send per second, on average (0 turns the limit off).
+pub const DEFAULT_RATE_LIMIT_PER_SEC: u32 = 200;
+/// Text frames a connection may send in a burst above its rate; also how many frames in a row
+/// may be refused (each with a `rate_limited` error) before the connection is closed with 1008.
+pub const DEFAULT_RATE_LIMIT_BURST: u32 = 400;
 /// Longest user id accepted from a token, in bytes.
 pub const MAX_USER_ID_BYTES: usize = 256;
 /// Leeway for the JWT `exp` (and `nbf`) check, to absorb clock skew between issuer and server.
@@ -83,6 +88,10 @@ pub struct Config {
     pub inbox_capacity: usize,
     /// Largest HTTP request head accepted.
     pub max_request_header_bytes: usize,
+    /// Per-connection token bucket for client text frames: frames per second (0 = off).
+    pub rate_limit_per_sec: u32,
+    /// Bucket size, and the number of refused frames in a row before a 1008 close.
+    pub rate_limit_burst: u32,
     /// The Redis backplane; `None` runs embedded (one instance, every core, in-process).
     pub backplane: Option<crate::backplane::RedisConfig>,
     /// Offsets, per-user history, resume and the history/publish routes.
@@ -107,6 +116,8 @@ impl Default for Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             inbox_capacity: DEFAULT_INBOX_CAPACITY,
             max_request_header_bytes: DEFAULT_MAX_REQUEST_HEADER_BYTES,
+            rate_limit_per_sec: DEFAULT_RATE_LIMIT_PER_SEC,
+            rate_limit_burst: DEFAULT_RATE_LIMIT_BURST,
             backplane: None,
             history: crate::history::HistoryConfig::default(),
         }
@@ -153,6 +164,9 @@ impl Config {
         }
         if self.max_request_header_bytes < 512 {
             return err("--max-request-header-bytes must be at least 512");
+        }
+        if self.rate_limit_per_sec > 0 && self.rate_limit_burst == 0 {
+            return err("--rate-limit-burst must be at least 1 when --rate-limit is on");
         }
         if let Some(redis) = &self.backplane {
             redis.validate().map_err(ConfigError)?;

@@ -165,6 +165,78 @@ pub struct Open {
     /// Set while the connection waits for its replay (`?since=`). Boxed: most connections
     /// never recover, and each byte here is paid by every idle connection.
     pub recovering: Option<Box<crate::history::Recovering>>,
+    /// The connection's rate limit for text frames.
+    pub bucket: TokenBucket,
+}
+
+/// A token bucket: `rate` tokens a second up to `burst`; one token per client text frame.
+/// Consecutive refusals are counted so a client that keeps flooding can be closed.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    tokens: f32,
+    refilled: Instant,
+    /// Frames refused in a row.
+    pub refused: u32,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(burst: u32, now: Instant) -> Self {
+        TokenBucket {
+            tokens: burst as f32,
+            refilled: now,
+            refused: 0,
+        }
+    }
+
+    /// Takes one token; `false` (and one more refusal) when the bucket is empty. A `rate` of 0
+    /// means no limit.
+    pub fn take(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f32();
+        self.tokens = (self.tokens + elapsed * rate as f32).min(burst as f32);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            true
+        } else {
+            self.refused += 1;
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenBucket;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn bucket_allows_the_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(3, t0);
+        assert!((0..3).all(|_| b.take(10, 3, t0)));
+        assert!(!b.take(10, 3, t0));
+        assert!(!b.take(10, 3, t0));
+        assert_eq!(b.refused, 2);
+        // 100 ms at 10/s refills one token.
+        assert!(b.take(10, 3, t0 + Duration::from_millis(100)));
+        assert_eq!(b.refused, 0);
+        // Never more than the burst, however long the pause.
+        let later = t0 + Duration::from_secs(60);
+        assert!((0..3).all(|_| b.take(10, 3, later)));
+        assert!(!b.take(10, 3, later));
+    }
+
+    #[test]
+    fn rate_zero_is_no_limit() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1, t0);
+        assert!((0..1000).all(|_| b.take(0, 1, t0)));
+    }
 }
 
 impl Connection {

@@ -464,6 +464,7 @@ impl CoreLoop {
             dirty: false,
             indexed: true,
             serial: self.next_serial,
+            bucket: crate::connection::TokenBucket::new(self.shared.config.rate_limit_burst, now),
             last_offset: None,
             recovering: None,
         };
@@ -762,7 +763,11 @@ impl CoreLoop {
                 Ok(Message::Text(text)) => {
                     if !closing {
                         add(&self.metrics().frames_in, 1);
-                        self.on_text(key, text);
+                        if self.within_rate_limit(key) {
+                            self.on_text(key, text);
+                        } else {
+                            self.refuse_over_rate(key, &text);
+                        }
                     }
                 }
                 Ok(Message::Binary(_)) => {
@@ -825,6 +830,49 @@ impl CoreLoop {
         // Budget spent with input possibly left: continue next turn (edge-triggered: no new
         // event would come for bytes already buffered).
         self.carry.push(key);
+    }
+
+    /// Takes a token from the connection's bucket.
+    fn within_rate_limit(&mut self, key: usize) -> bool {
+        let (rate, burst) = (
+            self.shared.config.rate_limit_per_sec,
+            self.shared.config.rate_limit_burst,
+        );
+        match self.conns.get_mut(key) {
+            Some(Connection::Open(open)) => open.bucket.take(rate, burst, Instant::now()),
+            _ => true,
+        }
+    }
+
+    /// Answers a frame over the rate limit with a `rate_limited` error (the frame is dropped);
+    /// a client that goes on flooding for a whole burst's worth of frames is closed with 1008.
+    fn refuse_over_rate(&mut self, key: usize, text: &Utf8Bytes) {
+        add(&self.metrics().client_errors, 1);
+        let burst = self.shared.config.rate_limit_burst;
+        let refused = match self.conns.get(key) {
+            Some(Connection::Open(open)) => open.bucket.refused,
+            _ => return,
+        };
+        if refused > burst {
+            self.close(key, CloseReason::RateLimited);
+            return;
+        }
+        // The first refusal of a run is answered, and every refused frame that asked for an
+        // ack (its sender waits for one); the rest are dropped quietly, so a flood does not buy
+        // a flood of errors.
+        let ack = protocol::parse_envelope(text.as_str())
+            .ok()
+            .and_then(|e| e.ack);
+        if refused == 1 || ack.is_some() {
+            let message = format!(
+                "more than {} messages per second (burst {burst}): message dropped",
+                self.shared.config.rate_limit_per_sec
+            );
+            self.send(
+                key,
+                protocol::encode_error(ack, ErrorCode::RateLimited.as_str(), &message),
+            );
+        }
     }
 
     fn on_text(&mut self, key: usize, text: Utf8Bytes) {

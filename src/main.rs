@@ -83,6 +83,16 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEADER_BYTES", default_value_t = config::DEFAULT_MAX_REQUEST_HEADER_BYTES)]
     max_request_header_bytes: usize,
 
+    /// Text frames a connection may send per second on average; 0 turns the limit off. Frames
+    /// past it get a `rate_limited` error and are dropped.
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT", default_value_t = config::DEFAULT_RATE_LIMIT_PER_SEC)]
+    rate_limit: u32,
+
+    /// Burst above the rate; a connection that has this many frames refused in a row is closed
+    /// with 1008.
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_BURST", default_value_t = config::DEFAULT_RATE_LIMIT_BURST)]
+    rate_limit_burst: u32,
+
     /// Where dispatches for other instances go: `none` (one instance, in-process) or `redis`.
     #[arg(long, env = "SWITCHBOARD_BACKPLANE", value_enum, default_value_t = BackplaneKind::None)]
     backplane: BackplaneKind,
@@ -208,6 +218,8 @@ impl Cli {
             shutdown_timeout: self.shutdown_timeout,
             inbox_capacity: self.inbox_capacity,
             max_request_header_bytes: self.max_request_header_bytes,
+            rate_limit_per_sec: self.rate_limit,
+            rate_limit_burst: self.rate_limit_burst,
             backplane: (self.backplane == BackplaneKind::Redis).then(|| RedisConfig {
                 url: self.redis_url,
                 routing: match self.routing {

@@ -17,7 +17,7 @@ pub enum Closed {
     Server(CloseReason),
 }
 
-const CLOSE_LABELS: [&str; 9] = [
+const CLOSE_LABELS: [&str; 10] = [
     "client_close",
     "reset",
     "shutdown",
@@ -27,6 +27,7 @@ const CLOSE_LABELS: [&str; 9] = [
     "message_too_big",
     "heartbeat_timeout",
     "slow_consumer",
+    "rate_limited",
 ];
 
 impl Closed {
@@ -41,6 +42,7 @@ impl Closed {
             Closed::Server(CloseReason::MessageTooBig) => 6,
             Closed::Server(CloseReason::HeartbeatTimeout) => 7,
             Closed::Server(CloseReason::SlowConsumer) => 8,
+            Closed::Server(CloseReason::RateLimited) => 9,
         }
     }
 }

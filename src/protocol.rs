@@ -35,6 +35,8 @@ pub enum ErrorCode {
     BadArgs,
     /// The handler failed; nothing was dispatched.
     Internal,
+    /// The connection sent faster than its rate limit; the frame was dropped.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -46,6 +48,7 @@ impl ErrorCode {
             ErrorCode::UnknownEvent => "unknown_event",
             ErrorCode::BadArgs => "bad_args",
             ErrorCode::Internal => "internal",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -67,6 +70,8 @@ pub enum CloseReason {
     HeartbeatTimeout,
     /// More than `max_outbound_bytes` waited to be written: 4008.
     SlowConsumer,
+    /// The client kept sending past its rate limit: 1008.
+    RateLimited,
 }
 
 /// Close code for a client that stopped reading (outbound buffer over its bound).
@@ -85,6 +90,7 @@ impl CloseReason {
             CloseReason::MessageTooBig => 1009,
             CloseReason::HeartbeatTimeout => CLOSE_HEARTBEAT_TIMEOUT,
             CloseReason::SlowConsumer => CLOSE_SLOW_CONSUMER,
+            CloseReason::RateLimited => 1008,
         }
     }
 
@@ -98,6 +104,7 @@ impl CloseReason {
             CloseReason::MessageTooBig => "message too big",
             CloseReason::HeartbeatTimeout => "heartbeat timeout",
             CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::RateLimited => "rate limit exceeded",
         }
     }
 

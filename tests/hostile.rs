@@ -115,3 +115,71 @@ fn numbers_past_f64_range_are_not_a_crash() {
     assert_eq!(a.recv_event("error")["args"]["code"], "bad_args");
     bystanders_still_served(&server);
 }
+
+#[test]
+fn an_event_flood_is_rate_limited_then_closed_with_1008() {
+    let server = TestServer::with_config(switchboard::Config {
+        rate_limit_per_sec: 10,
+        rate_limit_burst: 20,
+        ..test_config()
+    });
+    let mut raw = RawWs::connect(server.addr, "flooder");
+    let mut frames = Vec::new();
+    for i in 0..200 {
+        let text = format!(r#"{{"event":"sendMessage","args":{{"to":"nobody","text":"{i}"}}}}"#);
+        frames.extend_from_slice(&encode_frame(true, 0, 0x1, text.as_bytes(), true));
+    }
+    raw.stream.write_all(&frames).unwrap();
+    // The burst goes through (each send echoes to the sender's own device), then one
+    // rate_limited error, then the close.
+    let deadline = Instant::now() + DEADLINE;
+    let (mut delivered, mut limited) = (0, 0);
+    let code = loop {
+        let frame = raw.read_frame(deadline).expect("frames until the close");
+        if let Some(code) = frame.close_code() {
+            break code;
+        }
+        let text = String::from_utf8_lossy(&frame.payload).into_owned();
+        if text.contains("\"newMessage\"") {
+            delivered += 1;
+        } else if text.contains("\"rate_limited\"") {
+            limited += 1;
+        }
+    };
+    assert_eq!(code, 1008);
+    assert_eq!(limited, 1, "one error per run of refusals");
+    assert!(
+        (20..=25).contains(&delivered),
+        "the burst (plus what refilled) went through: {delivered}"
+    );
+    wait_metric(server.addr, &closed_metric("rate_limited"), 1);
+    bystanders_still_served(&server);
+}
+
+#[test]
+fn a_refused_message_that_asked_for_an_ack_gets_its_error() {
+    let server = TestServer::with_config(switchboard::Config {
+        rate_limit_per_sec: 1,
+        rate_limit_burst: 5,
+        ..test_config()
+    });
+    let mut c = server.connect("eager");
+    for n in 1..=7u64 {
+        c.send_json(&serde_json::json!({"event": "sendMessage", "args": {"to": "eager", "text": "x"}, "ack": n}));
+    }
+    let mut acks = Vec::new();
+    let mut errors = Vec::new();
+    while acks.len() + errors.len() < 7 {
+        let v = c.recv_json();
+        match v["event"].as_str() {
+            Some("ack") => acks.push(v["ack"].as_u64().unwrap()),
+            Some("error") => {
+                assert_eq!(v["args"]["code"], "rate_limited");
+                errors.push(v["ack"].as_u64().unwrap());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(acks, [1, 2, 3, 4, 5]);
+    assert_eq!(errors, [6, 7]);
+}

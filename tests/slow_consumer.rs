@@ -68,6 +68,9 @@ fn a_reader_that_never_reads_is_closed_with_4008_and_memory_stays_bounded() {
     // History keeps what is sent (max-len events per user): a short history keeps it from
     // counting as growth here, while the bound under test stays the outbound one.
     let server = ChildServer::spawn(&[
+        // The sender floods on purpose; the per-connection rate limit is another test's subject.
+        "--rate-limit",
+        "0",
         "--max-outbound-bytes",
         &MAX_OUTBOUND.to_string(),
         "--history-max-len",
