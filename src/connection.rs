@@ -209,36 +209,6 @@ impl TokenBucket {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::TokenBucket;
-    use std::time::{Duration, Instant};
-
-    #[test]
-    fn bucket_allows_the_burst_then_the_rate() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(3, t0);
-        assert!((0..3).all(|_| b.take(10, 3, t0)));
-        assert!(!b.take(10, 3, t0));
-        assert!(!b.take(10, 3, t0));
-        assert_eq!(b.refused, 2);
-        // 100 ms at 10/s refills one token.
-        assert!(b.take(10, 3, t0 + Duration::from_millis(100)));
-        assert_eq!(b.refused, 0);
-        // Never more than the burst, however long the pause.
-        let later = t0 + Duration::from_secs(60);
-        assert!((0..3).all(|_| b.take(10, 3, later)));
-        assert!(!b.take(10, 3, later));
-    }
-
-    #[test]
-    fn rate_zero_is_no_limit() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(1, t0);
-        assert!((0..1000).all(|_| b.take(0, 1, t0)));
-    }
-}
-
 impl Connection {
     /// The socket, whatever the state.
     pub fn tcp(&mut self) -> &mut TcpStream {
@@ -279,5 +249,35 @@ impl Reply {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenBucket;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn bucket_allows_the_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(3, t0);
+        assert!((0..3).all(|_| b.take(10, 3, t0)));
+        assert!(!b.take(10, 3, t0));
+        assert!(!b.take(10, 3, t0));
+        assert_eq!(b.refused, 2);
+        // 100 ms at 10/s refills one token.
+        assert!(b.take(10, 3, t0 + Duration::from_millis(100)));
+        assert_eq!(b.refused, 0);
+        // Never more than the burst, however long the pause.
+        let later = t0 + Duration::from_secs(60);
+        assert!((0..3).all(|_| b.take(10, 3, later)));
+        assert!(!b.take(10, 3, later));
+    }
+
+    #[test]
+    fn rate_zero_is_no_limit() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1, t0);
+        assert!((0..1000).all(|_| b.take(0, 1, t0)));
     }
 }
