@@ -183,3 +183,18 @@ fn a_refused_message_that_asked_for_an_ack_gets_its_error() {
     assert_eq!(acks, [1, 2, 3, 4, 5]);
     assert_eq!(errors, [6, 7]);
 }
+
+#[test]
+fn a_second_process_on_the_same_port_is_refused() {
+    let first = ChildServer::spawn(&[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--listen", &first.addr.to_string(), "--cores", "1"])
+        .output()
+        .expect("run switchboard");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("address already in use"), "{stderr}");
+    // The first one still serves every connection.
+    let (status, _) = http_get(first.addr, "/healthz");
+    assert_eq!(status, 200);
+}
