@@ -6,7 +6,8 @@
 # by `recovered` complete=false, or saw a duplicate; 2 could not run), or 2 on setup failure.
 #
 # Env: SWITCHBOARD (server binary), LOADTEST (generator binary), DURATION (s, default 60),
-# USERS (50), DEVICES (2), RATE (200), BASE_PORT (first of three free ports, default 17380).
+# USERS (50), DEVICES (2), RATE (200), BASE_PORT (first of three free ports, default 17380),
+# SOAK_JSON (copy the generator's JSON result there), SOAK_LOGS (copy server/redis logs to this dir).
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -113,6 +114,7 @@ lt_pid=""
 grep -v '^soak t=' "$tmp/loadtest.err" >&2
 grep '^soak t=' "$tmp/loadtest.err" | awk 'NR % 10 == 0' >&2
 if [ -n "${SOAK_JSON:-}" ]; then cp "$tmp/result.json" "$SOAK_JSON"; fi
+if [ -n "${SOAK_LOGS:-}" ]; then mkdir -p "$SOAK_LOGS" && cp "$tmp"/*.log "$tmp/loadtest.err" "$SOAK_LOGS/"; fi
 for f in "$tmp"/sb-*.log; do
   n=$(grep -ciE 'error|warn' "$f" || true)
   log "$(basename "$f"): $n warning/error lines"

@@ -565,6 +565,36 @@ mod tests {
     }
 
     #[test]
+    fn accounting_counts_lost_duplicated_and_unowed() {
+        let dev = |user, index| Device {
+            user,
+            index,
+            writer: Mutex::new(None),
+            log: Mutex::new(DeviceLog::default()),
+        };
+        let devices = vec![dev(0, 0), dev(0, 1), dev(1, 0), dev(2, 0)];
+        // seq 0: u0 -> u1; seq 1: failed send; seq 2: u2 -> u2.
+        let sent = vec![
+            Some(Sent { from: 0, to: 1 }),
+            None,
+            Some(Sent { from: 2, to: 2 }),
+        ];
+        devices[0].log.lock().unwrap().seen.insert(0);
+        devices[2].log.lock().unwrap().seen.insert(0);
+        devices[2].log.lock().unwrap().duplicates = 1;
+        devices[1].log.lock().unwrap().recovered_incomplete = 1;
+        let ids: Vec<String> = (0..3).map(|u| format!("u{u}")).collect();
+        let r = account("r", &ids, &devices, &sent, 1);
+        assert_eq!((r.sent, r.send_failed), (2, 1));
+        let lost: Vec<u64> = r.devices.iter().map(|d| d.lost).collect();
+        // u0/1 missed seq 0 (told: complete=false); u2/0 missed seq 2 (not told).
+        assert_eq!(lost, [0, 1, 0, 1]);
+        assert_eq!((r.expected, r.delivered, r.duplicated), (4, 2, 1));
+        assert_eq!((r.lost_everywhere, r.devices_with_loss), (1, 2));
+        assert_eq!(r.devices_lost_without_incomplete, 1);
+    }
+
+    #[test]
     fn recovered_flag() {
         let t = br#"{"event":"recovered","args":{"complete":true,"offset":"1-2"}}"#;
         let f = br#"{"event":"recovered","args":{"complete":false,"offset":null}}"#;
