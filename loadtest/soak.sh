@@ -7,6 +7,7 @@
 #
 # Env: SWITCHBOARD (server binary), LOADTEST (generator binary), DURATION (s, default 60),
 # USERS (50), DEVICES (2), RATE (200), BASE_PORT (first of three free ports, default 17380),
+# OVERLAP=1 (also kill Redis 0.5 s before the instance, back 3 s later),
 # SOAK_JSON (copy the generator's JSON result there), SOAK_LOGS (copy server/redis logs to this dir).
 set -u
 
@@ -96,7 +97,15 @@ sleep "$step"
 log "kill -9 redis ($redis_pid)"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null
 sleep 2; start_redis; log "redis restarted, pid $redis_pid"
 sleep "$step"
+if [ -n "${OVERLAP:-}" ]; then
+  # Variant: the instance dies while Redis is down, so its devices resume with Redis away.
+  log "kill -9 redis ($redis_pid)"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null
+  sleep 0.5
+fi
 log "kill -9 instance on $port_b ($b_pid)"; kill -9 "$b_pid"; wait "$b_pid" 2>/dev/null
+if [ -n "${OVERLAP:-}" ]; then
+  sleep 3; start_redis; log "redis restarted, pid $redis_pid"
+fi
 sleep 2; start_instance "$port_b"; b_pid=$last_pid; log "instance on $port_b restarted, pid $b_pid"
 sleep "$step"
 log "kill -9 redis ($redis_pid)"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev/null

@@ -32,6 +32,8 @@ const MAX_PAYLOAD: usize = 16 << 20;
 struct Sent {
     from: u32,
     to: u32,
+    /// Index in `--addr` of the instance the sender was connected to.
+    via: u8,
 }
 
 /// What one device saw, kept behind a mutex and read at the end.
@@ -51,8 +53,9 @@ struct DeviceLog {
 struct Device {
     user: u32,
     index: u32,
-    /// Write half of the current connection; None while disconnected.
-    writer: Mutex<Option<TcpStream>>,
+    /// Write half of the current connection and the index of its address; None while
+    /// disconnected.
+    writer: Mutex<Option<(TcpStream, u8)>>,
     log: Mutex<DeviceLog>,
 }
 
@@ -82,6 +85,11 @@ pub struct SoakReport {
     pub lost: u64,
     /// Sent messages that reached no device at all (likely never accepted by a server).
     pub lost_everywhere: u64,
+    /// The same, by the `--addr` the sender was connected to.
+    pub lost_everywhere_by_addr: Vec<u64>,
+    /// Send times (s since the first message) of the first and last message that reached
+    /// no device.
+    pub lost_everywhere_span_s: Option<(f64, f64)>,
     pub duplicated: u64,
     pub reconnects: u64,
     pub devices_with_loss: u64,
@@ -207,7 +215,7 @@ fn device_loop(ctx: &Ctx, dev: &Device, base_path: &str, seed: u64) {
                 stream
                     .set_read_timeout(Some(Duration::from_millis(200)))
                     .ok();
-                *dev.writer.lock().unwrap() = stream.try_clone().ok();
+                *dev.writer.lock().unwrap() = stream.try_clone().ok().map(|w| (w, addr_i as u8));
                 read_until_drop(ctx, dev, stream, leftover, &classifier, &mut rnd);
                 *dev.writer.lock().unwrap() = None;
                 if !ctx.stop.load(Ordering::Relaxed) {
@@ -242,7 +250,7 @@ fn read_until_drop(
                         codec::OP_PING => {
                             let mut out = Vec::new();
                             codec::encode_frame(&mut out, codec::OP_PONG, payload, mask(rnd));
-                            if let Some(w) = dev.writer.lock().unwrap().as_mut() {
+                            if let Some((w, _)) = dev.writer.lock().unwrap().as_mut() {
                                 let _ = w.write_all(&out);
                             }
                         }
@@ -398,12 +406,12 @@ pub fn run(args: &Args) -> Result<SoakReport, String> {
         );
         out.clear();
         codec::encode_frame(&mut out, codec::OP_TEXT, &payload, mask(&mut rnd));
-        let ok = match devices[from_dev].writer.lock().unwrap().as_mut() {
-            Some(w) => w.write_all(&out).is_ok(),
-            None => false,
+        let via = match devices[from_dev].writer.lock().unwrap().as_mut() {
+            Some((w, via)) => w.write_all(&out).is_ok().then_some(*via),
+            None => None,
         };
-        if ok {
-            sent.push(Some(Sent { from, to }));
+        if let Some(via) = via {
+            sent.push(Some(Sent { from, to, via }));
         } else {
             sent.push(None);
             send_failed += 1;
@@ -429,7 +437,12 @@ pub fn run(args: &Args) -> Result<SoakReport, String> {
     for h in handles {
         let _ = h.join();
     }
-    Ok(account(&run_id, &user_ids, &devices, &sent, send_failed))
+    let mut r = account(&run_id, &user_ids, &devices, &sent, send_failed);
+    r.lost_everywhere_by_addr.resize(args.addrs.len(), 0);
+    if let Some((a, b)) = r.lost_everywhere_span_s {
+        r.lost_everywhere_span_s = Some((a / args.rate, b / args.rate));
+    }
+    Ok(r)
 }
 
 fn account(
@@ -442,10 +455,20 @@ fn account(
     let logs: Vec<_> = devices.iter().map(|d| d.log.lock().unwrap()).collect();
     let mut results = Vec::with_capacity(devices.len());
     let mut lost_everywhere = 0u64;
-    // Per message: did any device see it?
+    let mut by_addr: Vec<u64> = Vec::new();
+    let mut span: Option<(f64, f64)> = None;
+    // Per message: did any device see it? (`span` is in seqs here; `run` scales it.)
     for (seq, s) in sent.iter().enumerate() {
-        if s.is_some() && !logs.iter().any(|l| l.seen.contains(&(seq as u64))) {
+        let Some(s) = s else { continue };
+        if !logs.iter().any(|l| l.seen.contains(&(seq as u64))) {
             lost_everywhere += 1;
+            let v = usize::from(s.via);
+            if by_addr.len() <= v {
+                by_addr.resize(v + 1, 0);
+            }
+            by_addr[v] += 1;
+            let t = seq as f64;
+            span = Some(span.map_or((t, t), |(a, _)| (a, t)));
         }
     }
     for (d, log) in devices.iter().zip(&logs) {
@@ -483,6 +506,8 @@ fn account(
         delivered: sum(|r| r.delivered),
         lost: sum(|r| r.lost),
         lost_everywhere,
+        lost_everywhere_by_addr: by_addr,
+        lost_everywhere_span_s: span,
         duplicated: sum(|r| r.duplicated),
         reconnects: sum(|r| r.reconnects),
         devices_with_loss: results.iter().filter(|r| r.lost > 0).count() as u64,
@@ -510,6 +535,14 @@ pub fn print(r: &SoakReport, out: &mut dyn Write) -> std::io::Result<()> {
         r.duplicated,
         r.reconnects
     )?;
+    if let Some((a, b)) = r.lost_everywhere_span_s {
+        writeln!(
+            out,
+            "messages reaching no device: sent between {a:.2} s and {b:.2} s; by the sender's \
+             --addr: {:?}",
+            r.lost_everywhere_by_addr
+        )?;
+    }
     writeln!(
         out,
         "devices with loss {} of {}; of those without any recovered complete=false: {}",
@@ -575,9 +608,17 @@ mod tests {
         let devices = vec![dev(0, 0), dev(0, 1), dev(1, 0), dev(2, 0)];
         // seq 0: u0 -> u1; seq 1: failed send; seq 2: u2 -> u2.
         let sent = vec![
-            Some(Sent { from: 0, to: 1 }),
+            Some(Sent {
+                from: 0,
+                to: 1,
+                via: 0,
+            }),
             None,
-            Some(Sent { from: 2, to: 2 }),
+            Some(Sent {
+                from: 2,
+                to: 2,
+                via: 1,
+            }),
         ];
         devices[0].log.lock().unwrap().seen.insert(0);
         devices[2].log.lock().unwrap().seen.insert(0);
@@ -592,6 +633,8 @@ mod tests {
         assert_eq!((r.expected, r.delivered, r.duplicated), (4, 2, 1));
         assert_eq!((r.lost_everywhere, r.devices_with_loss), (1, 2));
         assert_eq!(r.devices_lost_without_incomplete, 1);
+        assert_eq!(r.lost_everywhere_by_addr, [0, 1]);
+        assert_eq!(r.lost_everywhere_span_s, Some((2.0, 2.0)));
     }
 
     #[test]
