@@ -17,6 +17,9 @@ pub enum Scenario {
     Idle,
     /// Raise the rate step by step until p99 exceeds --p99-bound-ms or a message is lost.
     Ramp,
+    /// Like direct, with devices that reconnect and resume by offset (`?since=`) whenever
+    /// their connection drops; reports sent/delivered/lost/duplicated per device (soak.sh).
+    Soak,
 }
 
 /// Wire protocol spoken to the server.
@@ -207,7 +210,7 @@ impl Args {
             return Err("--drain must be >= 0".into());
         }
         match self.scenario {
-            Scenario::Direct | Scenario::Fanout => pos(self.rate, "rate")?,
+            Scenario::Direct | Scenario::Fanout | Scenario::Soak => pos(self.rate, "rate")?,
             Scenario::Ramp => {
                 pos(self.start_rate, "start-rate")?;
                 pos(self.step_duration, "step-duration")?;

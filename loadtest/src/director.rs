@@ -59,6 +59,8 @@ impl Director {
                 drain_s: 0.0,
             }),
             Scenario::Ramp => self.next_ramp(last),
+            // Soak runs its own loop (soak.rs), never the director.
+            Scenario::Soak => None,
         };
         if spec.is_some() {
             self.issued += 1;

@@ -17,6 +17,7 @@ mod population;
 mod report;
 mod shard;
 mod sio;
+mod soak;
 mod stats;
 mod sysinfo;
 #[cfg(test)]
@@ -39,6 +40,9 @@ fn main() -> ExitCode {
         eprintln!("loadtest: {e}");
         return ExitCode::from(2);
     }
+    if args.scenario == Scenario::Soak {
+        return run_soak(&args);
+    }
     let result = if let Some(w) = args.worker_index {
         run_worker(&args, w).map(|()| true)
     } else {
@@ -50,6 +54,30 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("loadtest: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// The soak scenario: exit 1 if any device lost a message without being told
+/// (`recovered` with complete=false), or saw a duplicate.
+fn run_soak(args: &Args) -> ExitCode {
+    match soak::run(args) {
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            ExitCode::from(2)
+        }
+        Ok(r) => {
+            if args.json {
+                let _ = soak::print(&r, &mut std::io::stderr());
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                let _ = soak::print(&r, &mut std::io::stdout());
+            }
+            if r.devices_lost_without_incomplete > 0 || r.duplicated > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
     }
 }

@@ -1,0 +1,648 @@
+//! `soak`: steady load while the servers and Redis are killed under it (see `soak.sh`).
+//!
+//! Unlike the mio scenarios this one favours simplicity over scale: one blocking thread per
+//! device (the soak runs ~100 devices) plus one sender thread. A device whose connection
+//! drops (close, reset, refused, timeout) reconnects with backoff (200 ms doubling to 2 s),
+//! round-robin to the next `--addr`, with `?since=<last offset it received>`, until the run
+//! ends. Deliveries are deduplicated per device by message seq: the server promises no gap
+//! and no duplicate at the resume seam, so any second delivery of a seq is a duplicate.
+//!
+//! A message is *sent* once its frame was written to an open socket; it is then owed to every
+//! device of its recipient and of its sender. A send to a device that is disconnected is
+//! counted as `send_failed` and owed to no one.
+
+use crate::cli::Args;
+use crate::codec::{self, Handshake, Parse};
+use crate::marker::{self, Classifier, Frame};
+use crate::population::splitmix64;
+use crate::token;
+use memchr::memmem;
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const MAX_PAYLOAD: usize = 16 << 20;
+
+/// One message the sender wrote to an open socket.
+struct Sent {
+    from: u32,
+    to: u32,
+    /// Index in `--addr` of the instance the sender was connected to.
+    via: u8,
+}
+
+/// What one device saw, kept behind a mutex and read at the end.
+#[derive(Default)]
+struct DeviceLog {
+    seen: HashSet<u64>,
+    duplicates: u64,
+    reconnects: u64,
+    /// Reconnects made without an offset (nothing received yet): live only, may miss events.
+    resumes_without_offset: u64,
+    recovered_complete: u64,
+    recovered_incomplete: u64,
+    connect_failures: u64,
+    last_offset: Option<String>,
+}
+
+struct Device {
+    user: u32,
+    index: u32,
+    /// Write half of the current connection and the index of its address; None while
+    /// disconnected.
+    writer: Mutex<Option<(TcpStream, u8)>>,
+    log: Mutex<DeviceLog>,
+}
+
+/// Per-device result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceResult {
+    pub user: String,
+    pub device: u32,
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reconnects: u64,
+    pub resumes_without_offset: u64,
+    pub recovered_complete: u64,
+    pub recovered_incomplete: u64,
+    pub connect_failures: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct SoakReport {
+    pub run_id: String,
+    pub sent: u64,
+    pub send_failed: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    /// Sent messages that reached no device at all (likely never accepted by a server).
+    pub lost_everywhere: u64,
+    /// The same, by the `--addr` the sender was connected to.
+    pub lost_everywhere_by_addr: Vec<u64>,
+    /// Send times (s since the first message) of the first and last message that reached
+    /// no device.
+    pub lost_everywhere_span_s: Option<(f64, f64)>,
+    pub duplicated: u64,
+    pub reconnects: u64,
+    pub devices_with_loss: u64,
+    /// Devices that lost something and never got `recovered` with complete=false: the
+    /// promise broken.
+    pub devices_lost_without_incomplete: u64,
+    pub devices: Vec<DeviceResult>,
+}
+
+/// The top-level `"offset":"A-B"` of a server frame: the last occurrence (the top-level key
+/// follows `args` in the server's frames, and our texts cannot contain a quote).
+pub fn find_offset(payload: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = b"\"offset\":\"";
+    let at = memmem::rfind(payload, KEY)? + KEY.len();
+    let rest = &payload[at..];
+    let end = memchr::memchr(b'"', rest)?;
+    let s = std::str::from_utf8(&rest[..end]).ok()?;
+    let (a, b) = s.split_once('-')?;
+    (!a.is_empty()
+        && !b.is_empty()
+        && a.bytes().all(|c| c.is_ascii_digit())
+        && b.bytes().all(|c| c.is_ascii_digit()))
+    .then_some(s)
+}
+
+/// `Some(complete)` for a `recovered` event.
+pub fn recovered_complete(payload: &[u8]) -> Option<bool> {
+    memmem::find(payload, b"\"recovered\"")?;
+    if memmem::find(payload, b"\"complete\":true").is_some() {
+        Some(true)
+    } else {
+        Some(false)
+    }
+}
+
+fn mask(seed: &mut u64) -> [u8; 4] {
+    *seed = splitmix64(*seed);
+    (*seed as u32).to_le_bytes()
+}
+
+/// Connects and upgrades; returns the stream and any bytes read past the handshake.
+fn connect(
+    addr: SocketAddr,
+    path: &str,
+    rnd: &mut u64,
+    timeout: Duration,
+) -> Result<(TcpStream, Vec<u8>), String> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    s.set_nodelay(true).ok();
+    s.set_read_timeout(Some(timeout)).ok();
+    s.set_write_timeout(Some(timeout)).ok();
+    let mut key = [0u8; 16];
+    for chunk in key.chunks_mut(4) {
+        chunk.copy_from_slice(&mask(rnd));
+    }
+    let key = codec::handshake_key(key);
+    let accept = codec::accept_for(&key);
+    s.write_all(&codec::handshake_request(&addr.to_string(), path, &key))
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut tmp = [0u8; 4096];
+    loop {
+        let n = s.read(&mut tmp).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("eof during handshake".into());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        match codec::parse_handshake(&buf, &accept) {
+            Handshake::Incomplete => continue,
+            Handshake::Rejected(r) => return Err(r),
+            Handshake::Accepted { header_len } => {
+                buf.drain(..header_len);
+                return Ok((s, buf));
+            }
+        }
+    }
+}
+
+struct Ctx {
+    addrs: Vec<SocketAddr>,
+    run_id: String,
+    stop: AtomicBool,
+    connected: AtomicU64,
+}
+
+/// One device's life: connect, read, reconnect, until `stop`.
+fn device_loop(ctx: &Ctx, dev: &Device, base_path: &str, seed: u64) {
+    let classifier = Classifier::new(&ctx.run_id);
+    let mut rnd = seed;
+    let mut addr_i = (dev.user as usize + dev.index as usize) % ctx.addrs.len();
+    let mut backoff = BACKOFF_MIN;
+    let mut first = true;
+    while !ctx.stop.load(Ordering::Relaxed) {
+        let since = dev.log.lock().unwrap().last_offset.clone();
+        let path = match &since {
+            Some(o) => format!("{base_path}&since={o}"),
+            None => base_path.to_owned(),
+        };
+        let addr = ctx.addrs[addr_i];
+        match connect(addr, &path, &mut rnd, Duration::from_secs(2)) {
+            Err(_) => {
+                dev.log.lock().unwrap().connect_failures += 1;
+                addr_i = (addr_i + 1) % ctx.addrs.len();
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+            Ok((stream, leftover)) => {
+                {
+                    let mut log = dev.log.lock().unwrap();
+                    if !first {
+                        log.reconnects += 1;
+                        if since.is_none() {
+                            log.resumes_without_offset += 1;
+                        }
+                    }
+                }
+                if first {
+                    ctx.connected.fetch_add(1, Ordering::Relaxed);
+                }
+                first = false;
+                backoff = BACKOFF_MIN;
+                stream
+                    .set_read_timeout(Some(Duration::from_millis(200)))
+                    .ok();
+                *dev.writer.lock().unwrap() = stream.try_clone().ok().map(|w| (w, addr_i as u8));
+                read_until_drop(ctx, dev, stream, leftover, &classifier, &mut rnd);
+                *dev.writer.lock().unwrap() = None;
+                if !ctx.stop.load(Ordering::Relaxed) {
+                    addr_i = (addr_i + 1) % ctx.addrs.len();
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+fn read_until_drop(
+    ctx: &Ctx,
+    dev: &Device,
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    classifier: &Classifier,
+    rnd: &mut u64,
+) {
+    let mut tmp = vec![0u8; 64 << 10];
+    loop {
+        // Parse every complete frame in the buffer.
+        loop {
+            match codec::parse_frame(&buf, MAX_PAYLOAD) {
+                Parse::Incomplete => break,
+                Parse::Error(_) => return,
+                Parse::Frame(h) => {
+                    let payload = &buf[h.header_len..h.total_len()];
+                    match h.opcode {
+                        codec::OP_CLOSE => return,
+                        codec::OP_PING => {
+                            let mut out = Vec::new();
+                            codec::encode_frame(&mut out, codec::OP_PONG, payload, mask(rnd));
+                            if let Some((w, _)) = dev.writer.lock().unwrap().as_mut() {
+                                let _ = w.write_all(&out);
+                            }
+                        }
+                        codec::OP_TEXT => on_text(dev, payload, classifier),
+                        _ => {}
+                    }
+                    let n = h.total_len();
+                    buf.drain(..n);
+                }
+            }
+        }
+        if ctx.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match stream.read(&mut tmp) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn on_text(dev: &Device, payload: &[u8], classifier: &Classifier) {
+    let mut log = dev.log.lock().unwrap();
+    if let Some(complete) = recovered_complete(payload) {
+        if complete {
+            log.recovered_complete += 1;
+        } else {
+            log.recovered_incomplete += 1;
+        }
+        return;
+    }
+    if let Some(o) = find_offset(payload) {
+        log.last_offset = Some(o.to_owned());
+    }
+    if let Frame::Delivery { seq, .. } = classifier.classify(payload) {
+        if !log.seen.insert(seq) {
+            log.duplicates += 1;
+        }
+    }
+}
+
+pub fn run(args: &Args) -> Result<SoakReport, String> {
+    let run_id = format!(
+        "{:08x}",
+        splitmix64(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ u64::from(std::process::id())
+        ) as u32
+    );
+    let seed = args.seed.unwrap_or(0x50a4);
+    let users = args.users as u32;
+    let minter = token::Minter::new(args.jwt_secret.as_deref(), args.jwt_ttl);
+    let user_ids: Vec<String> = (0..users)
+        .map(|u| format!("{}{u}", args.user_prefix))
+        .collect();
+    let mut paths = Vec::new();
+    for id in &user_ids {
+        let tok = minter.token(id, token::unix_now_s())?;
+        paths.push(format!("{}?token={tok}", args.ws_path()));
+    }
+    let ctx = Arc::new(Ctx {
+        addrs: args.addrs.clone(),
+        run_id: run_id.clone(),
+        stop: AtomicBool::new(false),
+        connected: AtomicU64::new(0),
+    });
+    let devices: Arc<Vec<Device>> = Arc::new(
+        (0..users)
+            .flat_map(|u| (0..args.devices).map(move |d| (u, d)))
+            .map(|(user, index)| Device {
+                user,
+                index,
+                writer: Mutex::new(None),
+                log: Mutex::new(DeviceLog::default()),
+            })
+            .collect(),
+    );
+    eprintln!(
+        "loadtest soak: run {run_id}, {} devices to {} address(es), {} msg/s for {} s",
+        devices.len(),
+        ctx.addrs.len(),
+        args.rate,
+        args.duration
+    );
+    let mut handles = Vec::new();
+    for i in 0..devices.len() {
+        let (ctx, devices) = (ctx.clone(), devices.clone());
+        let path = paths[devices[i].user as usize].clone();
+        let s = splitmix64(seed ^ (i as u64 + 1));
+        handles.push(
+            std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || device_loop(&ctx, &devices[i], &path, s))
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    // Wait for the first connection of every device (bounded), then for the servers'
+    // subscriptions: a connection without `since` only gets what follows the subscription.
+    let t0 = Instant::now();
+    while ctx.connected.load(Ordering::Relaxed) < devices.len() as u64
+        && t0.elapsed() < Duration::from_secs_f64(args.connect_timeout)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "loadtest soak: {}/{} devices connected",
+        ctx.connected.load(Ordering::Relaxed),
+        devices.len()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Sender: open loop at --rate, random sender device, random recipient.
+    let mut sent: Vec<Option<Sent>> = Vec::new();
+    let mut send_failed = 0u64;
+    let mut rnd = splitmix64(seed);
+    let start = Instant::now();
+    let duration = Duration::from_secs_f64(args.duration);
+    let mut out = Vec::with_capacity(256);
+    let mut payload = Vec::with_capacity(256);
+    let mut last_progress = 0u64;
+    let mut seq = 0u64;
+    loop {
+        let due = start + Duration::from_secs_f64(seq as f64 / args.rate);
+        let now = Instant::now();
+        if now.duration_since(start) >= duration {
+            break;
+        }
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        rnd = splitmix64(rnd);
+        let from_dev = (rnd % devices.len() as u64) as usize;
+        let to = ((rnd >> 32) % u64::from(users)) as u32;
+        let from = devices[from_dev].user;
+        payload.clear();
+        let intended_ns = start.elapsed().as_nanos() as u64;
+        marker::write_send_message(
+            &mut payload,
+            &user_ids[to as usize],
+            &run_id,
+            seq,
+            intended_ns,
+            args.size,
+        );
+        out.clear();
+        codec::encode_frame(&mut out, codec::OP_TEXT, &payload, mask(&mut rnd));
+        let via = match devices[from_dev].writer.lock().unwrap().as_mut() {
+            Some((w, via)) => w.write_all(&out).is_ok().then_some(*via),
+            None => None,
+        };
+        if let Some(via) = via {
+            sent.push(Some(Sent { from, to, via }));
+        } else {
+            sent.push(None);
+            send_failed += 1;
+        }
+        seq += 1;
+        let secs = start.elapsed().as_secs();
+        if secs > last_progress && !args.quiet {
+            last_progress = secs;
+            let up = devices
+                .iter()
+                .filter(|d| d.writer.lock().unwrap().is_some())
+                .count();
+            eprintln!(
+                "soak t={secs:>3}s sent={} send_failed={send_failed} devices_up={up}/{}",
+                seq - send_failed,
+                devices.len()
+            );
+        }
+    }
+    // Drain: keep reconnecting/reading so resumes can complete.
+    std::thread::sleep(Duration::from_secs_f64(args.drain));
+    ctx.stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    let mut r = account(&run_id, &user_ids, &devices, &sent, send_failed);
+    r.lost_everywhere_by_addr.resize(args.addrs.len(), 0);
+    if let Some((a, b)) = r.lost_everywhere_span_s {
+        r.lost_everywhere_span_s = Some((a / args.rate, b / args.rate));
+    }
+    Ok(r)
+}
+
+fn account(
+    run_id: &str,
+    user_ids: &[String],
+    devices: &[Device],
+    sent: &[Option<Sent>],
+    send_failed: u64,
+) -> SoakReport {
+    let logs: Vec<_> = devices.iter().map(|d| d.log.lock().unwrap()).collect();
+    let mut results = Vec::with_capacity(devices.len());
+    let mut lost_everywhere = 0u64;
+    let mut by_addr: Vec<u64> = Vec::new();
+    let mut span: Option<(f64, f64)> = None;
+    // Per message: did any device see it? (`span` is in seqs here; `run` scales it.)
+    for (seq, s) in sent.iter().enumerate() {
+        let Some(s) = s else { continue };
+        if !logs.iter().any(|l| l.seen.contains(&(seq as u64))) {
+            lost_everywhere += 1;
+            let v = usize::from(s.via);
+            if by_addr.len() <= v {
+                by_addr.resize(v + 1, 0);
+            }
+            by_addr[v] += 1;
+            let t = seq as f64;
+            span = Some(span.map_or((t, t), |(a, _)| (a, t)));
+        }
+    }
+    for (d, log) in devices.iter().zip(&logs) {
+        let mut expected = 0u64;
+        let mut delivered = 0u64;
+        for (seq, s) in sent.iter().enumerate() {
+            let Some(s) = s else { continue };
+            if s.from == d.user || s.to == d.user {
+                expected += 1;
+                if log.seen.contains(&(seq as u64)) {
+                    delivered += 1;
+                }
+            }
+        }
+        results.push(DeviceResult {
+            user: user_ids[d.user as usize].clone(),
+            device: d.index,
+            expected,
+            delivered,
+            lost: expected - delivered,
+            duplicated: log.duplicates,
+            reconnects: log.reconnects,
+            resumes_without_offset: log.resumes_without_offset,
+            recovered_complete: log.recovered_complete,
+            recovered_incomplete: log.recovered_incomplete,
+            connect_failures: log.connect_failures,
+        });
+    }
+    let sum = |f: fn(&DeviceResult) -> u64| results.iter().map(f).sum::<u64>();
+    SoakReport {
+        run_id: run_id.to_owned(),
+        sent: sent.iter().filter(|s| s.is_some()).count() as u64,
+        send_failed,
+        expected: sum(|r| r.expected),
+        delivered: sum(|r| r.delivered),
+        lost: sum(|r| r.lost),
+        lost_everywhere,
+        lost_everywhere_by_addr: by_addr,
+        lost_everywhere_span_s: span,
+        duplicated: sum(|r| r.duplicated),
+        reconnects: sum(|r| r.reconnects),
+        devices_with_loss: results.iter().filter(|r| r.lost > 0).count() as u64,
+        devices_lost_without_incomplete: results
+            .iter()
+            .filter(|r| r.lost > 0 && r.recovered_incomplete == 0)
+            .count() as u64,
+        devices: results,
+    }
+}
+
+/// Human summary: aggregates and the worst devices.
+pub fn print(r: &SoakReport, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(out, "soak run {}", r.run_id)?;
+    writeln!(
+        out,
+        "sent {}  send_failed {}  expected deliveries {}  delivered {}  lost {}  \
+         (messages reaching no device: {})  duplicated {}  reconnects {}",
+        r.sent,
+        r.send_failed,
+        r.expected,
+        r.delivered,
+        r.lost,
+        r.lost_everywhere,
+        r.duplicated,
+        r.reconnects
+    )?;
+    if let Some((a, b)) = r.lost_everywhere_span_s {
+        writeln!(
+            out,
+            "messages reaching no device: sent between {a:.2} s and {b:.2} s; by the sender's \
+             --addr: {:?}",
+            r.lost_everywhere_by_addr
+        )?;
+    }
+    writeln!(
+        out,
+        "devices with loss {} of {}; of those without any recovered complete=false: {}",
+        r.devices_with_loss,
+        r.devices.len(),
+        r.devices_lost_without_incomplete
+    )?;
+    let mut worst: Vec<_> = r.devices.iter().collect();
+    worst.sort_by_key(|d| std::cmp::Reverse((d.lost, d.duplicated, d.reconnects)));
+    writeln!(
+        out,
+        "{:<10} {:>3} {:>8} {:>9} {:>5} {:>5} {:>6} {:>7} {:>8} {:>10}",
+        "user",
+        "dev",
+        "expected",
+        "delivered",
+        "lost",
+        "dup",
+        "reconn",
+        "no_off",
+        "rec_ok",
+        "rec_incompl"
+    )?;
+    for d in worst.iter().take(10) {
+        writeln!(
+            out,
+            "{:<10} {:>3} {:>8} {:>9} {:>5} {:>5} {:>6} {:>7} {:>8} {:>10}",
+            d.user,
+            d.device,
+            d.expected,
+            d.delivered,
+            d.lost,
+            d.duplicated,
+            d.reconnects,
+            d.resumes_without_offset,
+            d.recovered_complete,
+            d.recovered_incomplete
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offset_is_the_top_level_one() {
+        let f = br#"{"event":"newMessage","args":{"from":"u1","text":"lt:a:1:2"},"offset":"17-3"}"#;
+        assert_eq!(find_offset(f), Some("17-3"));
+        assert_eq!(find_offset(br#"{"event":"ack","ack":1}"#), None);
+        assert_eq!(find_offset(br#"{"offset":"x-1"}"#), None);
+    }
+
+    #[test]
+    fn accounting_counts_lost_duplicated_and_unowed() {
+        let dev = |user, index| Device {
+            user,
+            index,
+            writer: Mutex::new(None),
+            log: Mutex::new(DeviceLog::default()),
+        };
+        let devices = vec![dev(0, 0), dev(0, 1), dev(1, 0), dev(2, 0)];
+        // seq 0: u0 -> u1; seq 1: failed send; seq 2: u2 -> u2.
+        let sent = vec![
+            Some(Sent {
+                from: 0,
+                to: 1,
+                via: 0,
+            }),
+            None,
+            Some(Sent {
+                from: 2,
+                to: 2,
+                via: 1,
+            }),
+        ];
+        devices[0].log.lock().unwrap().seen.insert(0);
+        devices[2].log.lock().unwrap().seen.insert(0);
+        devices[2].log.lock().unwrap().duplicates = 1;
+        devices[1].log.lock().unwrap().recovered_incomplete = 1;
+        let ids: Vec<String> = (0..3).map(|u| format!("u{u}")).collect();
+        let r = account("r", &ids, &devices, &sent, 1);
+        assert_eq!((r.sent, r.send_failed), (2, 1));
+        let lost: Vec<u64> = r.devices.iter().map(|d| d.lost).collect();
+        // u0/1 missed seq 0 (told: complete=false); u2/0 missed seq 2 (not told).
+        assert_eq!(lost, [0, 1, 0, 1]);
+        assert_eq!((r.expected, r.delivered, r.duplicated), (4, 2, 1));
+        assert_eq!((r.lost_everywhere, r.devices_with_loss), (1, 2));
+        assert_eq!(r.devices_lost_without_incomplete, 1);
+        assert_eq!(r.lost_everywhere_by_addr, [0, 1]);
+        assert_eq!(r.lost_everywhere_span_s, Some((2.0, 2.0)));
+    }
+
+    #[test]
+    fn recovered_flag() {
+        let t = br#"{"event":"recovered","args":{"complete":true,"offset":"1-2"}}"#;
+        let f = br#"{"event":"recovered","args":{"complete":false,"offset":null}}"#;
+        assert_eq!(recovered_complete(t), Some(true));
+        assert_eq!(recovered_complete(f), Some(false));
+        assert_eq!(recovered_complete(b"{\"event\":\"newMessage\"}"), None);
+    }
+}
