@@ -29,6 +29,9 @@ pub enum CoreMsg {
     Page(Box<PageResult>),
     /// The offsets of a waiting `POST /api/publish`.
     Published(Box<PublishResult>),
+    /// The Redis subscriber is back after an outage: every open connection that has received
+    /// an offset resumes from it, as if it had reconnected with `?since=`.
+    Resync,
 }
 
 /// The outcome of a `POST /api/publish` for connection `key` with `serial`.

@@ -1118,7 +1118,29 @@ impl CoreLoop {
             CoreMsg::Replayed(result) => self.on_replay(*result),
             CoreMsg::Page(page) => self.on_page(*page),
             CoreMsg::Published(published) => self.on_published(*published),
+            CoreMsg::Resync => self.resync_all(),
         });
+    }
+
+    /// After a backplane outage, replays to each open connection what its user was sent since
+    /// the last offset the connection received (events published while this instance was not
+    /// subscribed are in history but reached none of its devices). The seam logic drops what
+    /// a connection already has; the connection gets `recovered` at the end, as after a resume.
+    fn resync_all(&mut self) {
+        let keys: Vec<(usize, Offset)> = self
+            .conns
+            .iter()
+            .filter_map(|(key, conn)| match conn {
+                Connection::Open(o) if o.closing.is_none() && o.recovering.is_none() => {
+                    o.last_offset.map(|offset| (key, offset))
+                }
+                _ => None,
+            })
+            .collect();
+        log::debug!("core={} resync: {} connections resume", self.id, keys.len());
+        for (key, offset) in keys {
+            self.begin_recovery(key, Some(offset));
+        }
     }
 
     /// Queues a frame with an offset on every local connection of its user, skipping those that

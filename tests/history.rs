@@ -695,3 +695,67 @@ fn a_replay_cut_short_by_a_smaller_bound_is_incomplete() {
     assert_eq!(r["event"], "recovered");
     assert_eq!(r["args"]["complete"], false, "{r}");
 }
+
+#[test]
+fn devices_that_stay_connected_through_a_subscriber_outage_get_what_they_missed() {
+    let redis = TestRedis::start();
+    let a = on_redis(&redis, 1000);
+    // B waits ~1 s before reconnecting its subscriber, so the outage below is wide enough.
+    let b = {
+        let mut rc = RedisConfig::new(redis.url());
+        rc.routing = Routing::PerUser;
+        rc.reconnect_min = Duration::from_millis(1000);
+        rc.reconnect_max = Duration::from_millis(1000);
+        TestServer::with_config(Config {
+            backplane: Some(rc),
+            history: history(1000),
+            ..test_config()
+        })
+    };
+    let mut laptop = b.connect("u1");
+    let mut phone = a.connect("u2");
+    wait_subscribed(&redis, "u1", 1);
+    wait_subscribed(&redis, "u2", 1);
+    phone.send_message("u1", "before");
+    assert_eq!(laptop.recv_event("newMessage")["args"]["text"], "before");
+    assert_eq!(phone.recv_event("newMessage")["args"]["text"], "before");
+
+    // Redis drops B's subscriber (its output buffer limit), while the laptop stays connected.
+    let mut r = redis.connection();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("pubsub 4kb 4kb 0")
+        .query(&mut r)
+        .unwrap();
+    let big = "x".repeat(64 * 1024);
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("switchboard:u:u1")
+        .arg(&big)
+        .query(&mut r)
+        .unwrap();
+    wait_for("B's subscriber to be dropped", || {
+        b.bp_stat(|s| &s.subscriber_connected) == 0
+    });
+    // Sent while B hears nothing: stored in u1's history, delivered live to no device of u1.
+    for n in 0..5 {
+        phone.send_message("u1", &format!("missed {n}"));
+    }
+    for n in 0..5 {
+        assert_eq!(
+            phone.recv_event("newMessage")["args"]["text"],
+            format!("missed {n}")
+        );
+    }
+    // Once B is subscribed again, the laptop gets them, in order, then `recovered`.
+    for n in 0..5 {
+        let m = laptop.recv_event("newMessage");
+        assert_eq!(m["args"]["text"], format!("missed {n}"), "{m}");
+    }
+    let recovered = laptop.recv_event("recovered");
+    assert_eq!(recovered["args"]["complete"], true, "{recovered}");
+    // And live delivery goes on, without duplicates.
+    phone.send_message("u1", "after");
+    assert_eq!(laptop.recv_event("newMessage")["args"]["text"], "after");
+    laptop.expect_silence(Duration::from_millis(200));
+}

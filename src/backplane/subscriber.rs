@@ -64,6 +64,10 @@ struct Shard {
 
 /// The subscriber and the state it owns.
 pub struct Subscriber {
+    /// Ready (every shard connected, every subscription confirmed) at the last check.
+    ready: bool,
+    /// Has been ready at least once: becoming ready again means an outage ended.
+    ready_before: bool,
     bp: Arc<Backplane>,
     bus: Arc<Bus>,
     poll: Poll,
@@ -99,6 +103,8 @@ impl Subscriber {
         let topology_backoff =
             Backoff::new(bp.config.reconnect_min, bp.config.reconnect_max, bp.node_id);
         Ok(Subscriber {
+            ready: false,
+            ready_before: false,
             bp,
             bus,
             poll,
@@ -239,7 +245,7 @@ impl Subscriber {
         }
     }
 
-    fn update_connected(&self) {
+    fn update_connected(&mut self) {
         let all = !self.shards.is_empty() && self.shards.iter().all(|s| s.conn.is_some());
         self.bp
             .stats
@@ -251,6 +257,21 @@ impl Subscriber {
                 .iter()
                 .all(|s| s.conn.as_ref().is_some_and(|c| !c.ready_on_pong));
         self.bp.subscriber_ready.store(ready, SeqCst);
+        if ready && !self.ready {
+            if self.ready_before && self.bp.history().is_some() {
+                // Back after an outage: whatever was published for our users while we were
+                // unsubscribed is in their history but reached none of their devices. Every
+                // core replays it to its open connections from the last offset each received.
+                log::info!(
+                    "redis subscriber ready again: open connections resume from their last offset"
+                );
+                for core in 0..self.bus.cores() {
+                    self.bus.send(core, CoreMsg::Resync);
+                }
+            }
+            self.ready_before = true;
+        }
+        self.ready = ready;
         let confirmed: u64 = self.shards.iter().map(|s| s.confirmed).sum();
         self.bp.stats.subscribed_channels.store(confirmed, Relaxed);
     }
