@@ -3,7 +3,8 @@
 #
 # The integration tests start their own redis-server on free ports (never one already running),
 # so redis-server must be on PATH. When it is missing, this script says so and stops; as root
-# with apt-get, and with SWITCHBOARD_INSTALL_DEPS=1 or CI=true, it installs it instead.
+# with apt-get, and with SWITCHBOARD_INSTALL_DEPS=1 or CI=true, it installs it instead. The
+# browser test also wants Debian's chromium and node (see below; .ci/run installs chromium).
 #
 # Usage: ./test.sh [extra arguments for cargo test, e.g. a test name filter]
 set -euo pipefail
@@ -36,6 +37,14 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 require redis-server redis-server
 require redis-cli redis-tools
+
+# The browser test (tests/browser.rs) needs chromium, node and tests/browser/node_modules; without
+# them it prints one line saying what is missing and passes (under CI=true it fails instead).
+if [[ ! -d tests/browser/node_modules ]] && command -v npm >/dev/null 2>&1; then
+    echo "test.sh: npm ci in tests/browser (playwright-core for the browser test)"
+    npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error ||
+        echo "test.sh: npm ci failed in tests/browser: the browser test will skip" >&2
+fi
 
 # --all-targets builds and runs lib, bin, integration-test and bench targets (criterion runs each
 # benchmark once in test mode, so benches are checked, not measured); it skips doc tests, hence

@@ -96,6 +96,8 @@ pub struct Config {
     pub backplane: Option<crate::backplane::RedisConfig>,
     /// Offsets, per-user history, resume and the history/publish routes.
     pub history: crate::history::HistoryConfig,
+    /// Serve the chat page ([`crate::web`]) at `GET /` and `GET /index.html`; off, both are 404.
+    pub chat_page: bool,
 }
 
 impl Default for Config {
@@ -120,6 +122,7 @@ impl Default for Config {
             rate_limit_burst: DEFAULT_RATE_LIMIT_BURST,
             backplane: None,
             history: crate::history::HistoryConfig::default(),
+            chat_page: true,
         }
     }
 }

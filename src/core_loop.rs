@@ -330,10 +330,12 @@ impl CoreLoop {
 
     fn route(&mut self, key: usize, req: Request, rest: Vec<u8>) {
         add(&self.metrics().http_requests, 1);
-        let known = matches!(
-            req.path.as_str(),
-            "/ws" | "/healthz" | "/metrics" | "/api/history"
-        );
+        let page = self.shared.config.chat_page && matches!(req.path.as_str(), "/" | "/index.html");
+        let known = page
+            || matches!(
+                req.path.as_str(),
+                "/ws" | "/healthz" | "/metrics" | "/api/history"
+            );
         if known && req.method != "GET" || req.path == "/api/publish" && req.method != "POST" {
             let response = if req.path.starts_with("/api/") {
                 api::json_error(405, "method not allowed")
@@ -367,6 +369,9 @@ impl CoreLoop {
                     http::response(200, "application/json", "", &body),
                     &rest,
                 );
+            }
+            "/" | "/index.html" if page => {
+                self.reply(key, crate::web::index_response().to_vec(), &rest);
             }
             "/metrics" => {
                 let mut body = crate::metrics::render_prometheus(&self.shared.metrics);

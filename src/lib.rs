@@ -23,6 +23,7 @@
 //!   script), so a device that reconnects with `?since=` gets what it missed, then live events.
 //!   [`api`] serves `GET /api/history` and `POST /api/publish`.
 //! - [`metrics`] are per-core counters summed on demand for `/metrics` and `/healthz`.
+//! - [`web`] is the chat page served at `GET /`, a browser client of the public protocol.
 //! - [`config`] holds every bound and its documented default.
 //!
 //! Embedding: build a [`Config`], add handlers to a [`Server`], call [`Server::start`].
@@ -58,6 +59,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod runtime;
 pub mod user_index;
+pub mod web;
 
 /// A user id, shared cheaply between connections, indexes and dispatches.
 pub type UserId = std::sync::Arc<str>;

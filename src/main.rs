@@ -12,8 +12,8 @@ use switchboard::Server;
 
 /// Real-time WebSocket messaging server: one event loop per CPU core.
 ///
-/// Clients connect to ws://ADDR/ws?token=TOKEN. Plain HTTP on the same port: GET /healthz and
-/// GET /metrics. Durations take a unit: 500ms, 10s, 2m (a bare number is seconds).
+/// Clients connect to ws://ADDR/ws?token=TOKEN. Plain HTTP on the same port: a chat page at
+/// GET /, GET /healthz and GET /metrics. Durations take a unit: 500ms, 10s, 2m (a bare number is seconds).
 #[derive(Parser, Debug)]
 #[command(name = "switchboard", version)]
 struct Cli {
@@ -148,6 +148,10 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
 
+    /// The chat page at `GET /` (a browser client of the protocol): `on` or `off` (then 404).
+    #[arg(long, env = "SWITCHBOARD_CHAT_PAGE", value_enum, default_value_t = OnOff::On)]
+    chat_page: OnOff,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     log_level: String,
@@ -240,6 +244,7 @@ impl Cli {
                 api_key: self.api_key,
                 ..history::HistoryConfig::default()
             },
+            chat_page: self.chat_page == OnOff::On,
         }
     }
 }

@@ -133,7 +133,10 @@ fn metrics_lists_every_documented_family() {
 fn unknown_paths_and_methods() {
     let server = TestServer::start();
     assert_eq!(http_get(server.addr, "/nope"), (404, "not found\n".into()));
-    assert_eq!(http_get(server.addr, "/"), (404, "not found\n".into()));
+    assert_eq!(
+        http_get(server.addr, "/index.htm"),
+        (404, "not found\n".into())
+    );
     assert_eq!(
         http_get(server.addr, "/healthz/extra"),
         (404, "not found\n".into())
@@ -143,6 +146,8 @@ fn unknown_paths_and_methods() {
         ("PUT", "/metrics"),
         ("POST", "/ws"),
         ("HEAD", "/healthz"),
+        ("POST", "/"),
+        ("HEAD", "/index.html"),
     ] {
         let req = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(
@@ -153,6 +158,45 @@ fn unknown_paths_and_methods() {
     }
     // A query string does not change the route.
     assert_eq!(http_get(server.addr, "/healthz?verbose=1").0, 200);
+}
+
+#[test]
+fn the_chat_page_is_served_at_the_root() {
+    let server = TestServer::start();
+    for path in ["/", "/index.html", "/?token=ignored"] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        let (head, body) = exchange(server.addr, req.as_bytes());
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{path}: {head}");
+        let lines: Vec<&str> = head.lines().collect();
+        assert!(
+            lines.contains(&"Content-Type: text/html; charset=utf-8"),
+            "{head}"
+        );
+        assert!(lines.contains(&"Cache-Control: no-cache"), "{head}");
+        assert!(lines.contains(&"Connection: close"), "{head}");
+        let csp = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("Content-Security-Policy: "))
+            .expect("a Content-Security-Policy");
+        assert!(csp.starts_with("default-src 'none'; "), "{csp}");
+        assert!(csp.contains("connect-src 'self'"), "{csp}");
+        assert_eq!(body, switchboard::web::INDEX_HTML);
+    }
+}
+
+#[test]
+fn the_chat_page_can_be_turned_off() {
+    let server = TestServer::with_config(Config {
+        chat_page: false,
+        ..test_config()
+    });
+    assert_eq!(http_get(server.addr, "/"), (404, "not found\n".into()));
+    assert_eq!(
+        http_get(server.addr, "/index.html"),
+        (404, "not found\n".into())
+    );
+    // The rest of the port is unchanged.
+    assert_eq!(server.health()["status"], "ok");
 }
 
 #[test]
