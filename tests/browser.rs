@@ -3,7 +3,9 @@
 //!
 //! Two pages as u1 on different instances and one as u2: u2's message appears in both u1 pages.
 //! Then one u1 page goes offline, messages are sent, it comes back online and shows them in
-//! order, once each, without a reload, resumed with `since`. Screenshots are written to
+//! order, once each, without a reload, resumed with `since`. A fourth page, with its liveness
+//! probe sped up and its `offline` listener unplugged, goes offline too: the probe alone notices
+//! the dead socket and the page catches up the same way. Screenshots are written to
 //! `target/browser-screenshots/` (or `$SWITCHBOARD_SCREENSHOTS`).
 //!
 //! Needs Debian's `chromium` (or `$CHROMIUM`), `node`, and `npm ci` run in tests/browser
@@ -142,6 +144,18 @@ fn two_windows_see_the_message_and_an_offline_window_catches_up() {
             "missed 1",
             "missed 2",
             "missed 3"
+        ]
+    );
+    // A fourth page, whose only way to notice a dead connection is its probe, also caught up.
+    assert_eq!(
+        texts("silent_drop"),
+        [
+            "hello from u2",
+            "hi u2, u1 here",
+            "missed 1",
+            "missed 2",
+            "missed 3",
+            "missed 4"
         ]
     );
     let resumed = texts("resumed_with");

@@ -8,7 +8,9 @@
 //
 // Scenario: u1 on instance A, u1 on instance B, u2 on instance B. u2 sends; both u1 pages show
 // it. Then the u1 page on A goes offline (context.setOffline), u2 sends three messages, the page
-// comes back online and shows them, in order, once each, without a reload.
+// comes back online and shows them, in order, once each, without a reload. Last, a fourth page
+// (u1 on A) whose `offline` listener is unplugged goes offline: only its liveness probe can notice
+// the dead socket, and it catches up the same way.
 
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -50,9 +52,31 @@ async function until(what, probe, pred) {
   }
 }
 
-async function openPage(browser, base, user, viewport) {
+// The page with its liveness probe sped up and its `offline` listener unplugged, so that only the
+// probe can notice a dead connection. Served without the CSP header (the script's hash changes).
+async function quickProbeRoute(route) {
+  const response = await route.fetch();
+  let body = await response.text();
+  const edits = [
+    ['const PROBE_AFTER_MS = 30000;', 'const PROBE_AFTER_MS = 1000;'],
+    ['const PROBE_TIMEOUT_MS = 10000;', 'const PROBE_TIMEOUT_MS = 1000;'],
+    ['const PROBE_TICK_MS = 5000;', 'const PROBE_TICK_MS = 250;'],
+    ["window.addEventListener('offline',", "window.addEventListener('unplugged-by-the-test',"],
+  ];
+  for (const [from, to] of edits) {
+    if (!body.includes(from)) fail(`the page no longer contains ${from}`);
+    body = body.replace(from, to);
+  }
+  const headers = { ...response.headers() };
+  delete headers['content-security-policy'];
+  delete headers['content-length'];
+  await route.fulfill({ status: response.status(), headers, body });
+}
+
+async function openPage(browser, base, user, viewport, quickProbe) {
   const context = await browser.newContext({ viewport });
   const page = await context.newPage();
+  if (quickProbe) await page.route(base + '/', quickProbeRoute);
   const p = { context, page, user, base, sockets: [], navigations: 0 };
   page.on('console', (m) => {
     if (m.type() === 'error') result.errors.push(`${user}@${base}: console: ${m.text()}`);
@@ -89,7 +113,10 @@ async function main() {
   if (!baseA || !baseB) fail('usage: node chat.spec.mjs BASE_URL_A BASE_URL_B');
   mkdirSync(shots, { recursive: true });
   step = 'launch';
-  const browser = await chromium.launch({ executablePath, args: ['--no-sandbox', '--disable-gpu', '--disable-quic'], timeout: WAIT * 3 });
+  // Local Network Access checks off: a page fulfilled by page.route (the quick-probe one) has no
+  // address, and Chromium would refuse its WebSocket to 127.0.0.1 as a public-to-local request.
+  const args = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-features=LocalNetworkAccessChecks'];
+  const browser = await chromium.launch({ executablePath, args, timeout: WAIT * 3 });
   result.browser = browser.version();
   try {
     const desktop = { width: 1100, height: 720 };
@@ -171,6 +198,33 @@ async function main() {
       fail(`the page that stayed online: ${JSON.stringify(other)}`);
     }
     await shot(u1a, 'chat.png');
+
+    // A connection that dies without the browser saying so: only the page's probe can tell.
+    step = 'silent drop';
+    const hb = await openPage(browser, baseA, 'u1', desktop, true);
+    await hb.page.locator('#messages li.msg .text', { hasText: 'missed 3' }).waitFor({ timeout: WAIT });
+    const hbSockets = hb.sockets.length;
+    const hbRecoveries = await metric(baseA, 'switchboard_recoveries_complete_total');
+    await hb.context.setOffline(true);
+    await hb.page.locator('#state[data-state="offline"]').waitFor({ timeout: WAIT });
+    await send(u2b, 'missed 4');
+    await u1b.page.locator('#messages li.msg .text', { hasText: 'missed 4' }).waitFor({ timeout: WAIT });
+    if ((await texts(hb)).includes('missed 4')) fail('the silently dropped page got a message while offline');
+    await hb.context.setOffline(false);
+    await hb.page.locator('#messages li.msg .text', { hasText: 'missed 4' }).waitFor({ timeout: WAIT });
+    const hbAfter = await texts(hb);
+    if (JSON.stringify(hbAfter) !== JSON.stringify([...expected, 'missed 4'])) {
+      fail(`after the silent drop: ${JSON.stringify(hbAfter)}`);
+    }
+    const hbResumed = hb.sockets.slice(hbSockets);
+    if (hbResumed.length !== 1 || !/[?&]since=\d+-\d+/.test(hbResumed[0])) {
+      fail(`after the silent drop, reconnected with ${JSON.stringify(hbResumed)}`);
+    }
+    if (await metric(baseA, 'switchboard_recoveries_complete_total') !== hbRecoveries + 1) {
+      fail('after the silent drop, no complete resume on instance A');
+    }
+    result.silent_drop = hbAfter;
+    await hb.context.close();
 
     step = 'phone width';
     await u1b.page.setViewportSize({ width: 360, height: 740 });
