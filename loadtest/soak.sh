@@ -13,6 +13,8 @@ set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
+# shellcheck source=lib.sh
+. "$here/lib.sh"
 : "${DURATION:=60}" "${USERS:=50}" "${DEVICES:=2}" "${RATE:=200}" "${BASE_PORT:=17380}"
 if [ -z "${SWITCHBOARD:-}" ]; then
   for c in "$root/target/release/switchboard" /work/main/target/release/switchboard; do
@@ -34,28 +36,14 @@ tmp=$(mktemp -d /tmp/soak.XXXXXX)
 redis_pid="" a_pid="" b_pid="" lt_pid=""
 
 cleanup() {
-  for p in $lt_pid $a_pid $b_pid $redis_pid; do
-    kill "$p" 2>/dev/null
-  done
-  sleep 0.5
-  for p in $lt_pid $a_pid $b_pid $redis_pid; do
-    kill -9 "$p" 2>/dev/null
-  done
+  # shellcheck disable=SC2086 # empty pids drop out
+  stop_pids $lt_pid $a_pid $b_pid $redis_pid
   rm -rf "$tmp"
 }
 trap cleanup EXIT
 trap 'exit 2' INT TERM
 
 log() { echo "soak $(date -u +%H:%M:%S) $*" >&2; }
-
-wait_port() { # port, seconds
-  local i
-  for ((i = 0; i < $2 * 10; i++)); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
-}
 
 start_redis() {
   redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$tmp" --save "" \
@@ -72,7 +60,7 @@ start_instance() { # port -> sets last_pid
 }
 
 for p in $redis_port $port_a $port_b; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+  if port_in_use "$p"; then
     echo "soak: port $p is in use (set BASE_PORT)" >&2
     exit 2
   fi

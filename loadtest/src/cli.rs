@@ -17,6 +17,10 @@ pub enum Scenario {
     Idle,
     /// Raise the rate step by step until p99 exceeds --p99-bound-ms or a message is lost.
     Ramp,
+    /// Hold connections for --duration while closing and reopening --churn-per-sec of them
+    /// (clean close, FIN, reset in turn), with an optional light --rate of messages; samples
+    /// the server's RSS, fds and /healthz every --sample-every s and reports the RSS slope.
+    Churn,
     /// Like direct, with devices that reconnect and resume by offset (`?since=`) whenever
     /// their connection drops; reports sent/delivered/lost/duplicated per device (soak.sh).
     Soak,
@@ -71,9 +75,26 @@ pub struct Args {
     #[arg(long, default_value = "u")]
     pub user_prefix: String,
 
-    /// Total messages per second (direct, fanout).
+    /// Total messages per second (direct, fanout, soak; churn: 0 for none).
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
+
+    /// Churn: connections closed and reopened per second.
+    #[arg(long, default_value_t = 200.0)]
+    pub churn_per_sec: f64,
+
+    /// Churn: share of reopened connections that come back as a user the server has never
+    /// seen (0 = always the same user, 1 = always a new one).
+    #[arg(long, default_value_t = 0.0)]
+    pub fresh_users: f64,
+
+    /// Churn: seconds between samples of the server's RSS, fds and /healthz.
+    #[arg(long, default_value_t = 10.0)]
+    pub sample_every: f64,
+
+    /// Churn: samples from this many seconds on are the steady state (start RSS, slope).
+    #[arg(long, default_value_t = 60.0)]
+    pub steady_after: f64,
 
     /// Seconds of sending (or holding, for idle).
     #[arg(long, default_value_t = 10.0)]
@@ -223,6 +244,22 @@ impl Args {
                 }
             }
             Scenario::Idle => {}
+            Scenario::Churn => {
+                let non_neg = |v: f64| v.is_finite() && v >= 0.0;
+                if !non_neg(self.rate) || !non_neg(self.churn_per_sec) {
+                    return Err("--rate and --churn-per-sec must be >= 0".into());
+                }
+                if !(0.0..=1.0).contains(&self.fresh_users) {
+                    return Err("--fresh-users must be in 0..=1".into());
+                }
+                pos(self.sample_every, "sample-every")?;
+                if !non_neg(self.steady_after) {
+                    return Err("--steady-after must be >= 0".into());
+                }
+                if self.workers != 1 || self.threads != 1 {
+                    return Err("churn runs one process with one thread".into());
+                }
+            }
         }
         if self.scenario != Scenario::Fanout {
             if self.users == 0 {
@@ -330,5 +367,18 @@ mod tests {
             .validate()
             .is_err());
         assert!(parse(&["ramp", "--max-steps", "0"]).validate().is_err());
+    }
+
+    #[test]
+    fn churn_flags() {
+        let c = parse(&["churn", "--rate", "0", "--users", "4000"]);
+        assert!(c.validate().is_ok());
+        assert_eq!((c.churn_per_sec, c.sample_every), (200.0, 10.0));
+        assert!(parse(&["churn", "--fresh-users", "1.5"])
+            .validate()
+            .is_err());
+        assert!(parse(&["churn", "--sample-every", "0"]).validate().is_err());
+        assert!(parse(&["churn", "--workers", "2"]).validate().is_err());
+        assert!(parse(&["churn", "--users", "10000"]).validate().is_err());
     }
 }

@@ -183,6 +183,13 @@ pub fn handshake_key(random: [u8; 16]) -> String {
     base64::engine::general_purpose::STANDARD.encode(random)
 }
 
+/// The upgrade request for `path` with a key made of `random`, and the accept value the
+/// server must answer with.
+pub fn upgrade(host: &str, path: &str, random: [u8; 16]) -> (Vec<u8>, String) {
+    let key = handshake_key(random);
+    (handshake_request(host, path, &key), accept_for(&key))
+}
+
 /// The Sec-WebSocket-Accept value the server must answer for `key`.
 pub fn accept_for(key: &str) -> String {
     let mut h = Sha1::new();

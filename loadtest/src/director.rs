@@ -59,8 +59,8 @@ impl Director {
                 drain_s: 0.0,
             }),
             Scenario::Ramp => self.next_ramp(last),
-            // Soak runs its own loop (soak.rs), never the director.
-            Scenario::Soak => None,
+            // Soak and churn run their own loops (soak.rs, churn.rs), never the director.
+            Scenario::Soak | Scenario::Churn => None,
         };
         if spec.is_some() {
             self.issued += 1;

@@ -14,7 +14,7 @@ use crate::stats::{self, Counters};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
@@ -413,34 +413,13 @@ impl Engine {
         }
     }
 
-    fn open_socket(&mut self, local: usize) -> io::Result<TcpStream> {
-        let spec = self.shared.pop.conns[self.global(local)];
+    fn open_socket(&self, local: usize) -> io::Result<TcpStream> {
+        let g = self.global(local);
+        let spec = self.shared.pop.conns[g];
         let addr = self.shared.addrs[spec.addr as usize];
-        let sock = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        sock.set_nonblocking(true)?;
-        sock.set_tcp_nodelay(true)?;
-        if !self.shared.source_ips.is_empty() {
-            let ip = self.shared.source_ips[self.global(local) % self.shared.source_ips.len()];
-            // Choose the port at connect() time, per 4-tuple, instead of reserving one here.
-            setsockopt(&sock, sockopt::IpBindAddressNoPort, &true)?;
-            sock.bind(&SocketAddr::new(ip, 0).into())?;
-        }
-        match sock.connect(&addr.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
-            Err(e) => return Err(e),
-        }
-        let mut stream = TcpStream::from_std(std::net::TcpStream::from(sock));
-        self.poll.registry().register(
-            &mut stream,
-            Token(local),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        Ok(stream)
+        let ips = &self.shared.source_ips;
+        let source = (!ips.is_empty()).then(|| ips[g % ips.len()]);
+        connect_socket(self.poll.registry(), Token(local), addr, source)
     }
 
     fn expire_connects(&mut self, now: u64) {
@@ -501,20 +480,15 @@ impl Engine {
         let Some(stream) = self.conns[local].stream.as_ref() else {
             return;
         };
-        match stream.take_error() {
-            Ok(Some(e)) | Err(e) => return self.fail_connect(local, reason(&e)),
-            Ok(None) => {}
-        }
-        match stream.peer_addr() {
-            Ok(_) => {
+        match connect_done(stream) {
+            Ok(true) => {
                 let took = self
                     .shared
                     .now_ns()
                     .saturating_sub(self.conns[local].started_ns);
                 self.tcp_us.saturating_record((took / 1000).max(1));
             }
-            // Spurious wakeup: the connect is still in progress.
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+            Ok(false) => return,
             Err(e) => return self.fail_connect(local, reason(&e)),
         }
         let g = self.global(local);
@@ -523,14 +497,13 @@ impl Engine {
         let mut key = [0u8; 16];
         key[..8].copy_from_slice(&self.rand().to_ne_bytes());
         key[8..].copy_from_slice(&self.rand().to_ne_bytes());
-        let key = codec::handshake_key(key);
-        let req = codec::handshake_request(
+        let (req, accept) = codec::upgrade(
             &addr.to_string(),
             &self.shared.paths[spec.user as usize],
-            &key,
+            key,
         );
         let c = &mut self.conns[local];
-        c.accept = codec::accept_for(&key);
+        c.accept = accept;
         c.wbuf.extend_from_slice(&req);
         c.state = State::Handshaking;
         self.flush(local);
@@ -696,11 +669,7 @@ impl Engine {
                 let mask = self.mask();
                 codec::encode_frame(&mut self.conns[local].wbuf, codec::OP_CLOSE, &code, mask);
                 self.flush(local);
-                let why = match payload {
-                    [a, b, ..] => format!("server close {}", u16::from_be_bytes([*a, *b])),
-                    _ => "server close".to_owned(),
-                };
-                self.close(local, &why);
+                self.close(local, &server_close_reason(payload));
             }
             _ => {} // Pong: nothing to do.
         }
@@ -848,25 +817,9 @@ impl Engine {
         let Some(stream) = c.stream.as_mut() else {
             return;
         };
-        let mut failed = None;
-        while c.wpos < c.wbuf.len() {
-            match stream.write(&c.wbuf[c.wpos..]) {
-                Ok(0) => {
-                    failed = Some("write returned 0".to_owned());
-                    break;
-                }
-                Ok(n) => {
-                    c.wpos += n;
-                    self.phase_counters.bytes_written += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    failed = Some(reason(&e));
-                    break;
-                }
-            }
-        }
+        let (n, failed) = write_some(stream, &c.wbuf[c.wpos..]);
+        c.wpos += n;
+        self.phase_counters.bytes_written += n as u64;
         if c.wpos == c.wbuf.len() {
             c.wbuf.clear();
             c.wpos = 0;
@@ -993,7 +946,74 @@ impl Engine {
     }
 }
 
-fn reason(e: &io::Error) -> String {
+/// Starts a non-blocking TCP connect to `addr`, from `source` if given (its port chosen at
+/// connect time, per 4-tuple), registered for reads and writes under `token`.
+pub fn connect_socket(
+    registry: &Registry,
+    token: Token,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> io::Result<TcpStream> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_nonblocking(true)?;
+    sock.set_tcp_nodelay(true)?;
+    if let Some(ip) = source {
+        setsockopt(&sock, sockopt::IpBindAddressNoPort, &true)?;
+        sock.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
+        Err(e) => return Err(e),
+    }
+    let mut stream = TcpStream::from_std(std::net::TcpStream::from(sock));
+    registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+    Ok(stream)
+}
+
+/// After a readiness event on a connecting socket: `Ok(true)` once connected, `Ok(false)` on
+/// a spurious wake-up (still in progress), `Err` when the connect failed.
+pub fn connect_done(stream: &TcpStream) -> io::Result<bool> {
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    match stream.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes as much of `buf` as the socket takes; returns the bytes written and, if the socket
+/// failed, why (WouldBlock is not a failure).
+pub fn write_some(stream: &mut TcpStream, buf: &[u8]) -> (usize, Option<String>) {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.write(&buf[done..]) {
+            Ok(0) => return (done, Some("write returned 0".to_owned())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (done, Some(reason(&e))),
+        }
+    }
+    (done, None)
+}
+
+/// The disconnect reason for a server close frame with this payload.
+pub fn server_close_reason(payload: &[u8]) -> String {
+    match payload {
+        [a, b, ..] => format!("server close {}", u16::from_be_bytes([*a, *b])),
+        _ => "server close".to_owned(),
+    }
+}
+
+/// A short name for an I/O error, used as a failure or disconnect reason.
+pub fn reason(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(code) => nix::errno::Errno::from_raw(code).desc().to_owned(),
         None => format!("{:?}", e.kind()),

@@ -4,6 +4,7 @@
 //! Exit status: 0 = run completed clean, 1 = run completed with problems (loss,
 //! duplicates, failed connections...), 2 = could not run.
 
+mod churn;
 mod cli;
 mod codec;
 mod control;
@@ -43,6 +44,9 @@ fn main() -> ExitCode {
     if args.scenario == Scenario::Soak {
         return run_soak(&args);
     }
+    if args.scenario == Scenario::Churn {
+        return run_churn(&args);
+    }
     let result = if let Some(w) = args.worker_index {
         run_worker(&args, w).map(|()| true)
     } else {
@@ -74,6 +78,29 @@ fn run_soak(args: &Args) -> ExitCode {
                 let _ = soak::print(&r, &mut std::io::stdout());
             }
             if r.devices_lost_without_incomplete > 0 || r.duplicated > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    }
+}
+
+/// The churn scenario: exit 1 if connections failed or were dropped; memory is only reported.
+fn run_churn(args: &Args) -> ExitCode {
+    match churn::run(args, source_ips(args, Shard { index: 0, count: 1 })) {
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            ExitCode::from(2)
+        }
+        Ok(r) => {
+            if args.json {
+                let _ = churn::print(&r, &mut std::io::stderr());
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                let _ = churn::print(&r, &mut std::io::stdout());
+            }
+            if r.errors > 0 {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS

@@ -1,5 +1,6 @@
 //! Facts about processes and the server, gathered outside the hot path: the generator's own
-//! CPU time (getrusage), a server's resident memory (/proc/PID/status), and `/healthz`.
+//! CPU time (getrusage), a server's resident memory (/proc/PID/status) and open files
+//! (/proc/PID/fd), and `/healthz`.
 
 use nix::sys::resource::{getrusage, UsageWho};
 use std::io::{Read, Write};
@@ -33,6 +34,20 @@ pub fn rss_total_kib(pids: &[u32]) -> Option<u64> {
         return None;
     }
     pids.iter().map(|&p| rss_kib(p)).sum()
+}
+
+/// Open file descriptors of `pid` (entries of /proc/PID/fd), or None if they cannot be listed.
+pub fn fd_count(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(dir.count() as u64)
+}
+
+/// Summed open fds of all `pids`; None if there are none or any cannot be listed.
+pub fn fd_total(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| fd_count(p)).sum()
 }
 
 fn parse_vmrss(status: &str) -> Option<u64> {
@@ -91,6 +106,8 @@ mod tests {
         assert_eq!(parse_vmrss(s), Some(5120));
         assert_eq!(parse_vmrss("Name: x\n"), None);
         assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
+        assert!(fd_total(&[std::process::id()]).is_some_and(|n| n >= 3));
+        assert_eq!(fd_total(&[]), None);
     }
 
     #[test]

@@ -28,12 +28,16 @@ pub fn start(conns: usize, faults: Faults) -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     let reg: Registry = Arc::default();
     let counter = Arc::new(AtomicU64::new(0));
+    let live = Arc::new(AtomicU64::new(0));
     std::thread::spawn(move || {
         for stream in listener.incoming().take(conns).flatten() {
             let reg = Arc::clone(&reg);
             let counter = Arc::clone(&counter);
+            let live = Arc::clone(&live);
             std::thread::spawn(move || {
-                let _ = serve(stream, &reg, &counter, faults);
+                live.fetch_add(1, Ordering::Relaxed);
+                let _ = serve(stream, &reg, &counter, &live, faults);
+                live.fetch_sub(1, Ordering::Relaxed);
             });
         }
     });
@@ -53,7 +57,13 @@ fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-fn serve(mut s: TcpStream, reg: &Registry, counter: &AtomicU64, f: Faults) -> std::io::Result<()> {
+fn serve(
+    mut s: TcpStream,
+    reg: &Registry,
+    counter: &AtomicU64,
+    live: &AtomicU64,
+    f: Faults,
+) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -61,6 +71,14 @@ fn serve(mut s: TcpStream, reg: &Registry, counter: &AtomicU64, f: Faults) -> st
         head.push(b[0]);
     }
     let head = String::from_utf8_lossy(&head).to_string();
+    if head.starts_with("GET /healthz ") {
+        // Open connections, this request excluded.
+        let body = format!(
+            r#"{{"status":"ok","connections":{},"per_core":[]}}"#,
+            live.load(Ordering::Relaxed) - 1
+        );
+        return s.write_all(format!("HTTP/1.1 200 OK\r\n\r\n{body}").as_bytes());
+    }
     let user = head
         .split_once("token=")
         .and_then(|(_, r)| r.split_whitespace().next())
@@ -105,9 +123,21 @@ fn serve(mut s: TcpStream, reg: &Registry, counter: &AtomicU64, f: Faults) -> st
         map.entry(user.clone()).or_default().push(s.try_clone()?);
     }
     loop {
-        let (op, payload) = read_frame(&mut s)?;
+        // Shutting the socket down (not just dropping this handle) also ends the registry's
+        // clone of it, so the client sees the connection end.
+        let (op, payload) = match read_frame(&mut s) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                return Err(e);
+            }
+        };
         match op {
-            codec::OP_CLOSE => return Ok(()),
+            codec::OP_CLOSE => {
+                let _ = s.write_all(&server_frame(codec::OP_CLOSE, &payload));
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                return Ok(());
+            }
             codec::OP_TEXT => {}
             _ => continue,
         }

@@ -1,0 +1,29 @@
+# Helpers shared by the run scripts (soak.sh, churn.sh): source it, do not run it.
+
+# stop_pids PID...: SIGTERM to each, half a second, then SIGKILL to any left. Only the pids
+# given: a script stops what it started and nothing else.
+stop_pids() {
+  local p
+  for p in "$@"; do
+    kill "$p" 2>/dev/null
+  done
+  sleep 0.5
+  for p in "$@"; do
+    kill -9 "$p" 2>/dev/null
+  done
+}
+
+# port_in_use PORT: whether something accepts connections on 127.0.0.1:PORT.
+port_in_use() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# wait_port PORT SECONDS: until something listens on 127.0.0.1:PORT; fails after SECONDS.
+wait_port() {
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    port_in_use "$1" && return 0
+    sleep 0.1
+  done
+  return 1
+}
