@@ -81,13 +81,7 @@ log "switchboard pid $sb_pid on $PORT ($BACKPLANE): $SWITCHBOARD"
 lt_pid=$!
 
 # Bounded wait: the run, the initial connect, the final sample and slack.
-deadline=$((SECONDS + ${DURATION%.*} + 90))
-while kill -0 "$lt_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
-if kill -0 "$lt_pid" 2>/dev/null; then
-  log "generator overran; killing it"
-  kill -9 "$lt_pid"
-fi
-wait "$lt_pid"; rc=$?
+wait_bounded "$lt_pid" $((${DURATION%.*} + 90)); rc=$?
 lt_pid=""
 if [ -n "${CHURN_JSON:-}" ]; then cp "$tmp/result.json" "$CHURN_JSON"; fi
 if [ -n "${CHURN_LOGS:-}" ]; then mkdir -p "$CHURN_LOGS" && cp "$tmp"/*.log "$CHURN_LOGS/"; fi

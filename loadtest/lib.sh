@@ -27,3 +27,15 @@ wait_port() {
   done
   return 1
 }
+
+# wait_bounded PID SECONDS: waits for PID (a child of this shell) at most SECONDS, then kills it
+# with SIGKILL (saying so through the script's `log`); returns its exit status.
+wait_bounded() {
+  local deadline=$((SECONDS + $2))
+  while kill -0 "$1" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
+  if kill -0 "$1" 2>/dev/null; then
+    log "generator overran; killing it"
+    kill -9 "$1"
+  fi
+  wait "$1"
+}

@@ -100,13 +100,7 @@ log "kill -9 redis ($redis_pid)"; kill -9 "$redis_pid"; wait "$redis_pid" 2>/dev
 sleep 2; start_redis; log "redis restarted, pid $redis_pid"
 
 # Bounded wait for the generator: duration + drain + connect slack.
-deadline=$((SECONDS + DURATION + 40))
-while kill -0 "$lt_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 1; done
-if kill -0 "$lt_pid" 2>/dev/null; then
-  log "generator overran; killing it"
-  kill -9 "$lt_pid"
-fi
-wait "$lt_pid"; rc=$?
+wait_bounded "$lt_pid" $((DURATION + 40)); rc=$?
 lt_pid=""
 grep -v '^soak t=' "$tmp/loadtest.err" >&2
 grep '^soak t=' "$tmp/loadtest.err" | awk 'NR % 10 == 0' >&2

@@ -65,42 +65,38 @@ fn main() -> ExitCode {
 /// The soak scenario: exit 1 if any device lost a message without being told
 /// (`recovered` with complete=false), or saw a duplicate.
 fn run_soak(args: &Args) -> ExitCode {
-    match soak::run(args) {
-        Err(e) => {
-            eprintln!("loadtest: {e}");
-            ExitCode::from(2)
-        }
-        Ok(r) => {
-            if args.json {
-                let _ = soak::print(&r, &mut std::io::stderr());
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-            } else {
-                let _ = soak::print(&r, &mut std::io::stdout());
-            }
-            if r.devices_lost_without_incomplete > 0 || r.duplicated > 0 {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-    }
+    report(args, soak::run(args), soak::print, |r| {
+        r.devices_lost_without_incomplete > 0 || r.duplicated > 0
+    })
 }
 
 /// The churn scenario: exit 1 if connections failed or were dropped; memory is only reported.
 fn run_churn(args: &Args) -> ExitCode {
-    match churn::run(args, source_ips(args, Shard { index: 0, count: 1 })) {
+    let ips = source_ips(args, Shard { index: 0, count: 1 });
+    report(args, churn::run(args, ips), churn::print, |r| r.errors > 0)
+}
+
+/// Prints a self-contained scenario's result (the human summary on stdout, or with `--json`
+/// the JSON on stdout and the summary on stderr) and turns it into the exit status.
+fn report<R: serde::Serialize>(
+    args: &Args,
+    result: Result<R, String>,
+    print: fn(&R, &mut dyn std::io::Write) -> std::io::Result<()>,
+    failed: fn(&R) -> bool,
+) -> ExitCode {
+    match result {
         Err(e) => {
             eprintln!("loadtest: {e}");
             ExitCode::from(2)
         }
         Ok(r) => {
             if args.json {
-                let _ = churn::print(&r, &mut std::io::stderr());
+                let _ = print(&r, &mut std::io::stderr());
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             } else {
-                let _ = churn::print(&r, &mut std::io::stdout());
+                let _ = print(&r, &mut std::io::stdout());
             }
-            if r.errors > 0 {
+            if failed(&r) {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
