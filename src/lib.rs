@@ -58,6 +58,7 @@ pub mod http;
 pub mod metrics;
 pub mod protocol;
 pub mod runtime;
+pub mod socketio;
 pub mod user_index;
 pub mod web;
 
