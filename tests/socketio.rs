@@ -520,3 +520,26 @@ fn a_connection_that_joins_no_namespace_is_closed_at_the_handshake_timeout() {
     assert_eq!(left.close_code(), Some(4001));
     wait_metric(server.addr, &closed_metric("connect_timeout"), 2);
 }
+
+#[test]
+fn with_history_off_dispatches_reach_socket_io_connections_too() {
+    let mut config = test_config();
+    config.history.enabled = false;
+    let server = TestServer::with_config(config);
+    // Several connections, spread over the cores by the kernel: the sender's core delivers to
+    // its own, the other core from its inbox, both from the dispatch's one frame cache.
+    let mut clients: Vec<Sio> = (0..6)
+        .map(|_| {
+            let mut sio = Sio::connect(server.addr, "&token=u1");
+            sio.ask("40");
+            sio
+        })
+        .collect();
+    let mut u2 = server.connect("u2");
+    let ack = u2.send_acked("u1", "no history", 1);
+    for sio in clients.iter_mut() {
+        let event = json_after(&sio.recv(), "42");
+        assert_eq!(event[1]["args"]["id"], ack["id"]);
+        assert!(event[1].get("offset").is_none(), "{event}");
+    }
+}
