@@ -2,9 +2,12 @@
 # Runs every test of the workspace: unit, integration, doc tests, and each benchmark once.
 #
 # The integration tests start their own redis-server on free ports (never one already running),
-# so redis-server must be on PATH. When it is missing, this script says so and stops; as root
-# with apt-get, and with SWITCHBOARD_INSTALL_DEPS=1 or CI=true, it installs it instead. The
-# browser test also wants Debian's chromium and node (see below; .ci/run installs chromium).
+# so redis-server must be on PATH, and the Socket.IO tests run the real socket.io-client, so
+# Node.js (18 or later) and npm must be too. When one is missing, this script says so and stops;
+# as root with apt-get, and with SWITCHBOARD_INSTALL_DEPS=1 or CI=true, it installs it instead.
+# socket.io-client itself is installed with `npm ci` (from the committed lockfile) into
+# tests/socketio-client/node_modules when that is missing. The browser test also wants Debian's
+# chromium (see below; .ci/run installs chromium).
 #
 # Usage: ./test.sh [extra arguments for cargo test, e.g. a test name filter]
 set -euo pipefail
@@ -37,6 +40,12 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 require redis-server redis-server
 require redis-cli redis-tools
+require node nodejs
+require npm npm
+if [[ ! -d tests/socketio-client/node_modules/socket.io-client ]]; then
+    echo "test.sh: installing socket.io-client for the Socket.IO tests (npm ci in tests/socketio-client)"
+    (cd tests/socketio-client && npm ci --no-audit --no-fund)
+fi
 
 # The browser test (tests/browser.rs) needs chromium, node and tests/browser/node_modules; without
 # them it prints one line saying what is missing and passes (under CI=true it fails instead).

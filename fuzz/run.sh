@@ -12,7 +12,7 @@ else
     export RUSTC_BOOTSTRAP=1
     fuzz=(cargo fuzz)
 fi
-for target in http_request envelope connection backplane_wire; do
+for target in http_request envelope connection backplane_wire socketio_packet; do
     echo "==> fuzzing $target for ${seconds}s"
     mkdir -p "corpus/$target"
     "${fuzz[@]}" run "$target" "corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048

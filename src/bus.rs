@@ -79,6 +79,8 @@ pub struct Dispatch {
     pub frame: Utf8Bytes,
     /// Byte offset of `,"args":` in `frame` (used to build the seed backplane format).
     pub args_at: usize,
+    /// `frame` wrapped for Socket.IO connections, built on first use.
+    pub sio: crate::socketio::FrameCache,
 }
 
 /// A core's inbox.
@@ -166,6 +168,7 @@ mod tests {
             users: vec!["u".into()].into(),
             frame: Utf8Bytes::from_static(text),
             args_at: 0,
+            sio: Default::default(),
         }))
     }
 

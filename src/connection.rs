@@ -167,6 +167,8 @@ pub struct Open {
     pub recovering: Option<Box<crate::history::Recovering>>,
     /// The connection's rate limit for text frames.
     pub bucket: TokenBucket,
+    /// Socket.IO state when the connection came through `/socket.io/` (`None`: native).
+    pub sio: Option<Box<crate::socketio::Session>>,
 }
 
 /// A token bucket: `rate` tokens a second up to `burst`; one token per client text frame.

@@ -28,7 +28,10 @@ use crate::http::{self, Parse, Request, RequestError};
 use crate::metrics::{add, Closed, CoreMetrics};
 use crate::protocol::{self, CloseReason, ErrorCode};
 use crate::runtime::Shared;
+use crate::socketio::{self, FrameCache};
 use crate::user_index::UserIndex;
+
+mod sio;
 
 /// Reserved tokens sit above any slab key.
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -330,6 +333,9 @@ impl CoreLoop {
 
     fn route(&mut self, key: usize, req: Request, rest: Vec<u8>) {
         add(&self.metrics().http_requests, 1);
+        if matches!(req.path.as_str(), "/socket.io/" | "/socket.io") {
+            return self.sio_route(key, req, rest);
+        }
         let page = self.shared.config.chat_page && matches!(req.path.as_str(), "/" | "/index.html");
         let known = page
             || matches!(
@@ -346,7 +352,7 @@ impl CoreLoop {
             return;
         }
         match req.path.as_str() {
-            "/ws" => self.upgrade(key, req, rest),
+            "/ws" => self.upgrade(key, req, rest, false),
             "/api/history" => self.api_history(key, req),
             "/api/publish" => self.api_publish(key, req, rest),
             "/healthz" => {
@@ -385,7 +391,9 @@ impl CoreLoop {
         }
     }
 
-    fn upgrade(&mut self, key: usize, req: Request, rest: Vec<u8>) {
+    /// Checks and performs a WebSocket upgrade; `socketio` for `/socket.io/`, whose connections
+    /// authenticate later, with each Socket.IO CONNECT (`core_loop/sio.rs`).
+    fn upgrade(&mut self, key: usize, req: Request, rest: Vec<u8>, socketio: bool) {
         let refuse = |this: &mut Self, status: u16, headers: &str, reason: &str| {
             add(&this.metrics().handshake_failures, 1);
             let body = format!("{reason}\n");
@@ -414,12 +422,16 @@ impl CoreLoop {
         let Some(ws_key) = req.ws_key.as_deref().filter(|k| http::valid_ws_key(k)) else {
             return refuse(self, 400, "", "missing or invalid Sec-WebSocket-Key");
         };
-        let user = match self.shared.auth.authenticate(req.token().as_deref()) {
-            Ok(user) => user,
-            Err(e) => {
-                add(&self.metrics().auth_failures, 1);
-                self.reply(key, http::error_response(401, &e.to_string()), &rest);
-                return;
+        let user = if socketio {
+            None
+        } else {
+            match self.shared.auth.authenticate(req.token().as_deref()) {
+                Ok(user) => Some(user),
+                Err(e) => {
+                    add(&self.metrics().auth_failures, 1);
+                    self.reply(key, http::error_response(401, &e.to_string()), &rest);
+                    return;
+                }
             }
         };
         let max = self.shared.config.max_connections;
@@ -459,19 +471,28 @@ impl CoreLoop {
             WebSocket::from_partially_read(stream, rest, Role::Server, config)
         };
         let now = Instant::now();
+        let session = socketio.then(|| {
+            Box::new(socketio::Session::new(
+                req.token(),
+                req.query_param("since"),
+                now + self.shared.config.handshake_timeout,
+            ))
+        });
         let open = Open {
             ws,
-            user: user.clone(),
+            // A Socket.IO connection has no user until its first CONNECT; it is not indexed.
+            user: user.clone().unwrap_or_else(|| crate::UserId::from("")),
             last_heard: now,
             next_ping: now + self.shared.config.ping_interval,
             closing: None,
             ended: None,
             dirty: false,
-            indexed: true,
+            indexed: user.is_some(),
             serial: self.next_serial,
             bucket: crate::connection::TokenBucket::new(self.shared.config.rate_limit_burst, now),
             last_offset: None,
             recovering: None,
+            sio: session,
         };
         self.next_serial += 1;
         let since = req.query_param("since");
@@ -488,15 +509,15 @@ impl CoreLoop {
                 );
             }
         }
-        if self.users.insert(&user, new_key) {
-            if let Some(bp) = &self.shared.backplane {
-                bp.user_joined(&user, self.id);
-            }
+        if let Some(user) = &user {
+            self.index(new_key, user);
         }
         self.open += 1;
         add(&self.metrics().connections_accepted, 1);
-        log::debug!("core={} conn={new_key} user={user} open", self.id);
-        if let Some(since) = since {
+        log::debug!("core={} conn={new_key} user={user:?} open", self.id);
+        if socketio {
+            self.sio_open(new_key);
+        } else if let Some(since) = since {
             self.begin_recovery(new_key, since.parse().ok());
         }
         // Frames may have arrived with (or right after) the request.
@@ -666,15 +687,17 @@ impl CoreLoop {
                 let Some(ack) = page.ack else {
                     return;
                 };
-                let frame = match page.result {
-                    Ok(frames) => history::encode_page_ack(ack, &frames),
-                    Err(e) => protocol::encode_error(
-                        Some(ack),
-                        ErrorCode::Internal.as_str(),
-                        &format!("history unavailable: {e}"),
-                    ),
-                };
-                self.send(page.key, frame);
+                match page.result {
+                    Ok(frames) => self.answer(page.key, Some(ack), |a| {
+                        history::encode_page_ack(a, &frames)
+                    }),
+                    Err(e) => {
+                        let message = format!("history unavailable: {e}");
+                        self.answer(page.key, Some(ack), |a| {
+                            protocol::encode_error(a, ErrorCode::Internal.as_str(), &message)
+                        })
+                    }
+                }
             }
             Some(Connection::Waiting(w)) if w.serial == page.serial => {
                 let response = match page.result {
@@ -776,7 +799,7 @@ impl CoreLoop {
                     }
                 }
                 Ok(Message::Binary(_)) => {
-                    if !closing {
+                    if !closing && !self.sio_skip_binary(key) {
                         self.close(key, CloseReason::BinaryFrame);
                     }
                 }
@@ -865,18 +888,20 @@ impl CoreLoop {
         // The first refusal of a run is answered, and every refused frame that asked for an
         // ack (its sender waits for one); the rest are dropped quietly, so a flood does not buy
         // a flood of errors.
-        let ack = protocol::parse_envelope(text.as_str())
-            .ok()
-            .and_then(|e| e.ack);
+        let ack = match self.conns.get(key) {
+            Some(Connection::Open(o)) if o.sio.is_some() => sio::request_ack(text.as_str()),
+            _ => protocol::parse_envelope(text.as_str())
+                .ok()
+                .and_then(|e| e.ack),
+        };
         if refused == 1 || ack.is_some() {
             let message = format!(
                 "more than {} messages per second (burst {burst}): message dropped",
                 self.shared.config.rate_limit_per_sec
             );
-            self.send(
-                key,
-                protocol::encode_error(ack, ErrorCode::RateLimited.as_str(), &message),
-            );
+            self.answer(key, ack, |a| {
+                protocol::encode_error(a, ErrorCode::RateLimited.as_str(), &message)
+            });
         }
     }
 
@@ -884,43 +909,49 @@ impl CoreLoop {
         let Some(Connection::Open(open)) = self.conns.get(key) else {
             return;
         };
-        let user = open.user.clone();
-        let envelope = match protocol::parse_envelope(text.as_str()) {
-            Ok(env) => env,
+        if open.sio.is_some() {
+            return self.sio_text(key, text);
+        }
+        match protocol::parse_envelope(text.as_str()) {
+            Ok(env) => self.on_envelope(key, &env.event, Args::new(env.args), env.ack),
             Err(e) => {
                 add(&self.metrics().client_errors, 1);
-                self.send(
-                    key,
-                    protocol::encode_error(e.ack, e.code.as_str(), &e.message),
-                );
-                return;
+                self.answer(key, e.ack, |a| {
+                    protocol::encode_error(a, e.code.as_str(), &e.message)
+                });
             }
+        }
+    }
+
+    /// Runs the handler for a client request, whichever protocol it came in. `ack` is the
+    /// native ack number, or a Socket.IO ack id packed by `socketio::tag_ack`.
+    fn on_envelope(&mut self, key: usize, event: &str, args: Args<'_>, ack: Option<u64>) {
+        let Some(Connection::Open(open)) = self.conns.get(key) else {
+            return;
         };
-        let ack = envelope.ack;
+        let user = open.user.clone();
         let shared = Arc::clone(&self.shared);
         if shared.config.history_active() {
-            match envelope.event.as_ref() {
-                "resume" => return self.on_resume(key, ack, Args::new(envelope.args)),
-                "history" => return self.on_history(key, &user, ack, Args::new(envelope.args)),
+            match event {
+                "resume" => return self.on_resume(key, ack, args),
+                "history" => return self.on_history(key, &user, ack, args),
                 _ => {}
             }
         }
-        let Some(handler) = shared.handlers.get(&envelope.event) else {
+        let Some(handler) = shared.handlers.get(event) else {
             add(&self.metrics().client_errors, 1);
-            let message = format!("no handler for event {:?}", truncate(&envelope.event, 64));
-            self.send(
-                key,
-                protocol::encode_error(ack, ErrorCode::UnknownEvent.as_str(), &message),
-            );
+            let message = format!("no handler for event {:?}", truncate(event, 64));
+            self.answer(key, ack, |a| {
+                protocol::encode_error(a, ErrorCode::UnknownEvent.as_str(), &message)
+            });
             return;
         };
         let connection = ConnectionId { core: self.id, key };
         let mut ctx = Context::new(&user, connection, &mut self.outbox, &mut self.ids);
-        let args = Args::new(envelope.args);
         // A panicking handler must not take the core (and every connection on it) down.
         let result = catch_unwind(AssertUnwindSafe(|| handler.handle(&mut ctx, args)))
             .unwrap_or_else(|_| {
-                log::error!("handler for {:?} panicked", truncate(&envelope.event, 64));
+                log::error!("handler for {:?} panicked", truncate(event, 64));
                 Err(crate::handlers::HandlerError::internal("handler failed"))
             });
         if result.is_err() {
@@ -934,11 +965,11 @@ impl CoreLoop {
             self.drain_inbox();
         }
         match (result, ack) {
-            (Ok(value), Some(n)) => self.send(key, protocol::encode_ack(n, &value)),
+            (Ok(value), Some(n)) => self.answer(key, Some(n), |a| protocol::encode_ack(a, &value)),
             (Ok(_), None) => {}
             (Err(e), ack) => {
                 add(&self.metrics().client_errors, 1);
-                self.send(key, protocol::encode_error(ack, &e.code, &e.message));
+                self.answer(key, ack, |a| protocol::encode_error(a, &e.code, &e.message));
             }
         }
     }
@@ -956,24 +987,26 @@ impl CoreLoop {
             Ok(r) => r.since.parse::<Offset>().ok(),
             Err(e) => {
                 add(&self.metrics().client_errors, 1);
-                let frame = protocol::encode_error(ack, &e.code, &e.message);
-                return self.send(key, frame);
+                return self.answer(key, ack, |a| protocol::encode_error(a, &e.code, &e.message));
             }
         };
         let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
             return;
         };
         if open.recovering.is_some() {
-            let frame = protocol::encode_error(
-                ack,
-                ErrorCode::BadArgs.as_str(),
-                "a recovery is already in progress",
-            );
-            return self.send(key, frame);
+            return self.answer(key, ack, |a| {
+                protocol::encode_error(
+                    a,
+                    ErrorCode::BadArgs.as_str(),
+                    "a recovery is already in progress",
+                )
+            });
         }
         open.last_offset = None;
         if let Some(n) = ack {
-            self.send(key, protocol::encode_ack(n, &serde_json::Value::Null));
+            self.answer(key, Some(n), |a| {
+                protocol::encode_ack(a, &serde_json::Value::Null)
+            });
         }
         self.begin_recovery(key, since);
     }
@@ -983,8 +1016,9 @@ impl CoreLoop {
         let shared = Arc::clone(&self.shared);
         let error = |this: &mut Self, message: &str| {
             add(&this.metrics().client_errors, 1);
-            let frame = protocol::encode_error(ack, ErrorCode::BadArgs.as_str(), message);
-            this.send(key, frame);
+            this.answer(key, ack, |a| {
+                protocol::encode_error(a, ErrorCode::BadArgs.as_str(), message)
+            });
         };
         let Some(ack) = ack else {
             return error(self, "history answers through an ack: send one");
@@ -1012,7 +1046,7 @@ impl CoreLoop {
         if let Some(store) = &shared.history {
             let page = store.page(user, before, limit, crate::handlers::now_ms());
             let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
-            return self.send(key, history::encode_page_ack(ack, &frames));
+            return self.answer(key, Some(ack), |a| history::encode_page_ack(a, &frames));
         }
         let Some(Connection::Open(open)) = self.conns.get(key) else {
             return;
@@ -1030,12 +1064,9 @@ impl CoreLoop {
             })
         });
         if !asked {
-            let frame = protocol::encode_error(
-                Some(ack),
-                ErrorCode::Internal.as_str(),
-                "history unavailable",
-            );
-            self.send(key, frame);
+            self.answer(key, Some(ack), |a| {
+                protocol::encode_error(a, ErrorCode::Internal.as_str(), "history unavailable")
+            });
         }
     }
 
@@ -1168,7 +1199,7 @@ impl CoreLoop {
                 continue;
             }
             open.last_offset = Some(d.offset);
-            self.send(key, d.frame.clone());
+            self.send_shared(key, &d.frame, Some(&d.sio));
         }
     }
 
@@ -1248,14 +1279,61 @@ impl CoreLoop {
         for user in dispatch.users.iter() {
             let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(user));
             for key in keys {
-                self.send(key, dispatch.frame.clone());
+                self.send_shared(key, &dispatch.frame, Some(&dispatch.sio));
             }
         }
     }
 
+    /// Queues an event (a native frame) for one connection: as it is, or wrapped for each
+    /// namespace a Socket.IO connection joined.
+    fn send(&mut self, key: usize, frame: Utf8Bytes) {
+        self.send_shared(key, &frame, None);
+    }
+
+    /// Like [`Self::send`] for a frame many connections get: the Socket.IO wrapping comes from
+    /// `cache`, so it is built once per dispatch and namespace, not per connection.
+    fn send_shared(&mut self, key: usize, frame: &Utf8Bytes, cache: Option<&FrameCache>) {
+        let Some(Connection::Open(open)) = self.conns.get(key) else {
+            return;
+        };
+        let Some(session) = &open.sio else {
+            return self.write_text(key, frame.clone());
+        };
+        for ns in session.namespaces.iter() {
+            let wrapped = match cache {
+                Some(cache) => cache.get(ns, frame),
+                None => socketio::event(ns, frame.as_str()),
+            };
+            self.write_text(key, wrapped);
+        }
+    }
+
+    /// Sends the answer to a client request. `native(ack)` builds the native answer frame; a
+    /// Socket.IO connection gets it without `ack`, in an ACK packet for its ack id, or (no ack
+    /// id) as a `message` event on the namespace the request came from.
+    fn answer(
+        &mut self,
+        key: usize,
+        ack: Option<u64>,
+        native: impl FnOnce(Option<u64>) -> Utf8Bytes,
+    ) {
+        let Some(Connection::Open(open)) = self.conns.get(key) else {
+            return;
+        };
+        let frame = match (&open.sio, ack) {
+            (None, ack) => native(ack),
+            (Some(_), Some(tag)) => {
+                let (ns, id) = socketio::untag_ack(tag);
+                socketio::ack(ns, id, native(None).as_str())
+            }
+            (Some(session), None) => socketio::event(session.reply_to, native(None).as_str()),
+        };
+        self.write_text(key, frame);
+    }
+
     /// Queues a text frame for the end-of-turn flush. A connection over its outbound bound is
     /// closed as a slow consumer.
-    fn send(&mut self, key: usize, frame: Utf8Bytes) {
+    fn write_text(&mut self, key: usize, frame: Utf8Bytes) {
         let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
             return;
         };
@@ -1340,6 +1418,15 @@ impl CoreLoop {
         self.mark_dirty(key);
     }
 
+    /// Lists the connection under `user` in this core's index (the caller marked it indexed).
+    fn index(&mut self, key: usize, user: &crate::UserId) {
+        if self.users.insert(user, key) {
+            if let Some(bp) = &self.shared.backplane {
+                bp.user_joined(user, self.id);
+            }
+        }
+    }
+
     fn unindex(&mut self, key: usize) {
         let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
             return;
@@ -1389,10 +1476,15 @@ impl CoreLoop {
         let mut pings = Vec::new();
         let mut stalled = Vec::new();
         let mut waited_out = Vec::new();
+        let mut unconnected = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             if let Connection::Open(o) = conn {
                 if o.recovering.as_ref().is_some_and(|r| now >= r.deadline) {
                     stalled.push((key, o.serial));
+                }
+                let connect_by = o.sio.as_ref().and_then(|s| s.connect_by);
+                if o.closing.is_none() && connect_by.is_some_and(|t| now >= t) {
+                    unconnected.push(key);
                 }
             }
             match conn {
@@ -1424,6 +1516,9 @@ impl CoreLoop {
         for key in silent {
             self.close(key, CloseReason::HeartbeatTimeout);
         }
+        for key in unconnected {
+            self.close(key, CloseReason::ConnectTimeout);
+        }
         for key in waited_out {
             self.reply(
                 key,
@@ -1442,7 +1537,12 @@ impl CoreLoop {
         }
         for key in pings {
             if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
-                if open.ws.write(Message::Ping(Default::default())).is_ok() {
+                // Socket.IO clients time out on Engine.IO pings, not WebSocket ones.
+                let ping = match open.sio {
+                    Some(_) => Message::Text(Utf8Bytes::from_static(socketio::PING)),
+                    None => Message::Ping(Default::default()),
+                };
+                if open.ws.write(ping).is_ok() {
                     add(&self.metrics().frames_out, 1);
                 }
                 self.mark_dirty(key);

@@ -165,9 +165,10 @@ pub fn page_json(frames: &[Utf8Bytes]) -> String {
 }
 
 /// `{"event":"ack","ack":n,"args":{"events":[...]}}`: the answer to a `history` event.
-pub fn encode_page_ack(ack: u64, frames: &[Utf8Bytes]) -> Utf8Bytes {
+pub fn encode_page_ack(ack: Option<u64>, frames: &[Utf8Bytes]) -> Utf8Bytes {
+    let ack = ack.map(|n| format!("\"ack\":{n},")).unwrap_or_default();
     Utf8Bytes::from(format!(
-        "{{\"event\":\"ack\",\"ack\":{ack},\"args\":{}}}",
+        "{{\"event\":\"ack\",{ack}\"args\":{}}}",
         page_json(frames)
     ))
 }
@@ -181,6 +182,8 @@ pub struct Delivery {
     pub offset: Offset,
     /// The frame, offset included.
     pub frame: Utf8Bytes,
+    /// `frame` wrapped for Socket.IO connections, built on first use.
+    pub sio: crate::socketio::FrameCache,
 }
 
 /// What a resume gets: the retained events after `since`, oldest first.
@@ -310,6 +313,7 @@ impl MemoryHistory {
             user: user.clone(),
             offset,
             frame: framed,
+            sio: Default::default(),
         });
     }
 
@@ -482,7 +486,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&page_json(&frames)).unwrap();
         assert_eq!(v["events"][0]["offset"], "1-2");
         let v: serde_json::Value =
-            serde_json::from_str(encode_page_ack(7, &frames).as_str()).unwrap();
+            serde_json::from_str(encode_page_ack(Some(7), &frames).as_str()).unwrap();
         assert_eq!(v["ack"], 7);
         assert_eq!(v["args"]["events"][0]["args"], 1);
         assert_eq!(page_json(&[]), r#"{"events":[]}"#);

@@ -13,6 +13,8 @@
 //! - [`runtime`] starts one [`core_loop`] per core, pinned, each with its own listener.
 //! - A [`connection`] reads its HTTP request ([`http`]), is authenticated ([`auth`]) and
 //!   upgraded to a WebSocket inside the loop, then indexed by user ([`user_index`]).
+//! - [`socketio`] clients (Socket.IO v5 over Engine.IO v4, at `/socket.io/`) are connections of
+//!   the same loop; their events unwrap to the same envelopes.
 //! - Client envelopes ([`protocol`]) go to [`handlers`]; a handler's dispatch is encoded once and
 //!   delivered to this core's connections at once and to the other cores through the [`bus`]
 //!   (bounded lock-free inboxes plus `mio::Waker`).
@@ -58,6 +60,7 @@ pub mod http;
 pub mod metrics;
 pub mod protocol;
 pub mod runtime;
+pub mod socketio;
 pub mod user_index;
 pub mod web;
 

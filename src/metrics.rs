@@ -17,7 +17,7 @@ pub enum Closed {
     Server(CloseReason),
 }
 
-const CLOSE_LABELS: [&str; 10] = [
+const CLOSE_LABELS: [&str; 12] = [
     "client_close",
     "reset",
     "shutdown",
@@ -28,6 +28,8 @@ const CLOSE_LABELS: [&str; 10] = [
     "heartbeat_timeout",
     "slow_consumer",
     "rate_limited",
+    "connect_timeout",
+    "bad_packet",
 ];
 
 impl Closed {
@@ -43,6 +45,10 @@ impl Closed {
             Closed::Server(CloseReason::HeartbeatTimeout) => 7,
             Closed::Server(CloseReason::SlowConsumer) => 8,
             Closed::Server(CloseReason::RateLimited) => 9,
+            // The client asked for it, as with a close frame.
+            Closed::Server(CloseReason::ClientEnded) => 0,
+            Closed::Server(CloseReason::ConnectTimeout) => 10,
+            Closed::Server(CloseReason::BadPacket) => 11,
         }
     }
 }

@@ -72,6 +72,12 @@ pub enum CloseReason {
     SlowConsumer,
     /// The client kept sending past its rate limit: 1008.
     RateLimited,
+    /// A Socket.IO client sent the Engine.IO close packet `1`: 1000.
+    ClientEnded,
+    /// A Socket.IO connection joined no namespace within the handshake timeout: 4001.
+    ConnectTimeout,
+    /// A Socket.IO client broke the Engine.IO / Socket.IO framing: 4002.
+    BadPacket,
 }
 
 /// Close code for a client that stopped reading (outbound buffer over its bound).
@@ -91,6 +97,9 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout => CLOSE_HEARTBEAT_TIMEOUT,
             CloseReason::SlowConsumer => CLOSE_SLOW_CONSUMER,
             CloseReason::RateLimited => 1008,
+            CloseReason::ClientEnded => 1000,
+            CloseReason::ConnectTimeout => 4001,
+            CloseReason::BadPacket => 4002,
         }
     }
 
@@ -105,6 +114,9 @@ impl CloseReason {
             CloseReason::HeartbeatTimeout => "heartbeat timeout",
             CloseReason::SlowConsumer => "slow consumer",
             CloseReason::RateLimited => "rate limit exceeded",
+            CloseReason::ClientEnded => "engine.io close",
+            CloseReason::ConnectTimeout => "no socket.io connect in time",
+            CloseReason::BadPacket => "invalid socket.io packet",
         }
     }
 
@@ -150,7 +162,7 @@ pub fn parse_envelope(text: &str) -> Result<Envelope<'_>, EnvelopeError> {
 pub const MAX_DEPTH: usize = 128;
 
 /// Whether already-validated JSON nests arrays/objects more than `limit` levels deep.
-fn too_deep(json: &str, limit: usize) -> bool {
+pub(crate) fn too_deep(json: &str, limit: usize) -> bool {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for b in json.bytes() {
         if in_string {
@@ -252,12 +264,14 @@ pub fn encode_dispatch<T: Serialize + ?Sized>(
         users: users.into_boxed_slice(),
         frame: Utf8Bytes::from(text),
         args_at,
+        sio: Default::default(),
     })
 }
 
-/// `{"event": "ack", "ack": n, "args": result}`.
-pub fn encode_ack(ack: u64, result: &Value) -> Utf8Bytes {
-    encode("ack", Some(ack), result).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+/// `{"event": "ack", "ack": n, "args": result}` (without `ack` for `None`: the Socket.IO ack
+/// packet carries the number instead).
+pub fn encode_ack(ack: Option<u64>, result: &Value) -> Utf8Bytes {
+    encode("ack", ack, result).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
 }
 
 /// `{"event": "error", ["ack": n,] "args": {"code": ..., "message": ...}}`.
@@ -344,7 +358,7 @@ mod tests {
         let f = encode_event("newMessage", &serde_json::json!({"a": 1})).unwrap();
         assert_eq!(f.as_str(), r#"{"event":"newMessage","args":{"a":1}}"#);
         assert_eq!(
-            encode_ack(4, &Value::Null).as_str(),
+            encode_ack(Some(4), &Value::Null).as_str(),
             r#"{"event":"ack","ack":4,"args":null}"#
         );
         assert_eq!(

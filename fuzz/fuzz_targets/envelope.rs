@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
             );
             match handler.handle(&mut ctx, Args::new(env.args)) {
                 Ok(v) => {
-                    let _ = encode_ack(env.ack.unwrap_or(0), &v);
+                    let _ = encode_ack(env.ack, &v);
                     for d in &outbox {
                         // Every dispatched frame is JSON text (numbers past f64's range are
                         // valid JSON and pass through verbatim).

@@ -755,6 +755,7 @@ impl Subscriber {
             user: user.clone(),
             offset,
             frame,
+            sio: Default::default(),
         });
         for &core in cores {
             if self
@@ -779,6 +780,7 @@ impl Subscriber {
             users: vec![UserId::from(user)].into(),
             frame,
             args_at: 0,
+            sio: Default::default(),
         });
         for &core in cores {
             if self

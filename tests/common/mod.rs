@@ -486,11 +486,21 @@ impl RawWs {
     }
 
     /// Upgrades an already connected stream.
-    pub fn upgrade(mut stream: TcpStream, token: &str) -> Self {
+    pub fn upgrade(stream: TcpStream, token: &str) -> Self {
+        Self::upgrade_path(stream, &format!("/ws?token={token}"))
+    }
+
+    /// Upgrades a fresh connection to `addr` at `path_and_query` (e.g. `/socket.io/?...`).
+    pub fn connect_path(addr: SocketAddr, path_and_query: &str) -> Self {
+        Self::upgrade_path(TcpStream::connect(addr).expect("connect"), path_and_query)
+    }
+
+    /// Upgrades an already connected stream at `path_and_query`.
+    pub fn upgrade_path(mut stream: TcpStream, path_and_query: &str) -> Self {
         stream.set_nodelay(true).unwrap();
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
         let req = format!(
-            "GET /ws?token={token} HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\n\
+            "GET {path_and_query} HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\n\
              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         );
