@@ -29,6 +29,8 @@ pub enum CoreMsg {
     Page(Box<PageResult>),
     /// The offsets of a waiting `POST /api/publish`.
     Published(Box<PublishResult>),
+    /// Redis took (or dropped) every publication of a request whose ack was held.
+    Acked(Arc<crate::backplane::AckWaiter>),
     /// The Redis subscriber is back after an outage: every open connection that has received
     /// an offset resumes from it, as if it had reconnected with `?since=`.
     Resync,
@@ -81,6 +83,9 @@ pub struct Dispatch {
     pub args_at: usize,
     /// `frame` wrapped for Socket.IO connections, built on first use.
     pub sio: crate::socketio::FrameCache,
+    /// Idempotency key (history on): a second dispatch with the same key is stored and
+    /// delivered to a user once within the dedupe window. See [`crate::handlers::Context::dispatch_once`].
+    pub dedupe: Option<Box<str>>,
 }
 
 /// A core's inbox.
@@ -169,6 +174,7 @@ mod tests {
             frame: Utf8Bytes::from_static(text),
             args_at: 0,
             sio: Default::default(),
+            dedupe: None,
         }))
     }
 

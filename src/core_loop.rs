@@ -20,6 +20,7 @@ use tungstenite::protocol::Role;
 use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::api::{self, ApiError};
+use crate::backplane::AckWaiter;
 use crate::bus::{CoreMsg, Dispatch, PageResult, PublishResult, ReplayResult};
 use crate::connection::{Connection, Open, PendingBody, PendingRequest, Reply, Stream, Waiting};
 use crate::handlers::{Args, ConnectionId, Context, MessageIds};
@@ -659,7 +660,7 @@ impl CoreLoop {
         if !shared.config.history_active() {
             // No offsets without history: the event goes out as a handler's would.
             self.outbox.push(dispatch);
-            self.flush_outbox();
+            self.flush_outbox(None);
             return self.reply(key, api::json_ok(r#"{"offsets":{}}"#), &[]);
         }
         if let Some(store) = &shared.history {
@@ -722,6 +723,27 @@ impl CoreLoop {
             Err(e) => ApiError::new(503, format!("not published: {e}")).response(),
         };
         self.reply(published.key, response, &[]);
+    }
+
+    /// Redis took (or dropped) what a request dispatched: its held ack goes out now.
+    fn on_acked(&mut self, waiter: &AckWaiter) {
+        match self.conns.get(waiter.key) {
+            Some(Connection::Open(open)) if open.serial == waiter.serial => {}
+            _ => return,
+        }
+        if waiter.taken() {
+            self.answer(waiter.key, Some(waiter.ack), |a| {
+                protocol::encode_ack(a, &waiter.result)
+            });
+        } else {
+            self.answer(waiter.key, Some(waiter.ack), |a| {
+                protocol::encode_error(
+                    a,
+                    ErrorCode::Unavailable.as_str(),
+                    "not stored: Redis is unreachable and the publication queue is full; send again",
+                )
+            });
+        }
     }
 
     /// Switches the connection to writing `response`, then closing.
@@ -930,6 +952,7 @@ impl CoreLoop {
             return;
         };
         let user = open.user.clone();
+        let serial = open.serial;
         let shared = Arc::clone(&self.shared);
         if shared.config.history_active() {
             match event {
@@ -958,13 +981,31 @@ impl CoreLoop {
             // Nothing a failed handler dispatched goes out.
             self.outbox.clear();
         }
-        self.flush_outbox();
+        // With Redis, the ack waits until Redis has taken every publication (stored them, with
+        // history): an acknowledged message survives this instance dying, and a client resends
+        // what was not acknowledged.
+        let held = match (&result, ack, &shared.backplane) {
+            (Ok(value), Some(n), Some(_)) if !self.outbox.is_empty() => {
+                let publications = self.outbox.iter().map(|d| d.users.len()).sum();
+                Some(Arc::new(AckWaiter::new(
+                    self.id,
+                    key,
+                    serial,
+                    n,
+                    value.clone(),
+                    publications,
+                )))
+            }
+            _ => None,
+        };
+        self.flush_outbox(held.as_ref());
         if std::mem::take(&mut self.drain_self) {
             // History deliveries travel through the inbox (offset order across cores); taking
             // them now keeps the sender's own copy ahead of its ack, as without history.
             self.drain_inbox();
         }
         match (result, ack) {
+            (Ok(_), Some(_)) if held.is_some() => {}
             (Ok(value), Some(n)) => self.answer(key, Some(n), |a| protocol::encode_ack(a, &value)),
             (Ok(_), None) => {}
             (Err(e), ack) => {
@@ -1070,13 +1111,14 @@ impl CoreLoop {
         }
     }
 
-    /// Delivers the handler's dispatches here and hands them to every other core.
-    fn flush_outbox(&mut self) {
+    /// Delivers the handler's dispatches here and hands them to every other core (and to
+    /// Redis, where `waiter` waits for them).
+    fn flush_outbox(&mut self, waiter: Option<&Arc<AckWaiter>>) {
         let outbox = std::mem::take(&mut self.outbox);
         for dispatch in &outbox {
             add(&self.metrics().dispatches, 1);
             if self.shared.config.history_active() {
-                self.dispatch_with_history(dispatch);
+                self.dispatch_with_history(dispatch, waiter);
                 continue;
             }
             self.deliver_local(dispatch);
@@ -1093,7 +1135,7 @@ impl CoreLoop {
             }
             // Other instances last: local delivery never waits for Redis.
             if let Some(bp) = &self.shared.backplane {
-                bp.publish(dispatch);
+                bp.publish(dispatch, waiter);
             }
         }
         self.outbox = outbox;
@@ -1102,10 +1144,10 @@ impl CoreLoop {
 
     /// History on: every device, local ones included, gets the event with its offset, after
     /// the offset is assigned (by Redis, or by the embedded store).
-    fn dispatch_with_history(&mut self, dispatch: &Arc<Dispatch>) {
+    fn dispatch_with_history(&mut self, dispatch: &Arc<Dispatch>, waiter: Option<&Arc<AckWaiter>>) {
         let shared = Arc::clone(&self.shared);
         if let Some(bp) = &shared.backplane {
-            bp.publish(dispatch);
+            bp.publish(dispatch, waiter);
             return;
         }
         if let Some(store) = &shared.history {
@@ -1124,7 +1166,8 @@ impl CoreLoop {
         let mut drops = 0;
         let mut offsets = Vec::with_capacity(dispatch.users.len());
         for user in dispatch.users.iter() {
-            store.append(user, dispatch.frame.as_str(), now, |delivery| {
+            let dedupe = dispatch.dedupe.as_deref();
+            store.append(user, dispatch.frame.as_str(), dedupe, now, |delivery| {
                 offsets.push((user.clone(), delivery.offset));
                 let delivery = Arc::new(delivery);
                 for core in 0..self.shared.bus.cores() {
@@ -1154,6 +1197,7 @@ impl CoreLoop {
             CoreMsg::Replayed(result) => self.on_replay(*result),
             CoreMsg::Page(page) => self.on_page(*page),
             CoreMsg::Published(published) => self.on_published(*published),
+            CoreMsg::Acked(waiter) => self.on_acked(&waiter),
             CoreMsg::Resync => self.resync_all(),
         });
     }

@@ -156,14 +156,40 @@ impl<'a> Context<'a> {
         event: &str,
         args: &impl Serialize,
     ) -> Result<(), HandlerError> {
+        self.dispatch_with_key(users, event, args, None)
+    }
+
+    /// [`Context::dispatch`] with an idempotency key: with history on, a later dispatch with the
+    /// same key (from a client resending what it was never acknowledged for) is stored and
+    /// delivered to each user only once within the dedupe window (`--dedupe-window`). The key
+    /// must identify the sender too (handlers usually prefix the caller's user id): keys are
+    /// compared per recipient, across all senders.
+    pub fn dispatch_once(
+        &mut self,
+        users: impl IntoIterator<Item = UserId>,
+        event: &str,
+        args: &impl Serialize,
+        key: &str,
+    ) -> Result<(), HandlerError> {
+        self.dispatch_with_key(users, event, args, Some(key))
+    }
+
+    fn dispatch_with_key(
+        &mut self,
+        users: impl IntoIterator<Item = UserId>,
+        event: &str,
+        args: &impl Serialize,
+        key: Option<&str>,
+    ) -> Result<(), HandlerError> {
         let mut users: Vec<UserId> = users.into_iter().collect();
         users.sort_unstable();
         users.dedup();
         if users.is_empty() {
             return Ok(());
         }
-        let dispatch = encode_dispatch(users, event, args)
+        let mut dispatch = encode_dispatch(users, event, args)
             .map_err(|e| HandlerError::internal(e.to_string()))?;
+        dispatch.dedupe = key.map(Box::from);
         self.outbox.push(Arc::new(dispatch));
         Ok(())
     }
@@ -222,9 +248,16 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// `sendMessage {to, text}` → `newMessage {id, from, to, text, ts}` to every device of `to` and
-/// of the sender. Acks with `{id, ts}`.
+/// `sendMessage {to, text, clientId?}` → `newMessage {id, from, to, text, ts}` to every device
+/// of `to` and of the sender. Acks with `{id, ts}`.
+///
+/// `clientId` (1 to [`MAX_CLIENT_ID_BYTES`] of `A-Z a-z 0-9 - _ .`) makes a resend safe: with
+/// history on, a message whose `clientId` the sender already used within the dedupe window is
+/// stored and delivered once.
 pub struct SendMessage;
+
+/// Longest `clientId` of `sendMessage`.
+pub const MAX_CLIENT_ID_BYTES: usize = 64;
 
 #[derive(Deserialize)]
 struct SendMessageArgs<'a> {
@@ -232,6 +265,8 @@ struct SendMessageArgs<'a> {
     to: Cow<'a, str>,
     #[serde(borrow)]
     text: Cow<'a, str>,
+    #[serde(borrow, default, rename = "clientId")]
+    client_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Serialize)]
@@ -243,11 +278,23 @@ struct NewMessage<'a> {
     ts: u64,
 }
 
+fn valid_client_id(id: &str) -> bool {
+    (1..=MAX_CLIENT_ID_BYTES).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 impl Handler for SendMessage {
     fn handle(&self, ctx: &mut Context<'_>, args: Args<'_>) -> HandlerResult {
         let a: SendMessageArgs<'_> = args.parse()?;
         if !valid_user_id(&a.to) {
             return Err(HandlerError::bad_args("\"to\" is not a valid user id"));
+        }
+        if a.client_id.as_deref().is_some_and(|c| !valid_client_id(c)) {
+            return Err(HandlerError::bad_args(format!(
+                "\"clientId\" must be 1 to {MAX_CLIENT_ID_BYTES} of A-Z a-z 0-9 - _ ."
+            )));
         }
         let id = ctx.new_message_id();
         let ts = now_ms();
@@ -259,11 +306,16 @@ impl Handler for SendMessage {
             text: &a.text,
             ts,
         };
-        ctx.dispatch(
-            [UserId::from(a.to.as_ref()), from.clone()],
-            "newMessage",
-            &msg,
-        )?;
+        let users = [UserId::from(a.to.as_ref()), from.clone()];
+        match a.client_id {
+            // The sender's id keeps two senders' clientIds apart; its length keeps the split
+            // unambiguous (user ids may contain any printable character).
+            Some(c) => {
+                let key = format!("{}:{from}:{c}", from.len());
+                ctx.dispatch_once(users, "newMessage", &msg, &key)?;
+            }
+            None => ctx.dispatch(users, "newMessage", &msg)?,
+        }
         Ok(serde_json::json!({ "id": id, "ts": ts }))
     }
 }
@@ -322,6 +374,21 @@ mod tests {
         ] {
             let (res, outbox) = run("sendMessage", args);
             assert_eq!(res.unwrap_err().code, "bad_args", "{args}");
+            assert!(outbox.is_empty());
+        }
+    }
+
+    #[test]
+    fn client_id_becomes_the_idempotency_key() {
+        let (res, outbox) = run("sendMessage", r#"{"to":"u1","text":"hi","clientId":"m-1"}"#);
+        assert!(res.is_ok());
+        assert_eq!(outbox[0].dedupe.as_deref(), Some("2:u2:m-1"));
+        let (_, outbox) = run("sendMessage", r#"{"to":"u1","text":"hi"}"#);
+        assert_eq!(outbox[0].dedupe, None);
+        for bad in ["", "a b", "x:y", &"z".repeat(65)] {
+            let args = serde_json::json!({"to": "u1", "text": "t", "clientId": bad}).to_string();
+            let (res, outbox) = run("sendMessage", &args);
+            assert_eq!(res.unwrap_err().code, "bad_args", "{bad:?}");
             assert!(outbox.is_empty());
         }
     }

@@ -38,6 +38,8 @@ pub const DEFAULT_MAX_PUBLISH_BODY_BYTES: usize = 1024 * 1024;
 pub const RECOVERY_BUFFER: usize = 10_000;
 /// How long a recovering connection waits for its replay before it ends with `complete: false`.
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a `sendMessage` `clientId` is remembered, so that a resend is recognised.
+pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(300);
 /// Mutex shards of the embedded store: enough that cores rarely meet on one.
 const SHARDS: usize = 64;
 
@@ -59,6 +61,9 @@ pub struct HistoryConfig {
     pub max_publish_users: usize,
     /// Largest `POST /api/publish` body.
     pub max_publish_body_bytes: usize,
+    /// How long an idempotency key (`sendMessage`'s `clientId`) is remembered per recipient
+    /// (`--dedupe-window`): a resend within it is stored and delivered once.
+    pub dedupe_window: Duration,
 }
 
 impl Default for HistoryConfig {
@@ -71,6 +76,7 @@ impl Default for HistoryConfig {
             api_key: None,
             max_publish_users: DEFAULT_MAX_PUBLISH_USERS,
             max_publish_body_bytes: DEFAULT_MAX_PUBLISH_BODY_BYTES,
+            dedupe_window: DEFAULT_DEDUPE_WINDOW,
         }
     }
 }
@@ -89,6 +95,9 @@ impl HistoryConfig {
         }
         if self.api_key.as_ref().is_some_and(|k| k.len() < 16) {
             return Err("--api-key must be at least 16 bytes".into());
+        }
+        if self.dedupe_window < Duration::from_millis(1) {
+            return Err("--dedupe-window must be at least 1ms".into());
         }
         if self.max_publish_users == 0 || self.max_publish_body_bytes < 64 {
             return Err("publish bounds must be at least 1 user and 64 bytes".into());
@@ -241,12 +250,24 @@ struct Shard {
 }
 
 struct Ring {
-    /// (offset sequence, append time in ms, frame with offset)
-    entries: VecDeque<(u64, u64, Utf8Bytes)>,
+    /// The retained events, oldest first.
+    entries: VecDeque<Entry>,
     /// The last sequence assigned.
     last_seq: u64,
     /// The highest sequence dropped by a bound.
     dropped_through: u64,
+}
+
+/// One retained event of a ring.
+struct Entry {
+    /// Offset sequence.
+    seq: u64,
+    /// Append time in ms.
+    at_ms: u64,
+    /// The frame with its offset.
+    frame: Utf8Bytes,
+    /// The dispatch's idempotency key, if it had one.
+    dedupe: Option<Box<str>>,
 }
 
 /// Embedded mode's history: a bounded ring per user.
@@ -254,6 +275,7 @@ pub struct MemoryHistory {
     epoch: u64,
     max_len: usize,
     max_age_ms: u64,
+    dedupe_window_ms: u64,
     shards: Box<[Mutex<Shard>]>,
 }
 
@@ -264,6 +286,7 @@ impl MemoryHistory {
             epoch,
             max_len: config.max_len,
             max_age_ms: config.max_age.as_millis() as u64,
+            dedupe_window_ms: config.dedupe_window.as_millis() as u64,
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
@@ -282,10 +305,10 @@ impl MemoryHistory {
             || ring
                 .entries
                 .front()
-                .is_some_and(|e| now_ms.saturating_sub(e.1) > self.max_age_ms)
+                .is_some_and(|e| now_ms.saturating_sub(e.at_ms) > self.max_age_ms)
         {
-            if let Some((seq, _, _)) = ring.entries.pop_front() {
-                ring.dropped_through = seq;
+            if let Some(entry) = ring.entries.pop_front() {
+                ring.dropped_through = entry.seq;
             }
         }
     }
@@ -293,9 +316,32 @@ impl MemoryHistory {
     /// Assigns the next offset of `user` to `frame` (a dispatch frame without offset), keeps it,
     /// and calls `deliver` with the delivery while the user's shard is still locked, so
     /// deliveries of one user leave in offset order.
-    pub fn append(&self, user: &UserId, frame: &str, now_ms: u64, deliver: impl FnOnce(Delivery)) {
+    ///
+    /// With an idempotency key `dedupe` that this user's ring already holds from within the
+    /// dedupe window, nothing is appended or delivered and the earlier offset is returned: a
+    /// client resending what it was never acknowledged for gets it stored once.
+    pub fn append(
+        &self,
+        user: &UserId,
+        frame: &str,
+        dedupe: Option<&str>,
+        now_ms: u64,
+        deliver: impl FnOnce(Delivery),
+    ) -> Offset {
         let mut guard = self.shard(user);
         let shard = &mut *guard;
+        if let (Some(key), Some(ring)) = (dedupe, shard.rings.get(user)) {
+            let window_start = now_ms.saturating_sub(self.dedupe_window_ms);
+            let earlier = ring
+                .entries
+                .iter()
+                .rev()
+                .take_while(|e| e.at_ms >= window_start)
+                .find(|e| e.dedupe.as_deref() == Some(key));
+            if let Some(e) = earlier {
+                return Offset(self.epoch, e.seq);
+            }
+        }
         // A new ring knows nothing of the shard's earlier sequences: as if they were dropped.
         let ring = shard.rings.entry(user.clone()).or_insert_with(|| Ring {
             entries: VecDeque::new(),
@@ -306,8 +352,12 @@ impl MemoryHistory {
         ring.last_seq = shard.seq;
         let offset = Offset(self.epoch, ring.last_seq);
         let framed = with_offset(frame, offset);
-        ring.entries
-            .push_back((ring.last_seq, now_ms, framed.clone()));
+        ring.entries.push_back(Entry {
+            seq: ring.last_seq,
+            at_ms: now_ms,
+            frame: framed.clone(),
+            dedupe: dedupe.map(Box::from),
+        });
         self.trim(ring, now_ms);
         deliver(Delivery {
             user: user.clone(),
@@ -315,6 +365,7 @@ impl MemoryHistory {
             frame: framed,
             sio: Default::default(),
         });
+        offset
     }
 
     /// Drops expired events of every user and forgets users with none left, so users who stop
@@ -342,8 +393,8 @@ impl MemoryHistory {
         let entries = ring
             .entries
             .iter()
-            .filter(|e| e.0 > since.1)
-            .map(|e| (Offset(self.epoch, e.0), e.2.clone()))
+            .filter(|e| e.seq > since.1)
+            .map(|e| (Offset(self.epoch, e.seq), e.frame.clone()))
             .collect();
         Replay {
             entries,
@@ -367,7 +418,7 @@ impl MemoryHistory {
         ring.entries
             .iter()
             .rev()
-            .map(|e| (Offset(self.epoch, e.0), e.2.clone()))
+            .map(|e| (Offset(self.epoch, e.seq), e.frame.clone()))
             .filter(|(o, _)| before.is_none_or(|b| *o < b))
             .take(limit)
             .collect()
@@ -375,12 +426,21 @@ impl MemoryHistory {
 }
 
 /// Appends a frame to a user's stream, trims it by count and age, refreshes its expiry and
-/// publishes the frame with its offset, all at once. KEYS: stream, channel. ARGV: node id (16
-/// hex digits), frame without offset, max length, max age in ms. Returns the entry id.
+/// publishes the frame with its offset, all at once. KEYS: stream, channel, and optionally the
+/// dispatch's idempotency key ([`dedupe_key`]). ARGV: node id (16 hex digits), frame without
+/// offset, max length, max age in ms, and with the third key the dedupe window in ms. Returns
+/// the entry id; with an idempotency key already recorded, the id it recorded, and nothing is
+/// appended or published (a client's resend of a message it was never acknowledged for).
 ///
 /// The payload published is `<node> <offset> <frame with offset>`. Stream entries hold the frame
 /// without offset in field `f`.
 pub const APPEND_SCRIPT: &str = r#"
+if KEYS[3] then
+  local earlier = redis.call('GET', KEYS[3])
+  if earlier then
+    return earlier
+  end
+end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'f', ARGV[2])
 local t = redis.call('TIME')
 local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[4])
@@ -388,10 +448,19 @@ if cutoff > 0 then
   redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', cutoff))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if KEYS[3] then
+  redis.call('SET', KEYS[3], id, 'PX', ARGV[5])
+end
 local framed = string.sub(ARGV[2], 1, -2) .. ',"offset":"' .. id .. '"}'
 redis.call('PUBLISH', KEYS[2], ARGV[1] .. ' ' .. id .. ' ' .. framed)
 return id
 "#;
+
+/// `{prefix}:d:{len}:{user}:{key}`: remembers that `user`'s stream holds the dispatch with
+/// idempotency key `key`. The length prefix keeps two (user, key) pairs from sharing a name.
+pub fn dedupe_key(prefix: &str, user: &str, key: &str) -> String {
+    format!("{prefix}:d:{}:{user}:{key}", user.len())
+}
 
 /// `{prefix}:h:{user}`: the user's history stream.
 pub fn stream_key(prefix: &str, user: &str) -> String {
@@ -443,10 +512,37 @@ mod tests {
 
     fn add(h: &MemoryHistory, user: &UserId, n: u64, now: u64) -> Offset {
         let mut got = None;
-        h.append(user, &format!(r#"{{"event":"e","args":{n}}}"#), now, |d| {
-            got = Some(d.offset)
-        });
+        h.append(
+            user,
+            &format!(r#"{{"event":"e","args":{n}}}"#),
+            None,
+            now,
+            |d| got = Some(d.offset),
+        );
         got.unwrap()
+    }
+
+    #[test]
+    fn a_resent_idempotency_key_is_stored_once_within_the_window() {
+        let cfg = HistoryConfig {
+            dedupe_window: Duration::from_secs(5),
+            ..HistoryConfig::default()
+        };
+        let h = MemoryHistory::new(&cfg, 42);
+        let (u, v): (UserId, UserId) = ("u".into(), "v".into());
+        let mut delivered = 0;
+        let frame = r#"{"event":"e","args":1}"#;
+        let first = h.append(&u, frame, Some("a:1"), 1_000, |_| delivered += 1);
+        let again = h.append(&u, frame, Some("a:1"), 2_000, |_| delivered += 1);
+        assert_eq!((first, delivered), (again, 1), "the resend is recognised");
+        // Another key, another user, or the same key past the window: stored anew.
+        h.append(&u, frame, Some("a:2"), 2_000, |_| delivered += 1);
+        h.append(&v, frame, Some("a:1"), 2_000, |_| delivered += 1);
+        let late = h.append(&u, frame, Some("a:1"), 7_000, |_| delivered += 1);
+        assert_eq!(delivered, 4);
+        assert!(late > first);
+        let replay = h.replay(&u, Some(Offset(42, 0)), 7_000);
+        assert_eq!(replay.entries.len(), 3);
     }
 
     #[test]

@@ -144,6 +144,11 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_PAGE", default_value_t = history::DEFAULT_MAX_PAGE)]
     history_max_page: usize,
 
+    /// How long a `sendMessage` `clientId` is remembered per recipient, so a resend of an
+    /// unacknowledged message is stored once (ms, s, m or h).
+    #[arg(long, env = "SWITCHBOARD_DEDUPE_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    dedupe_window: Duration,
+
     /// Key for `POST /api/publish` (`Authorization: Bearer <key>`); without it the route is off.
     #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -242,6 +247,7 @@ impl Cli {
                 max_age: self.history_max_age,
                 max_page: self.history_max_page,
                 api_key: self.api_key,
+                dedupe_window: self.dedupe_window,
                 ..history::HistoryConfig::default()
             },
             chat_page: self.chat_page == OnOff::On,

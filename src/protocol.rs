@@ -37,6 +37,9 @@ pub enum ErrorCode {
     Internal,
     /// The connection sent faster than its rate limit; the frame was dropped.
     RateLimited,
+    /// The event could not be handed to Redis (the publication queue overflowed during an
+    /// outage): nothing was stored; the client may send it again.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -49,6 +52,7 @@ impl ErrorCode {
             ErrorCode::BadArgs => "bad_args",
             ErrorCode::Internal => "internal",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -265,6 +269,7 @@ pub fn encode_dispatch<T: Serialize + ?Sized>(
         frame: Utf8Bytes::from(text),
         args_at,
         sio: Default::default(),
+        dedupe: None,
     })
 }
 

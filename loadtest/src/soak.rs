@@ -7,9 +7,17 @@
 //! ends. Deliveries are deduplicated per device by message seq: the server promises no gap
 //! and no duplicate at the resume seam, so any second delivery of a seq is a duplicate.
 //!
-//! A message is *sent* once its frame was written to an open socket; it is then owed to every
-//! device of its recipient and of its sender. A send to a device that is disconnected is
-//! counted as `send_failed` and owed to no one.
+//! Every message carries an `ack` number and a `clientId`. The server acknowledges a message
+//! only once it is stored (with Redis: appended to the history by Redis), so the sender keeps
+//! each unacknowledged message and writes it again, same `clientId`, every
+//! [`RESEND_AFTER`] through whatever connection its device has then (the server stores a
+//! `clientId` once), until it is acknowledged or the run (drain included) ends.
+//!
+//! A message is *owed* to every device of its recipient and of its sender once it was
+//! acknowledged, or once any device received it (then it was stored). A message never
+//! acknowledged and seen by no device is *unconfirmed*: its sender knows it was not taken, which
+//! is not a loss. A first write to a device that is disconnected is counted in `send_failed`
+//! and retried like any unacknowledged message.
 
 use crate::cli::Args;
 use crate::codec::{self, Handshake, Parse};
@@ -27,13 +35,24 @@ use std::time::{Duration, Instant};
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const MAX_PAYLOAD: usize = 16 << 20;
+/// An unacknowledged message is written again this long after its previous attempt.
+pub const RESEND_AFTER: Duration = Duration::from_secs(3);
 
-/// One message the sender wrote to an open socket.
+/// One message of the run.
 struct Sent {
     from: u32,
     to: u32,
-    /// Index in `--addr` of the instance the sender was connected to.
+    /// Index in `--addr` of the instance its first successful write went to (`u8::MAX`: none).
     via: u8,
+}
+
+/// A message not acknowledged yet, as the sender keeps it for resending.
+struct Unacked {
+    seq: u64,
+    from_dev: usize,
+    /// The text frame payload (unmasked), written again as is.
+    payload: Vec<u8>,
+    last_attempt: Option<Instant>,
 }
 
 /// What one device saw, kept behind a mutex and read at the end.
@@ -78,12 +97,24 @@ pub struct DeviceResult {
 #[derive(Debug, serde::Serialize)]
 pub struct SoakReport {
     pub run_id: String,
+    /// Messages the sender made (each written at least once, unless its device never had a
+    /// connection again).
     pub sent: u64,
+    /// Messages whose first write found the device disconnected (they were retried).
     pub send_failed: u64,
+    /// Messages the server acknowledged (stored).
+    pub acked: u64,
+    /// Messages never acknowledged and seen by no device: the sender knows they were not
+    /// taken. Not owed, not lost.
+    pub unconfirmed: u64,
+    /// Writes of a message after its first, for want of an ack.
+    pub resent: u64,
+    /// `unavailable` errors (the server could not hand a message to Redis).
+    pub refused: u64,
     pub expected: u64,
     pub delivered: u64,
     pub lost: u64,
-    /// Sent messages that reached no device at all (likely never accepted by a server).
+    /// Acknowledged messages that reached no device at all.
     pub lost_everywhere: u64,
     /// The same, by the `--addr` the sender was connected to.
     pub lost_everywhere_by_addr: Vec<u64>,
@@ -173,6 +204,10 @@ struct Ctx {
     run_id: String,
     stop: AtomicBool,
     connected: AtomicU64,
+    /// Seqs the server acknowledged.
+    acked: Mutex<HashSet<u64>>,
+    /// `unavailable` errors received (the server could not hand a message to Redis).
+    refused: AtomicU64,
 }
 
 /// One device's life: connect, read, reconnect, until `stop`.
@@ -254,7 +289,7 @@ fn read_until_drop(
                                 let _ = w.write_all(&out);
                             }
                         }
-                        codec::OP_TEXT => on_text(dev, payload, classifier),
+                        codec::OP_TEXT => on_text(ctx, dev, payload, classifier),
                         _ => {}
                     }
                     let n = h.total_len();
@@ -278,7 +313,37 @@ fn read_until_drop(
     }
 }
 
-fn on_text(dev: &Device, payload: &[u8], classifier: &Classifier) {
+/// `Some((ack number, is an error))` for an `ack` or `error` answer.
+pub fn answer_of(payload: &[u8]) -> Option<(u64, bool)> {
+    let error = if payload.starts_with(b"{\"event\":\"ack\"") {
+        false
+    } else if payload.starts_with(b"{\"event\":\"error\"") {
+        true
+    } else {
+        return None;
+    };
+    const KEY: &[u8] = b"\"ack\":";
+    let at = memmem::find(payload, KEY)? + KEY.len();
+    let digits = payload[at..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .count();
+    let n = std::str::from_utf8(&payload[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()?;
+    Some((n, error))
+}
+
+fn on_text(ctx: &Ctx, dev: &Device, payload: &[u8], classifier: &Classifier) {
+    if let Some((seq, error)) = answer_of(payload) {
+        if error {
+            ctx.refused.fetch_add(1, Ordering::Relaxed);
+        } else {
+            ctx.acked.lock().unwrap().insert(seq);
+        }
+        return;
+    }
     let mut log = dev.log.lock().unwrap();
     if let Some(complete) = recovered_complete(payload) {
         if complete {
@@ -325,6 +390,8 @@ pub fn run(args: &Args) -> Result<SoakReport, String> {
         run_id: run_id.clone(),
         stop: AtomicBool::new(false),
         connected: AtomicU64::new(0),
+        acked: Mutex::new(HashSet::new()),
+        refused: AtomicU64::new(0),
     });
     let devices: Arc<Vec<Device>> = Arc::new(
         (0..users)
@@ -371,32 +438,66 @@ pub fn run(args: &Args) -> Result<SoakReport, String> {
     );
     std::thread::sleep(Duration::from_secs(1));
 
-    // Sender: open loop at --rate, random sender device, random recipient.
-    let mut sent: Vec<Option<Sent>> = Vec::new();
+    // Sender: open loop at --rate, random sender device, random recipient; between sends,
+    // unacknowledged messages are written again.
+    let mut sent: Vec<Sent> = Vec::new();
+    let mut unacked: Vec<Unacked> = Vec::new();
     let mut send_failed = 0u64;
+    let mut resent = 0u64;
     let mut rnd = splitmix64(seed);
     let start = Instant::now();
     let duration = Duration::from_secs_f64(args.duration);
+    let drain_end = duration + Duration::from_secs_f64(args.drain);
     let mut out = Vec::with_capacity(256);
-    let mut payload = Vec::with_capacity(256);
     let mut last_progress = 0u64;
     let mut seq = 0u64;
+    let mut next_resend_scan = start;
     loop {
-        let due = start + Duration::from_secs_f64(seq as f64 / args.rate);
         let now = Instant::now();
-        if now.duration_since(start) >= duration {
+        let elapsed = now.duration_since(start);
+        if elapsed >= drain_end {
             break;
         }
+        if now >= next_resend_scan {
+            next_resend_scan = now + Duration::from_millis(100);
+            let acked = ctx.acked.lock().unwrap().clone();
+            unacked.retain(|u| !acked.contains(&u.seq));
+            for u in unacked.iter_mut() {
+                if u.last_attempt
+                    .is_some_and(|t| now.duration_since(t) < RESEND_AFTER)
+                {
+                    continue;
+                }
+                out.clear();
+                codec::encode_frame(&mut out, codec::OP_TEXT, &u.payload, mask(&mut rnd));
+                if let Some(via) = write_via(&devices[u.from_dev], &out) {
+                    if u.last_attempt.is_some() {
+                        resent += 1;
+                    }
+                    u.last_attempt = Some(now);
+                    let s = &mut sent[u.seq as usize];
+                    if s.via == u8::MAX {
+                        s.via = via;
+                    }
+                }
+            }
+        }
+        if elapsed >= duration {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let due = start + Duration::from_secs_f64(seq as f64 / args.rate);
         if due > now {
-            std::thread::sleep(due - now);
+            std::thread::sleep((due - now).min(Duration::from_millis(50)));
+            continue;
         }
         rnd = splitmix64(rnd);
         let from_dev = (rnd % devices.len() as u64) as usize;
         let to = ((rnd >> 32) % u64::from(users)) as u32;
         let from = devices[from_dev].user;
-        payload.clear();
+        let mut payload = Vec::with_capacity(256);
         let intended_ns = start.elapsed().as_nanos() as u64;
-        marker::write_send_message(
+        write_soak_message(
             &mut payload,
             &user_ids[to as usize],
             &run_id,
@@ -406,16 +507,21 @@ pub fn run(args: &Args) -> Result<SoakReport, String> {
         );
         out.clear();
         codec::encode_frame(&mut out, codec::OP_TEXT, &payload, mask(&mut rnd));
-        let via = match devices[from_dev].writer.lock().unwrap().as_mut() {
-            Some((w, via)) => w.write_all(&out).is_ok().then_some(*via),
-            None => None,
-        };
-        if let Some(via) = via {
-            sent.push(Some(Sent { from, to, via }));
-        } else {
-            sent.push(None);
+        let via = write_via(&devices[from_dev], &out);
+        if via.is_none() {
             send_failed += 1;
         }
+        sent.push(Sent {
+            from,
+            to,
+            via: via.unwrap_or(u8::MAX),
+        });
+        unacked.push(Unacked {
+            seq,
+            from_dev,
+            payload,
+            last_attempt: via.map(|_| Instant::now()),
+        });
         seq += 1;
         let secs = start.elapsed().as_secs();
         if secs > last_progress && !args.quiet {
@@ -425,19 +531,20 @@ pub fn run(args: &Args) -> Result<SoakReport, String> {
                 .filter(|d| d.writer.lock().unwrap().is_some())
                 .count();
             eprintln!(
-                "soak t={secs:>3}s sent={} send_failed={send_failed} devices_up={up}/{}",
-                seq - send_failed,
+                "soak t={secs:>3}s sent={seq} send_failed={send_failed} unacked={} resent={resent} devices_up={up}/{}",
+                unacked.len(),
                 devices.len()
             );
         }
     }
-    // Drain: keep reconnecting/reading so resumes can complete.
-    std::thread::sleep(Duration::from_secs_f64(args.drain));
     ctx.stop.store(true, Ordering::Relaxed);
     for h in handles {
         let _ = h.join();
     }
-    let mut r = account(&run_id, &user_ids, &devices, &sent, send_failed);
+    let acked = ctx.acked.lock().unwrap().clone();
+    let mut r = account(&run_id, &user_ids, &devices, &sent, &acked, send_failed);
+    r.resent = resent;
+    r.refused = ctx.refused.load(Ordering::Relaxed);
     r.lost_everywhere_by_addr.resize(args.addrs.len(), 0);
     if let Some((a, b)) = r.lost_everywhere_span_s {
         r.lost_everywhere_span_s = Some((a / args.rate, b / args.rate));
@@ -449,7 +556,8 @@ fn account(
     run_id: &str,
     user_ids: &[String],
     devices: &[Device],
-    sent: &[Option<Sent>],
+    sent: &[Sent],
+    acked: &HashSet<u64>,
     send_failed: u64,
 ) -> SoakReport {
     let logs: Vec<_> = devices.iter().map(|d| d.log.lock().unwrap()).collect();
@@ -457,16 +565,22 @@ fn account(
     let mut lost_everywhere = 0u64;
     let mut by_addr: Vec<u64> = Vec::new();
     let mut span: Option<(f64, f64)> = None;
-    // Per message: did any device see it? (`span` is in seqs here; `run` scales it.)
+    // Per message: owed (acknowledged, or stored since some device got it), and acknowledged
+    // yet seen by no device. (`span` is in seqs here; `run` scales it.)
+    let mut owed = vec![false; sent.len()];
     for (seq, s) in sent.iter().enumerate() {
-        let Some(s) = s else { continue };
-        if !logs.iter().any(|l| l.seen.contains(&(seq as u64))) {
+        let seen = logs.iter().any(|l| l.seen.contains(&(seq as u64)));
+        let is_acked = acked.contains(&(seq as u64));
+        owed[seq] = seen || is_acked;
+        if is_acked && !seen {
             lost_everywhere += 1;
             let v = usize::from(s.via);
-            if by_addr.len() <= v {
-                by_addr.resize(v + 1, 0);
+            if s.via != u8::MAX {
+                if by_addr.len() <= v {
+                    by_addr.resize(v + 1, 0);
+                }
+                by_addr[v] += 1;
             }
-            by_addr[v] += 1;
             let t = seq as f64;
             span = Some(span.map_or((t, t), |(a, _)| (a, t)));
         }
@@ -475,8 +589,7 @@ fn account(
         let mut expected = 0u64;
         let mut delivered = 0u64;
         for (seq, s) in sent.iter().enumerate() {
-            let Some(s) = s else { continue };
-            if s.from == d.user || s.to == d.user {
+            if owed[seq] && (s.from == d.user || s.to == d.user) {
                 expected += 1;
                 if log.seen.contains(&(seq as u64)) {
                     delivered += 1;
@@ -500,8 +613,12 @@ fn account(
     let sum = |f: fn(&DeviceResult) -> u64| results.iter().map(f).sum::<u64>();
     SoakReport {
         run_id: run_id.to_owned(),
-        sent: sent.iter().filter(|s| s.is_some()).count() as u64,
+        sent: sent.len() as u64,
         send_failed,
+        acked: (0..sent.len() as u64).filter(|s| acked.contains(s)).count() as u64,
+        unconfirmed: owed.iter().filter(|o| !**o).count() as u64,
+        resent: 0,
+        refused: 0,
         expected: sum(|r| r.expected),
         delivered: sum(|r| r.delivered),
         lost: sum(|r| r.lost),
@@ -519,14 +636,43 @@ fn account(
     }
 }
 
+/// Writes `frame` on the device's current connection; the `--addr` index it went to, or `None`
+/// when the device is disconnected or the write failed.
+fn write_via(dev: &Device, frame: &[u8]) -> Option<u8> {
+    match dev.writer.lock().unwrap().as_mut() {
+        Some((w, via)) => w.write_all(frame).is_ok().then_some(*via),
+        None => None,
+    }
+}
+
+/// The generator's marked `sendMessage`, with `clientId` `<run>-<seq>` and `ack` `seq`.
+pub fn write_soak_message(
+    out: &mut Vec<u8>,
+    to: &str,
+    run_id: &str,
+    seq: u64,
+    intended_ns: u64,
+    pad_to: usize,
+) {
+    marker::write_send_message(out, to, run_id, seq, intended_ns, pad_to);
+    // The marked message ends with `"}}`: reopen `args` after the text.
+    out.truncate(out.len() - 2);
+    let _ = write!(out, ",\"clientId\":\"{run_id}-{seq}\"}},\"ack\":{seq}}}");
+}
+
 /// Human summary: aggregates and the worst devices.
 pub fn print(r: &SoakReport, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "soak run {}", r.run_id)?;
     writeln!(
         out,
-        "sent {}  send_failed {}  expected deliveries {}  delivered {}  lost {}  \
-         (messages reaching no device: {})  duplicated {}  reconnects {}",
+        "sent {}  acked {}  unconfirmed {}  resent {}  refused {}  send_failed {}  \
+         expected deliveries {}  delivered {}  lost {}  (acked messages reaching no device: {})  \
+         duplicated {}  reconnects {}",
         r.sent,
+        r.acked,
+        r.unconfirmed,
+        r.resent,
+        r.refused,
         r.send_failed,
         r.expected,
         r.delivered,
@@ -538,7 +684,7 @@ pub fn print(r: &SoakReport, out: &mut dyn Write) -> std::io::Result<()> {
     if let Some((a, b)) = r.lost_everywhere_span_s {
         writeln!(
             out,
-            "messages reaching no device: sent between {a:.2} s and {b:.2} s; by the sender's \
+            "acked messages reaching no device: sent between {a:.2} s and {b:.2} s; by the sender's \
              --addr: {:?}",
             r.lost_everywhere_by_addr
         )?;
@@ -606,35 +752,48 @@ mod tests {
             log: Mutex::new(DeviceLog::default()),
         };
         let devices = vec![dev(0, 0), dev(0, 1), dev(1, 0), dev(2, 0)];
-        // seq 0: u0 -> u1; seq 1: failed send; seq 2: u2 -> u2.
-        let sent = vec![
-            Some(Sent {
-                from: 0,
-                to: 1,
-                via: 0,
-            }),
-            None,
-            Some(Sent {
-                from: 2,
-                to: 2,
-                via: 1,
-            }),
-        ];
+        // seq 0: u0 -> u1, not acked but seen (so stored: owed); seq 1: u1 -> u1, neither acked
+        // nor seen (unconfirmed: not owed); seq 2: u2 -> u2, acked, seen by nobody; seq 3:
+        // u1 -> u2, acked and delivered everywhere.
+        let msg = |from, to, via| Sent { from, to, via };
+        let sent = vec![msg(0, 1, 0), msg(1, 1, u8::MAX), msg(2, 2, 1), msg(1, 2, 0)];
+        let acked: HashSet<u64> = [2, 3].into();
         devices[0].log.lock().unwrap().seen.insert(0);
-        devices[2].log.lock().unwrap().seen.insert(0);
+        devices[2].log.lock().unwrap().seen.extend([0, 3]);
+        devices[3].log.lock().unwrap().seen.insert(3);
         devices[2].log.lock().unwrap().duplicates = 1;
         devices[1].log.lock().unwrap().recovered_incomplete = 1;
         let ids: Vec<String> = (0..3).map(|u| format!("u{u}")).collect();
-        let r = account("r", &ids, &devices, &sent, 1);
-        assert_eq!((r.sent, r.send_failed), (2, 1));
+        let r = account("r", &ids, &devices, &sent, &acked, 1);
+        assert_eq!(
+            (r.sent, r.send_failed, r.acked, r.unconfirmed),
+            (4, 1, 2, 1)
+        );
         let lost: Vec<u64> = r.devices.iter().map(|d| d.lost).collect();
         // u0/1 missed seq 0 (told: complete=false); u2/0 missed seq 2 (not told).
         assert_eq!(lost, [0, 1, 0, 1]);
-        assert_eq!((r.expected, r.delivered, r.duplicated), (4, 2, 1));
+        assert_eq!((r.expected, r.delivered, r.duplicated), (6, 4, 1));
         assert_eq!((r.lost_everywhere, r.devices_with_loss), (1, 2));
         assert_eq!(r.devices_lost_without_incomplete, 1);
         assert_eq!(r.lost_everywhere_by_addr, [0, 1]);
         assert_eq!(r.lost_everywhere_span_s, Some((2.0, 2.0)));
+    }
+
+    #[test]
+    fn soak_messages_carry_client_id_and_ack() {
+        let mut out = Vec::new();
+        write_soak_message(&mut out, "u3", "ab12", 7, 1000, 0);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["ack"], 7);
+        assert_eq!(v["args"]["clientId"], "ab12-7");
+        assert_eq!(v["args"]["to"], "u3");
+        assert_eq!(
+            answer_of(br#"{"event":"ack","ack":7,"args":{}}"#),
+            Some((7, false))
+        );
+        let e = br#"{"event":"error","ack":9,"args":{"code":"unavailable"}}"#;
+        assert_eq!(answer_of(e), Some((9, true)));
+        assert_eq!(answer_of(br#"{"event":"newMessage","args":{}}"#), None);
     }
 
     #[test]

@@ -18,14 +18,14 @@ pub mod subscriber;
 pub mod wire;
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
 
-use crate::bus::{Bus, Dispatch};
+use crate::bus::{Bus, CoreMsg, Dispatch};
 use crate::history::{HistoryConfig, Offset};
 use crate::UserId;
 
@@ -161,6 +161,71 @@ pub struct Publication {
     pub user: UserId,
     /// The shared, already encoded dispatch.
     pub dispatch: Arc<Dispatch>,
+    /// The client request whose `ack` waits for this publication, if any.
+    pub waiter: Option<Arc<AckWaiter>>,
+}
+
+/// A client request whose `ack` is held until Redis has taken every publication of its
+/// dispatches (appended to the history with history on), so an acknowledged message survives
+/// this instance dying; a message without an ack may be resent (with the same idempotency key).
+/// The last publication to settle sends the waiter to its core as [`CoreMsg::Acked`].
+#[derive(Debug)]
+pub struct AckWaiter {
+    /// The core owning the connection.
+    pub core: usize,
+    /// The connection's slab key there.
+    pub key: usize,
+    /// The connection's serial (a reused slab slot has another).
+    pub serial: u64,
+    /// The client's ack number (native, or a tagged Socket.IO ack id).
+    pub ack: u64,
+    /// The handler's result, sent in the ack when everything was taken.
+    pub result: serde_json::Value,
+    /// Publications not settled yet.
+    remaining: AtomicUsize,
+    /// Set when a publication was dropped (queue overflow): the client gets an error instead.
+    dropped: AtomicBool,
+}
+
+impl AckWaiter {
+    /// A waiter for `publications` publications.
+    pub fn new(
+        core: usize,
+        key: usize,
+        serial: u64,
+        ack: u64,
+        result: serde_json::Value,
+        publications: usize,
+    ) -> Self {
+        AckWaiter {
+            core,
+            key,
+            serial,
+            ack,
+            result,
+            remaining: AtomicUsize::new(publications),
+            dropped: AtomicBool::new(false),
+        }
+    }
+
+    /// `true` when every publication was taken by Redis.
+    pub fn taken(&self) -> bool {
+        !self.dropped.load(SeqCst)
+    }
+
+    /// One publication settled (`taken` by Redis, or dropped); the last one hands the waiter to
+    /// its core.
+    fn settle(self: &Arc<Self>, taken: bool, bus: Option<&Arc<Bus>>) {
+        if !taken {
+            self.dropped.store(true, SeqCst);
+        }
+        if self.remaining.fetch_sub(1, SeqCst) == 1 {
+            // A full inbox loses the ack; the client's resend is recognised by its key.
+            if let Some(bus) = bus {
+                let _ = bus.send(self.core, CoreMsg::Acked(Arc::clone(self)));
+            }
+        }
+    }
 }
 
 /// A recovering connection's request for the events of `user` after `since`. It is run only
@@ -283,6 +348,8 @@ pub struct Backplane {
     replays: SegQueue<ReplayRequest>,
     /// The history worker's queue (pages go straight there; replays through the subscriber).
     jobs: OnceLock<std::sync::mpsc::Sender<Job>>,
+    /// The cores' inboxes, for held acks (set by [`Backplane::start`]).
+    bus: OnceLock<Arc<Bus>>,
     /// Counters.
     pub stats: BackplaneStats,
 }
@@ -303,6 +370,7 @@ impl Backplane {
             history: OnceLock::new(),
             replays: SegQueue::new(),
             jobs: OnceLock::new(),
+            bus: OnceLock::new(),
             stats: BackplaneStats::default(),
         })
     }
@@ -344,6 +412,7 @@ impl Backplane {
     /// Starts the publisher and subscriber threads (and the history worker with history on).
     pub fn start(self: &Arc<Self>, bus: Arc<Bus>) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut threads = Vec::new();
+        let _ = self.bus.set(Arc::clone(&bus));
         let worker = if self.history.get().is_some() {
             let (tx, rx) = std::sync::mpsc::channel();
             let _ = self.jobs.set(tx.clone());
@@ -392,20 +461,30 @@ impl Backplane {
     }
 
     /// Queues `dispatch` for every target user. Never blocks: past the bound the oldest queued
-    /// publication is dropped and counted.
-    pub fn publish(&self, dispatch: &Arc<Dispatch>) {
+    /// publication is dropped and counted (and its waiter, if any, told). `waiter` is settled
+    /// once per user of `dispatch`.
+    pub fn publish(&self, dispatch: &Arc<Dispatch>, waiter: Option<&Arc<AckWaiter>>) {
         for user in dispatch.users.iter() {
             let publication = Publication {
                 user: user.clone(),
                 dispatch: Arc::clone(dispatch),
+                waiter: waiter.cloned(),
             };
-            if self.publications.force_push(publication).is_some() {
+            if let Some(dropped) = self.publications.force_push(publication) {
                 self.stats.dropped.fetch_add(1, Relaxed);
+                self.settle(&dropped, false);
             }
         }
         if let Some(t) = self.publisher_thread.get() {
             // Cheap when the publisher is busy: unpark only issues a futex wake if it is parked.
             t.unpark();
+        }
+    }
+
+    /// Tells the publication's waiter, if any, that Redis took it (or that it was dropped).
+    pub(crate) fn settle(&self, publication: &Publication, taken: bool) {
+        if let Some(w) = &publication.waiter {
+            w.settle(taken, self.bus.get());
         }
     }
 
@@ -641,7 +720,7 @@ mod tests {
             crate::protocol::encode_dispatch(vec!["a".into(), "b".into(), "c".into()], "e", &1)
                 .unwrap(),
         );
-        bp.publish(&d);
+        bp.publish(&d, None);
         assert_eq!(bp.queue_depth(), 2);
         assert_eq!(bp.stats.dropped.load(Relaxed), 1);
         let first = bp.publications.pop().unwrap();

@@ -170,19 +170,25 @@ impl Publisher {
                 if let Some((h, sha)) = history {
                     // One atomic append + publish per (user, dispatch): see APPEND_SCRIPT.
                     let p = &batch[i];
-                    pipe.cmd("EVALSHA")
+                    let prefix = &bp.config.channel_prefix;
+                    let dedupe = p.dispatch.dedupe.as_deref();
+                    let cmd = pipe
+                        .cmd("EVALSHA")
                         .arg(sha)
-                        .arg(2)
-                        .arg(crate::history::stream_key(
-                            &bp.config.channel_prefix,
-                            &p.user,
-                        ))
-                        .arg(wires[i].0.as_str())
-                        .arg(format!("{:016x}", bp.node_id))
+                        .arg(if dedupe.is_some() { 3 } else { 2 })
+                        .arg(crate::history::stream_key(prefix, &p.user))
+                        .arg(wires[i].0.as_str());
+                    if let Some(key) = dedupe {
+                        cmd.arg(crate::history::dedupe_key(prefix, &p.user, key));
+                    }
+                    cmd.arg(format!("{:016x}", bp.node_id))
                         .arg(p.dispatch.frame.as_str())
                         .arg(h.max_len)
-                        .arg(h.max_age.as_millis() as u64)
-                        .ignore();
+                        .arg(h.max_age.as_millis() as u64);
+                    if dedupe.is_some() {
+                        cmd.arg(h.dedupe_window.as_millis() as u64);
+                    }
+                    cmd.ignore();
                     continue;
                 }
                 let (channel, payload) = &wires[i];
@@ -223,9 +229,12 @@ impl Publisher {
             }
         }
         let mut i = 0;
-        batch.retain(|_| {
+        batch.retain(|p| {
             let keep = !done[i];
             i += 1;
+            if !keep {
+                bp.settle(p, true);
+            }
             keep
         });
         all_ok && batch.is_empty()

@@ -781,6 +781,7 @@ impl Subscriber {
             frame,
             args_at: 0,
             sio: Default::default(),
+            dedupe: None,
         });
         for &core in cores {
             if self

@@ -1,0 +1,192 @@
+//! Acknowledged means stored: with Redis, a `sendMessage` ack waits until Redis has taken the
+//! message (appended it to the history), and a resend of an unacknowledged message with the same
+//! `clientId` is stored and delivered once — embedded and through Redis.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use switchboard::backplane::Routing;
+use switchboard::Config;
+
+/// Sends `text` to `to` with `clientId` and an ack number (no waiting).
+fn send_with_id(c: &mut Client, to: &str, text: &str, client_id: &str, ack: u64) {
+    c.send_json(&json!({
+        "event": "sendMessage",
+        "args": {"to": to, "text": text, "clientId": client_id},
+        "ack": ack,
+    }));
+}
+
+/// Waits for the ack (or error) numbered `ack`, skipping other frames; `None` at `deadline`.
+fn answer(c: &mut Client, ack: u64, deadline: Instant) -> Option<Value> {
+    loop {
+        match c.next_message(deadline) {
+            None => return None,
+            Some(Ok(tungstenite::Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).expect("JSON");
+                if v["ack"] == ack && (v["event"] == "ack" || v["event"] == "error") {
+                    return Some(v);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("{}: connection failed: {e}", c.user),
+        }
+    }
+}
+
+/// The `text`s of `user`'s retained events, oldest first, read with the `history` event.
+fn history_texts(c: &mut Client, ack: u64) -> Vec<String> {
+    c.send_json(&json!({"event": "history", "args": {"limit": 100}, "ack": ack}));
+    let v = answer(c, ack, Instant::now() + DEADLINE).expect("history answer");
+    assert_eq!(v["event"], "ack", "{v}");
+    let mut texts: Vec<String> = v["args"]["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["args"]["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    texts.reverse();
+    texts
+}
+
+/// Until the instance's subscription to `user` is confirmed, a fresh connection misses what is
+/// published: probe with messages to self until one comes back.
+fn wait_live(c: &mut Client, user: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(Instant::now() < deadline, "{user} never got its probe");
+        c.send_message(user, "probe");
+        let wait = Instant::now() + Duration::from_millis(300);
+        while let Some(Ok(tungstenite::Message::Text(t))) = c.next_message(wait) {
+            if t.contains("probe") {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn redis_ack_waits_for_redis_and_a_resend_is_stored_once() {
+    let mut redis = TestRedis::start();
+    let server = redis_server(&redis, Routing::PerUser);
+    let mut u1 = server.connect("u1");
+    let mut u2 = server.connect("u2");
+    wait_live(&mut u1, "u1");
+    wait_live(&mut u2, "u2");
+
+    send_with_id(&mut u1, "u2", "before", "m-0", 1);
+    let v = answer(&mut u1, 1, Instant::now() + DEADLINE).expect("ack with Redis up");
+    assert_eq!(v["event"], "ack", "{v}");
+
+    // Redis down: the message cannot be stored, so it is not acknowledged...
+    redis.kill();
+    send_with_id(&mut u1, "u2", "during", "m-1", 2);
+    let early = answer(&mut u1, 2, Instant::now() + Duration::from_millis(1500));
+    assert!(early.is_none(), "acked while Redis was down: {early:?}");
+    // ...until Redis is back and the publisher's retry stored it.
+    redis.restart();
+    let v = answer(&mut u1, 2, Instant::now() + DEADLINE).expect("ack once Redis is back");
+    assert_eq!(v["event"], "ack", "{v}");
+
+    // The client never saw that ack (say its connection dropped): it sends again, same clientId.
+    send_with_id(&mut u1, "u2", "during", "m-1", 3);
+    let v = answer(&mut u1, 3, Instant::now() + DEADLINE).expect("ack of the resend");
+    assert_eq!(v["event"], "ack", "{v}");
+    // A new clientId is a new message.
+    send_with_id(&mut u1, "u2", "after", "m-2", 4);
+    assert_eq!(
+        answer(&mut u1, 4, Instant::now() + DEADLINE).unwrap()["event"],
+        "ack"
+    );
+
+    // Delivered live once: u2's device sees "during" exactly once before "after".
+    let mut seen = Vec::new();
+    loop {
+        let m = u2.recv_event("newMessage");
+        let text = m["args"]["text"].as_str().unwrap_or_default().to_string();
+        if text == "after" {
+            break;
+        }
+        seen.push(text);
+    }
+    assert_eq!(
+        seen.iter().filter(|t| *t == "during").count(),
+        1,
+        "live: {seen:?}"
+    );
+    // And stored once for each of the two users (the restarted Redis kept nothing from before).
+    assert_eq!(history_texts(&mut u2, 10), ["during", "after"]);
+    assert_eq!(history_texts(&mut u1, 11), ["during", "after"]);
+}
+
+#[test]
+fn embedded_resend_with_the_same_client_id_is_delivered_once() {
+    let server = TestServer::with_config(Config { ..test_config() });
+    let mut u1 = server.connect("u1");
+    let mut u2 = server.connect("u2");
+    for ack in [1, 2] {
+        send_with_id(&mut u1, "u2", "hello", "same-id", ack);
+        let v = answer(&mut u1, ack, Instant::now() + DEADLINE).expect("ack");
+        assert_eq!(v["event"], "ack", "{v}");
+    }
+    send_with_id(&mut u1, "u2", "next", "other-id", 3);
+    answer(&mut u1, 3, Instant::now() + DEADLINE).expect("ack");
+    assert_eq!(u2.recv_event("newMessage")["args"]["text"], "hello");
+    assert_eq!(u2.recv_event("newMessage")["args"]["text"], "next");
+    assert_eq!(history_texts(&mut u2, 4), ["hello", "next"]);
+}
+
+#[test]
+fn a_publication_dropped_from_a_full_queue_is_answered_unavailable() {
+    let mut redis = TestRedis::start();
+    let mut rc = switchboard::backplane::RedisConfig::new(redis.url());
+    rc.reconnect_max = Duration::from_millis(300);
+    rc.publish_queue = 2;
+    let server = TestServer::with_config(Config {
+        backplane: Some(rc),
+        ..test_config()
+    });
+    let mut u1 = server.connect("u1");
+    wait_live(&mut u1, "u1");
+    redis.kill();
+    // Each message to u2 is two publications (u2 and u1); the publisher holds what it took for
+    // a retry and the queue holds two more: of six messages, some must be pushed out.
+    for i in 0..6u64 {
+        send_with_id(&mut u1, "u2", &format!("m{i}"), &format!("id-{i}"), 10 + i);
+    }
+    redis.restart();
+    // Answers come in any order (a refusal at once, acks after the restart).
+    let mut answers = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + DEADLINE;
+    while answers.len() < 6 {
+        let v = match u1.next_message(deadline) {
+            Some(Ok(tungstenite::Message::Text(t))) => serde_json::from_str::<Value>(&t).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("only {answers:?} answered: {other:?}"),
+        };
+        if let Some(n) = v["ack"].as_u64().filter(|n| (10..16).contains(n)) {
+            answers.insert(n, v);
+        }
+    }
+    let (mut stored, mut refused) = (Vec::new(), 0);
+    for (n, v) in answers {
+        let i = n - 10;
+        match v["event"].as_str() {
+            Some("ack") => stored.push(format!("m{i}")),
+            _ => {
+                assert_eq!(v["args"]["code"], "unavailable", "{v}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "six messages fit a queue of two");
+    // What was acknowledged is exactly what Redis kept; what was refused is not there.
+    let kept: Vec<String> = history_texts(&mut u1, 20)
+        .into_iter()
+        .filter(|t| t != "probe")
+        .collect();
+    assert_eq!(kept, stored);
+}
