@@ -8,6 +8,8 @@
 # Env: SWITCHBOARD (server binary), LOADTEST (generator binary), DURATION (s, default 60),
 # USERS (50), DEVICES (2), RATE (200), BASE_PORT (first of three free ports, default 17380),
 # OVERLAP=1 (also kill Redis 0.5 s before the instance, back 3 s later),
+# APPENDFSYNC (Redis's appendfsync: `always`, the default, so that what Redis acknowledged
+# survives its SIGKILL; `everysec` lets a killed Redis lose up to ~2 s of acknowledged writes),
 # SOAK_JSON (copy the generator's JSON result there), SOAK_LOGS (copy server/redis logs to this dir).
 set -u
 
@@ -16,6 +18,7 @@ root=$(cd "$here/.." && pwd)
 # shellcheck source=lib.sh
 . "$here/lib.sh"
 : "${DURATION:=60}" "${USERS:=50}" "${DEVICES:=2}" "${RATE:=200}" "${BASE_PORT:=17380}"
+: "${APPENDFSYNC:=always}"
 if [ -z "${SWITCHBOARD:-}" ]; then
   for c in "$root/target/release/switchboard" /work/main/target/release/switchboard; do
     [ -x "$c" ] && SWITCHBOARD=$c && break
@@ -47,7 +50,7 @@ log() { echo "soak $(date -u +%H:%M:%S) $*" >&2; }
 
 start_redis() {
   redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$tmp" --save "" \
-    --appendonly yes --appendfsync everysec --daemonize no >>"$tmp/redis.log" 2>&1 &
+    --appendonly yes --appendfsync "$APPENDFSYNC" --daemonize no >>"$tmp/redis.log" 2>&1 &
   redis_pid=$!
   wait_port "$redis_port" 5 || { log "redis did not start"; exit 2; }
 }

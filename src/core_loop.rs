@@ -1209,11 +1209,15 @@ impl CoreLoop {
     fn resync_all(&mut self) {
         let keys: Vec<(usize, Offset)> = self
             .conns
-            .iter()
+            .iter_mut()
             .filter_map(|(key, conn)| match conn {
-                Connection::Open(o) if o.closing.is_none() && o.recovering.is_none() => {
-                    o.last_offset.map(|offset| (key, offset))
-                }
+                Connection::Open(o) if o.closing.is_none() => match o.recovering.as_mut() {
+                    Some(rec) => {
+                        rec.again = true;
+                        None
+                    }
+                    None => o.last_offset.map(|offset| (key, offset)),
+                },
                 _ => None,
             })
             .collect();
@@ -1264,6 +1268,7 @@ impl CoreLoop {
             buffered: Vec::new(),
             overflow: false,
             deadline: Instant::now() + history::RECOVERY_TIMEOUT,
+            again: false,
         }));
         if let Some(store) = &shared.history {
             // Embedded: the store answers at once. Deliveries already in this core's inbox are
@@ -1305,6 +1310,7 @@ impl CoreLoop {
             return;
         };
         let complete = result.replay.complete && !rec.overflow;
+        let again = rec.again;
         let (frames, last) = history::finish_recovery(*rec, result.replay, open.last_offset);
         open.last_offset = last;
         let m = &self.shared.metrics[self.id];
@@ -1315,6 +1321,9 @@ impl CoreLoop {
         }
         for frame in frames {
             self.send(result.key, frame);
+        }
+        if again && last.is_some() {
+            self.begin_recovery(result.key, last);
         }
     }
 

@@ -215,6 +215,10 @@ pub struct Recovering {
     pub overflow: bool,
     /// When the recovery gives up and reports `complete: false`.
     pub deadline: std::time::Instant,
+    /// The Redis subscriber came back from an outage while this recovery ran (its replay may
+    /// have been read before what the outage hid was published): another recovery follows from
+    /// where this one ends.
+    pub again: bool,
 }
 
 /// Finishes a recovery: the frames to send in order and the final `recovered` frame, given the
@@ -612,6 +616,7 @@ mod tests {
             buffered: vec![(o(4), f(4)), (o(5), f(5)), (o(6), f(6))],
             overflow: false,
             deadline: std::time::Instant::now(),
+            again: false,
         };
         let replay = Replay {
             entries: vec![(o(3), f(3)), (o(4), f(4)), (o(5), f(5))],
@@ -629,6 +634,7 @@ mod tests {
             buffered: vec![(o(7), f(7))],
             overflow: false,
             deadline: std::time::Instant::now(),
+            again: false,
         };
         let (out, last) = finish_recovery(rec, Replay::default(), None);
         assert_eq!(out[0].as_str(), "7");

@@ -285,6 +285,18 @@ fn main() -> ExitCode {
         Some(r) => format!("redis routing={:?}", r.routing),
     };
     let history_desc = if config.history_active() { "on" } else { "off" };
+    // Installed before the server starts (and logs "listening"), so a signal sent as soon as
+    // the port answers is handled gracefully rather than killing the process.
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchboard: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let handle = match Server::new(config).start() {
         Ok(h) => h,
         Err(e) => {
@@ -298,16 +310,7 @@ fn main() -> ExitCode {
         handle.node_id()
     );
     let stopper = handle.stopper();
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("switchboard: cannot install signal handlers: {e}");
-            return ExitCode::from(1);
-        }
-    };
+
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             log::info!("signal {sig}: closing connections");

@@ -23,9 +23,12 @@ fn history(max_len: usize) -> HistoryConfig {
     }
 }
 
+// The live senders below burst far past the default per-connection rate limit on purpose (a
+// dense stream makes any gap at the resume seam visible), so these servers run without it.
 fn embedded(max_len: usize) -> TestServer {
     TestServer::with_config(Config {
         history: history(max_len),
+        rate_limit_per_sec: 0,
         ..test_config()
     })
 }
@@ -37,6 +40,7 @@ fn on_redis(redis: &TestRedis, max_len: usize) -> TestServer {
     TestServer::with_config(Config {
         backplane: Some(rc),
         history: history(max_len),
+        rate_limit_per_sec: 0,
         ..test_config()
     })
 }
@@ -51,6 +55,8 @@ fn child_on_redis(redis: &TestRedis) -> ChildServer {
         "300ms",
         "--history",
         "on",
+        "--rate-limit",
+        "0",
     ])
 }
 

@@ -327,6 +327,9 @@ pub struct BackplaneStats {
     pub delivered: AtomicU64,
     /// Frames dropped because a core inbox was full.
     pub inbox_drops: AtomicU64,
+    /// Frames received after an outage before every channel was confirmed again: not handed
+    /// to devices live, replayed to them by the resync instead.
+    pub held_for_resync: AtomicU64,
 }
 
 /// The backplane as the cores see it.
@@ -554,7 +557,7 @@ impl Backplane {
     /// Prometheus families for `/metrics`.
     pub fn render_prometheus(&self, out: &mut String) {
         let s = &self.stats;
-        let rows: [(&str, &str, &str, u64); 14] = [
+        let rows: [(&str, &str, &str, u64); 15] = [
             (
                 "switchboard_backplane_publisher_connected",
                 "gauge",
@@ -638,6 +641,12 @@ impl Backplane {
                 "counter",
                 "Frames dropped at a full core inbox.",
                 s.inbox_drops.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_held_for_resync_total",
+                "counter",
+                "Frames received after an outage before the resync, replayed by it instead.",
+                s.held_for_resync.load(Relaxed),
             ),
         ];
         for (name, kind, help, value) in rows {

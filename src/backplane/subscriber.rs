@@ -559,7 +559,12 @@ impl Subscriber {
                 if text.contains("MOVED") || text.contains("ASK") {
                     self.refresh_topology("MOVED");
                 } else {
-                    log::warn!("redis subscriber: server error {text}");
+                    // E.g. LOADING from a Redis still reading its append-only file: a SUBSCRIBE
+                    // it refused leaves a channel silently unsubscribed while later ones work,
+                    // and a device would skip what was published in between. Start over: on
+                    // reconnect every channel is subscribed again, and once all are confirmed
+                    // every connection resumes from its last offset.
+                    self.disconnect(i, &format!("server error {text}"));
                 }
                 return;
             }
@@ -747,6 +752,14 @@ impl Subscriber {
 
     fn route_delivery(&self, user: &str, offset: crate::history::Offset, frame: Utf8Bytes) {
         let stats = &self.bp.stats;
+        if self.ready_before && !self.ready {
+            // Back from an outage, some channels confirmed, not all: a device handed this frame
+            // now would move its last offset past what the outage hid from it, and the resync
+            // (sent once every channel is confirmed) would start after the gap. The frame is in
+            // the user's history, so the resync replays it.
+            stats.held_for_resync.fetch_add(1, Relaxed);
+            return;
+        }
         let Some((user, cores)) = self.hosts.get_key_value(user) else {
             stats.not_hosted.fetch_add(1, Relaxed);
             return;
