@@ -34,6 +34,60 @@ pub enum CoreMsg {
     /// The Redis subscriber is back after an outage: every open connection that has received
     /// an offset resumes from it, as if it had reconnected with `?since=`.
     Resync,
+    /// A room event for this core's connections of the listed members.
+    Room(Arc<RoomDelivery>),
+    /// The answer to a room request that went to Redis (`joinRoom`, `leaveRoom`,
+    /// `sendRoomMessage`, `presence`).
+    RoomAnswer(Box<RoomAnswer>),
+    /// Whether a new connection is within its user's device limit, counted in Redis.
+    Admission(Box<Admission>),
+    /// This instance subscribed a room's channel after the user joined it: what the room
+    /// published before the subscription took effect is in the user's history but reached
+    /// none of its devices here, so its open connections resume from their last offset.
+    ResyncUser(UserId),
+}
+
+/// One room event for the local connections of `members`. One frame, shared by every member
+/// connection of the instance: the offset (with history on) is the same for every member.
+#[derive(Debug)]
+pub struct RoomDelivery {
+    /// The room's members hosted by this instance (a snapshot shared by every message).
+    pub members: Arc<[UserId]>,
+    /// The offset in each member's history; `None` for events kept nowhere.
+    pub offset: Option<crate::history::Offset>,
+    /// The frame, offset included.
+    pub frame: Utf8Bytes,
+    /// `frame` wrapped for Socket.IO connections, built on first use.
+    pub sio: crate::socketio::FrameCache,
+}
+
+/// The answer to a room request for connection `key` with `serial`.
+#[derive(Debug)]
+pub struct RoomAnswer {
+    /// The connection's slab key on the receiving core.
+    pub key: usize,
+    /// The connection's serial.
+    pub serial: u64,
+    /// The request's ack number.
+    pub ack: Option<u64>,
+    /// The ack result, or the error (code, message).
+    pub result: Result<serde_json::Value, (&'static str, String)>,
+}
+
+/// The device-limit verdict for connection `key` with `serial` of `user`.
+#[derive(Debug)]
+pub struct Admission {
+    /// The connection's slab key on the receiving core.
+    pub key: usize,
+    /// The connection's serial.
+    pub serial: u64,
+    /// The user.
+    pub user: UserId,
+    /// `false`: the user is at the device limit; close with 4009.
+    pub admitted: bool,
+    /// The connection was counted in Redis (it must be uncounted when it ends). `false` with
+    /// `admitted` when Redis could not be asked: the connection is let in, uncounted.
+    pub counted: bool,
 }
 
 /// The outcome of a `POST /api/publish` for connection `key` with `serial`.

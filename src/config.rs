@@ -98,6 +98,8 @@ pub struct Config {
     pub history: crate::history::HistoryConfig,
     /// Serve the chat page ([`crate::web`]) at `GET /` and `GET /index.html`; off, both are 404.
     pub chat_page: bool,
+    /// Rooms, presence and the per-user device limit.
+    pub rooms: crate::rooms::RoomsConfig,
 }
 
 impl Default for Config {
@@ -123,6 +125,7 @@ impl Default for Config {
             backplane: None,
             history: crate::history::HistoryConfig::default(),
             chat_page: true,
+            rooms: crate::rooms::RoomsConfig::default(),
         }
     }
 }
@@ -175,6 +178,7 @@ impl Config {
             redis.validate().map_err(ConfigError)?;
         }
         self.history.validate().map_err(ConfigError)?;
+        self.rooms.validate().map_err(ConfigError)?;
         if let AuthMode::Jwt { secret, .. } = &self.auth {
             if secret.len() < 16 {
                 return err("the JWT secret must be at least 16 bytes");
@@ -191,6 +195,16 @@ impl Config {
             && self.backplane.as_ref().is_none_or(|r| {
                 r.routing == crate::backplane::Routing::PerUser && r.cluster.is_empty()
             })
+    }
+
+    /// Whether rooms, presence and the device limit are in force: embedded, or per-user routing
+    /// on a single Redis. A room message's history append touches every member's stream in one
+    /// script, which a Redis Cluster cannot run across slots, and the seed format has no room
+    /// channel; there the room events are unknown events and the binary says so at startup.
+    pub fn rooms_active(&self) -> bool {
+        self.backplane
+            .as_ref()
+            .is_none_or(|r| r.routing == crate::backplane::Routing::PerUser && r.cluster.is_empty())
     }
 
     /// The idle time after which an open connection that sent nothing is closed.

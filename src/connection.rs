@@ -169,6 +169,19 @@ pub struct Open {
     pub bucket: TokenBucket,
     /// Socket.IO state when the connection came through `/socket.io/` (`None`: native).
     pub sio: Option<Box<crate::socketio::Session>>,
+    /// Where the connection stands in its user's presence count.
+    pub counted: Counted,
+}
+
+/// A connection's place in its user's presence and device count (rooms on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Not counted: rooms off, refused at the device limit, or already uncounted.
+    No,
+    /// Asked Redis to count it; the verdict has not arrived.
+    Pending,
+    /// Counted: it must be uncounted when it is unindexed.
+    Yes,
 }
 
 /// A token bucket: `rate` tokens a second up to `burst`; one token per client text frame.

@@ -21,9 +21,11 @@ use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::api::{self, ApiError};
 use crate::backplane::AckWaiter;
-use crate::bus::{CoreMsg, Dispatch, PageResult, PublishResult, ReplayResult};
-use crate::connection::{Connection, Open, PendingBody, PendingRequest, Reply, Stream, Waiting};
-use crate::handlers::{Args, ConnectionId, Context, MessageIds};
+use crate::bus::{CoreMsg, Dispatch, PageResult, PublishResult, ReplayResult, RoomDelivery};
+use crate::connection::{
+    Connection, Counted, Open, PendingBody, PendingRequest, Reply, Stream, Waiting,
+};
+use crate::handlers::{Args, ConnectionId, Context, HandlerResult, MessageIds};
 use crate::history::{self, Delivery, Offset, Recovering};
 use crate::http::{self, Parse, Request, RequestError};
 use crate::metrics::{add, Closed, CoreMetrics};
@@ -32,6 +34,7 @@ use crate::runtime::Shared;
 use crate::socketio::{self, FrameCache};
 use crate::user_index::UserIndex;
 
+mod rooms;
 mod sio;
 
 /// Reserved tokens sit above any slab key.
@@ -494,6 +497,7 @@ impl CoreLoop {
             last_offset: None,
             recovering: None,
             sio: session,
+            counted: Counted::No,
         };
         self.next_serial += 1;
         let since = req.query_param("since");
@@ -516,6 +520,11 @@ impl CoreLoop {
         self.open += 1;
         add(&self.metrics().connections_accepted, 1);
         log::debug!("core={} conn={new_key} user={user:?} open", self.id);
+        if let Some(user) = &user {
+            if !self.count_device(new_key, user) {
+                return;
+            }
+        }
         if socketio {
             self.sio_open(new_key);
         } else if let Some(since) = since {
@@ -952,7 +961,6 @@ impl CoreLoop {
             return;
         };
         let user = open.user.clone();
-        let serial = open.serial;
         let shared = Arc::clone(&self.shared);
         if shared.config.history_active() {
             match event {
@@ -960,6 +968,13 @@ impl CoreLoop {
                 "history" => return self.on_history(key, &user, ack, args),
                 _ => {}
             }
+        }
+        if shared.config.rooms_active() && crate::rooms::is_room_event(event) {
+            // `None`: the request went to Redis; its answer arrives through the inbox.
+            if let Some(result) = self.on_room_event(key, &user, event, ack, args) {
+                self.finish_request(key, ack, result);
+            }
+            return;
         }
         let Some(handler) = shared.handlers.get(event) else {
             add(&self.metrics().client_errors, 1);
@@ -977,6 +992,17 @@ impl CoreLoop {
                 log::error!("handler for {:?} panicked", truncate(event, 64));
                 Err(crate::handlers::HandlerError::internal("handler failed"))
             });
+        self.finish_request(key, ack, result);
+    }
+
+    /// Sends what a request dispatched, then its ack or error.
+    fn finish_request(&mut self, key: usize, ack: Option<u64>, result: HandlerResult) {
+        let shared = Arc::clone(&self.shared);
+        // The connection is still there (handlers run synchronously); 0 only keeps the types.
+        let serial = match self.conns.get(key) {
+            Some(Connection::Open(open)) => open.serial,
+            _ => 0,
+        };
         if result.is_err() {
             // Nothing a failed handler dispatched goes out.
             self.outbox.clear();
@@ -1199,6 +1225,10 @@ impl CoreLoop {
             CoreMsg::Published(published) => self.on_published(*published),
             CoreMsg::Acked(waiter) => self.on_acked(&waiter),
             CoreMsg::Resync => self.resync_all(),
+            CoreMsg::Room(delivery) => self.deliver_room(&delivery),
+            CoreMsg::RoomAnswer(answer) => self.on_room_answer(*answer),
+            CoreMsg::Admission(verdict) => self.on_admission(*verdict),
+            CoreMsg::ResyncUser(user) => self.resync_user(&user),
         });
     }
 
@@ -1232,22 +1262,59 @@ impl CoreLoop {
     fn deliver_offset(&mut self, d: &Delivery) {
         let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(&d.user));
         for key in keys {
-            let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
-                continue;
-            };
-            if let Some(rec) = open.recovering.as_mut() {
-                if rec.buffered.len() < history::RECOVERY_BUFFER {
-                    rec.buffered.push((d.offset, d.frame.clone()));
-                } else {
-                    rec.overflow = true;
+            self.offer(key, d.offset, &d.frame, &d.sio);
+        }
+    }
+
+    /// Queues a frame with an offset on one connection unless it already has it; a recovering
+    /// connection holds it until its replay is in.
+    fn offer(&mut self, key: usize, offset: Offset, frame: &Utf8Bytes, cache: &FrameCache) {
+        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Some(rec) = open.recovering.as_mut() {
+            if rec.buffered.len() < history::RECOVERY_BUFFER {
+                rec.buffered.push((offset, frame.clone()));
+            } else {
+                rec.overflow = true;
+            }
+            return;
+        }
+        if open.last_offset.is_some_and(|last| offset <= last) {
+            return;
+        }
+        open.last_offset = Some(offset);
+        self.send_shared(key, frame, Some(cache));
+    }
+
+    /// A room event: every local connection of the listed members gets the one shared frame.
+    fn deliver_room(&mut self, d: &RoomDelivery) {
+        for member in d.members.iter() {
+            let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(member));
+            for key in keys {
+                match d.offset {
+                    Some(offset) => self.offer(key, offset, &d.frame, &d.sio),
+                    None => self.send_shared(key, &d.frame, Some(&d.sio)),
                 }
-                continue;
             }
-            if open.last_offset.is_some_and(|last| d.offset <= last) {
-                continue;
+        }
+    }
+
+    /// This instance began routing a room the user joined only after Redis confirmed its
+    /// channel: the user's connections resume from their last offset to catch what came
+    /// between (those without an offset yet have nothing to resume from).
+    fn resync_user(&mut self, user: &str) {
+        let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(user));
+        for key in keys {
+            let last = match self.conns.get(key) {
+                Some(Connection::Open(o)) if o.closing.is_none() && o.recovering.is_none() => {
+                    o.last_offset
+                }
+                _ => None,
+            };
+            if let Some(offset) = last {
+                self.begin_recovery(key, Some(offset));
             }
-            open.last_offset = Some(d.offset);
-            self.send_shared(key, &d.frame, Some(&d.sio));
         }
     }
 
@@ -1490,6 +1557,10 @@ impl CoreLoop {
                 if let Some(bp) = &self.shared.backplane {
                     bp.user_left(&open.user, self.id);
                 }
+            }
+            if std::mem::replace(&mut open.counted, Counted::No) == Counted::Yes {
+                let user = open.user.clone();
+                self.uncount_device(&user);
             }
         }
     }

@@ -24,6 +24,10 @@
 //!   kept (embedded: a ring per user; Redis: a stream per user, appended and published by one
 //!   script), so a device that reconnects with `?since=` gets what it missed, then live events.
 //!   [`api`] serves `GET /api/history` and `POST /api/publish`.
+//! - [`rooms`]: users join rooms; a room message reaches every device of every member, through
+//!   one publication on the room's Redis channel that the instances hosting members subscribe
+//!   to. Presence (who is online, `presenceChanged`) and the per-user device limit are counted
+//!   in Redis (embedded: in memory), with a heartbeat per instance so a dead one's users expire.
 //! - [`metrics`] are per-core counters summed on demand for `/metrics` and `/healthz`.
 //! - [`web`] is the chat page served at `GET /`, a browser client of the public protocol.
 //! - [`config`] holds every bound and its documented default.
@@ -59,6 +63,7 @@ pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
+pub mod rooms;
 pub mod runtime;
 pub mod socketio;
 pub mod user_index;

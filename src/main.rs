@@ -8,6 +8,7 @@ use clap::Parser;
 use switchboard::backplane::{self, RedisConfig, Routing};
 use switchboard::config::{self, AuthMode, Config};
 use switchboard::history;
+use switchboard::rooms;
 use switchboard::Server;
 
 /// Real-time WebSocket messaging server: one event loop per CPU core.
@@ -156,6 +157,27 @@ struct Cli {
     /// The chat page at `GET /` (a browser client of the protocol): `on` or `off` (then 404).
     #[arg(long, env = "SWITCHBOARD_CHAT_PAGE", value_enum, default_value_t = OnOff::On)]
     chat_page: OnOff,
+    /// Rooms one user may be in; past it `joinRoom` gets `room_limit`.
+    #[arg(long, env = "SWITCHBOARD_MAX_ROOMS_PER_USER", default_value_t = rooms::DEFAULT_MAX_ROOMS_PER_USER)]
+    max_rooms_per_user: usize,
+
+    /// Members one room may have; past it `joinRoom` gets `room_full`.
+    #[arg(long, env = "SWITCHBOARD_MAX_ROOM_MEMBERS", default_value_t = rooms::DEFAULT_MAX_ROOM_MEMBERS)]
+    max_room_members: usize,
+
+    /// Longest room name in bytes (names use A-Z a-z 0-9 _ - . :); longer is `bad_room`.
+    #[arg(long, env = "SWITCHBOARD_MAX_ROOM_NAME_BYTES", default_value_t = rooms::DEFAULT_MAX_ROOM_NAME_BYTES)]
+    max_room_name_bytes: usize,
+
+    /// Connections one user may hold across the cluster; the one over it is closed with 4009.
+    /// 0 = no limit.
+    #[arg(long, env = "SWITCHBOARD_MAX_DEVICES", default_value_t = rooms::DEFAULT_MAX_DEVICES)]
+    max_devices: u32,
+
+    /// How long an instance that stopped refreshing its presence heartbeat (killed, hung)
+    /// still counts as alive; its users go offline within about 4/3 of this.
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL", default_value = "30s", value_parser = parse_duration)]
+    presence_ttl: Duration,
 
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
@@ -251,6 +273,13 @@ impl Cli {
                 ..history::HistoryConfig::default()
             },
             chat_page: self.chat_page == OnOff::On,
+            rooms: rooms::RoomsConfig {
+                max_rooms_per_user: self.max_rooms_per_user,
+                max_room_members: self.max_room_members,
+                max_room_name_bytes: self.max_room_name_bytes,
+                max_devices: self.max_devices,
+                presence_ttl: self.presence_ttl,
+            },
         }
     }
 }
@@ -271,6 +300,12 @@ fn main() -> ExitCode {
         log::warn!(
             "history is off: it needs per-user routing on a single Redis (or no Redis); \
              --routing seed and --redis-cluster do not support it yet"
+        );
+    }
+    if !config.rooms_active() {
+        log::warn!(
+            "rooms, presence and --max-devices are off: they need per-user routing on a single \
+             Redis (or no Redis)"
         );
     }
     if config.auth == AuthMode::Dev {

@@ -17,7 +17,7 @@ pub enum Closed {
     Server(CloseReason),
 }
 
-const CLOSE_LABELS: [&str; 12] = [
+const CLOSE_LABELS: [&str; 13] = [
     "client_close",
     "reset",
     "shutdown",
@@ -30,6 +30,7 @@ const CLOSE_LABELS: [&str; 12] = [
     "rate_limited",
     "connect_timeout",
     "bad_packet",
+    "device_limit",
 ];
 
 impl Closed {
@@ -49,6 +50,7 @@ impl Closed {
             Closed::Server(CloseReason::ClientEnded) => 0,
             Closed::Server(CloseReason::ConnectTimeout) => 10,
             Closed::Server(CloseReason::BadPacket) => 11,
+            Closed::Server(CloseReason::DeviceLimit) => 12,
         }
     }
 }

@@ -40,6 +40,14 @@ pub enum ErrorCode {
     /// The event could not be handed to Redis (the publication queue overflowed during an
     /// outage): nothing was stored; the client may send it again.
     Unavailable,
+    /// The room name is empty, too long, or uses a character outside the allowed set.
+    BadRoom,
+    /// The caller is not a member of the room it sent to, left, or asked about.
+    NotMember,
+    /// The caller is already in `--max-rooms-per-user` rooms.
+    RoomLimit,
+    /// The room already has `--max-room-members` members.
+    RoomFull,
 }
 
 impl ErrorCode {
@@ -53,6 +61,10 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::BadRoom => "bad_room",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::RoomLimit => "room_limit",
+            ErrorCode::RoomFull => "room_full",
         }
     }
 }
@@ -82,10 +94,14 @@ pub enum CloseReason {
     ConnectTimeout,
     /// A Socket.IO client broke the Engine.IO / Socket.IO framing: 4002.
     BadPacket,
+    /// The user already has `--max-devices` connections in the cluster: 4009.
+    DeviceLimit,
 }
 
 /// Close code for a client that stopped reading (outbound buffer over its bound).
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code for a connection over the user's cluster-wide device limit.
+pub const CLOSE_DEVICE_LIMIT: u16 = 4009;
 /// Close code for a client that stopped answering pings.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
 
@@ -104,6 +120,7 @@ impl CloseReason {
             CloseReason::ClientEnded => 1000,
             CloseReason::ConnectTimeout => 4001,
             CloseReason::BadPacket => 4002,
+            CloseReason::DeviceLimit => CLOSE_DEVICE_LIMIT,
         }
     }
 
@@ -121,6 +138,7 @@ impl CloseReason {
             CloseReason::ClientEnded => "engine.io close",
             CloseReason::ConnectTimeout => "no socket.io connect in time",
             CloseReason::BadPacket => "invalid socket.io packet",
+            CloseReason::DeviceLimit => "device limit reached",
         }
     }
 

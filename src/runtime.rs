@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub node_id: u64,
     /// Embedded mode's history, when history is active without a backplane.
     pub history: Option<crate::history::MemoryHistory>,
+    /// Embedded mode's rooms and presence (with Redis they live there).
+    pub rooms: Option<crate::rooms::MemoryRooms>,
 }
 
 /// Why the server could not start.
@@ -109,6 +111,9 @@ impl Server {
             if config.history_active() {
                 bp.enable_history(config.history.clone());
             }
+            if config.rooms_active() {
+                bp.enable_rooms(config.rooms.clone());
+            }
         }
         let shared = Arc::new(Shared {
             auth: Authenticator::new(&config.auth),
@@ -123,6 +128,10 @@ impl Server {
             history: (config.history_active() && config.backplane.is_none()).then(|| {
                 crate::history::MemoryHistory::new(&config.history, crate::handlers::now_ms())
             }),
+            rooms: config
+                .backplane
+                .is_none()
+                .then(crate::rooms::MemoryRooms::default),
             ws_config,
             config,
         });

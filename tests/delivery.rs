@@ -7,52 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// Opens connections for `user` until `want` of them span both cores, and closes the extras
-/// (SO_REUSEPORT picks the core by hashing the connection's addresses, so the test keeps trying).
-fn connect_spread(server: &TestServer, user: &str, want: usize) -> Vec<(usize, Client)> {
-    let mut by_core: Vec<Vec<Client>> = vec![Vec::new(), Vec::new()];
-    for _ in 0..64 {
-        if by_core.iter().all(|c| !c.is_empty())
-            && by_core.iter().map(Vec::len).sum::<usize>() >= want
-        {
-            break;
-        }
-        let before = server.per_core_connections();
-        let client = server.connect(user);
-        let total = before.iter().sum::<u64>() + 1;
-        server.wait_stats("the new connection", |s| {
-            s.iter().map(|c| c.connections).sum::<u64>() == total
-        });
-        let after = server.per_core_connections();
-        let core = (0..after.len())
-            .find(|&i| after[i] > before[i])
-            .expect("one core gained it");
-        by_core[core].push(client);
-    }
-    assert!(
-        by_core.iter().all(|c| !c.is_empty()),
-        "could not reach both cores"
-    );
-    let mut kept = Vec::new();
-    for (core, clients) in by_core.iter_mut().enumerate() {
-        kept.push((core, clients.pop().unwrap()));
-    }
-    for (core, clients) in by_core.into_iter().enumerate() {
-        for client in clients {
-            if kept.len() < want {
-                kept.push((core, client));
-            } else {
-                client.close();
-            }
-        }
-    }
-    let want_total = want as u64;
-    server.wait_stats("extras to close", |s| {
-        s.iter().map(|c| c.connections).sum::<u64>() == want_total
-    });
-    kept
-}
-
 #[test]
 fn every_device_on_every_core_gets_each_message_once() {
     let server = TestServer::start();

@@ -14,6 +14,8 @@
 pub mod cluster;
 mod history_worker;
 pub mod publisher;
+mod room_routes;
+mod rooms_worker;
 pub mod subscriber;
 pub mod wire;
 
@@ -27,6 +29,7 @@ use crossbeam_queue::{ArrayQueue, SegQueue};
 
 use crate::bus::{Bus, CoreMsg, Dispatch};
 use crate::history::{HistoryConfig, Offset};
+use crate::rooms::{RoomId, RoomsConfig};
 use crate::UserId;
 
 /// Publications held while Redis is slow or down before the oldest are dropped.
@@ -290,6 +293,72 @@ pub(crate) enum Job {
     Stop,
 }
 
+/// Where the answer to a room request goes: a connection (and its ack number).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RoomTarget {
+    pub core: usize,
+    pub key: usize,
+    pub serial: u64,
+    pub ack: Option<u64>,
+}
+
+/// Work for the rooms worker.
+#[derive(Debug)]
+pub(crate) enum RoomJob {
+    Join {
+        user: UserId,
+        room: RoomId,
+        target: RoomTarget,
+    },
+    Leave {
+        user: UserId,
+        room: RoomId,
+        target: RoomTarget,
+    },
+    /// A room message: `frame` (without offset) goes to every member, in one script.
+    Send {
+        user: UserId,
+        room: RoomId,
+        frame: tungstenite::Utf8Bytes,
+        id: String,
+        ts: u64,
+        target: RoomTarget,
+    },
+    Presence {
+        user: UserId,
+        room: RoomId,
+        target: RoomTarget,
+    },
+    /// The user's rooms, for the subscriber's routes (after its channel is confirmed).
+    Load {
+        user: UserId,
+    },
+    /// A connection opened: count it (or refuse it at the device limit).
+    Connected {
+        user: UserId,
+        core: usize,
+        key: usize,
+        serial: u64,
+    },
+    /// A counted connection ended.
+    Disconnected {
+        user: UserId,
+    },
+    Stop,
+}
+
+/// A successful join or leave, held by the subscriber until its routes show it (the room's
+/// channel confirmed, for a join), so a message sent right after the ack reaches this instance.
+#[derive(Debug)]
+pub(crate) struct RoomAck {
+    pub user: UserId,
+    pub room: RoomId,
+    pub joined: bool,
+    pub target: RoomTarget,
+    /// Past it the ack goes out anyway (Redis has the membership; only routing lags).
+    pub deadline: std::time::Instant,
+}
+
 /// A change in which cores host a user, sent by a core to the subscriber.
 pub(crate) enum Membership {
     /// The user's first connection on `core` opened.
@@ -330,6 +399,8 @@ pub struct BackplaneStats {
     /// Frames received after an outage before every channel was confirmed again: not handed
     /// to devices live, replayed to them by the resync instead.
     pub held_for_resync: AtomicU64,
+    /// Gauge: (room, member) pairs this instance routes room publications to.
+    pub room_members: AtomicU64,
 }
 
 /// The backplane as the cores see it.
@@ -353,6 +424,14 @@ pub struct Backplane {
     jobs: OnceLock<std::sync::mpsc::Sender<Job>>,
     /// The cores' inboxes, for held acks (set by [`Backplane::start`]).
     bus: OnceLock<Arc<Bus>>,
+    /// Set when rooms are on (per-user routing on one Redis).
+    rooms: OnceLock<RoomsConfig>,
+    /// The rooms worker's queue.
+    room_jobs: OnceLock<std::sync::mpsc::Sender<RoomJob>>,
+    /// Loaded room memberships, from the rooms worker to the subscriber.
+    rooms_loaded: SegQueue<(UserId, Result<Vec<RoomId>, String>)>,
+    /// Joins and leaves done in Redis, for the subscriber to ack once routed.
+    room_acks: SegQueue<RoomAck>,
     /// Counters.
     pub stats: BackplaneStats,
 }
@@ -374,6 +453,10 @@ impl Backplane {
             replays: SegQueue::new(),
             jobs: OnceLock::new(),
             bus: OnceLock::new(),
+            rooms: OnceLock::new(),
+            room_jobs: OnceLock::new(),
+            rooms_loaded: SegQueue::new(),
+            room_acks: SegQueue::new(),
             stats: BackplaneStats::default(),
         })
     }
@@ -381,6 +464,25 @@ impl Backplane {
     /// Turns history on (per-user routing only): call before [`Backplane::start`].
     pub fn enable_history(&self, config: HistoryConfig) {
         let _ = self.history.set(config);
+    }
+
+    /// Turns rooms and presence on (per-user routing on one Redis): call before
+    /// [`Backplane::start`].
+    pub fn enable_rooms(&self, config: RoomsConfig) {
+        let _ = self.rooms.set(config);
+    }
+
+    /// The rooms settings, when rooms are on.
+    pub fn rooms(&self) -> Option<&RoomsConfig> {
+        self.rooms.get()
+    }
+
+    /// Queues a room request for the rooms worker. `false` when there is none (rooms off, or
+    /// shutting down).
+    pub(crate) fn room_request(&self, job: RoomJob) -> bool {
+        self.room_jobs
+            .get()
+            .is_some_and(|jobs| jobs.send(job).is_ok())
     }
 
     /// The history settings, when history is on.
@@ -430,6 +532,17 @@ impl Backplane {
         } else {
             None
         };
+        if self.rooms.get().is_some() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let _ = self.room_jobs.set(tx);
+            let this = Arc::clone(self);
+            let bus = Arc::clone(&bus);
+            threads.push(
+                std::thread::Builder::new()
+                    .name("switchboard-redis-rooms".into())
+                    .spawn(move || rooms_worker::run(this, bus, rx))?,
+            );
+        }
         let sub = subscriber::Subscriber::new(Arc::clone(self), bus, worker)?;
         let sub_thread = std::thread::Builder::new()
             .name("switchboard-redis-sub".into())
@@ -455,6 +568,11 @@ impl Backplane {
         }
         if let Some(jobs) = self.jobs.get() {
             let _ = jobs.send(Job::Stop);
+        }
+        if let Some(jobs) = self.room_jobs.get() {
+            // After every core's last `Disconnected`: the worker uncounts those connections,
+            // then says goodbye (drops this instance's heartbeat and its presence entries).
+            let _ = jobs.send(RoomJob::Stop);
         }
     }
 
@@ -531,7 +649,7 @@ impl Backplane {
             "degraded"
         };
         format!(
-            r#","backplane":{{"kind":"redis","routing":"{}","state":"{state}","subscriber_ready":{},"publisher_connected":{},"subscriber_connected":{},"subscribed_channels":{},"queue_depth":{},"published":{},"publish_errors":{},"dropped":{},"reconnects":{},"received":{},"ignored_own":{},"invalid":{},"not_hosted":{},"delivered":{}}}"#,
+            r#","backplane":{{"kind":"redis","routing":"{}","state":"{state}","subscriber_ready":{},"publisher_connected":{},"subscriber_connected":{},"subscribed_channels":{},"queue_depth":{},"published":{},"publish_errors":{},"dropped":{},"reconnects":{},"received":{},"ignored_own":{},"invalid":{},"not_hosted":{},"delivered":{},"room_members":{}}}"#,
             match self.config.routing {
                 Routing::PerUser => "per-user",
                 Routing::Seed => "seed",
@@ -551,13 +669,14 @@ impl Backplane {
             s.invalid.load(Relaxed),
             s.not_hosted.load(Relaxed),
             s.delivered.load(Relaxed),
+            s.room_members.load(Relaxed),
         )
     }
 
     /// Prometheus families for `/metrics`.
     pub fn render_prometheus(&self, out: &mut String) {
         let s = &self.stats;
-        let rows: [(&str, &str, &str, u64); 15] = [
+        let rows: [(&str, &str, &str, u64); 16] = [
             (
                 "switchboard_backplane_publisher_connected",
                 "gauge",
@@ -647,6 +766,12 @@ impl Backplane {
                 "counter",
                 "Frames received after an outage before the resync, replayed by it instead.",
                 s.held_for_resync.load(Relaxed),
+            ),
+            (
+                "switchboard_backplane_room_members",
+                "gauge",
+                "(room, member) pairs this instance routes room events to.",
+                s.room_members.load(Relaxed),
             ),
         ];
         for (name, kind, help, value) in rows {

@@ -23,9 +23,10 @@ use tungstenite::Utf8Bytes;
 
 use super::cluster::SlotMap;
 use super::publisher::payload_hash;
+use super::room_routes::{ChannelChanges, RoomRoutes};
 use super::wire::{self, Skip};
-use super::{Backoff, Backplane, Job, Membership, ReplayRequest, Routing};
-use crate::bus::{Bus, CoreMsg, Dispatch};
+use super::{Backoff, Backplane, Job, Membership, ReplayRequest, RoomAck, RoomJob, Routing};
+use crate::bus::{Bus, CoreMsg, Dispatch, RoomAnswer, RoomDelivery};
 use crate::history::Delivery;
 use crate::UserId;
 
@@ -88,6 +89,10 @@ pub struct Subscriber {
     pending_replays: HashMap<UserId, Vec<ReplayRequest>>,
     /// The history worker, when history is on.
     worker: Option<std::sync::mpsc::Sender<Job>>,
+    /// Rooms on: which hosted users are in which rooms (see `room_routes`).
+    routes: RoomRoutes,
+    /// Joins and leaves done in Redis, acked once the routes show them.
+    room_acks: Vec<RoomAck>,
 }
 
 impl Subscriber {
@@ -121,6 +126,8 @@ impl Subscriber {
             confirmed: HashSet::new(),
             pending_replays: HashMap::new(),
             worker,
+            routes: RoomRoutes::default(),
+            room_acks: Vec::new(),
         })
     }
 
@@ -163,6 +170,7 @@ impl Subscriber {
                 self.read_all(i);
             }
             self.apply_membership();
+            self.take_rooms();
             self.take_replays();
             self.keepalive();
             self.flush();
@@ -345,6 +353,15 @@ impl Subscriber {
                     .map(|u| wire::user_channel(prefix, u))
                     .collect();
                 self.subscribed.extend(users);
+                let mut channels: Vec<String> = channels;
+                if i == 0 && self.bp.rooms().is_some() {
+                    channels.extend(
+                        self.routes
+                            .rooms()
+                            .iter()
+                            .map(|r| wire::room_channel(prefix, r)),
+                    );
+                }
                 channels
             }
         };
@@ -425,6 +442,13 @@ impl Subscriber {
         let prefix = self.bp.config.channel_prefix.clone();
         let n = self.shards.len();
         let (mut subscribe, mut unsubscribe) = (vec![Vec::new(); n], vec![Vec::new(); n]);
+        let mut rooms = ChannelChanges::default();
+        for user in &touched {
+            if !self.hosts.contains_key(user) {
+                self.routes.drop_user(user, &mut rooms);
+            }
+        }
+        self.apply_room_channels(rooms);
         for user in touched {
             let channel = wire::user_channel(&prefix, &user);
             let shard = self.shard_of(&channel);
@@ -509,6 +533,10 @@ impl Subscriber {
         shard.confirmed = 0;
         shard.retry_at = Instant::now() + shard.backoff.next_delay();
         self.outage_logged = true;
+        if i == 0 {
+            // The next connection subscribes every room again (`resubscribe`).
+            self.routes.reset();
+        }
         if self.bp.config.routing == Routing::PerUser {
             let prefix = self.bp.config.channel_prefix.clone();
             let lost: Vec<UserId> = self
@@ -591,7 +619,15 @@ impl Subscriber {
                 let user =
                     wire::user_of_channel(&self.bp.config.channel_prefix, ch).map(UserId::from);
                 if let Some(user) = user.filter(|u| self.subscribed.contains(u)) {
-                    self.confirmed.insert(user);
+                    self.confirmed.insert(user.clone());
+                    if self.bp.rooms().is_some() && self.routes.start_load(&user) {
+                        self.bp.room_request(RoomJob::Load { user });
+                    }
+                } else if let Some(room) = wire::room_of_channel(&self.bp.config.channel_prefix, ch)
+                {
+                    for user in self.routes.confirmed(room) {
+                        self.resync(user);
+                    }
                 }
             }
             (b"subscribe" | b"unsubscribe" | b"ssubscribe", [_, _, Value::Int(count)]) => {
@@ -632,16 +668,21 @@ impl Subscriber {
         }
         let now = Instant::now();
         let mut ready = Vec::new();
-        let (hosts, confirmed) = (&self.hosts, &self.confirmed);
+        let (hosts, confirmed, routes) = (&self.hosts, &self.confirmed, &self.routes);
+        let rooms_on = self.bp.rooms().is_some();
         self.pending_replays.retain(|user, requests| {
             let cores = hosts.get(user);
+            // With rooms, the user's history also grows through room channels: those must be
+            // routing to this instance too before the query runs.
+            let rooms_ready = !rooms_on || routes.ready(user);
             requests.retain(|r| {
                 // Past its deadline the core already answered the client.
                 if now >= r.deadline {
                     return false;
                 }
-                let go =
-                    confirmed.contains(user) && cores.is_some_and(|c| c.contains(&(r.core as u16)));
+                let go = rooms_ready
+                    && confirmed.contains(user)
+                    && cores.is_some_and(|c| c.contains(&(r.core as u16)));
                 if go {
                     ready.push(r.clone());
                 }
@@ -677,6 +718,17 @@ impl Subscriber {
         let bp = Arc::clone(&self.bp);
         let stats = &bp.stats;
         stats.received.fetch_add(1, Relaxed);
+        if bp.rooms().is_some() {
+            let prefix = &bp.config.channel_prefix;
+            if let Some(room) = wire::room_of_channel(prefix, channel) {
+                return self.route_room(room, payload);
+            }
+            if let Some(user) = wire::user_of_channel(prefix, channel) {
+                if let Some((joined, room)) = wire::read_control(payload) {
+                    return self.on_room_control(user, joined, room);
+                }
+            }
+        }
         if bp.history().is_some() {
             let user = wire::user_of_channel(&bp.config.channel_prefix, channel);
             match user.map(|u| (u, wire::read_history_payload(payload))) {
@@ -747,6 +799,135 @@ impl Subscriber {
                 true
             }
             None => false,
+        }
+    }
+
+    /// A room publication: one shared delivery per core, naming the room's local members.
+    fn route_room(&self, room: &str, payload: &[u8]) {
+        let stats = &self.bp.stats;
+        let (offset, frame) = match wire::read_room_payload(payload) {
+            Ok(decoded) => decoded,
+            Err(_) => {
+                stats.invalid.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        let Some(members) = self.routes.members(room) else {
+            stats.not_hosted.fetch_add(1, Relaxed);
+            return;
+        };
+        let delivery = Arc::new(RoomDelivery {
+            members: Arc::clone(members),
+            offset,
+            frame,
+            sio: Default::default(),
+        });
+        for core in 0..self.bus.cores() {
+            if self.bus.send(core, CoreMsg::Room(Arc::clone(&delivery))) {
+                stats.delivered.fetch_add(1, Relaxed);
+            } else {
+                stats.inbox_drops.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// A membership change of a hosted user, from the user's channel.
+    fn on_room_control(&mut self, user: &str, joined: bool, room: &str) {
+        let max = self.bp.rooms().map_or(0, |r| r.max_room_name_bytes);
+        if !crate::rooms::valid_room(room, max) {
+            self.bp.stats.invalid.fetch_add(1, Relaxed);
+            return;
+        }
+        let Some((user, _)) = self.hosts.get_key_value(user) else {
+            return;
+        };
+        let user = user.clone();
+        let mut changes = ChannelChanges::default();
+        self.routes
+            .control(&user, joined, room.into(), &mut changes);
+        self.apply_room_channels(changes);
+    }
+
+    /// Sends the room (un)subscriptions (rooms live on the one non-cluster connection). While
+    /// it is down, the reconnect subscribes every room the routes list.
+    fn apply_room_channels(&mut self, changes: ChannelChanges) {
+        self.bp
+            .stats
+            .room_members
+            .store(self.routes.pairs() as u64, Relaxed);
+        if changes == ChannelChanges::default() {
+            return;
+        }
+        let prefix = self.bp.config.channel_prefix.clone();
+        let channels = |rooms: &[crate::rooms::RoomId]| -> Vec<String> {
+            rooms
+                .iter()
+                .map(|r| wire::room_channel(&prefix, r))
+                .collect()
+        };
+        // Leaves first: a leave and a rejoin in one batch must end subscribed.
+        self.write_channels(0, "UNSUBSCRIBE", &channels(&changes.unsubscribe));
+        self.write_channels(0, "SUBSCRIBE", &channels(&changes.subscribe));
+    }
+
+    /// Tells the cores hosting `user` to resume its connections from their last offsets.
+    fn resync(&self, user: UserId) {
+        if let Some(cores) = self.hosts.get(&user) {
+            for &core in cores {
+                self.bus
+                    .send(core as usize, CoreMsg::ResyncUser(user.clone()));
+            }
+        }
+    }
+
+    /// Applies loaded room sets, and acks joins and leaves the routes now show.
+    fn take_rooms(&mut self) {
+        while let Some((user, result)) = self.bp.rooms_loaded.pop() {
+            if !self.hosts.contains_key(&user) || !self.routes.loading(&user) {
+                continue;
+            }
+            match result {
+                Ok(rooms) => {
+                    let mut changes = ChannelChanges::default();
+                    self.routes.loaded(&user, rooms, &mut changes);
+                    self.apply_room_channels(changes);
+                }
+                Err(_) => {
+                    // The worker paced itself before answering: ask again.
+                    self.bp.room_request(RoomJob::Load { user });
+                }
+            }
+        }
+        while let Some(ack) = self.bp.room_acks.pop() {
+            self.room_acks.push(ack);
+        }
+        if self.room_acks.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut done = Vec::new();
+        let (routes, hosts) = (&self.routes, &self.hosts);
+        self.room_acks.retain(|a| {
+            let routed = match routes.is_member(&a.user, &a.room) {
+                Some(true) => a.joined && routes.room_confirmed(&a.room),
+                Some(false) => !a.joined,
+                None => false,
+            };
+            let go = routed || now >= a.deadline || !hosts.contains_key(&a.user);
+            if go {
+                done.push((a.target, a.room.clone()));
+            }
+            !go
+        });
+        for (target, room) in done {
+            let answer = RoomAnswer {
+                key: target.key,
+                serial: target.serial,
+                ack: target.ack,
+                result: Ok(serde_json::json!({ "room": &*room })),
+            };
+            self.bus
+                .send(target.core, CoreMsg::RoomAnswer(Box::new(answer)));
         }
     }
 

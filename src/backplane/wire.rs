@@ -33,6 +33,53 @@ pub fn user_of_channel<'a>(prefix: &str, channel: &'a [u8]) -> Option<&'a str> {
     std::str::from_utf8(rest).ok().filter(|u| !u.is_empty())
 }
 
+/// `{prefix}:r:{room}`: the room's channel, subscribed by every instance hosting a member.
+pub fn room_channel(prefix: &str, room: &str) -> String {
+    format!("{prefix}:r:{room}")
+}
+
+/// The room a room channel is for.
+pub fn room_of_channel<'a>(prefix: &str, channel: &'a [u8]) -> Option<&'a str> {
+    let rest = channel
+        .strip_prefix(prefix.as_bytes())?
+        .strip_prefix(b":r:")?;
+    std::str::from_utf8(rest).ok().filter(|r| !r.is_empty())
+}
+
+/// Checks a room payload, `<node> <offset> <frame with offset>` for a message kept in the
+/// members' histories or `<node> - <frame>` for an event kept nowhere (`presenceChanged`, or
+/// any room event with history off), and returns the offset (if any) and the frame. The node
+/// is not used: an instance delivers its own room publications too (nothing is delivered
+/// locally first for rooms).
+pub fn read_room_payload(
+    payload: &[u8],
+) -> Result<(Option<crate::history::Offset>, Utf8Bytes), Skip> {
+    if payload.get(16..19) == Some(b" - ") {
+        let frame = &payload[19..];
+        if !is_event_frame(frame) {
+            return Err(Skip::Invalid);
+        }
+        let text = std::str::from_utf8(frame).map_err(|_| Skip::Invalid)?;
+        return Ok((None, Utf8Bytes::from(text.to_string())));
+    }
+    read_history_payload(payload).map(|(offset, frame)| (Some(offset), frame))
+}
+
+/// A membership change published on a user's channel, `<node> ! +<room>` (joined) or
+/// `<node> ! -<room>` (left): every instance hosting the user updates its room routes.
+pub fn read_control(payload: &[u8]) -> Option<(bool, &str)> {
+    let rest = payload.get(16..)?.strip_prefix(b" ! ")?;
+    let (joined, room) = match rest.split_first()? {
+        (b'+', room) => (true, room),
+        (b'-', room) => (false, room),
+        _ => return None,
+    };
+    std::str::from_utf8(room)
+        .ok()
+        .filter(|r| !r.is_empty())
+        .map(|r| (joined, r))
+}
+
 /// Appends the per-user payload for `frame` from `node` to `out`.
 pub fn write_user_payload(out: &mut Vec<u8>, node: u64, frame: &str) {
     use std::io::Write;
@@ -169,6 +216,37 @@ mod tests {
         assert_eq!(user_of_channel("sb", ch.as_bytes()), Some("alice:1"));
         assert_eq!(user_of_channel("sb", b"other:u:x"), None);
         assert_eq!(user_of_channel("sb", b"sb:u:"), None);
+    }
+
+    #[test]
+    fn room_channels_payloads_and_controls() {
+        let ch = room_channel("sb", "team:1");
+        assert_eq!(room_of_channel("sb", ch.as_bytes()), Some("team:1"));
+        assert_eq!(room_of_channel("sb", b"sb:u:x"), None);
+        let (offset, frame) =
+            read_room_payload(b"0000000000000abc 5-1 {\"event\":\"e\",\"offset\":\"5-1\"}")
+                .unwrap();
+        assert_eq!(offset, Some(crate::history::Offset(5, 1)));
+        assert!(frame.as_str().starts_with("{\"event\""));
+        let (offset, frame) = read_room_payload(b"0000000000000abc - {\"event\":\"p\"}").unwrap();
+        assert_eq!(offset, None);
+        assert_eq!(frame.as_str(), "{\"event\":\"p\"}");
+        assert_eq!(
+            read_room_payload(b"0000000000000abc - [1]"),
+            Err(Skip::Invalid)
+        );
+        assert_eq!(read_room_payload(b"x"), Err(Skip::Invalid));
+        assert_eq!(
+            read_control(b"0000000000000abc ! +general"),
+            Some((true, "general"))
+        );
+        assert_eq!(
+            read_control(b"0000000000000abc ! -general"),
+            Some((false, "general"))
+        );
+        assert_eq!(read_control(b"0000000000000abc ! *general"), None);
+        assert_eq!(read_control(b"0000000000000abc ! +"), None);
+        assert_eq!(read_control(b"0000000000000abc 1-1 {}"), None);
     }
 
     #[test]

@@ -868,3 +868,98 @@ impl TestRedis {
         r
     }
 }
+
+/// Opens connections for `user` until `want` of them span both cores, and closes the extras
+/// (SO_REUSEPORT picks the core by hashing the connection's addresses, so the test keeps trying).
+/// Other connections may be open; none may open or close meanwhile.
+pub fn connect_spread(server: &TestServer, user: &str, want: usize) -> Vec<(usize, Client)> {
+    let start_total: u64 = server.per_core_connections().iter().sum();
+    let mut by_core: Vec<Vec<Client>> = vec![Vec::new(), Vec::new()];
+    for _ in 0..64 {
+        if by_core.iter().all(|c| !c.is_empty())
+            && by_core.iter().map(Vec::len).sum::<usize>() >= want
+        {
+            break;
+        }
+        let before = server.per_core_connections();
+        let client = server.connect(user);
+        let total = before.iter().sum::<u64>() + 1;
+        server.wait_stats("the new connection", |s| {
+            s.iter().map(|c| c.connections).sum::<u64>() == total
+        });
+        let after = server.per_core_connections();
+        let core = (0..after.len())
+            .find(|&i| after[i] > before[i])
+            .expect("one core gained it");
+        by_core[core].push(client);
+    }
+    assert!(
+        by_core.iter().all(|c| !c.is_empty()),
+        "could not reach both cores"
+    );
+    let mut kept = Vec::new();
+    for (core, clients) in by_core.iter_mut().enumerate() {
+        kept.push((core, clients.pop().unwrap()));
+    }
+    for (core, clients) in by_core.into_iter().enumerate() {
+        for client in clients {
+            if kept.len() < want {
+                kept.push((core, client));
+            } else {
+                client.close();
+            }
+        }
+    }
+    let want_total = start_total + want as u64;
+    server.wait_stats("extras to close", |s| {
+        s.iter().map(|c| c.connections).sum::<u64>() == want_total
+    });
+    kept
+}
+
+/// Sends `event` with `args` and an ack number; returns the `ack` or `error` frame answering
+/// it, skipping everything else.
+pub fn request(client: &mut Client, event: &str, args: Value, ack: u64) -> Value {
+    client.send_json(&serde_json::json!({"event": event, "args": args, "ack": ack}));
+    loop {
+        let v = client.recv_json();
+        if (v["event"] == "ack" || v["event"] == "error") && v["ack"] == ack {
+            return v;
+        }
+    }
+}
+
+/// Like [`request`], and the answer must be an `ack`: returns its result.
+pub fn request_ok(client: &mut Client, event: &str, args: Value, ack: u64) -> Value {
+    let v = request(client, event, args, ack);
+    assert_eq!(v["event"], "ack", "{}: {event} failed: {v}", client.user);
+    v["args"].clone()
+}
+
+/// Like [`request`], and the answer must be an `error`: returns its code.
+pub fn request_err(client: &mut Client, event: &str, args: Value, ack: u64) -> String {
+    let v = request(client, event, args, ack);
+    assert_eq!(
+        v["event"], "error",
+        "{}: {event} should fail: {v}",
+        client.user
+    );
+    v["args"]["code"].as_str().unwrap_or_default().to_string()
+}
+
+/// The next `newMessage` of a room, skipping other events (`recovered`, `presenceChanged`).
+pub fn recv_room_message(client: &mut Client) -> Value {
+    client.recv_event("newMessage")
+}
+
+/// Waits until the instance routes `pairs` (room, member) pairs and Redis confirmed `channels`
+/// channels (users' and rooms').
+pub fn wait_room_routes(server: &TestServer, channels: u64, pairs: u64) {
+    wait_for(
+        &format!("{channels} channels and {pairs} room routes"),
+        || {
+            server.bp_stat(|s| &s.subscribed_channels) == channels
+                && server.bp_stat(|s| &s.room_members) == pairs
+        },
+    );
+}

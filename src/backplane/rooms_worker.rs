@@ -1,0 +1,555 @@
+//! The rooms worker: membership, room messages, presence and the device limit, each one Lua
+//! script on the worker's own blocking Redis connection, so no core ever waits for Redis.
+//!
+//! Keys (prefix `p`, the channel prefix): `p:ur:{user}` the user's rooms (set), `p:rm:{room}`
+//! the room's members (set), `p:p:{user}` connections per instance (hash node → count),
+//! `p:n:{node}` an instance's heartbeat (expires after `--presence-ttl`), `p:n:{node}:users`
+//! the users it counted, `p:nodes` every instance that has a heartbeat. Channels: `p:u:{user}`
+//! carries membership changes (`<node> ! +room`), `p:r:{room}` the room's events.
+//!
+//! Every third of the TTL the worker refreshes this instance's heartbeat and sweeps: an
+//! instance whose heartbeat expired (killed without a goodbye) is removed, its connections
+//! uncounted, and the users left with none are announced offline to their rooms. The sweep is
+//! one script, so when several instances sweep, exactly one announces.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::{Script, Value};
+
+use super::{Backoff, Backplane, RoomAck, RoomJob, RoomTarget};
+use crate::bus::{Admission, Bus, CoreMsg, RoomAnswer};
+use crate::protocol::ErrorCode;
+use crate::rooms::{RoomError, RoomId, RoomsConfig};
+use crate::UserId;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a done join or leave may wait for this instance's routes before it is acked anyway.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// Shared by the presence scripts: ARGV[1] is the prefix, ARGV[2] this instance's node id.
+/// `live(user)` counts the user's connections on instances whose heartbeat exists (this one
+/// always counts: a long job may delay its own refresh); `announce` publishes
+/// `presenceChanged` on each of the user's rooms, as an event kept in no history.
+macro_rules! presence_lib {
+    () => {
+        r#"
+local p = ARGV[1]
+local node = ARGV[2]
+local function live(user)
+  local h = redis.call('HGETALL', p .. ':p:' .. user)
+  local total = 0
+  for i = 1, #h, 2 do
+    if h[i] == node or redis.call('EXISTS', p .. ':n:' .. h[i]) == 1 then
+      total = total + tonumber(h[i + 1])
+    end
+  end
+  return total
+end
+local function announce(user, online)
+  for _, room in ipairs(redis.call('SMEMBERS', p .. ':ur:' .. user)) do
+    local frame = cjson.encode({event = 'presenceChanged',
+      args = {room = room, user = user, online = online}})
+    redis.call('PUBLISH', p .. ':r:' .. room, node .. ' - ' .. frame)
+  end
+end
+"#
+    };
+}
+
+/// ARGV: prefix, node, room, user, max rooms per user, max members. Joins and tells every
+/// instance hosting the user, on the user's channel, in the same step.
+const JOIN: &str = r#"
+local p, node, room, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ukey, mkey = p .. ':ur:' .. user, p .. ':rm:' .. room
+if redis.call('SISMEMBER', ukey, room) == 1 then return 'ok' end
+if redis.call('SCARD', ukey) >= tonumber(ARGV[5]) then return '!room_limit' end
+if redis.call('SCARD', mkey) >= tonumber(ARGV[6]) then return '!room_full' end
+redis.call('SADD', ukey, room)
+redis.call('SADD', mkey, user)
+redis.call('PUBLISH', p .. ':u:' .. user, node .. ' ! +' .. room)
+return 'ok'
+"#;
+
+/// ARGV: prefix, node, room, user.
+const LEAVE: &str = r#"
+local p, node, room, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('SREM', p .. ':ur:' .. user, room) == 0 then return '!not_member' end
+redis.call('SREM', p .. ':rm:' .. room, user)
+redis.call('PUBLISH', p .. ':u:' .. user, node .. ' ! -' .. room)
+return 'ok'
+"#;
+
+/// ARGV: prefix, node, room, sender, frame (without offset), history `1`/`0`, max length,
+/// max age in ms. With history, every member's stream gets the frame under one id, the
+/// smallest above every member's last entry and the current time, so the one publication on
+/// the room channel carries one offset that is valid in every member's history. Returns the
+/// id (`-` without history) or `!not_member`.
+const SEND: &str = r#"
+local p, node, room, user, frame = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local mkey, channel = p .. ':rm:' .. room, p .. ':r:' .. room
+if redis.call('SISMEMBER', mkey, user) == 0 then return '!not_member' end
+if ARGV[6] ~= '1' then
+  redis.call('PUBLISH', channel, node .. ' - ' .. frame)
+  return '-'
+end
+local members = redis.call('SMEMBERS', mkey)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ms, seq = now, -1
+for _, m in ipairs(members) do
+  local last = redis.call('XREVRANGE', p .. ':h:' .. m, '+', '-', 'COUNT', 1)
+  if #last > 0 then
+    local id = last[1][1]
+    local dash = string.find(id, '-', 1, true)
+    local lms, lseq = tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+    if lms > ms or (lms == ms and lseq > seq) then ms, seq = lms, lseq end
+  end
+end
+local id = string.format('%d-%d', ms, seq + 1)
+local cutoff = now - tonumber(ARGV[8])
+for _, m in ipairs(members) do
+  local key = p .. ':h:' .. m
+  redis.call('XADD', key, 'MAXLEN', ARGV[7], id, 'f', frame)
+  if cutoff > 0 then redis.call('XTRIM', key, 'MINID', string.format('%d', cutoff)) end
+  redis.call('PEXPIRE', key, ARGV[8])
+end
+local framed = string.sub(frame, 1, -2) .. ',"offset":"' .. id .. '"}'
+redis.call('PUBLISH', channel, node .. ' ' .. id .. ' ' .. framed)
+return id
+"#;
+
+/// ARGV: prefix, node, room, user. The members with a live connection, or `!not_member`.
+const PRESENCE: &str = concat!(
+    presence_lib!(),
+    r#"
+local room, user = ARGV[3], ARGV[4]
+local mkey = p .. ':rm:' .. room
+if redis.call('SISMEMBER', mkey, user) == 0 then return '!not_member' end
+local out = {}
+for _, m in ipairs(redis.call('SMEMBERS', mkey)) do
+  if live(m) > 0 then out[#out + 1] = m end
+end
+table.sort(out)
+return out
+"#
+);
+
+/// ARGV: prefix, node, user, device limit (0 = none). Counts the connection and returns the
+/// user's live connections before it, or -1 (not counted) at the limit.
+const CONNECT: &str = concat!(
+    presence_lib!(),
+    r#"
+local user, limit = ARGV[3], tonumber(ARGV[4])
+local before = live(user)
+if limit > 0 and before >= limit then return -1 end
+redis.call('HINCRBY', p .. ':p:' .. user, node, 1)
+redis.call('SADD', p .. ':n:' .. node .. ':users', user)
+if before == 0 then announce(user, true) end
+return before
+"#
+);
+
+/// ARGV: prefix, node, user. Uncounts one connection.
+const DISCONNECT: &str = concat!(
+    presence_lib!(),
+    r#"
+local user = ARGV[3]
+local n = redis.call('HINCRBY', p .. ':p:' .. user, node, -1)
+if n > 0 then return n end
+redis.call('HDEL', p .. ':p:' .. user, node)
+redis.call('SREM', p .. ':n:' .. node .. ':users', user)
+-- Below zero: a sweep already removed this instance's count (and announced).
+if n == 0 and live(user) == 0 then announce(user, false) end
+return 0
+"#
+);
+
+/// ARGV: prefix, node. Removes every instance whose heartbeat expired; returns how many.
+const SWEEP: &str = concat!(
+    presence_lib!(),
+    r#"
+local swept = 0
+for _, dead in ipairs(redis.call('SMEMBERS', p .. ':nodes')) do
+  if dead ~= node and redis.call('EXISTS', p .. ':n:' .. dead) == 0 then
+    redis.call('SREM', p .. ':nodes', dead)
+    local ukey = p .. ':n:' .. dead .. ':users'
+    for _, user in ipairs(redis.call('SMEMBERS', ukey)) do
+      redis.call('HDEL', p .. ':p:' .. user, dead)
+      if live(user) == 0 then announce(user, false) end
+    end
+    redis.call('DEL', ukey)
+    swept = swept + 1
+  end
+end
+return swept
+"#
+);
+
+/// ARGV: prefix, node. This instance leaves: its connections are uncounted and the users left
+/// with none announced offline, as a sweep would after the TTL, only at once.
+const GOODBYE: &str = concat!(
+    presence_lib!(),
+    r#"
+redis.call('DEL', p .. ':n:' .. node)
+redis.call('SREM', p .. ':nodes', node)
+local ukey = p .. ':n:' .. node .. ':users'
+local users = redis.call('SMEMBERS', ukey)
+for _, user in ipairs(users) do
+  redis.call('HDEL', p .. ':p:' .. user, node)
+end
+for _, user in ipairs(users) do
+  if live(user) == 0 then announce(user, false) end
+end
+redis.call('DEL', ukey)
+return #users
+"#
+);
+
+struct Scripts {
+    join: Script,
+    leave: Script,
+    send: Script,
+    presence: Script,
+    connect: Script,
+    disconnect: Script,
+    sweep: Script,
+    goodbye: Script,
+}
+
+struct Worker {
+    bp: Arc<Backplane>,
+    bus: Arc<Bus>,
+    config: RoomsConfig,
+    conn: Option<redis::Connection>,
+    backoff: Backoff,
+    scripts: Scripts,
+    prefix: String,
+    node: String,
+}
+
+/// Runs until [`RoomJob::Stop`] (sent by [`Backplane::stop`] after the cores finished).
+pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
+    let Some(config) = bp.rooms().cloned() else {
+        return;
+    };
+    let beat_every = config.presence_ttl / 3;
+    let mut w = Worker {
+        backoff: Backoff::new(
+            bp.config.reconnect_min,
+            bp.config.reconnect_max,
+            bp.node_id ^ 0x7005,
+        ),
+        prefix: bp.config.channel_prefix.clone(),
+        node: format!("{:016x}", bp.node_id),
+        bp,
+        bus,
+        config,
+        conn: None,
+        scripts: Scripts {
+            join: Script::new(JOIN),
+            leave: Script::new(LEAVE),
+            send: Script::new(SEND),
+            presence: Script::new(PRESENCE),
+            connect: Script::new(CONNECT),
+            disconnect: Script::new(DISCONNECT),
+            sweep: Script::new(SWEEP),
+            goodbye: Script::new(GOODBYE),
+        },
+    };
+    let mut next_beat = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= next_beat {
+            next_beat = match w.heartbeat() {
+                Ok(()) => now + beat_every,
+                Err(e) => {
+                    log::warn!("redis presence heartbeat failed: {e}");
+                    now + beat_every.min(Duration::from_millis(500))
+                }
+            };
+        }
+        match rx.recv_timeout(next_beat.saturating_duration_since(Instant::now())) {
+            Ok(RoomJob::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                if let Err(e) = w.call(|c, s, p, n| s.goodbye.arg(p).arg(n).invoke::<i64>(c)) {
+                    log::warn!("redis presence goodbye failed: {e}; the sweep will expire us");
+                }
+                return;
+            }
+            Ok(job) => w.handle(job),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+impl Worker {
+    /// Runs `f` on the connection, (re)opening it first; a failure drops the connection.
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(&mut redis::Connection, &Scripts, &str, &str) -> redis::RedisResult<T>,
+    ) -> redis::RedisResult<T> {
+        if self.conn.is_none() {
+            let c = redis::Client::open(self.bp.config.url.as_str())?
+                .get_connection_with_timeout(IO_TIMEOUT)?;
+            c.set_read_timeout(Some(IO_TIMEOUT))?;
+            c.set_write_timeout(Some(IO_TIMEOUT))?;
+            self.conn = Some(c);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err((redis::ErrorKind::Io, "not connected").into());
+        };
+        let result = f(conn, &self.scripts, &self.prefix, &self.node);
+        match &result {
+            Ok(_) => self.backoff.reset(),
+            Err(_) => self.conn = None,
+        }
+        result
+    }
+
+    /// Refreshes this instance's heartbeat, then removes instances whose heartbeat expired.
+    fn heartbeat(&mut self) -> redis::RedisResult<()> {
+        let ttl_ms = self.config.presence_ttl.as_millis() as u64;
+        let swept = self.call(|c, s, p, n| {
+            redis::pipe()
+                .cmd("SET")
+                .arg(format!("{p}:n:{n}"))
+                .arg(1)
+                .arg("PX")
+                .arg(ttl_ms)
+                .ignore()
+                .cmd("SADD")
+                .arg(format!("{p}:nodes"))
+                .arg(n)
+                .ignore()
+                .exec(c)?;
+            s.sweep.arg(p).arg(n).invoke::<i64>(c)
+        })?;
+        if swept > 0 {
+            log::info!("presence: {swept} instance(s) stopped refreshing their heartbeat; their users were uncounted");
+        }
+        Ok(())
+    }
+
+    fn answer(
+        &self,
+        target: RoomTarget,
+        result: Result<serde_json::Value, (&'static str, String)>,
+    ) {
+        let answer = RoomAnswer {
+            key: target.key,
+            serial: target.serial,
+            ack: target.ack,
+            result,
+        };
+        if !self
+            .bus
+            .send(target.core, CoreMsg::RoomAnswer(Box::new(answer)))
+        {
+            self.bp.stats.inbox_drops.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A script's `!code` reply as the client's error; anything unexpected is `internal`.
+    fn refusal(&self, reply: &str, room: &str) -> (&'static str, String) {
+        match reply.strip_prefix('!').and_then(RoomError::from_code) {
+            Some(e) => (e.code().as_str(), e.message(room, &self.config)),
+            None => (
+                ErrorCode::Internal.as_str(),
+                format!("unexpected reply from redis: {reply:?}"),
+            ),
+        }
+    }
+
+    fn unavailable(&mut self, e: &redis::RedisError) -> (&'static str, String) {
+        log::warn!("redis rooms request failed: {e}");
+        (
+            ErrorCode::Internal.as_str(),
+            format!("rooms unavailable: {e}"),
+        )
+    }
+
+    fn handle(&mut self, job: RoomJob) {
+        match job {
+            RoomJob::Join { user, room, target } => {
+                let (max_rooms, max_members) =
+                    (self.config.max_rooms_per_user, self.config.max_room_members);
+                let reply = self.call(|c, s, p, n| {
+                    s.join
+                        .arg(p)
+                        .arg(n)
+                        .arg(&*room)
+                        .arg(&*user)
+                        .arg(max_rooms)
+                        .arg(max_members)
+                        .invoke::<String>(c)
+                });
+                self.membership_done(reply, user, room, true, target);
+            }
+            RoomJob::Leave { user, room, target } => {
+                let reply = self.call(|c, s, p, n| {
+                    s.leave
+                        .arg(p)
+                        .arg(n)
+                        .arg(&*room)
+                        .arg(&*user)
+                        .invoke::<String>(c)
+                });
+                self.membership_done(reply, user, room, false, target);
+            }
+            RoomJob::Send {
+                user,
+                room,
+                frame,
+                id,
+                ts,
+                target,
+            } => {
+                let history = self
+                    .bp
+                    .history()
+                    .map(|h| (h.max_len, h.max_age.as_millis() as u64));
+                let reply = self.call(|c, s, p, n| {
+                    let (on, max_len, max_age) = match history {
+                        Some((len, age)) => ("1", len, age),
+                        None => ("0", 0, 0),
+                    };
+                    s.send
+                        .arg(p)
+                        .arg(n)
+                        .arg(&*room)
+                        .arg(&*user)
+                        .arg(frame.as_str())
+                        .arg(on)
+                        .arg(max_len)
+                        .arg(max_age)
+                        .invoke::<String>(c)
+                });
+                let result = match reply {
+                    Ok(r) if r.starts_with('!') => Err(self.refusal(&r, &room)),
+                    Ok(_) => Ok(serde_json::json!({ "id": id, "ts": ts })),
+                    Err(e) => Err(self.unavailable(&e)),
+                };
+                self.answer(target, result);
+            }
+            RoomJob::Presence { user, room, target } => {
+                let reply = self.call(|c, s, p, n| {
+                    s.presence
+                        .arg(p)
+                        .arg(n)
+                        .arg(&*room)
+                        .arg(&*user)
+                        .invoke::<Value>(c)
+                });
+                let result = match reply {
+                    Ok(Value::Array(items)) => {
+                        let online: Vec<String> = items
+                            .iter()
+                            .filter_map(|v| redis::from_redis_value_ref::<String>(v).ok())
+                            .collect();
+                        Ok(serde_json::json!({ "room": &*room, "online": online }))
+                    }
+                    Ok(other) => {
+                        let text =
+                            redis::from_redis_value_ref::<String>(&other).unwrap_or_default();
+                        Err(self.refusal(&text, &room))
+                    }
+                    Err(e) => Err(self.unavailable(&e)),
+                };
+                self.answer(target, result);
+            }
+            RoomJob::Load { user } => {
+                let reply = self.call(|c, _, p, _| {
+                    redis::cmd("SMEMBERS")
+                        .arg(format!("{p}:ur:{user}"))
+                        .query::<Vec<String>>(c)
+                });
+                let result = match reply {
+                    Ok(rooms) => Ok(rooms.into_iter().map(RoomId::from).collect()),
+                    Err(e) => {
+                        log::warn!("redis: loading the rooms of {user} failed: {e}");
+                        // The subscriber asks again at once: pace the retries here.
+                        std::thread::sleep(self.backoff.next_delay());
+                        Err(e.to_string())
+                    }
+                };
+                self.bp.rooms_loaded.push((user, result));
+                self.bp.wake_subscriber();
+            }
+            RoomJob::Connected {
+                user,
+                core,
+                key,
+                serial,
+            } => {
+                let limit = self.config.max_devices;
+                let reply = self.call(|c, s, p, n| {
+                    s.connect
+                        .arg(p)
+                        .arg(n)
+                        .arg(&*user)
+                        .arg(limit)
+                        .invoke::<i64>(c)
+                });
+                let (admitted, counted) = match reply {
+                    Ok(before) => (before >= 0, before >= 0),
+                    Err(e) => {
+                        // Fail open: a Redis outage must not lock every user out.
+                        log::warn!("redis: counting a connection of {user} failed: {e}");
+                        (true, false)
+                    }
+                };
+                let verdict = Admission {
+                    key,
+                    serial,
+                    user,
+                    admitted,
+                    counted,
+                };
+                if !self.bus.send(core, CoreMsg::Admission(Box::new(verdict))) {
+                    self.bp.stats.inbox_drops.fetch_add(1, Relaxed);
+                }
+            }
+            RoomJob::Disconnected { user } => {
+                let reply =
+                    self.call(|c, s, p, n| s.disconnect.arg(p).arg(n).arg(&*user).invoke::<i64>(c));
+                if let Err(e) = reply {
+                    log::warn!("redis: uncounting a connection of {user} failed: {e}");
+                }
+            }
+            RoomJob::Stop => {}
+        }
+    }
+
+    /// A join or leave went through: the subscriber acks it once this instance routes by it.
+    fn membership_done(
+        &mut self,
+        reply: redis::RedisResult<String>,
+        user: UserId,
+        room: RoomId,
+        joined: bool,
+        target: RoomTarget,
+    ) {
+        match reply {
+            Ok(r) if r == "ok" => {
+                self.bp.room_acks.push(RoomAck {
+                    user,
+                    room,
+                    joined,
+                    target,
+                    deadline: Instant::now() + ACK_WAIT,
+                });
+                self.bp.wake_subscriber();
+            }
+            Ok(r) => {
+                let refusal = self.refusal(&r, &room);
+                self.answer(target, Err(refusal));
+            }
+            Err(e) => {
+                let error = self.unavailable(&e);
+                self.answer(target, Err(error));
+            }
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The core loop's side of rooms and presence: the room events, and counting each connection
+//! towards its user's presence and device limit.
+//!
+//! Embedded, the registry answers at once and a room message is a dispatch to the members
+//! (the usual path: per-user offsets and history, the frame encoded once). With Redis, each
+//! request goes to the rooms worker and its answer comes back through the inbox; room
+//! deliveries arrive as one [`crate::bus::RoomDelivery`] per core (see `deliver_room`).
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::CoreLoop;
+use crate::backplane::{RoomJob, RoomTarget};
+use crate::bus::{Admission, CoreMsg, Dispatch, RoomAnswer};
+use crate::connection::{Connection, Counted};
+use crate::handlers::{now_ms, Args, HandlerError, HandlerResult};
+use crate::metrics::add;
+use crate::protocol::{self, CloseReason, ErrorCode};
+use crate::rooms::{
+    bad_room_message, encode_presence_changed, valid_room, PresenceNotice, RoomArgs, RoomError,
+    RoomId, RoomMessage, RoomMessageArgs,
+};
+use crate::UserId;
+
+impl CoreLoop {
+    /// `joinRoom`, `leaveRoom`, `sendRoomMessage`, `presence`. Returns the result to answer
+    /// with now, or `None` when the rooms worker answers later.
+    pub(super) fn on_room_event(
+        &mut self,
+        key: usize,
+        user: &UserId,
+        event: &str,
+        ack: Option<u64>,
+        args: Args<'_>,
+    ) -> Option<HandlerResult> {
+        let shared = Arc::clone(&self.shared);
+        let config = &shared.config.rooms;
+        let parsed = if event == "sendRoomMessage" {
+            args.parse::<RoomMessageArgs<'_>>()
+                .map(|a| (a.room, Some(a.text)))
+        } else {
+            args.parse::<RoomArgs<'_>>().map(|a| (a.room, None))
+        };
+        let (room, text) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => return Some(Err(e)),
+        };
+        if !valid_room(&room, config.max_room_name_bytes) {
+            let message = bad_room_message(config.max_room_name_bytes);
+            return Some(Err(HandlerError::new(ErrorCode::BadRoom.as_str(), message)));
+        }
+        if event == "presence" && ack.is_none() {
+            return Some(Err(HandlerError::bad_args(
+                "presence answers through an ack: send one",
+            )));
+        }
+        let refused = |e: RoomError| HandlerError::new(e.code().as_str(), e.message(&room, config));
+        if let Some(rooms) = &shared.rooms {
+            return Some(match event {
+                "joinRoom" => rooms
+                    .join(user, &room, config)
+                    .map(|()| json!({ "room": &*room }))
+                    .map_err(refused),
+                "leaveRoom" => rooms
+                    .leave(user, &room)
+                    .map(|()| json!({ "room": &*room }))
+                    .map_err(refused),
+                "presence" => rooms
+                    .online(user, &room)
+                    .map(|online| {
+                        let online: Vec<&str> = online.iter().map(|u| &**u).collect();
+                        json!({ "room": &*room, "online": online })
+                    })
+                    .map_err(refused),
+                _ => match rooms.members_for(user, &room) {
+                    Err(e) => Err(refused(e)),
+                    Ok(members) => {
+                        let id = self.ids.next_id();
+                        let ts = now_ms();
+                        let msg = RoomMessage {
+                            id: &id,
+                            from: user,
+                            room: &room,
+                            text: text.as_deref().unwrap_or_default(),
+                            ts,
+                        };
+                        protocol::encode_dispatch(members, "newMessage", &msg)
+                            .map_err(|e| HandlerError::internal(e.to_string()))
+                            .map(|dispatch| {
+                                self.outbox.push(Arc::new(dispatch));
+                                json!({ "id": id, "ts": ts })
+                            })
+                    }
+                },
+            });
+        }
+        let bp = shared.backplane.as_ref()?;
+        let serial = match self.conns.get(key) {
+            Some(Connection::Open(open)) => open.serial,
+            _ => return None,
+        };
+        let target = RoomTarget {
+            core: self.id,
+            key,
+            serial,
+            ack,
+        };
+        let user = user.clone();
+        let job = match event {
+            "joinRoom" => RoomJob::Join {
+                user,
+                room: RoomId::from(&*room),
+                target,
+            },
+            "leaveRoom" => RoomJob::Leave {
+                user,
+                room: RoomId::from(&*room),
+                target,
+            },
+            "presence" => RoomJob::Presence {
+                user,
+                room: RoomId::from(&*room),
+                target,
+            },
+            _ => {
+                let id = self.ids.next_id();
+                let ts = now_ms();
+                let msg = RoomMessage {
+                    id: &id,
+                    from: &user,
+                    room: &room,
+                    text: text.as_deref().unwrap_or_default(),
+                    ts,
+                };
+                let frame = match protocol::encode_event("newMessage", &msg) {
+                    Ok(frame) => frame,
+                    Err(e) => return Some(Err(HandlerError::internal(e.to_string()))),
+                };
+                RoomJob::Send {
+                    user,
+                    room: RoomId::from(&*room),
+                    frame,
+                    id,
+                    ts,
+                    target,
+                }
+            }
+        };
+        if bp.room_request(job) {
+            None
+        } else {
+            Some(Err(HandlerError::internal("rooms unavailable")))
+        }
+    }
+
+    /// The rooms worker's answer to a room request.
+    pub(super) fn on_room_answer(&mut self, answer: RoomAnswer) {
+        match self.conns.get(answer.key) {
+            Some(Connection::Open(open)) if open.serial == answer.serial => {}
+            _ => return,
+        }
+        match answer.result {
+            Ok(value) => {
+                if answer.ack.is_some() {
+                    self.answer(answer.key, answer.ack, |a| protocol::encode_ack(a, &value));
+                }
+            }
+            Err((code, message)) => {
+                add(&self.metrics().client_errors, 1);
+                self.answer(answer.key, answer.ack, |a| {
+                    protocol::encode_error(a, code, &message)
+                });
+            }
+        }
+    }
+
+    /// Counts a new connection towards its user's presence and device limit. Returns `false`
+    /// when it was over the limit and is being closed (embedded; with Redis the verdict comes
+    /// later, see [`CoreLoop::on_admission`]).
+    pub(super) fn count_device(&mut self, key: usize, user: &UserId) -> bool {
+        let shared = Arc::clone(&self.shared);
+        if !shared.config.rooms_active() {
+            return true;
+        }
+        if let Some(rooms) = &shared.rooms {
+            return match rooms.connect(user, shared.config.rooms.max_devices) {
+                Ok(notices) => {
+                    if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
+                        open.counted = Counted::Yes;
+                    }
+                    self.notify_presence(notices, user, true);
+                    true
+                }
+                Err(_over_limit) => {
+                    self.close(key, CloseReason::DeviceLimit);
+                    false
+                }
+            };
+        }
+        if let Some(bp) = &shared.backplane {
+            let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+                return false;
+            };
+            open.counted = Counted::Pending;
+            let job = RoomJob::Connected {
+                user: user.clone(),
+                core: self.id,
+                key,
+                serial: open.serial,
+            };
+            if !bp.room_request(job) {
+                open.counted = Counted::No;
+            }
+        }
+        true
+    }
+
+    /// A counted connection of `user` ended.
+    pub(super) fn uncount_device(&mut self, user: &UserId) {
+        let shared = Arc::clone(&self.shared);
+        if let Some(rooms) = &shared.rooms {
+            let notices = rooms.disconnect(user);
+            self.notify_presence(notices, user, false);
+        } else if let Some(bp) = &shared.backplane {
+            bp.room_request(RoomJob::Disconnected { user: user.clone() });
+        }
+    }
+
+    /// Redis counted (or refused) a connection. One that ended meanwhile is uncounted again.
+    pub(super) fn on_admission(&mut self, verdict: Admission) {
+        let waiting = match self.conns.get_mut(verdict.key) {
+            Some(Connection::Open(open))
+                if open.serial == verdict.serial
+                    && open.indexed
+                    && open.counted == Counted::Pending =>
+            {
+                open.counted = if verdict.counted {
+                    Counted::Yes
+                } else {
+                    Counted::No
+                };
+                true
+            }
+            _ => false,
+        };
+        if !waiting {
+            if verdict.counted {
+                self.uncount_device(&verdict.user);
+            }
+            return;
+        }
+        if !verdict.admitted {
+            log::debug!(
+                "core={} conn={} user={} over the device limit",
+                self.id,
+                verdict.key,
+                verdict.user
+            );
+            self.close(verdict.key, CloseReason::DeviceLimit);
+        }
+    }
+
+    /// Embedded: tells the members of each room that `user` came online or went offline. The
+    /// event is kept in no history: it goes out like a dispatch without offsets.
+    fn notify_presence(&mut self, notices: Vec<PresenceNotice>, user: &UserId, online: bool) {
+        for (room, members) in notices {
+            let dispatch = Arc::new(Dispatch {
+                users: members.into_boxed_slice(),
+                frame: encode_presence_changed(&room, user, online),
+                args_at: 0,
+                sio: Default::default(),
+                dedupe: None,
+            });
+            self.deliver_local(&dispatch);
+            for core in (0..self.shared.bus.cores()).filter(|&c| c != self.id) {
+                if self
+                    .shared
+                    .bus
+                    .push(core, CoreMsg::Dispatch(Arc::clone(&dispatch)))
+                {
+                    self.wake_cores[core] = true;
+                } else {
+                    add(&self.metrics().inbox_drops, 1);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Rooms and presence: the bounds, room-name rules, the frames, and embedded mode's registry.
+//!
+//! A room is a set of users; every connection of a member receives the room's messages. With
+//! the Redis backplane, membership and presence live in Redis and the room work runs on the
+//! rooms worker (`backplane::rooms_worker`); without one, [`MemoryRooms`] holds them in memory
+//! for the whole process. The wire side (events, error codes, close code 4009) is in
+//! docs/PROTOCOL.md §5; the routing and its cost in docs/ARCHITECTURE.md.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tungstenite::Utf8Bytes;
+
+use crate::protocol::ErrorCode;
+use crate::UserId;
+
+/// Rooms one user may be in at once.
+pub const DEFAULT_MAX_ROOMS_PER_USER: usize = 100;
+/// Members one room may have.
+pub const DEFAULT_MAX_ROOM_MEMBERS: usize = 10_000;
+/// Longest room name, in bytes.
+pub const DEFAULT_MAX_ROOM_NAME_BYTES: usize = 64;
+/// Connections one user may hold across the cluster; 0 means no limit.
+pub const DEFAULT_MAX_DEVICES: u32 = 0;
+/// How long an instance that stopped refreshing its heartbeat counts as alive. Its users go
+/// offline (with `presenceChanged`) within about 4/3 of this after it died.
+pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);
+
+/// A room name, shared cheaply.
+pub type RoomId = Arc<str>;
+
+/// Bounds of rooms, presence and devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomsConfig {
+    /// Rooms one user may be in (`--max-rooms-per-user`); past it `joinRoom` gets `room_limit`.
+    pub max_rooms_per_user: usize,
+    /// Members one room may have (`--max-room-members`); past it `joinRoom` gets `room_full`.
+    pub max_room_members: usize,
+    /// Longest room name in bytes (`--max-room-name-bytes`); longer is `bad_room`.
+    pub max_room_name_bytes: usize,
+    /// Connections per user across the cluster (`--max-devices`, 0 = off); the connection over
+    /// it is closed with 4009.
+    pub max_devices: u32,
+    /// Heartbeat expiry of an instance (`--presence-ttl`), refreshed every third of it.
+    pub presence_ttl: Duration,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        RoomsConfig {
+            max_rooms_per_user: DEFAULT_MAX_ROOMS_PER_USER,
+            max_room_members: DEFAULT_MAX_ROOM_MEMBERS,
+            max_room_name_bytes: DEFAULT_MAX_ROOM_NAME_BYTES,
+            max_devices: DEFAULT_MAX_DEVICES,
+            presence_ttl: DEFAULT_PRESENCE_TTL,
+        }
+    }
+}
+
+impl RoomsConfig {
+    /// Checks the bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_rooms_per_user == 0 || self.max_room_members == 0 {
+            return Err("--max-rooms-per-user and --max-room-members must be at least 1".into());
+        }
+        if !(1..=200).contains(&self.max_room_name_bytes) {
+            return Err("--max-room-name-bytes must be 1 to 200".into());
+        }
+        if self.presence_ttl < Duration::from_millis(300) {
+            return Err("--presence-ttl must be at least 300ms".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a room request was refused (besides bad arguments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomError {
+    /// The caller is not in the room.
+    NotMember,
+    /// The caller is in too many rooms.
+    RoomLimit,
+    /// The room has too many members.
+    RoomFull,
+}
+
+impl RoomError {
+    /// The wire error code.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            RoomError::NotMember => ErrorCode::NotMember,
+            RoomError::RoomLimit => ErrorCode::RoomLimit,
+            RoomError::RoomFull => ErrorCode::RoomFull,
+        }
+    }
+
+    /// The human message sent with the code.
+    pub fn message(self, room: &str, config: &RoomsConfig) -> String {
+        match self {
+            RoomError::NotMember => format!("not a member of room {room:?}"),
+            RoomError::RoomLimit => format!(
+                "already in {} rooms (the most allowed)",
+                config.max_rooms_per_user
+            ),
+            RoomError::RoomFull => format!(
+                "room {room:?} has {} members (the most allowed)",
+                config.max_room_members
+            ),
+        }
+    }
+
+    /// Parses the code the Redis scripts return.
+    pub fn from_code(code: &str) -> Option<Self> {
+        match code {
+            "not_member" => Some(RoomError::NotMember),
+            "room_limit" => Some(RoomError::RoomLimit),
+            "room_full" => Some(RoomError::RoomFull),
+            _ => None,
+        }
+    }
+}
+
+/// The events the server handles itself when rooms are on.
+pub fn is_room_event(event: &str) -> bool {
+    matches!(
+        event,
+        "joinRoom" | "leaveRoom" | "sendRoomMessage" | "presence"
+    )
+}
+
+/// A room name is 1 to `max` bytes of ASCII letters, digits and `_ - . :`. The name is part
+/// of Redis keys and channel names, and shows up in logs: nothing there needs escaping.
+pub fn valid_room(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+/// The `bad_room` message for a name that is not valid.
+pub fn bad_room_message(max: usize) -> String {
+    format!("room must be 1 to {max} bytes of A-Z a-z 0-9 _ - . :")
+}
+
+/// `args` of `joinRoom`, `leaveRoom` and `presence`.
+#[derive(Deserialize)]
+pub struct RoomArgs<'a> {
+    /// The room.
+    #[serde(borrow)]
+    pub room: std::borrow::Cow<'a, str>,
+}
+
+/// `args` of `sendRoomMessage`.
+#[derive(Deserialize)]
+pub struct RoomMessageArgs<'a> {
+    /// The room.
+    #[serde(borrow)]
+    pub room: std::borrow::Cow<'a, str>,
+    /// The text (may be empty).
+    #[serde(borrow)]
+    pub text: std::borrow::Cow<'a, str>,
+}
+
+/// `newMessage` as a room member receives it.
+#[derive(Serialize)]
+pub struct RoomMessage<'a> {
+    /// Message id (see `handlers::MessageIds`).
+    pub id: &'a str,
+    /// The sender.
+    pub from: &'a str,
+    /// The room.
+    pub room: &'a str,
+    /// The text.
+    pub text: &'a str,
+    /// Server time, ms since the epoch.
+    pub ts: u64,
+}
+
+#[derive(Serialize)]
+struct PresenceChanged<'a> {
+    room: &'a str,
+    user: &'a str,
+    online: bool,
+}
+
+/// `{"event":"presenceChanged","args":{"room":R,"user":U,"online":B}}`.
+pub fn encode_presence_changed(room: &str, user: &str, online: bool) -> Utf8Bytes {
+    crate::protocol::encode_event("presenceChanged", &PresenceChanged { room, user, online })
+        // Strings and a bool always serialize.
+        .unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+}
+
+/// A connection over its user's device limit (`--max-devices`): closed with 4009.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverDeviceLimit;
+
+/// A room whose members must hear that a user came online or went offline.
+pub type PresenceNotice = (RoomId, Vec<UserId>);
+
+#[derive(Default)]
+struct Registry {
+    /// Each user's rooms.
+    rooms_of: HashMap<UserId, BTreeSet<RoomId>>,
+    /// Each room's members, sorted (presence answers list them in order).
+    members: HashMap<RoomId, BTreeSet<UserId>>,
+    /// Open connections per user in the process.
+    devices: HashMap<UserId, u32>,
+}
+
+impl Registry {
+    fn notices(&self, user: &UserId) -> Vec<PresenceNotice> {
+        self.rooms_of.get(user).map_or_else(Vec::new, |rooms| {
+            rooms
+                .iter()
+                .map(|r| {
+                    let members = self
+                        .members
+                        .get(r)
+                        .map_or_else(Vec::new, |m| m.iter().cloned().collect());
+                    (r.clone(), members)
+                })
+                .collect()
+        })
+    }
+}
+
+/// Embedded mode's rooms and presence, shared by every core behind one mutex. Membership
+/// changes and presence transitions are rare next to messages, and a send holds the lock only
+/// to copy the member list.
+#[derive(Default)]
+pub struct MemoryRooms {
+    inner: Mutex<Registry>,
+}
+
+impl MemoryRooms {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // Every update below is a few inserts/removes on plain maps: a panic cannot leave them
+        // in a state worse than a missed update, so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `user` to `room` (a no-op when already in it).
+    pub fn join(&self, user: &UserId, room: &str, config: &RoomsConfig) -> Result<(), RoomError> {
+        let mut reg = self.lock();
+        if reg.rooms_of.get(user).is_some_and(|r| r.contains(room)) {
+            return Ok(());
+        }
+        if reg.rooms_of.get(user).map_or(0, BTreeSet::len) >= config.max_rooms_per_user {
+            return Err(RoomError::RoomLimit);
+        }
+        if reg.members.get(room).map_or(0, BTreeSet::len) >= config.max_room_members {
+            return Err(RoomError::RoomFull);
+        }
+        let room: RoomId = room.into();
+        reg.rooms_of
+            .entry(user.clone())
+            .or_default()
+            .insert(room.clone());
+        reg.members.entry(room).or_default().insert(user.clone());
+        Ok(())
+    }
+
+    /// Removes `user` from `room`.
+    pub fn leave(&self, user: &UserId, room: &str) -> Result<(), RoomError> {
+        let mut reg = self.lock();
+        let removed = reg
+            .rooms_of
+            .get_mut(user)
+            .is_some_and(|rooms| rooms.remove(room));
+        if !removed {
+            return Err(RoomError::NotMember);
+        }
+        if reg.rooms_of.get(user).is_some_and(BTreeSet::is_empty) {
+            reg.rooms_of.remove(user);
+        }
+        if let Some(members) = reg.members.get_mut(room) {
+            members.remove(user);
+            if members.is_empty() {
+                reg.members.remove(room);
+            }
+        }
+        Ok(())
+    }
+
+    /// The members of `room`, if `user` is one of them.
+    pub fn members_for(&self, user: &UserId, room: &str) -> Result<Vec<UserId>, RoomError> {
+        let reg = self.lock();
+        match reg.members.get(room) {
+            Some(m) if m.contains(user) => Ok(m.iter().cloned().collect()),
+            _ => Err(RoomError::NotMember),
+        }
+    }
+
+    /// The members of `room` with at least one open connection, if `user` is a member.
+    pub fn online(&self, user: &UserId, room: &str) -> Result<Vec<UserId>, RoomError> {
+        let reg = self.lock();
+        match reg.members.get(room) {
+            Some(m) if m.contains(user) => Ok(m
+                .iter()
+                .filter(|u| reg.devices.get(*u).is_some_and(|&n| n > 0))
+                .cloned()
+                .collect()),
+            _ => Err(RoomError::NotMember),
+        }
+    }
+
+    /// Counts a new connection of `user`. `Err` when it would exceed `max_devices` (0 = no
+    /// limit): it is then not counted. `Ok` lists who must hear the user came online (empty
+    /// unless this is the user's first connection).
+    pub fn connect(
+        &self,
+        user: &UserId,
+        max_devices: u32,
+    ) -> Result<Vec<PresenceNotice>, OverDeviceLimit> {
+        let mut reg = self.lock();
+        let n = reg.devices.get(user).copied().unwrap_or(0);
+        if max_devices > 0 && n >= max_devices {
+            return Err(OverDeviceLimit);
+        }
+        reg.devices.insert(user.clone(), n + 1);
+        Ok(if n == 0 {
+            reg.notices(user)
+        } else {
+            Vec::new()
+        })
+    }
+
+    /// Uncounts a connection of `user`; lists who must hear the user went offline.
+    pub fn disconnect(&self, user: &UserId) -> Vec<PresenceNotice> {
+        let mut reg = self.lock();
+        match reg.devices.get_mut(user) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                Vec::new()
+            }
+            Some(_) => {
+                reg.devices.remove(user);
+                reg.notices(user)
+            }
+            None => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(rooms: usize, members: usize) -> RoomsConfig {
+        RoomsConfig {
+            max_rooms_per_user: rooms,
+            max_room_members: members,
+            ..RoomsConfig::default()
+        }
+    }
+
+    #[test]
+    fn room_names() {
+        assert!(valid_room("general", 64));
+        assert!(valid_room("team-1.dev:ops_x", 64));
+        for bad in ["", "a b", "é", "a/b", "a\nb", "{x}", "a*"] {
+            assert!(!valid_room(bad, 64), "{bad:?}");
+        }
+        assert!(valid_room(&"a".repeat(64), 64));
+        assert!(!valid_room(&"a".repeat(65), 64));
+    }
+
+    #[test]
+    fn membership_and_its_bounds() {
+        let r = MemoryRooms::default();
+        let (a, b, c): (UserId, UserId, UserId) = ("a".into(), "b".into(), "c".into());
+        let config = cfg(2, 2);
+        r.join(&a, "x", &config).unwrap();
+        r.join(&a, "x", &config).unwrap();
+        r.join(&b, "x", &config).unwrap();
+        assert_eq!(r.join(&c, "x", &config), Err(RoomError::RoomFull));
+        r.join(&a, "y", &config).unwrap();
+        assert_eq!(r.join(&a, "z", &config), Err(RoomError::RoomLimit));
+        assert_eq!(r.members_for(&b, "x").unwrap(), vec![a.clone(), b.clone()]);
+        assert_eq!(r.members_for(&c, "x"), Err(RoomError::NotMember));
+        r.leave(&b, "x").unwrap();
+        assert_eq!(r.leave(&b, "x"), Err(RoomError::NotMember));
+        assert_eq!(r.members_for(&a, "x").unwrap(), vec![a.clone()]);
+        r.join(&c, "x", &config).unwrap();
+    }
+
+    #[test]
+    fn presence_counts_devices_and_reports_transitions() {
+        let r = MemoryRooms::default();
+        let (a, b): (UserId, UserId) = ("a".into(), "b".into());
+        r.join(&a, "x", &RoomsConfig::default()).unwrap();
+        r.join(&b, "x", &RoomsConfig::default()).unwrap();
+        let first = r.connect(&a, 2).unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(&*first[0].0, "x");
+        assert_eq!(first[0].1, vec![a.clone(), b.clone()]);
+        assert!(r.connect(&a, 2).unwrap().is_empty(), "second device");
+        assert!(r.connect(&a, 2).is_err(), "third device over the limit");
+        assert_eq!(r.online(&b, "x").unwrap(), vec![a.clone()]);
+        assert!(r.disconnect(&a).is_empty());
+        assert_eq!(r.disconnect(&a).len(), 1, "last device");
+        assert!(r.online(&b, "x").unwrap().is_empty());
+        assert!(r.disconnect(&a).is_empty(), "unknown user");
+    }
+
+    #[test]
+    fn presence_changed_frame() {
+        let f = encode_presence_changed("x", "u\"1", false);
+        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        assert_eq!(v["event"], "presenceChanged");
+        assert_eq!(v["args"]["user"], "u\"1");
+        assert_eq!(v["args"]["online"], false);
+    }
+}
