@@ -302,6 +302,63 @@ fn room_delivery_across_two_instances_and_several_cores() {
 }
 
 #[test]
+fn bounds_hold_with_redis() {
+    let redis = TestRedis::start();
+    let mut rc = switchboard::backplane::RedisConfig::new(redis.url());
+    rc.reconnect_max = Duration::from_millis(300);
+    let config = Config {
+        backplane: Some(rc),
+        rooms: switchboard::rooms::RoomsConfig {
+            max_rooms_per_user: 1,
+            max_room_members: 2,
+            ..Default::default()
+        },
+        ..test_config()
+    };
+    let a = TestServer::with_config(config);
+    let mut u1 = a.connect("u1");
+    let mut u2 = a.connect("u2");
+    let mut u3 = a.connect("u3");
+    join(&mut u1, "r", 1);
+    join(&mut u2, "r", 1);
+    assert_eq!(
+        request_err(&mut u3, "joinRoom", json!({"room": "r"}), 2),
+        "room_full"
+    );
+    assert_eq!(
+        request_err(&mut u1, "joinRoom", json!({"room": "s"}), 3),
+        "room_limit"
+    );
+    assert_eq!(
+        request_err(
+            &mut u3,
+            "sendRoomMessage",
+            json!({"room": "r", "text": "x"}),
+            4
+        ),
+        "not_member"
+    );
+    assert_eq!(
+        request_err(&mut u3, "leaveRoom", json!({"room": "r"}), 5),
+        "not_member"
+    );
+    assert_eq!(
+        request_err(&mut u3, "presence", json!({"room": "r"}), 6),
+        "not_member"
+    );
+    assert_eq!(
+        request_err(&mut u3, "joinRoom", json!({"room": "no way"}), 7),
+        "bad_room"
+    );
+    let mut r = redis.connection();
+    let members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("switchboard:rm:r")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(members.len(), 2, "nothing was added past a bound");
+}
+
+#[test]
 fn leave_stops_delivery_across_instances() {
     let redis = TestRedis::start();
     let a = redis_server(&redis, Routing::PerUser);

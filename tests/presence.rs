@@ -1,0 +1,238 @@
+//! Presence and the device limit: `presence` lists the members with a live connection anywhere;
+//! members hear `presenceChanged` when a member's first device connects and last disconnects,
+//! across instances, also when an instance is killed with SIGKILL (its heartbeat expires); the
+//! connection over `--max-devices` is closed with 4009, cluster-wide.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use switchboard::backplane::RedisConfig;
+use switchboard::rooms::RoomsConfig;
+use switchboard::Config;
+
+fn rooms_config(ttl: Duration, max_devices: u32) -> RoomsConfig {
+    RoomsConfig {
+        presence_ttl: ttl,
+        max_devices,
+        ..RoomsConfig::default()
+    }
+}
+
+fn presence_server(redis: &TestRedis, ttl: Duration, max_devices: u32) -> TestServer {
+    let mut rc = RedisConfig::new(redis.url());
+    rc.reconnect_max = Duration::from_millis(300);
+    TestServer::with_config(Config {
+        backplane: Some(rc),
+        rooms: rooms_config(ttl, max_devices),
+        ..test_config()
+    })
+}
+
+fn join(c: &mut Client, room: &str) {
+    request_ok(c, "joinRoom", json!({ "room": room }), 1);
+}
+
+fn online(c: &mut Client, room: &str) -> Vec<String> {
+    let r = request_ok(c, "presence", json!({ "room": room }), 2);
+    assert_eq!(r["room"], room);
+    let mut users: Vec<String> = r["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_string())
+        .collect();
+    users.sort();
+    users
+}
+
+fn expect_presence(c: &mut Client, room: &str, user: &str, is_online: bool) {
+    let e = c.recv_event("presenceChanged");
+    assert_eq!(
+        e["args"],
+        json!({"room": room, "user": user, "online": is_online}),
+        "{}: {e}",
+        c.user
+    );
+}
+
+/// No `presenceChanged` within `wait`.
+fn expect_no_presence(c: &mut Client, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    while let Some(m) = c.next_message(deadline) {
+        if let Ok(tungstenite::Message::Text(t)) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            assert_ne!(v["event"], "presenceChanged", "{}: unexpected {v}", c.user);
+        }
+    }
+}
+
+/// The user's counted connections, per Redis.
+fn counted(redis: &TestRedis, user: &str) -> i64 {
+    let mut r = redis.connection();
+    let counts: Vec<i64> = redis::cmd("HVALS")
+        .arg(format!("switchboard:p:{user}"))
+        .query(&mut r)
+        .unwrap();
+    counts.iter().sum()
+}
+
+#[test]
+fn embedded_presence_and_changes() {
+    let server = TestServer::with_config(Config {
+        rooms: rooms_config(Duration::from_secs(30), 0),
+        ..test_config()
+    });
+    let mut a = server.connect("a");
+    let mut b = server.connect("b");
+    join(&mut a, "x");
+    join(&mut b, "x");
+    assert_eq!(online(&mut a, "x"), ["a", "b"]);
+    let b2 = server.connect("b");
+    expect_no_presence(&mut a, Duration::from_millis(200));
+    b.close();
+    expect_no_presence(&mut a, Duration::from_millis(200));
+    b2.close();
+    expect_presence(&mut a, "x", "b", false);
+    assert_eq!(online(&mut a, "x"), ["a"]);
+    let _b = server.connect("b");
+    expect_presence(&mut a, "x", "b", true);
+    assert_eq!(online(&mut a, "x"), ["a", "b"]);
+}
+
+#[test]
+fn embedded_device_limit() {
+    let server = TestServer::with_config(Config {
+        rooms: rooms_config(Duration::from_secs(30), 2),
+        ..test_config()
+    });
+    let _d1 = server.connect("u1");
+    let d2 = server.connect("u1");
+    let mut d3 = server.connect("u1");
+    assert_eq!(d3.expect_close(), 4009);
+    let _other = server.connect("u2");
+    d2.close();
+    let mut d4 = server.connect("u1");
+    d4.send_message("u1", "still open");
+    assert_eq!(d4.recv_event("newMessage")["args"]["text"], "still open");
+}
+
+#[test]
+fn presence_changes_across_instances() {
+    let redis = TestRedis::start();
+    let a = presence_server(&redis, Duration::from_secs(30), 0);
+    let b = presence_server(&redis, Duration::from_secs(30), 0);
+    let mut alice = a.connect("alice");
+    let mut bob_b = b.connect("bob");
+    join(&mut alice, "x");
+    join(&mut bob_b, "x");
+    assert_eq!(online(&mut alice, "x"), ["alice", "bob"]);
+    // A second device on the other instance: bob stays online when one of them goes.
+    let bob_a = a.connect("bob");
+    wait_for("bob's two devices to count", || counted(&redis, "bob") == 2);
+    bob_b.close();
+    expect_no_presence(&mut alice, Duration::from_millis(300));
+    bob_a.close();
+    expect_presence(&mut alice, "x", "bob", false);
+    assert_eq!(online(&mut alice, "x"), ["alice"]);
+    let mut bob_b = b.connect("bob");
+    expect_presence(&mut alice, "x", "bob", true);
+    assert_eq!(online(&mut bob_b, "x"), ["alice", "bob"]);
+}
+
+#[test]
+fn a_stopped_instance_says_goodbye() {
+    let redis = TestRedis::start();
+    let a = presence_server(&redis, Duration::from_secs(30), 0);
+    let b = presence_server(&redis, Duration::from_secs(30), 0);
+    let mut alice = a.connect("alice");
+    let mut bob = b.connect("bob");
+    join(&mut alice, "x");
+    join(&mut bob, "x");
+    assert_eq!(online(&mut alice, "x"), ["alice", "bob"]);
+    let started = Instant::now();
+    drop(bob);
+    drop(b);
+    // Not after the 30 s TTL: at once.
+    expect_presence(&mut alice, "x", "bob", false);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(counted(&redis, "bob"), 0);
+}
+
+#[test]
+fn users_of_an_instance_killed_with_sigkill_go_offline_after_the_ttl() {
+    let redis = TestRedis::start();
+    let a = presence_server(&redis, Duration::from_secs(2), 0);
+    let url = redis.url();
+    let doomed = ChildServer::spawn(&[
+        "--backplane",
+        "redis",
+        "--redis-url",
+        &url,
+        "--presence-ttl",
+        "2s",
+    ]);
+    let mut alice = a.connect("alice");
+    let mut bob = Client::connect(doomed.addr, "bob");
+    join(&mut alice, "x");
+    join(&mut bob, "x");
+    assert_eq!(online(&mut alice, "x"), ["alice", "bob"]);
+    let killed = Instant::now();
+    doomed.signal(9);
+    expect_presence(&mut alice, "x", "bob", false);
+    let after = killed.elapsed();
+    assert!(
+        after >= Duration::from_millis(1500),
+        "offline only once the heartbeat expired, not {after:?} after the kill"
+    );
+    assert_eq!(online(&mut alice, "x"), ["alice"]);
+    assert_eq!(
+        counted(&redis, "bob"),
+        0,
+        "the dead instance's count is gone"
+    );
+    drop(doomed);
+}
+
+#[test]
+fn device_limit_across_instances() {
+    let redis = TestRedis::start();
+    let a = presence_server(&redis, Duration::from_secs(30), 2);
+    let b = presence_server(&redis, Duration::from_secs(30), 2);
+    let d1 = a.connect("u1");
+    wait_for("the first device to count", || counted(&redis, "u1") == 1);
+    let _d2 = b.connect("u1");
+    wait_for("the second device to count", || counted(&redis, "u1") == 2);
+    let mut d3 = a.connect("u1");
+    assert_eq!(
+        d3.expect_close(),
+        4009,
+        "the third device, on either instance"
+    );
+    let mut d3b = b.connect("u1");
+    assert_eq!(d3b.expect_close(), 4009);
+    assert_eq!(
+        counted(&redis, "u1"),
+        2,
+        "refused connections are not counted"
+    );
+    // Other users are not affected.
+    let _u2 = a.connect("u2");
+    wait_for("u2 to count", || counted(&redis, "u2") == 1);
+    // A device leaving makes room for another.
+    d1.close();
+    wait_for("u1's first device to be uncounted", || {
+        counted(&redis, "u1") == 1
+    });
+    let mut d4 = b.connect("u1");
+    wait_for("the new device to count", || counted(&redis, "u1") == 2);
+    d4.send_message("u1", "hello");
+    assert_eq!(d4.recv_event("newMessage")["args"]["text"], "hello");
+    assert_eq!(
+        metric(b.addr, &closed_metric("device_limit")),
+        1,
+        "one refusal on B"
+    );
+}
