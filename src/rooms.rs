@@ -4,7 +4,7 @@
 //! the Redis backplane, membership and presence live in Redis and the room work runs on the
 //! rooms worker (`backplane::rooms_worker`); without one, [`MemoryRooms`] holds them in memory
 //! for the whole process. The wire side (events, error codes, close code 4009) is in
-//! docs/PROTOCOL.md §5; the routing and its cost in docs/ARCHITECTURE.md.
+//! docs/PROTOCOL.md §9; the routing and its cost in docs/ARCHITECTURE.md.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

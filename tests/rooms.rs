@@ -453,7 +453,13 @@ fn resume_on_another_instance_covers_room_messages() {
             _ => {}
         }
     }
-    assert_eq!(texts, ["m2", "direct", "m3"]);
+    // Room messages keep their order, and so do direct ones; with Redis, a direct message and
+    // a room message from one connection take different paths (publisher, rooms worker) and
+    // may swap (docs/PROTOCOL.md §5).
+    let rooms: Vec<&String> = texts.iter().filter(|t| t.starts_with('m')).collect();
+    assert_eq!(rooms, ["m2", "m3"]);
+    assert_eq!(texts.len(), 3, "{texts:?}");
+    assert!(texts.iter().any(|t| t == "direct"));
     // And live room messages follow on B.
     wait_room_routes(&b, 2, 1);
     say(&mut u2, "r", "m4", 5);

@@ -24,6 +24,9 @@ pub enum Scenario {
     /// Like direct, with devices that reconnect and resume by offset (`?since=`) whenever
     /// their connection drops; reports sent/delivered/lost/duplicated per device (soak.sh).
     Soak,
+    /// One room of --users members (--devices each); member 0 sends room messages at --rate;
+    /// reports deliveries/s, loss, duplicates and latency.
+    Room,
 }
 
 /// Wire protocol spoken to the server.
@@ -231,7 +234,9 @@ impl Args {
             return Err("--drain must be >= 0".into());
         }
         match self.scenario {
-            Scenario::Direct | Scenario::Fanout | Scenario::Soak => pos(self.rate, "rate")?,
+            Scenario::Direct | Scenario::Fanout | Scenario::Soak | Scenario::Room => {
+                pos(self.rate, "rate")?
+            }
             Scenario::Ramp => {
                 pos(self.start_rate, "start-rate")?;
                 pos(self.step_duration, "step-duration")?;

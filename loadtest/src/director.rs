@@ -59,8 +59,9 @@ impl Director {
                 drain_s: 0.0,
             }),
             Scenario::Ramp => self.next_ramp(last),
-            // Soak and churn run their own loops (soak.rs, churn.rs), never the director.
-            Scenario::Soak | Scenario::Churn => None,
+            // Soak, churn and room run their own loops (soak.rs, churn.rs, room.rs), never the
+            // director.
+            Scenario::Soak | Scenario::Churn | Scenario::Room => None,
         };
         if spec.is_some() {
             self.issued += 1;

@@ -16,6 +16,7 @@ mod marker;
 mod plot;
 mod population;
 mod report;
+mod room;
 mod shard;
 mod sio;
 mod soak;
@@ -47,6 +48,9 @@ fn main() -> ExitCode {
     if args.scenario == Scenario::Churn {
         return run_churn(&args);
     }
+    if args.scenario == Scenario::Room {
+        return run_room(&args);
+    }
     let result = if let Some(w) = args.worker_index {
         run_worker(&args, w).map(|()| true)
     } else {
@@ -60,6 +64,13 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The room scenario: exit 1 if a delivery was lost or duplicated.
+fn run_room(args: &Args) -> ExitCode {
+    report(args, room::run(args), room::print, |r| {
+        r.lost > 0 || r.duplicated > 0
+    })
 }
 
 /// The soak scenario: exit 1 if any device lost a message without being told

@@ -156,13 +156,13 @@ pub fn recovered_complete(payload: &[u8]) -> Option<bool> {
     }
 }
 
-fn mask(seed: &mut u64) -> [u8; 4] {
+pub(crate) fn mask(seed: &mut u64) -> [u8; 4] {
     *seed = splitmix64(*seed);
     (*seed as u32).to_le_bytes()
 }
 
 /// Connects and upgrades; returns the stream and any bytes read past the handshake.
-fn connect(
+pub(crate) fn connect(
     addr: SocketAddr,
     path: &str,
     rnd: &mut u64,

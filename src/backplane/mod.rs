@@ -8,6 +8,10 @@
 //!   its last leaves), subscribes per user (or to the seed channel), and pushes each incoming
 //!   frame into the inboxes of the cores hosting its user.
 //!
+//! With history on, the history worker answers replays and pages; with rooms on (per-user
+//! routing on one Redis), the `rooms_worker` runs membership, room messages and presence as
+//! Lua scripts, and the subscriber keeps the room routes (`room_routes`).
+//!
 //! Local delivery never waits for Redis: the core delivers a dispatch to its own and its sibling
 //! cores' connections first and only then queues the publication for other instances.
 

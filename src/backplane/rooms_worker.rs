@@ -260,13 +260,22 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
         },
     };
     let mut next_beat = Instant::now();
+    let mut failing = false;
     loop {
         let now = Instant::now();
         if now >= next_beat {
             next_beat = match w.heartbeat() {
-                Ok(()) => now + beat_every,
+                Ok(()) => {
+                    if std::mem::take(&mut failing) {
+                        log::info!("redis presence heartbeat refreshed again");
+                    }
+                    now + beat_every
+                }
                 Err(e) => {
-                    log::warn!("redis presence heartbeat failed: {e}");
+                    // Once per outage: the other Redis threads log theirs too.
+                    if !std::mem::replace(&mut failing, true) {
+                        log::warn!("redis presence heartbeat failed: {e}; retrying");
+                    }
                     now + beat_every.min(Duration::from_millis(500))
                 }
             };
