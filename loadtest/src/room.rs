@@ -18,8 +18,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::cli::Args;
 use crate::codec::{self, Parse};
-use crate::population::splitmix64;
-use crate::soak::{connect, mask};
+use crate::soak::{connect, mask, new_run_id};
 use crate::token;
 
 const MAX_PAYLOAD: usize = 1 << 20;
@@ -89,17 +88,7 @@ fn number_after(payload: &[u8], key: &[u8]) -> Option<u64> {
 }
 
 pub fn run(args: &Args) -> Result<RoomReport, String> {
-    let run_id = format!(
-        "{:08x}",
-        splitmix64(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-                ^ u64::from(std::process::id())
-        ) as u32
-    );
-    let room = format!("loadtest-{run_id}");
+    let room = format!("loadtest-{}", new_run_id());
     let mut rnd = args.seed.unwrap_or(0x700d);
     let minter = token::Minter::new(args.jwt_secret.as_deref(), args.jwt_ttl);
     let mut poll = Poll::new().map_err(|e| e.to_string())?;

@@ -363,8 +363,9 @@ fn on_text(ctx: &Ctx, dev: &Device, payload: &[u8], classifier: &Classifier) {
     }
 }
 
-pub fn run(args: &Args) -> Result<SoakReport, String> {
-    let run_id = format!(
+/// 8 hex digits from the clock and the pid: tells this run's messages from earlier runs'.
+pub(crate) fn new_run_id() -> String {
+    format!(
         "{:08x}",
         splitmix64(
             std::time::SystemTime::now()
@@ -373,7 +374,11 @@ pub fn run(args: &Args) -> Result<SoakReport, String> {
                 .unwrap_or(0)
                 ^ u64::from(std::process::id())
         ) as u32
-    );
+    )
+}
+
+pub fn run(args: &Args) -> Result<SoakReport, String> {
+    let run_id = new_run_id();
     let seed = args.seed.unwrap_or(0x50a4);
     let users = args.users as u32;
     let minter = token::Minter::new(args.jwt_secret.as_deref(), args.jwt_ttl);
