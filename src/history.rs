@@ -295,13 +295,67 @@ impl MemoryHistory {
         }
     }
 
-    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, Shard> {
+    fn shard_index(user: &str) -> usize {
         let mut h = std::hash::DefaultHasher::new();
         user.hash(&mut h);
-        let shard = &self.shards[(h.finish() % SHARDS as u64) as usize];
+        (h.finish() % SHARDS as u64) as usize
+    }
+
+    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, Shard> {
         // A panic while holding the lock leaves a consistent ring (every update is one push
         // or pop), so a poisoned lock is still usable.
-        shard.lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[Self::shard_index(user)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one event (a room message) to every user of `users` under one offset, valid in
+    /// each of their histories, and calls `deliver` with it and the framed event (encoded once)
+    /// while every shard involved is locked, so each user's deliveries still leave in offset
+    /// order. Shards are locked in index order (single-user appends take one lock), so two
+    /// callers cannot deadlock.
+    pub fn append_shared(
+        &self,
+        users: &[UserId],
+        frame: &str,
+        now_ms: u64,
+        deliver: impl FnOnce(Offset, Utf8Bytes),
+    ) -> Offset {
+        let mut indexes: Vec<usize> = users.iter().map(|u| Self::shard_index(u)).collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        let mut guards: Vec<(usize, std::sync::MutexGuard<'_, Shard>)> = indexes
+            .iter()
+            .map(|&i| (i, self.shards[i].lock().unwrap_or_else(|p| p.into_inner())))
+            .collect();
+        // Above every sequence any of these shards gave out: above each user's last offset.
+        let seq = guards.iter().map(|(_, g)| g.seq).max().unwrap_or(0) + 1;
+        let offset = Offset(self.epoch, seq);
+        let framed = with_offset(frame, offset);
+        let mut before = Vec::with_capacity(guards.len());
+        for (i, guard) in guards.iter_mut() {
+            before.push((*i, guard.seq));
+            guard.seq = seq;
+        }
+        for user in users {
+            let i = Self::shard_index(user);
+            let Ok(at) = guards.binary_search_by_key(&i, |(j, _)| *j) else {
+                continue;
+            };
+            let old_seq = before[at].1;
+            let shard = &mut *guards[at].1;
+            // A new ring knows nothing of the shard's earlier sequences: as if dropped.
+            let ring = shard.rings.entry(user.clone()).or_insert_with(|| Ring {
+                entries: VecDeque::new(),
+                last_seq: old_seq,
+                dropped_through: old_seq,
+            });
+            ring.last_seq = seq;
+            ring.entries.push_back((seq, now_ms, framed.clone()));
+            self.trim(ring, now_ms);
+        }
+        deliver(offset, framed);
+        offset
     }
 
     fn trim(&self, ring: &mut Ring, now_ms: u64) {
@@ -578,6 +632,39 @@ mod tests {
         let r = h.replay(&u, Some(offs[4]), 20_000);
         assert!(r.complete && r.entries.len() == 1 && r.entries[0].0 == next);
         assert!(!h.replay(&u, Some(offs[3]), 20_000).complete);
+    }
+
+    #[test]
+    fn a_shared_append_gives_every_user_one_offset_above_their_last() {
+        let h = store(10);
+        let users: Vec<UserId> = (0..50).map(|n| UserId::from(format!("u{n}"))).collect();
+        let before: Vec<Offset> = users.iter().map(|u| add(&h, u, 0, 1000)).collect();
+        let mut delivered = None;
+        let shared = h.append_shared(&users, r#"{"event":"e","args":1}"#, 1000, |o, f| {
+            delivered = Some((o, f))
+        });
+        let (o, frame) = delivered.unwrap();
+        assert_eq!(o, shared);
+        assert!(frame.as_str().contains(&format!("\"offset\":\"{shared}\"")));
+        assert!(
+            before.iter().all(|b| *b < shared),
+            "above every user's last offset"
+        );
+        for (u, b) in users.iter().zip(&before) {
+            let r = h.replay(u, Some(*b), 1000);
+            assert!(r.complete);
+            assert_eq!(r.entries.len(), 1);
+            assert_eq!(r.entries[0].0, shared);
+            assert!(
+                add(&h, u, 1, 1000) > shared,
+                "later appends continue above it"
+            );
+        }
+        // A user new to the store gets a ring too.
+        let fresh = UserId::from("fresh");
+        let o = h.append_shared(std::slice::from_ref(&fresh), "{}", 1000, |_, _| {});
+        assert!(h.replay(&fresh, Some(o), 1000).complete);
+        assert_eq!(h.page(&fresh, None, 10, 1000).len(), 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::CoreLoop;
 use crate::backplane::{RoomJob, RoomTarget};
-use crate::bus::{Admission, CoreMsg, Dispatch, RoomAnswer};
+use crate::bus::{Admission, CoreMsg, Dispatch, RoomAnswer, RoomDelivery};
 use crate::connection::{Connection, Counted};
 use crate::handlers::{now_ms, Args, HandlerError, HandlerResult};
 use crate::metrics::add;
@@ -85,12 +85,15 @@ impl CoreLoop {
                             text: text.as_deref().unwrap_or_default(),
                             ts,
                         };
-                        protocol::encode_dispatch(members, "newMessage", &msg)
+                        let sent = match &shared.history {
+                            Some(store) => protocol::encode_event("newMessage", &msg)
+                                .map(|frame| self.append_room(store, members, &frame, ts)),
+                            // No history: a dispatch, one inbox message per core already.
+                            None => protocol::encode_dispatch(members, "newMessage", &msg)
+                                .map(|dispatch| self.outbox.push(Arc::new(dispatch))),
+                        };
+                        sent.map(|()| json!({ "id": id, "ts": ts }))
                             .map_err(|e| HandlerError::internal(e.to_string()))
-                            .map(|dispatch| {
-                                self.outbox.push(Arc::new(dispatch));
-                                json!({ "id": id, "ts": ts })
-                            })
                     }
                 },
             });
@@ -152,6 +155,38 @@ impl CoreLoop {
         } else {
             Some(Err(HandlerError::internal("rooms unavailable")))
         }
+    }
+
+    /// Embedded history: one offset for every member, one framed copy, one inbox message per
+    /// core (this one included, drained before the sender's ack) instead of one per member.
+    fn append_room(
+        &mut self,
+        store: &crate::history::MemoryHistory,
+        members: Vec<UserId>,
+        frame: &str,
+        now: u64,
+    ) {
+        let members: Arc<[UserId]> = members.into();
+        let bus = Arc::clone(&self.shared.bus);
+        let mut drops = 0;
+        store.append_shared(&members, frame, now, |offset, frame| {
+            let delivery = Arc::new(RoomDelivery {
+                members: Arc::clone(&members),
+                offset: Some(offset),
+                frame,
+            });
+            for core in 0..bus.cores() {
+                if !bus.push(core, CoreMsg::Room(Arc::clone(&delivery))) {
+                    drops += 1;
+                }
+            }
+        });
+        add(&self.metrics().inbox_drops, drops);
+        add(&self.metrics().dispatches, 1);
+        for (core, wake) in self.wake_cores.iter_mut().enumerate() {
+            *wake |= core != self.id;
+        }
+        self.drain_self = true;
     }
 
     /// The rooms worker's answer to a room request.
