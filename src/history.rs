@@ -351,7 +351,12 @@ impl MemoryHistory {
                 dropped_through: old_seq,
             });
             ring.last_seq = seq;
-            ring.entries.push_back((seq, now_ms, framed.clone()));
+            ring.entries.push_back(Entry {
+                seq,
+                at_ms: now_ms,
+                frame: framed.clone(),
+                dedupe: None,
+            });
             self.trim(ring, now_ms);
         }
         deliver(offset, framed);

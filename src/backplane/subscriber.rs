@@ -812,6 +812,12 @@ impl Subscriber {
                 return;
             }
         };
+        if offset.is_some() && self.ready_before && !self.ready {
+            // As in `route_delivery`: back from an outage with some channels not confirmed yet,
+            // a frame with an offset waits for the resync (it is in every member's history).
+            stats.held_for_resync.fetch_add(1, Relaxed);
+            return;
+        }
         let Some(members) = self.routes.members(room) else {
             stats.not_hosted.fetch_add(1, Relaxed);
             return;

@@ -174,6 +174,7 @@ impl CoreLoop {
                 members: Arc::clone(&members),
                 offset: Some(offset),
                 frame,
+                sio: Default::default(),
             });
             for core in 0..bus.cores() {
                 if !bus.push(core, CoreMsg::Room(Arc::clone(&delivery))) {
