@@ -285,17 +285,29 @@ fn valid_client_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// The idempotency key of a message `user` sent with `client_id`: `bad_args` when the
+/// `clientId` is not usable, `None` without one. The sender's id keeps two senders' clientIds
+/// apart; its length keeps the split unambiguous (user ids may contain any printable character).
+pub(crate) fn idempotency_key(
+    user: &str,
+    client_id: Option<&str>,
+) -> Result<Option<String>, HandlerError> {
+    match client_id {
+        None => Ok(None),
+        Some(c) if valid_client_id(c) => Ok(Some(format!("{}:{user}:{c}", user.len()))),
+        Some(_) => Err(HandlerError::bad_args(format!(
+            "\"clientId\" must be 1 to {MAX_CLIENT_ID_BYTES} of A-Z a-z 0-9 - _ ."
+        ))),
+    }
+}
+
 impl Handler for SendMessage {
     fn handle(&self, ctx: &mut Context<'_>, args: Args<'_>) -> HandlerResult {
         let a: SendMessageArgs<'_> = args.parse()?;
         if !valid_user_id(&a.to) {
             return Err(HandlerError::bad_args("\"to\" is not a valid user id"));
         }
-        if a.client_id.as_deref().is_some_and(|c| !valid_client_id(c)) {
-            return Err(HandlerError::bad_args(format!(
-                "\"clientId\" must be 1 to {MAX_CLIENT_ID_BYTES} of A-Z a-z 0-9 - _ ."
-            )));
-        }
+        let key = idempotency_key(ctx.user(), a.client_id.as_deref())?;
         let id = ctx.new_message_id();
         let ts = now_ms();
         let from = ctx.user().clone();
@@ -307,13 +319,8 @@ impl Handler for SendMessage {
             ts,
         };
         let users = [UserId::from(a.to.as_ref()), from.clone()];
-        match a.client_id {
-            // The sender's id keeps two senders' clientIds apart; its length keeps the split
-            // unambiguous (user ids may contain any printable character).
-            Some(c) => {
-                let key = format!("{}:{from}:{c}", from.len());
-                ctx.dispatch_once(users, "newMessage", &msg, &key)?;
-            }
+        match key {
+            Some(key) => ctx.dispatch_once(users, "newMessage", &msg, &key)?,
             None => ctx.dispatch(users, "newMessage", &msg)?,
         }
         Ok(serde_json::json!({ "id": id, "ts": ts }))

@@ -314,10 +314,16 @@ impl MemoryHistory {
     /// while every shard involved is locked, so each user's deliveries still leave in offset
     /// order. Shards are locked in index order (single-user appends take one lock), so two
     /// callers cannot deadlock.
+    ///
+    /// `dedupe` is (sender, idempotency key): when the sender's ring already holds the key from
+    /// within the dedupe window, nothing is appended or delivered and that earlier offset is
+    /// returned. The key is kept on the sender's entry only (the sender is a member), so a
+    /// room message costs no per-member allocation for it.
     pub fn append_shared(
         &self,
         users: &[UserId],
         frame: &str,
+        dedupe: Option<(&UserId, &str)>,
         now_ms: u64,
         deliver: impl FnOnce(Offset, Utf8Bytes),
     ) -> Offset {
@@ -328,6 +334,13 @@ impl MemoryHistory {
             .iter()
             .map(|&i| (i, self.shards[i].lock().unwrap_or_else(|p| p.into_inner())))
             .collect();
+        if let Some((sender, key)) = dedupe {
+            let at = guards.binary_search_by_key(&Self::shard_index(sender), |(j, _)| *j);
+            let ring = at.ok().and_then(|at| guards[at].1.rings.get(sender));
+            if let Some(e) = ring.and_then(|r| self.earlier(r, key, now_ms)) {
+                return Offset(self.epoch, e);
+            }
+        }
         // Above every sequence any of these shards gave out: above each user's last offset.
         let seq = guards.iter().map(|(_, g)| g.seq).max().unwrap_or(0) + 1;
         let offset = Offset(self.epoch, seq);
@@ -355,12 +368,26 @@ impl MemoryHistory {
                 seq,
                 at_ms: now_ms,
                 frame: framed.clone(),
-                dedupe: None,
+                dedupe: dedupe
+                    .filter(|(sender, _)| *sender == user)
+                    .map(|(_, key)| Box::from(key)),
             });
             self.trim(ring, now_ms);
         }
         deliver(offset, framed);
         offset
+    }
+
+    /// The sequence of the entry of `ring` holding idempotency key `key`, if one was appended
+    /// within the dedupe window.
+    fn earlier(&self, ring: &Ring, key: &str, now_ms: u64) -> Option<u64> {
+        let window_start = now_ms.saturating_sub(self.dedupe_window_ms);
+        ring.entries
+            .iter()
+            .rev()
+            .take_while(|e| e.at_ms >= window_start)
+            .find(|e| e.dedupe.as_deref() == Some(key))
+            .map(|e| e.seq)
     }
 
     fn trim(&self, ring: &mut Ring, now_ms: u64) {
@@ -394,15 +421,8 @@ impl MemoryHistory {
         let mut guard = self.shard(user);
         let shard = &mut *guard;
         if let (Some(key), Some(ring)) = (dedupe, shard.rings.get(user)) {
-            let window_start = now_ms.saturating_sub(self.dedupe_window_ms);
-            let earlier = ring
-                .entries
-                .iter()
-                .rev()
-                .take_while(|e| e.at_ms >= window_start)
-                .find(|e| e.dedupe.as_deref() == Some(key));
-            if let Some(e) = earlier {
-                return Offset(self.epoch, e.seq);
+            if let Some(seq) = self.earlier(ring, key, now_ms) {
+                return Offset(self.epoch, seq);
             }
         }
         // A new ring knows nothing of the shard's earlier sequences: as if they were dropped.
@@ -645,7 +665,7 @@ mod tests {
         let users: Vec<UserId> = (0..50).map(|n| UserId::from(format!("u{n}"))).collect();
         let before: Vec<Offset> = users.iter().map(|u| add(&h, u, 0, 1000)).collect();
         let mut delivered = None;
-        let shared = h.append_shared(&users, r#"{"event":"e","args":1}"#, 1000, |o, f| {
+        let shared = h.append_shared(&users, r#"{"event":"e","args":1}"#, None, 1000, |o, f| {
             delivered = Some((o, f))
         });
         let (o, frame) = delivered.unwrap();
@@ -667,7 +687,7 @@ mod tests {
         }
         // A user new to the store gets a ring too.
         let fresh = UserId::from("fresh");
-        let o = h.append_shared(std::slice::from_ref(&fresh), "{}", 1000, |_, _| {});
+        let o = h.append_shared(std::slice::from_ref(&fresh), "{}", None, 1000, |_, _| {});
         assert!(h.replay(&fresh, Some(o), 1000).complete);
         assert_eq!(h.page(&fresh, None, 10, 1000).len(), 1);
     }

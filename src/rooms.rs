@@ -162,6 +162,9 @@ pub struct RoomMessageArgs<'a> {
     /// The text (may be empty).
     #[serde(borrow)]
     pub text: std::borrow::Cow<'a, str>,
+    /// Idempotency key, as `sendMessage`'s: a resend is stored and delivered once.
+    #[serde(borrow, default, rename = "clientId")]
+    pub client_id: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// `newMessage` as a room member receives it.

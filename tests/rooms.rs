@@ -484,3 +484,63 @@ fn without_history_room_messages_cross_instances_without_offsets() {
     }
     expect_no_message(&mut u1, Duration::from_millis(200));
 }
+
+/// `sendRoomMessage` with a `clientId` used twice (a resend after a lost ack): both acked, every
+/// member device gets it once, and it is in history once; another `clientId` is a new message.
+fn resend_is_delivered_once(sender: &mut Client, other: &mut Client) {
+    for ack in [20, 21] {
+        request_ok(
+            sender,
+            "sendRoomMessage",
+            json!({"room": "r", "text": "once", "clientId": "c-1"}),
+            ack,
+        );
+    }
+    request_ok(
+        sender,
+        "sendRoomMessage",
+        json!({"room": "r", "text": "next", "clientId": "c-2"}),
+        22,
+    );
+    let bad = json!({"room": "r", "text": "x", "clientId": "no spaces"});
+    assert_eq!(request_err(sender, "sendRoomMessage", bad, 23), "bad_args");
+    // `request_ok` skipped the sender's own copies; the other member reads its own.
+    for text in ["once", "next"] {
+        assert_eq!(recv_room_message(other)["args"]["text"], text);
+    }
+    expect_no_message(other, Duration::from_millis(300));
+    let page = request_ok(other, "history", json!({"limit": 10}), 24);
+    let texts: Vec<&str> = page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["args"]["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["next", "once"], "newest first, each once");
+}
+
+#[test]
+fn embedded_room_resend_with_the_same_client_id_is_delivered_once() {
+    let server = TestServer::start();
+    let mut a = server.connect("a");
+    let mut b = server.connect("b");
+    join(&mut a, "r", 1);
+    join(&mut b, "r", 1);
+    resend_is_delivered_once(&mut a, &mut b);
+}
+
+#[test]
+fn room_resend_with_the_same_client_id_is_delivered_once_across_instances() {
+    let redis = TestRedis::start();
+    let a = redis_server(&redis, Routing::PerUser);
+    let b = redis_server(&redis, Routing::PerUser);
+    let mut u1 = a.connect("u1");
+    let mut u2 = b.connect("u2");
+    a.wait_channels(1);
+    b.wait_channels(1);
+    join(&mut u1, "r", 1);
+    join(&mut u2, "r", 1);
+    wait_room_routes(&a, 2, 1);
+    wait_room_routes(&b, 2, 1);
+    resend_is_delivered_once(&mut u1, &mut u2);
+}

@@ -326,6 +326,8 @@ pub(crate) enum RoomJob {
         frame: tungstenite::Utf8Bytes,
         id: String,
         ts: u64,
+        /// The idempotency key (`clientId`): a resend is stored and published once.
+        dedupe: Option<String>,
         target: RoomTarget,
     },
     Presence {

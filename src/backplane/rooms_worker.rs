@@ -83,16 +83,25 @@ return 'ok'
 "#;
 
 /// ARGV: prefix, node, room, sender, frame (without offset), history `1`/`0`, max length,
-/// max age in ms. With history, every member's stream gets the frame under one id, the
-/// smallest above every member's last entry and the current time, so the one publication on
-/// the room channel carries one offset that is valid in every member's history. Returns the
-/// id (`-` without history) or `!not_member`.
+/// max age in ms, idempotency key (empty: none), dedupe window in ms. With history, every
+/// member's stream gets the frame under one id, the smallest above every member's last entry
+/// and the current time, so the one publication on the room channel carries one offset that is
+/// valid in every member's history. Returns the id (`-` without history) or `!not_member`; with
+/// an idempotency key already recorded for the room, that earlier answer, and nothing is stored
+/// or published again.
 const SEND: &str = r#"
 local p, node, room, user, frame = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local mkey, channel = p .. ':rm:' .. room, p .. ':r:' .. room
 if redis.call('SISMEMBER', mkey, user) == 0 then return '!not_member' end
+local dkey = false
+if ARGV[9] ~= '' then
+  dkey = p .. ':dr:' .. #room .. ':' .. room .. ':' .. ARGV[9]
+  local earlier = redis.call('GET', dkey)
+  if earlier then return earlier end
+end
 if ARGV[6] ~= '1' then
   redis.call('PUBLISH', channel, node .. ' - ' .. frame)
+  if dkey then redis.call('SET', dkey, '-', 'PX', ARGV[10]) end
   return '-'
 end
 local members = redis.call('SMEMBERS', mkey)
@@ -116,6 +125,7 @@ for _, m in ipairs(members) do
   if cutoff > 0 then redis.call('XTRIM', key, 'MINID', string.format('%d', cutoff)) end
   redis.call('PEXPIRE', key, ARGV[8])
 end
+if dkey then redis.call('SET', dkey, id, 'PX', ARGV[10]) end
 local framed = string.sub(frame, 1, -2) .. ',"offset":"' .. id .. '"}'
 redis.call('PUBLISH', channel, node .. ' ' .. id .. ' ' .. framed)
 return id
@@ -413,12 +423,17 @@ impl Worker {
                 frame,
                 id,
                 ts,
+                dedupe,
                 target,
             } => {
                 let history = self
                     .bp
                     .history()
                     .map(|h| (h.max_len, h.max_age.as_millis() as u64));
+                let window = self
+                    .bp
+                    .history()
+                    .map_or(crate::history::DEFAULT_DEDUPE_WINDOW, |h| h.dedupe_window);
                 let reply = self.call(|c, s, p, n| {
                     let (on, max_len, max_age) = match history {
                         Some((len, age)) => ("1", len, age),
@@ -433,6 +448,8 @@ impl Worker {
                         .arg(on)
                         .arg(max_len)
                         .arg(max_age)
+                        .arg(dedupe.as_deref().unwrap_or(""))
+                        .arg(window.as_millis() as u64)
                         .invoke::<String>(c)
                 });
                 let result = match reply {

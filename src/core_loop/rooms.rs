@@ -14,7 +14,7 @@ use super::CoreLoop;
 use crate::backplane::{RoomJob, RoomTarget};
 use crate::bus::{Admission, CoreMsg, Dispatch, RoomAnswer, RoomDelivery};
 use crate::connection::{Connection, Counted};
-use crate::handlers::{now_ms, Args, HandlerError, HandlerResult};
+use crate::handlers::{idempotency_key, now_ms, Args, HandlerError, HandlerResult};
 use crate::metrics::add;
 use crate::protocol::{self, CloseReason, ErrorCode};
 use crate::rooms::{
@@ -37,12 +37,14 @@ impl CoreLoop {
         let shared = Arc::clone(&self.shared);
         let config = &shared.config.rooms;
         let parsed = if event == "sendRoomMessage" {
-            args.parse::<RoomMessageArgs<'_>>()
-                .map(|a| (a.room, Some(a.text)))
+            args.parse::<RoomMessageArgs<'_>>().and_then(|a| {
+                let key = idempotency_key(user, a.client_id.as_deref())?;
+                Ok((a.room, Some(a.text), key))
+            })
         } else {
-            args.parse::<RoomArgs<'_>>().map(|a| (a.room, None))
+            args.parse::<RoomArgs<'_>>().map(|a| (a.room, None, None))
         };
-        let (room, text) = match parsed {
+        let (room, text, dedupe) = match parsed {
             Ok(parsed) => parsed,
             Err(e) => return Some(Err(e)),
         };
@@ -86,8 +88,12 @@ impl CoreLoop {
                             ts,
                         };
                         let sent = match &shared.history {
-                            Some(store) => protocol::encode_event("newMessage", &msg)
-                                .map(|frame| self.append_room(store, members, &frame, ts)),
+                            Some(store) => {
+                                protocol::encode_event("newMessage", &msg).map(|frame| {
+                                    let dedupe = dedupe.as_deref().map(|k| (user, k));
+                                    self.append_room(store, members, &frame, dedupe, ts)
+                                })
+                            }
                             // No history: a dispatch, one inbox message per core already.
                             None => protocol::encode_dispatch(members, "newMessage", &msg)
                                 .map(|dispatch| self.outbox.push(Arc::new(dispatch))),
@@ -146,6 +152,7 @@ impl CoreLoop {
                     frame,
                     id,
                     ts,
+                    dedupe,
                     target,
                 }
             }
@@ -164,12 +171,13 @@ impl CoreLoop {
         store: &crate::history::MemoryHistory,
         members: Vec<UserId>,
         frame: &str,
+        dedupe: Option<(&UserId, &str)>,
         now: u64,
     ) {
         let members: Arc<[UserId]> = members.into();
         let bus = Arc::clone(&self.shared.bus);
         let mut drops = 0;
-        store.append_shared(&members, frame, now, |offset, frame| {
+        store.append_shared(&members, frame, dedupe, now, |offset, frame| {
             let delivery = Arc::new(RoomDelivery {
                 members: Arc::clone(&members),
                 offset: Some(offset),
