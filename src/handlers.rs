@@ -8,7 +8,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -17,7 +16,8 @@ use serde_json::Value;
 use crate::auth::valid_user_id;
 use crate::bus::Dispatch;
 use crate::protocol::{encode_dispatch, ErrorCode};
-use crate::UserId;
+pub use crate::types::now_ms;
+use crate::types::UserId;
 
 /// Identifies one connection in the process: the core that owns it and its slab key there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -239,13 +239,6 @@ impl Handlers {
     pub fn get(&self, event: &str) -> Option<&dyn Handler> {
         self.map.get(event).map(|h| h.as_ref())
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `sendMessage {to, text, clientId?}` → `newMessage {id, from, to, text, ts}` to every device

@@ -13,15 +13,14 @@
 //!   so a live device and a recovering one never disagree on what exists or in what order.
 
 use std::collections::{HashMap, VecDeque};
-use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use tungstenite::Utf8Bytes;
 
-use crate::UserId;
+pub use crate::types::{BadOffset, Offset};
+use crate::types::UserId;
 
 /// Events kept per user.
 pub const DEFAULT_MAX_LEN: usize = 1000;
@@ -103,40 +102,6 @@ impl HistoryConfig {
             return Err("publish bounds must be at least 1 user and 64 bytes".into());
         }
         Ok(())
-    }
-}
-
-/// A position in one user's history: two numbers, compared as a tuple, written `A-B`.
-///
-/// Redis mode: the stream entry id (milliseconds, sequence). Embedded mode: (process start in
-/// milliseconds, per-user sequence), so an offset from an earlier run is never taken for a
-/// current one. Clients treat it as opaque.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Offset(pub u64, pub u64);
-
-impl fmt::Display for Offset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.0, self.1)
-    }
-}
-
-/// A string that is not an offset.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not an offset (expected two decimal numbers joined by '-')")]
-pub struct BadOffset;
-
-impl FromStr for Offset {
-    type Err = BadOffset;
-
-    fn from_str(s: &str) -> Result<Self, BadOffset> {
-        let (a, b) = s.split_once('-').ok_or(BadOffset)?;
-        let num = |t: &str| {
-            if t.is_empty() || t.len() > 20 || !t.bytes().all(|c| c.is_ascii_digit()) {
-                return Err(BadOffset);
-            }
-            t.parse::<u64>().map_err(|_| BadOffset)
-        };
-        Ok(Offset(num(a)?, num(b)?))
     }
 }
 
@@ -248,7 +213,7 @@ pub fn finish_recovery(
 /// One lock's worth of users. The sequence is per shard, not per user, so a user whose ring
 /// was purged and is created again never reuses a sequence an old offset could name.
 #[derive(Default)]
-struct Shard {
+struct RingShard {
     seq: u64,
     rings: HashMap<UserId, Ring>,
 }
@@ -280,7 +245,7 @@ pub struct MemoryHistory {
     max_len: usize,
     max_age_ms: u64,
     dedupe_window_ms: u64,
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Mutex<RingShard>]>,
 }
 
 impl MemoryHistory {
@@ -291,7 +256,7 @@ impl MemoryHistory {
             max_len: config.max_len,
             max_age_ms: config.max_age.as_millis() as u64,
             dedupe_window_ms: config.dedupe_window.as_millis() as u64,
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(RingShard::default())).collect(),
         }
     }
 
@@ -301,7 +266,7 @@ impl MemoryHistory {
         (h.finish() % SHARDS as u64) as usize
     }
 
-    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, Shard> {
+    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, RingShard> {
         // A panic while holding the lock leaves a consistent ring (every update is one push
         // or pop), so a poisoned lock is still usable.
         self.shards[Self::shard_index(user)]
@@ -330,7 +295,7 @@ impl MemoryHistory {
         let mut indexes: Vec<usize> = users.iter().map(|u| Self::shard_index(u)).collect();
         indexes.sort_unstable();
         indexes.dedup();
-        let mut guards: Vec<(usize, std::sync::MutexGuard<'_, Shard>)> = indexes
+        let mut guards: Vec<(usize, std::sync::MutexGuard<'_, RingShard>)> = indexes
             .iter()
             .map(|&i| (i, self.shards[i].lock().unwrap_or_else(|p| p.into_inner())))
             .collect();

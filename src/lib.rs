@@ -66,11 +66,11 @@ pub mod protocol;
 pub mod rooms;
 pub mod runtime;
 pub mod socketio;
+pub mod types;
 pub mod user_index;
 pub mod web;
 
-/// A user id, shared cheaply between connections, indexes and dispatches.
-pub type UserId = std::sync::Arc<str>;
+pub use types::UserId;
 
 pub use config::{AuthMode, Config};
 pub use handlers::{Args, ConnectionId, Context, Handler, HandlerError, HandlerResult, Handlers};

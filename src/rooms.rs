@@ -7,14 +7,15 @@
 //! docs/PROTOCOL.md §9; the routing and its cost in docs/ARCHITECTURE.md.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tungstenite::Utf8Bytes;
 
 use crate::protocol::ErrorCode;
-use crate::UserId;
+pub use crate::types::RoomId;
+use crate::types::UserId;
 
 /// Rooms one user may be in at once.
 pub const DEFAULT_MAX_ROOMS_PER_USER: usize = 100;
@@ -27,9 +28,6 @@ pub const DEFAULT_MAX_DEVICES: u32 = 0;
 /// How long an instance that stopped refreshing its heartbeat counts as alive. Its users go
 /// offline (with `presenceChanged`) within about 4/3 of this after it died.
 pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);
-
-/// A room name, shared cheaply.
-pub type RoomId = Arc<str>;
 
 /// Bounds of rooms, presence and devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
