@@ -160,7 +160,7 @@ pub fn parse_publish(
             format!("more than {} users", config.max_publish_users),
         ));
     }
-    crate::protocol::encode_dispatch(users, &p.event, p.args)
+    crate::bus::encode_dispatch(users, &p.event, p.args)
         .map_err(|e| ApiError::new(400, format!("cannot encode: {e}")))
 }
 

@@ -6,15 +6,18 @@
 //! [`CoreMsg`]. A full inbox never blocks the sender: the message is dropped for that core and
 //! counted (`switchboard_inbox_drops_total`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crossbeam_queue::ArrayQueue;
 use mio::Waker;
+use serde::Serialize;
 use tungstenite::Utf8Bytes;
 
 use crate::history::{Delivery, Replay};
-use crate::UserId;
+use crate::protocol::{encode_dispatch_frame, DispatchFrame};
+use crate::socketio::FrameCache;
+use crate::types::{Offset, UserId};
 
 /// What a core receives in its inbox.
 #[derive(Debug)]
@@ -30,7 +33,7 @@ pub enum CoreMsg {
     /// The offsets of a waiting `POST /api/publish`.
     Published(Box<PublishResult>),
     /// Redis took (or dropped) every publication of a request whose ack was held.
-    Acked(Arc<crate::backplane::AckWaiter>),
+    Acked(Arc<AckWaiter>),
     /// The Redis subscriber is back after an outage: every open connection that has received
     /// an offset resumes from it, as if it had reconnected with `?since=`.
     Resync,
@@ -54,11 +57,11 @@ pub struct RoomDelivery {
     /// The room's members hosted by this instance (a snapshot shared by every message).
     pub members: Arc<[UserId]>,
     /// The offset in each member's history; `None` for events kept nowhere.
-    pub offset: Option<crate::history::Offset>,
+    pub offset: Option<Offset>,
     /// The frame, offset included.
     pub frame: Utf8Bytes,
     /// `frame` wrapped for Socket.IO connections, built on first use.
-    pub sio: crate::socketio::FrameCache,
+    pub sio: FrameCache,
 }
 
 /// The answer to a room request for connection `key` with `serial`.
@@ -98,7 +101,7 @@ pub struct PublishResult {
     /// The connection's serial.
     pub serial: u64,
     /// Each user's offset, or why nothing was published.
-    pub result: Result<Vec<(UserId, crate::history::Offset)>, String>,
+    pub result: Result<Vec<(UserId, Offset)>, String>,
 }
 
 /// A page of history, newest first, for connection `key` with `serial`.
@@ -136,10 +139,102 @@ pub struct Dispatch {
     /// Byte offset of `,"args":` in `frame` (used to build the seed backplane format).
     pub args_at: usize,
     /// `frame` wrapped for Socket.IO connections, built on first use.
-    pub sio: crate::socketio::FrameCache,
+    pub sio: FrameCache,
     /// Idempotency key (history on): a second dispatch with the same key is stored and
     /// delivered to a user once within the dedupe window. See [`crate::handlers::Context::dispatch_once`].
     pub dedupe: Option<Box<str>>,
+}
+
+impl Dispatch {
+    /// A dispatch of `frame` to `users`, without an idempotency key.
+    pub fn new(users: Vec<UserId>, frame: DispatchFrame) -> Self {
+        Dispatch {
+            users: users.into_boxed_slice(),
+            frame: frame.frame,
+            args_at: frame.args_at,
+            sio: Default::default(),
+            dedupe: None,
+        }
+    }
+}
+
+impl From<(Vec<UserId>, DispatchFrame)> for Dispatch {
+    fn from((users, frame): (Vec<UserId>, DispatchFrame)) -> Self {
+        Dispatch::new(users, frame)
+    }
+}
+
+/// Encodes `{"event":E,"args":A}` once (see [`encode_dispatch_frame`]) into a dispatch for
+/// `users`.
+pub fn encode_dispatch<T: Serialize + ?Sized>(
+    users: Vec<UserId>,
+    event: &str,
+    args: &T,
+) -> Result<Dispatch, serde_json::Error> {
+    encode_dispatch_frame(event, args).map(|frame| Dispatch::new(users, frame))
+}
+
+/// A client request whose `ack` is held until Redis has taken every publication of its
+/// dispatches (appended to the history with history on), so an acknowledged message survives
+/// this instance dying; a message without an ack may be resent (with the same idempotency key).
+/// The last publication to settle sends the waiter to its core as [`CoreMsg::Acked`].
+#[derive(Debug)]
+pub struct AckWaiter {
+    /// The core owning the connection.
+    pub core: usize,
+    /// The connection's slab key there.
+    pub key: usize,
+    /// The connection's serial (a reused slab slot has another).
+    pub serial: u64,
+    /// The client's ack number (native, or a tagged Socket.IO ack id).
+    pub ack: u64,
+    /// The handler's result, sent in the ack when everything was taken.
+    pub result: serde_json::Value,
+    /// Publications not settled yet.
+    remaining: AtomicUsize,
+    /// Set when a publication was dropped (queue overflow): the client gets an error instead.
+    dropped: AtomicBool,
+}
+
+impl AckWaiter {
+    /// A waiter for `publications` publications.
+    pub fn new(
+        core: usize,
+        key: usize,
+        serial: u64,
+        ack: u64,
+        result: serde_json::Value,
+        publications: usize,
+    ) -> Self {
+        AckWaiter {
+            core,
+            key,
+            serial,
+            ack,
+            result,
+            remaining: AtomicUsize::new(publications),
+            dropped: AtomicBool::new(false),
+        }
+    }
+
+    /// `true` when every publication was taken by Redis.
+    pub fn taken(&self) -> bool {
+        !self.dropped.load(Ordering::SeqCst)
+    }
+
+    /// One publication settled (`taken` by Redis, or dropped); the last one hands the waiter to
+    /// its core.
+    pub(crate) fn settle(self: &Arc<Self>, taken: bool, bus: Option<&Arc<Bus>>) {
+        if !taken {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // A full inbox loses the ack; the client's resend is recognised by its key.
+            if let Some(bus) = bus {
+                let _ = bus.send(self.core, CoreMsg::Acked(Arc::clone(self)));
+            }
+        }
+    }
 }
 
 /// A core's inbox.

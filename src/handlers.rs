@@ -14,8 +14,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::auth::valid_user_id;
-use crate::bus::Dispatch;
-use crate::protocol::{encode_dispatch, ErrorCode};
+use crate::bus::{encode_dispatch, Dispatch};
+use crate::protocol::ErrorCode;
 pub use crate::types::now_ms;
 use crate::types::UserId;
 

@@ -19,91 +19,20 @@ use std::time::Duration;
 
 use tungstenite::Utf8Bytes;
 
-pub use crate::types::{BadOffset, Offset};
+pub use crate::config::history::{
+    HistoryConfig, DEFAULT_DEDUPE_WINDOW, DEFAULT_MAX_AGE, DEFAULT_MAX_LEN, DEFAULT_MAX_PAGE,
+    DEFAULT_MAX_PUBLISH_BODY_BYTES, DEFAULT_MAX_PUBLISH_USERS,
+};
 use crate::types::UserId;
+pub use crate::types::{BadOffset, Offset};
 
-/// Events kept per user.
-pub const DEFAULT_MAX_LEN: usize = 1000;
-/// How long an event is kept.
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
-/// Largest page of `GET /api/history` and the `history` event.
-pub const DEFAULT_MAX_PAGE: usize = 100;
-/// Most users in one `POST /api/publish`.
-pub const DEFAULT_MAX_PUBLISH_USERS: usize = 1000;
-/// Largest `POST /api/publish` body, in bytes.
-pub const DEFAULT_MAX_PUBLISH_BODY_BYTES: usize = 1024 * 1024;
 /// Live frames a recovering connection holds while its replay is fetched; past it the recovery
 /// ends with `complete: false`.
 pub const RECOVERY_BUFFER: usize = 10_000;
 /// How long a recovering connection waits for its replay before it ends with `complete: false`.
 pub const RECOVERY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a `sendMessage` `clientId` is remembered, so that a resend is recognised.
-pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(300);
 /// Mutex shards of the embedded store: enough that cores rarely meet on one.
 const SHARDS: usize = 64;
-
-/// History settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HistoryConfig {
-    /// Offsets, history and resume. Applies to embedded mode and to per-user Redis routing
-    /// without a cluster; elsewhere it is off (see [`crate::Config::history_active`]).
-    pub enabled: bool,
-    /// Events kept per user (`--history-max-len`).
-    pub max_len: usize,
-    /// Age past which events are dropped (`--history-max-age`).
-    pub max_age: Duration,
-    /// Largest history page (`--history-max-page`).
-    pub max_page: usize,
-    /// Key for `POST /api/publish` (`--api-key`); the route answers 404 without one.
-    pub api_key: Option<String>,
-    /// Most users in one `POST /api/publish`.
-    pub max_publish_users: usize,
-    /// Largest `POST /api/publish` body.
-    pub max_publish_body_bytes: usize,
-    /// How long an idempotency key (`sendMessage`'s `clientId`) is remembered per recipient
-    /// (`--dedupe-window`): a resend within it is stored and delivered once.
-    pub dedupe_window: Duration,
-}
-
-impl Default for HistoryConfig {
-    fn default() -> Self {
-        HistoryConfig {
-            enabled: true,
-            max_len: DEFAULT_MAX_LEN,
-            max_age: DEFAULT_MAX_AGE,
-            max_page: DEFAULT_MAX_PAGE,
-            api_key: None,
-            max_publish_users: DEFAULT_MAX_PUBLISH_USERS,
-            max_publish_body_bytes: DEFAULT_MAX_PUBLISH_BODY_BYTES,
-            dedupe_window: DEFAULT_DEDUPE_WINDOW,
-        }
-    }
-}
-
-impl HistoryConfig {
-    /// Checks the bounds.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_len == 0 {
-            return Err("--history-max-len must be at least 1".into());
-        }
-        if self.max_age < Duration::from_millis(1) {
-            return Err("--history-max-age must be at least 1ms".into());
-        }
-        if self.max_page == 0 {
-            return Err("--history-max-page must be at least 1".into());
-        }
-        if self.api_key.as_ref().is_some_and(|k| k.len() < 16) {
-            return Err("--api-key must be at least 16 bytes".into());
-        }
-        if self.dedupe_window < Duration::from_millis(1) {
-            return Err("--dedupe-window must be at least 1ms".into());
-        }
-        if self.max_publish_users == 0 || self.max_publish_body_bytes < 64 {
-            return Err("publish bounds must be at least 1 user and 64 bytes".into());
-        }
-        Ok(())
-    }
-}
 
 /// `{"event":E,"args":A}` → `{"event":E,"args":A,"offset":"A-B"}`: the dispatch frame always
 /// ends with its object's `}`, so the field is spliced in without re-encoding.
@@ -256,7 +185,9 @@ impl MemoryHistory {
             max_len: config.max_len,
             max_age_ms: config.max_age.as_millis() as u64,
             dedupe_window_ms: config.dedupe_window.as_millis() as u64,
-            shards: (0..SHARDS).map(|_| Mutex::new(RingShard::default())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(RingShard::default()))
+                .collect(),
         }
     }
 

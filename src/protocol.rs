@@ -8,6 +8,8 @@ use serde_json::Value;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::Utf8Bytes;
 
+use crate::types::UserId;
+
 /// A decoded client envelope: `{"event": "...", "args": ..., "ack": n}`.
 #[derive(Debug, Deserialize)]
 pub struct Envelope<'a> {
@@ -267,13 +269,21 @@ fn encode<T: Serialize + ?Sized>(
     serde_json::to_string(&Outgoing { event, ack, args }).map(Utf8Bytes::from)
 }
 
-/// Encodes `{"event":E,"args":A}` once for `users`, remembering where `,"args":` starts so the
-/// backplane can splice other fields in without re-encoding (see `backplane::wire`).
-pub fn encode_dispatch<T: Serialize + ?Sized>(
-    users: Vec<crate::UserId>,
+/// An event encoded once, `{"event":E,"args":A}`, with where `,"args":` starts in it (so the
+/// backplane can splice other fields in without re-encoding; see `backplane::wire`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchFrame {
+    /// The complete text frame payload.
+    pub frame: Utf8Bytes,
+    /// Byte offset of `,"args":` in `frame`.
+    pub args_at: usize,
+}
+
+/// Encodes `{"event":E,"args":A}` once, remembering where `,"args":` starts.
+pub fn encode_dispatch_frame<T: Serialize + ?Sized>(
     event: &str,
     args: &T,
-) -> Result<crate::bus::Dispatch, serde_json::Error> {
+) -> Result<DispatchFrame, serde_json::Error> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(b"{\"event\":");
     serde_json::to_writer(&mut out, event)?;
@@ -282,13 +292,27 @@ pub fn encode_dispatch<T: Serialize + ?Sized>(
     serde_json::to_writer(&mut out, args)?;
     out.push(b'}');
     let text = String::from_utf8(out).map_err(|e| serde::ser::Error::custom(e.to_string()))?;
-    Ok(crate::bus::Dispatch {
-        users: users.into_boxed_slice(),
+    Ok(DispatchFrame {
         frame: Utf8Bytes::from(text),
         args_at,
-        sio: Default::default(),
-        dedupe: None,
     })
+}
+
+/// Encodes `{"event":E,"args":A}` once for `users` and builds `D` (the bus's dispatch) from
+/// both, without this module knowing `D`.
+///
+/// Kept so that callers not yet moved to `bus::encode_dispatch` (the core loop's rooms)
+/// compile; new code calls `bus::encode_dispatch`.
+pub fn encode_dispatch<D, T>(
+    users: Vec<UserId>,
+    event: &str,
+    args: &T,
+) -> Result<D, serde_json::Error>
+where
+    D: From<(Vec<UserId>, DispatchFrame)>,
+    T: Serialize + ?Sized,
+{
+    encode_dispatch_frame(event, args).map(|frame| D::from((users, frame)))
 }
 
 /// `{"event": "ack", "ack": n, "args": result}` (without `ack` for `None`: the Socket.IO ack
@@ -371,7 +395,7 @@ mod tests {
     #[test]
     fn dispatch_frames_match_event_frames() {
         let args = serde_json::json!({"a": [1, "x"]});
-        let d = encode_dispatch(vec!["u".into()], "ev\"t", &args).unwrap();
+        let d = encode_dispatch_frame("ev\"t", &args).unwrap();
         assert_eq!(d.frame, encode_event("ev\"t", &args).unwrap());
         assert!(d.frame.as_str()[d.args_at..].starts_with(",\"args\":"));
     }

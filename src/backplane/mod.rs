@@ -24,75 +24,26 @@ pub mod subscriber;
 pub mod wire;
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
 
-use crate::bus::{Bus, CoreMsg, Dispatch};
+pub use crate::config::redis::{
+    RedisConfig, Routing, DEFAULT_CHANNEL_PREFIX, DEFAULT_PUBLISH_QUEUE, DEFAULT_RECONNECT_MAX,
+    DEFAULT_RECONNECT_MIN,
+};
+
+pub use crate::bus::AckWaiter;
+
+use crate::bus::{Bus, Dispatch};
 use crate::history::{HistoryConfig, Offset};
 use crate::rooms::{RoomId, RoomsConfig};
 use crate::UserId;
 
-/// Publications held while Redis is slow or down before the oldest are dropped.
-pub const DEFAULT_PUBLISH_QUEUE: usize = 100_000;
-/// First reconnect delay; doubled per failure up to the maximum, with jitter.
-pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
-/// Longest delay between reconnect attempts.
-pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
-/// Channel-name prefix for per-user routing.
-pub const DEFAULT_CHANNEL_PREFIX: &str = "switchboard";
-
-/// How dispatches are routed between instances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Routing {
-    /// A channel per user; an instance subscribes only to the users it hosts.
-    PerUser,
-    /// The original Node.js design's single channel and payload, for mixed fleets.
-    Seed,
-}
-
-/// Redis backplane settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
-    pub url: String,
-    /// Routing mode.
-    pub routing: Routing,
-    /// Bound of the publication queue.
-    pub publish_queue: usize,
-    /// Reconnect backoff bounds.
-    pub reconnect_min: Duration,
-    /// Reconnect backoff bounds.
-    pub reconnect_max: Duration,
-    /// Per-user channel prefix (`{prefix}:u:{user}`).
-    pub channel_prefix: String,
-    /// Redis Cluster seed nodes (`host:port`). When set, per-user channels use sharded pub/sub
-    /// (`SPUBLISH`/`SSUBSCRIBE`) on the primary owning each channel's slot, and `url` is unused.
-    pub cluster: Vec<String>,
-}
-
 impl RedisConfig {
-    /// Defaults for `url`.
-    pub fn new(url: impl Into<String>) -> Self {
-        RedisConfig {
-            url: url.into(),
-            routing: Routing::PerUser,
-            publish_queue: DEFAULT_PUBLISH_QUEUE,
-            reconnect_min: DEFAULT_RECONNECT_MIN,
-            reconnect_max: DEFAULT_RECONNECT_MAX,
-            channel_prefix: DEFAULT_CHANNEL_PREFIX.to_string(),
-            cluster: Vec::new(),
-        }
-    }
-
-    /// Whether sharded pub/sub on a Redis Cluster is used.
-    pub fn sharded(&self) -> bool {
-        !self.cluster.is_empty() && self.routing == Routing::PerUser
-    }
-
     /// The initial topology: the cluster's slot map, or the one server of `url`.
     pub(crate) fn topology(&self) -> std::io::Result<cluster::SlotMap> {
         use redis::IntoConnectionInfo;
@@ -129,37 +80,6 @@ impl RedisConfig {
             _ => format!("redis://{addr}"),
         }
     }
-
-    /// Checks the URL and bounds.
-    pub fn validate(&self) -> Result<(), String> {
-        use redis::IntoConnectionInfo;
-        let info = self
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| format!("--redis-url: {e}"))?;
-        if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..)) {
-            return Err("--redis-url: only redis:// (TCP) URLs are supported".into());
-        }
-        if self.publish_queue == 0 {
-            return Err("--publish-queue must be at least 1".into());
-        }
-        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
-            return Err("reconnect backoff: min must be above zero and at most max".into());
-        }
-        for node in &self.cluster {
-            let ok = node
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-            if !ok {
-                return Err(format!("--redis-cluster: {node:?} is not host:port"));
-            }
-        }
-        if self.channel_prefix.is_empty() || self.channel_prefix.contains(':') {
-            return Err("--redis-prefix must be non-empty and contain no ':'".into());
-        }
-        Ok(())
-    }
 }
 
 /// A publication: one dispatch for one target user.
@@ -170,69 +90,6 @@ pub struct Publication {
     pub dispatch: Arc<Dispatch>,
     /// The client request whose `ack` waits for this publication, if any.
     pub waiter: Option<Arc<AckWaiter>>,
-}
-
-/// A client request whose `ack` is held until Redis has taken every publication of its
-/// dispatches (appended to the history with history on), so an acknowledged message survives
-/// this instance dying; a message without an ack may be resent (with the same idempotency key).
-/// The last publication to settle sends the waiter to its core as [`CoreMsg::Acked`].
-#[derive(Debug)]
-pub struct AckWaiter {
-    /// The core owning the connection.
-    pub core: usize,
-    /// The connection's slab key there.
-    pub key: usize,
-    /// The connection's serial (a reused slab slot has another).
-    pub serial: u64,
-    /// The client's ack number (native, or a tagged Socket.IO ack id).
-    pub ack: u64,
-    /// The handler's result, sent in the ack when everything was taken.
-    pub result: serde_json::Value,
-    /// Publications not settled yet.
-    remaining: AtomicUsize,
-    /// Set when a publication was dropped (queue overflow): the client gets an error instead.
-    dropped: AtomicBool,
-}
-
-impl AckWaiter {
-    /// A waiter for `publications` publications.
-    pub fn new(
-        core: usize,
-        key: usize,
-        serial: u64,
-        ack: u64,
-        result: serde_json::Value,
-        publications: usize,
-    ) -> Self {
-        AckWaiter {
-            core,
-            key,
-            serial,
-            ack,
-            result,
-            remaining: AtomicUsize::new(publications),
-            dropped: AtomicBool::new(false),
-        }
-    }
-
-    /// `true` when every publication was taken by Redis.
-    pub fn taken(&self) -> bool {
-        !self.dropped.load(SeqCst)
-    }
-
-    /// One publication settled (`taken` by Redis, or dropped); the last one hands the waiter to
-    /// its core.
-    fn settle(self: &Arc<Self>, taken: bool, bus: Option<&Arc<Bus>>) {
-        if !taken {
-            self.dropped.store(true, SeqCst);
-        }
-        if self.remaining.fetch_sub(1, SeqCst) == 1 {
-            // A full inbox loses the ack; the client's resend is recognised by its key.
-            if let Some(bus) = bus {
-                let _ = bus.send(self.core, CoreMsg::Acked(Arc::clone(self)));
-            }
-        }
-    }
 }
 
 /// A recovering connection's request for the events of `user` after `since`. It is run only
@@ -857,8 +714,7 @@ mod tests {
         cfg.publish_queue = 2;
         let bp = Backplane::new(cfg, 1);
         let d = Arc::new(
-            crate::protocol::encode_dispatch(vec!["a".into(), "b".into(), "c".into()], "e", &1)
-                .unwrap(),
+            crate::bus::encode_dispatch(vec!["a".into(), "b".into(), "c".into()], "e", &1).unwrap(),
         );
         bp.publish(&d, None);
         assert_eq!(bp.queue_depth(), 2);

@@ -207,7 +207,7 @@ impl serde::Serialize for RawArgs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::encode_dispatch;
+    use crate::bus::encode_dispatch;
 
     #[test]
     fn user_channels_round_trip() {

@@ -4,8 +4,16 @@
 //! embedders and tests build one from [`Config::default`] and change the fields they care about.
 //! [`Config::validate`] runs before any socket is bound, so a bad value is a one-line error.
 
+pub mod history;
+pub mod redis;
+pub mod rooms;
+
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use self::history::HistoryConfig;
+use self::redis::{RedisConfig, Routing};
+use self::rooms::RoomsConfig;
 
 /// Address the server listens on when none is given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -93,13 +101,13 @@ pub struct Config {
     /// Bucket size, and the number of refused frames in a row before a 1008 close.
     pub rate_limit_burst: u32,
     /// The Redis backplane; `None` runs embedded (one instance, every core, in-process).
-    pub backplane: Option<crate::backplane::RedisConfig>,
+    pub backplane: Option<RedisConfig>,
     /// Offsets, per-user history, resume and the history/publish routes.
-    pub history: crate::history::HistoryConfig,
+    pub history: HistoryConfig,
     /// Serve the chat page ([`crate::web`]) at `GET /` and `GET /index.html`; off, both are 404.
     pub chat_page: bool,
     /// Rooms, presence and the per-user device limit.
-    pub rooms: crate::rooms::RoomsConfig,
+    pub rooms: RoomsConfig,
 }
 
 impl Default for Config {
@@ -123,9 +131,9 @@ impl Default for Config {
             rate_limit_per_sec: DEFAULT_RATE_LIMIT_PER_SEC,
             rate_limit_burst: DEFAULT_RATE_LIMIT_BURST,
             backplane: None,
-            history: crate::history::HistoryConfig::default(),
+            history: HistoryConfig::default(),
             chat_page: true,
-            rooms: crate::rooms::RoomsConfig::default(),
+            rooms: RoomsConfig::default(),
         }
     }
 }
@@ -192,9 +200,10 @@ impl Config {
     /// Cluster it stays off, and the binary says so at startup.
     pub fn history_active(&self) -> bool {
         self.history.enabled
-            && self.backplane.as_ref().is_none_or(|r| {
-                r.routing == crate::backplane::Routing::PerUser && r.cluster.is_empty()
-            })
+            && self
+                .backplane
+                .as_ref()
+                .is_none_or(|r| r.routing == Routing::PerUser && r.cluster.is_empty())
     }
 
     /// Whether rooms, presence and the device limit are in force: embedded, or per-user routing
@@ -204,7 +213,7 @@ impl Config {
     pub fn rooms_active(&self) -> bool {
         self.backplane
             .as_ref()
-            .is_none_or(|r| r.routing == crate::backplane::Routing::PerUser && r.cluster.is_empty())
+            .is_none_or(|r| r.routing == Routing::PerUser && r.cluster.is_empty())
     }
 
     /// The idle time after which an open connection that sent nothing is closed.
@@ -275,7 +284,6 @@ mod tests {
 
     #[test]
     fn history_is_active_only_where_supported() {
-        use crate::backplane::{RedisConfig, Routing};
         let mut cfg = Config::default();
         cfg.history.enabled = true;
         assert!(cfg.history_active(), "embedded");

@@ -1,0 +1,94 @@
+//! Redis backplane settings: the server or cluster, the routing, and the publisher's bounds.
+//!
+//! How the backplane connects with them (topology, node URLs) is in `backplane`.
+
+use std::time::Duration;
+
+/// Publications held while Redis is slow or down before the oldest are dropped.
+pub const DEFAULT_PUBLISH_QUEUE: usize = 100_000;
+/// First reconnect delay; doubled per failure up to the maximum, with jitter.
+pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Longest delay between reconnect attempts.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Channel-name prefix for per-user routing.
+pub const DEFAULT_CHANNEL_PREFIX: &str = "switchboard";
+
+/// How dispatches are routed between instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// A channel per user; an instance subscribes only to the users it hosts.
+    PerUser,
+    /// The original Node.js design's single channel and payload, for mixed fleets.
+    Seed,
+}
+
+/// Redis backplane settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Routing mode.
+    pub routing: Routing,
+    /// Bound of the publication queue.
+    pub publish_queue: usize,
+    /// Reconnect backoff bounds.
+    pub reconnect_min: Duration,
+    /// Reconnect backoff bounds.
+    pub reconnect_max: Duration,
+    /// Per-user channel prefix (`{prefix}:u:{user}`).
+    pub channel_prefix: String,
+    /// Redis Cluster seed nodes (`host:port`). When set, per-user channels use sharded pub/sub
+    /// (`SPUBLISH`/`SSUBSCRIBE`) on the primary owning each channel's slot, and `url` is unused.
+    pub cluster: Vec<String>,
+}
+
+impl RedisConfig {
+    /// Defaults for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            routing: Routing::PerUser,
+            publish_queue: DEFAULT_PUBLISH_QUEUE,
+            reconnect_min: DEFAULT_RECONNECT_MIN,
+            reconnect_max: DEFAULT_RECONNECT_MAX,
+            channel_prefix: DEFAULT_CHANNEL_PREFIX.to_string(),
+            cluster: Vec::new(),
+        }
+    }
+
+    /// Whether sharded pub/sub on a Redis Cluster is used.
+    pub fn sharded(&self) -> bool {
+        !self.cluster.is_empty() && self.routing == Routing::PerUser
+    }
+
+    /// Checks the URL and bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        use redis::IntoConnectionInfo;
+        let info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("--redis-url: {e}"))?;
+        if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..)) {
+            return Err("--redis-url: only redis:// (TCP) URLs are supported".into());
+        }
+        if self.publish_queue == 0 {
+            return Err("--publish-queue must be at least 1".into());
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
+            return Err("reconnect backoff: min must be above zero and at most max".into());
+        }
+        for node in &self.cluster {
+            let ok = node
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(format!("--redis-cluster: {node:?} is not host:port"));
+            }
+        }
+        if self.channel_prefix.is_empty() || self.channel_prefix.contains(':') {
+            return Err("--redis-prefix must be non-empty and contain no ':'".into());
+        }
+        Ok(())
+    }
+}
