@@ -32,6 +32,32 @@
 //! - [`web`] is the chat page served at `GET /`, a browser client of the public protocol.
 //! - [`config`] holds every bound and its documented default.
 //!
+//! # Layers
+//!
+//! The modules in order, lowest first. A module imports only modules before it in this list;
+//! `tests/layers.rs` checks that, and that the `mod` lines below keep the same order (blank
+//! lines there separate groups of modules that import none of each other, which rustfmt keeps
+//! sorted). Tempted to import upward? Move the type down, or pass a closure.
+//!
+//! 1. [`types`]: leaf types (`UserId`, `RoomId`, `Offset`) and the wall clock; imports nothing.
+//! 2. [`config`]: `Config`, its validation and defaults, one file per feature's settings.
+//! 3. [`protocol`]: the envelope codec, error codes and close reasons.
+//! 4. [`http`]: the HTTP/1.1 request parser and the responses.
+//! 5. [`metrics`]: per-core counters and their `/metrics` and `/healthz` renderings.
+//! 6. [`socketio`]: the Socket.IO and Engine.IO codec and the per-dispatch frame cache.
+//! 7. [`web`]: the chat page.
+//! 8. [`auth`]: tokens to user ids.
+//! 9. [`history`]: offsets on frames, the embedded store, the Redis append script.
+//! 10. [`rooms`]: room rules, room frames, the embedded registry.
+//! 11. [`user_index`]: a core's user → connections index.
+//! 12. [`bus`]: the per-core inboxes and what travels on them (`Dispatch`, `AckWaiter`).
+//! 13. [`api`]: the HTTP API's request parsing and answers.
+//! 14. [`handlers`]: the handler registry, the handler context, `sendMessage`.
+//! 15. [`connection`]: a connection's states.
+//! 16. [`backplane`]: the Redis publisher, subscriber and workers.
+//! 17. `core_loop`: one core's event loop.
+//! 18. [`runtime`]: the threads, start and stop.
+//!
 //! Embedding: build a [`Config`], add handlers to a [`Server`], call [`Server::start`].
 //!
 //! ```no_run
@@ -51,24 +77,34 @@
 
 #![warn(missing_docs)]
 
-pub mod api;
-pub mod auth;
-pub mod backplane;
-pub mod bus;
+pub mod types;
+
 pub mod config;
-pub mod connection;
-mod core_loop;
-pub mod handlers;
-pub mod history;
+
+pub mod protocol;
+
 pub mod http;
 pub mod metrics;
-pub mod protocol;
-pub mod rooms;
-pub mod runtime;
 pub mod socketio;
-pub mod types;
-pub mod user_index;
 pub mod web;
+
+pub mod auth;
+pub mod history;
+pub mod rooms;
+pub mod user_index;
+
+pub mod bus;
+
+pub mod api;
+pub mod handlers;
+
+pub mod connection;
+
+pub mod backplane;
+
+mod core_loop;
+
+pub mod runtime;
 
 pub use types::UserId;
 
