@@ -4,7 +4,8 @@
 //! looks the target users up in its own index. With history on, what travels is a
 //! [`Delivery`] (one user's frame with its offset) and the answers to replay requests; see
 //! [`CoreMsg`]. A full inbox never blocks the sender: the message is dropped for that core and
-//! counted (`switchboard_inbox_drops_total`).
+//! counted (`switchboard_inbox_drops_total`). An [`AckWaiter`] holds a client's ack until Redis
+//! took its publications, then travels back to its core.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -158,6 +159,7 @@ impl Dispatch {
     }
 }
 
+/// For [`crate::protocol::encode_dispatch`], which builds a dispatch without knowing this type.
 impl From<(Vec<UserId>, DispatchFrame)> for Dispatch {
     fn from((users, frame): (Vec<UserId>, DispatchFrame)) -> Self {
         Dispatch::new(users, frame)

@@ -16,6 +16,7 @@ use serde_json::Value;
 use crate::auth::valid_user_id;
 use crate::bus::{encode_dispatch, Dispatch};
 use crate::protocol::ErrorCode;
+// The clock lives in `types`; it keeps its path here.
 pub use crate::types::now_ms;
 use crate::types::UserId;
 

@@ -19,12 +19,14 @@ use std::time::Duration;
 
 use tungstenite::Utf8Bytes;
 
+// The settings live in `config::history` and the offset in `types`; they keep their paths here.
 pub use crate::config::history::{
     HistoryConfig, DEFAULT_DEDUPE_WINDOW, DEFAULT_MAX_AGE, DEFAULT_MAX_LEN, DEFAULT_MAX_PAGE,
     DEFAULT_MAX_PUBLISH_BODY_BYTES, DEFAULT_MAX_PUBLISH_USERS,
 };
-use crate::types::UserId;
 pub use crate::types::{BadOffset, Offset};
+
+use crate::types::UserId;
 
 /// Live frames a recovering connection holds while its replay is fetched; past it the recovery
 /// ends with `complete: false`.

@@ -302,7 +302,7 @@ pub fn encode_dispatch_frame<T: Serialize + ?Sized>(
 /// both, without this module knowing `D`.
 ///
 /// Kept so that callers not yet moved to `bus::encode_dispatch` (the core loop's rooms)
-/// compile; new code calls `bus::encode_dispatch`.
+/// compile; new code calls `bus::encode_dispatch`, and this goes once none is left.
 pub fn encode_dispatch<D, T>(
     users: Vec<UserId>,
     event: &str,

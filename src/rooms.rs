@@ -12,12 +12,14 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tungstenite::Utf8Bytes;
 
+// The settings live in `config::rooms` and the room id in `types`; they keep their paths here.
 pub use crate::config::rooms::{
     RoomsConfig, DEFAULT_MAX_DEVICES, DEFAULT_MAX_ROOMS_PER_USER, DEFAULT_MAX_ROOM_MEMBERS,
     DEFAULT_MAX_ROOM_NAME_BYTES, DEFAULT_PRESENCE_TTL,
 };
-use crate::protocol::ErrorCode;
 pub use crate::types::RoomId;
+
+use crate::protocol::ErrorCode;
 use crate::types::UserId;
 
 /// Why a room request was refused (besides bad arguments).

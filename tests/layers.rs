@@ -235,10 +235,13 @@ fn root_refs(code: &str, depth: usize) -> Vec<(String, usize)> {
             Tok::Ident(kw) if kw == "mod" => {
                 mod_brace_next = matches!(toks.get(i + 2), Some((Tok::Punct(b'{'), _)));
             }
-            Tok::Ident(kw) if kw == "crate" && !after_path && !macro_var => {
-                if toks.get(i + 1).map(|t| &t.0) == Some(&Tok::Path) {
-                    refs.extend(first_segments(&toks, i + 2));
-                }
+            Tok::Ident(kw)
+                if kw == "crate"
+                    && !after_path
+                    && !macro_var
+                    && toks.get(i + 1).map(|t| &t.0) == Some(&Tok::Path) =>
+            {
+                refs.extend(first_segments(&toks, i + 2));
             }
             Tok::Ident(kw) if kw == "super" && !after_path => {
                 let mut j = i;

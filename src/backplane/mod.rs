@@ -31,11 +31,13 @@ use std::time::Duration;
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
 
+// The settings live in `config::redis`, below every feature; they keep their paths here.
 pub use crate::config::redis::{
     RedisConfig, Routing, DEFAULT_CHANNEL_PREFIX, DEFAULT_PUBLISH_QUEUE, DEFAULT_RECONNECT_MAX,
     DEFAULT_RECONNECT_MIN,
 };
 
+// Old path, for the core loop until it names `bus::AckWaiter`; then remove.
 pub use crate::bus::AckWaiter;
 
 use crate::bus::{Bus, Dispatch};
@@ -43,6 +45,7 @@ use crate::history::{HistoryConfig, Offset};
 use crate::rooms::{RoomId, RoomsConfig};
 use crate::UserId;
 
+/// How the backplane reaches the servers a [`RedisConfig`] names.
 impl RedisConfig {
     /// The initial topology: the cluster's slot map, or the one server of `url`.
     pub(crate) fn topology(&self) -> std::io::Result<cluster::SlotMap> {
