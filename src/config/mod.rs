@@ -3,6 +3,10 @@
 //! The binary fills a [`Config`] from CLI flags and environment variables (see `src/main.rs`);
 //! embedders and tests build one from [`Config::default`] and change the fields they care about.
 //! [`Config::validate`] runs before any socket is bound, so a bad value is a one-line error.
+//!
+//! Each feature's settings have a file of their own ([`redis`], [`history`], [`rooms`]) and keep
+//! their old paths through re-exports (`backplane::RedisConfig`, ...). This module imports nothing
+//! from the crate but `types`, so every layer may read it.
 
 pub mod history;
 pub mod redis;
