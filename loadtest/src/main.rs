@@ -4,37 +4,27 @@
 //! Exit status: 0 = run completed clean, 1 = run completed with problems (loss,
 //! duplicates, failed connections...), 2 = could not run.
 
-mod churn;
 mod cli;
-mod codec;
-mod control;
-mod director;
-mod engine;
-mod fleet;
-mod ledger;
-mod marker;
-mod plot;
-mod population;
-mod report;
-mod room;
-mod shard;
-mod sio;
-mod soak;
-mod stats;
-mod sysinfo;
+mod orchestration;
+mod reporting;
+mod scenarios;
 #[cfg(test)]
 mod testserver;
-mod token;
+mod transport;
 
 use clap::Parser;
 use cli::{Args, Scenario};
+use orchestration::{control, director, engine, fleet, shard};
 use population::{Population, Shard};
 use report::{ConnectReport, IdleReport, PhaseReport, Progress, Report};
+use reporting::{plot, report, stats, sysinfo};
+use scenarios::{churn, population, room, soak};
 use shard::{ConnectSummary, PhaseResult};
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
+use transport::{sio, token};
 
 fn main() -> ExitCode {
     let args = Args::parse();

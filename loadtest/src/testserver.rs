@@ -3,7 +3,7 @@
 //! It can misbehave on purpose: duplicate or drop every n-th delivery. With `socketio` it
 //! speaks Engine.IO v4 / Socket.IO v5 framing like a socket.io v4 server (default namespace).
 
-use crate::codec;
+use crate::transport::codec;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

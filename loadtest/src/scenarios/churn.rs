@@ -17,11 +17,14 @@
 //! status only says whether connections failed (1) or the run could not start (2).
 
 use crate::cli::Args;
-use crate::codec::{self, Handshake, Parse};
-use crate::engine::{connect_done, connect_socket, reason, server_close_reason, write_some};
-use crate::marker::{self, Classifier, Frame};
-use crate::population::splitmix64;
-use crate::{sysinfo, token};
+use crate::orchestration::engine::{
+    connect_done, connect_socket, reason, server_close_reason, write_some,
+};
+use crate::reporting::sysinfo;
+use crate::scenarios::marker::{self, Classifier, Frame};
+use crate::scenarios::population::splitmix64;
+use crate::transport::codec::{self, Handshake, Parse};
+use crate::transport::token;
 use mio::net::TcpStream;
 use mio::{Events, Poll, Token, Waker};
 use serde::Serialize;

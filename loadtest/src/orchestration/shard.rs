@@ -4,10 +4,10 @@
 //! The same code runs in a single process (the control decides locally) and in a worker
 //! (the control relays to the parent over stdin/stdout); only the `Control` differs.
 
-use crate::engine::{self, Command, Engine, PhaseRun, Report, Shared};
-use crate::ledger::{self, Ledger};
-use crate::stats::{self, Counters, Tick};
-use crate::sysinfo;
+use crate::orchestration::engine::{self, Command, Engine, PhaseRun, Report, Shared};
+use crate::orchestration::ledger::{self, Ledger};
+use crate::reporting::stats::{self, Counters, Tick};
+use crate::reporting::sysinfo;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -360,7 +360,7 @@ impl TickMerger {
 mod tests {
     use super::*;
     use crate::cli::Args;
-    use crate::population::Shard;
+    use crate::scenarios::population::Shard;
     use crate::testserver::{self, Faults};
     use clap::Parser;
 

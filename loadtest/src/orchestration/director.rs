@@ -2,8 +2,8 @@
 //! whole-run results, so it behaves the same with one process or many workers.
 
 use crate::cli::{Args, Scenario};
-use crate::shard::{PhaseResult, PhaseSpec};
-use crate::stats::Percentiles;
+use crate::orchestration::shard::{PhaseResult, PhaseSpec};
+use crate::reporting::stats::Percentiles;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -118,7 +118,7 @@ impl Director {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats;
+    use crate::reporting::stats;
     use clap::Parser;
 
     fn args(v: &[&str]) -> Args {

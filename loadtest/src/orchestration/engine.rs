@@ -5,12 +5,12 @@
 //! Connection `g` belongs to thread `g % threads`; the thread that owns a message's sender
 //! connection sends it, whichever thread owns the receiving connections records it.
 
-use crate::codec::{self, Handshake, Parse};
-use crate::ledger::{Ledger, Mark};
-use crate::marker::{self, Classifier, Frame};
-use crate::population::Population;
-use crate::sio;
-use crate::stats::{self, Counters};
+use crate::orchestration::ledger::{Ledger, Mark};
+use crate::reporting::stats::{self, Counters};
+use crate::scenarios::marker::{self, Classifier, Frame};
+use crate::scenarios::population::Population;
+use crate::transport::codec::{self, Handshake, Parse};
+use crate::transport::sio;
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::unix::SourceFd;

@@ -20,10 +20,10 @@
 //! and retried like any unacknowledged message.
 
 use crate::cli::Args;
-use crate::codec::{self, Handshake, Parse};
-use crate::marker::{self, Classifier, Frame};
-use crate::population::splitmix64;
-use crate::token;
+use crate::scenarios::marker::{self, Classifier, Frame};
+use crate::scenarios::population::splitmix64;
+use crate::transport::codec::{self, Handshake, Parse};
+use crate::transport::token;
 use memchr::memmem;
 use std::collections::HashSet;
 use std::io::{Read, Write};

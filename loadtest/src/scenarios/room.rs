@@ -17,9 +17,9 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::cli::Args;
-use crate::codec::{self, Parse};
-use crate::soak::{connect, mask, new_run_id};
-use crate::token;
+use crate::scenarios::soak::{connect, mask, new_run_id};
+use crate::transport::codec::{self, Parse};
+use crate::transport::token;
 
 const MAX_PAYLOAD: usize = 1 << 20;
 /// How long the joins, and then the warm-up (a message every member device has seen), may take.
