@@ -7,6 +7,7 @@
 mod cli;
 mod orchestration;
 mod reporting;
+mod rng;
 mod scenarios;
 #[cfg(test)]
 mod testserver;
@@ -15,7 +16,7 @@ mod transport;
 use clap::Parser;
 use cli::{Args, Scenario};
 use orchestration::{control, director, engine, fleet, shard};
-use population::{Population, Shard};
+use population::Shard;
 use report::{ConnectReport, IdleReport, PhaseReport, Progress, Report};
 use reporting::{plot, report, stats, sysinfo};
 use scenarios::{churn, population, room, soak};
@@ -106,15 +107,6 @@ fn report<R: serde::Serialize>(
     }
 }
 
-fn random_u64() -> u64 {
-    // No RNG crate needed: hashing the clock and pid is unpredictable enough for run ids.
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    population::splitmix64(t ^ (u64::from(std::process::id()) << 32))
-}
-
 /// The connections and tokens of one shard, ready for the event loops.
 fn build_shared(
     args: &Args,
@@ -122,25 +114,7 @@ fn build_shared(
     run_id: &str,
     seed: u64,
 ) -> Result<engine::Shared, String> {
-    let n_addrs = args.addrs.len() as u32;
-    let pop = match args.scenario {
-        Scenario::Fanout => Population::fanout(
-            &args.user_prefix,
-            args.sender_devices,
-            args.devices,
-            shard,
-            n_addrs,
-            seed,
-        ),
-        _ => Population::uniform(
-            &args.user_prefix,
-            args.users,
-            args.devices,
-            shard,
-            n_addrs,
-            seed,
-        ),
-    };
+    let pop = scenarios::delivery::population(args, shard, seed);
     if !pop.can_send() {
         return Err("this shard has no users".into());
     }
@@ -153,7 +127,7 @@ fn build_shared(
         let id = pop.user_id(u);
         let tok = minter.token(&id, now)?;
         match args.protocol {
-            cli::Protocol::Native => paths.push(format!("{}?token={tok}", args.ws_path())),
+            cli::Protocol::Native => paths.push(token::native_path(args.ws_path(), &tok)),
             cli::Protocol::Socketio => {
                 paths.push(sio::upgrade_path(args.ws_path(), &tok));
                 sio_connect.push(sio::connect_packet(&tok));
@@ -228,8 +202,8 @@ struct Collected {
 }
 
 fn run_main(args: &Args) -> Result<bool, String> {
-    let run_id = format!("{:08x}", random_u64() as u32);
-    let seed = args.seed.unwrap_or_else(random_u64);
+    let run_id = rng::run_id();
+    let seed = args.seed.unwrap_or_else(rng::random_u64);
     let healthz_before: Vec<_> = args.addrs.iter().map(|a| sysinfo::healthz(*a)).collect();
     let rss_before_kib = sysinfo::rss_total_kib(&args.server_pid);
     if !args.server_pid.is_empty() && rss_before_kib.is_none() {

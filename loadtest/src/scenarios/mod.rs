@@ -3,6 +3,7 @@
 //! population and message marker here and run on the orchestration's event loops.
 
 pub mod churn;
+pub mod delivery;
 pub mod marker;
 pub mod population;
 pub mod room;

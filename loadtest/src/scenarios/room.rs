@@ -7,7 +7,7 @@
 //! thread per device would spend the server's CPUs on context switches. The timestamp travels
 //! in the text (`rm:<seq>:<µs since start>`), so latency needs no clock shared between processes.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,10 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::cli::Args;
-use crate::scenarios::soak::{connect, mask, new_run_id};
+use crate::rng;
+use crate::transport::blocking;
 use crate::transport::codec::{self, Parse};
+use crate::transport::nonblocking::{ReadResult, WsStream};
 use crate::transport::token;
 
 const MAX_PAYLOAD: usize = 1 << 20;
@@ -26,9 +28,7 @@ const MAX_PAYLOAD: usize = 1 << 20;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    out: Vec<u8>,
+    ws: WsStream,
     /// Highest message seq seen (messages of one sender arrive in order).
     last_seq: Option<u64>,
     delivered: u64,
@@ -58,20 +58,20 @@ pub struct RoomReport {
 }
 
 fn write_frame(conn: &mut Conn, payload: &str, rnd: &mut u64) {
-    codec::encode_frame(&mut conn.out, codec::OP_TEXT, payload.as_bytes(), mask(rnd));
+    let mask = codec::mask(rnd);
+    codec::encode_frame(
+        conn.ws.out.queue(),
+        codec::OP_TEXT,
+        payload.as_bytes(),
+        mask,
+    );
     flush(conn);
 }
 
+/// Writes what the socket takes; the writable event flushes the rest. A failed socket is
+/// not judged here: its member's deliveries will be missing.
 fn flush(conn: &mut Conn) {
-    while !conn.out.is_empty() {
-        match conn.stream.write(&conn.out) {
-            Ok(0) => return,
-            Ok(n) => {
-                conn.out.drain(..n);
-            }
-            Err(_) => return, // WouldBlock: the writable event flushes the rest.
-        }
-    }
+    let _ = conn.ws.flush();
 }
 
 /// The number after `key` in `payload` (`key` ends with the opening quote or colon).
@@ -88,7 +88,7 @@ fn number_after(payload: &[u8], key: &[u8]) -> Option<u64> {
 }
 
 pub fn run(args: &Args) -> Result<RoomReport, String> {
-    let room = format!("loadtest-{}", new_run_id());
+    let room = format!("loadtest-{}", rng::run_id());
     let mut rnd = args.seed.unwrap_or(0x700d);
     let minter = token::Minter::new(args.jwt_secret.as_deref(), args.jwt_ttl);
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
@@ -98,13 +98,12 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
     let started = Instant::now();
     for u in 0..args.users {
         let user = format!("{}{u}", args.user_prefix);
-        let tok = minter.token(&user, token::unix_now_s())?;
-        let path = format!("{}?token={tok}", args.ws_path());
+        let path = minter.native_path(args.ws_path(), &user)?;
         for d in 0..args.devices {
             let addr: SocketAddr =
                 args.addrs[(u as usize * args.devices as usize + d as usize) % args.addrs.len()];
             let timeout = Duration::from_secs_f64(args.connect_timeout);
-            let (std_stream, leftover) = connect(addr, &path, &mut rnd, timeout)
+            let (std_stream, leftover) = blocking::connect(addr, &path, &mut rnd, timeout)
                 .map_err(|e| format!("connecting {user} to {addr}: {e}"))?;
             std_stream
                 .set_nonblocking(true)
@@ -118,9 +117,7 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
                 firsts.push(conns.len());
             }
             conns.push(Conn {
-                stream,
-                buf: leftover,
-                out: Vec::new(),
+                ws: WsStream::upgraded(stream, leftover),
                 last_seq: None,
                 delivered: 0,
                 duplicates: 0,
@@ -283,22 +280,18 @@ fn pump(
         if !event.is_readable() {
             continue;
         }
-        loop {
-            match conn.stream.read(&mut tmp) {
-                Ok(0) => break,
-                Ok(n) => conn.buf.extend_from_slice(&tmp[..n]),
-                Err(_) => break,
-            }
+        while let ReadResult::Data(n) = conn.ws.read(&mut tmp) {
+            conn.ws.rbuf.extend_from_slice(&tmp[..n]);
         }
         // Taken out of the connection while its frames are handed over: no copy per frame.
-        let mut buf = std::mem::take(&mut conn.buf);
+        let mut buf = std::mem::take(&mut conn.ws.rbuf);
         let mut at = 0;
         while let Parse::Frame(h) = codec::parse_frame(&buf[at..], MAX_PAYLOAD) {
             let payload = &buf[at + h.header_len..at + h.total_len()];
             match h.opcode {
                 codec::OP_TEXT => on_text(conn, payload),
                 codec::OP_PING => {
-                    codec::encode_frame(&mut conn.out, codec::OP_PONG, payload, mask(rnd));
+                    codec::encode_pong(conn.ws.out.queue(), payload, codec::mask(rnd));
                     flush(conn);
                 }
                 _ => {}
@@ -306,7 +299,7 @@ fn pump(
             at += h.total_len();
         }
         buf.drain(..at);
-        conn.buf = buf;
+        conn.ws.rbuf = buf;
     }
 }
 
