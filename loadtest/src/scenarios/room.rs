@@ -18,6 +18,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::cli::Args;
 use crate::rng;
+use crate::scenarios::marker::number_after;
 use crate::transport::blocking;
 use crate::transport::codec::{self, Parse};
 use crate::transport::nonblocking::{ReadResult, WsStream};
@@ -58,13 +59,7 @@ pub struct RoomReport {
 }
 
 fn write_frame(conn: &mut Conn, payload: &str, rnd: &mut u64) {
-    let mask = codec::mask(rnd);
-    codec::encode_frame(
-        conn.ws.out.queue(),
-        codec::OP_TEXT,
-        payload.as_bytes(),
-        mask,
-    );
+    conn.ws.queue_text(payload.as_bytes(), rnd);
     flush(conn);
 }
 
@@ -72,19 +67,6 @@ fn write_frame(conn: &mut Conn, payload: &str, rnd: &mut u64) {
 /// not judged here: its member's deliveries will be missing.
 fn flush(conn: &mut Conn) {
     let _ = conn.ws.flush();
-}
-
-/// The number after `key` in `payload` (`key` ends with the opening quote or colon).
-fn number_after(payload: &[u8], key: &[u8]) -> Option<u64> {
-    let at = memmem::find(payload, key)? + key.len();
-    let digits = payload[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .count();
-    std::str::from_utf8(&payload[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()
 }
 
 pub fn run(args: &Args) -> Result<RoomReport, String> {
@@ -291,7 +273,7 @@ fn pump(
             match h.opcode {
                 codec::OP_TEXT => on_text(conn, payload),
                 codec::OP_PING => {
-                    codec::encode_pong(conn.ws.out.queue(), payload, codec::mask(rnd));
+                    conn.ws.queue_pong(payload, rnd);
                     flush(conn);
                 }
                 _ => {}

@@ -161,6 +161,26 @@ impl WsStream {
         self.out.queue().extend_from_slice(&req);
     }
 
+    /// Queues a text frame carrying `payload`, masked with a key from `rng`.
+    pub fn queue_text(&mut self, payload: &[u8], rng: &mut u64) {
+        codec::encode_frame(self.out.queue(), codec::OP_TEXT, payload, codec::mask(rng));
+    }
+
+    /// Queues the pong answering a ping that carried `payload`.
+    pub fn queue_pong(&mut self, payload: &[u8], rng: &mut u64) {
+        codec::encode_pong(self.out.queue(), payload, codec::mask(rng));
+    }
+
+    /// Queues the close frame answering a server close that carried `payload`.
+    pub fn queue_close_reply(&mut self, payload: &[u8], rng: &mut u64) {
+        codec::encode_close_reply(self.out.queue(), payload, codec::mask(rng));
+    }
+
+    /// Queues a close frame with status 1000 (normal closure).
+    pub fn queue_close_normal(&mut self, rng: &mut u64) {
+        codec::encode_close_normal(self.out.queue(), codec::mask(rng));
+    }
+
     /// Parses the upgrade response buffered in `rbuf`; once accepted, `rbuf` keeps only the
     /// bytes that followed it (the first frames).
     pub fn upgrade_response(&mut self) -> Handshake {
@@ -194,5 +214,68 @@ impl WsStream {
             let _ = registry.deregister(&mut s);
         }
         *self = Self::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn upgrades_and_keeps_the_bytes_after_the_response() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut key = String::new();
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if let Some(k) = line.strip_prefix("Sec-WebSocket-Key: ") {
+                    key = k.trim().to_owned();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let accept = codec::accept_for(&key);
+            let resp = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            s.write_all(resp.as_bytes()).unwrap();
+            s.write_all(&[0x81, 0x02, b'h', b'i']).unwrap();
+        });
+        let mut ws = WsStream {
+            stream: Some(TcpStream::connect(addr).unwrap()),
+            ..WsStream::default()
+        };
+        let mut rng = 1;
+        ws.start_upgrade(&addr.to_string(), "/ws?token=u1", &mut rng);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = [0u8; 4096];
+        loop {
+            assert!(Instant::now() < deadline, "no upgrade");
+            let (_, failed) = ws.flush();
+            assert_eq!(failed, None);
+            if let ReadResult::Data(n) = ws.read(&mut buf) {
+                ws.rbuf.extend_from_slice(&buf[..n]);
+            }
+            match ws.upgrade_response() {
+                Handshake::Incomplete => std::thread::sleep(Duration::from_millis(5)),
+                Handshake::Rejected(why) => panic!("{why}"),
+                Handshake::Accepted { .. } => break,
+            }
+        }
+        server.join().unwrap();
+        while ws.rbuf.len() < 4 && Instant::now() < deadline {
+            if let ReadResult::Data(n) = ws.read(&mut buf) {
+                ws.rbuf.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert_eq!(ws.rbuf, [0x81, 0x02, b'h', b'i']);
+        assert_eq!(ws.out.pending(), 0);
     }
 }

@@ -43,16 +43,16 @@ impl Engine {
             }
             codec::OP_PING => {
                 self.phase_counters.pings += 1;
-                let mask = codec::mask(&mut self.rng);
-                codec::encode_pong(self.conns[local].ws.out.queue(), payload, mask);
+                self.conns[local].ws.queue_pong(payload, &mut self.rng);
                 self.mark_dirty(local);
             }
             codec::OP_CLOSE => {
                 self.phase_counters.closes_by_server += 1;
                 self.tick_counters.closes_by_server += 1;
                 // Echo the status code, then drop the connection.
-                let mask = codec::mask(&mut self.rng);
-                codec::encode_close_reply(self.conns[local].ws.out.queue(), payload, mask);
+                self.conns[local]
+                    .ws
+                    .queue_close_reply(payload, &mut self.rng);
                 self.flush(local);
                 self.close(local, &codec::server_close_reason(payload));
             }
@@ -109,13 +109,7 @@ impl Engine {
     }
 
     pub(super) fn send_text(&mut self, local: usize, payload: &[u8]) {
-        let mask = codec::mask(&mut self.rng);
-        codec::encode_frame(
-            self.conns[local].ws.out.queue(),
-            codec::OP_TEXT,
-            payload,
-            mask,
-        );
+        self.conns[local].ws.queue_text(payload, &mut self.rng);
         self.mark_dirty(local);
     }
 

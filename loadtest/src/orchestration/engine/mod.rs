@@ -16,7 +16,6 @@ use crate::reporting::stats::{self, Counters};
 use crate::scenarios::delivery;
 use crate::scenarios::marker::Classifier;
 use crate::scenarios::population::Population;
-use crate::transport::codec;
 use crate::transport::nonblocking::WsStream;
 use hdrhistogram::Histogram;
 use mio::unix::SourceFd;
@@ -425,12 +424,9 @@ impl Engine {
             due,
             self.shared.pad_to,
         );
-        codec::encode_frame(
-            self.conns[local].ws.out.queue(),
-            codec::OP_TEXT,
-            &self.payload,
-            codec::mask(&mut self.rng),
-        );
+        self.conns[local]
+            .ws
+            .queue_text(&self.payload, &mut self.rng);
         let lag_us = self.shared.now_ns().saturating_sub(due) / 1000;
         self.send_lag.saturating_record(lag_us.max(1));
         ledger.mark_sent(seq);
@@ -472,8 +468,7 @@ impl Engine {
     fn shutdown(&mut self) {
         for local in 0..self.conns.len() {
             if self.conns[local].state == State::Open {
-                let mask = codec::mask(&mut self.rng);
-                codec::encode_close_normal(self.conns[local].ws.out.queue(), mask);
+                self.conns[local].ws.queue_close_normal(&mut self.rng);
                 self.flush(local);
             }
             self.drop_stream(local);

@@ -382,7 +382,7 @@ impl Churner {
         match kind {
             CloseKind::Clean => {
                 let s = &mut self.slots[i];
-                codec::encode_close_normal(s.ws.out.queue(), codec::mask(&mut self.rng));
+                s.ws.queue_close_normal(&mut self.rng);
                 s.state = State::Closing;
                 s.since_ns = now;
                 self.flush(i);
@@ -439,12 +439,7 @@ impl Churner {
             let to = format!("{}{}", self.prefix, self.slots[to].user);
             self.payload.clear();
             marker::write_send_message(&mut self.payload, &to, &self.run_id, seq, now, 0);
-            codec::encode_frame(
-                self.slots[from].ws.out.queue(),
-                codec::OP_TEXT,
-                &self.payload,
-                codec::mask(&mut self.rng),
-            );
+            self.slots[from].ws.queue_text(&self.payload, &mut self.rng);
             self.tally.messages_sent += 1;
             self.flush(from);
         }
@@ -518,16 +513,14 @@ impl Churner {
                 Frame::Foreign | Frame::Other => {}
             },
             codec::OP_PING if self.slots[i].state == State::Open => {
-                let mask = codec::mask(&mut self.rng);
-                codec::encode_pong(self.slots[i].ws.out.queue(), payload, mask);
+                self.slots[i].ws.queue_pong(payload, &mut self.rng);
                 self.flush(i);
             }
             codec::OP_CLOSE => {
                 if self.slots[i].state == State::Closing {
                     return self.closed(i);
                 }
-                let mask = codec::mask(&mut self.rng);
-                codec::encode_close_reply(self.slots[i].ws.out.queue(), payload, mask);
+                self.slots[i].ws.queue_close_reply(payload, &mut self.rng);
                 self.flush(i);
                 self.dropped(i, codec::server_close_reason(payload), now);
             }
@@ -546,8 +539,7 @@ impl Churner {
     fn shutdown(&mut self) {
         for i in 0..self.slots.len() {
             if self.slots[i].state == State::Open {
-                let mask = codec::mask(&mut self.rng);
-                codec::encode_close_normal(self.slots[i].ws.out.queue(), mask);
+                self.slots[i].ws.queue_close_normal(&mut self.rng);
                 self.flush(i);
             }
             self.drop_stream(i);

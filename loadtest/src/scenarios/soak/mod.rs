@@ -236,17 +236,7 @@ pub fn answer_of(payload: &[u8]) -> Option<(u64, bool)> {
     } else {
         return None;
     };
-    const KEY: &[u8] = b"\"ack\":";
-    let at = memmem::find(payload, KEY)? + KEY.len();
-    let digits = payload[at..]
-        .iter()
-        .take_while(|c| c.is_ascii_digit())
-        .count();
-    let n = std::str::from_utf8(&payload[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()?;
-    Some((n, error))
+    Some((marker::number_after(payload, b"\"ack\":")?, error))
 }
 
 fn on_text(ctx: &Ctx, dev: &Device, payload: &[u8], classifier: &Classifier) {
