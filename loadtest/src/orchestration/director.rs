@@ -1,5 +1,6 @@
-//! Scenario logic: which phases to run and, for ramp, when to stop. It sees only merged,
-//! whole-run results, so it behaves the same with one process or many workers.
+//! The phase plan of the delivery scenarios: which phases to run and, for ramp, when to stop.
+//! It sees only merged, whole-run results, so it behaves the same with one process or many
+//! workers.
 
 use crate::cli::{Args, Scenario};
 use crate::orchestration::shard::{PhaseResult, PhaseSpec};

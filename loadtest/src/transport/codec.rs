@@ -287,23 +287,7 @@ pub fn parse_handshake(buf: &[u8], expected_accept: &str) -> Handshake {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Builds an unmasked server frame, as the server would send it.
-    fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let n = payload.len();
-        if n < 126 {
-            v.push(n as u8);
-        } else if n <= 65535 {
-            v.push(126);
-            v.extend_from_slice(&(n as u16).to_be_bytes());
-        } else {
-            v.push(127);
-            v.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-        v.extend_from_slice(payload);
-        v
-    }
+    use crate::testserver::server_frame;
 
     /// Decodes a masked client frame the way a server would, to check our encoder.
     fn decode_client(buf: &[u8]) -> (u8, Vec<u8>) {

@@ -91,7 +91,9 @@ pub enum Command {
     Shutdown,
 }
 
-pub enum Report {
+/// What an event-loop thread tells its shard: the connect outcome, a progress tick, the end
+/// of a phase.
+pub enum ThreadReport {
     Connected {
         ok: u64,
         failures: BTreeMap<String, u64>,
@@ -169,7 +171,7 @@ pub struct Engine {
     timer_at: u64,
     conns: Vec<Conn>,
     cmds: Receiver<Command>,
-    reports: Sender<Report>,
+    reports: Sender<ThreadReport>,
     classifier: Classifier,
     /// Masking keys and upgrade keys.
     rng: u64,
@@ -211,7 +213,7 @@ impl Engine {
         thread: u32,
         poll: Poll,
         cmds: Receiver<Command>,
-        reports: Sender<Report>,
+        reports: Sender<ThreadReport>,
     ) -> io::Result<Self> {
         let total = shared.pop.conns.len();
         let t = shared.threads as usize;
@@ -303,7 +305,7 @@ impl Engine {
                 self.start_connects(now);
                 if self.resolved == self.conns.len() {
                     self.connect_reported = true;
-                    let _ = self.reports.send(Report::Connected {
+                    let _ = self.reports.send(ThreadReport::Connected {
                         ok: self.connect_ok,
                         failures: std::mem::take(&mut self.connect_failures),
                         connect_us: std::mem::replace(&mut self.connect_us, stats::new_hist()),
@@ -442,7 +444,7 @@ impl Engine {
         };
         while now >= self.next_tick_ns {
             let sec = (self.next_tick_ns - start) / NS - 1;
-            let _ = self.reports.send(Report::Tick {
+            let _ = self.reports.send(ThreadReport::Tick {
                 sec,
                 counters: std::mem::take(&mut self.tick_counters),
                 hist: std::mem::replace(&mut self.tick_hist, stats::new_hist()),
@@ -455,7 +457,7 @@ impl Engine {
         let done = matches!(&self.phase, Some(a) if now >= a.run.drain_end_ns);
         if done {
             self.phase = None;
-            let _ = self.reports.send(Report::PhaseDone {
+            let _ = self.reports.send(ThreadReport::PhaseDone {
                 counters: std::mem::take(&mut self.phase_counters),
                 hist: std::mem::replace(&mut self.phase_hist, stats::new_hist()),
                 send_lag: std::mem::replace(&mut self.send_lag, stats::new_hist()),
