@@ -4,37 +4,28 @@
 //! Exit status: 0 = run completed clean, 1 = run completed with problems (loss,
 //! duplicates, failed connections...), 2 = could not run.
 
-mod churn;
 mod cli;
-mod codec;
-mod control;
-mod director;
-mod engine;
-mod fleet;
-mod ledger;
-mod marker;
-mod plot;
-mod population;
-mod report;
-mod room;
-mod shard;
-mod sio;
-mod soak;
-mod stats;
-mod sysinfo;
+mod orchestration;
+mod reporting;
+mod rng;
+mod scenarios;
 #[cfg(test)]
 mod testserver;
-mod token;
+mod transport;
 
 use clap::Parser;
 use cli::{Args, Scenario};
-use population::{Population, Shard};
+use orchestration::{control, director, engine, fleet, shard};
+use population::Shard;
 use report::{ConnectReport, IdleReport, PhaseReport, Progress, Report};
+use reporting::{plot, report, stats, sysinfo};
+use scenarios::{churn, population, room, soak};
 use shard::{ConnectSummary, PhaseResult};
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
+use transport::{sio, token};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -116,15 +107,6 @@ fn report<R: serde::Serialize>(
     }
 }
 
-fn random_u64() -> u64 {
-    // No RNG crate needed: hashing the clock and pid is unpredictable enough for run ids.
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    population::splitmix64(t ^ (u64::from(std::process::id()) << 32))
-}
-
 /// The connections and tokens of one shard, ready for the event loops.
 fn build_shared(
     args: &Args,
@@ -132,25 +114,7 @@ fn build_shared(
     run_id: &str,
     seed: u64,
 ) -> Result<engine::Shared, String> {
-    let n_addrs = args.addrs.len() as u32;
-    let pop = match args.scenario {
-        Scenario::Fanout => Population::fanout(
-            &args.user_prefix,
-            args.sender_devices,
-            args.devices,
-            shard,
-            n_addrs,
-            seed,
-        ),
-        _ => Population::uniform(
-            &args.user_prefix,
-            args.users,
-            args.devices,
-            shard,
-            n_addrs,
-            seed,
-        ),
-    };
+    let pop = scenarios::delivery::population(args, shard, seed);
     if !pop.can_send() {
         return Err("this shard has no users".into());
     }
@@ -163,7 +127,7 @@ fn build_shared(
         let id = pop.user_id(u);
         let tok = minter.token(&id, now)?;
         match args.protocol {
-            cli::Protocol::Native => paths.push(format!("{}?token={tok}", args.ws_path())),
+            cli::Protocol::Native => paths.push(token::native_path(args.ws_path(), &tok)),
             cli::Protocol::Socketio => {
                 paths.push(sio::upgrade_path(args.ws_path(), &tok));
                 sio_connect.push(sio::connect_packet(&tok));
@@ -238,8 +202,8 @@ struct Collected {
 }
 
 fn run_main(args: &Args) -> Result<bool, String> {
-    let run_id = format!("{:08x}", random_u64() as u32);
-    let seed = args.seed.unwrap_or_else(random_u64);
+    let run_id = rng::run_id();
+    let seed = args.seed.unwrap_or_else(rng::random_u64);
     let healthz_before: Vec<_> = args.addrs.iter().map(|a| sysinfo::healthz(*a)).collect();
     let rss_before_kib = sysinfo::rss_total_kib(&args.server_pid);
     if !args.server_pid.is_empty() && rss_before_kib.is_none() {

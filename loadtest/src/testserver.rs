@@ -3,7 +3,7 @@
 //! It can misbehave on purpose: duplicate or drop every n-th delivery. With `socketio` it
 //! speaks Engine.IO v4 / Socket.IO v5 framing like a socket.io v4 server (default namespace).
 
-use crate::codec;
+use crate::transport::codec;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -44,14 +44,18 @@ pub fn start(conns: usize, faults: Faults) -> SocketAddr {
     addr
 }
 
-fn server_frame(op: u8, payload: &[u8]) -> Vec<u8> {
-    let mut v = vec![0x80 | op];
+/// Builds an unmasked server frame, as the server would send it.
+pub fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
     let n = payload.len();
     if n < 126 {
         v.push(n as u8);
-    } else {
+    } else if n <= 65535 {
         v.push(126);
         v.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        v.push(127);
+        v.extend_from_slice(&(n as u64).to_be_bytes());
     }
     v.extend_from_slice(payload);
     v
@@ -97,6 +101,7 @@ fn serve(
     if f.socketio {
         s.write_all(resp.as_bytes())?;
         s.write_all(&server_frame(
+                true,
             codec::OP_TEXT,
             br#"0{"sid":"e1","upgrades":[],"pingInterval":25000,"pingTimeout":20000,"maxPayload":1000000}"#,
         ))?;
@@ -107,19 +112,20 @@ fn serve(
         }
         if f.reject_user == Some(user.as_str()) {
             s.write_all(&server_frame(
+                true,
                 codec::OP_TEXT,
                 br#"44{"message":"unauthorized"}"#,
             ))?;
             return Ok(());
         }
         let mut map = reg.lock().expect("registry");
-        s.write_all(&server_frame(codec::OP_TEXT, br#"40{"sid":"s1"}"#))?;
-        s.write_all(&server_frame(codec::OP_TEXT, b"2"))?;
+        s.write_all(&server_frame(true, codec::OP_TEXT, br#"40{"sid":"s1"}"#))?;
+        s.write_all(&server_frame(true, codec::OP_TEXT, b"2"))?;
         map.entry(user.clone()).or_default().push(s.try_clone()?);
     } else {
         let mut map = reg.lock().expect("registry");
         s.write_all(resp.as_bytes())?;
-        s.write_all(&server_frame(codec::OP_PING, b"hi"))?;
+        s.write_all(&server_frame(true, codec::OP_PING, b"hi"))?;
         map.entry(user.clone()).or_default().push(s.try_clone()?);
     }
     loop {
@@ -134,7 +140,7 @@ fn serve(
         };
         match op {
             codec::OP_CLOSE => {
-                let _ = s.write_all(&server_frame(codec::OP_CLOSE, &payload));
+                let _ = s.write_all(&server_frame(true, codec::OP_CLOSE, &payload));
                 let _ = s.shutdown(std::net::Shutdown::Both);
                 return Ok(());
             }
@@ -162,7 +168,7 @@ fn serve(
         } else {
             event.to_string()
         };
-        let frame = server_frame(codec::OP_TEXT, body.as_bytes());
+        let frame = server_frame(true, codec::OP_TEXT, body.as_bytes());
         let mut map = reg.lock().expect("registry");
         let mut users = vec![to.clone()];
         if to != user {

@@ -6,11 +6,11 @@
 //! parent → child on stdin: `GO` or `STOP` after READY, then `RUN <PhaseSpec>` or `STOP`
 //! before each phase. Everything human-readable a worker prints goes to stderr.
 
-use crate::director::Director;
-use crate::report::Progress;
-use crate::shard::{ConnectSummary, Control, PhaseResult, PhaseSpec};
-use crate::stats::Tick;
-use crate::sysinfo;
+use crate::orchestration::director::Director;
+use crate::orchestration::shard::{ConnectSummary, Control, PhaseResult, PhaseSpec};
+use crate::reporting::report::Progress;
+use crate::reporting::stats::Tick;
+use crate::reporting::sysinfo;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 

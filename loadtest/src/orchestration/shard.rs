@@ -4,10 +4,10 @@
 //! The same code runs in a single process (the control decides locally) and in a worker
 //! (the control relays to the parent over stdin/stdout); only the `Control` differs.
 
-use crate::engine::{self, Command, Engine, PhaseRun, Report, Shared};
-use crate::ledger::{self, Ledger};
-use crate::stats::{self, Counters, Tick};
-use crate::sysinfo;
+use crate::orchestration::engine::{self, Command, Engine, PhaseRun, Shared, ThreadReport};
+use crate::orchestration::ledger::{self, Ledger};
+use crate::reporting::stats::{self, Counters, Tick};
+use crate::reporting::sysinfo;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -130,7 +130,7 @@ pub struct ShardOutcome {
 pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, String> {
     let shared = Arc::new(shared);
     let threads = shared.threads;
-    let (report_tx, report_rx) = mpsc::channel::<Report>();
+    let (report_tx, report_rx) = mpsc::channel::<ThreadReport>();
     let mut cmd_txs = Vec::new();
     let mut wakers = Vec::new();
     let mut handles = Vec::new();
@@ -184,7 +184,7 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
                     .count();
                 control.connecting(open as u64, connect.attempted);
             }
-            Ok(Report::Connected {
+            Ok(ThreadReport::Connected {
                 ok,
                 failures,
                 connect_us,
@@ -266,7 +266,7 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
                     return Err("an event loop did not finish its phase in time".into());
                 }
                 match report_rx.recv_timeout(left) {
-                    Ok(Report::PhaseDone {
+                    Ok(ThreadReport::PhaseDone {
                         counters,
                         hist: h,
                         send_lag,
@@ -280,7 +280,7 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
                         stats::merge_hist(&mut hist, &h);
                         stats::merge_codes(&mut result.error_codes, &error_codes);
                     }
-                    Ok(Report::Tick {
+                    Ok(ThreadReport::Tick {
                         sec,
                         counters,
                         hist,
@@ -289,7 +289,7 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
                             control.tick(t);
                         }
                     }
-                    Ok(Report::Connected { .. }) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Ok(ThreadReport::Connected { .. }) | Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
                         return Err("event-loop thread exited during a phase".into())
                     }
@@ -360,7 +360,7 @@ impl TickMerger {
 mod tests {
     use super::*;
     use crate::cli::Args;
-    use crate::population::Shard;
+    use crate::scenarios::population::Shard;
     use crate::testserver::{self, Faults};
     use clap::Parser;
 

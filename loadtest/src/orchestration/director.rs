@@ -1,9 +1,10 @@
-//! Scenario logic: which phases to run and, for ramp, when to stop. It sees only merged,
-//! whole-run results, so it behaves the same with one process or many workers.
+//! The phase plan of the delivery scenarios: which phases to run and, for ramp, when to stop.
+//! It sees only merged, whole-run results, so it behaves the same with one process or many
+//! workers.
 
 use crate::cli::{Args, Scenario};
-use crate::shard::{PhaseResult, PhaseSpec};
-use crate::stats::Percentiles;
+use crate::orchestration::shard::{PhaseResult, PhaseSpec};
+use crate::reporting::stats::Percentiles;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -118,7 +119,7 @@ impl Director {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats;
+    use crate::reporting::stats;
     use clap::Parser;
 
     fn args(v: &[&str]) -> Args {

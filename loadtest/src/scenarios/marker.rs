@@ -103,6 +103,20 @@ pub fn write_send_message(
     out.extend_from_slice(b"\"}}");
 }
 
+/// The decimal number right after the first `key` in `payload` (`key` ends with the opening
+/// quote or colon); None if there is no key or no number.
+pub fn number_after(payload: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memmem::find(payload, key)? + key.len();
+    let digits = payload[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&payload[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Pulls the error `code` out of an error frame; cold path, so a real JSON parse is fine.
 pub fn error_code(payload: &[u8]) -> String {
     serde_json::from_slice::<serde_json::Value>(payload)

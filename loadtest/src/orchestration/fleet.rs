@@ -3,12 +3,12 @@
 //! results into one report. Needed because one process may hold at most ~19,000 sockets.
 
 use crate::cli::Args;
-use crate::control::{self, Line};
-use crate::director::{Director, RampOutcome};
-use crate::report::Progress;
-use crate::shard::{ConnectSummary, PhaseResult, PhaseSpec, TickMerger};
-use crate::stats;
-use crate::sysinfo;
+use crate::orchestration::control::{self, Line};
+use crate::orchestration::director::{Director, RampOutcome};
+use crate::orchestration::shard::{ConnectSummary, PhaseResult, PhaseSpec, TickMerger};
+use crate::reporting::report::Progress;
+use crate::reporting::stats;
+use crate::reporting::sysinfo;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;

@@ -1,7 +1,7 @@
 //! `--plot FILE.svg`: latency over time (p50/p99/max per second) above the latency
 //! percentile curve of the whole run, drawn with plotters' SVG backend.
 
-use crate::report::TimelinePoint;
+use crate::reporting::report::TimelinePoint;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 use std::path::Path;
@@ -109,7 +109,7 @@ pub fn write_svg(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats;
+    use crate::reporting::stats;
 
     #[test]
     fn curve_is_monotonic_and_svg_is_written() {

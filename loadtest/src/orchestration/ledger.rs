@@ -5,7 +5,7 @@
 //! sender + recipient); a first delivery sets its bit, a second one finds it set and is a
 //! duplicate. Missing deliveries are counted once, after the drain, by `tally`.
 
-use crate::population::Population;
+use crate::scenarios::population::Population;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Refuse to allocate more than this many ledger bits (512 MiB) rather than thrash.
@@ -122,7 +122,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::population::Shard;
+    use crate::scenarios::population::Shard;
 
     #[test]
     fn first_duplicate_and_out_of_phase() {

@@ -42,6 +42,16 @@ impl Minter {
             .map_err(|e| format!("cannot mint JWT: {e}")),
         }
     }
+
+    /// The native upgrade path for `user_id`, with a token minted now.
+    pub fn native_path(&self, base: &str, user_id: &str) -> Result<String, String> {
+        Ok(native_path(base, &self.token(user_id, unix_now_s())?))
+    }
+}
+
+/// Request path for a native upgrade: `<base>?token=<token>`.
+pub fn native_path(base: &str, token: &str) -> String {
+    format!("{base}?token={token}")
 }
 
 pub fn unix_now_s() -> u64 {
@@ -65,6 +75,10 @@ mod tests {
     #[test]
     fn dev_token_is_user_id() {
         assert_eq!(Minter::new(None, 60).token("u17", 0).unwrap(), "u17");
+        assert_eq!(
+            Minter::new(None, 60).native_path("/ws", "u17").unwrap(),
+            "/ws?token=u17"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! WebSocket client wire codec: the HTTP upgrade handshake and RFC 6455 frame headers.
+//! WebSocket client wire codec: the HTTP upgrade handshake, RFC 6455 frames and masking.
 //!
 //! Why hand-rolled instead of tungstenite: the generator's read path must stay far cheaper
 //! than the server it measures. tungstenite copies every message into an owned buffer and
@@ -7,6 +7,7 @@
 //! role only, no extensions) and every branch that a peer controls returns an error instead
 //! of panicking.
 
+use crate::rng::splitmix64;
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
@@ -150,6 +151,23 @@ pub fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+/// A fresh masking key from `rng` (one splitmix64 step). RFC 6455 5.3 asks only that the
+/// server cannot predict it; a load generator needs no cryptographic source.
+pub fn mask(rng: &mut u64) -> [u8; 4] {
+    *rng = splitmix64(*rng);
+    (*rng as u32).to_le_bytes()
+}
+
+/// The 16 random bytes of a Sec-WebSocket-Key, from `rng` (two splitmix64 steps).
+pub fn key_bytes(rng: &mut u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    for half in key.chunks_exact_mut(8) {
+        *rng = splitmix64(*rng);
+        half.copy_from_slice(&rng.to_le_bytes());
+    }
+    key
+}
+
 /// Appends one masked client frame (FIN set) carrying `payload` to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
     out.push(0x80 | (opcode & 0x0F));
@@ -167,6 +185,30 @@ pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]
     let start = out.len();
     out.extend_from_slice(payload);
     apply_mask(&mut out[start..], mask);
+}
+
+/// Appends the pong answering a ping that carried `payload`.
+pub fn encode_pong(out: &mut Vec<u8>, payload: &[u8], mask: [u8; 4]) {
+    encode_frame(out, OP_PONG, payload, mask);
+}
+
+/// Appends the close frame answering a server close with `payload`: it echoes the status
+/// code, if any (RFC 6455 5.5.1).
+pub fn encode_close_reply(out: &mut Vec<u8>, payload: &[u8], mask: [u8; 4]) {
+    encode_frame(out, OP_CLOSE, payload.get(..2).unwrap_or(&[]), mask);
+}
+
+/// Appends a close frame with status 1000 (normal closure).
+pub fn encode_close_normal(out: &mut Vec<u8>, mask: [u8; 4]) {
+    encode_frame(out, OP_CLOSE, &1000u16.to_be_bytes(), mask);
+}
+
+/// The disconnect reason for a server close frame with this payload.
+pub fn server_close_reason(payload: &[u8]) -> String {
+    match payload {
+        [a, b, ..] => format!("server close {}", u16::from_be_bytes([*a, *b])),
+        _ => "server close".to_owned(),
+    }
 }
 
 /// Builds the HTTP/1.1 upgrade request for `path` (which carries `?token=`).
@@ -245,23 +287,7 @@ pub fn parse_handshake(buf: &[u8], expected_accept: &str) -> Handshake {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Builds an unmasked server frame, as the server would send it.
-    fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let n = payload.len();
-        if n < 126 {
-            v.push(n as u8);
-        } else if n <= 65535 {
-            v.push(126);
-            v.extend_from_slice(&(n as u16).to_be_bytes());
-        } else {
-            v.push(127);
-            v.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-        v.extend_from_slice(payload);
-        v
-    }
+    use crate::testserver::server_frame;
 
     /// Decodes a masked client frame the way a server would, to check our encoder.
     fn decode_client(buf: &[u8]) -> (u8, Vec<u8>) {
@@ -298,6 +324,46 @@ mod tests {
         }
         apply_mask(&mut long, [1, 2, 3, 4]);
         assert_eq!(long, orig);
+    }
+
+    #[test]
+    fn mask_keys_come_from_the_rng_and_mask_a_frame() {
+        // Same seed, same keys; each call advances the stream.
+        let (mut a, mut b) = (7u64, 7u64);
+        let k1 = mask(&mut a);
+        assert_eq!(k1, mask(&mut b));
+        assert_ne!(mask(&mut a), k1);
+        assert_eq!(k1, (splitmix64(7) as u32).to_le_bytes());
+        let mut r = 7u64;
+        let key = key_bytes(&mut r);
+        assert_eq!(key[..8], splitmix64(7).to_le_bytes());
+        assert_eq!(key[8..], splitmix64(splitmix64(7)).to_le_bytes());
+        assert_eq!(handshake_key(key).len(), 24);
+        // RFC 6455 5.7: a masked "Hello" with key 37 fa 21 3d, as a whole frame.
+        let mut out = Vec::new();
+        encode_frame(&mut out, OP_TEXT, b"Hello", [0x37, 0xfa, 0x21, 0x3d]);
+        assert_eq!(
+            out,
+            [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]
+        );
+    }
+
+    #[test]
+    fn control_replies() {
+        let mut out = Vec::new();
+        encode_close_reply(&mut out, &[0x03, 0xe9, b'b', b'y'], [1, 2, 3, 4]);
+        assert_eq!(decode_client(&out), (OP_CLOSE, vec![0x03, 0xe9]));
+        out.clear();
+        encode_close_reply(&mut out, &[], [1, 2, 3, 4]);
+        assert_eq!(decode_client(&out), (OP_CLOSE, vec![]));
+        out.clear();
+        encode_close_normal(&mut out, [1, 2, 3, 4]);
+        assert_eq!(decode_client(&out), (OP_CLOSE, vec![0x03, 0xe8]));
+        assert_eq!(
+            server_close_reason(&[0x03, 0xe9, b'x']),
+            "server close 1001"
+        );
+        assert_eq!(server_close_reason(&[]), "server close");
     }
 
     #[test]

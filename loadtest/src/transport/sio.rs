@@ -83,7 +83,7 @@ pub fn connect_error_reason(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::marker::{self, Classifier, Frame};
+    use crate::scenarios::marker::{self, Classifier, Frame};
 
     #[test]
     fn classifies_engine_io_and_socket_io_packets() {

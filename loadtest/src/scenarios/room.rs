@@ -7,7 +7,7 @@
 //! thread per device would spend the server's CPUs on context switches. The timestamp travels
 //! in the text (`rm:<seq>:<µs since start>`), so latency needs no clock shared between processes.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -17,18 +17,19 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::cli::Args;
-use crate::codec::{self, Parse};
-use crate::soak::{connect, mask, new_run_id};
-use crate::token;
+use crate::rng;
+use crate::scenarios::marker::number_after;
+use crate::transport::blocking;
+use crate::transport::codec::{self, Parse};
+use crate::transport::nonblocking::{ReadResult, WsStream};
+use crate::transport::token;
 
 const MAX_PAYLOAD: usize = 1 << 20;
 /// How long the joins, and then the warm-up (a message every member device has seen), may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    out: Vec<u8>,
+    ws: WsStream,
     /// Highest message seq seen (messages of one sender arrive in order).
     last_seq: Option<u64>,
     delivered: u64,
@@ -58,37 +59,18 @@ pub struct RoomReport {
 }
 
 fn write_frame(conn: &mut Conn, payload: &str, rnd: &mut u64) {
-    codec::encode_frame(&mut conn.out, codec::OP_TEXT, payload.as_bytes(), mask(rnd));
+    conn.ws.queue_text(payload.as_bytes(), rnd);
     flush(conn);
 }
 
+/// Writes what the socket takes; the writable event flushes the rest. A failed socket is
+/// not judged here: its member's deliveries will be missing.
 fn flush(conn: &mut Conn) {
-    while !conn.out.is_empty() {
-        match conn.stream.write(&conn.out) {
-            Ok(0) => return,
-            Ok(n) => {
-                conn.out.drain(..n);
-            }
-            Err(_) => return, // WouldBlock: the writable event flushes the rest.
-        }
-    }
-}
-
-/// The number after `key` in `payload` (`key` ends with the opening quote or colon).
-fn number_after(payload: &[u8], key: &[u8]) -> Option<u64> {
-    let at = memmem::find(payload, key)? + key.len();
-    let digits = payload[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .count();
-    std::str::from_utf8(&payload[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()
+    let _ = conn.ws.flush();
 }
 
 pub fn run(args: &Args) -> Result<RoomReport, String> {
-    let room = format!("loadtest-{}", new_run_id());
+    let room = format!("loadtest-{}", rng::run_id());
     let mut rnd = args.seed.unwrap_or(0x700d);
     let minter = token::Minter::new(args.jwt_secret.as_deref(), args.jwt_ttl);
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
@@ -98,13 +80,12 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
     let started = Instant::now();
     for u in 0..args.users {
         let user = format!("{}{u}", args.user_prefix);
-        let tok = minter.token(&user, token::unix_now_s())?;
-        let path = format!("{}?token={tok}", args.ws_path());
+        let path = minter.native_path(args.ws_path(), &user)?;
         for d in 0..args.devices {
             let addr: SocketAddr =
                 args.addrs[(u as usize * args.devices as usize + d as usize) % args.addrs.len()];
             let timeout = Duration::from_secs_f64(args.connect_timeout);
-            let (std_stream, leftover) = connect(addr, &path, &mut rnd, timeout)
+            let (std_stream, leftover) = blocking::connect(addr, &path, &mut rnd, timeout)
                 .map_err(|e| format!("connecting {user} to {addr}: {e}"))?;
             std_stream
                 .set_nonblocking(true)
@@ -118,9 +99,7 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
                 firsts.push(conns.len());
             }
             conns.push(Conn {
-                stream,
-                buf: leftover,
-                out: Vec::new(),
+                ws: WsStream::upgraded(stream, leftover),
                 last_seq: None,
                 delivered: 0,
                 duplicates: 0,
@@ -283,22 +262,18 @@ fn pump(
         if !event.is_readable() {
             continue;
         }
-        loop {
-            match conn.stream.read(&mut tmp) {
-                Ok(0) => break,
-                Ok(n) => conn.buf.extend_from_slice(&tmp[..n]),
-                Err(_) => break,
-            }
+        while let ReadResult::Data(n) = conn.ws.read(&mut tmp) {
+            conn.ws.rbuf.extend_from_slice(&tmp[..n]);
         }
         // Taken out of the connection while its frames are handed over: no copy per frame.
-        let mut buf = std::mem::take(&mut conn.buf);
+        let mut buf = std::mem::take(&mut conn.ws.rbuf);
         let mut at = 0;
         while let Parse::Frame(h) = codec::parse_frame(&buf[at..], MAX_PAYLOAD) {
             let payload = &buf[at + h.header_len..at + h.total_len()];
             match h.opcode {
                 codec::OP_TEXT => on_text(conn, payload),
                 codec::OP_PING => {
-                    codec::encode_frame(&mut conn.out, codec::OP_PONG, payload, mask(rnd));
+                    conn.ws.queue_pong(payload, rnd);
                     flush(conn);
                 }
                 _ => {}
@@ -306,7 +281,7 @@ fn pump(
             at += h.total_len();
         }
         buf.drain(..at);
-        conn.buf = buf;
+        conn.ws.rbuf = buf;
     }
 }
 

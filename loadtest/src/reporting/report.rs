@@ -1,9 +1,9 @@
 //! The run's summary: per-second progress lines, the final JSON document, and its
 //! human-readable rendering.
 
-use crate::director::RampOutcome;
-use crate::shard::{ConnectSummary, PhaseResult};
-use crate::stats::{self, Percentiles, Tick};
+use crate::orchestration::director::RampOutcome;
+use crate::orchestration::shard::{ConnectSummary, PhaseResult};
+use crate::reporting::stats::{self, Percentiles, Tick};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -399,7 +399,7 @@ pub fn rss_per_conn(before_kib: Option<u64>, after_kib: Option<u64>, conns: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::Counters;
+    use crate::reporting::stats::Counters;
 
     #[test]
     fn phase_report_counts_and_verdict() {

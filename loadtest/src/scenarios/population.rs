@@ -4,6 +4,8 @@
 //! Routing is a pure function of (seed, seq), so the thread that receives a delivery can
 //! recompute where the message was meant to go without any shared per-message table.
 
+use crate::rng::splitmix64;
+
 /// One user of this shard. Its connections are `first_conn .. first_conn + devices`.
 #[derive(Debug, Clone)]
 pub struct User {
@@ -191,13 +193,6 @@ impl Population {
         let sender = (0..sender_devs).map(move |d| (rd + d, s.first_conn + d));
         recipient.chain(sender)
     }
-}
-
-pub fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]
