@@ -10,13 +10,17 @@
 //!
 //! This file is the thread: the loop and the wiring between its parts, each a state object
 //! of its own:
-//! - [`link`]: the Redis links (sockets, RESP replies, keepalive, backoff, cluster topology);
+//! - [`link`]: the Redis links (sockets, keepalive, backoff, cluster topology);
+//! - [`reply`]: what a RESP reply on a link means;
 //! - [`subscriptions`]: which channels must be subscribed, batched per wake-up;
-//! - [`routing`]: which cores host which users, reading publications, delivering to inboxes;
+//! - [`incoming`]: what a publication received from Redis is;
+//! - [`routing`]: which cores host which users, own seed payloads, delivering to inboxes;
 //! - [`resync`]: the gate after an outage, and replay requests waiting for confirmation;
 //! - [`rooms`]: the room routes ([`super::room_routes`]) driven from Redis, and held room acks.
 
+mod incoming;
 mod link;
+mod reply;
 mod resync;
 mod rooms;
 mod routing;
@@ -31,9 +35,10 @@ use mio::{Events, Poll, Token, Waker};
 use redis::Value;
 use smallvec::SmallVec;
 
-use self::link::{Keepalive, Links, Reply, Resp};
+use self::link::{Keepalive, Links};
+use self::reply::{Reply, Resp};
 use self::resync::ResyncGate;
-use self::routing::{Hosts, Incoming, OwnPayloads, Reader};
+use self::routing::{Hosts, OwnPayloads};
 use self::subscriptions::Subscriptions;
 use super::room_routes::{ChannelChanges, RoomRoutes};
 use super::wire;
@@ -298,7 +303,7 @@ impl Subscriber {
     }
 
     fn on_value(&mut self, i: usize, value: Value) {
-        let items = match link::resp(value) {
+        let items = match reply::resp(value) {
             Resp::Items(items) => items,
             Resp::Pong => return self.on_pong(i),
             Resp::Status => return, // AUTH
@@ -317,7 +322,7 @@ impl Subscriber {
             }
         };
         let prefix = &self.bp.config.channel_prefix;
-        match link::classify(&items) {
+        match reply::classify(&items) {
             None => {}
             Some(Reply::Message { channel, payload }) => self.on_message(channel, payload),
             Some(Reply::Subscribed { channel, count }) => {
@@ -358,68 +363,6 @@ impl Subscriber {
                 "redis subscriber: ignored {:?}",
                 String::from_utf8_lossy(kind)
             ),
-        }
-    }
-
-    fn on_message(&mut self, channel: &[u8], payload: &[u8]) {
-        let bp = Arc::clone(&self.bp);
-        let stats = &bp.stats;
-        stats.received.fetch_add(1, Relaxed);
-        let reader = Reader {
-            prefix: &bp.config.channel_prefix,
-            node_id: bp.node_id,
-            routing: bp.config.routing,
-            rooms: bp.rooms().is_some(),
-            history: bp.history().is_some(),
-        };
-        let own = &mut self.own;
-        let incoming = reader.read(channel, payload, |payload| {
-            let published = std::iter::from_fn(|| bp.own_payloads.pop());
-            own.is_own(published, payload, Instant::now())
-        });
-        match incoming {
-            Incoming::Room {
-                room,
-                offset,
-                frame,
-            } => {
-                if offset.is_some() && self.gate.holds() {
-                    // As for a user's frame: it is in every member's history, the resync
-                    // replays it.
-                    stats.held_for_resync.fetch_add(1, Relaxed);
-                    return;
-                }
-                let members = self.routes.members(room);
-                routing::to_room(&self.bus, stats, members, offset, frame);
-            }
-            Incoming::Control { user, joined, room } => self.on_room_control(user, joined, room),
-            Incoming::Delivery {
-                user,
-                offset,
-                frame,
-            } => {
-                if self.gate.holds() {
-                    // See `ResyncGate::holds`.
-                    stats.held_for_resync.fetch_add(1, Relaxed);
-                    return;
-                }
-                routing::to_user_at(&self.bus, stats, &self.hosts, user, offset, frame);
-            }
-            Incoming::Frame { user, frame } => {
-                routing::to_user(&self.bus, stats, &self.hosts, &user, frame)
-            }
-            Incoming::Own => {
-                stats.ignored_own.fetch_add(1, Relaxed);
-            }
-            Incoming::Invalid { log } => {
-                stats.invalid.fetch_add(1, Relaxed);
-                if log {
-                    log::debug!(
-                        "redis: skipped an invalid payload on {:?}",
-                        String::from_utf8_lossy(channel)
-                    );
-                }
-            }
         }
     }
 }
