@@ -321,7 +321,6 @@ impl Subscriber {
                 return;
             }
         };
-        let prefix = &self.bp.config.channel_prefix;
         match reply::classify(&items) {
             None => {}
             Some(Reply::Message { channel, payload }) => self.on_message(channel, payload),
@@ -351,7 +350,7 @@ impl Subscriber {
             Some(Reply::SUnsubscribed { channel, count }) => {
                 self.links.set_confirmed(i, count);
                 // An SUNSUBSCRIBE we did not ask for means the slot moved to another shard.
-                let user = wire::user_of_channel(prefix, channel);
+                let user = wire::user_of_channel(&self.bp.config.channel_prefix, channel);
                 if user.is_some_and(|u| self.subs.is_subscribed(u)) {
                     self.refresh_topology("slot migrated");
                 } else {
