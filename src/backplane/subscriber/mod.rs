@@ -10,13 +10,13 @@
 //!
 //! This file is the thread: the loop and the wiring between its parts, each a state object
 //! of its own:
-//! - [`link`]: the Redis links (sockets, keepalive, backoff, cluster topology);
-//! - [`reply`]: what a RESP reply on a link means;
-//! - [`subscriptions`]: which channels must be subscribed, batched per wake-up;
-//! - [`incoming`]: what a publication received from Redis is;
-//! - [`routing`]: which cores host which users, own seed payloads, delivering to inboxes;
-//! - [`resync`]: the gate after an outage, and replay requests waiting for confirmation;
-//! - [`rooms`]: the room routes ([`super::room_routes`]) driven from Redis, and held room acks.
+//! - `link`: the Redis links (sockets, keepalive, backoff, cluster topology);
+//! - `reply`: what a RESP reply on a link means;
+//! - `subscriptions`: which channels must be subscribed, batched per wake-up;
+//! - `incoming`: what a publication received from Redis is;
+//! - `routing`: which cores host which users, own seed payloads, delivering to inboxes;
+//! - `resync`: the gate after an outage, and replay requests waiting for confirmation;
+//! - `rooms`: the room routes (`room_routes`) driven from Redis, and held room acks.
 
 mod incoming;
 mod link;
