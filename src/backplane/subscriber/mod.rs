@@ -10,7 +10,8 @@
 //!
 //! This file is the thread: the loop and the wiring between its parts, each a state object
 //! of its own:
-//! - `link`: the Redis links (sockets, keepalive, backoff, cluster topology);
+//! - `link`: one Redis link (socket, queued commands, keepalive);
+//! - `shards`: the cluster topology and a link per shard, reconnected with backoff;
 //! - `reply`: what a RESP reply on a link means;
 //! - `subscriptions`: which channels must be subscribed, batched per wake-up;
 //! - `incoming`: what a publication received from Redis is;
@@ -24,6 +25,7 @@ mod reply;
 mod resync;
 mod rooms;
 mod routing;
+mod shards;
 mod subscriptions;
 
 use std::io;
@@ -35,10 +37,11 @@ use mio::{Events, Poll, Token, Waker};
 use redis::Value;
 use smallvec::SmallVec;
 
-use self::link::{Keepalive, Links};
+use self::link::Keepalive;
 use self::reply::{Reply, Resp};
 use self::resync::ResyncGate;
 use self::routing::{Hosts, OwnPayloads};
+use self::shards::Links;
 use self::subscriptions::Subscriptions;
 use super::room_routes::{ChannelChanges, RoomRoutes};
 use super::wire;
