@@ -1,6 +1,6 @@
-//! The subscriber's shards: the Redis Cluster topology (one shard without a cluster) and each
-//! shard's slot, holding its link while connected, reconnecting it with backoff, and the
-//! channel count Redis confirmed on it.
+//! The subscriber's shards: the Redis Cluster topology (one shard without a cluster) and, per
+//! shard, its [`RedisLink`] while connected, the reconnect backoff, and the channel count Redis
+//! confirmed on it.
 
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
@@ -12,8 +12,8 @@ use super::link::RedisLink;
 use crate::backplane::cluster::SlotMap;
 use crate::backplane::{Backoff, Backplane};
 
-/// One shard's slot: its address, its link while connected, and when to retry.
-struct ShardSlot {
+/// One shard: its address, its link while connected, and when to reconnect.
+struct ShardLink {
     addr: String,
     link: Option<RedisLink>,
     backoff: Backoff,
@@ -22,12 +22,12 @@ struct ShardSlot {
     confirmed: u64,
 }
 
-/// Every shard's slot, shard `i`'s socket registered as `Token(i)`, and the topology that
+/// Every shard, shard `i`'s socket registered as `Token(i)`, and the topology that
 /// lists the shards (one shard without a Redis Cluster).
 pub(super) struct Links {
     sharded: bool,
     topology: Option<SlotMap>,
-    shards: Vec<ShardSlot>,
+    shards: Vec<ShardLink>,
     topology_retry_at: Instant,
     topology_backoff: Backoff,
     ever_connected: bool,
@@ -83,7 +83,7 @@ impl Links {
                     .shards
                     .iter()
                     .enumerate()
-                    .map(|(i, addr)| ShardSlot {
+                    .map(|(i, addr)| ShardLink {
                         addr: addr.clone(),
                         link: None,
                         backoff: Backoff::new(
@@ -225,5 +225,28 @@ impl Links {
     /// Writes shard `i`'s queued bytes (nothing when it is down).
     pub fn flush(&mut self, i: usize) -> io::Result<()> {
         self.link(i).map_or(Ok(()), RedisLink::flush)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::RedisConfig;
+
+    #[test]
+    fn before_the_topology_there_is_no_shard_and_the_fetch_is_due() {
+        let bp = Backplane::new(RedisConfig::new("redis://127.0.0.1:1"), 1);
+        let mut links = Links::new(&bp);
+        let now = Instant::now();
+        assert_eq!(links.len(), 0);
+        assert!(!links.all_connected() && !links.all_ready());
+        assert!(links.wake_at(now) <= now, "the topology fetch is due now");
+        assert_eq!(links.shard_of("sb:u:a"), 0);
+        assert_eq!(links.confirmed(), 0);
+        assert!(!links.is_connected(0));
+        // Commands for a shard that is not there are dropped: the reconnect sends everything.
+        links.write_channels(0, "SUBSCRIBE", &["sb:u:a".to_string()]);
+        links.ping(0);
+        assert!(links.flush(0).is_ok());
     }
 }
