@@ -149,7 +149,7 @@ impl RedisLink {
         self.parser.parse_value(&mut self.stream)
     }
 
-    /// Takes the socket off the poll.
+    /// Takes the socket off the poll and closes it.
     pub fn deregister(mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.stream);
     }
