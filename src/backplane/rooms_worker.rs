@@ -579,3 +579,117 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::RedisConfig;
+
+    /// A worker that never connects: these tests cover what it does with a script's reply.
+    fn worker(cores: usize) -> (Worker, Arc<Backplane>, Arc<Bus>) {
+        let bp = Backplane::new(RedisConfig::new("redis://127.0.0.1:1"), 0xabc);
+        let bus = Arc::new(Bus::new(cores, 16));
+        let w = Worker {
+            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(2), 1),
+            prefix: "sb".into(),
+            node: format!("{:016x}", 0xabc),
+            bp: Arc::clone(&bp),
+            bus: Arc::clone(&bus),
+            config: RoomsConfig {
+                max_rooms_per_user: 3,
+                max_room_members: 4,
+                ..RoomsConfig::default()
+            },
+            conn: None,
+            scripts: Scripts {
+                join: Script::new(JOIN),
+                leave: Script::new(LEAVE),
+                send: Script::new(SEND),
+                presence: Script::new(PRESENCE),
+                connect: Script::new(CONNECT),
+                disconnect: Script::new(DISCONNECT),
+                sweep: Script::new(SWEEP),
+                goodbye: Script::new(GOODBYE),
+            },
+        };
+        (w, bp, bus)
+    }
+
+    fn target(core: usize) -> RoomTarget {
+        RoomTarget {
+            core,
+            key: 5,
+            serial: 6,
+            ack: Some(7),
+        }
+    }
+
+    fn answers(bus: &Bus, core: usize) -> Vec<RoomAnswer> {
+        let mut out = Vec::new();
+        bus.drain(core, |m| match m {
+            CoreMsg::RoomAnswer(a) => out.push(*a),
+            other => panic!("unexpected {other:?}"),
+        });
+        out
+    }
+
+    #[test]
+    fn script_refusals_become_the_clients_error_codes() {
+        let (w, _, _) = worker(1);
+        assert_eq!(
+            w.refusal("!room_full", "team"),
+            (
+                "room_full",
+                "room \"team\" has 4 members (the most allowed)".into()
+            )
+        );
+        assert_eq!(
+            w.refusal("!room_limit", "team"),
+            ("room_limit", "already in 3 rooms (the most allowed)".into())
+        );
+        assert_eq!(w.refusal("!not_member", "team").0, "not_member");
+        for odd in ["!what", "room_full", ""] {
+            let (code, message) = w.refusal(odd, "team");
+            assert_eq!(code, "internal");
+            assert!(
+                message.starts_with("unexpected reply from redis"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_done_membership_change_waits_for_the_routes_a_refused_one_is_answered() {
+        let (mut w, bp, bus) = worker(2);
+        let before = Instant::now();
+        w.membership_done(Ok("ok".into()), "u".into(), "team".into(), true, target(1));
+        let ack = bp.room_acks.pop().expect("held for the subscriber");
+        assert!(bp.room_acks.pop().is_none());
+        assert_eq!((&*ack.user, &*ack.room, ack.joined), ("u", "team", true));
+        assert_eq!((ack.target.core, ack.target.key), (1, 5));
+        assert!(ack.deadline >= before + ACK_WAIT);
+        assert!(
+            answers(&bus, 1).is_empty(),
+            "acked by the subscriber, not here"
+        );
+
+        w.membership_done(
+            Ok("!room_full".into()),
+            "u".into(),
+            "team".into(),
+            true,
+            target(1),
+        );
+        let error: redis::RedisError = (redis::ErrorKind::Io, "gone").into();
+        w.membership_done(Err(error), "u".into(), "team".into(), false, target(1));
+        assert!(bp.room_acks.pop().is_none());
+        let got = answers(&bus, 1);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].key, got[0].serial, got[0].ack), (5, 6, Some(7)));
+        assert_eq!(got[0].result.as_ref().unwrap_err().0, "room_full");
+        let (code, message) = got[1].result.as_ref().unwrap_err();
+        assert_eq!(*code, "internal");
+        assert!(message.starts_with("rooms unavailable: "), "{message}");
+        assert!(answers(&bus, 0).is_empty());
+    }
+}

@@ -1,0 +1,274 @@
+//! One Redis link of the subscriber: a non-blocking socket in subscribed mode with its RESP
+//! parser, the commands queued for it, and its PING/PONG keepalive. What a reply means is read
+//! in [`super::reply`]; the links of every shard are kept in [`super::shards`].
+
+use std::io::{self, Write};
+use std::net::ToSocketAddrs;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use redis::{IntoConnectionInfo, Value};
+
+/// Channels per SUBSCRIBE/UNSUBSCRIBE command.
+const CHANNELS_PER_COMMAND: usize = 1024;
+/// A PING is sent this often to notice a dead connection that TCP has not reported.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+/// No PONG within this long: the connection is considered dead.
+const PONG_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A link's protocol state, apart from its socket: the bytes to send and the PINGs in flight.
+#[derive(Debug)]
+pub(super) struct LinkState {
+    out: Vec<u8>,
+    last_ping: Instant,
+    /// Sent PINGs not yet answered; the first is the one that marks re-subscription complete.
+    pings_in_flight: u32,
+    oldest_ping: Option<Instant>,
+    ready_on_pong: bool,
+}
+
+/// What [`LinkState::keepalive`] asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Keepalive {
+    /// Nothing to do.
+    Idle,
+    /// Time for a PING.
+    Ping,
+    /// A PING went unanswered too long: drop the link.
+    Dead,
+}
+
+impl LinkState {
+    fn new(out: Vec<u8>, now: Instant) -> Self {
+        LinkState {
+            out,
+            last_ping: now,
+            pings_in_flight: 0,
+            oldest_ping: None,
+            ready_on_pong: false,
+        }
+    }
+
+    /// Queues `command` for `channels`, at most [`CHANNELS_PER_COMMAND`] per command.
+    pub fn write_channels(&mut self, command: &str, channels: &[String]) {
+        for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
+            let mut cmd = redis::cmd(command);
+            for ch in chunk {
+                cmd.arg(ch.as_str());
+            }
+            cmd.write_packed_command(&mut self.out);
+        }
+    }
+
+    /// Queues a PING.
+    pub fn ping(&mut self, now: Instant) {
+        redis::cmd("PING").write_packed_command(&mut self.out);
+        self.pings_in_flight += 1;
+        self.oldest_ping.get_or_insert(now);
+        self.last_ping = now;
+    }
+
+    /// The next PONG completes a re-subscription.
+    pub fn ready_on_pong(&mut self) {
+        self.ready_on_pong = true;
+    }
+
+    /// Whether a re-subscription still waits for its PONG.
+    pub fn awaiting_ready(&self) -> bool {
+        self.ready_on_pong
+    }
+
+    /// A PONG arrived. Returns `true` when it completes a re-subscription.
+    pub fn on_pong(&mut self) -> bool {
+        self.pings_in_flight = self.pings_in_flight.saturating_sub(1);
+        if self.pings_in_flight == 0 {
+            self.oldest_ping = None;
+        }
+        std::mem::take(&mut self.ready_on_pong)
+    }
+
+    pub fn keepalive(&self, now: Instant) -> Keepalive {
+        if self
+            .oldest_ping
+            .is_some_and(|t| now.saturating_duration_since(t) > PONG_TIMEOUT)
+        {
+            Keepalive::Dead
+        } else if now.saturating_duration_since(self.last_ping) >= KEEPALIVE {
+            Keepalive::Ping
+        } else {
+            Keepalive::Idle
+        }
+    }
+}
+
+/// One connection to a Redis node in subscribed mode.
+pub(super) struct RedisLink {
+    stream: TcpStream,
+    parser: redis::Parser,
+    pub state: LinkState,
+}
+
+impl RedisLink {
+    /// Connects to `url` (blocking, with a timeout), registers the socket as `token` and queues
+    /// the AUTH the URL asks for.
+    pub fn open(url: &str, registry: &Registry, token: Token) -> io::Result<Self> {
+        let info = url.into_connection_info().map_err(io::Error::other)?;
+        let redis::ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+            return Err(io::Error::other("only redis:// URLs are supported"));
+        };
+        let addr = (host.as_str(), port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::other("redis host did not resolve"))?;
+        let std_stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+        std_stream.set_nodelay(true)?;
+        std_stream.set_nonblocking(true)?;
+        let mut stream = TcpStream::from_std(std_stream);
+        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        let mut out = Vec::new();
+        let settings = info.redis_settings();
+        if let Some(password) = settings.password() {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(user) = settings.username() {
+                auth.arg(user);
+            }
+            auth.arg(password);
+            auth.write_packed_command(&mut out);
+        }
+        Ok(RedisLink {
+            stream,
+            parser: redis::Parser::new(),
+            state: LinkState::new(out, Instant::now()),
+        })
+    }
+
+    /// The next complete reply; a timeout error means no complete reply is buffered yet.
+    pub fn read(&mut self) -> redis::RedisResult<Value> {
+        self.parser.parse_value(&mut self.stream)
+    }
+
+    /// Takes the socket off the poll and closes it.
+    pub fn deregister(mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.stream);
+    }
+
+    /// Writes queued bytes until done or WouldBlock.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let out = &mut self.state.out;
+        let mut written = 0;
+        let result = loop {
+            if written == out.len() {
+                break Ok(());
+            }
+            match self.stream.write(&out[written..]) {
+                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        out.drain(..written);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn commands(out: &[u8]) -> Vec<Value> {
+        let mut parser = redis::Parser::new();
+        let mut rest = out;
+        let mut values = Vec::new();
+        // The parser buffers what it read ahead; it fails once everything is parsed.
+        while let Ok(value) = parser.parse_value(&mut rest) {
+            values.push(value);
+        }
+        values
+    }
+
+    #[test]
+    fn channels_are_sent_in_commands_of_at_most_1024() {
+        let mut state = LinkState::new(Vec::new(), Instant::now());
+        let channels: Vec<String> = (0..2050).map(|i| format!("sb:u:{i}")).collect();
+        state.write_channels("SUBSCRIBE", &channels);
+        let sent = commands(&state.out);
+        let sizes: Vec<usize> = sent
+            .iter()
+            .map(|v| match v {
+                Value::Array(items) => items.len() - 1,
+                other => panic!("not a command: {other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, [1024, 1024, 2]);
+        assert_eq!(
+            sent[2],
+            Value::Array(vec![
+                bulk("SUBSCRIBE"),
+                bulk("sb:u:2048"),
+                bulk("sb:u:2049")
+            ])
+        );
+
+        state.out.clear();
+        state.write_channels("UNSUBSCRIBE", &[]);
+        assert!(state.out.is_empty(), "no channels, no command");
+    }
+
+    #[test]
+    fn the_first_pong_after_a_resubscription_marks_it_ready() {
+        let t0 = Instant::now();
+        let mut state = LinkState::new(Vec::new(), t0);
+        state.ready_on_pong();
+        state.ping(t0);
+        state.ping(t0 + Duration::from_secs(5));
+        assert!(state.awaiting_ready());
+        assert!(state.on_pong(), "the re-subscription's PONG");
+        assert!(!state.awaiting_ready());
+        assert!(!state.on_pong(), "a keepalive PONG");
+        assert_eq!(state.pings_in_flight, 0);
+        assert_eq!(state.oldest_ping, None);
+        assert!(!state.on_pong(), "an unexpected PONG does not underflow");
+    }
+
+    #[test]
+    fn keepalive_pings_when_idle_and_gives_up_without_a_pong() {
+        let t0 = Instant::now();
+        let mut state = LinkState::new(Vec::new(), t0);
+        assert_eq!(
+            state.keepalive(t0 + Duration::from_secs(1)),
+            Keepalive::Idle
+        );
+        assert_eq!(state.keepalive(t0 + KEEPALIVE), Keepalive::Ping);
+        state.ping(t0 + KEEPALIVE);
+        assert_eq!(
+            state.keepalive(t0 + KEEPALIVE + Duration::from_secs(1)),
+            Keepalive::Idle
+        );
+        // Unanswered: another PING is due before the first one times out.
+        assert_eq!(state.keepalive(t0 + KEEPALIVE * 2), Keepalive::Ping);
+        state.ping(t0 + KEEPALIVE * 2);
+        let late = t0 + KEEPALIVE + PONG_TIMEOUT + Duration::from_millis(1);
+        assert_eq!(
+            state.keepalive(late),
+            Keepalive::Dead,
+            "timed from the oldest PING"
+        );
+        state.on_pong();
+        state.on_pong();
+        assert_eq!(
+            state.keepalive(late),
+            Keepalive::Ping,
+            "answered: the next PING is due"
+        );
+        let soon = t0 + KEEPALIVE * 2 + Duration::from_secs(1);
+        assert_eq!(state.keepalive(soon), Keepalive::Idle);
+    }
+}

@@ -1,0 +1,178 @@
+//! The subscriber's side of rooms: drives [`RoomRoutes`] from loaded room sets and membership
+//! controls, (un)subscribes room channels, and holds join and leave acks until routed.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use super::routing::Hosts;
+use super::Subscriber;
+use crate::backplane::room_routes::{ChannelChanges, RoomRoutes};
+use crate::backplane::wire;
+use crate::backplane::{RoomAck, RoomJob};
+use crate::bus::{CoreMsg, RoomAnswer};
+use crate::UserId;
+
+/// Whether a held join or leave ack can go: the routes show it (a joined room's channel
+/// confirmed), its deadline passed, or the user is not hosted here any more.
+pub(super) fn ack_due(routes: &RoomRoutes, hosts: &Hosts, ack: &RoomAck, now: Instant) -> bool {
+    let routed = match routes.is_member(&ack.user, &ack.room) {
+        Some(true) => ack.joined && routes.room_confirmed(&ack.room),
+        Some(false) => !ack.joined,
+        None => false,
+    };
+    routed || now >= ack.deadline || !hosts.contains(&ack.user)
+}
+
+impl Subscriber {
+    /// A membership change of a hosted user, from the user's channel.
+    pub(super) fn on_room_control(&mut self, user: &str, joined: bool, room: &str) {
+        let max = self.bp.rooms().map_or(0, |r| r.max_room_name_bytes);
+        if !crate::rooms::valid_room(room, max) {
+            self.bp.stats.invalid.fetch_add(1, Relaxed);
+            return;
+        }
+        let Some((user, _)) = self.hosts.get(user) else {
+            return;
+        };
+        let user = user.clone();
+        let mut changes = ChannelChanges::default();
+        self.routes
+            .control(&user, joined, room.into(), &mut changes);
+        self.apply_room_channels(changes);
+    }
+
+    /// Sends the room (un)subscriptions (rooms live on the one non-cluster connection). While
+    /// it is down, the reconnect subscribes every room the routes list.
+    pub(super) fn apply_room_channels(&mut self, changes: ChannelChanges) {
+        self.bp
+            .stats
+            .room_members
+            .store(self.routes.pairs() as u64, Relaxed);
+        if changes == ChannelChanges::default() {
+            return;
+        }
+        let prefix = self.bp.config.channel_prefix.clone();
+        let channels = |rooms: &[crate::rooms::RoomId]| -> Vec<String> {
+            rooms
+                .iter()
+                .map(|r| wire::room_channel(&prefix, r))
+                .collect()
+        };
+        // Leaves first: a leave and a rejoin in one batch must end subscribed.
+        self.links
+            .write_channels(0, "UNSUBSCRIBE", &channels(&changes.unsubscribe));
+        self.links
+            .write_channels(0, "SUBSCRIBE", &channels(&changes.subscribe));
+    }
+
+    /// Tells the cores hosting `user` to resume its connections from their last offsets.
+    pub(super) fn resync(&self, user: UserId) {
+        if let Some(cores) = self.hosts.cores(&user) {
+            for &core in cores {
+                self.bus
+                    .send(core as usize, CoreMsg::ResyncUser(user.clone()));
+            }
+        }
+    }
+
+    /// Applies loaded room sets, and acks joins and leaves the routes now show.
+    pub(super) fn take_rooms(&mut self) {
+        while let Some((user, result)) = self.bp.rooms_loaded.pop() {
+            if !self.hosts.contains(&user) || !self.routes.loading(&user) {
+                continue;
+            }
+            match result {
+                Ok(rooms) => {
+                    let mut changes = ChannelChanges::default();
+                    self.routes.loaded(&user, rooms, &mut changes);
+                    self.apply_room_channels(changes);
+                }
+                Err(_) => {
+                    // The worker paced itself before answering: ask again.
+                    self.bp.room_request(RoomJob::Load { user });
+                }
+            }
+        }
+        while let Some(ack) = self.bp.room_acks.pop() {
+            self.room_acks.push(ack);
+        }
+        if self.room_acks.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut done = Vec::new();
+        let (routes, hosts) = (&self.routes, &self.hosts);
+        self.room_acks.retain(|a| {
+            let go = ack_due(routes, hosts, a, now);
+            if go {
+                done.push((a.target, a.room.clone()));
+            }
+            !go
+        });
+        for (target, room) in done {
+            let answer = RoomAnswer {
+                key: target.key,
+                serial: target.serial,
+                ack: target.ack,
+                result: Ok(serde_json::json!({ "room": &*room })),
+            };
+            self.bus
+                .send(target.core, CoreMsg::RoomAnswer(Box::new(answer)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backplane::{Membership, RoomTarget};
+
+    fn ack(user: &str, room: &str, joined: bool, deadline: Instant) -> RoomAck {
+        RoomAck {
+            user: user.into(),
+            room: room.into(),
+            joined,
+            target: RoomTarget {
+                core: 0,
+                key: 1,
+                serial: 2,
+                ack: Some(3),
+            },
+            deadline,
+        }
+    }
+
+    #[test]
+    fn acks_wait_until_the_routes_show_the_change() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        let u: UserId = "u".into();
+        let mut hosts = Hosts::default();
+        hosts.apply(Membership::Joined(u.clone(), 0));
+        let mut routes = RoomRoutes::default();
+        let mut changes = ChannelChanges::default();
+        let join = ack("u", "team", true, later);
+        assert!(!ack_due(&routes, &hosts, &join, now), "rooms not loaded");
+
+        routes.start_load(&u);
+        routes.loaded(&u, Vec::new(), &mut changes);
+        routes.control(&u, true, "team".into(), &mut changes);
+        assert!(
+            !ack_due(&routes, &hosts, &join, now),
+            "member, but the room's channel is not confirmed"
+        );
+        assert!(ack_due(&routes, &hosts, &join, later), "deadline");
+        routes.confirmed("team");
+        assert!(ack_due(&routes, &hosts, &join, now));
+
+        let leave = ack("u", "team", false, later);
+        assert!(!ack_due(&routes, &hosts, &leave, now), "still a member");
+        routes.control(&u, false, "team".into(), &mut changes);
+        assert!(ack_due(&routes, &hosts, &leave, now));
+
+        let gone = ack("v", "team", true, later);
+        assert!(ack_due(&routes, &hosts, &gone, now), "not hosted here");
+    }
+}
