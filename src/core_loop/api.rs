@@ -1,7 +1,6 @@
 //! The HTTP API (`GET /api/history`, `POST /api/publish`) and the history event: reading the
 //! body, parking the socket while Redis answers, and the answers that come back.
 
-use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,7 +9,7 @@ use tungstenite::Utf8Bytes;
 use super::{CoreLoop, API_WAIT};
 use crate::api::{self, ApiError};
 use crate::bus::{Dispatch, PageResult, PublishResult};
-use crate::connection::{Connection, PendingBody, Waiting};
+use crate::connection::{BodyOutcome, Connection, PendingBody, Waiting};
 use crate::handlers::Args;
 use crate::history::{self, Offset};
 use crate::http::Request;
@@ -62,21 +61,19 @@ impl CoreLoop {
     pub(super) fn wait(&mut self, key: usize) -> u64 {
         let serial = self.next_serial;
         self.next_serial += 1;
-        let stream = match self.conns.try_remove(key) {
-            Some(Connection::Request(r)) => r.stream,
-            Some(Connection::Body(b)) => b.stream,
-            Some(other) => {
-                self.conns.insert(other);
-                return serial;
-            }
-            None => return serial,
-        };
-        let new_key = self.conns.insert(Connection::Waiting(Waiting {
-            stream,
-            serial,
-            deadline: Instant::now() + API_WAIT,
-        }));
-        debug_assert_eq!(new_key, key, "slab reuses the slot just freed");
+        let deadline = Instant::now() + API_WAIT;
+        self.conns.replace(key, |conn| {
+            let stream = match conn {
+                Connection::Request(r) => r.stream,
+                Connection::Body(b) => b.stream,
+                other => return other,
+            };
+            Connection::Waiting(Waiting {
+                stream,
+                serial,
+                deadline,
+            })
+        });
         serial
     }
 
@@ -94,49 +91,42 @@ impl CoreLoop {
                 return self.reply(key, e.response(), &[]);
             }
         };
-        let Some(Connection::Request(mut pending)) = self.conns.try_remove(key) else {
-            return;
-        };
-        if req.expect_continue && rest.len() < len {
-            // curl and others wait for this (up to a second) before sending a larger body. A
-            // fresh socket's send buffer takes these 25 bytes whole; if not, the client sends
-            // its body after its own timeout anyway.
-            let _ = std::io::Write::write(&mut pending.stream, b"HTTP/1.1 100 Continue\r\n\r\n");
+        let replaced = self.conns.replace(key, |conn| {
+            let Connection::Request(mut pending) = conn else {
+                return conn;
+            };
+            if req.expect_continue && rest.len() < len {
+                // curl and others wait for this (up to a second) before sending a larger body.
+                // A fresh socket's send buffer takes these 25 bytes whole; if not, the client
+                // sends its body after its own timeout anyway.
+                let _ =
+                    std::io::Write::write(&mut pending.stream, b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            let mut body = rest;
+            body.truncate(len);
+            Connection::Body(PendingBody {
+                stream: pending.stream,
+                request: req,
+                body,
+                len,
+                deadline: pending.deadline,
+            })
+        });
+        if replaced {
+            self.api_publish_body(key);
         }
-        let mut body = rest;
-        body.truncate(len);
-        let new_key = self.conns.insert(Connection::Body(PendingBody {
-            stream: pending.stream,
-            request: req,
-            body,
-            len,
-            deadline: pending.deadline,
-        }));
-        debug_assert_eq!(new_key, key, "slab reuses the slot just freed");
-        self.api_publish_body(key);
     }
 
+    /// Reads the body of `POST /api/publish`, then publishes it.
     pub(super) fn api_publish_body(&mut self, key: usize) {
-        let mut chunk = [0u8; 8192];
-        loop {
-            let Some(Connection::Body(b)) = self.conns.get_mut(key) else {
-                return;
-            };
-            if b.body.len() >= b.len {
-                break;
-            }
-            let room = (b.len - b.body.len()).min(chunk.len());
-            match b.stream.read(&mut chunk[..room]) {
-                Ok(0) => return self.remove(key, Closed::Reset),
-                Ok(n) => b.body.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.remove(key, Closed::Reset),
-            }
-        }
-        let Some(Connection::Body(b)) = self.conns.get(key) else {
+        let Some(Connection::Body(b)) = self.conns.get_mut(key) else {
             return;
         };
+        match b.read_body() {
+            BodyOutcome::Incomplete => return,
+            BodyOutcome::Closed => return self.remove(key, Closed::Reset),
+            BodyOutcome::Complete => {}
+        }
         let parsed = api::parse_publish(&b.body, &self.shared.config.history);
         match parsed {
             Ok(dispatch) => self.api_publish_dispatch(key, Arc::new(dispatch)),
@@ -175,7 +165,7 @@ impl CoreLoop {
 
     pub(super) fn on_page(&mut self, page: PageResult) {
         match self.conns.get(page.key) {
-            Some(Connection::Open(o)) if o.serial == page.serial => {
+            Some(Connection::Open(open)) if open.serial == page.serial => {
                 let Some(ack) = page.ack else {
                     return;
                 };
@@ -259,7 +249,7 @@ impl CoreLoop {
             let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
             return self.answer(key, Some(ack), |a| history::encode_page_ack(a, &frames));
         }
-        let Some(Connection::Open(open)) = self.conns.get(key) else {
+        let Some(open) = self.conns.get_open(key) else {
             return;
         };
         let serial = open.serial;

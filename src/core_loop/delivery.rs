@@ -1,19 +1,16 @@
 //! Output: dispatching a handler's events (locally, to the other cores, to Redis, with history),
 //! delivering them to this core's connections, and the write-many-flush-once path.
 
-use std::io;
 use std::sync::Arc;
 
-use smallvec::SmallVec;
-use tungstenite::{Message, Utf8Bytes};
+use tungstenite::Utf8Bytes;
 
 use super::CoreLoop;
 use crate::backplane::AckWaiter;
 use crate::bus::{CoreMsg, Dispatch, RoomDelivery};
-use crate::connection::Connection;
+use crate::connection::{FlushOutcome, Open, WriteOutcome};
 use crate::history::{self, Delivery, Offset};
-use crate::metrics::{add, Closed};
-use crate::protocol::CloseReason;
+use crate::metrics::add;
 use crate::socketio::{self, FrameCache};
 
 impl CoreLoop {
@@ -102,7 +99,7 @@ impl CoreLoop {
     /// Queues a frame with an offset on every local connection of its user, skipping those that
     /// already have it; recovering connections hold it until their replay is in.
     pub(super) fn deliver_offset(&mut self, d: &Delivery) {
-        let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(&d.user));
+        let keys = self.conns.user_keys(&d.user);
         for key in keys {
             self.offer(key, d.offset, &d.frame, &d.sio);
         }
@@ -117,7 +114,7 @@ impl CoreLoop {
         frame: &Utf8Bytes,
         cache: &FrameCache,
     ) {
-        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+        let Some(open) = self.conns.get_open_mut(key) else {
             return;
         };
         if let Some(rec) = open.recovering.as_mut() {
@@ -138,7 +135,7 @@ impl CoreLoop {
     /// A room event: every local connection of the listed members gets the one shared frame.
     pub(super) fn deliver_room(&mut self, d: &RoomDelivery) {
         for member in d.members.iter() {
-            let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(member));
+            let keys = self.conns.user_keys(member);
             for key in keys {
                 match d.offset {
                     Some(offset) => self.offer(key, offset, &d.frame, &d.sio),
@@ -151,7 +148,7 @@ impl CoreLoop {
     /// Queues the dispatch's frame on every local connection of its users.
     pub(super) fn deliver_local(&mut self, dispatch: &Dispatch) {
         for user in dispatch.users.iter() {
-            let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(user));
+            let keys = self.conns.user_keys(user);
             for key in keys {
                 self.send_shared(key, &dispatch.frame, Some(&dispatch.sio));
             }
@@ -172,7 +169,7 @@ impl CoreLoop {
         frame: &Utf8Bytes,
         cache: Option<&FrameCache>,
     ) {
-        let Some(Connection::Open(open)) = self.conns.get(key) else {
+        let Some(open) = self.conns.get_open(key) else {
             return;
         };
         let Some(session) = &open.sio else {
@@ -190,34 +187,24 @@ impl CoreLoop {
     /// Queues a text frame for the end-of-turn flush. A connection over its outbound bound is
     /// closed as a slow consumer.
     pub(super) fn write_text(&mut self, key: usize, frame: Utf8Bytes) {
-        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+        let Some(open) = self.conns.get_open_mut(key) else {
             return;
         };
-        if open.closing.is_some() {
-            return;
-        }
-        match open.ws.write(Message::Text(frame)) {
-            Ok(()) => {}
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(tungstenite::Error::WriteBufferFull(_)) => {
-                self.close(key, CloseReason::SlowConsumer);
-                return;
+        match open.queue_text(frame) {
+            WriteOutcome::Queued => {
+                add(&self.metrics().frames_out, 1);
+                self.mark_dirty(key);
             }
-            Err(_) => {
-                self.remove(key, Closed::Reset);
-                return;
-            }
+            WriteOutcome::Closing => {}
+            WriteOutcome::Close(reason) => self.close(key, reason),
+            WriteOutcome::Remove(why) => self.remove(key, why),
         }
-        add(&self.metrics().frames_out, 1);
-        self.mark_dirty(key);
     }
 
+    /// Lists the connection for the end-of-turn flush (once per turn).
     pub(super) fn mark_dirty(&mut self, key: usize) {
-        if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
-            if !open.dirty {
-                open.dirty = true;
-                self.dirty.push(key);
-            }
+        if self.conns.get_open_mut(key).is_some_and(Open::mark_dirty) {
+            self.dirty.push(key);
         }
     }
 
@@ -226,17 +213,14 @@ impl CoreLoop {
         let mut dirty = std::mem::take(&mut self.dirty);
         let mut bytes = 0;
         for &key in &dirty {
-            let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+            let Some(open) = self.conns.get_open_mut(key) else {
                 continue;
             };
-            open.dirty = false;
-            let result = open.ws.flush();
+            let outcome = open.flush();
             bytes += open.ws.get_mut().take_written();
-            match result {
-                Ok(()) => {}
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(tungstenite::Error::ConnectionClosed) => self.remove(key, Closed::ClientClose),
-                Err(_) => self.remove(key, Closed::Reset),
+            match outcome {
+                FlushOutcome::Done | FlushOutcome::Pending => {}
+                FlushOutcome::Remove(why) => self.remove(key, why),
             }
         }
         add(&self.metrics().bytes_out, bytes);

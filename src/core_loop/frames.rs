@@ -1,98 +1,49 @@
 //! An open WebSocket's input: reading frames, the rate limit, envelopes into handlers, and the
 //! acks and answers that go back.
 
-use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tungstenite::{Message, Utf8Bytes};
+use tungstenite::Utf8Bytes;
 
 use super::{sio, CoreLoop, CLOSE_GRACE, READ_BUDGET};
 use crate::backplane::AckWaiter;
-use crate::connection::Connection;
+use crate::connection::ReadOutcome;
 use crate::handlers::{Args, ConnectionId, Context, HandlerResult};
-use crate::metrics::{add, Closed};
+use crate::metrics::add;
 use crate::protocol::{self, CloseReason, ErrorCode};
 use crate::socketio;
 
 impl CoreLoop {
     pub(super) fn read_frames(&mut self, key: usize) {
         for _ in 0..READ_BUDGET {
-            let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+            let Some(open) = self.conns.get_open_mut(key) else {
                 return;
             };
-            let result = open.ws.read();
-            if result.is_ok() {
-                open.last_heard = Instant::now();
-            }
-            let closing = open.closing.is_some();
-            match result {
-                Ok(Message::Text(text)) => {
-                    if !closing {
-                        add(&self.metrics().frames_in, 1);
-                        if self.within_rate_limit(key) {
-                            self.on_text(key, text);
-                        } else {
-                            self.refuse_over_rate(key, &text);
-                        }
+            match open.read_frame(CLOSE_GRACE) {
+                ReadOutcome::Text(text) => {
+                    add(&self.metrics().frames_in, 1);
+                    if self.within_rate_limit(key) {
+                        self.on_text(key, text);
+                    } else {
+                        self.refuse_over_rate(key, &text);
                     }
                 }
-                Ok(Message::Binary(_)) => {
-                    if !closing && !self.sio_skip_binary(key) {
+                ReadOutcome::Binary => {
+                    if !self.sio_skip_binary(key) {
                         self.close(key, CloseReason::BinaryFrame);
                     }
                 }
-                Ok(Message::Ping(_)) => self.mark_dirty(key), // tungstenite queued the pong
-                Ok(Message::Pong(_)) | Ok(Message::Frame(_)) => {}
-                Ok(Message::Close(_)) => {
-                    // tungstenite queued the reply; the next read reports the end.
+                ReadOutcome::Pong => self.mark_dirty(key),
+                ReadOutcome::PeerClosing => {
                     self.unindex(key);
-                    if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
-                        open.closing.get_or_insert(Instant::now() + CLOSE_GRACE);
-                    }
                     self.mark_dirty(key);
                 }
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(tungstenite::Error::ConnectionClosed)
-                | Err(tungstenite::Error::AlreadyClosed) => {
-                    self.remove(key, Closed::ClientClose);
-                    return;
-                }
-                Err(e) if closing => {
-                    log::debug!("core={} conn={key} error while closing: {e}", self.id);
-                    self.remove(key, Closed::Reset);
-                    return;
-                }
-                // tungstenite's name for a peer that hung up without a close frame.
-                Err(tungstenite::Error::Protocol(
-                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-                )) => {
-                    self.remove(key, Closed::Reset);
-                    return;
-                }
-                Err(tungstenite::Error::Protocol(p)) => {
-                    log::debug!("core={} conn={key} protocol error: {p}", self.id);
-                    self.close(key, CloseReason::ProtocolError);
-                    return;
-                }
-                Err(tungstenite::Error::Utf8(_)) => {
-                    self.close(key, CloseReason::InvalidUtf8);
-                    return;
-                }
-                Err(tungstenite::Error::Capacity(_)) => {
-                    self.close(key, CloseReason::MessageTooBig);
-                    return;
-                }
-                Err(tungstenite::Error::WriteBufferFull(_)) => {
-                    self.close(key, CloseReason::SlowConsumer);
-                    return;
-                }
-                Err(_) => {
-                    self.remove(key, Closed::Reset);
-                    return;
-                }
+                ReadOutcome::Continue => {}
+                ReadOutcome::WouldBlock => return,
+                ReadOutcome::Close(reason) => return self.close(key, reason),
+                ReadOutcome::Remove(why) => return self.remove(key, why),
             }
         }
         // Budget spent with input possibly left: continue next turn (edge-triggered: no new
@@ -106,10 +57,9 @@ impl CoreLoop {
             self.shared.config.rate_limit_per_sec,
             self.shared.config.rate_limit_burst,
         );
-        match self.conns.get_mut(key) {
-            Some(Connection::Open(open)) => open.bucket.take(rate, burst, Instant::now()),
-            _ => true,
-        }
+        self.conns
+            .get_open_mut(key)
+            .is_none_or(|open| open.bucket.take(rate, burst, Instant::now()))
     }
 
     /// Answers a frame over the rate limit with a `rate_limited` error (the frame is dropped);
@@ -117,9 +67,8 @@ impl CoreLoop {
     pub(super) fn refuse_over_rate(&mut self, key: usize, text: &Utf8Bytes) {
         add(&self.metrics().client_errors, 1);
         let burst = self.shared.config.rate_limit_burst;
-        let refused = match self.conns.get(key) {
-            Some(Connection::Open(open)) => open.bucket.refused,
-            _ => return,
+        let Some(refused) = self.conns.get_open(key).map(|open| open.bucket.refused) else {
+            return;
         };
         if refused > burst {
             self.close(key, CloseReason::RateLimited);
@@ -128,8 +77,8 @@ impl CoreLoop {
         // The first refusal of a run is answered, and every refused frame that asked for an
         // ack (its sender waits for one); the rest are dropped quietly, so a flood does not buy
         // a flood of errors.
-        let ack = match self.conns.get(key) {
-            Some(Connection::Open(o)) if o.sio.is_some() => sio::request_ack(text.as_str()),
+        let ack = match self.conns.get_open(key) {
+            Some(open) if open.sio.is_some() => sio::request_ack(text.as_str()),
             _ => protocol::parse_envelope(text.as_str())
                 .ok()
                 .and_then(|e| e.ack),
@@ -146,7 +95,7 @@ impl CoreLoop {
     }
 
     pub(super) fn on_text(&mut self, key: usize, text: Utf8Bytes) {
-        let Some(Connection::Open(open)) = self.conns.get(key) else {
+        let Some(open) = self.conns.get_open(key) else {
             return;
         };
         if open.sio.is_some() {
@@ -172,7 +121,7 @@ impl CoreLoop {
         args: Args<'_>,
         ack: Option<u64>,
     ) {
-        let Some(Connection::Open(open)) = self.conns.get(key) else {
+        let Some(open) = self.conns.get_open(key) else {
             return;
         };
         let user = open.user.clone();
@@ -214,10 +163,7 @@ impl CoreLoop {
     pub(super) fn finish_request(&mut self, key: usize, ack: Option<u64>, result: HandlerResult) {
         let shared = Arc::clone(&self.shared);
         // The connection is still there (handlers run synchronously); 0 only keeps the types.
-        let serial = match self.conns.get(key) {
-            Some(Connection::Open(open)) => open.serial,
-            _ => 0,
-        };
+        let serial = self.conns.get_open(key).map_or(0, |open| open.serial);
         if result.is_err() {
             // Nothing a failed handler dispatched goes out.
             self.outbox.clear();
@@ -258,9 +204,12 @@ impl CoreLoop {
 
     /// Redis took (or dropped) what a request dispatched: its held ack goes out now.
     pub(super) fn on_acked(&mut self, waiter: &AckWaiter) {
-        match self.conns.get(waiter.key) {
-            Some(Connection::Open(open)) if open.serial == waiter.serial => {}
-            _ => return,
+        if self
+            .conns
+            .get_open_serial(waiter.key, waiter.serial)
+            .is_none()
+        {
+            return;
         }
         if waiter.taken() {
             self.answer(waiter.key, Some(waiter.ack), |a| {
@@ -286,7 +235,7 @@ impl CoreLoop {
         ack: Option<u64>,
         native: impl FnOnce(Option<u64>) -> Utf8Bytes,
     ) {
-        let Some(Connection::Open(open)) = self.conns.get(key) else {
+        let Some(open) = self.conns.get_open(key) else {
             return;
         };
         let frame = match (&open.sio, ack) {

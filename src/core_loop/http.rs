@@ -1,71 +1,40 @@
 //! HTTP before the upgrade: reading the request head, routing it, the WebSocket upgrade, and
 //! writing a plain HTTP reply.
 
-use std::io::{self, Read};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use mio::{Interest, Token};
 use tungstenite::protocol::Role;
 use tungstenite::WebSocket;
 
 use super::{CoreLoop, REPLY_GRACE};
 use crate::api;
-use crate::connection::{Connection, Counted, Open, Reply, Stream};
-use crate::http::{self, Parse, Request, RequestError};
+use crate::connection::{Connection, HeadOutcome, Open, Reply, ReplyOutcome, Stream};
+use crate::http::{self, Request};
 use crate::metrics::{add, Closed};
 use crate::socketio;
 
 impl CoreLoop {
+    /// Reads the request head, then routes it (or refuses it).
     pub(super) fn read_request(&mut self, key: usize) {
         let max = self.shared.config.max_request_header_bytes;
-        let mut chunk = [0u8; 2048];
-        loop {
-            let Some(Connection::Request(req)) = self.conns.get_mut(key) else {
-                return;
-            };
-            let room = (max - req.buf.len()).min(chunk.len());
-            if room == 0 {
+        let Some(Connection::Request(pending)) = self.conns.get_mut(key) else {
+            return;
+        };
+        match pending.read_head(max) {
+            HeadOutcome::Incomplete => {}
+            HeadOutcome::Complete(request, rest) => self.route(key, request, rest),
+            HeadOutcome::TooLarge => {
                 add(&self.metrics().handshake_failures, 1);
-                self.reply(
-                    key,
-                    http::error_response(431, "request header fields too large"),
-                    &[],
-                );
-                return;
+                let response = http::error_response(431, "request header fields too large");
+                self.reply(key, response, &[]);
             }
-            match req.stream.read(&mut chunk[..room]) {
-                Ok(0) => {
-                    self.remove(key, Closed::Reset);
-                    return;
-                }
-                Ok(n) => {
-                    req.buf.extend_from_slice(&chunk[..n]);
-                    match http::parse_request(&req.buf) {
-                        Ok(Parse::Partial) => continue,
-                        Ok(Parse::Complete(request, head_len)) => {
-                            let rest = req.buf.split_off(head_len);
-                            self.route(key, request, rest);
-                            return;
-                        }
-                        Err(e) => {
-                            add(&self.metrics().handshake_failures, 1);
-                            let status = match e {
-                                RequestError::Malformed => 400,
-                                RequestError::TooLarge => 431,
-                            };
-                            self.reply(key, http::error_response(status, &e.to_string()), &[]);
-                            return;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.remove(key, Closed::Reset);
-                    return;
-                }
+            HeadOutcome::Invalid(e) => {
+                add(&self.metrics().handshake_failures, 1);
+                let status = HeadOutcome::status(&e);
+                self.reply(key, http::error_response(status, &e.to_string()), &[]);
             }
+            HeadOutcome::Closed | HeadOutcome::Error(_) => self.remove(key, Closed::Reset),
         }
     }
 
@@ -196,126 +165,89 @@ impl CoreLoop {
             self.remove(key, Closed::Reset);
             return;
         }
-        // Re-inserted below: slab's free list is LIFO, so the connection keeps its key (and the
-        // token its socket is registered under).
-        let Some(Connection::Request(pending)) = self.conns.try_remove(key) else {
-            return;
-        };
-        let stream = Stream::new(pending.stream);
-        let config = Some(self.shared.ws_config);
-        let ws = if rest.is_empty() {
-            WebSocket::from_raw_socket(stream, Role::Server, config)
-        } else {
-            WebSocket::from_partially_read(stream, rest, Role::Server, config)
-        };
         let now = Instant::now();
+        let config = &self.shared.config;
         let session = socketio.then(|| {
             Box::new(socketio::Session::new(
                 req.token(),
                 req.query_param("since"),
-                now + self.shared.config.handshake_timeout,
+                now + config.handshake_timeout,
             ))
         });
-        let open = Open {
-            ws,
-            // A Socket.IO connection has no user until its first CONNECT; it is not indexed.
-            user: user.clone().unwrap_or_else(|| crate::UserId::from("")),
-            last_heard: now,
-            next_ping: now + self.shared.config.ping_interval,
-            closing: None,
-            ended: None,
-            dirty: false,
-            indexed: user.is_some(),
-            serial: self.next_serial,
-            bucket: crate::connection::TokenBucket::new(self.shared.config.rate_limit_burst, now),
-            last_offset: None,
-            recovering: None,
-            sio: session,
-            counted: Counted::No,
-        };
+        let serial = self.next_serial;
+        let ws_config = Some(self.shared.ws_config);
+        let (ping_interval, burst) = (config.ping_interval, config.rate_limit_burst);
+        let upgraded = self.conns.replace(key, |conn| {
+            let Connection::Request(pending) = conn else {
+                return conn;
+            };
+            let stream = Stream::new(pending.stream);
+            let ws = if rest.is_empty() {
+                WebSocket::from_raw_socket(stream, Role::Server, ws_config)
+            } else {
+                WebSocket::from_partially_read(stream, rest, Role::Server, ws_config)
+            };
+            let open = Open::new(ws, user.clone(), now, ping_interval, serial, burst, session);
+            Connection::Open(open)
+        });
+        if !upgraded {
+            return;
+        }
         self.next_serial += 1;
         let since = req.query_param("since");
-        let new_key = self.conns.insert(Connection::Open(open));
-        debug_assert_eq!(new_key, key, "slab reuses the slot just freed");
-        if new_key != key {
-            // Cannot happen with slab's LIFO free list, but never leave a socket registered
-            // under a token that names another slot.
-            if let Some(conn) = self.conns.get_mut(new_key) {
-                let _ = self.poll.registry().reregister(
-                    conn.tcp(),
-                    Token(new_key),
-                    Interest::READABLE | Interest::WRITABLE,
-                );
-            }
-        }
         if let Some(user) = &user {
-            self.index(new_key, user);
+            self.index(key, user);
         }
         self.open += 1;
         add(&self.metrics().connections_accepted, 1);
-        log::debug!("core={} conn={new_key} user={user:?} open", self.id);
+        log::debug!("core={} conn={key} user={user:?} open", self.id);
         if let Some(user) = &user {
-            if !self.count_device(new_key, user) {
+            if !self.count_device(key, user) {
                 return;
             }
         }
         if socketio {
-            self.sio_open(new_key);
+            self.sio_open(key);
         } else if let Some(since) = since {
-            self.begin_recovery(new_key, since.parse().ok());
+            self.begin_recovery(key, since.parse().ok());
         }
         // Frames may have arrived with (or right after) the request.
-        self.carry.push(new_key);
+        self.carry.push(key);
     }
 
     /// Switches the connection to writing `response`, then closing.
     pub(super) fn reply(&mut self, key: usize, response: Vec<u8>, _rest: &[u8]) {
-        let Some(conn) = self.conns.try_remove(key) else {
-            return;
-        };
-        let stream = match conn {
-            Connection::Request(r) => r.stream,
-            Connection::Reply(r) => r.stream,
-            Connection::Body(b) => b.stream,
-            Connection::Waiting(w) => w.stream,
-            Connection::Open(o) => {
+        let deadline = Instant::now() + REPLY_GRACE;
+        let replaced = self.conns.replace(key, |conn| {
+            let stream = match conn {
+                Connection::Request(r) => r.stream,
+                Connection::Reply(r) => r.stream,
+                Connection::Body(b) => b.stream,
+                Connection::Waiting(w) => w.stream,
                 // Not reachable: replies are only sent before an upgrade.
-                self.conns.insert(Connection::Open(o));
-                return;
-            }
-        };
-        let reply = Reply {
-            stream,
-            out: response,
-            written: 0,
-            lingering: false,
-            deadline: Instant::now() + REPLY_GRACE,
-        };
-        let new_key = self.conns.insert(Connection::Reply(reply));
-        debug_assert_eq!(new_key, key);
-        self.progress_reply(new_key);
+                open @ Connection::Open(_) => return open,
+            };
+            Connection::Reply(Reply {
+                stream,
+                out: response,
+                written: 0,
+                lingering: false,
+                deadline,
+            })
+        });
+        if replaced {
+            self.progress_reply(key);
+        }
     }
 
+    /// Writes the reply on; drops the connection once the client hung up after it.
     pub(super) fn progress_reply(&mut self, key: usize) {
         let Some(Connection::Reply(reply)) = self.conns.get_mut(key) else {
             return;
         };
-        if !reply.lingering {
-            match reply.write_some() {
-                Ok(true) => {
-                    let _ = reply.stream.shutdown(std::net::Shutdown::Write);
-                    reply.lingering = true;
-                }
-                Ok(false) => return,
-                Err(_) => {
-                    self.remove(key, Closed::Reset);
-                    return;
-                }
-            }
-        }
-        match reply.drain_input() {
-            Ok(false) => {}
-            Ok(true) | Err(_) => self.remove(key, Closed::Reset),
+        match reply.progress() {
+            ReplyOutcome::Pending => {}
+            ReplyOutcome::Done => self.remove(key, Closed::Reset),
         }
     }
 }

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use slab::Slab;
 
 use crate::bus::{CoreMsg, Dispatch};
 use crate::connection::{Connection, PendingRequest};
@@ -21,7 +20,7 @@ use crate::handlers::MessageIds;
 use crate::metrics::{Closed, CoreMetrics};
 use crate::protocol::CloseReason;
 use crate::runtime::Shared;
-use crate::user_index::UserIndex;
+use table::Table;
 
 mod api;
 mod delivery;
@@ -31,6 +30,7 @@ mod recovery;
 mod rooms;
 mod sio;
 mod sweep;
+mod table;
 
 /// Reserved tokens sit above any slab key.
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -56,8 +56,8 @@ pub struct CoreLoop {
     id: usize,
     poll: Poll,
     listener: Option<TcpListener>,
-    conns: Slab<Connection>,
-    users: UserIndex,
+    /// The connections and their users' index.
+    conns: Table,
     shared: Arc<Shared>,
     /// Open WebSocket connections on this core.
     open: usize,
@@ -99,8 +99,7 @@ impl CoreLoop {
             id,
             poll,
             listener: Some(listener),
-            conns: Slab::with_capacity(1024),
-            users: UserIndex::default(),
+            conns: Table::with_capacity(1024),
             ids: MessageIds::new(shared.node_id, id),
             shared,
             next_serial: 0,
@@ -145,7 +144,7 @@ impl CoreLoop {
                             self.on_writable(key);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
+                            if let Some(open) = self.conns.get_open_mut(key) {
                                 open.ws.get_mut().readable_edge();
                             }
                             self.on_readable(key);
@@ -193,7 +192,7 @@ impl CoreLoop {
                     .min(Instant::now() + Duration::from_millis(20));
             }
         }
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        let keys = self.conns.keys();
         for key in keys {
             self.remove(key, Closed::Server(CloseReason::Shutdown));
         }
@@ -206,7 +205,7 @@ impl CoreLoop {
         m.connections_open
             .store(self.open as u64, Ordering::Relaxed);
         m.sockets.store(self.conns.len() as u64, Ordering::Relaxed);
-        m.users.store(self.users.len() as u64, Ordering::Relaxed);
+        m.users.store(self.conns.users() as u64, Ordering::Relaxed);
     }
 
     fn accept(&mut self) {
@@ -234,21 +233,24 @@ impl CoreLoop {
 
     fn admit(&mut self, mut stream: TcpStream) {
         let _ = stream.set_nodelay(true);
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            log::warn!("core={} register failed: {e}", self.id);
-            return;
-        }
-        entry.insert(Connection::Request(PendingRequest {
-            stream,
-            buf: Vec::new(),
-            deadline: Instant::now() + self.shared.config.handshake_timeout,
-        }));
+        let deadline = Instant::now() + self.shared.config.handshake_timeout;
+        let registry = self.poll.registry();
+        let admitted = self.conns.insert_with(|key| {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            registry.register(&mut stream, Token(key), interest)?;
+            Ok(Connection::Request(PendingRequest {
+                stream,
+                buf: Vec::new(),
+                deadline,
+            }))
+        });
+        let key = match admitted {
+            Ok(key) => key,
+            Err(e) => {
+                log::warn!("core={} register failed: {e}", self.id);
+                return;
+            }
+        };
         // The request may already be waiting; its readable edge may have passed.
         self.carry.push(key);
     }
@@ -291,7 +293,7 @@ impl CoreLoop {
 
     /// Lists the connection under `user` in this core's index (the caller marked it indexed).
     fn index(&mut self, key: usize, user: &crate::UserId) {
-        if self.users.insert(user, key) {
+        if self.conns.index(key, user) {
             if let Some(bp) = &self.shared.backplane {
                 bp.user_joined(user, self.id);
             }

@@ -4,8 +4,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use smallvec::SmallVec;
-
 use super::CoreLoop;
 use crate::bus::ReplayResult;
 use crate::connection::Connection;
@@ -31,7 +29,7 @@ impl CoreLoop {
                 return self.answer(key, ack, |a| protocol::encode_error(a, &e.code, &e.message));
             }
         };
-        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+        let Some(open) = self.conns.get_open_mut(key) else {
             return;
         };
         if open.recovering.is_some() {
@@ -81,12 +79,10 @@ impl CoreLoop {
     /// channel: the user's connections resume from their last offset to catch what came
     /// between (those without an offset yet have nothing to resume from).
     pub(super) fn resync_user(&mut self, user: &str) {
-        let keys: SmallVec<[usize; 8]> = SmallVec::from_slice(self.users.get(user));
+        let keys = self.conns.user_keys(user);
         for key in keys {
-            let last = match self.conns.get(key) {
-                Some(Connection::Open(o)) if o.closing.is_none() && o.recovering.is_none() => {
-                    o.last_offset
-                }
+            let last = match self.conns.get_open(key) {
+                Some(o) if o.closing.is_none() && o.recovering.is_none() => o.last_offset,
                 _ => None,
             };
             if let Some(offset) = last {
@@ -99,7 +95,7 @@ impl CoreLoop {
     /// is `None` when the client's offset did not parse: it gets `complete: false`.
     pub(super) fn begin_recovery(&mut self, key: usize, since: Option<Offset>) {
         let shared = Arc::clone(&self.shared);
-        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+        let Some(open) = self.conns.get_open_mut(key) else {
             return;
         };
         if !shared.config.history_active() || open.recovering.is_some() {
@@ -144,7 +140,7 @@ impl CoreLoop {
 
     /// Sends the replay, then what arrived live meanwhile, then `recovered`.
     pub(super) fn on_replay(&mut self, result: ReplayResult) {
-        let Some(Connection::Open(open)) = self.conns.get_mut(result.key) else {
+        let Some(open) = self.conns.get_open_mut(result.key) else {
             return;
         };
         if open.serial != result.serial {

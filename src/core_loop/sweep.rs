@@ -1,20 +1,16 @@
 //! Ending connections and time: the server-initiated close, removal, the periodic sweep of
 //! deadlines (handshake, ping, silence, close, waits, replays) and shutdown.
 
-use std::io;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-
-use tungstenite::{Message, Utf8Bytes};
 
 use super::{CoreLoop, CLOSE_GRACE};
 use crate::api;
 use crate::bus::ReplayResult;
-use crate::connection::{Connection, Counted};
+use crate::connection::{Connection, TickOutcome};
 use crate::history;
 use crate::metrics::{add, Closed};
 use crate::protocol::CloseReason;
-use crate::socketio;
 
 impl CoreLoop {
     /// Starts a server-initiated close: the close frame is queued, the user unindexed, and the
@@ -24,49 +20,35 @@ impl CoreLoop {
         let grace = self
             .shutdown_deadline
             .unwrap_or_else(|| Instant::now() + CLOSE_GRACE);
-        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+        let Some(open) = self.conns.get_open_mut(key) else {
             return;
         };
-        if open.closing.is_some() {
+        if !open.begin_close(reason, grace) {
             return;
         }
-        open.closing = Some(grace);
-        open.ended = Some(Closed::Server(reason));
-        if reason == CloseReason::SlowConsumer {
-            // The buffer is full by definition; make room for the close frame alone.
-            open.ws.set_config(|c| c.max_write_buffer_size += 256);
-        }
         log::debug!("core={} conn={key} closing: {}", self.id, reason.text());
-        match open.ws.close(Some(reason.frame())) {
-            Ok(()) => {}
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => {}
-        }
         self.mark_dirty(key);
     }
 
+    /// Takes the connection out of the user index (and its user's presence count).
     pub(super) fn unindex(&mut self, key: usize) {
-        let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+        let Some(ended) = self.conns.unindex(key) else {
             return;
         };
-        if open.indexed {
-            open.indexed = false;
-            if self.users.remove(&open.user, key) {
-                if let Some(bp) = &self.shared.backplane {
-                    bp.user_left(&open.user, self.id);
-                }
+        if ended.last {
+            if let Some(bp) = &self.shared.backplane {
+                bp.user_left(&ended.user, self.id);
             }
-            if std::mem::replace(&mut open.counted, Counted::No) == Counted::Yes {
-                let user = open.user.clone();
-                self.uncount_device(&user);
-            }
+        }
+        if ended.counted {
+            self.uncount_device(&ended.user);
         }
     }
 
     /// Drops a connection now, whatever its state.
     pub(super) fn remove(&mut self, key: usize, why: Closed) {
         self.unindex(key);
-        let Some(mut conn) = self.conns.try_remove(key) else {
+        let Some(mut conn) = self.conns.remove(key) else {
             return;
         };
         let _ = self.poll.registry().deregister(conn.tcp());
@@ -99,32 +81,19 @@ impl CoreLoop {
         let mut unconnected = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             if let Connection::Open(o) = conn {
-                if o.recovering.as_ref().is_some_and(|r| now >= r.deadline) {
-                    stalled.push((key, o.serial));
+                if let Some(serial) = o.replay_overdue(now) {
+                    stalled.push((key, serial));
                 }
-                let connect_by = o.sio.as_ref().and_then(|s| s.connect_by);
-                if o.closing.is_none() && connect_by.is_some_and(|t| now >= t) {
+                if o.connect_overdue(now) {
                     unconnected.push(key);
                 }
             }
-            match conn {
-                Connection::Request(r) if now >= r.deadline => {
-                    expired.push((key, Closed::Reset));
-                }
-                Connection::Reply(r) if now >= r.deadline => expired.push((key, Closed::Reset)),
-                Connection::Body(b) if now >= b.deadline => expired.push((key, Closed::Reset)),
-                Connection::Waiting(w) if now >= w.deadline => waited_out.push(key),
-                Connection::Open(o) => match o.closing {
-                    Some(deadline) if now >= deadline => expired.push((key, Closed::Reset)),
-                    Some(_) => {}
-                    None if now.duration_since(o.last_heard) >= idle_timeout => silent.push(key),
-                    None if now >= o.next_ping => {
-                        o.next_ping = now + ping_interval;
-                        pings.push(key);
-                    }
-                    None => {}
-                },
-                _ => {}
+            match conn.tick(now, idle_timeout, ping_interval) {
+                TickOutcome::Idle => {}
+                TickOutcome::Expired => expired.push((key, Closed::Reset)),
+                TickOutcome::Silent => silent.push(key),
+                TickOutcome::PingDue => pings.push(key),
+                TickOutcome::WaitedOut => waited_out.push(key),
             }
         }
         for (key, why) in expired {
@@ -156,13 +125,8 @@ impl CoreLoop {
             });
         }
         for key in pings {
-            if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
-                // Socket.IO clients time out on Engine.IO pings, not WebSocket ones.
-                let ping = match open.sio {
-                    Some(_) => Message::Text(Utf8Bytes::from_static(socketio::PING)),
-                    None => Message::Ping(Default::default()),
-                };
-                if open.ws.write(ping).is_ok() {
+            if let Some(open) = self.conns.get_open_mut(key) {
+                if open.ping() {
                     add(&self.metrics().frames_out, 1);
                 }
                 self.mark_dirty(key);
@@ -175,7 +139,7 @@ impl CoreLoop {
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        let keys = self.conns.keys();
         for key in keys {
             match self.conns.get(key) {
                 Some(Connection::Open(_)) => self.close(key, CloseReason::Shutdown),
