@@ -19,7 +19,7 @@ use crate::connection::{Connection, PendingRequest};
 use crate::handlers::MessageIds;
 use crate::metrics::{Closed, CoreMetrics};
 use crate::protocol::CloseReason;
-use crate::runtime::Shared;
+pub(crate) use shared::Shared;
 use table::Table;
 
 mod api;
@@ -28,6 +28,7 @@ mod frames;
 mod http;
 mod recovery;
 mod rooms;
+mod shared;
 mod sio;
 mod sweep;
 mod table;
