@@ -164,6 +164,40 @@ impl Connection {
         }
     }
 
+    /// A plain HTTP connection moves on to writing `out`, then closing; an open WebSocket is
+    /// returned unchanged (replies are only sent before an upgrade).
+    pub fn into_reply(self, out: Vec<u8>, deadline: Instant) -> Connection {
+        let stream = match self {
+            Connection::Request(r) => r.stream,
+            Connection::Reply(r) => r.stream,
+            Connection::Body(b) => b.stream,
+            Connection::Waiting(w) => w.stream,
+            open @ Connection::Open(_) => return open,
+        };
+        Connection::Reply(Reply {
+            stream,
+            out,
+            written: 0,
+            lingering: false,
+            deadline,
+        })
+    }
+
+    /// A request (or its body) is parked until another thread answers for `serial`; any other
+    /// state is returned unchanged.
+    pub fn into_waiting(self, serial: u64, deadline: Instant) -> Connection {
+        let stream = match self {
+            Connection::Request(r) => r.stream,
+            Connection::Body(b) => b.stream,
+            other => return other,
+        };
+        Connection::Waiting(Waiting {
+            stream,
+            serial,
+            deadline,
+        })
+    }
+
     /// What is due at a sweep at `now` (see [`Open::tick`] for an open connection).
     pub fn tick(&mut self, now: Instant, idle_timeout: Duration, ping: Duration) -> TickOutcome {
         let deadline = match self {

@@ -1,10 +1,13 @@
 //! The first state: reading the HTTP request head, before the handshake deadline.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use mio::net::TcpStream;
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::WebSocket;
 
+use super::{PendingBody, Stream};
 use crate::http::{self, Parse, Request, RequestError};
 
 /// Bytes read from the socket per call while reading a request head.
@@ -78,6 +81,40 @@ impl<S: Read> PendingRequest<S> {
     }
 }
 
+impl<S: Write> PendingRequest<S> {
+    /// Goes on to read the body of `request` (`len` bytes, `rest` the part already read),
+    /// answering `Expect: 100-continue` first when more is to come.
+    pub fn into_body(mut self, request: Request, mut rest: Vec<u8>, len: usize) -> PendingBody<S> {
+        if request.expect_continue && rest.len() < len {
+            // curl and others wait for this (up to a second) before sending a larger body. A
+            // fresh socket's send buffer takes these 25 bytes whole; if not, the client sends
+            // its body after its own timeout anyway.
+            let _ = self.stream.write(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        rest.truncate(len);
+        PendingBody {
+            stream: self.stream,
+            request,
+            body: rest,
+            len,
+            deadline: self.deadline,
+        }
+    }
+}
+
+impl PendingRequest {
+    /// The WebSocket over this socket once the 101 is written; `rest` holds the bytes read
+    /// after the request head (the first frames, if any).
+    pub fn into_websocket(self, rest: Vec<u8>, config: WebSocketConfig) -> WebSocket<Stream> {
+        let stream = Stream::new(self.stream);
+        if rest.is_empty() {
+            WebSocket::from_raw_socket(stream, Role::Server, Some(config))
+        } else {
+            WebSocket::from_partially_read(stream, rest, Role::Server, Some(config))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +173,30 @@ mod tests {
     fn eof_before_the_head_is_closed() {
         let mut req = pending([In::Data(b"GET /ws HT".to_vec()), In::Eof]);
         assert!(matches!(req.read_head(4096), HeadOutcome::Closed));
+    }
+
+    #[test]
+    fn a_body_expected_with_100_continue_gets_it() {
+        let mut req = pending([In::Data(b"POST /api/publish HTTP/1.1\r\n\r\n{".to_vec())]);
+        let HeadOutcome::Complete(mut request, rest) = req.read_head(4096) else {
+            panic!("complete");
+        };
+        request.expect_continue = true;
+        let body = req.into_body(request, rest, 5);
+        assert_eq!(body.body, b"{");
+        assert_eq!(body.stream.written, b"HTTP/1.1 100 Continue\r\n\r\n");
+
+        let req = pending([]);
+        let request = Request {
+            expect_continue: true,
+            ..Request::default()
+        };
+        let body = req.into_body(request, b"{}extra".to_vec(), 2);
+        assert_eq!(body.body, b"{}", "never more than the length");
+        assert!(
+            body.stream.written.is_empty(),
+            "the body is all there: no 100"
+        );
     }
 
     #[test]

@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use tungstenite::Utf8Bytes;
 
+use super::mode::History;
 use super::{CoreLoop, API_WAIT};
 use crate::api::{self, ApiError};
 use crate::bus::{Dispatch, PageResult, PublishResult};
-use crate::connection::{BodyOutcome, Connection, PendingBody, Waiting};
+use crate::connection::{BodyOutcome, Connection};
 use crate::handlers::Args;
 use crate::history::{self, Offset};
 use crate::http::Request;
@@ -20,9 +21,9 @@ impl CoreLoop {
     /// `GET /api/history?limit=&before=` with the user's token: the user's events, newest first.
     pub(super) fn api_history(&mut self, key: usize, req: Request) {
         let shared = Arc::clone(&self.shared);
-        if !shared.config.history_active() {
+        let Some(history) = shared.mode().history() else {
             return self.reply(key, api::json_error(404, "history is off"), &[]);
-        }
+        };
         let user = match shared.auth.authenticate(req.token().as_deref()) {
             Ok(user) => user,
             Err(e) => {
@@ -34,13 +35,13 @@ impl CoreLoop {
             Ok(q) => q,
             Err(e) => return self.reply(key, e.response(), &[]),
         };
-        if let Some(store) = &shared.history {
-            let page = store.page(&user, before, limit, crate::handlers::now_ms());
-            let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
-            return self.reply(key, api::json_ok(&history::page_json(&frames)), &[]);
-        }
-        let Some(bp) = &shared.backplane else {
-            return;
+        let bp = match history {
+            History::Embedded(store) => {
+                let page = store.page(&user, before, limit, crate::handlers::now_ms());
+                let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
+                return self.reply(key, api::json_ok(&history::page_json(&frames)), &[]);
+            }
+            History::Redis(bp) => bp,
         };
         let serial = self.wait(key);
         let asked = bp.request_page(crate::backplane::PageRequest {
@@ -62,18 +63,8 @@ impl CoreLoop {
         let serial = self.next_serial;
         self.next_serial += 1;
         let deadline = Instant::now() + API_WAIT;
-        self.conns.replace(key, |conn| {
-            let stream = match conn {
-                Connection::Request(r) => r.stream,
-                Connection::Body(b) => b.stream,
-                other => return other,
-            };
-            Connection::Waiting(Waiting {
-                stream,
-                serial,
-                deadline,
-            })
-        });
+        self.conns
+            .replace(key, |conn| conn.into_waiting(serial, deadline));
         serial
     }
 
@@ -92,25 +83,10 @@ impl CoreLoop {
             }
         };
         let replaced = self.conns.replace(key, |conn| {
-            let Connection::Request(mut pending) = conn else {
+            let Connection::Request(pending) = conn else {
                 return conn;
             };
-            if req.expect_continue && rest.len() < len {
-                // curl and others wait for this (up to a second) before sending a larger body.
-                // A fresh socket's send buffer takes these 25 bytes whole; if not, the client
-                // sends its body after its own timeout anyway.
-                let _ =
-                    std::io::Write::write(&mut pending.stream, b"HTTP/1.1 100 Continue\r\n\r\n");
-            }
-            let mut body = rest;
-            body.truncate(len);
-            Connection::Body(PendingBody {
-                stream: pending.stream,
-                request: req,
-                body,
-                len,
-                deadline: pending.deadline,
-            })
+            Connection::Body(pending.into_body(req, rest, len))
         });
         if replaced {
             self.api_publish_body(key);
@@ -138,18 +114,18 @@ impl CoreLoop {
     pub(super) fn api_publish_dispatch(&mut self, key: usize, dispatch: Arc<Dispatch>) {
         let shared = Arc::clone(&self.shared);
         add(&self.metrics().dispatches, 1);
-        if !shared.config.history_active() {
-            // No offsets without history: the event goes out as a handler's would.
-            self.outbox.push(dispatch);
-            self.flush_outbox(None);
-            return self.reply(key, api::json_ok(r#"{"offsets":{}}"#), &[]);
-        }
-        if let Some(store) = &shared.history {
-            let offsets = self.append_embedded(store, &dispatch);
-            return self.reply(key, api::json_ok(&api::offsets_json(&offsets)), &[]);
-        }
-        let Some(bp) = &shared.backplane else {
-            return;
+        let bp = match shared.mode().history() {
+            None => {
+                // No offsets without history: the event goes out as a handler's would.
+                self.outbox.push(dispatch);
+                self.flush_outbox(None);
+                return self.reply(key, api::json_ok(r#"{"offsets":{}}"#), &[]);
+            }
+            Some(History::Embedded(store)) => {
+                let offsets = self.append_embedded(store, &dispatch);
+                return self.reply(key, api::json_ok(&api::offsets_json(&offsets)), &[]);
+            }
+            Some(History::Redis(bp)) => bp,
         };
         let serial = self.wait(key);
         let asked = bp.request_publish(crate::backplane::PublishRequest {
@@ -244,16 +220,20 @@ impl CoreLoop {
             Some(Ok(b)) => Some(b),
             Some(Err(_)) => return error(self, "before is not an offset"),
         };
-        if let Some(store) = &shared.history {
-            let page = store.page(user, before, limit, crate::handlers::now_ms());
-            let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
-            return self.answer(key, Some(ack), |a| history::encode_page_ack(a, &frames));
-        }
+        let bp = match shared.mode().history() {
+            Some(History::Embedded(store)) => {
+                let page = store.page(user, before, limit, crate::handlers::now_ms());
+                let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
+                return self.answer(key, Some(ack), |a| history::encode_page_ack(a, &frames));
+            }
+            Some(History::Redis(bp)) => Some(bp),
+            None => None,
+        };
         let Some(open) = self.conns.get_open(key) else {
             return;
         };
         let serial = open.serial;
-        let asked = shared.backplane.as_ref().is_some_and(|bp| {
+        let asked = bp.is_some_and(|bp| {
             bp.request_page(crate::backplane::PageRequest {
                 user: user.clone(),
                 before,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tungstenite::Utf8Bytes;
 
+use super::mode::Mode;
 use super::CoreLoop;
 use crate::backplane::AckWaiter;
 use crate::bus::{CoreMsg, Dispatch, RoomDelivery};
@@ -20,45 +21,42 @@ impl CoreLoop {
         let outbox = std::mem::take(&mut self.outbox);
         for dispatch in &outbox {
             add(&self.metrics().dispatches, 1);
-            if self.shared.config.history_active() {
-                self.dispatch_with_history(dispatch, waiter);
-                continue;
-            }
-            self.deliver_local(dispatch);
-            for core in (0..self.shared.bus.cores()).filter(|&c| c != self.id) {
-                if self
-                    .shared
-                    .bus
-                    .push(core, CoreMsg::Dispatch(Arc::clone(dispatch)))
-                {
-                    self.wake_cores[core] = true;
-                } else {
-                    add(&self.metrics().inbox_drops, 1);
+            let shared = Arc::clone(&self.shared);
+            match shared.mode() {
+                // History on: every device, local ones included, gets the event with its
+                // offset, after the offset is assigned (by the embedded store, or by Redis).
+                Mode::Embedded {
+                    history: Some(store),
+                } => {
+                    self.append_embedded(store, dispatch);
                 }
-            }
-            // Other instances last: local delivery never waits for Redis.
-            if let Some(bp) = &self.shared.backplane {
-                bp.publish(dispatch, waiter);
+                Mode::Backplane { bp, history: true } => bp.publish(dispatch, waiter),
+                Mode::Embedded { history: None } => self.fan_out(dispatch),
+                Mode::Backplane { bp, history: false } => {
+                    self.fan_out(dispatch);
+                    // Other instances last: local delivery never waits for Redis.
+                    bp.publish(dispatch, waiter);
+                }
             }
         }
         self.outbox = outbox;
         self.outbox.clear();
     }
 
-    /// History on: every device, local ones included, gets the event with its offset, after
-    /// the offset is assigned (by Redis, or by the embedded store).
-    pub(super) fn dispatch_with_history(
-        &mut self,
-        dispatch: &Arc<Dispatch>,
-        waiter: Option<&Arc<AckWaiter>>,
-    ) {
-        let shared = Arc::clone(&self.shared);
-        if let Some(bp) = &shared.backplane {
-            bp.publish(dispatch, waiter);
-            return;
-        }
-        if let Some(store) = &shared.history {
-            self.append_embedded(store, dispatch);
+    /// Delivers a dispatch without offsets to this core's connections, and hands it to every
+    /// other core (woken at the end of the turn).
+    pub(super) fn fan_out(&mut self, dispatch: &Arc<Dispatch>) {
+        self.deliver_local(dispatch);
+        for core in (0..self.shared.bus.cores()).filter(|&c| c != self.id) {
+            if self
+                .shared
+                .bus
+                .push(core, CoreMsg::Dispatch(Arc::clone(dispatch)))
+            {
+                self.wake_cores[core] = true;
+            } else {
+                add(&self.metrics().inbox_drops, 1);
+            }
         }
     }
 

@@ -4,12 +4,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use tungstenite::protocol::Role;
-use tungstenite::WebSocket;
-
 use super::{CoreLoop, REPLY_GRACE};
 use crate::api;
-use crate::connection::{Connection, HeadOutcome, Open, Reply, ReplyOutcome, Stream};
+use crate::connection::{Connection, HeadOutcome, Open, ReplyOutcome};
 use crate::http::{self, Request};
 use crate::metrics::{add, Closed};
 use crate::socketio;
@@ -175,18 +172,13 @@ impl CoreLoop {
             ))
         });
         let serial = self.next_serial;
-        let ws_config = Some(self.shared.ws_config);
+        let ws_config = self.shared.ws_config;
         let (ping_interval, burst) = (config.ping_interval, config.rate_limit_burst);
         let upgraded = self.conns.replace(key, |conn| {
             let Connection::Request(pending) = conn else {
                 return conn;
             };
-            let stream = Stream::new(pending.stream);
-            let ws = if rest.is_empty() {
-                WebSocket::from_raw_socket(stream, Role::Server, ws_config)
-            } else {
-                WebSocket::from_partially_read(stream, rest, Role::Server, ws_config)
-            };
+            let ws = pending.into_websocket(rest, ws_config);
             let open = Open::new(ws, user.clone(), now, ping_interval, serial, burst, session);
             Connection::Open(open)
         });
@@ -218,23 +210,9 @@ impl CoreLoop {
     /// Switches the connection to writing `response`, then closing.
     pub(super) fn reply(&mut self, key: usize, response: Vec<u8>, _rest: &[u8]) {
         let deadline = Instant::now() + REPLY_GRACE;
-        let replaced = self.conns.replace(key, |conn| {
-            let stream = match conn {
-                Connection::Request(r) => r.stream,
-                Connection::Reply(r) => r.stream,
-                Connection::Body(b) => b.stream,
-                Connection::Waiting(w) => w.stream,
-                // Not reachable: replies are only sent before an upgrade.
-                open @ Connection::Open(_) => return open,
-            };
-            Connection::Reply(Reply {
-                stream,
-                out: response,
-                written: 0,
-                lingering: false,
-                deadline,
-            })
-        });
+        let replaced = self
+            .conns
+            .replace(key, |conn| conn.into_reply(response, deadline));
         if replaced {
             self.progress_reply(key);
         }

@@ -26,6 +26,7 @@ mod api;
 mod delivery;
 mod frames;
 mod http;
+mod mode;
 mod recovery;
 mod rooms;
 mod shared;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::mode::History;
 use super::CoreLoop;
 use crate::bus::ReplayResult;
 use crate::connection::Connection;
@@ -95,10 +96,13 @@ impl CoreLoop {
     /// is `None` when the client's offset did not parse: it gets `complete: false`.
     pub(super) fn begin_recovery(&mut self, key: usize, since: Option<Offset>) {
         let shared = Arc::clone(&self.shared);
+        let Some(history) = shared.mode().history() else {
+            return;
+        };
         let Some(open) = self.conns.get_open_mut(key) else {
             return;
         };
-        if !shared.config.history_active() || open.recovering.is_some() {
+        if open.recovering.is_some() {
             return;
         }
         let serial = open.serial;
@@ -110,17 +114,18 @@ impl CoreLoop {
             deadline: Instant::now() + history::RECOVERY_TIMEOUT,
             again: false,
         }));
-        if let Some(store) = &shared.history {
-            // Embedded: the store answers at once. Deliveries already in this core's inbox are
-            // in the replay too; the high-water mark drops them when they are drained.
-            let replay = store.replay(&user, since, crate::handlers::now_ms());
-            self.on_replay(ReplayResult {
-                key,
-                serial,
-                replay,
-            });
-        } else if let Some(bp) = &shared.backplane {
-            match since {
+        match history {
+            History::Embedded(store) => {
+                // Embedded: the store answers at once. Deliveries already in this core's inbox
+                // are in the replay too; the high-water mark drops them when they are drained.
+                let replay = store.replay(&user, since, crate::handlers::now_ms());
+                self.on_replay(ReplayResult {
+                    key,
+                    serial,
+                    replay,
+                });
+            }
+            History::Redis(bp) => match since {
                 Some(since) => bp.request_replay(crate::backplane::ReplayRequest {
                     user,
                     since,
@@ -134,7 +139,7 @@ impl CoreLoop {
                     serial,
                     replay: history::Replay::default(),
                 }),
-            }
+            },
         }
     }
 

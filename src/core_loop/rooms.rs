@@ -316,18 +316,7 @@ impl CoreLoop {
                 sio: Default::default(),
                 dedupe: None,
             });
-            self.deliver_local(&dispatch);
-            for core in (0..self.shared.bus.cores()).filter(|&c| c != self.id) {
-                if self
-                    .shared
-                    .bus
-                    .push(core, CoreMsg::Dispatch(Arc::clone(&dispatch)))
-                {
-                    self.wake_cores[core] = true;
-                } else {
-                    add(&self.metrics().inbox_drops, 1);
-                }
-            }
+            self.fan_out(&dispatch);
         }
     }
 }
