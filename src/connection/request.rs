@@ -82,6 +82,14 @@ impl<S: Read> PendingRequest<S> {
 }
 
 impl<S: Write> PendingRequest<S> {
+    /// Writes the 101 that accepts `ws_key`. A fresh socket's send buffer is empty, so the 101
+    /// (under 200 bytes) is written whole; `false` (a short write or an error) means the peer
+    /// is already gone.
+    pub fn write_upgrade(&mut self, ws_key: &str) -> bool {
+        let response = http::upgrade_response(ws_key);
+        matches!(self.stream.write(&response), Ok(n) if n == response.len())
+    }
+
     /// Goes on to read the body of `request` (`len` bytes, `rest` the part already read),
     /// answering `Expect: 100-continue` first when more is to come.
     pub fn into_body(mut self, request: Request, mut rest: Vec<u8>, len: usize) -> PendingBody<S> {
@@ -118,7 +126,7 @@ impl PendingRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::connection::mock::{In, Mock};
+    use crate::connection::mock::{In, Mock, Out};
 
     fn pending(reads: impl IntoIterator<Item = In>) -> PendingRequest<Mock> {
         PendingRequest {
@@ -197,6 +205,20 @@ mod tests {
             body.stream.written.is_empty(),
             "the body is all there: no 100"
         );
+    }
+
+    #[test]
+    fn the_101_is_written_whole_or_refused() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let mut req = pending([]);
+        assert!(req.write_upgrade(key));
+        let written = String::from_utf8(req.stream.written.clone()).unwrap();
+        assert!(written.starts_with("HTTP/1.1 101"));
+        assert!(written.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+
+        let mut req = pending([]);
+        req.stream = Mock::new([], [Out::Take(10)]);
+        assert!(!req.write_upgrade(key), "a short write");
     }
 
     #[test]

@@ -152,11 +152,7 @@ impl CoreLoop {
         let Some(Connection::Request(pending)) = self.conns.get_mut(key) else {
             return;
         };
-        // A fresh socket's send buffer is empty, so the 101 (under 200 bytes) is written whole;
-        // a short write here means the peer is already gone.
-        let response = http::upgrade_response(ws_key);
-        let written = std::io::Write::write(&mut pending.stream, &response);
-        if !matches!(written, Ok(n) if n == response.len()) {
+        if !pending.write_upgrade(ws_key) {
             self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
             add(&self.metrics().handshake_failures, 1);
             self.remove(key, Closed::Reset);

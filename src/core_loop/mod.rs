@@ -1,10 +1,24 @@
-//! One core's event loop: its `mio::Poll`, listener, slab of connections, user index and inbox.
+//! One core's event loop: its `mio::Poll`, listener, connection table and inbox.
 //!
 //! A turn of the loop: poll; accept until WouldBlock; read every readable connection (up to a
 //! budget, the rest carried to the next turn); run handlers and deliver their dispatches; drain
 //! the inbox; then flush every connection that got output during the turn, once. Nothing here
 //! takes a lock: everything a turn touches belongs to this core, except the inboxes (lock-free)
 //! and the metrics (relaxed atomics on this core's own cache line).
+//!
+//! This file is the loop itself (poll, accept and admit, readiness, inbox). The rest of
+//! [`CoreLoop`]'s `impl` is split by concern; each part calls a connection state's rule
+//! (`crate::connection`) and acts on the outcome:
+//!
+//! - `table.rs`: the connections by key and the user index (the only code that knows keys);
+//! - `http.rs`: request head, routing, the upgrade, plain replies;
+//! - `api.rs`: `GET /api/history`, `POST /api/publish`, the `history` event, waiting replies;
+//! - `frames.rs`: reading frames, the rate limit, envelopes into handlers, acks and answers;
+//! - `delivery.rs`: dispatching, delivering to connections, write many and flush once;
+//! - `recovery.rs`: `?since=`/`resume`, replays and resyncs;
+//! - `sweep.rs`: closing, removing, deadlines and shutdown;
+//! - `rooms.rs`, `sio.rs`: rooms and presence, Socket.IO;
+//! - `mode.rs`: embedded or with Redis, history on or off; `shared.rs`: what every core reads.
 
 use std::io;
 use std::sync::atomic::Ordering;

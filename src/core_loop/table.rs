@@ -260,6 +260,14 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_costs_no_more_than_a_connection() {
+        assert_eq!(
+            std::mem::size_of::<Option<Connection>>(),
+            std::mem::size_of::<Connection>()
+        );
+    }
+
+    #[test]
     fn get_open_on_other_states_is_none() {
         let mut table = Table::with_capacity(4);
         let key = table.insert_with(|_| Ok(request())).unwrap();
