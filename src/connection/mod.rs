@@ -218,8 +218,50 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    use super::TokenBucket;
+    use super::{Connection, PendingRequest, TickOutcome, TokenBucket};
     use std::time::{Duration, Instant};
+
+    fn request(deadline: Instant) -> Connection {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        Connection::Request(PendingRequest {
+            stream: mio::net::TcpStream::from_std(tcp),
+            buf: Vec::new(),
+            deadline,
+        })
+    }
+
+    #[test]
+    fn transitions_keep_the_socket_and_refuse_the_wrong_state() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let waiting = request(t0).into_waiting(7, t0 + second);
+        assert!(matches!(&waiting, Connection::Waiting(w) if w.serial == 7));
+        // Only a request or a body waits; a waiting connection stays as it is.
+        let again = waiting.into_waiting(8, t0);
+        assert!(matches!(&again, Connection::Waiting(w) if w.serial == 7));
+        let reply = again.into_reply(b"HTTP/1.1 503".to_vec(), t0 + second);
+        assert!(matches!(&reply, Connection::Reply(r) if r.written == 0 && !r.lingering));
+    }
+
+    #[test]
+    fn tick_reports_passed_deadlines() {
+        let t0 = Instant::now();
+        let (idle, ping) = (Duration::from_secs(60), Duration::from_secs(30));
+        let mut conn = request(t0 + Duration::from_secs(1));
+        assert_eq!(conn.tick(t0, idle, ping), TickOutcome::Idle);
+        assert_eq!(
+            conn.tick(t0 + Duration::from_secs(1), idle, ping),
+            TickOutcome::Expired
+        );
+        let mut waiting = conn.into_waiting(1, t0 + Duration::from_secs(5));
+        assert_eq!(waiting.tick(t0, idle, ping), TickOutcome::Idle);
+        assert_eq!(
+            waiting.tick(t0 + Duration::from_secs(5), idle, ping),
+            TickOutcome::WaitedOut
+        );
+    }
 
     #[test]
     fn bucket_allows_the_burst_then_the_rate() {
