@@ -16,33 +16,12 @@ use crate::auth::Authenticator;
 use crate::backplane::Backplane;
 use crate::bus::Bus;
 use crate::config::{Config, ConfigError};
-use crate::core_loop::CoreLoop;
+use crate::core_loop::{CoreLoop, Shared};
 use crate::handlers::{Handler, Handlers};
 use crate::metrics::CoreMetrics;
 
 /// Listen backlog per core listener (the kernel caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 4096;
-
-/// State every core reads; written only at start, except the atomics.
-pub(crate) struct Shared {
-    pub config: Config,
-    pub ws_config: WebSocketConfig,
-    pub auth: Authenticator,
-    pub handlers: Handlers,
-    pub bus: Arc<Bus>,
-    pub backplane: Option<Arc<Backplane>>,
-    pub metrics: Box<[CoreMetrics]>,
-    pub shutdown: AtomicBool,
-    /// Set when a core loop failed or panicked.
-    pub failed: AtomicBool,
-    /// Open WebSocket connections in the process, for `max_connections`.
-    pub open_connections: AtomicUsize,
-    pub node_id: u64,
-    /// Embedded mode's history, when history is active without a backplane.
-    pub history: Option<crate::history::MemoryHistory>,
-    /// Embedded mode's rooms and presence (with Redis they live there).
-    pub rooms: Option<crate::rooms::MemoryRooms>,
-}
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::CoreLoop;
 use crate::backplane::{RoomJob, RoomTarget};
 use crate::bus::{Admission, CoreMsg, Dispatch, RoomAnswer, RoomDelivery};
-use crate::connection::{Connection, Counted};
+use crate::connection::Counted;
 use crate::handlers::{idempotency_key, now_ms, Args, HandlerError, HandlerResult};
 use crate::metrics::add;
 use crate::protocol::{self, CloseReason, ErrorCode};
@@ -105,10 +105,7 @@ impl CoreLoop {
             });
         }
         let bp = shared.backplane.as_ref()?;
-        let serial = match self.conns.get(key) {
-            Some(Connection::Open(open)) => open.serial,
-            _ => return None,
-        };
+        let serial = self.conns.get_open(key)?.serial;
         let target = RoomTarget {
             core: self.id,
             key,
@@ -200,9 +197,12 @@ impl CoreLoop {
 
     /// The rooms worker's answer to a room request.
     pub(super) fn on_room_answer(&mut self, answer: RoomAnswer) {
-        match self.conns.get(answer.key) {
-            Some(Connection::Open(open)) if open.serial == answer.serial => {}
-            _ => return,
+        if self
+            .conns
+            .get_open_serial(answer.key, answer.serial)
+            .is_none()
+        {
+            return;
         }
         match answer.result {
             Ok(value) => {
@@ -230,7 +230,7 @@ impl CoreLoop {
         if let Some(rooms) = &shared.rooms {
             return match rooms.connect(user, shared.config.rooms.max_devices) {
                 Ok(notices) => {
-                    if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
+                    if let Some(open) = self.conns.get_open_mut(key) {
                         open.counted = Counted::Yes;
                     }
                     self.notify_presence(notices, user, true);
@@ -243,7 +243,7 @@ impl CoreLoop {
             };
         }
         if let Some(bp) = &shared.backplane {
-            let Some(Connection::Open(open)) = self.conns.get_mut(key) else {
+            let Some(open) = self.conns.get_open_mut(key) else {
                 return false;
             };
             open.counted = Counted::Pending;
@@ -273,8 +273,8 @@ impl CoreLoop {
 
     /// Redis counted (or refused) a connection. One that ended meanwhile is uncounted again.
     pub(super) fn on_admission(&mut self, verdict: Admission) {
-        let waiting = match self.conns.get_mut(verdict.key) {
-            Some(Connection::Open(open))
+        let waiting = match self.conns.get_open_mut(verdict.key) {
+            Some(open)
                 if open.serial == verdict.serial
                     && open.indexed
                     && open.counted == Counted::Pending =>
@@ -316,18 +316,7 @@ impl CoreLoop {
                 sio: Default::default(),
                 dedupe: None,
             });
-            self.deliver_local(&dispatch);
-            for core in (0..self.shared.bus.cores()).filter(|&c| c != self.id) {
-                if self
-                    .shared
-                    .bus
-                    .push(core, CoreMsg::Dispatch(Arc::clone(&dispatch)))
-                {
-                    self.wake_cores[core] = true;
-                } else {
-                    add(&self.metrics().inbox_drops, 1);
-                }
-            }
+            self.fan_out(&dispatch);
         }
     }
 }

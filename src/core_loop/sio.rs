@@ -10,7 +10,6 @@ use std::time::Instant;
 use tungstenite::Utf8Bytes;
 
 use super::CoreLoop;
-use crate::connection::Connection;
 use crate::handlers::Args;
 use crate::http::{self, Request};
 use crate::metrics::add;
@@ -39,7 +38,7 @@ impl CoreLoop {
 
     /// Right after the 101: the Engine.IO open packet, with the heartbeat the sweep keeps.
     pub(super) fn sio_open(&mut self, key: usize) {
-        let Some(Connection::Open(open)) = self.conns.get(key) else {
+        let Some(open) = self.conns.get_open(key) else {
             return;
         };
         let config = &self.shared.config;
@@ -54,10 +53,7 @@ impl CoreLoop {
     }
 
     fn session(&mut self, key: usize) -> Option<&mut Session> {
-        match self.conns.get_mut(key) {
-            Some(Connection::Open(open)) => open.sio.as_deref_mut(),
-            _ => None,
-        }
+        self.conns.get_open_mut(key)?.sio.as_deref_mut()
     }
 
     /// A binary frame on a Socket.IO connection is dropped while it is an attachment of a
@@ -147,7 +143,7 @@ impl CoreLoop {
             Ok(auth) => auth,
             Err(message) => return refuse(self, message),
         };
-        let Some(Connection::Open(open)) = self.conns.get(key) else {
+        let Some(open) = self.conns.get_open(key) else {
             return;
         };
         let Some(session) = &open.sio else {
@@ -169,7 +165,7 @@ impl CoreLoop {
         let first = !open.indexed;
         let sid = socketio::engine_sid(self.shared.node_id, self.id, open.serial);
         if first {
-            if let Some(Connection::Open(open)) = self.conns.get_mut(key) {
+            if let Some(open) = self.conns.get_open_mut(key) {
                 open.user = user.clone();
                 open.indexed = true;
             }

@@ -1,15 +1,26 @@
 //! One client socket through its life: reading the HTTP request, answering plain HTTP, then the
-//! open WebSocket. The core loop owns every [`Connection`] in its slab and moves it between
+//! open WebSocket. The core loop owns every [`Connection`] in its table and moves it between
 //! states; the state owns the stream, so a connection cannot be in two states at once.
+//!
+//! Each state's rules are methods that return an outcome for the loop to act on
+//! ([`HeadOutcome`], [`BodyOutcome`], [`ReplyOutcome`], [`ReadOutcome`], [`WriteOutcome`],
+//! [`FlushOutcome`], [`TickOutcome`]); those that touch the socket are generic over the stream,
+//! so they are tested here over an in-memory one.
 
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
-use tungstenite::WebSocket;
 
-use crate::metrics::Closed;
-use crate::UserId;
+#[cfg(test)]
+mod mock;
+mod open;
+mod reply;
+mod request;
+
+pub use open::{FlushOutcome, Open, ReadOutcome, TickOutcome, WriteOutcome};
+pub use reply::{BodyOutcome, PendingBody, Reply, ReplyOutcome, ShutWrite, Waiting};
+pub use request::{HeadOutcome, PendingRequest};
 
 /// A TCP stream that counts the bytes written through it, for `switchboard_bytes_out_total`.
 #[derive(Debug)]
@@ -90,89 +101,6 @@ pub enum Connection {
     Waiting(Waiting),
 }
 
-/// Reading a request body up to its `Content-Length`.
-pub struct PendingBody {
-    /// The socket.
-    pub stream: TcpStream,
-    /// The request head.
-    pub request: crate::http::Request,
-    /// The body so far.
-    pub body: Vec<u8>,
-    /// The whole body's length.
-    pub len: usize,
-    /// When the body must be complete.
-    pub deadline: Instant,
-}
-
-/// Holding the socket until an answer arrives from another thread, or the deadline (503).
-pub struct Waiting {
-    /// The socket.
-    pub stream: TcpStream,
-    /// Matches the answer to this connection (see [`Open::serial`]).
-    pub serial: u64,
-    /// When the client gets a 503 instead.
-    pub deadline: Instant,
-}
-
-/// Reading the request head, before the handshake deadline.
-pub struct PendingRequest {
-    /// The socket.
-    pub stream: TcpStream,
-    /// Bytes read so far (at most `max_request_header_bytes`).
-    pub buf: Vec<u8>,
-    /// When the request must be complete.
-    pub deadline: Instant,
-}
-
-/// A plain HTTP response being written; afterwards the request side is drained until the
-/// client closes, so the response is not lost to a TCP reset.
-pub struct Reply {
-    /// The socket.
-    pub stream: TcpStream,
-    /// The whole response.
-    pub out: Vec<u8>,
-    /// How much of `out` is written.
-    pub written: usize,
-    /// Response written and write side shut: only draining remains.
-    pub lingering: bool,
-    /// When the connection is dropped whatever its state.
-    pub deadline: Instant,
-}
-
-/// An open WebSocket.
-pub struct Open {
-    /// The WebSocket over the counted stream.
-    pub ws: WebSocket<Stream>,
-    /// The verified user.
-    pub user: UserId,
-    /// Last time any frame arrived.
-    pub last_heard: Instant,
-    /// When the next server ping is due.
-    pub next_ping: Instant,
-    /// Set when a close handshake began: the connection is dropped at this instant at the latest.
-    pub closing: Option<Instant>,
-    /// Why the server is closing it, counted when the connection is finally removed.
-    pub ended: Option<Closed>,
-    /// Queued output awaits the end-of-turn flush (the key is in the core's dirty list).
-    pub dirty: bool,
-    /// Still listed in the core's user index.
-    pub indexed: bool,
-    /// Per-core number of this connection, so a late answer meant for an earlier connection in
-    /// the same slab slot is recognised and dropped.
-    pub serial: u64,
-    /// The offset of the newest event sent (history on): anything at or below is a duplicate.
-    pub last_offset: Option<crate::history::Offset>,
-    /// Set while the connection waits for its replay (`?since=`). Boxed: most connections
-    /// never recover, and each byte here is paid by every idle connection.
-    pub recovering: Option<Box<crate::history::Recovering>>,
-    /// The connection's rate limit for text frames.
-    pub bucket: TokenBucket,
-    /// Socket.IO state when the connection came through `/socket.io/` (`None`: native).
-    pub sio: Option<Box<crate::socketio::Session>>,
-    /// Where the connection stands in its user's presence count.
-    pub counted: Counted,
-}
-
 /// A connection's place in its user's presence and device count (rooms on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
@@ -235,42 +163,105 @@ impl Connection {
             Connection::Waiting(w) => &mut w.stream,
         }
     }
-}
 
-impl Reply {
-    /// Writes what it can. `Ok(true)` once everything is written.
-    pub fn write_some(&mut self) -> io::Result<bool> {
-        while self.written < self.out.len() {
-            match self.stream.write(&self.out[self.written..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
+    /// A plain HTTP connection moves on to writing `out`, then closing; an open WebSocket is
+    /// returned unchanged (replies are only sent before an upgrade).
+    pub fn into_reply(self, out: Vec<u8>, deadline: Instant) -> Connection {
+        let stream = match self {
+            Connection::Request(r) => r.stream,
+            Connection::Reply(r) => r.stream,
+            Connection::Body(b) => b.stream,
+            Connection::Waiting(w) => w.stream,
+            open @ Connection::Open(_) => return open,
+        };
+        Connection::Reply(Reply {
+            stream,
+            out,
+            written: 0,
+            lingering: false,
+            deadline,
+        })
     }
 
-    /// Reads and discards input. `Ok(true)` when the client closed its side.
-    pub fn drain_input(&mut self) -> io::Result<bool> {
-        let mut scratch = [0u8; 4096];
-        loop {
-            match self.stream.read(&mut scratch) {
-                Ok(0) => return Ok(true),
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
+    /// A request (or its body) is parked until another thread answers for `serial`; any other
+    /// state is returned unchanged.
+    pub fn into_waiting(self, serial: u64, deadline: Instant) -> Connection {
+        let stream = match self {
+            Connection::Request(r) => r.stream,
+            Connection::Body(b) => b.stream,
+            other => return other,
+        };
+        Connection::Waiting(Waiting {
+            stream,
+            serial,
+            deadline,
+        })
+    }
+
+    /// What is due at a sweep at `now` (see [`Open::tick`] for an open connection).
+    pub fn tick(&mut self, now: Instant, idle_timeout: Duration, ping: Duration) -> TickOutcome {
+        let deadline = match self {
+            Connection::Open(open) => return open.tick(now, idle_timeout, ping),
+            Connection::Request(r) => r.deadline,
+            Connection::Reply(r) => r.deadline,
+            Connection::Body(b) => b.deadline,
+            Connection::Waiting(w) if now >= w.deadline => return TickOutcome::WaitedOut,
+            Connection::Waiting(_) => return TickOutcome::Idle,
+        };
+        if now >= deadline {
+            TickOutcome::Expired
+        } else {
+            TickOutcome::Idle
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::TokenBucket;
+    use super::{Connection, PendingRequest, TickOutcome, TokenBucket};
     use std::time::{Duration, Instant};
+
+    fn request(deadline: Instant) -> Connection {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        Connection::Request(PendingRequest {
+            stream: mio::net::TcpStream::from_std(tcp),
+            buf: Vec::new(),
+            deadline,
+        })
+    }
+
+    #[test]
+    fn transitions_keep_the_socket_and_refuse_the_wrong_state() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let waiting = request(t0).into_waiting(7, t0 + second);
+        assert!(matches!(&waiting, Connection::Waiting(w) if w.serial == 7));
+        // Only a request or a body waits; a waiting connection stays as it is.
+        let again = waiting.into_waiting(8, t0);
+        assert!(matches!(&again, Connection::Waiting(w) if w.serial == 7));
+        let reply = again.into_reply(b"HTTP/1.1 503".to_vec(), t0 + second);
+        assert!(matches!(&reply, Connection::Reply(r) if r.written == 0 && !r.lingering));
+    }
+
+    #[test]
+    fn tick_reports_passed_deadlines() {
+        let t0 = Instant::now();
+        let (idle, ping) = (Duration::from_secs(60), Duration::from_secs(30));
+        let mut conn = request(t0 + Duration::from_secs(1));
+        assert_eq!(conn.tick(t0, idle, ping), TickOutcome::Idle);
+        assert_eq!(
+            conn.tick(t0 + Duration::from_secs(1), idle, ping),
+            TickOutcome::Expired
+        );
+        let mut waiting = conn.into_waiting(1, t0 + Duration::from_secs(5));
+        assert_eq!(waiting.tick(t0, idle, ping), TickOutcome::Idle);
+        assert_eq!(
+            waiting.tick(t0 + Duration::from_secs(5), idle, ping),
+            TickOutcome::WaitedOut
+        );
+    }
 
     #[test]
     fn bucket_allows_the_burst_then_the_rate() {

@@ -1,0 +1,253 @@
+//! The HTTP API (`GET /api/history`, `POST /api/publish`) and the history event: reading the
+//! body, parking the socket while Redis answers, and the answers that come back.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tungstenite::Utf8Bytes;
+
+use super::mode::History;
+use super::{CoreLoop, API_WAIT};
+use crate::api::{self, ApiError};
+use crate::bus::{Dispatch, PageResult, PublishResult};
+use crate::connection::{BodyOutcome, Connection};
+use crate::handlers::Args;
+use crate::history::{self, Offset};
+use crate::http::Request;
+use crate::metrics::{add, Closed};
+use crate::protocol::{self, ErrorCode};
+
+impl CoreLoop {
+    /// `GET /api/history?limit=&before=` with the user's token: the user's events, newest first.
+    pub(super) fn api_history(&mut self, key: usize, req: Request) {
+        let shared = Arc::clone(&self.shared);
+        let Some(history) = shared.mode().history() else {
+            return self.reply(key, api::json_error(404, "history is off"), &[]);
+        };
+        let user = match shared.auth.authenticate(req.token().as_deref()) {
+            Ok(user) => user,
+            Err(e) => {
+                add(&self.metrics().auth_failures, 1);
+                return self.reply(key, api::json_error(401, &e.to_string()), &[]);
+            }
+        };
+        let (limit, before) = match api::page_query(&req, shared.config.history.max_page) {
+            Ok(q) => q,
+            Err(e) => return self.reply(key, e.response(), &[]),
+        };
+        let bp = match history {
+            History::Embedded(store) => {
+                let page = store.page(&user, before, limit, crate::handlers::now_ms());
+                let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
+                return self.reply(key, api::json_ok(&history::page_json(&frames)), &[]);
+            }
+            History::Redis(bp) => bp,
+        };
+        let serial = self.wait(key);
+        let asked = bp.request_page(crate::backplane::PageRequest {
+            user,
+            before,
+            limit,
+            core: self.id,
+            key,
+            serial,
+            ack: None,
+        });
+        if !asked {
+            self.reply(key, api::json_error(503, "history unavailable"), &[]);
+        }
+    }
+
+    /// Parks an HTTP connection until another thread answers; returns the serial to answer to.
+    pub(super) fn wait(&mut self, key: usize) -> u64 {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let deadline = Instant::now() + API_WAIT;
+        self.conns
+            .replace(key, |conn| conn.into_waiting(serial, deadline));
+        serial
+    }
+
+    /// `POST /api/publish` with the API key: checks the head, then reads the body.
+    pub(super) fn api_publish_head(&mut self, key: usize, req: Request, rest: Vec<u8>) {
+        let config = &self.shared.config;
+        let len = api::check_api_key(&req, &config.history)
+            .and_then(|()| api::publish_body_len(&req, &config.history));
+        let len = match len {
+            Ok(len) => len,
+            Err(e) => {
+                if e.status == 401 {
+                    add(&self.metrics().auth_failures, 1);
+                }
+                return self.reply(key, e.response(), &[]);
+            }
+        };
+        let replaced = self.conns.replace(key, |conn| {
+            let Connection::Request(pending) = conn else {
+                return conn;
+            };
+            Connection::Body(pending.into_body(req, rest, len))
+        });
+        if replaced {
+            self.api_publish_body(key);
+        }
+    }
+
+    /// Reads the body of `POST /api/publish`, then publishes it.
+    pub(super) fn api_publish_body(&mut self, key: usize) {
+        let Some(Connection::Body(b)) = self.conns.get_mut(key) else {
+            return;
+        };
+        match b.read_body() {
+            BodyOutcome::Incomplete => return,
+            BodyOutcome::Closed => return self.remove(key, Closed::Reset),
+            BodyOutcome::Complete => {}
+        }
+        let parsed = api::parse_publish(&b.body, &self.shared.config.history);
+        match parsed {
+            Ok(dispatch) => self.api_publish_dispatch(key, Arc::new(dispatch)),
+            Err(e) => self.reply(key, e.response(), &[]),
+        }
+    }
+
+    /// Dispatches a checked publication like a handler's dispatch and answers with the offsets.
+    pub(super) fn api_publish_dispatch(&mut self, key: usize, dispatch: Arc<Dispatch>) {
+        let shared = Arc::clone(&self.shared);
+        add(&self.metrics().dispatches, 1);
+        let bp = match shared.mode().history() {
+            None => {
+                // No offsets without history: the event goes out as a handler's would.
+                self.outbox.push(dispatch);
+                self.flush_outbox(None);
+                return self.reply(key, api::json_ok(r#"{"offsets":{}}"#), &[]);
+            }
+            Some(History::Embedded(store)) => {
+                let offsets = self.append_embedded(store, &dispatch);
+                return self.reply(key, api::json_ok(&api::offsets_json(&offsets)), &[]);
+            }
+            Some(History::Redis(bp)) => bp,
+        };
+        let serial = self.wait(key);
+        let asked = bp.request_publish(crate::backplane::PublishRequest {
+            dispatch,
+            core: self.id,
+            key,
+            serial,
+        });
+        if !asked {
+            self.reply(key, api::json_error(503, "publishing unavailable"), &[]);
+        }
+    }
+
+    pub(super) fn on_page(&mut self, page: PageResult) {
+        match self.conns.get(page.key) {
+            Some(Connection::Open(open)) if open.serial == page.serial => {
+                let Some(ack) = page.ack else {
+                    return;
+                };
+                match page.result {
+                    Ok(frames) => self.answer(page.key, Some(ack), |a| {
+                        history::encode_page_ack(a, &frames)
+                    }),
+                    Err(e) => {
+                        let message = format!("history unavailable: {e}");
+                        self.answer(page.key, Some(ack), |a| {
+                            protocol::encode_error(a, ErrorCode::Internal.as_str(), &message)
+                        })
+                    }
+                }
+            }
+            Some(Connection::Waiting(w)) if w.serial == page.serial => {
+                let response = match page.result {
+                    Ok(frames) => api::json_ok(&history::page_json(&frames)),
+                    Err(e) => ApiError::new(503, format!("history unavailable: {e}")).response(),
+                };
+                self.reply(page.key, response, &[]);
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_published(&mut self, published: PublishResult) {
+        let Some(Connection::Waiting(w)) = self.conns.get(published.key) else {
+            return;
+        };
+        if w.serial != published.serial {
+            return;
+        }
+        let response = match published.result {
+            Ok(offsets) => api::json_ok(&api::offsets_json(&offsets)),
+            Err(e) => ApiError::new(503, format!("not published: {e}")).response(),
+        };
+        self.reply(published.key, response, &[]);
+    }
+
+    /// `history {limit, before}` with an ack: the user's events, newest first, in the ack.
+    pub(super) fn on_history(
+        &mut self,
+        key: usize,
+        user: &crate::UserId,
+        ack: Option<u64>,
+        args: Args<'_>,
+    ) {
+        let shared = Arc::clone(&self.shared);
+        let error = |this: &mut Self, message: &str| {
+            add(&this.metrics().client_errors, 1);
+            this.answer(key, ack, |a| {
+                protocol::encode_error(a, ErrorCode::BadArgs.as_str(), message)
+            });
+        };
+        let Some(ack) = ack else {
+            return error(self, "history answers through an ack: send one");
+        };
+        let raw = args.raw();
+        let parsed = if raw == "null" {
+            Ok(api::PageArgs::default())
+        } else {
+            args.parse::<api::PageArgs<'_>>()
+        };
+        let page_args = match parsed {
+            Ok(a) => a,
+            Err(e) => return error(self, &e.message),
+        };
+        let limit = match page_args.limit {
+            Some(0) => return error(self, "limit must be positive"),
+            Some(n) => n.min(shared.config.history.max_page),
+            None => api::DEFAULT_PAGE.min(shared.config.history.max_page),
+        };
+        let before = match page_args.before.as_deref().map(str::parse::<Offset>) {
+            None => None,
+            Some(Ok(b)) => Some(b),
+            Some(Err(_)) => return error(self, "before is not an offset"),
+        };
+        let bp = match shared.mode().history() {
+            Some(History::Embedded(store)) => {
+                let page = store.page(user, before, limit, crate::handlers::now_ms());
+                let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
+                return self.answer(key, Some(ack), |a| history::encode_page_ack(a, &frames));
+            }
+            Some(History::Redis(bp)) => Some(bp),
+            None => None,
+        };
+        let Some(open) = self.conns.get_open(key) else {
+            return;
+        };
+        let serial = open.serial;
+        let asked = bp.is_some_and(|bp| {
+            bp.request_page(crate::backplane::PageRequest {
+                user: user.clone(),
+                before,
+                limit,
+                core: self.id,
+                key,
+                serial,
+                ack: Some(ack),
+            })
+        });
+        if !asked {
+            self.answer(key, Some(ack), |a| {
+                protocol::encode_error(a, ErrorCode::Internal.as_str(), "history unavailable")
+            });
+        }
+    }
+}

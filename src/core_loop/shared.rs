@@ -1,0 +1,36 @@
+//! The state every core reads: configuration, handlers, the bus, the backplane, metrics and the
+//! process-wide atomics. The runtime builds it once at start; the loops only read it (the atomics
+//! aside).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::auth::Authenticator;
+use crate::backplane::Backplane;
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::handlers::Handlers;
+use crate::metrics::CoreMetrics;
+
+/// State every core reads; written only at start, except the atomics.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub ws_config: WebSocketConfig,
+    pub auth: Authenticator,
+    pub handlers: Handlers,
+    pub bus: Arc<Bus>,
+    pub backplane: Option<Arc<Backplane>>,
+    pub metrics: Box<[CoreMetrics]>,
+    pub shutdown: AtomicBool,
+    /// Set when a core loop failed or panicked.
+    pub failed: AtomicBool,
+    /// Open WebSocket connections in the process, for `max_connections`.
+    pub open_connections: AtomicUsize,
+    pub node_id: u64,
+    /// Embedded mode's history, when history is active without a backplane.
+    pub history: Option<crate::history::MemoryHistory>,
+    /// Embedded mode's rooms and presence (with Redis they live there).
+    pub rooms: Option<crate::rooms::MemoryRooms>,
+}
