@@ -159,13 +159,6 @@ impl Dispatch {
     }
 }
 
-/// For [`crate::protocol::encode_dispatch`], which builds a dispatch without knowing this type.
-impl From<(Vec<UserId>, DispatchFrame)> for Dispatch {
-    fn from((users, frame): (Vec<UserId>, DispatchFrame)) -> Self {
-        Dispatch::new(users, frame)
-    }
-}
-
 /// Encodes `{"event":E,"args":A}` once (see [`encode_dispatch_frame`]) into a dispatch for
 /// `users`.
 pub fn encode_dispatch<T: Serialize + ?Sized>(

@@ -13,13 +13,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-// The clock lives in `types`; it keeps its path here.
-pub use crate::types::now_ms;
-
 use crate::auth::valid_user_id;
 use crate::bus::{encode_dispatch, Dispatch};
 use crate::protocol::ErrorCode;
-use crate::types::UserId;
+use crate::types::{now_ms, UserId};
 
 /// Identifies one connection in the process: the core that owns it and its slab key there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,8 +8,6 @@ use serde_json::Value;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::Utf8Bytes;
 
-use crate::types::UserId;
-
 /// A decoded client envelope: `{"event": "...", "args": ..., "ack": n}`.
 #[derive(Debug, Deserialize)]
 pub struct Envelope<'a> {
@@ -296,23 +294,6 @@ pub fn encode_dispatch_frame<T: Serialize + ?Sized>(
         frame: Utf8Bytes::from(text),
         args_at,
     })
-}
-
-/// Encodes `{"event":E,"args":A}` once for `users` and builds `D` (the bus's dispatch) from
-/// both, without this module knowing `D`.
-///
-/// Kept so that callers not yet moved to `bus::encode_dispatch` (the core loop's rooms)
-/// compile; new code calls `bus::encode_dispatch`, and this goes once none is left.
-pub fn encode_dispatch<D, T>(
-    users: Vec<UserId>,
-    event: &str,
-    args: &T,
-) -> Result<D, serde_json::Error>
-where
-    D: From<(Vec<UserId>, DispatchFrame)>,
-    T: Serialize + ?Sized,
-{
-    encode_dispatch_frame(event, args).map(|frame| D::from((users, frame)))
 }
 
 /// `{"event": "ack", "ack": n, "args": result}` (without `ack` for `None`: the Socket.IO ack

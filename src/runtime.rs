@@ -105,7 +105,7 @@ impl Server {
             open_connections: AtomicUsize::new(0),
             node_id,
             history: (config.history_active() && config.backplane.is_none()).then(|| {
-                crate::history::MemoryHistory::new(&config.history, crate::handlers::now_ms())
+                crate::history::MemoryHistory::new(&config.history, crate::types::now_ms())
             }),
             rooms: config
                 .backplane

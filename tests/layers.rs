@@ -12,23 +12,6 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// Upward imports in files other engineers are rewriting (issue 13); each pair is
-/// (file relative to the crate, imported module). Limited to those files: see
-/// [`EXCEPTION_FILES`]. The integrator empties this list after merging.
-const KNOWN_EXCEPTIONS: &[(&str, &str)] = &[
-    // CoreLoop takes `runtime::Shared`; the core loop rewrite moves it down.
-    ("src/core_loop.rs", "runtime"),
-];
-
-/// The only files [`KNOWN_EXCEPTIONS`] may name (prefixes: `src/core_loop/` is every file in it).
-const EXCEPTION_FILES: &[&str] = &[
-    "src/core_loop.rs",
-    "src/core_loop/",
-    "src/connection.rs",
-    "src/runtime.rs",
-    "src/backplane/subscriber.rs",
-];
-
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -418,14 +401,9 @@ fn check(root: &Path) -> Vec<String> {
             if theirs <= mine {
                 continue;
             }
-            let excepted = KNOWN_EXCEPTIONS
-                .iter()
-                .any(|&(f, m)| f == shown && m == target);
-            if !excepted {
-                problems.push(format!(
-                    "{shown}:{line}: module {module} imports {target}, which comes after it"
-                ));
-            }
+            problems.push(format!(
+                "{shown}:{line}: module {module} imports {target}, which comes after it"
+            ));
         }
     }
     problems
@@ -452,20 +430,6 @@ fn the_documented_order_is_the_declared_order() {
         declared,
         "the `# Layers` list in src/lib.rs's docs must name the `mod` lines, in their order"
     );
-}
-
-#[test]
-fn exceptions_stay_in_the_files_being_rewritten() {
-    let order = declared_order(&fs::read_to_string(crate_dir().join("src/lib.rs")).unwrap());
-    for &(file, module) in KNOWN_EXCEPTIONS {
-        assert!(
-            EXCEPTION_FILES
-                .iter()
-                .any(|f| file == *f || (f.ends_with('/') && file.starts_with(f))),
-            "{file} may not have an exception"
-        );
-        assert!(order.iter().any(|m| m == module), "{module} is no module");
-    }
 }
 
 // The scanner itself.

@@ -37,10 +37,7 @@ pub use crate::config::redis::{
     DEFAULT_RECONNECT_MIN,
 };
 
-// Old path, for the core loop until it names `bus::AckWaiter`; then remove.
-pub use crate::bus::AckWaiter;
-
-use crate::bus::{Bus, Dispatch};
+use crate::bus::{AckWaiter, Bus, Dispatch};
 use crate::history::{HistoryConfig, Offset};
 use crate::rooms::{RoomId, RoomsConfig};
 use crate::UserId;

@@ -37,7 +37,7 @@ impl CoreLoop {
         };
         let bp = match history {
             History::Embedded(store) => {
-                let page = store.page(&user, before, limit, crate::handlers::now_ms());
+                let page = store.page(&user, before, limit, crate::types::now_ms());
                 let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
                 return self.reply(key, api::json_ok(&history::page_json(&frames)), &[]);
             }
@@ -222,7 +222,7 @@ impl CoreLoop {
         };
         let bp = match shared.mode().history() {
             Some(History::Embedded(store)) => {
-                let page = store.page(user, before, limit, crate::handlers::now_ms());
+                let page = store.page(user, before, limit, crate::types::now_ms());
                 let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
                 return self.answer(key, Some(ack), |a| history::encode_page_ack(a, &frames));
             }

@@ -7,7 +7,7 @@ use tungstenite::Utf8Bytes;
 
 use super::mode::Mode;
 use super::CoreLoop;
-use crate::backplane::AckWaiter;
+use crate::bus::AckWaiter;
 use crate::bus::{CoreMsg, Dispatch, RoomDelivery};
 use crate::connection::{FlushOutcome, Open, WriteOutcome};
 use crate::history::{self, Delivery, Offset};
@@ -67,7 +67,7 @@ impl CoreLoop {
         store: &history::MemoryHistory,
         dispatch: &Dispatch,
     ) -> Vec<(crate::UserId, Offset)> {
-        let now = crate::handlers::now_ms();
+        let now = crate::types::now_ms();
         let mut drops = 0;
         let mut offsets = Vec::with_capacity(dispatch.users.len());
         for user in dispatch.users.iter() {

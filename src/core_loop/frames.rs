@@ -8,7 +8,7 @@ use std::time::Instant;
 use tungstenite::Utf8Bytes;
 
 use super::{sio, CoreLoop, CLOSE_GRACE, READ_BUDGET};
-use crate::backplane::AckWaiter;
+use crate::bus::AckWaiter;
 use crate::connection::ReadOutcome;
 use crate::handlers::{Args, ConnectionId, Context, HandlerResult};
 use crate::metrics::add;

@@ -188,7 +188,7 @@ impl CoreLoop {
                 self.next_sweep = now + SWEEP_INTERVAL;
                 if self.id == 0 && now >= self.next_purge {
                     if let Some(store) = &self.shared.history {
-                        store.purge(crate::handlers::now_ms());
+                        store.purge(crate::types::now_ms());
                     }
                     self.next_purge = now + PURGE_INTERVAL;
                 }

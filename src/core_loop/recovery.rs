@@ -118,7 +118,7 @@ impl CoreLoop {
             History::Embedded(store) => {
                 // Embedded: the store answers at once. Deliveries already in this core's inbox
                 // are in the replay too; the high-water mark drops them when they are drained.
-                let replay = store.replay(&user, since, crate::handlers::now_ms());
+                let replay = store.replay(&user, since, crate::types::now_ms());
                 self.on_replay(ReplayResult {
                     key,
                     serial,

@@ -14,13 +14,14 @@ use super::CoreLoop;
 use crate::backplane::{RoomJob, RoomTarget};
 use crate::bus::{Admission, CoreMsg, Dispatch, RoomAnswer, RoomDelivery};
 use crate::connection::Counted;
-use crate::handlers::{idempotency_key, now_ms, Args, HandlerError, HandlerResult};
+use crate::handlers::{idempotency_key, Args, HandlerError, HandlerResult};
 use crate::metrics::add;
 use crate::protocol::{self, CloseReason, ErrorCode};
 use crate::rooms::{
     bad_room_message, encode_presence_changed, valid_room, PresenceNotice, RoomArgs, RoomError,
     RoomId, RoomMessage, RoomMessageArgs,
 };
+use crate::types::now_ms;
 use crate::UserId;
 
 impl CoreLoop {
@@ -95,7 +96,7 @@ impl CoreLoop {
                                 })
                             }
                             // No history: a dispatch, one inbox message per core already.
-                            None => protocol::encode_dispatch(members, "newMessage", &msg)
+                            None => crate::bus::encode_dispatch(members, "newMessage", &msg)
                                 .map(|dispatch| self.outbox.push(Arc::new(dispatch))),
                         };
                         sent.map(|()| json!({ "id": id, "ts": ts }))
