@@ -10,7 +10,7 @@
 //!        └────────────────────────────┘  (bus)   └────────────────────────────┘
 //! ```
 //!
-//! - [`runtime`] starts one [`core_loop`] per core, pinned, each with its own listener.
+//! - [`runtime`] starts one `core_loop` per core, pinned, each with its own listener.
 //! - A [`connection`] reads its HTTP request ([`http`]), is authenticated ([`auth`]) and
 //!   upgraded to a WebSocket inside the loop, then indexed by user ([`user_index`]).
 //! - [`socketio`] clients (Socket.IO v5 over Engine.IO v4, at `/socket.io/`) are connections of
