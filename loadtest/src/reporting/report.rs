@@ -620,10 +620,16 @@ mod tests {
         assert_eq!(j["server_cpu"]["cpu_us_per_delivery"], 40.0);
         assert_eq!(j["server_cpu"]["processes"][2]["role"], "redis");
         assert_eq!(j["server_cpu"]["processes"][0]["pid"], 1);
-        assert_eq!(j["server_cpu"]["processes"][0]["threads"][0]["comm"], "core-0");
+        assert_eq!(
+            j["server_cpu"]["processes"][0]["threads"][0]["comm"],
+            "core-0"
+        );
         let mut h = String::new();
         c.human(&mut h);
-        assert!(h.contains("80.0% of one core = 40.0 µs per delivery (servers 35.0, Redis 5.0)"), "{h}");
+        assert!(
+            h.contains("80.0% of one core = 40.0 µs per delivery (servers 35.0, Redis 5.0)"),
+            "{h}"
+        );
         assert!(h.contains("pid 3 x y) (redis): 10.0%"), "{h}");
 
         // An unreadable pid: its kind and the total are unknown, never a partial figure.
@@ -633,10 +639,16 @@ mod tests {
         assert_eq!((c.total_cpu_s, c.server_cpu_s), (None, None));
         assert_eq!(c.redis_cpu_us_per_delivery, Some(5.0));
         // No deliveries: no per-delivery figure; no --server-pid: no section at all.
-        assert_eq!(ServerCpuReport::of(&lost, 0).redis_cpu_us_per_delivery, None);
+        assert_eq!(
+            ServerCpuReport::of(&lost, 0).redis_cpu_us_per_delivery,
+            None
+        );
         let none = PhaseReport::of(&PhaseResult::default());
         assert!(none.server_cpu.is_none());
-        assert!(serde_json::to_value(&none).unwrap().get("server_cpu").is_none());
+        assert!(serde_json::to_value(&none)
+            .unwrap()
+            .get("server_cpu")
+            .is_none());
     }
 
     #[test]

@@ -54,12 +54,12 @@ pub fn parse_stat(line: &str) -> Option<Stat> {
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`; 100 if that fails, the Linux norm).
 pub fn clock_ticks_per_s() -> u64 {
     static TCK: OnceLock<u64> = OnceLock::new();
-    *TCK.get_or_init(|| {
-        match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+    *TCK.get_or_init(
+        || match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
             Ok(Some(t)) if t > 0 => t as u64,
             _ => 100,
-        }
-    })
+        },
+    )
 }
 
 /// One process at one instant: its own stat and those of its threads (by tid).
@@ -189,7 +189,10 @@ pub fn between(
         .collect();
     ServerCpu {
         window_s: end.at.saturating_duration_since(start.at).as_secs_f64(),
-        window_with_drain_s: drain_end.at.saturating_duration_since(start.at).as_secs_f64(),
+        window_with_drain_s: drain_end
+            .at
+            .saturating_duration_since(start.at)
+            .as_secs_f64(),
         clock_ticks_per_s: tck,
         processes,
     }
@@ -292,7 +295,10 @@ mod tests {
         );
         // Spaces and parentheses in comm: fields are counted after the last ')'.
         let s = parse_stat(&line("a) S 1 (b c", 7, 3, 5)).unwrap();
-        assert_eq!((s.comm.as_str(), s.ticks, s.starttime), ("a) S 1 (b c", 10, 5));
+        assert_eq!(
+            (s.comm.as_str(), s.ticks, s.starttime),
+            ("a) S 1 (b c", 10, 5)
+        );
         let s = parse_stat(&line(")", 1, 2, 3)).unwrap();
         assert_eq!((s.comm.as_str(), s.ticks), (")", 3));
         // cutime/cstime (77, 88) are not counted.
