@@ -25,7 +25,13 @@
 # switchboard flags, e.g. --rate-limit 0: needed only if one connection sends more than 200
 # messages/s, i.e. RATE > 100 x SENDERS x DEVICES), LOADTEST_ARGS (extra generator flags),
 # RAMP=1 (run `ramp` instead: --start-rate RATE/5 --step RATE/5 --step-duration DURATION
-# --max-steps 5 --p99-bound-ms 10; one row per step).
+# --max-steps 5 --p99-bound-ms 10; one row per step), CPU2 (start the second `--cores 1`
+# instance under `taskset -c CPU2`, see below).
+#
+# Nothing is pinned by this script, but switchboard pins each core loop to a CPU of its
+# affinity mask, starting with the first: two `--cores 1` instances started alike both put
+# their core loop on the same CPU (their Redis threads and redis-server float). CPU2=1 moves
+# the second instance (all its threads) to CPU 1 instead.
 # Exit 0 if every setup ran (whatever its figures), 2 on a setup failure.
 set -u
 
@@ -83,11 +89,12 @@ start_redis() {
   started+=("$redis_pid")
   wait_port "$REDIS_PORT" 10 || fail "redis-server on $REDIS_PORT did not start (see $OUT/$1-redis.log)"
 }
+wrap=() # a command to start the next switchboard under (taskset), or nothing
 start_switchboard() { # name, port, flags...
   local name=$1 port=$2
   shift 2
   # shellcheck disable=SC2086 # SERVER_ARGS is a list of flags
-  "$SWITCHBOARD" --listen "127.0.0.1:$port" "$@" $SERVER_ARGS >"$OUT/$name-$port.log" 2>&1 &
+  "${wrap[@]}" "$SWITCHBOARD" --listen "127.0.0.1:$port" "$@" $SERVER_ARGS >"$OUT/$name-$port.log" 2>&1 &
   server_pids+=($!)
   started+=($!)
   wait_port "$port" 15 || fail "switchboard on $port did not start (see $OUT/$name-$port.log)"
@@ -128,8 +135,10 @@ start() {
       start_redis "$1"
       start_switchboard "$1" "$SB1" --cores 1 --backplane redis \
         --redis-url "redis://127.0.0.1:$REDIS_PORT" --history "$history"
+      [ -n "${CPU2:-}" ] && wrap=(taskset -c "$CPU2")
       start_switchboard "$1" "$SB2" --cores 1 --backplane redis \
         --redis-url "redis://127.0.0.1:$REDIS_PORT" --history "$history"
+      wrap=()
       addr_args=(--addr "127.0.0.1:$SB1" --addr "127.0.0.1:$SB2")
       ;;
     node)
