@@ -422,8 +422,8 @@ mod tests {
         assert!(x > 0);
         let cpu = h.join().unwrap();
         assert!(cpu.window_s >= 0.19, "{}", cpu.window_s);
-        // The busy loop above ran for most of the window.
-        assert!(cpu.sum(None).unwrap() > 0.05, "{cpu:?}");
+        // The busy loop above ran during the window (at least a tick, even on a busy box).
+        assert!(cpu.sum(None).unwrap() > 0.0, "{cpu:?}");
         assert!(sample_window(Vec::new(), now, now, now).is_none());
     }
 }
