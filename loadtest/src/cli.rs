@@ -157,10 +157,23 @@ pub struct Args {
     #[arg(long, default_value_t = 3600)]
     pub jwt_ttl: u64,
 
-    /// Server process(es) to sample VmRSS from (idle: RSS per connection); repeat for
-    /// several instances, their RSS is summed.
+    /// Server process(es) to sample VmRSS from (idle: RSS per connection) and, in direct,
+    /// fanout and ramp, CPU time over each send window (server CPU per delivery); repeat for
+    /// several instances (and every process of a multi-process server), they are summed.
     #[arg(long)]
     pub server_pid: Vec<u32>,
+
+    /// Backplane process(es), e.g. redis-server: their CPU time over each send window is
+    /// counted with the servers' (reported apart as "of which Redis"), not their RSS; repeat
+    /// for several.
+    #[arg(long)]
+    pub redis_pid: Vec<u32>,
+
+    /// Direct and ramp: only this many users send (spread evenly over the user ids: user g
+    /// sends iff floor((g+1)·N/users) > floor(g·N/users)); recipients stay random over all
+    /// users. Default: every user sends.
+    #[arg(long)]
+    pub senders: Option<u64>,
 
     /// Print the summary as JSON on stdout (the human summary goes to stderr).
     #[arg(long)]
@@ -264,6 +277,17 @@ impl Args {
                 if self.workers != 1 || self.threads != 1 {
                     return Err("churn runs one process with one thread".into());
                 }
+            }
+        }
+        if let Some(n) = self.senders {
+            if !matches!(self.scenario, Scenario::Direct | Scenario::Ramp) {
+                return Err("--senders applies to direct and ramp only".into());
+            }
+            if n == 0 || n > self.users {
+                return Err("--senders must be 1..=--users".into());
+            }
+            if n < u64::from(self.workers) {
+                return Err("--senders must be at least --workers".into());
             }
         }
         if self.scenario != Scenario::Fanout {
@@ -372,6 +396,34 @@ mod tests {
             .validate()
             .is_err());
         assert!(parse(&["ramp", "--max-steps", "0"]).validate().is_err());
+    }
+
+    #[test]
+    fn senders_and_cpu_pids() {
+        let a = parse(&[
+            "direct",
+            "--senders",
+            "50",
+            "--server-pid",
+            "10",
+            "--server-pid",
+            "11",
+            "--redis-pid",
+            "20",
+        ]);
+        assert!(a.validate().is_ok());
+        assert_eq!(
+            (a.senders, a.server_pid, a.redis_pid),
+            (Some(50), vec![10, 11], vec![20])
+        );
+        assert_eq!(parse(&["direct"]).senders, None);
+        assert!(parse(&["ramp", "--senders", "200"]).validate().is_ok());
+        assert!(parse(&["direct", "--senders", "0"]).validate().is_err());
+        assert!(parse(&["direct", "--senders", "201"]).validate().is_err());
+        assert!(parse(&["fanout", "--senders", "1"]).validate().is_err());
+        assert!(parse(&["direct", "--senders", "1", "--workers", "2"])
+            .validate()
+            .is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use cli::{Args, Scenario};
 use orchestration::{control, director, engine, fleet, shard};
 use population::Shard;
 use report::{ConnectReport, IdleReport, PhaseReport, Progress, Report};
+use reporting::servercpu::{self, Role};
 use reporting::{plot, report, stats, sysinfo};
 use scenarios::{churn, population, room, soak};
 use shard::{ConnectSummary, PhaseResult};
@@ -116,7 +117,11 @@ fn build_shared(
 ) -> Result<engine::Shared, String> {
     let pop = scenarios::delivery::population(args, shard, seed);
     if !pop.can_send() {
-        return Err("this shard has no users".into());
+        return Err(if args.senders.is_some() {
+            "this shard has no users or no senders (raise --senders)".into()
+        } else {
+            "this shard has no users".into()
+        });
     }
     let minter = token::Minter::new(args.jwt_secret.as_deref(), args.jwt_ttl);
     let now = token::unix_now_s();
@@ -153,7 +158,19 @@ fn build_shared(
         connect_concurrency: (args.connect_concurrency / args.threads as usize).max(1),
         source_ips,
         wbuf_cap: args.write_buffer_cap,
+        cpu_pids: if shard.index == 0 {
+            cpu_pids(args)
+        } else {
+            Vec::new()
+        },
     })
+}
+
+/// The processes whose CPU counts as the server side's: `--server-pid`s, then `--redis-pid`s.
+fn cpu_pids(args: &Args) -> Vec<(u32, Role)> {
+    let server = args.server_pid.iter().map(|&p| (p, Role::Server));
+    let redis = args.redis_pid.iter().map(|&p| (p, Role::Redis));
+    server.chain(redis).collect()
 }
 
 /// Loopback source addresses to spread connections over. With thousands of sockets to one
@@ -208,6 +225,11 @@ fn run_main(args: &Args) -> Result<bool, String> {
     let rss_before_kib = sysinfo::rss_total_kib(&args.server_pid);
     if !args.server_pid.is_empty() && rss_before_kib.is_none() {
         eprintln!("loadtest: warning: cannot read VmRSS of the server pid");
+    }
+    for (pid, role) in cpu_pids(args) {
+        if servercpu::sample_pid(pid).stat.is_none() {
+            eprintln!("loadtest: warning: cannot read /proc/{pid}/stat ({role:?} pid): its CPU is unknown");
+        }
     }
     eprintln!(
         "loadtest {:?}: run {run_id}, {} connections to {} address(es), {} worker(s) x {} thread(s)",

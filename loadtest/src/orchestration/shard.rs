@@ -6,6 +6,7 @@
 
 use crate::orchestration::engine::{self, Command, Engine, PhaseRun, Shared, ThreadReport};
 use crate::orchestration::ledger::{self, Ledger};
+use crate::reporting::servercpu::{self, ServerCpu};
 use crate::reporting::stats::{self, Counters, Tick};
 use crate::reporting::sysinfo;
 use hdrhistogram::Histogram;
@@ -82,6 +83,10 @@ pub struct PhaseResult {
     pub send_lag_us_b64: String,
     /// CPU seconds (user + sys) this process spent during the phase.
     pub cpu_s: f64,
+    /// CPU of the server side (`--server-pid`, `--redis-pid`) over the send window; sampled
+    /// by one process only (worker 0), so merging keeps the one there is.
+    #[serde(default)]
+    pub server_cpu: Option<ServerCpu>,
 }
 
 impl PhaseResult {
@@ -98,6 +103,9 @@ impl PhaseResult {
         self.latency_us_b64 = merge_b64(&self.latency_us_b64, &o.latency_us_b64);
         self.send_lag_us_b64 = merge_b64(&self.send_lag_us_b64, &o.send_lag_us_b64);
         self.cpu_s += o.cpu_s;
+        if self.server_cpu.is_none() {
+            self.server_cpu = o.server_cpu.clone();
+        }
     }
 
     pub fn latency(&self) -> Histogram<u64> {
@@ -236,6 +244,13 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
             let run_start = *run_start_ns.get_or_insert(start_ns);
             let drain_end_ns = start_ns + secs_ns(spec.duration_s) + secs_ns(spec.drain_s);
             let cpu0 = sysinfo::cpu_self_s();
+            let at = |ns: u64| shared.origin + Duration::from_nanos(ns);
+            let sampler = servercpu::sample_window(
+                shared.cpu_pids.clone(),
+                at(start_ns),
+                at(start_ns + secs_ns(spec.duration_s)),
+                at(drain_end_ns),
+            );
             send_all(&|| {
                 Command::StartPhase(PhaseRun {
                     ledger: Arc::clone(&ledger),
@@ -302,6 +317,7 @@ pub fn run(shared: Shared, control: &mut dyn Control) -> Result<ShardOutcome, St
             result.latency_us_b64 = stats::hist_to_b64(&hist);
             result.send_lag_us_b64 = stats::hist_to_b64(&lag);
             result.cpu_s = sysinfo::cpu_self_s() - cpu0;
+            result.server_cpu = sampler.and_then(|h| h.join().ok());
             phases.push(result.clone());
             last = Some(result);
         }

@@ -3,6 +3,7 @@
 
 use crate::orchestration::director::RampOutcome;
 use crate::orchestration::shard::{ConnectSummary, PhaseResult};
+use crate::reporting::servercpu::{self, ProcCpu, Role, ServerCpu};
 use crate::reporting::stats::{self, Percentiles, Tick};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -127,6 +128,135 @@ pub struct PhaseReport {
     pub send_lag: Percentiles,
     pub generator_cpu_s: f64,
     pub generator_cpu_us_per_delivery: Option<f64>,
+    /// With `--server-pid` / `--redis-pid`: the server side's CPU over the send window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu: Option<ServerCpuReport>,
+}
+
+/// The server side's CPU over one phase's send window, next to its deliveries. Percentages
+/// are of one core; "per delivery" divides by every delivery of the phase (drain included).
+/// A field is null when a pid of its kind could not be read at both ends of the window.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerCpuReport {
+    /// Measured seconds between the samples at the start and the end of sending.
+    pub window_s: f64,
+    pub deliveries: u64,
+    /// Every `--server-pid` and `--redis-pid` together.
+    pub total_cpu_s: Option<f64>,
+    pub total_cpu_pct: Option<f64>,
+    pub cpu_us_per_delivery: Option<f64>,
+    pub server_cpu_s: Option<f64>,
+    pub server_cpu_pct: Option<f64>,
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// Null without `--redis-pid`.
+    pub redis_cpu_s: Option<f64>,
+    pub redis_cpu_pct: Option<f64>,
+    pub redis_cpu_us_per_delivery: Option<f64>,
+    /// From the start of sending to the end of the drain: catches work left over when sending
+    /// stops (a backlog), at the price of idle time.
+    pub window_with_drain_s: f64,
+    pub cpu_us_per_delivery_with_drain: Option<f64>,
+    pub clock_ticks_per_s: u64,
+    pub processes: Vec<ProcCpuReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcCpuReport {
+    #[serde(flatten)]
+    pub proc: ProcCpu,
+    pub cpu_pct: Option<f64>,
+}
+
+impl ServerCpuReport {
+    pub fn of(c: &ServerCpu, deliveries: u64) -> Self {
+        let w = c.window_s;
+        let (total, server, redis) = (
+            c.sum(None),
+            c.sum(Some(Role::Server)),
+            c.sum(Some(Role::Redis)),
+        );
+        let per = |v| servercpu::us_per_delivery(v, deliveries);
+        let pct = |v| servercpu::pct_of_core(v, w);
+        Self {
+            window_s: w,
+            deliveries,
+            total_cpu_s: total,
+            total_cpu_pct: pct(total),
+            cpu_us_per_delivery: per(total),
+            server_cpu_s: server,
+            server_cpu_pct: pct(server),
+            server_cpu_us_per_delivery: per(server),
+            redis_cpu_s: redis,
+            redis_cpu_pct: pct(redis),
+            redis_cpu_us_per_delivery: per(redis),
+            window_with_drain_s: c.window_with_drain_s,
+            cpu_us_per_delivery_with_drain: per(c.sum_with_drain(None)),
+            clock_ticks_per_s: c.clock_ticks_per_s,
+            processes: c
+                .processes
+                .iter()
+                .map(|p| ProcCpuReport {
+                    cpu_pct: pct(p.cpu_s),
+                    proc: p.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn human(&self, s: &mut String) {
+        let f = |v: Option<f64>, unit: &str| v.map_or("?".to_owned(), |x| format!("{x:.1}{unit}"));
+        let redis = if self.processes.iter().any(|p| p.proc.role == Role::Redis) {
+            format!(
+                " (servers {}, Redis {})",
+                f(self.server_cpu_us_per_delivery, ""),
+                f(self.redis_cpu_us_per_delivery, "")
+            )
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "  server CPU over the {:.2} s send window: {} of one core = {} µs per delivery{redis}; {} µs incl. the drain",
+            self.window_s,
+            f(self.total_cpu_pct, "%"),
+            f(self.cpu_us_per_delivery, ""),
+            f(self.cpu_us_per_delivery_with_drain, ""),
+        );
+        for p in &self.processes {
+            let threads: Vec<String> = p
+                .proc
+                .threads
+                .iter()
+                .take(8)
+                .map(|t| {
+                    let pct = servercpu::pct_of_core(Some(t.cpu_s), self.window_s).unwrap_or(0.0);
+                    format!("{} {}: {pct:.1}%", t.tid, t.comm)
+                })
+                .collect();
+            let more = p.proc.threads.len().saturating_sub(8);
+            let _ = writeln!(
+                s,
+                "    pid {} {} ({}): {}{}{}",
+                p.proc.pid,
+                p.proc.comm.as_deref().unwrap_or("?"),
+                match p.proc.role {
+                    Role::Server => "server",
+                    Role::Redis => "redis",
+                },
+                f(p.cpu_pct, "%"),
+                if threads.is_empty() {
+                    String::new()
+                } else {
+                    format!("; threads {}", threads.join(", "))
+                },
+                if more > 0 {
+                    format!(" (+{more} more)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
 }
 
 impl PhaseReport {
@@ -163,6 +293,10 @@ impl PhaseReport {
             generator_cpu_s: r.cpu_s,
             generator_cpu_us_per_delivery: (c.delivered > 0)
                 .then(|| r.cpu_s * 1e6 / c.delivered as f64),
+            server_cpu: r
+                .server_cpu
+                .as_ref()
+                .map(|sc| ServerCpuReport::of(sc, c.delivered)),
         }
     }
 
@@ -318,6 +452,9 @@ impl Report {
                     p.generator_cpu_s, us, p.send_lag.p50_ms, p.send_lag.p99_ms, p.send_lag.max_ms
                 );
             }
+            if let Some(sc) = &p.server_cpu {
+                sc.human(&mut s);
+            }
         }
         if let Some(r) = &self.ramp {
             let held = r
@@ -428,6 +565,90 @@ mod tests {
         let mut lossy = r.clone();
         lossy.missing = 1;
         assert!(!PhaseReport::of(&lossy).clean());
+    }
+
+    #[test]
+    fn server_cpu_per_delivery() {
+        use crate::reporting::servercpu::ThreadCpu;
+        let proc = |pid, role, cpu_s| ProcCpu {
+            pid,
+            role,
+            comm: Some("x y)".into()),
+            cpu_s,
+            threads: vec![ThreadCpu {
+                tid: pid,
+                comm: "core-0".into(),
+                cpu_s: 1.0,
+            }],
+            cpu_with_drain_s: cpu_s.map(|c| c + 0.5),
+        };
+        let sc = ServerCpu {
+            window_s: 10.0,
+            window_with_drain_s: 12.0,
+            clock_ticks_per_s: 100,
+            processes: vec![
+                proc(1, Role::Server, Some(4.0)),
+                proc(2, Role::Server, Some(3.0)),
+                proc(3, Role::Redis, Some(1.0)),
+            ],
+        };
+        let r = PhaseResult {
+            rate: 5000.0,
+            duration_s: 10.0,
+            planned: 50_000,
+            counters: Counters {
+                sent: 50_000,
+                delivered: 200_000,
+                ..Default::default()
+            },
+            server_cpu: Some(sc.clone()),
+            ..Default::default()
+        };
+        let p = PhaseReport::of(&r);
+        let c = p.server_cpu.as_ref().unwrap();
+        // 8 s of CPU in 10 s for 200,000 deliveries: 80% of a core, 40 µs each.
+        assert_eq!(c.deliveries, 200_000);
+        assert_eq!(c.total_cpu_s, Some(8.0));
+        assert_eq!(c.total_cpu_pct, Some(80.0));
+        assert_eq!(c.cpu_us_per_delivery, Some(40.0));
+        assert_eq!(c.server_cpu_us_per_delivery, Some(35.0));
+        assert_eq!(c.redis_cpu_us_per_delivery, Some(5.0));
+        assert_eq!(c.redis_cpu_pct, Some(10.0));
+        assert_eq!(c.cpu_us_per_delivery_with_drain, Some(47.5));
+        assert_eq!(c.processes[0].cpu_pct, Some(40.0));
+        let j = serde_json::to_value(&p).unwrap();
+        assert_eq!(j["server_cpu"]["cpu_us_per_delivery"], 40.0);
+        assert_eq!(j["server_cpu"]["processes"][2]["role"], "redis");
+        assert_eq!(j["server_cpu"]["processes"][0]["pid"], 1);
+        assert_eq!(
+            j["server_cpu"]["processes"][0]["threads"][0]["comm"],
+            "core-0"
+        );
+        let mut h = String::new();
+        c.human(&mut h);
+        assert!(
+            h.contains("80.0% of one core = 40.0 µs per delivery (servers 35.0, Redis 5.0)"),
+            "{h}"
+        );
+        assert!(h.contains("pid 3 x y) (redis): 10.0%"), "{h}");
+
+        // An unreadable pid: its kind and the total are unknown, never a partial figure.
+        let mut lost = sc;
+        lost.processes[1].cpu_s = None;
+        let c = ServerCpuReport::of(&lost, 200_000);
+        assert_eq!((c.total_cpu_s, c.server_cpu_s), (None, None));
+        assert_eq!(c.redis_cpu_us_per_delivery, Some(5.0));
+        // No deliveries: no per-delivery figure; no --server-pid: no section at all.
+        assert_eq!(
+            ServerCpuReport::of(&lost, 0).redis_cpu_us_per_delivery,
+            None
+        );
+        let none = PhaseReport::of(&PhaseResult::default());
+        assert!(none.server_cpu.is_none());
+        assert!(serde_json::to_value(&none)
+            .unwrap()
+            .get("server_cpu")
+            .is_none());
     }
 
     #[test]

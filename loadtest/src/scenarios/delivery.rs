@@ -8,7 +8,7 @@ use crate::scenarios::population::{Population, Shard};
 use crate::transport::sio;
 
 /// This shard's users and connections: fanout has one sender and one recipient per shard,
-/// the other scenarios `--users` alike.
+/// the other scenarios `--users` alike (only `--senders` of them sending, if given).
 pub fn population(args: &Args, shard: Shard, seed: u64) -> Population {
     let n_addrs = args.addrs.len() as u32;
     match args.scenario {
@@ -20,14 +20,20 @@ pub fn population(args: &Args, shard: Shard, seed: u64) -> Population {
             n_addrs,
             seed,
         ),
-        _ => Population::uniform(
-            &args.user_prefix,
-            args.users,
-            args.devices,
-            shard,
-            n_addrs,
-            seed,
-        ),
+        _ => {
+            let pop = Population::uniform(
+                &args.user_prefix,
+                args.users,
+                args.devices,
+                shard,
+                n_addrs,
+                seed,
+            );
+            match args.senders {
+                Some(n) => pop.with_senders(n, args.users),
+                None => pop,
+            }
+        }
     }
 }
 

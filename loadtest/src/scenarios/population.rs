@@ -47,6 +47,9 @@ pub struct Population {
     /// Upper bound of expected deliveries per message: the ledger's row width.
     pub slots_per_msg: u32,
     pub seed: u64,
+    /// Uniform routing with `--senders`: the users (indexes into `users`) that send; None
+    /// means every user.
+    pub senders: Option<Vec<u32>>,
 }
 
 /// Which part of the global user space a process owns.
@@ -124,7 +127,25 @@ impl Population {
             routing,
             slots_per_msg,
             seed,
+            senders: None,
         }
+    }
+
+    /// Only `n` of all `total` users send, spread evenly over the global user ids (user g
+    /// sends iff `floor((g+1)·n/total) > floor(g·n/total)`), so every shard of a `--workers`
+    /// run holds about its share of them. Recipients stay uniform over the shard's users.
+    pub fn with_senders(mut self, n: u64, total: u64) -> Self {
+        let total = total.max(1);
+        let is_sender = |g: u64| (g + 1) * n / total > g * n / total;
+        self.senders = Some(
+            self.users
+                .iter()
+                .enumerate()
+                .filter(|(_, u)| is_sender(u.global))
+                .map(|(i, _)| i as u32)
+                .collect(),
+        );
+        self
     }
 
     pub fn user_id(&self, user: u32) -> String {
@@ -138,7 +159,9 @@ impl Population {
     /// Can this shard send anything at all?
     pub fn can_send(&self) -> bool {
         match self.routing {
-            Routing::Uniform => !self.users.is_empty(),
+            Routing::Uniform => {
+                !self.users.is_empty() && self.senders.as_ref().is_none_or(|s| !s.is_empty())
+            }
             Routing::Fanout => self.users.len() == 2 && self.users[0].devices > 0,
         }
     }
@@ -149,7 +172,10 @@ impl Population {
         match self.routing {
             Routing::Uniform => {
                 let n = self.users.len() as u32;
-                let sender = pick(h, n);
+                let sender = match &self.senders {
+                    None => pick(h, n),
+                    Some(s) => s[pick(h, s.len() as u32) as usize],
+                };
                 let recipient = pick(h >> 32, n);
                 let h2 = splitmix64(h);
                 let sender_dev = pick(h2, self.users[sender as usize].devices);
@@ -265,6 +291,46 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn senders_are_a_spread_subset_and_recipients_stay_uniform() {
+        let all = Population::uniform("u", 200, 2, Shard { index: 0, count: 1 }, 1, 5);
+        let p = all.clone().with_senders(50, 200);
+        let s = p.senders.clone().unwrap();
+        assert_eq!(s.len(), 50);
+        // Every fourth user: 3, 7, 11, ...
+        assert_eq!(&s[..3], &[3, 7, 11]);
+        let mut senders = std::collections::BTreeSet::new();
+        let mut recipients = std::collections::BTreeSet::new();
+        for seq in 0..20_000 {
+            let r = p.route(seq);
+            assert!(s.contains(&r.sender), "{r:?}");
+            assert!(r.sender_dev < 2);
+            senders.insert(r.sender);
+            recipients.insert(r.recipient);
+            // Recipients (and devices) are drawn as without --senders.
+            let u = all.route(seq);
+            assert_eq!((r.recipient, r.sender_dev), (u.recipient, u.sender_dev));
+        }
+        assert_eq!((senders.len(), recipients.len()), (50, 200));
+        // All users as senders picks the same routes as no --senders at all.
+        let every = all.clone().with_senders(200, 200);
+        assert_eq!(every.senders.as_ref().unwrap().len(), 200);
+        // Shards of a --workers run each get about their share.
+        let counts: Vec<usize> = (0..3)
+            .map(|i| {
+                Population::uniform("u", 200, 2, Shard { index: i, count: 3 }, 1, 5)
+                    .with_senders(50, 200)
+                    .senders
+                    .unwrap()
+                    .len()
+            })
+            .collect();
+        assert_eq!(counts.iter().sum::<usize>(), 50);
+        assert!(counts.iter().all(|&c| (16..=17).contains(&c)), "{counts:?}");
+        let one = Population::uniform("u", 10, 1, Shard { index: 0, count: 2 }, 1, 5);
+        assert!(!one.with_senders(1, 10).can_send());
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod conn;
 mod messages;
 
 use crate::orchestration::ledger::Ledger;
+use crate::reporting::servercpu::Role;
 use crate::reporting::stats::{self, Counters};
 use crate::scenarios::delivery;
 use crate::scenarios::marker::Classifier;
@@ -67,6 +68,9 @@ pub struct Shared {
     pub source_ips: Vec<IpAddr>,
     /// Per-connection cap of unsent bytes before sends are dropped (and counted).
     pub wbuf_cap: usize,
+    /// Server-side processes whose CPU is sampled over each send window (empty: none, and
+    /// always empty in workers other than worker 0, so the servers are counted once).
+    pub cpu_pids: Vec<(u32, Role)>,
 }
 
 impl Shared {
