@@ -73,7 +73,11 @@ fn latency(c: &mut Criterion) {
         let ids = core_affinity::get_core_ids().unwrap();
         core_affinity::set_for_current(ids[cpu.parse::<usize>().unwrap()]);
     }
-    let server = TestServer::start();
+    // One message at a time, back to back: well over the default per-connection rate limit.
+    let server = TestServer::with_config(switchboard::Config {
+        rate_limit_per_sec: 0,
+        ..common::test_config()
+    });
     let mut sender = connect_on_core(&server, "sender", 0);
     let mut same = connect_on_core(&server, "same", 0);
     let mut cross = connect_on_core(&server, "cross", 1);
@@ -89,8 +93,17 @@ fn latency(c: &mut Criterion) {
         return;
     }
     let redis = TestRedis::start();
-    let a = common::redis_server(&redis, Routing::PerUser);
-    let b = common::redis_server(&redis, Routing::PerUser);
+    let unlimited = || {
+        let mut rc = switchboard::backplane::RedisConfig::new(redis.url());
+        rc.routing = Routing::PerUser;
+        TestServer::with_config(switchboard::Config {
+            backplane: Some(rc),
+            rate_limit_per_sec: 0,
+            ..common::test_config()
+        })
+    };
+    let a = unlimited();
+    let b = unlimited();
     let mut sender = a.connect("s");
     let mut remote = b.connect("r");
     b.wait_channels(1);
