@@ -20,16 +20,7 @@ root=$(cd "$here/.." && pwd)
 . "$here/lib.sh"
 : "${DURATION:=600}" "${USERS:=4000}" "${DEVICES:=2}" "${CHURN:=200}" "${RATE:=20}"
 : "${FRESH:=0}" "${SAMPLE:=10}" "${STEADY:=60}" "${PORT:=18900}" "${BACKPLANE:=embedded}" "${SERVER_ARGS:=}"
-for c in "${SWITCHBOARD:-}" "${CARGO_TARGET_DIR:-$root/target}/release/switchboard" \
-  "$root/target/release/switchboard"; do
-  [ -n "$c" ] && [ -x "$c" ] && SWITCHBOARD=$c && break
-done
-for c in "${LOADTEST:-}" "${CARGO_TARGET_DIR:-$root/target}/release/loadtest" \
-  "$root/target/release/loadtest"; do
-  [ -n "$c" ] && [ -x "$c" ] && LOADTEST=$c && break
-done
-[ -x "${SWITCHBOARD:-}" ] || { echo "churn: no switchboard binary (set SWITCHBOARD)" >&2; exit 2; }
-[ -x "${LOADTEST:-}" ] || { echo "churn: no loadtest binary (set LOADTEST)" >&2; exit 2; }
+find_binaries churn
 
 tmp=$(mktemp -d /tmp/churn.XXXXXX)
 redis_pid="" sb_pid="" lt_pid=""

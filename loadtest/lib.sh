@@ -1,4 +1,4 @@
-# Helpers shared by the run scripts (soak.sh, churn.sh): source it, do not run it.
+# Helpers shared by the run scripts (soak.sh, churn.sh, peers/cost.sh): source it, do not run it.
 
 # stop_pids PID...: SIGTERM to each, half a second, then SIGKILL to any left. Only the pids
 # given: a script stops what it started and nothing else.
@@ -38,4 +38,21 @@ wait_bounded() {
     kill -9 "$1"
   fi
   wait "$1"
+}
+
+# find_binaries NAME: sets SWITCHBOARD and LOADTEST to the release binaries (an existing value
+# wins, then $CARGO_TARGET_DIR, then the checkout's target/); exits 2 naming NAME when one is
+# missing. Needs $root, the checkout.
+find_binaries() {
+  local c
+  for c in "${SWITCHBOARD:-}" "${CARGO_TARGET_DIR:-$root/target}/release/switchboard" \
+    "$root/target/release/switchboard"; do
+    [ -n "$c" ] && [ -x "$c" ] && SWITCHBOARD=$c && break
+  done
+  for c in "${LOADTEST:-}" "${CARGO_TARGET_DIR:-$root/target}/release/loadtest" \
+    "$root/target/release/loadtest"; do
+    [ -n "$c" ] && [ -x "$c" ] && LOADTEST=$c && break
+  done
+  [ -x "${SWITCHBOARD:-}" ] || { echo "$1: no switchboard binary (set SWITCHBOARD)" >&2; exit 2; }
+  [ -x "${LOADTEST:-}" ] || { echo "$1: no loadtest binary (set LOADTEST)" >&2; exit 2; }
 }

@@ -42,16 +42,7 @@ root=$(cd "$here/../.." && pwd)
 : "${RATE:=5000}" "${DURATION:=10}" "${DRAIN:=2}" "${USERS:=200}" "${DEVICES:=2}" "${SENDERS:=50}"
 : "${PORT:=18310}" "${SERVER_ARGS:=}" "${LOADTEST_ARGS:=}" "${RAMP:=0}"
 : "${SETUPS:=embedded redis2 redis2-nohistory node}"
-for c in "${SWITCHBOARD:-}" "${CARGO_TARGET_DIR:-$root/target}/release/switchboard" \
-  "$root/target/release/switchboard"; do
-  [ -n "$c" ] && [ -x "$c" ] && SWITCHBOARD=$c && break
-done
-for c in "${LOADTEST:-}" "${CARGO_TARGET_DIR:-$root/target}/release/loadtest" \
-  "$root/target/release/loadtest"; do
-  [ -n "$c" ] && [ -x "$c" ] && LOADTEST=$c && break
-done
-[ -x "${SWITCHBOARD:-}" ] || { echo "cost: no switchboard binary (set SWITCHBOARD)" >&2; exit 2; }
-[ -x "${LOADTEST:-}" ] || { echo "cost: no loadtest binary (set LOADTEST)" >&2; exit 2; }
+find_binaries cost
 command -v jq >/dev/null || { echo "cost: needs jq" >&2; exit 2; }
 OUT=${OUT:-$(mktemp -d /tmp/cost.XXXXXX)}
 mkdir -p "$OUT"

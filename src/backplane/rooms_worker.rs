@@ -229,6 +229,21 @@ struct Scripts {
     goodbye: Script,
 }
 
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            join: Script::new(JOIN),
+            leave: Script::new(LEAVE),
+            send: Script::new(SEND),
+            presence: Script::new(PRESENCE),
+            connect: Script::new(CONNECT),
+            disconnect: Script::new(DISCONNECT),
+            sweep: Script::new(SWEEP),
+            goodbye: Script::new(GOODBYE),
+        }
+    }
+}
+
 struct Worker {
     bp: Arc<Backplane>,
     bus: Arc<Bus>,
@@ -258,16 +273,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
         bus,
         config,
         conn: None,
-        scripts: Scripts {
-            join: Script::new(JOIN),
-            leave: Script::new(LEAVE),
-            send: Script::new(SEND),
-            presence: Script::new(PRESENCE),
-            connect: Script::new(CONNECT),
-            disconnect: Script::new(DISCONNECT),
-            sweep: Script::new(SWEEP),
-            goodbye: Script::new(GOODBYE),
-        },
+        scripts: Scripts::new(),
     };
     let mut next_beat = Instant::now();
     let mut failing = false;
@@ -601,16 +607,7 @@ mod tests {
                 ..RoomsConfig::default()
             },
             conn: None,
-            scripts: Scripts {
-                join: Script::new(JOIN),
-                leave: Script::new(LEAVE),
-                send: Script::new(SEND),
-                presence: Script::new(PRESENCE),
-                connect: Script::new(CONNECT),
-                disconnect: Script::new(DISCONNECT),
-                sweep: Script::new(SWEEP),
-                goodbye: Script::new(GOODBYE),
-            },
+            scripts: Scripts::new(),
         };
         (w, bp, bus)
     }
