@@ -124,8 +124,8 @@ fn connected<'a>(
         .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "not connected")))
 }
 
-/// Runs the append script for every user of the dispatch inside one MULTI/EXEC: all users get
-/// the event, or (on an error) none does.
+/// Runs the append script once for every user of the dispatch: one atomic call, so all users
+/// get the event, or (on an error) none does.
 fn publish(
     conn: &mut redis::Connection,
     sha: &mut Option<String>,
@@ -143,25 +143,30 @@ fn publish(
         ),
     };
     let prefix = &bp.config.channel_prefix;
-    let mut pipe = redis::pipe();
-    pipe.atomic();
     let users = &request.dispatch.users;
-    for user in users.iter() {
-        pipe.cmd("EVALSHA")
-            .arg(sha.as_str())
-            .arg(2)
-            .arg(history::stream_key(prefix, user))
-            .arg(super::wire::user_channel(prefix, user))
-            .arg(format!("{:016x}", bp.node_id))
-            .arg(request.dispatch.frame.as_str())
-            .arg(config.max_len)
-            .arg(config.max_age.as_millis() as u64);
-    }
-    let ids: Vec<String> = pipe.query(conn)?;
+    let channels: Vec<String> = users
+        .iter()
+        .map(|u| super::wire::user_channel(prefix, u))
+        .collect();
+    let pairs: Vec<(&str, &str)> = users
+        .iter()
+        .zip(&channels)
+        .map(|(u, c)| (&**u, c.as_str()))
+        .collect();
+    let ids: Vec<String> = history::append_call(
+        sha,
+        prefix,
+        bp.node_id,
+        config,
+        request.dispatch.frame.as_str(),
+        None,
+        &pairs,
+    )
+    .query(conn)?;
     if ids.len() != users.len() {
         return Err(redis::RedisError::from((
             redis::ErrorKind::Client,
-            "unexpected reply to the publish transaction",
+            "unexpected reply to the append script",
         )));
     }
     let mut out = Vec::with_capacity(ids.len());
