@@ -419,15 +419,17 @@ impl MemoryHistory {
 /// a message it was never acknowledged for) gets the id recorded there, and nothing is appended
 /// or published for that user.
 ///
-/// Per user: `XADD MAXLEN` (exact) assigns the offset; the age cutoff is that id's time minus the
-/// max age (the id's ms part is Redis's clock, or the stream's last ms if the clock went back),
-/// so no `TIME` call; `XTRIM MINID` runs only when the stream's first entry is older than the
-/// cutoff, checked with `XRANGE - + COUNT 1` only once per stream per age/64 window of ids (the
-/// stream's own `last-age-check` is not stored: the check runs when the new id's ms crosses a
-/// multiple of max age/64), so a busy stream pays for it rarely and the oldest entry outlives
-/// its age by at most 1/64 of it; `PEXPIRE` by the max age; then `PUBLISH` of
+/// Per user: `XADD MAXLEN ~` assigns the offset (the stream keeps at least the last max length
+/// entries: Redis trims whole radix-tree nodes only, so up to one node more, at most 100
+/// entries); the age trim, `XTRIM MINID` at that id's time minus the max age (the id's ms part
+/// is Redis's clock, so no `TIME` call), runs on about one append in 16 (those whose id's ms is
+/// a multiple of 16); `PEXPIRE` by the max age, so an idle stream goes whole; then `PUBLISH` of
 /// `<node> <offset> <frame with offset>`. Stream entries hold the frame without offset in field
-/// `f`.
+/// `f`. The reads (`history_worker`) enforce both bounds exactly: what is past the last max
+/// length entries or older than the max age is never replayed, and a `since` there is
+/// `complete: false`; pages stop at the max age.
+///
+/// Cost (`cargo bench --bench redis_append`): see docs/BENCHMARKS.md.
 pub const APPEND_SCRIPT: &str = r#"
 local stride = ARGV[5] and 3 or 2
 local node, frame, maxlen = ARGV[1], ARGV[2], ARGV[3]
@@ -438,10 +440,10 @@ for i = 1, #KEYS, stride do
   local stream = KEYS[i]
   local id = stride == 3 and redis.call('GET', KEYS[i + 2])
   if not id then
-    id = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'f', frame)
-    local cutoff = tonumber(string.match(id, '^%d+')) - maxage
-    if cutoff > 0 then
-      redis.call('XTRIM', stream, 'MINID', string.format('%d', cutoff))
+    id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'f', frame)
+    local ms = tonumber(string.match(id, '^%d+'))
+    if ms % 16 == 0 and ms > maxage then
+      redis.call('XTRIM', stream, 'MINID', string.format('%d', ms - maxage))
     end
     redis.call('PEXPIRE', stream, maxage)
     if stride == 3 then

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::{Backoff, Backplane, Job, PageRequest, PublishRequest, ReplayRequest};
 use crate::bus::{Bus, CoreMsg, PageResult, PublishResult, ReplayResult};
-use crate::history::{self, Offset, Replay};
+use crate::history::{self, HistoryConfig, Offset, Replay};
 use crate::UserId;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,7 +35,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
             Ok(Job::Replay(r)) => r,
             Ok(Job::Page(p)) => {
                 let result = connected(&mut conn, &bp)
-                    .and_then(|c| page(c, &bp.config.channel_prefix, &p))
+                    .and_then(|c| page(c, &bp.config.channel_prefix, &p, &config))
                     .map_err(|e| {
                         conn = None;
                         sha = None;
@@ -77,7 +77,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
             continue;
         }
         let result = connected(&mut conn, &bp)
-            .and_then(|c| query(c, &bp.config.channel_prefix, &request, config.max_len));
+            .and_then(|c| query(c, &bp.config.channel_prefix, &request, &config));
         let replay = match result {
             Ok(replay) => {
                 backoff.reset();
@@ -130,7 +130,7 @@ fn publish(
     conn: &mut redis::Connection,
     sha: &mut Option<String>,
     bp: &Backplane,
-    config: &crate::history::HistoryConfig,
+    config: &HistoryConfig,
     request: &PublishRequest,
 ) -> redis::RedisResult<Vec<(UserId, Offset)>> {
     let sha = match sha {
@@ -179,21 +179,34 @@ fn publish(
     Ok(out)
 }
 
-/// `XREVRANGE key (before - COUNT limit`: newest first.
+/// The oldest stream id the max age keeps, by Redis's clock (`TIME`), as `(ms, 0)`: the append
+/// script trims by age only now and then, so the reads drop what is older themselves.
+fn age_cutoff(conn: &mut redis::Connection, config: &HistoryConfig) -> redis::RedisResult<Offset> {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(conn)?;
+    let now_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
+    Ok(Offset(
+        now_ms.saturating_sub(config.max_age.as_millis() as u64),
+        0,
+    ))
+}
+
+/// `XREVRANGE key (before cutoff COUNT limit`: newest first, none older than the max age.
 fn page(
     conn: &mut redis::Connection,
     prefix: &str,
     request: &PageRequest,
+    config: &HistoryConfig,
 ) -> redis::RedisResult<Vec<tungstenite::Utf8Bytes>> {
     let key = history::stream_key(prefix, &request.user);
     let end = match request.before {
         Some(b) => format!("({b}"),
         None => "+".to_string(),
     };
+    let cutoff = age_cutoff(conn, config)?;
     let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
         .arg(&key)
         .arg(end)
-        .arg("-")
+        .arg(cutoff.to_string())
         .arg("COUNT")
         .arg(request.limit)
         .query(conn)?;
@@ -212,18 +225,23 @@ fn page(
         .collect())
 }
 
-/// `XRANGE key since + COUNT n`: `since` itself is asked for too, because its presence is what
-/// proves nothing after it was trimmed (streams are trimmed from the oldest end only).
+/// `XRANGE key since + COUNT max_len+1`: `since` itself is asked for too, because its presence
+/// is what proves nothing after it was trimmed (streams are trimmed from the oldest end only).
+/// Streams are trimmed approximately (whole nodes, at least the last `max_len` kept; by age only
+/// now and then), so the bounds are enforced here: a `since` with `max_len` or more entries after
+/// it, or older than the max age, is one an exact trim would have dropped (`complete: false`).
 fn query(
     conn: &mut redis::Connection,
     prefix: &str,
     request: &ReplayRequest,
-    max_len: usize,
+    config: &HistoryConfig,
 ) -> redis::RedisResult<Replay> {
+    let max_len = config.max_len;
     let key = history::stream_key(prefix, &request.user);
-    // `since` plus at most `max_len` entries, plus one: its presence means the stream is longer
-    // than this instance's bound (another instance keeps more), and the replay was cut short.
-    let count = max_len + 2;
+    let cutoff = age_cutoff(conn, config)?;
+    // `since` plus `max_len` entries: `since` is not among the last `max_len` (trimmed for an
+    // exact bound; or another instance keeps more), and the replay is cut short.
+    let count = max_len + 1;
     let mut reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(&key)
         .arg(request.since.to_string())
@@ -234,7 +252,7 @@ fn query(
     let truncated = reply.ids.len() >= count;
     if truncated {
         // Send the newest ones instead: those are what the client is about to see live next
-        // to. (Rare: only a fleet with mixed bounds gets here.)
+        // to.
         let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
             .arg(&key)
             .arg("+")
@@ -250,10 +268,10 @@ fn query(
         let Ok(offset) = entry.id.parse::<Offset>() else {
             continue;
         };
-        if i == 0 && offset == request.since && !truncated {
+        if i == 0 && offset == request.since && !truncated && offset >= cutoff {
             replay.complete = true;
         }
-        if offset <= request.since {
+        if offset <= request.since || offset < cutoff {
             continue;
         }
         let frame = match entry.map.get("f") {
