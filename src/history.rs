@@ -429,7 +429,7 @@ impl MemoryHistory {
 /// length entries or older than the max age is never replayed, and a `since` there is
 /// `complete: false`; pages stop at the max age.
 ///
-/// Cost (`cargo bench --bench redis_append`): see docs/BENCHMARKS.md.
+/// Cost (`cargo bench --bench redis_cpu`): see docs/BENCHMARKS.md.
 pub const APPEND_SCRIPT: &str = r#"
 local stride = ARGV[5] and 3 or 2
 local node, frame, maxlen = ARGV[1], ARGV[2], ARGV[3]

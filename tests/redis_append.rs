@@ -293,6 +293,11 @@ fn reads_keep_the_bounds_exact_although_trims_are_approximate() {
     assert_eq!(r["args"]["complete"], true, "{r}");
     assert_eq!(texts, last10[1..]);
 
+    // Pages stop at the last 10 too.
+    let mut newest_first = last10.clone();
+    newest_first.reverse();
+    assert_eq!(page_texts(&mut u1, 8), newest_first);
+
     // Age: an event older than 2 s is neither replayed nor paged, even if still in the stream.
     std::thread::sleep(Duration::from_millis(1500));
     send_acked(&mut u2, "u1", "fresh", None, 100);
@@ -303,14 +308,22 @@ fn reads_keep_the_bounds_exact_although_trims_are_approximate() {
     assert_eq!(texts, ["fresh"]);
     let (texts, r) = resume(fresh);
     assert_eq!((texts.len(), &r["args"]["complete"]), (0, &json!(true)));
-    u1.send_json(&json!({"event": "history", "args": {"limit": 50}, "ack": 7}));
+    assert_eq!(page_texts(&mut u1, 9), ["fresh"]);
+}
+
+/// The texts of the `history` page (limit 50) of `c`'s user, newest first.
+fn page_texts(c: &mut Client, ack: u64) -> Vec<String> {
+    c.send_json(&json!({"event": "history", "args": {"limit": 50}, "ack": ack}));
     let page = loop {
-        let v = u1.recv_json();
-        if v["ack"] == 7 {
+        let v = c.recv_json();
+        if v["ack"] == ack {
             break v;
         }
     };
-    let events = page["args"]["events"].as_array().expect("events");
-    assert_eq!(events.len(), 1, "{page}");
-    assert_eq!(events[0]["args"]["text"], "fresh");
+    page["args"]["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("events: {page}"))
+        .iter()
+        .map(|e| e["args"]["text"].as_str().unwrap_or_default().to_string())
+        .collect()
 }

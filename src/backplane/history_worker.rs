@@ -190,7 +190,8 @@ fn age_cutoff(conn: &mut redis::Connection, config: &HistoryConfig) -> redis::Re
     ))
 }
 
-/// `XREVRANGE key (before cutoff COUNT limit`: newest first, none older than the max age.
+/// `XREVRANGE key (before start COUNT limit`: newest first, none older than the max age and none
+/// past the last `max_len` (the stream may hold a few more: see [`history::APPEND_SCRIPT`]).
 fn page(
     conn: &mut redis::Connection,
     prefix: &str,
@@ -202,11 +203,25 @@ fn page(
         Some(b) => format!("({b}"),
         None => "+".to_string(),
     };
-    let cutoff = age_cutoff(conn, config)?;
+    let mut start = age_cutoff(conn, config)?;
+    let len: usize = redis::cmd("XLEN").arg(&key).query(conn)?;
+    if let Some(excess) = len.checked_sub(config.max_len).filter(|n| *n > 0) {
+        // The oldest entry an exact trim would keep is the one after the `excess` oldest.
+        let oldest: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(excess + 1)
+            .query(conn)?;
+        if let Some(kept) = oldest.ids.last().and_then(|e| e.id.parse::<Offset>().ok()) {
+            start = start.max(kept);
+        }
+    }
     let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
         .arg(&key)
         .arg(end)
-        .arg(cutoff.to_string())
+        .arg(start.to_string())
         .arg("COUNT")
         .arg(request.limit)
         .query(conn)?;

@@ -13,7 +13,7 @@
 //! others change one thing in `after` to price it (the age trim, approximate `MAXLEN`, `TIME`);
 //! `publish only` is history off (two bare `PUBLISH`), the floor.
 //!
-//! Run: `cargo bench --bench redis_append` (any profile works: the figure is Redis's own CPU,
+//! Run: `cargo bench --bench redis_cpu` (any profile works: the figure is Redis's own CPU,
 //! not the client's). Knobs (environment): `MESSAGES` (20000), `USERS` (200), `BATCH` messages
 //! per pipeline (16), `ROUNDS` (3; the minimum, least disturbed by other load, and the median are shown), `MAX_LEN` (1000). Redis CPU time is
 //! per process, so other load on the machine disturbs it less than wall time, but not nothing:
@@ -254,7 +254,7 @@ fn main() {
         .output()
         .is_err()
     {
-        println!("redis_append: skipped (redis-server not on PATH)");
+        println!("redis_cpu: skipped (redis-server not on PATH)");
         return;
     }
     let n_messages = env("MESSAGES", 20_000);
@@ -267,7 +267,7 @@ fn main() {
         ..HistoryConfig::default()
     };
     let Some(redis) = start_redis() else {
-        println!("redis_append: skipped (redis-server did not start)");
+        println!("redis_cpu: skipped (redis-server did not start)");
         return;
     };
     let mut c = connect(&redis.url).expect("connect");
@@ -378,7 +378,7 @@ fn main() {
     let warmup = &messages[..messages.len().min(2000)];
 
     println!(
-        "redis_append: {n_messages} direct messages (2 users each), {n_users} users, {batch} \
+        "redis_cpu: {n_messages} direct messages (2 users each), {n_users} users, {batch} \
          messages per pipeline, streams full at MAXLEN {}, min and median of {rounds} rounds",
         config.max_len
     );
