@@ -173,6 +173,14 @@ fn frame(from: &str, to: &str, seq: usize) -> String {
     )
 }
 
+/// What every run shares.
+struct Setup {
+    users: Vec<String>,
+    channels: Vec<String>,
+    config: HistoryConfig,
+    batch: usize,
+}
+
 /// Every stream back to exactly `max_len` (approximate trims and the filling leave some more).
 fn normalise(c: &mut redis::Connection, users: &[String], config: &HistoryConfig) {
     let mut pipe = redis::pipe();
@@ -191,12 +199,16 @@ fn run(
     c: &mut redis::Connection,
     v: &Variant,
     messages: &[(usize, usize, String)],
-    users: &[String],
-    channels: &[String],
-    config: &HistoryConfig,
-    batch: usize,
+    setup: &Setup,
     tag: usize,
 ) -> f64 {
+    let Setup {
+        users,
+        channels,
+        config,
+        batch,
+    } = setup;
+    let batch = *batch;
     let before = redis_cpu(c);
     for (n, chunk) in messages.chunks(batch).enumerate() {
         let mut pipe = redis::pipe();
@@ -382,16 +394,22 @@ fn main() {
          messages per pipeline, streams full at MAXLEN {}, min and median of {rounds} rounds",
         config.max_len
     );
+    let setup = Setup {
+        users,
+        channels,
+        config,
+        batch,
+    };
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut tag = 0;
     for _ in 0..rounds {
         for (i, v) in variants.iter().enumerate() {
             tag += 1;
             // The same start for every variant, then a warm-up, so a steady state is measured.
-            normalise(&mut c, &users, &config);
-            run(&mut c, v, warmup, &users, &channels, &config, batch, tag);
+            normalise(&mut c, &setup.users, &setup.config);
+            run(&mut c, v, warmup, &setup, tag);
             tag += 1;
-            let s = run(&mut c, v, &messages, &users, &channels, &config, batch, tag);
+            let s = run(&mut c, v, &messages, &setup, tag);
             cpu[i].push(s);
         }
     }

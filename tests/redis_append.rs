@@ -63,26 +63,50 @@ fn stream(c: &mut redis::Connection, user: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A device: its connection and the frames read while waiting for something else.
+struct Dev {
+    c: Client,
+    pending: std::collections::VecDeque<Value>,
+}
+
+impl Dev {
+    fn new(c: Client) -> Self {
+        Dev {
+            c,
+            pending: Default::default(),
+        }
+    }
+
+    /// The next frame: a kept one first.
+    fn recv(&mut self) -> Value {
+        self.pending
+            .pop_front()
+            .unwrap_or_else(|| self.c.recv_json())
+    }
+}
+
 /// Sends `text` to `to` (with `clientId` if given) and waits for the ack: with Redis, the ack
-/// comes once Redis took every publication of the message.
-fn send_acked(c: &mut Client, to: &str, text: &str, client_id: Option<&str>, ack: u64) {
+/// comes once Redis took every publication of the message. Other frames are kept.
+fn send_acked(d: &mut Dev, to: &str, text: &str, client_id: Option<&str>, ack: u64) {
     let mut args = json!({"to": to, "text": text});
     if let Some(id) = client_id {
         args["clientId"] = json!(id);
     }
-    c.send_json(&json!({"event": "sendMessage", "args": args, "ack": ack}));
+    d.c.send_json(&json!({"event": "sendMessage", "args": args, "ack": ack}));
     loop {
-        let v = c.recv_json();
+        let v = d.c.recv_json();
         if v["ack"] == ack && (v["event"] == "ack" || v["event"] == "error") {
             assert_eq!(v["event"], "ack", "{v}");
             return;
         }
+        d.pending.push_back(v);
     }
 }
 
 /// Until the instance's subscription to `user` is confirmed, a fresh connection misses what is
 /// published: probe with messages to self until one comes back.
-fn wait_live(c: &mut Client, user: &str) {
+fn wait_live(d: &mut Dev, user: &str) {
+    let c = &mut d.c;
     let deadline = Instant::now() + DEADLINE;
     loop {
         assert!(Instant::now() < deadline, "{user} never got its probe");
@@ -96,14 +120,27 @@ fn wait_live(c: &mut Client, user: &str) {
     }
 }
 
-/// The next `newMessage` with `text` (stray probes skipped).
-fn recv_text(c: &mut Client, text: &str) -> Value {
+/// The next `newMessage` with `text` (stray probes and other events skipped).
+fn recv_text(d: &mut Dev, text: &str) -> Value {
     loop {
-        let m = c.recv_event("newMessage");
+        let m = d.recv();
+        if m["event"] != "newMessage" {
+            continue;
+        }
         if m["args"]["text"] == text {
             return m;
         }
         assert_eq!(m["args"]["text"], "probe", "{m}");
+    }
+}
+
+/// The next `newMessage`, whatever its text.
+fn recv_message(d: &mut Dev) -> Value {
+    loop {
+        let m = d.recv();
+        if m["event"] == "newMessage" {
+            return m;
+        }
     }
 }
 
@@ -124,8 +161,8 @@ fn a_message_is_one_script_call_for_both_users_and_dedupe_is_per_user() {
             ..HistoryConfig::default()
         },
     );
-    let mut u1 = s.connect("u1");
-    let mut u2 = s.connect("u2");
+    let mut u1 = Dev::new(s.connect("u1"));
+    let mut u2 = Dev::new(s.connect("u2"));
     wait_live(&mut u1, "u1");
     wait_live(&mut u2, "u2");
     // Acked, so every probe before it went through Redis too (the publisher is FIFO).
@@ -175,7 +212,7 @@ fn a_message_is_one_script_call_for_both_users_and_dedupe_is_per_user() {
     // u1's device got the second copy; u2's nothing more: the next thing it gets is "after".
     let again = recv_text(&mut u1, "once");
     send_acked(&mut u1, "u2", "after", None, 5);
-    let after = u2.recv_event("newMessage");
+    let after = recv_message(&mut u2);
     assert_eq!(after["args"]["text"], "after", "u2 got nothing in between");
     assert!(offset_of(&first) < offset_of(&after));
     assert!(offset_of(&again) < offset_of(&recv_text(&mut u1, "after")));
@@ -259,8 +296,8 @@ fn reads_keep_the_bounds_exact_although_trims_are_approximate() {
             ..HistoryConfig::default()
         },
     );
-    let mut u1 = s.connect("u1");
-    let mut u2 = s.connect("u2");
+    let mut u1 = Dev::new(s.connect("u1"));
+    let mut u2 = Dev::new(s.connect("u2"));
     wait_live(&mut u1, "u1");
     wait_live(&mut u2, "u2");
     // Count: 25 events; a resume from the 11th newest is past the last 10.
@@ -312,13 +349,14 @@ fn reads_keep_the_bounds_exact_although_trims_are_approximate() {
 }
 
 /// The texts of the `history` page (limit 50) of `c`'s user, newest first.
-fn page_texts(c: &mut Client, ack: u64) -> Vec<String> {
-    c.send_json(&json!({"event": "history", "args": {"limit": 50}, "ack": ack}));
+fn page_texts(d: &mut Dev, ack: u64) -> Vec<String> {
+    d.c.send_json(&json!({"event": "history", "args": {"limit": 50}, "ack": ack}));
     let page = loop {
-        let v = c.recv_json();
+        let v = d.c.recv_json();
         if v["ack"] == ack {
             break v;
         }
+        d.pending.push_back(v);
     };
     page["args"]["events"]
         .as_array()
