@@ -9,8 +9,9 @@
 //! - Embedded mode ([`MemoryHistory`]): a bounded ring per user, in shards behind short mutexes.
 //!   The offset is assigned and the delivery pushed to every core's inbox under the user's shard
 //!   lock, so every core sees a user's frames in offset order.
-//! - Redis mode: a stream per user; [`APPEND_SCRIPT`] appends, trims and publishes atomically,
-//!   so a live device and a recovering one never disagree on what exists or in what order.
+//! - Redis mode: a stream per user; [`APPEND_SCRIPT`] appends, trims and publishes atomically
+//!   (one call per dispatch for all its users), so a live device and a recovering one never
+//!   disagree on what exists or in what order.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -420,14 +421,14 @@ impl MemoryHistory {
 /// or published for that user.
 ///
 /// Per user: `XADD MAXLEN ~` assigns the offset (the stream keeps at least the last max length
-/// entries: Redis trims whole radix-tree nodes only, so up to one node more, at most 100
-/// entries); the age trim, `XTRIM MINID` at that id's time minus the max age (the id's ms part
+/// entries: Redis trims whole radix-tree nodes only, so up to one node more, at most
+/// `stream-node-max-entries`, 100 by default); the age trim, `XTRIM MINID` at that id's time minus the max age (the id's ms part
 /// is Redis's clock, so no `TIME` call), runs on about one append in 16 (those whose id's ms is
 /// a multiple of 16); `PEXPIRE` by the max age, so an idle stream goes whole; then `PUBLISH` of
 /// `<node> <offset> <frame with offset>`. Stream entries hold the frame without offset in field
 /// `f`. The reads (`history_worker`) enforce both bounds exactly: what is past the last max
-/// length entries or older than the max age is never replayed, and a `since` there is
-/// `complete: false`; pages stop at the max age.
+/// length entries or older than the max age is never replayed nor paged, and a `since` there
+/// is `complete: false`.
 ///
 /// Cost (`cargo bench --bench redis_cpu`): see docs/BENCHMARKS.md.
 pub const APPEND_SCRIPT: &str = r#"
