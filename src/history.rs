@@ -642,6 +642,62 @@ mod tests {
     }
 
     #[test]
+    fn one_append_call_carries_every_users_keys() {
+        let args = |cmd: &redis::Cmd| -> Vec<String> {
+            cmd.args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                    _ => "<other>".into(),
+                })
+                .collect()
+        };
+        let cfg = HistoryConfig {
+            max_len: 7,
+            max_age: Duration::from_secs(3),
+            dedupe_window: Duration::from_secs(2),
+            ..HistoryConfig::default()
+        };
+        let users = [("a", "p:u:a"), ("bb", "p:u:bb")];
+        let plain = append_call("SHA", "p", 0xab, &cfg, "{}", None, &users);
+        assert_eq!(
+            args(&plain),
+            [
+                "EVALSHA",
+                "SHA",
+                "4",
+                "p:h:a",
+                "p:u:a",
+                "p:h:bb",
+                "p:u:bb",
+                "00000000000000ab",
+                "{}",
+                "7",
+                "3000"
+            ]
+        );
+        let keyed = append_call("SHA", "p", 0xab, &cfg, "{}", Some("k"), &users);
+        assert_eq!(
+            args(&keyed),
+            [
+                "EVALSHA",
+                "SHA",
+                "6",
+                "p:h:a",
+                "p:u:a",
+                "p:d:1:a:k",
+                "p:h:bb",
+                "p:u:bb",
+                "p:d:2:bb:k",
+                "00000000000000ab",
+                "{}",
+                "7",
+                "3000",
+                "2000"
+            ]
+        );
+    }
+
+    #[test]
     fn page_json_is_json() {
         let frames = [with_offset(r#"{"event":"e","args":1}"#, Offset(1, 2))];
         let v: serde_json::Value = serde_json::from_str(&page_json(&frames)).unwrap();
