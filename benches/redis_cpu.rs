@@ -10,7 +10,8 @@
 //!
 //! Variants: `before` is the old per-user script (one `EVALSHA` per user, `TIME` for the age
 //! cutoff); `after` is [`switchboard::history::APPEND_SCRIPT`] (one `EVALSHA` per message); the
-//! others change one thing in `after` to price it (the age trim, approximate `MAXLEN`, `TIME`);
+//! others change one thing in `after` to price it (the age trim, approximate `MAXLEN`, `TIME`,
+//! a Redis Function instead of a script);
 //! `publish only` is history off (two bare `PUBLISH`), the floor.
 //!
 //! Run: `cargo bench --bench redis_cpu` (any profile works: the figure is Redis's own CPU,
@@ -73,6 +74,8 @@ enum Shape {
     PerMessage,
     /// Two `PUBLISH`, no history.
     PublishOnly,
+    /// One `FCALL` per message: the multi-user script as a Redis Function.
+    Function,
 }
 
 struct Variant {
@@ -253,6 +256,29 @@ fn run(
                         history::append_call(&v.sha, PREFIX, NODE, config, frame, dedupe, &pair);
                     pipe.add_command(cmd).ignore();
                 }
+                Shape::Function => {
+                    let pair = [
+                        (users[*from].as_str(), channels[*from].as_str()),
+                        (users[*to].as_str(), channels[*to].as_str()),
+                    ];
+                    // The same keys and args, `FCALL sb_append` instead of `EVALSHA sha`.
+                    let eval = history::append_call(
+                        "sb_append",
+                        PREFIX,
+                        NODE,
+                        config,
+                        frame,
+                        dedupe,
+                        &pair,
+                    );
+                    let mut cmd = redis::cmd("FCALL");
+                    for arg in eval.args_iter().skip(1) {
+                        if let redis::Arg::Simple(bytes) = arg {
+                            cmd.arg(bytes);
+                        }
+                    }
+                    pipe.add_command(cmd).ignore();
+                }
             }
         }
         pipe.exec(c).expect("pipeline");
@@ -332,6 +358,15 @@ fn main() {
             false,
         ),
         (
+            "after, as a Redis Function (FCALL)",
+            Shape::Function,
+            format!(
+                "#!lua name=sb\nredis.register_function('sb_append', function(KEYS, ARGV)\n{}\nend)",
+                after
+            ),
+            false,
+        ),
+        (
             "(probe) an empty script call",
             Shape::PerMessage,
             "return {'1-1', '1-1'}".to_string(),
@@ -344,6 +379,13 @@ fn main() {
     .map(|(name, shape, script, dedupe)| {
         let sha = if script.is_empty() {
             String::new()
+        } else if shape == Shape::Function {
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(&script)
+                .query::<String>(&mut c)
+                .expect("FUNCTION LOAD")
         } else {
             redis::cmd("SCRIPT")
                 .arg("LOAD")
@@ -423,7 +465,7 @@ fn main() {
         let min = samples[0] * 1e6 / n_messages as f64;
         let calls = match v.shape {
             Shape::PerUser | Shape::PublishOnly => 2,
-            Shape::PerMessage => 1,
+            Shape::PerMessage | Shape::Function => 1,
         };
         println!(
             "{:<48} {:>9} {:>18.2} {:>9.2} ({:>5.2})",
