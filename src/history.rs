@@ -9,8 +9,9 @@
 //! - Embedded mode ([`MemoryHistory`]): a bounded ring per user, in shards behind short mutexes.
 //!   The offset is assigned and the delivery pushed to every core's inbox under the user's shard
 //!   lock, so every core sees a user's frames in offset order.
-//! - Redis mode: a stream per user; [`APPEND_SCRIPT`] appends, trims and publishes atomically,
-//!   so a live device and a recovering one never disagree on what exists or in what order.
+//! - Redis mode: a stream per user; [`APPEND_SCRIPT`] appends, trims and publishes atomically
+//!   (one call per dispatch for all its users), so a live device and a recovering one never
+//!   disagree on what exists or in what order.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -406,36 +407,86 @@ impl MemoryHistory {
     }
 }
 
-/// Appends a frame to a user's stream, trims it by count and age, refreshes its expiry and
-/// publishes the frame with its offset, all at once. KEYS: stream, channel, and optionally the
-/// dispatch's idempotency key ([`dedupe_key`]). ARGV: node id (16 hex digits), frame without
-/// offset, max length, max age in ms, and with the third key the dedupe window in ms. Returns
-/// the entry id; with an idempotency key already recorded, the id it recorded, and nothing is
-/// appended or published (a client's resend of a message it was never acknowledged for).
+/// Appends one dispatch to the streams of several users and publishes it on each user's channel,
+/// trimming each stream by count and age, all in one atomic call: one `EVALSHA` per message
+/// whatever the number of target users (the sender's copy and the recipient's of a direct
+/// message).
 ///
-/// The payload published is `<node> <offset> <frame with offset>`. Stream entries hold the frame
-/// without offset in field `f`.
+/// KEYS, per user in order: stream ([`stream_key`]), channel, and, when the dispatch has an
+/// idempotency key, the user's dedupe key ([`dedupe_key`]); so 2 or 3 keys per user. ARGV: node
+/// id (16 hex digits), frame without offset, max length, max age in ms, and with dedupe keys the
+/// dedupe window in ms (its presence is what says there are 3 keys per user). Returns one entry
+/// id per user, in KEYS order. A user whose dedupe key is already recorded (a client's resend of
+/// a message it was never acknowledged for) gets the id recorded there, and nothing is appended
+/// or published for that user.
+///
+/// Per user: `XADD MAXLEN ~` assigns the offset (the stream keeps at least the last max length
+/// entries: Redis trims whole radix-tree nodes only, so up to one node more, at most
+/// `stream-node-max-entries`, 100 by default); the age trim, `XTRIM MINID` at that id's time minus the max age (the id's ms part
+/// is Redis's clock, so no `TIME` call), runs on about one append in 16 (those whose id's ms is
+/// a multiple of 16); `PEXPIRE` by the max age, so an idle stream goes whole; then `PUBLISH` of
+/// `<node> <offset> <frame with offset>`. Stream entries hold the frame without offset in field
+/// `f`. The reads (`history_worker`) enforce both bounds exactly: what is past the last max
+/// length entries or older than the max age is never replayed nor paged, and a `since` there
+/// is `complete: false`.
+///
+/// Cost (`cargo bench --bench redis_cpu`): see docs/BENCHMARKS.md.
 pub const APPEND_SCRIPT: &str = r#"
-if KEYS[3] then
-  local earlier = redis.call('GET', KEYS[3])
-  if earlier then
-    return earlier
+local stride = ARGV[5] and 3 or 2
+local node, frame, maxlen = ARGV[1], ARGV[2], ARGV[3]
+local maxage = tonumber(ARGV[4])
+local head = string.sub(frame, 1, -2) .. ',"offset":"'
+local ids = {}
+for i = 1, #KEYS, stride do
+  local stream = KEYS[i]
+  local id = stride == 3 and redis.call('GET', KEYS[i + 2])
+  if not id then
+    id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'f', frame)
+    local ms = tonumber(string.match(id, '^%d+'))
+    if ms % 16 == 0 and ms > maxage then
+      redis.call('XTRIM', stream, 'MINID', string.format('%d', ms - maxage))
+    end
+    redis.call('PEXPIRE', stream, maxage)
+    if stride == 3 then
+      redis.call('SET', KEYS[i + 2], id, 'PX', ARGV[5])
+    end
+    redis.call('PUBLISH', KEYS[i + 1], node .. ' ' .. id .. ' ' .. head .. id .. '"}')
   end
+  ids[#ids + 1] = id
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '*', 'f', ARGV[2])
-local t = redis.call('TIME')
-local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[4])
-if cutoff > 0 then
-  redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d', cutoff))
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if KEYS[3] then
-  redis.call('SET', KEYS[3], id, 'PX', ARGV[5])
-end
-local framed = string.sub(ARGV[2], 1, -2) .. ',"offset":"' .. id .. '"}'
-redis.call('PUBLISH', KEYS[2], ARGV[1] .. ' ' .. id .. ' ' .. framed)
-return id
+return ids
 "#;
+
+/// The `EVALSHA` of [`APPEND_SCRIPT`] (loaded as `sha`) appending `frame` (without offset) to
+/// the stream of every user of `users`, (user, channel) pairs, and publishing it on the channel.
+/// `node` is this instance's id, `dedupe` the dispatch's idempotency key.
+pub fn append_call(
+    sha: &str,
+    prefix: &str,
+    node: u64,
+    config: &HistoryConfig,
+    frame: &str,
+    dedupe: Option<&str>,
+    users: &[(&str, &str)],
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    let per_user = if dedupe.is_some() { 3 } else { 2 };
+    cmd.arg(sha).arg(users.len() * per_user);
+    for (user, channel) in users {
+        cmd.arg(stream_key(prefix, user)).arg(*channel);
+        if let Some(key) = dedupe {
+            cmd.arg(dedupe_key(prefix, user, key));
+        }
+    }
+    cmd.arg(format!("{node:016x}"))
+        .arg(frame)
+        .arg(config.max_len)
+        .arg(config.max_age.as_millis() as u64);
+    if dedupe.is_some() {
+        cmd.arg(config.dedupe_window.as_millis() as u64);
+    }
+    cmd
+}
 
 /// `{prefix}:d:{len}:{user}:{key}`: remembers that `user`'s stream holds the dispatch with
 /// idempotency key `key`. The length prefix keeps two (user, key) pairs from sharing a name.
@@ -588,6 +639,62 @@ mod tests {
         let o = h.append_shared(std::slice::from_ref(&fresh), "{}", None, 1000, |_, _| {});
         assert!(h.replay(&fresh, Some(o), 1000).complete);
         assert_eq!(h.page(&fresh, None, 10, 1000).len(), 1);
+    }
+
+    #[test]
+    fn one_append_call_carries_every_users_keys() {
+        let args = |cmd: &redis::Cmd| -> Vec<String> {
+            cmd.args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                    _ => "<other>".into(),
+                })
+                .collect()
+        };
+        let cfg = HistoryConfig {
+            max_len: 7,
+            max_age: Duration::from_secs(3),
+            dedupe_window: Duration::from_secs(2),
+            ..HistoryConfig::default()
+        };
+        let users = [("a", "p:u:a"), ("bb", "p:u:bb")];
+        let plain = append_call("SHA", "p", 0xab, &cfg, "{}", None, &users);
+        assert_eq!(
+            args(&plain),
+            [
+                "EVALSHA",
+                "SHA",
+                "4",
+                "p:h:a",
+                "p:u:a",
+                "p:h:bb",
+                "p:u:bb",
+                "00000000000000ab",
+                "{}",
+                "7",
+                "3000"
+            ]
+        );
+        let keyed = append_call("SHA", "p", 0xab, &cfg, "{}", Some("k"), &users);
+        assert_eq!(
+            args(&keyed),
+            [
+                "EVALSHA",
+                "SHA",
+                "6",
+                "p:h:a",
+                "p:u:a",
+                "p:d:1:a:k",
+                "p:h:bb",
+                "p:u:bb",
+                "p:d:2:bb:k",
+                "00000000000000ab",
+                "{}",
+                "7",
+                "3000",
+                "2000"
+            ]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::{Backoff, Backplane, Job, PageRequest, PublishRequest, ReplayRequest};
 use crate::bus::{Bus, CoreMsg, PageResult, PublishResult, ReplayResult};
-use crate::history::{self, Offset, Replay};
+use crate::history::{self, HistoryConfig, Offset, Replay};
 use crate::UserId;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,7 +35,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
             Ok(Job::Replay(r)) => r,
             Ok(Job::Page(p)) => {
                 let result = connected(&mut conn, &bp)
-                    .and_then(|c| page(c, &bp.config.channel_prefix, &p))
+                    .and_then(|c| page(c, &bp.config.channel_prefix, &p, &config))
                     .map_err(|e| {
                         conn = None;
                         sha = None;
@@ -77,7 +77,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
             continue;
         }
         let result = connected(&mut conn, &bp)
-            .and_then(|c| query(c, &bp.config.channel_prefix, &request, config.max_len));
+            .and_then(|c| query(c, &bp.config.channel_prefix, &request, &config));
         let replay = match result {
             Ok(replay) => {
                 backoff.reset();
@@ -124,13 +124,13 @@ fn connected<'a>(
         .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "not connected")))
 }
 
-/// Runs the append script for every user of the dispatch inside one MULTI/EXEC: all users get
-/// the event, or (on an error) none does.
+/// Runs the append script once for every user of the dispatch: one atomic call, so all users
+/// get the event, or (on an error) none does.
 fn publish(
     conn: &mut redis::Connection,
     sha: &mut Option<String>,
     bp: &Backplane,
-    config: &crate::history::HistoryConfig,
+    config: &HistoryConfig,
     request: &PublishRequest,
 ) -> redis::RedisResult<Vec<(UserId, Offset)>> {
     let sha = match sha {
@@ -143,25 +143,30 @@ fn publish(
         ),
     };
     let prefix = &bp.config.channel_prefix;
-    let mut pipe = redis::pipe();
-    pipe.atomic();
     let users = &request.dispatch.users;
-    for user in users.iter() {
-        pipe.cmd("EVALSHA")
-            .arg(sha.as_str())
-            .arg(2)
-            .arg(history::stream_key(prefix, user))
-            .arg(super::wire::user_channel(prefix, user))
-            .arg(format!("{:016x}", bp.node_id))
-            .arg(request.dispatch.frame.as_str())
-            .arg(config.max_len)
-            .arg(config.max_age.as_millis() as u64);
-    }
-    let ids: Vec<String> = pipe.query(conn)?;
+    let channels: Vec<String> = users
+        .iter()
+        .map(|u| super::wire::user_channel(prefix, u))
+        .collect();
+    let pairs: Vec<(&str, &str)> = users
+        .iter()
+        .zip(&channels)
+        .map(|(u, c)| (&**u, c.as_str()))
+        .collect();
+    let ids: Vec<String> = history::append_call(
+        sha,
+        prefix,
+        bp.node_id,
+        config,
+        request.dispatch.frame.as_str(),
+        None,
+        &pairs,
+    )
+    .query(conn)?;
     if ids.len() != users.len() {
         return Err(redis::RedisError::from((
             redis::ErrorKind::Client,
-            "unexpected reply to the publish transaction",
+            "unexpected reply to the append script",
         )));
     }
     let mut out = Vec::with_capacity(ids.len());
@@ -174,21 +179,49 @@ fn publish(
     Ok(out)
 }
 
-/// `XREVRANGE key (before - COUNT limit`: newest first.
+/// The oldest stream id the max age keeps, by Redis's clock (`TIME`), as `(ms, 0)`: the append
+/// script trims by age only now and then, so the reads drop what is older themselves.
+fn age_cutoff(conn: &mut redis::Connection, config: &HistoryConfig) -> redis::RedisResult<Offset> {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(conn)?;
+    let now_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
+    Ok(Offset(
+        now_ms.saturating_sub(config.max_age.as_millis() as u64),
+        0,
+    ))
+}
+
+/// `XREVRANGE key (before start COUNT limit`: newest first, none older than the max age and none
+/// past the last `max_len` (the stream may hold a few more: see [`history::APPEND_SCRIPT`]).
 fn page(
     conn: &mut redis::Connection,
     prefix: &str,
     request: &PageRequest,
+    config: &HistoryConfig,
 ) -> redis::RedisResult<Vec<tungstenite::Utf8Bytes>> {
     let key = history::stream_key(prefix, &request.user);
     let end = match request.before {
         Some(b) => format!("({b}"),
         None => "+".to_string(),
     };
+    let mut start = age_cutoff(conn, config)?;
+    let len: usize = redis::cmd("XLEN").arg(&key).query(conn)?;
+    if let Some(excess) = len.checked_sub(config.max_len).filter(|n| *n > 0) {
+        // The oldest entry an exact trim would keep is the one after the `excess` oldest.
+        let oldest: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(excess + 1)
+            .query(conn)?;
+        if let Some(kept) = oldest.ids.last().and_then(|e| e.id.parse::<Offset>().ok()) {
+            start = start.max(kept);
+        }
+    }
     let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
         .arg(&key)
         .arg(end)
-        .arg("-")
+        .arg(start.to_string())
         .arg("COUNT")
         .arg(request.limit)
         .query(conn)?;
@@ -207,18 +240,23 @@ fn page(
         .collect())
 }
 
-/// `XRANGE key since + COUNT n`: `since` itself is asked for too, because its presence is what
-/// proves nothing after it was trimmed (streams are trimmed from the oldest end only).
+/// `XRANGE key since + COUNT max_len+1`: `since` itself is asked for too, because its presence
+/// is what proves nothing after it was trimmed (streams are trimmed from the oldest end only).
+/// Streams are trimmed approximately (whole nodes, at least the last `max_len` kept; by age only
+/// now and then), so the bounds are enforced here: a `since` with `max_len` or more entries after
+/// it, or older than the max age, is one an exact trim would have dropped (`complete: false`).
 fn query(
     conn: &mut redis::Connection,
     prefix: &str,
     request: &ReplayRequest,
-    max_len: usize,
+    config: &HistoryConfig,
 ) -> redis::RedisResult<Replay> {
+    let max_len = config.max_len;
     let key = history::stream_key(prefix, &request.user);
-    // `since` plus at most `max_len` entries, plus one: its presence means the stream is longer
-    // than this instance's bound (another instance keeps more), and the replay was cut short.
-    let count = max_len + 2;
+    let cutoff = age_cutoff(conn, config)?;
+    // `since` plus `max_len` entries: `since` is not among the last `max_len` (trimmed for an
+    // exact bound; or another instance keeps more), and the replay is cut short.
+    let count = max_len + 1;
     let mut reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(&key)
         .arg(request.since.to_string())
@@ -229,7 +267,7 @@ fn query(
     let truncated = reply.ids.len() >= count;
     if truncated {
         // Send the newest ones instead: those are what the client is about to see live next
-        // to. (Rare: only a fleet with mixed bounds gets here.)
+        // to.
         let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
             .arg(&key)
             .arg("+")
@@ -245,10 +283,10 @@ fn query(
         let Ok(offset) = entry.id.parse::<Offset>() else {
             continue;
         };
-        if i == 0 && offset == request.since && !truncated {
+        if i == 0 && offset == request.since && !truncated && offset >= cutoff {
             replay.complete = true;
         }
-        if offset <= request.since {
+        if offset <= request.since || offset < cutoff {
             continue;
         }
         let frame = match entry.map.get("f") {

@@ -1,4 +1,5 @@
-//! The publisher thread: drains the publication queue into pipelined `PUBLISH` commands.
+//! The publisher thread: drains the publication queue into pipelined `PUBLISH` commands (with
+//! history on, one append script call per dispatch for all its target users instead).
 //!
 //! Whatever queued while the previous pipeline was in flight goes out in the next one, so the
 //! number of round trips per message falls as load rises. A failed pipeline is kept and sent
@@ -16,6 +17,9 @@ use super::{Backoff, Backplane, Publication, Routing};
 
 /// Most publications in one pipeline.
 const MAX_BATCH: usize = 4096;
+/// Most users one append script call serves (a dispatch to more takes several calls), so one
+/// call does not hold Redis for long.
+const MAX_USERS_PER_CALL: usize = 128;
 /// Connect and I/O timeout for the publisher connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the publisher sleeps when the queue is empty (it is unparked on new work).
@@ -28,6 +32,27 @@ pub(crate) fn payload_hash(payload: &[u8]) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     payload.hash(&mut h);
     h.finish()
+}
+
+/// The script calls for one shard's publications, `members` (batch indexes, ascending): each a
+/// range of `members` whose publications are of one dispatch (`same`) and consecutive among
+/// them, at most `limit` long. [`Backplane::publish`] queues a dispatch's publications one after
+/// the other, so a message usually takes one call; publications of one dispatch that another
+/// core's interleaved are split rather than reordered.
+fn script_calls(
+    members: &[usize],
+    same: impl Fn(usize, usize) -> bool,
+    limit: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut calls = Vec::new();
+    let mut start = 0;
+    for at in 1..=members.len() {
+        if at == members.len() || at - start >= limit.max(1) || !same(members[start], members[at]) {
+            calls.push(start..at);
+            start = at;
+        }
+    }
+    calls
 }
 
 /// Runs until [`Backplane::stop`].
@@ -165,41 +190,44 @@ impl Publisher {
             }
             let mut pipe = redis::Pipeline::with_capacity(members.len());
             let command = if sharded { "SPUBLISH" } else { "PUBLISH" };
-            let history = bp.history().zip(self.script_sha.as_deref());
-            for &i in &members {
-                if let Some((h, sha)) = history {
-                    // One atomic append + publish per (user, dispatch): see APPEND_SCRIPT.
-                    let p = &batch[i];
-                    let prefix = &bp.config.channel_prefix;
-                    let dedupe = p.dispatch.dedupe.as_deref();
-                    let cmd = pipe
-                        .cmd("EVALSHA")
-                        .arg(sha)
-                        .arg(if dedupe.is_some() { 3 } else { 2 })
-                        .arg(crate::history::stream_key(prefix, &p.user))
-                        .arg(wires[i].0.as_str());
-                    if let Some(key) = dedupe {
-                        cmd.arg(crate::history::dedupe_key(prefix, &p.user, key));
-                    }
-                    cmd.arg(format!("{:016x}", bp.node_id))
-                        .arg(p.dispatch.frame.as_str())
-                        .arg(h.max_len)
-                        .arg(h.max_age.as_millis() as u64);
-                    if dedupe.is_some() {
-                        cmd.arg(h.dedupe_window.as_millis() as u64);
-                    }
-                    cmd.ignore();
-                    continue;
+            if let Some((h, sha)) = bp.history().zip(self.script_sha.as_deref()) {
+                // One atomic append + publish per dispatch for all its users here: see
+                // APPEND_SCRIPT. On a cluster a user's keys span slots (no hash tags), so each
+                // call keeps to one user there, as before grouping.
+                let same = |a: usize, b: usize| Arc::ptr_eq(&batch[a].dispatch, &batch[b].dispatch);
+                let limit = if sharded { 1 } else { MAX_USERS_PER_CALL };
+                let mut users: Vec<(&str, &str)> = Vec::new();
+                for call in script_calls(&members, same, limit) {
+                    let dispatch = &batch[members[call.start]].dispatch;
+                    users.clear();
+                    users.extend(
+                        members[call]
+                            .iter()
+                            .map(|&i| (&*batch[i].user, wires[i].0.as_str())),
+                    );
+                    let cmd = crate::history::append_call(
+                        sha,
+                        &bp.config.channel_prefix,
+                        bp.node_id,
+                        h,
+                        dispatch.frame.as_str(),
+                        dispatch.dedupe.as_deref(),
+                        &users,
+                    );
+                    pipe.add_command(cmd).ignore();
                 }
-                let (channel, payload) = &wires[i];
-                if bp.config.routing == Routing::Seed {
-                    // Announce it before Redis can echo it back to our subscriber.
-                    bp.own_payloads.push(payload_hash(payload));
+            } else {
+                for &i in &members {
+                    let (channel, payload) = &wires[i];
+                    if bp.config.routing == Routing::Seed {
+                        // Announce it before Redis can echo it back to our subscriber.
+                        bp.own_payloads.push(payload_hash(payload));
+                    }
+                    pipe.cmd(command)
+                        .arg(channel.as_str())
+                        .arg(&payload[..])
+                        .ignore();
                 }
-                pipe.cmd(command)
-                    .arg(channel.as_str())
-                    .arg(&payload[..])
-                    .ignore();
             }
             let Some(conn) = self.conns[shard].as_mut() else {
                 continue;
@@ -329,5 +357,30 @@ fn settle_after_outage(bp: &Backplane) {
     let settle = Instant::now() + bp.config.reconnect_max;
     while Instant::now() < settle && !bp.stop.load(Relaxed) {
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::script_calls;
+
+    #[test]
+    fn a_dispatch_takes_one_call_for_its_consecutive_publications() {
+        // Batch indexes 0..7, dispatch of each: A A B C C C A.
+        let dispatch = ['A', 'A', 'B', 'C', 'C', 'C', 'A'];
+        let same = |a: usize, b: usize| dispatch[a] == dispatch[b];
+        let all: Vec<usize> = (0..7).collect();
+        assert_eq!(script_calls(&all, same, 128), [0..2, 2..3, 3..6, 6..7]);
+        // A bound on users per call splits a long run.
+        assert_eq!(script_calls(&all, same, 2), [0..2, 2..3, 3..5, 5..6, 6..7]);
+        // One user per call (a cluster) is the old one call per publication.
+        assert_eq!(script_calls(&all, same, 1).len(), 7);
+        assert_eq!(script_calls(&all, same, 0).len(), 7);
+        // Members of one shard: ranges index `members`, not the batch; 0 and 1 are still one
+        // dispatch, and so are 3 and 5 with nothing of this shard between them.
+        let members = [0, 1, 3, 5, 6];
+        let calls = script_calls(&members, |a, b| dispatch[a] == dispatch[b], 128);
+        assert_eq!(calls, [0..2, 2..4, 4..5]);
+        assert!(script_calls(&[], same, 128).is_empty());
     }
 }
