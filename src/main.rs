@@ -26,6 +26,12 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_CORES")]
     cores: Option<usize>,
 
+    /// CPUs for the core threads: `auto` pins core k to the k-th allowed CPU only when there
+    /// are at least as many cores as allowed CPUs; `off`; or CPU ids like `0,2` (core k on the
+    /// k-th, round robin). Several instances on one machine: give each its own list.
+    #[arg(long, env = "SWITCHBOARD_PIN", default_value = "auto")]
+    pin: config::Pin,
+
     /// HS256 secret: enables JWT auth (user id = `sub`, `exp` required). Without it, dev auth
     /// (the token is the user id) is used and a warning is logged.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
@@ -238,6 +244,7 @@ impl Cli {
         Config {
             listen: self.listen,
             cores: self.cores.unwrap_or(defaults.cores),
+            pin: self.pin.clone(),
             auth,
             max_connections: self.max_connections.unwrap_or(defaults.max_connections),
             max_message_bytes: self.max_message_bytes,

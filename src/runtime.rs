@@ -15,7 +15,7 @@ use tungstenite::protocol::WebSocketConfig;
 use crate::auth::Authenticator;
 use crate::backplane::Backplane;
 use crate::bus::Bus;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Pin};
 use crate::core_loop::{CoreLoop, Shared};
 use crate::handlers::{Handler, Handlers};
 use crate::metrics::CoreMetrics;
@@ -122,7 +122,19 @@ impl Server {
                 source,
             })?;
         }
-        let cpus = core_affinity::get_core_ids().unwrap_or_default();
+        let allowed: Vec<usize> = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        let plan = shared.config.pin.plan(shared.config.cores, &allowed);
+        if shared.config.pin == Pin::Auto && plan.iter().all(Option::is_none) {
+            log::info!(
+                "not pinning: {} core(s) on {} allowed CPUs (--pin 0,1 pins them)",
+                shared.config.cores,
+                allowed.len()
+            );
+        }
         let mut handle = ServerHandle {
             addr: shared.config.listen,
             shared: Arc::clone(&shared),
@@ -131,7 +143,7 @@ impl Server {
         };
         for core in 0..shared.config.cores {
             let (ready_tx, ready_rx) = mpsc::channel();
-            let cpu = (!cpus.is_empty()).then(|| cpus[core % cpus.len()]);
+            let cpu = plan[core].map(|id| core_affinity::CoreId { id });
             let addr = handle.addr;
             let shared = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()

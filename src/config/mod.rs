@@ -71,13 +71,71 @@ pub enum AuthMode {
     },
 }
 
+/// Where the core threads run.
+///
+/// Two instances started side by side with `--cores 1` used to pin both core threads to the
+/// first CPU each was allowed (and share it), while the other CPU idled: only an instance that
+/// has every CPU it may use pins by itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Pin {
+    /// Pin core `k` to the `k`-th CPU this process may use when there are at least as many
+    /// cores as such CPUs (the instance owns the machine, or its cpuset); otherwise pin nothing
+    /// and let the kernel place the threads. The default (`--pin auto`).
+    #[default]
+    Auto,
+    /// Pin nothing (`--pin off`).
+    Off,
+    /// Pin core `k` to CPU `cpus[k % cpus.len()]` (`--pin 2,3`), e.g. one CPU set per instance.
+    Cpus(Vec<usize>),
+}
+
+impl Pin {
+    /// The CPU for each of `cores` core threads, given the CPUs this process may use.
+    pub fn plan(&self, cores: usize, allowed: &[usize]) -> Vec<Option<usize>> {
+        match self {
+            Pin::Auto if !allowed.is_empty() && cores >= allowed.len() => (0..cores)
+                .map(|k| Some(allowed[k % allowed.len()]))
+                .collect(),
+            Pin::Auto | Pin::Off => vec![None; cores],
+            Pin::Cpus(cpus) => (0..cores)
+                .map(|k| cpus.get(k % cpus.len().max(1)).copied())
+                .collect(),
+        }
+    }
+}
+
+impl std::str::FromStr for Pin {
+    type Err = String;
+
+    /// `auto`, `off`, or a comma-separated list of CPU ids (`0,2`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Pin::Auto),
+            "off" => Ok(Pin::Off),
+            list => {
+                let cpus = list
+                    .split(',')
+                    .map(|c| c.trim().parse::<usize>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| format!("--pin takes auto, off or CPU ids like 0,2; got {s:?}"))?;
+                if cpus.is_empty() {
+                    return Err("--pin needs at least one CPU id".into());
+                }
+                Ok(Pin::Cpus(cpus))
+            }
+        }
+    }
+}
+
 /// A validated server configuration. Build with [`Config::default`] and adjust fields.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Address every core's `SO_REUSEPORT` listener binds. Port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Number of core loops (threads), each pinned to a CPU.
+    /// Number of core loops (threads), each pinned to a CPU (see [`Pin`]).
     pub cores: usize,
+    /// Which CPUs the core threads are pinned to.
+    pub pin: Pin,
     /// Authentication mode.
     pub auth: AuthMode,
     /// Open WebSocket connections allowed in this process; past it upgrades get HTTP 503.
@@ -121,6 +179,7 @@ impl Default for Config {
                 .parse()
                 .expect("DEFAULT_LISTEN is a valid address"),
             cores: default_cores(),
+            pin: Pin::Auto,
             auth: AuthMode::Dev,
             max_connections: default_max_connections(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
@@ -261,6 +320,26 @@ mod tests {
     #[test]
     fn default_is_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn auto_pins_only_an_instance_with_every_cpu() {
+        assert_eq!(Pin::Auto.plan(2, &[0, 1]), vec![Some(0), Some(1)]);
+        assert_eq!(Pin::Auto.plan(3, &[4, 5]), vec![Some(4), Some(5), Some(4)]);
+        // Two `--cores 1` instances on two CPUs: neither takes CPU 0 for itself.
+        assert_eq!(Pin::Auto.plan(1, &[0, 1]), vec![None]);
+        assert_eq!(Pin::Auto.plan(1, &[]), vec![None]);
+        assert_eq!(Pin::Off.plan(2, &[0, 1]), vec![None, None]);
+        assert_eq!(Pin::Cpus(vec![1]).plan(2, &[0, 1]), vec![Some(1), Some(1)]);
+    }
+
+    #[test]
+    fn pin_parses_auto_off_and_lists() {
+        assert_eq!("auto".parse::<Pin>(), Ok(Pin::Auto));
+        assert_eq!("off".parse::<Pin>(), Ok(Pin::Off));
+        assert_eq!("1, 3".parse::<Pin>(), Ok(Pin::Cpus(vec![1, 3])));
+        assert!("".parse::<Pin>().is_err());
+        assert!("1,x".parse::<Pin>().is_err());
     }
 
     #[test]
