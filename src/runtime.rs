@@ -141,9 +141,9 @@ impl Server {
             threads: Vec::new(),
             backplane_threads: Vec::new(),
         };
-        for core in 0..shared.config.cores {
+        for (core, cpu) in plan.iter().enumerate() {
             let (ready_tx, ready_rx) = mpsc::channel();
-            let cpu = plan[core].map(|id| core_affinity::CoreId { id });
+            let cpu = cpu.map(|id| core_affinity::CoreId { id });
             let addr = handle.addr;
             let shared = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()
