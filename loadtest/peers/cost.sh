@@ -26,12 +26,14 @@
 # messages/s, i.e. RATE > 100 x SENDERS x DEVICES), LOADTEST_ARGS (extra generator flags),
 # RAMP=1 (run `ramp` instead: --start-rate RATE/5 --step RATE/5 --step-duration DURATION
 # --max-steps 5 --p99-bound-ms 10; one row per step), CPU2 (start the second `--cores 1`
-# instance under `taskset -c CPU2`, see below).
+# instance under `taskset -c CPU2`, see below), PERF=1 (count the syscalls and context
+# switches of the servers and Redis with `perf stat` over the generator's run, connects
+# included; per delivery in $OUT/perf.txt and on stderr).
 #
-# Nothing is pinned by this script, but switchboard pins each core loop to a CPU of its
-# affinity mask, starting with the first: two `--cores 1` instances started alike both put
-# their core loop on the same CPU (their Redis threads and redis-server float). CPU2=1 moves
-# the second instance (all its threads) to CPU 1 instead.
+# Nothing is pinned by this script. switchboard's `--pin auto` (the default) pins an
+# instance's core loops only when it has one per CPU it may use, so two `--cores 1` instances
+# float; before `--pin` existed both put their core loop on the first CPU (SERVER_ARGS="--pin
+# 0" reproduces that). CPU2=1 moves the second instance (all its threads) to CPU 1.
 # Exit 0 if every setup ran (whatever its figures), 2 on a setup failure.
 set -u
 
@@ -40,10 +42,11 @@ root=$(cd "$here/../.." && pwd)
 # shellcheck source=../lib.sh
 . "$root/loadtest/lib.sh"
 : "${RATE:=5000}" "${DURATION:=10}" "${DRAIN:=2}" "${USERS:=200}" "${DEVICES:=2}" "${SENDERS:=50}"
-: "${PORT:=18310}" "${SERVER_ARGS:=}" "${LOADTEST_ARGS:=}" "${RAMP:=0}"
+: "${PORT:=18310}" "${SERVER_ARGS:=}" "${LOADTEST_ARGS:=}" "${RAMP:=0}" "${PERF:=0}"
 : "${SETUPS:=embedded redis2 redis2-nohistory node}"
 find_binaries cost
 command -v jq >/dev/null || { echo "cost: needs jq" >&2; exit 2; }
+[ "$PERF" != 1 ] || command -v perf >/dev/null || { echo "cost: PERF=1 needs perf (linux-perf)" >&2; exit 2; }
 OUT=${OUT:-$(mktemp -d /tmp/cost.XXXXXX)}
 mkdir -p "$OUT"
 SB1=$PORT SB2=$((PORT + 1)) REDIS_PORT=$((PORT + 2)) NODE_PORT=$((PORT + 3))
@@ -180,10 +183,28 @@ for setup in $SETUPS; do
   "$LOADTEST" "${load[@]}" "${addr_args[@]}" "${pid_args[@]}" $LOADTEST_ARGS \
     >"$OUT/$setup.json" 2>"$OUT/$setup.txt" &
   lt_pid=$!
+  perf_pid=""
+  if [ "$PERF" = 1 ]; then
+    # Syscalls and context switches of every server process and Redis for the generator's
+    # whole run (connects and drain included), in $OUT/$setup.perf.
+    all=("${server_pids[@]}")
+    [ -n "$redis_pid" ] && all+=("$redis_pid")
+    perf stat -e raw_syscalls:sys_enter,context-switches -p "$(IFS=,; echo "${all[*]}")" \
+      -o "$OUT/$setup.perf" &
+    perf_pid=$!
+  fi
   # Bounded: connect, every step's sending and drain, and a minute of slack.
   wait_bounded "$lt_pid" $((60 + 6 * (${DURATION%.*} + ${DRAIN%.*} + 1)))
   status=$?
   lt_pid=""
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null
+    wait "$perf_pid" 2>/dev/null
+    deliveries=$(jq '[.phases[].delivered] | add' "$OUT/$setup.json")
+    awk -v d="$deliveries" -v s="$setup" '/raw_syscalls:sys_enter|context-switches/ {
+        gsub(",", "", $1); printf "%s: %s %s (%.2f per delivery)\n", s, $1, $2, $1 / d }' \
+      "$OUT/$setup.perf" | tee -a "$OUT/perf.txt" >&2
+  fi
   uptime >>"$OUT/$setup.uptime"
   stop_all
   [ "$status" -le 1 ] || fail "$setup: the generator could not run (exit $status; see $OUT/$setup.txt)"
