@@ -30,9 +30,17 @@ const GATE_POLL: Duration = Duration::from_millis(20);
 pub const STOP_FLUSH: Duration = Duration::from_secs(1);
 
 enum Conn {
-    Down { retry_at: Instant },
-    Connecting { stream: TcpStream, deadline: Instant },
-    Up { stream: TcpStream, writable: bool },
+    Down {
+        retry_at: Instant,
+    },
+    Connecting {
+        stream: TcpStream,
+        deadline: Instant,
+    },
+    Up {
+        stream: TcpStream,
+        writable: bool,
+    },
 }
 
 /// What holds publications back after a reconnect.
@@ -40,7 +48,9 @@ enum Conn {
 enum Gate {
     Open,
     /// Until the subscriber is ready (or this passes), then one `reconnect_max` more.
-    Subscriber { give_up: Instant },
+    Subscriber {
+        give_up: Instant,
+    },
     Until(Instant),
 }
 
@@ -173,7 +183,11 @@ impl CoreLink {
     fn connect(&mut self, registry: &Registry, now: Instant) {
         let attempt = Endpoint::resolve(&self.bp.config.url).and_then(|endpoint| {
             let mut stream = TcpStream::connect(endpoint.addr)?;
-            registry.register(&mut stream, self.token, Interest::READABLE | Interest::WRITABLE)?;
+            registry.register(
+                &mut stream,
+                self.token,
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
             Ok((stream, endpoint))
         });
         match attempt {

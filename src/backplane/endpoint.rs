@@ -69,7 +69,13 @@ mod tests {
         assert_eq!(full.write_auth(&mut out), 1);
         assert_eq!(full.write_select(&mut out), 1);
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$2\r\npw\r\n"), "{text}");
-        assert!(text.ends_with("*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"), "{text}");
+        assert!(
+            text.starts_with("*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$2\r\npw\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"),
+            "{text}"
+        );
     }
 }

@@ -542,8 +542,7 @@ impl Backplane {
     /// `"backplane":{...}` for `/healthz`.
     pub fn render_health(&self) -> String {
         let s = &self.stats;
-        let state = if self.publisher_connected() && s.subscriber_connected.load(Relaxed) == 1
-        {
+        let state = if self.publisher_connected() && s.subscriber_connected.load(Relaxed) == 1 {
             "connected"
         } else {
             "degraded"

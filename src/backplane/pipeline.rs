@@ -325,7 +325,14 @@ mod tests {
     }
 
     fn waiter(publications: usize) -> Arc<AckWaiter> {
-        Arc::new(AckWaiter::new(0, 1, 1, 7, serde_json::Value::Null, publications))
+        Arc::new(AckWaiter::new(
+            0,
+            1,
+            1,
+            7,
+            serde_json::Value::Null,
+            publications,
+        ))
     }
 
     fn enc(history: bool) -> Encoding {
@@ -479,7 +486,10 @@ mod tests {
         // Sent again on the next connection, retries first.
         small.connected(&e, b"", &[]);
         small.encode(&e);
-        let users: Vec<String> = commands(small.out()).into_iter().map(|c| c[1].clone()).collect();
+        let users: Vec<String> = commands(small.out())
+            .into_iter()
+            .map(|c| c[1].clone())
+            .collect();
         assert_eq!(users, ["sb:u:a", "sb:u:c"]);
     }
 

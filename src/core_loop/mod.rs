@@ -162,7 +162,9 @@ impl CoreLoop {
         loop {
             let timeout = if self.carry.is_empty() {
                 let now = Instant::now();
-                let next = self.link_deadline(now).map_or(self.next_sweep, |t| t.min(self.next_sweep));
+                let next = self
+                    .link_deadline(now)
+                    .map_or(self.next_sweep, |t| t.min(self.next_sweep));
                 next.saturating_duration_since(now)
             } else {
                 Duration::ZERO
