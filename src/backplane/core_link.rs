@@ -371,3 +371,168 @@ fn connect_result(stream: &TcpStream) -> io::Result<bool> {
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The link against a fake Redis: a listener in the test that reads the commands and
+    //! writes the replies by hand.
+
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream as StdStream};
+
+    use mio::{Events, Poll};
+    use redis::Value;
+
+    use super::*;
+    use crate::backplane::RedisConfig;
+
+    const LINK: Token = Token(9);
+
+    struct Harness {
+        poll: Poll,
+        events: Events,
+        link: CoreLink,
+        ready: Vec<Arc<AckWaiter>>,
+    }
+
+    impl Harness {
+        /// One loop turn: events for the link, then its end-of-turn work.
+        fn pump(&mut self) {
+            let _ = self
+                .poll
+                .poll(&mut self.events, Some(Duration::from_millis(5)));
+            for e in self.events.iter() {
+                if e.token() == LINK {
+                    let readable = e.is_readable() || e.is_read_closed() || e.is_error();
+                    self.link
+                        .on_event(self.poll.registry(), readable, e.is_writable());
+                }
+            }
+            self.link
+                .turn(self.poll.registry(), Instant::now(), &mut self.ready);
+        }
+    }
+
+    /// Reads from `peer` while pumping until `n` commands arrived; returns them as strings.
+    fn read_commands(
+        h: &mut Harness,
+        peer: &mut StdStream,
+        seen: &mut Vec<u8>,
+        n: usize,
+    ) -> Vec<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let all = parse(seen);
+            if all.len() >= n {
+                return all;
+            }
+            assert!(Instant::now() < deadline, "only {all:?}");
+            h.pump();
+            let mut buf = [0; 4096];
+            match peer.read(&mut buf) {
+                Ok(k) => seen.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    fn parse(bytes: &[u8]) -> Vec<Vec<String>> {
+        let mut parser = redis::Parser::new();
+        let mut rest = bytes;
+        let mut all = Vec::new();
+        while let Ok(Value::Array(items)) = parser.parse_value(&mut rest) {
+            all.push(
+                items
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect(),
+            );
+        }
+        all
+    }
+
+    fn accept(h: &mut Harness, listener: &TcpListener) -> StdStream {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            h.pump();
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(true).unwrap();
+                    return s;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(Instant::now() < deadline, "the link never connected");
+        }
+    }
+
+    #[test]
+    fn publishes_settles_and_resends_after_a_lost_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut cfg = RedisConfig::new(format!("redis://:pw@127.0.0.1:{port}/2"));
+        cfg.reconnect_min = Duration::from_millis(10);
+        cfg.reconnect_max = Duration::from_millis(50);
+        let bp = Backplane::new(cfg, 1);
+        let mut h = Harness {
+            poll: Poll::new().unwrap(),
+            events: Events::with_capacity(16),
+            link: CoreLink::new(&bp, 0, 1, LINK),
+            ready: Vec::new(),
+        };
+        let mut peer = accept(&mut h, &listener);
+        let mut seen = Vec::new();
+        let setup = read_commands(&mut h, &mut peer, &mut seen, 2);
+        assert_eq!(setup[0], ["AUTH", "pw"]);
+        assert_eq!(setup[1], ["SELECT", "2"]);
+        peer.write_all(b"+OK\r\n+OK\r\n").unwrap();
+        assert!(bp.publisher_connected());
+
+        // One dispatch to two users: two PUBLISHes, one write; the ack is due after both.
+        let d =
+            Arc::new(crate::bus::encode_dispatch(vec!["a".into(), "b".into()], "e", &1).unwrap());
+        let w = Arc::new(AckWaiter::new(0, 1, 1, 5, serde_json::Value::Null, 2));
+        h.link.publish(&d, Some(&w));
+        let sent = read_commands(&mut h, &mut peer, &mut seen, 4);
+        assert_eq!(sent[2][..2], ["PUBLISH", "switchboard:u:a"]);
+        assert_eq!(sent[3][..2], ["PUBLISH", "switchboard:u:b"]);
+        peer.write_all(b":1\r\n").unwrap();
+        h.pump();
+        h.pump();
+        assert!(h.ready.is_empty(), "one of two replies");
+        peer.write_all(b":1\r\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.ready.is_empty() && Instant::now() < deadline {
+            h.pump();
+        }
+        assert!(h.ready.len() == 1 && h.ready[0].taken());
+        assert_eq!(bp.stats.published.load(Relaxed), 2);
+
+        // Redis goes away with a publication in flight: it is kept, and resent after the
+        // reconnect, once the gate (subscriber ready, or given up, plus reconnect_max) opens.
+        let d2 = Arc::new(crate::bus::encode_dispatch(vec!["c".into()], "e", &2).unwrap());
+        h.link.publish(&d2, None);
+        read_commands(&mut h, &mut peer, &mut seen, 5);
+        drop(peer);
+        let mut peer = accept(&mut h, &listener);
+        let reconnected = Instant::now();
+        assert!(!bp.publisher_connected() || bp.queue_depth() == 1);
+        let mut seen = Vec::new();
+        let again = read_commands(&mut h, &mut peer, &mut seen, 3);
+        assert_eq!(again[2][..2], ["PUBLISH", "switchboard:u:c"]);
+        assert!(
+            reconnected.elapsed() >= Duration::from_millis(50),
+            "held for reconnect_max after the outage"
+        );
+        assert!(bp.stats.publish_errors.load(Relaxed) >= 1);
+        assert_eq!(bp.stats.reconnects.load(Relaxed), 1);
+        h.link.close(h.poll.registry());
+        assert_eq!(bp.queue_depth(), 0);
+    }
+}
