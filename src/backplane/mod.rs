@@ -2,7 +2,7 @@
 //!
 //! Who publishes:
 //! - with per-user routing on one Redis (the default), each core loop owns a non-blocking
-//!   publishing connection in its own poll ([`core_link`], its state in [`pipeline`]): what a
+//!   publishing connection in its own poll (`core_link`, its state in `pipeline`): what a
 //!   turn published goes out in one write, and the replies settle held acks on that core;
 //! - with `--redis-cluster` or `--routing seed`, the [`publisher`] thread drains a bounded
 //!   lock-free queue that cores push publications onto, and sends whatever has queued as one
@@ -441,7 +441,7 @@ impl Backplane {
         Ok(threads)
     }
 
-    /// Whether each core publishes on its own connection ([`core_link`]): per-user routing on
+    /// Whether each core publishes on its own connection (`core_link`): per-user routing on
     /// one Redis. A cluster (a connection per shard) and seed routing (fingerprints handed to
     /// the subscriber) keep the [`publisher`] thread.
     pub fn core_links(&self) -> bool {
