@@ -752,6 +752,25 @@ mod tests {
     }
 
     #[test]
+    fn only_per_user_routing_on_one_redis_publishes_from_the_cores() {
+        let one = Backplane::new(RedisConfig::new("redis://127.0.0.1:1"), 1);
+        assert!(one.core_links());
+        assert!(!one.publisher_connected(), "no link is up yet");
+        let mut seed = RedisConfig::new("redis://127.0.0.1:1");
+        seed.routing = Routing::Seed;
+        assert!(!Backplane::new(seed, 1).core_links());
+        let mut cluster = RedisConfig::new("redis://127.0.0.1:1");
+        cluster.cluster = vec!["127.0.0.1:7000".into()];
+        let cluster = Backplane::new(cluster, 1);
+        assert!(
+            !cluster.core_links(),
+            "a cluster keeps the publisher thread"
+        );
+        cluster.stats.publisher_connected.store(1, Relaxed);
+        assert!(cluster.publisher_connected());
+    }
+
+    #[test]
     fn full_queue_drops_the_oldest() {
         let mut cfg = RedisConfig::new("redis://127.0.0.1:1");
         cfg.publish_queue = 2;
