@@ -220,15 +220,21 @@ impl AckWaiter {
     /// One publication settled (`taken` by Redis, or dropped); the last one hands the waiter to
     /// its core.
     pub(crate) fn settle(self: &Arc<Self>, taken: bool, bus: Option<&Arc<Bus>>) {
-        if !taken {
-            self.dropped.store(true, Ordering::SeqCst);
-        }
-        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.settle_ready(taken) {
             // A full inbox loses the ack; the client's resend is recognised by its key.
             if let Some(bus) = bus {
                 let _ = bus.send(self.core, CoreMsg::Acked(Arc::clone(self)));
             }
         }
+    }
+
+    /// One publication settled; returns `true` for the last one, and the caller then delivers
+    /// the ack itself (a core settling its own waiters answers inline, without the bus).
+    pub(crate) fn settle_ready(&self, taken: bool) -> bool {
+        if !taken {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+        self.remaining.fetch_sub(1, Ordering::SeqCst) == 1
     }
 }
 

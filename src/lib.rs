@@ -19,7 +19,8 @@
 //!   delivered to this core's connections at once and to the other cores through the [`bus`]
 //!   (bounded lock-free inboxes plus `mio::Waker`).
 //! - With a [`backplane`], dispatches also go to other instances through Redis pub/sub: a
-//!   publisher thread pipelines what the cores queue, a subscriber thread feeds the inboxes.
+//!   each core writes its publications on its own non-blocking connection once per turn (a
+//!   publisher thread on a cluster or with seed routing), a subscriber thread feeds the inboxes.
 //! - With [`history`] on (the default), every event a user gets carries a per-user offset and is
 //!   kept (embedded: a ring per user; Redis: a stream per user, appended and published by one
 //!   script), so a device that reconnects with `?since=` gets what it missed, then live events.
@@ -54,7 +55,7 @@
 //! 13. [`api`]: the HTTP API's request parsing and answers.
 //! 14. [`handlers`]: the handler registry, the handler context, `sendMessage`.
 //! 15. [`connection`]: a connection's states.
-//! 16. [`backplane`]: the Redis publisher, subscriber and workers.
+//! 16. [`backplane`]: the Redis publishing links and publisher, subscriber and workers.
 //! 17. `core_loop`: one core's event loop.
 //! 18. [`runtime`]: the threads, start and stop.
 //!

@@ -1,8 +1,12 @@
 //! The Redis backplane: how a dispatch reaches the user's connections on other instances.
 //!
-//! Two threads per process, never a core loop, talk to Redis:
-//! - the [`publisher`] drains a bounded lock-free queue that cores push publications onto, and
-//!   sends whatever has queued as one pipeline, so one round trip carries many messages;
+//! Who publishes:
+//! - with per-user routing on one Redis (the default), each core loop owns a non-blocking
+//!   publishing connection in its own poll (`core_link`, its state in `pipeline`): what a
+//!   turn published goes out in one write, and the replies settle held acks on that core;
+//! - with `--redis-cluster` or `--routing seed`, the [`publisher`] thread drains a bounded
+//!   lock-free queue that cores push publications onto, and sends whatever has queued as one
+//!   pipeline, so one round trip carries many messages;
 //! - the [`subscriber`] owns the one subscriber connection, keeps the process-wide map of which
 //!   cores host which users (fed by the cores when a user's first device on a core arrives and
 //!   its last leaves), subscribes per user (or to the seed channel), and pushes each incoming
@@ -16,7 +20,10 @@
 //! cores' connections first and only then queues the publication for other instances.
 
 pub mod cluster;
+pub(crate) mod core_link;
+mod endpoint;
 mod history_worker;
+pub(crate) mod pipeline;
 pub mod publisher;
 mod room_routes;
 mod rooms_worker;
@@ -24,7 +31,7 @@ pub mod subscriber;
 pub mod wire;
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -264,6 +271,8 @@ pub struct BackplaneStats {
     pub held_for_resync: AtomicU64,
     /// Gauge: (room, member) pairs this instance routes room publications to.
     pub room_members: AtomicU64,
+    /// Held acks a core answered itself when its own link settled them (no bus round trip).
+    pub acked_inline: AtomicU64,
 }
 
 /// The backplane as the cores see it.
@@ -295,6 +304,12 @@ pub struct Backplane {
     rooms_loaded: SegQueue<(UserId, Result<Vec<RoomId>, String>)>,
     /// Joins and leaves done in Redis, for the subscriber to ack once routed.
     room_acks: SegQueue<RoomAck>,
+    /// The cores' publishing links ([`core_link`]): how many exist, how many are up, what
+    /// they hold unwritten, and whether an outage was logged (once for all of them).
+    links: AtomicUsize,
+    links_up: AtomicUsize,
+    link_depth: AtomicUsize,
+    link_outage: AtomicBool,
     /// Counters.
     pub stats: BackplaneStats,
 }
@@ -320,6 +335,10 @@ impl Backplane {
             room_jobs: OnceLock::new(),
             rooms_loaded: SegQueue::new(),
             room_acks: SegQueue::new(),
+            links: AtomicUsize::new(0),
+            links_up: AtomicUsize::new(0),
+            link_depth: AtomicUsize::new(0),
+            link_outage: AtomicBool::new(false),
             stats: BackplaneStats::default(),
         })
     }
@@ -410,14 +429,33 @@ impl Backplane {
         let sub_thread = std::thread::Builder::new()
             .name("switchboard-redis-sub".into())
             .spawn(move || sub.run())?;
-        let this = Arc::clone(self);
-        let pub_thread = std::thread::Builder::new()
-            .name("switchboard-redis-pub".into())
-            .spawn(move || publisher::run(this))?;
-        let _ = self.publisher_thread.set(pub_thread.thread().clone());
         threads.push(sub_thread);
-        threads.push(pub_thread);
+        if !self.core_links() {
+            let this = Arc::clone(self);
+            let pub_thread = std::thread::Builder::new()
+                .name("switchboard-redis-pub".into())
+                .spawn(move || publisher::run(this))?;
+            let _ = self.publisher_thread.set(pub_thread.thread().clone());
+            threads.push(pub_thread);
+        }
         Ok(threads)
+    }
+
+    /// Whether each core publishes on its own connection (`core_link`): per-user routing on
+    /// one Redis. A cluster (a connection per shard) and seed routing (fingerprints handed to
+    /// the subscriber) keep the [`publisher`] thread.
+    pub fn core_links(&self) -> bool {
+        self.config.routing == Routing::PerUser && self.config.cluster.is_empty()
+    }
+
+    /// Whether every publishing connection is up: every core's link, or the publisher's.
+    pub fn publisher_connected(&self) -> bool {
+        if self.core_links() {
+            let links = self.links.load(SeqCst);
+            links > 0 && self.links_up.load(SeqCst) == links
+        } else {
+            self.stats.publisher_connected.load(Relaxed) == 1
+        }
     }
 
     /// Asks both threads to finish (the publisher flushes what it can first).
@@ -496,30 +534,28 @@ impl Backplane {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Publications waiting for Redis.
+    /// Publications waiting for Redis (the cores' links and the publisher's queue).
     pub fn queue_depth(&self) -> usize {
-        self.publications.len()
+        self.publications.len() + self.link_depth.load(SeqCst)
     }
 
     /// `"backplane":{...}` for `/healthz`.
     pub fn render_health(&self) -> String {
         let s = &self.stats;
-        let state = if s.publisher_connected.load(Relaxed) == 1
-            && s.subscriber_connected.load(Relaxed) == 1
-        {
+        let state = if self.publisher_connected() && s.subscriber_connected.load(Relaxed) == 1 {
             "connected"
         } else {
             "degraded"
         };
         format!(
-            r#","backplane":{{"kind":"redis","routing":"{}","state":"{state}","subscriber_ready":{},"publisher_connected":{},"subscriber_connected":{},"subscribed_channels":{},"queue_depth":{},"published":{},"publish_errors":{},"dropped":{},"reconnects":{},"received":{},"ignored_own":{},"invalid":{},"not_hosted":{},"delivered":{},"room_members":{}}}"#,
+            r#","backplane":{{"kind":"redis","routing":"{}","state":"{state}","subscriber_ready":{},"publisher_connected":{},"subscriber_connected":{},"subscribed_channels":{},"queue_depth":{},"published":{},"publish_errors":{},"dropped":{},"reconnects":{},"received":{},"ignored_own":{},"invalid":{},"not_hosted":{},"delivered":{},"room_members":{},"acked_inline":{}}}"#,
             match self.config.routing {
                 Routing::PerUser => "per-user",
                 Routing::Seed => "seed",
             },
             self.subscriber_ready
                 .load(std::sync::atomic::Ordering::SeqCst),
-            s.publisher_connected.load(Relaxed) == 1,
+            self.publisher_connected(),
             s.subscriber_connected.load(Relaxed) == 1,
             s.subscribed_channels.load(Relaxed),
             self.queue_depth(),
@@ -533,18 +569,19 @@ impl Backplane {
             s.not_hosted.load(Relaxed),
             s.delivered.load(Relaxed),
             s.room_members.load(Relaxed),
+            s.acked_inline.load(Relaxed),
         )
     }
 
     /// Prometheus families for `/metrics`.
     pub fn render_prometheus(&self, out: &mut String) {
         let s = &self.stats;
-        let rows: [(&str, &str, &str, u64); 16] = [
+        let rows: [(&str, &str, &str, u64); 17] = [
             (
                 "switchboard_backplane_publisher_connected",
                 "gauge",
-                "1 while the Redis publisher connection is up.",
-                s.publisher_connected.load(Relaxed),
+                "1 while every Redis publishing connection is up.",
+                u64::from(self.publisher_connected()),
             ),
             (
                 "switchboard_backplane_subscriber_connected",
@@ -636,6 +673,12 @@ impl Backplane {
                 "(room, member) pairs this instance routes room events to.",
                 s.room_members.load(Relaxed),
             ),
+            (
+                "switchboard_backplane_acked_inline_total",
+                "counter",
+                "Held acks answered by the core whose own Redis link stored them.",
+                s.acked_inline.load(Relaxed),
+            ),
         ];
         for (name, kind, help, value) in rows {
             let _ = writeln!(
@@ -706,6 +749,25 @@ mod tests {
         let mut c = RedisConfig::new("redis://127.0.0.1:1");
         c.channel_prefix = "a:b".into();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn only_per_user_routing_on_one_redis_publishes_from_the_cores() {
+        let one = Backplane::new(RedisConfig::new("redis://127.0.0.1:1"), 1);
+        assert!(one.core_links());
+        assert!(!one.publisher_connected(), "no link is up yet");
+        let mut seed = RedisConfig::new("redis://127.0.0.1:1");
+        seed.routing = Routing::Seed;
+        assert!(!Backplane::new(seed, 1).core_links());
+        let mut cluster = RedisConfig::new("redis://127.0.0.1:1");
+        cluster.cluster = vec!["127.0.0.1:7000".into()];
+        let cluster = Backplane::new(cluster, 1);
+        assert!(
+            !cluster.core_links(),
+            "a cluster keeps the publisher thread"
+        );
+        cluster.stats.publisher_connected.store(1, Relaxed);
+        assert!(cluster.publisher_connected());
     }
 
     #[test]

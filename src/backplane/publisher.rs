@@ -39,7 +39,7 @@ pub(crate) fn payload_hash(payload: &[u8]) -> u64 {
 /// them, at most `limit` long. [`Backplane::publish`] queues a dispatch's publications one after
 /// the other, so a message usually takes one call; publications of one dispatch that another
 /// core's interleaved are split rather than reordered.
-fn script_calls(
+pub(super) fn script_calls(
     members: &[usize],
     same: impl Fn(usize, usize) -> bool,
     limit: usize,

@@ -30,12 +30,12 @@ impl CoreLoop {
                 } => {
                     self.append_embedded(store, dispatch);
                 }
-                Mode::Backplane { bp, history: true } => bp.publish(dispatch, waiter),
+                Mode::Backplane { bp, history: true } => self.publish(bp, dispatch, waiter),
                 Mode::Embedded { history: None } => self.fan_out(dispatch),
                 Mode::Backplane { bp, history: false } => {
                     self.fan_out(dispatch);
                     // Other instances last: local delivery never waits for Redis.
-                    bp.publish(dispatch, waiter);
+                    self.publish(bp, dispatch, waiter);
                 }
             }
         }

@@ -15,6 +15,7 @@
 //! - `api.rs`: `GET /api/history`, `POST /api/publish`, the `history` event, waiting replies;
 //! - `frames.rs`: reading frames, the rate limit, envelopes into handlers, acks and answers;
 //! - `delivery.rs`: dispatching, delivering to connections, write many and flush once;
+//! - `publish.rs`: publishing to Redis on this core's own link, acks it settles answered inline;
 //! - `recovery.rs`: `?since=`/`resume`, replays and resyncs;
 //! - `sweep.rs`: closing, removing, deadlines and shutdown;
 //! - `rooms.rs`, `sio.rs`: rooms and presence, Socket.IO;
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use crate::backplane::core_link::{CoreLink, STOP_FLUSH};
 use crate::bus::{CoreMsg, Dispatch};
 use crate::connection::{Connection, PendingRequest};
 use crate::handlers::MessageIds;
@@ -41,6 +43,7 @@ mod delivery;
 mod frames;
 mod http;
 mod mode;
+mod publish;
 mod recovery;
 mod rooms;
 mod shared;
@@ -51,6 +54,8 @@ mod table;
 /// Reserved tokens sit above any slab key.
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
+/// This core's publishing connection to Redis (per-user routing on one Redis).
+const LINK: Token = Token(usize::MAX - 3);
 
 /// Messages read from one connection per turn before the others get their go.
 const READ_BUDGET: usize = 64;
@@ -96,6 +101,12 @@ pub struct CoreLoop {
     next_sweep: Instant,
     /// Core 0 purges expired embedded history this often.
     next_purge: Instant,
+    /// This core's own publishing connection to Redis, when it has one.
+    link: Option<CoreLink>,
+    /// Acks made due by the link's replies (kept to reuse the allocation).
+    acks_ready: Vec<Arc<crate::bus::AckWaiter>>,
+    /// At shutdown, how long the link may keep flushing.
+    link_stop: Option<Instant>,
 }
 
 impl CoreLoop {
@@ -111,7 +122,15 @@ impl CoreLoop {
         let waker = mio::Waker::new(poll.registry(), WAKER)?;
         shared.bus.set_waker(id, waker);
         let cores = shared.bus.cores();
+        let link = shared
+            .backplane
+            .as_ref()
+            .filter(|bp| bp.core_links())
+            .map(|bp| CoreLink::new(bp, id, cores, LINK));
         Ok(CoreLoop {
+            link,
+            acks_ready: Vec::new(),
+            link_stop: None,
             id,
             poll,
             listener: Some(listener),
@@ -142,7 +161,11 @@ impl CoreLoop {
         self.drain_inbox();
         loop {
             let timeout = if self.carry.is_empty() {
-                self.next_sweep.saturating_duration_since(Instant::now())
+                let now = Instant::now();
+                let next = self
+                    .link_deadline(now)
+                    .map_or(self.next_sweep, |t| t.min(self.next_sweep));
+                next.saturating_duration_since(now)
             } else {
                 Duration::ZERO
             };
@@ -155,6 +178,10 @@ impl CoreLoop {
                 match event.token() {
                     LISTENER => self.accept(),
                     WAKER => self.drain_inbox(),
+                    LINK => self.on_link_event(
+                        event.is_readable() || event.is_read_closed() || event.is_error(),
+                        event.is_writable(),
+                    ),
                     Token(key) => {
                         if event.is_writable() {
                             self.on_writable(key);
@@ -181,6 +208,9 @@ impl CoreLoop {
                     self.shared.bus.wake(core);
                 }
             }
+            // Redis gets this turn's publications in one write; acks its replies made due are
+            // queued before the connections are flushed.
+            self.link_turn(Instant::now());
             self.flush_dirty();
             let now = Instant::now();
             if now >= self.next_sweep {
@@ -196,11 +226,13 @@ impl CoreLoop {
             }
             if self.shared.shutdown.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
                 self.begin_shutdown();
+                self.link_stop = Some(Instant::now() + STOP_FLUSH);
                 self.flush_dirty();
             }
             self.update_gauges();
             if let Some(deadline) = self.shutdown_deadline {
-                if self.conns.is_empty() || Instant::now() >= deadline {
+                let now = Instant::now();
+                if (self.conns.is_empty() && self.link_drained(now)) || now >= deadline {
                     break;
                 }
                 self.next_sweep = self
@@ -213,6 +245,9 @@ impl CoreLoop {
             self.remove(key, Closed::Server(CloseReason::Shutdown));
         }
         self.update_gauges();
+        if let Some(link) = self.link.take() {
+            link.close(self.poll.registry());
+        }
         Ok(())
     }
 

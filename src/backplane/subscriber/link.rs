@@ -3,12 +3,13 @@
 //! in [`super::reply`]; the links of every shard are kept in [`super::shards`].
 
 use std::io::{self, Write};
-use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
-use redis::{IntoConnectionInfo, Value};
+use redis::Value;
+
+use crate::backplane::endpoint::Endpoint;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
 const CHANNELS_PER_COMMAND: usize = 1024;
@@ -114,29 +115,14 @@ impl RedisLink {
     /// Connects to `url` (blocking, with a timeout), registers the socket as `token` and queues
     /// the AUTH the URL asks for.
     pub fn open(url: &str, registry: &Registry, token: Token) -> io::Result<Self> {
-        let info = url.into_connection_info().map_err(io::Error::other)?;
-        let redis::ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
-            return Err(io::Error::other("only redis:// URLs are supported"));
-        };
-        let addr = (host.as_str(), port)
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::other("redis host did not resolve"))?;
-        let std_stream = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+        let endpoint = Endpoint::resolve(url)?;
+        let std_stream = std::net::TcpStream::connect_timeout(&endpoint.addr, CONNECT_TIMEOUT)?;
         std_stream.set_nodelay(true)?;
         std_stream.set_nonblocking(true)?;
         let mut stream = TcpStream::from_std(std_stream);
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
         let mut out = Vec::new();
-        let settings = info.redis_settings();
-        if let Some(password) = settings.password() {
-            let mut auth = redis::cmd("AUTH");
-            if let Some(user) = settings.username() {
-                auth.arg(user);
-            }
-            auth.arg(password);
-            auth.write_packed_command(&mut out);
-        }
+        endpoint.write_auth(&mut out);
         Ok(RedisLink {
             stream,
             parser: redis::Parser::new(),

@@ -1,0 +1,538 @@
+//! A core's own publishing connection to Redis (per-user routing on one Redis): a non-blocking
+//! socket the core registers in its own `mio::Poll`, driving a [`Pipeline`]. The core pushes its
+//! publications here and, once per loop turn, [`CoreLink::turn`] writes what queued as one
+//! burst; replies are read when the socket is readable and settle the publications, so a held
+//! ack is answered by the core itself, with no thread hand-off.
+//!
+//! Connection states: down (backing off until a time), connecting (non-blocking, with a
+//! deadline), up. After an outage, publications wait until this instance's subscriber is ready
+//! again plus one `reconnect_max` (other instances re-subscribe on their own schedule): a
+//! deadline the loop checks, never a sleep.
+
+use std::io::{self, Write};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use super::endpoint::Endpoint;
+use super::pipeline::{Encoding, Pipeline};
+use super::{Backoff, Backplane};
+use crate::bus::{AckWaiter, Dispatch};
+
+/// A connection attempt that has not completed by then is abandoned.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a link waiting for the subscriber after an outage looks again.
+const GATE_POLL: Duration = Duration::from_millis(20);
+/// How long a stopping core keeps flushing what is queued (as the publisher thread).
+pub const STOP_FLUSH: Duration = Duration::from_secs(1);
+
+enum Conn {
+    Down {
+        retry_at: Instant,
+    },
+    Connecting {
+        stream: TcpStream,
+        deadline: Instant,
+    },
+    Up {
+        stream: TcpStream,
+        writable: bool,
+    },
+}
+
+/// What holds publications back after a reconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Open,
+    /// Until the subscriber is ready (or this passes), then one `reconnect_max` more.
+    Subscriber {
+        give_up: Instant,
+    },
+    Until(Instant),
+}
+
+/// One core's publishing link.
+pub struct CoreLink {
+    bp: Arc<Backplane>,
+    token: Token,
+    pipe: Pipeline,
+    enc: Encoding,
+    conn: Conn,
+    parser: redis::Parser,
+    backoff: Backoff,
+    gate: Gate,
+    ever_connected: bool,
+    /// The link failed since it was last up: the next connect is a reconnect after an outage.
+    lost: bool,
+    /// The depth last added to the backplane's gauge.
+    reported_depth: usize,
+}
+
+impl CoreLink {
+    /// A link for core `core` of `cores`, registered under `token` once it connects. It holds
+    /// at most `--publish-queue / cores` (at least 1) unwritten publications.
+    pub fn new(bp: &Arc<Backplane>, core: usize, cores: usize, token: Token) -> Self {
+        let cfg = &bp.config;
+        bp.links.fetch_add(1, SeqCst);
+        CoreLink {
+            pipe: Pipeline::new(cfg.publish_queue / cores.max(1)),
+            enc: Encoding::new(&cfg.channel_prefix, bp.node_id, bp.history().cloned()),
+            conn: Conn::Down {
+                retry_at: Instant::now(),
+            },
+            parser: redis::Parser::new(),
+            backoff: Backoff::new(
+                cfg.reconnect_min,
+                cfg.reconnect_max,
+                bp.node_id ^ (0x9e37 + core as u64),
+            ),
+            gate: Gate::Open,
+            ever_connected: false,
+            lost: false,
+            reported_depth: 0,
+            token,
+            bp: Arc::clone(bp),
+        }
+    }
+
+    /// Queues `dispatch` for each of its users (written at the end of the turn).
+    pub fn publish(&mut self, dispatch: &Arc<Dispatch>, waiter: Option<&Arc<AckWaiter>>) {
+        self.pipe.push(dispatch, waiter);
+    }
+
+    /// The socket is ready: complete the connect, read and settle replies, write what waits.
+    pub fn on_event(&mut self, registry: &Registry, readable: bool, writable: bool) {
+        if let Conn::Connecting { stream, .. } = &self.conn {
+            match connect_result(stream) {
+                Ok(true) => self.connected(),
+                Ok(false) => return,
+                Err(e) => return self.fail(registry, &format!("connect: {e}")),
+            }
+        }
+        if writable {
+            if let Conn::Up { writable, .. } = &mut self.conn {
+                *writable = true;
+            }
+        }
+        if readable {
+            self.read(registry);
+        }
+        self.flush(registry);
+    }
+
+    /// Once per loop turn: timers (reconnect, connect timeout, the gate after an outage), then
+    /// everything queued this turn is encoded and written as one burst. Acks now due are
+    /// appended to `ready`.
+    pub fn turn(&mut self, registry: &Registry, now: Instant, ready: &mut Vec<Arc<AckWaiter>>) {
+        match &self.conn {
+            Conn::Down { retry_at } if now >= *retry_at => self.connect(registry, now),
+            Conn::Connecting { deadline, .. } if now >= *deadline => {
+                self.fail(registry, "connect timed out")
+            }
+            _ => {}
+        }
+        match self.gate {
+            Gate::Subscriber { give_up } if self.bp.subscriber_ready() || now >= give_up => {
+                self.gate = Gate::Until(now + self.bp.config.reconnect_max);
+            }
+            Gate::Until(t) if now >= t => self.gate = Gate::Open,
+            _ => {}
+        }
+        if matches!(self.conn, Conn::Up { .. }) && self.gate == Gate::Open {
+            self.pipe.encode(&self.enc);
+            self.flush(registry);
+        }
+        self.pipe.take_ready(ready);
+        self.report();
+    }
+
+    /// When [`Self::turn`] must run next, at the latest.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let conn = match &self.conn {
+            Conn::Down { retry_at } => Some(*retry_at),
+            Conn::Connecting { deadline, .. } => Some(*deadline),
+            Conn::Up { .. } => None,
+        };
+        let gate = match self.gate {
+            Gate::Open => None,
+            Gate::Subscriber { give_up } => Some(give_up.min(now + GATE_POLL)),
+            Gate::Until(t) => Some(t),
+        };
+        match (conn, gate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Nothing waits to be written or answered.
+    pub fn is_idle(&self) -> bool {
+        self.pipe.is_idle()
+    }
+
+    /// The core is exiting: take the link out of the gauges.
+    pub fn close(mut self, registry: &Registry) {
+        self.set_down(registry);
+        self.pipe.reset();
+        self.bp.link_depth.fetch_sub(self.reported_depth, SeqCst);
+        self.bp.links.fetch_sub(1, SeqCst);
+    }
+
+    fn connect(&mut self, registry: &Registry, now: Instant) {
+        let attempt = Endpoint::resolve(&self.bp.config.url).and_then(|endpoint| {
+            let mut stream = TcpStream::connect(endpoint.addr)?;
+            registry.register(
+                &mut stream,
+                self.token,
+                Interest::READABLE | Interest::WRITABLE,
+            )?;
+            Ok((stream, endpoint))
+        });
+        match attempt {
+            Ok((stream, endpoint)) => {
+                let mut handshake = Vec::new();
+                let mut names = Vec::new();
+                if endpoint.write_auth(&mut handshake) == 1 {
+                    names.push("AUTH");
+                }
+                if endpoint.write_select(&mut handshake) == 1 {
+                    names.push("SELECT");
+                }
+                self.pipe.connected(&self.enc, &handshake, &names);
+                self.conn = Conn::Connecting {
+                    stream,
+                    deadline: now + CONNECT_TIMEOUT,
+                };
+            }
+            Err(e) => self.fail(registry, &format!("connect: {e}")),
+        }
+    }
+
+    fn connected(&mut self) {
+        let Conn::Connecting { stream, .. } = std::mem::replace(
+            &mut self.conn,
+            Conn::Down {
+                retry_at: Instant::now(),
+            },
+        ) else {
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        self.parser = redis::Parser::new();
+        self.conn = Conn::Up {
+            stream,
+            writable: true,
+        };
+        self.backoff.reset();
+        self.bp.links_up.fetch_add(1, SeqCst);
+        if self.ever_connected && self.lost {
+            self.gate = Gate::Subscriber {
+                give_up: Instant::now() + self.bp.config.reconnect_max * 3,
+            };
+            // One line and one count per outage, whichever core gets through first.
+            if self.bp.link_outage.swap(false, SeqCst) {
+                self.bp.stats.reconnects.fetch_add(1, Relaxed);
+                log::info!(
+                    "redis publishing links reconnected; {} publications waiting",
+                    self.bp.queue_depth()
+                );
+            }
+        }
+        self.ever_connected = true;
+        self.lost = false;
+    }
+
+    fn read(&mut self, registry: &Registry) {
+        loop {
+            let Conn::Up { stream, .. } = &mut self.conn else {
+                return;
+            };
+            match self.parser.parse_value(&mut *stream) {
+                Ok(value) => {
+                    if let Err(e) = self.pipe.on_reply(value) {
+                        return self.fail(registry, &format!("{e:?}"));
+                    }
+                }
+                // WouldBlock: no complete reply buffered yet (the parser keeps the partial one).
+                Err(e) if e.is_timeout() => return,
+                Err(e) => return self.fail(registry, &format!("read: {e}")),
+            }
+        }
+    }
+
+    /// Writes buffered bytes until done or WouldBlock.
+    fn flush(&mut self, registry: &Registry) {
+        let Conn::Up { stream, writable } = &mut self.conn else {
+            return;
+        };
+        let out = self.pipe.out();
+        let mut written = 0;
+        let mut error = None;
+        while *writable && written < out.len() {
+            match stream.write(&out[written..]) {
+                Ok(0) => error = Some(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => *writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => error = Some(e),
+            }
+            if error.is_some() {
+                break;
+            }
+        }
+        out.drain(..written);
+        if let Some(e) = error {
+            self.fail(registry, &format!("write: {e}"));
+        }
+    }
+
+    /// The connection failed: everything unanswered is kept for the next one, after a backoff.
+    fn fail(&mut self, registry: &Registry, why: &str) {
+        let was_up = self.set_down(registry);
+        if was_up || self.pipe.has_unsent() {
+            self.bp.stats.publish_errors.fetch_add(1, Relaxed);
+        }
+        self.pipe.reset();
+        self.lost = true;
+        self.gate = Gate::Open;
+        self.conn = Conn::Down {
+            retry_at: Instant::now() + self.backoff.next_delay(),
+        };
+        // One line per outage for all the cores' links.
+        if !self.bp.link_outage.swap(true, SeqCst) {
+            log::warn!(
+                "redis publishing link failed ({why}); {} publications kept, retrying with backoff",
+                self.bp.queue_depth() + self.pipe.depth()
+            );
+        }
+    }
+
+    /// Drops the socket; returns whether it was up.
+    fn set_down(&mut self, registry: &Registry) -> bool {
+        let old = std::mem::replace(
+            &mut self.conn,
+            Conn::Down {
+                retry_at: Instant::now(),
+            },
+        );
+        match old {
+            Conn::Up { mut stream, .. } => {
+                let _ = registry.deregister(&mut stream);
+                self.bp.links_up.fetch_sub(1, SeqCst);
+                true
+            }
+            Conn::Connecting { mut stream, .. } => {
+                let _ = registry.deregister(&mut stream);
+                false
+            }
+            Conn::Down { .. } => false,
+        }
+    }
+
+    /// Publishes the counters and this link's share of the queue depth.
+    fn report(&mut self) {
+        let stats = &self.bp.stats;
+        if self.pipe.published > 0 {
+            stats
+                .published
+                .fetch_add(std::mem::take(&mut self.pipe.published), Relaxed);
+        }
+        if self.pipe.dropped > 0 {
+            stats
+                .dropped
+                .fetch_add(std::mem::take(&mut self.pipe.dropped), Relaxed);
+        }
+        let depth = self.pipe.depth();
+        if depth != self.reported_depth {
+            if depth > self.reported_depth {
+                self.bp
+                    .link_depth
+                    .fetch_add(depth - self.reported_depth, SeqCst);
+            } else {
+                self.bp
+                    .link_depth
+                    .fetch_sub(self.reported_depth - depth, SeqCst);
+            }
+            self.reported_depth = depth;
+        }
+    }
+}
+
+/// Whether a non-blocking connect completed (`Ok(false)`: not yet).
+fn connect_result(stream: &TcpStream) -> io::Result<bool> {
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    match stream.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The link against a fake Redis: a listener in the test that reads the commands and
+    //! writes the replies by hand.
+
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream as StdStream};
+
+    use mio::{Events, Poll};
+    use redis::Value;
+
+    use super::*;
+    use crate::backplane::RedisConfig;
+
+    const LINK: Token = Token(9);
+
+    struct Harness {
+        poll: Poll,
+        events: Events,
+        link: CoreLink,
+        ready: Vec<Arc<AckWaiter>>,
+    }
+
+    impl Harness {
+        /// One loop turn: events for the link, then its end-of-turn work.
+        fn pump(&mut self) {
+            let _ = self
+                .poll
+                .poll(&mut self.events, Some(Duration::from_millis(5)));
+            for e in self.events.iter() {
+                if e.token() == LINK {
+                    let readable = e.is_readable() || e.is_read_closed() || e.is_error();
+                    self.link
+                        .on_event(self.poll.registry(), readable, e.is_writable());
+                }
+            }
+            self.link
+                .turn(self.poll.registry(), Instant::now(), &mut self.ready);
+        }
+    }
+
+    /// Reads from `peer` while pumping until `n` commands arrived; returns them as strings.
+    fn read_commands(
+        h: &mut Harness,
+        peer: &mut StdStream,
+        seen: &mut Vec<u8>,
+        n: usize,
+    ) -> Vec<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let all = parse(seen);
+            if all.len() >= n {
+                return all;
+            }
+            assert!(Instant::now() < deadline, "only {all:?}");
+            h.pump();
+            let mut buf = [0; 4096];
+            match peer.read(&mut buf) {
+                Ok(k) => seen.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    fn parse(bytes: &[u8]) -> Vec<Vec<String>> {
+        let mut parser = redis::Parser::new();
+        let mut rest = bytes;
+        let mut all = Vec::new();
+        while let Ok(Value::Array(items)) = parser.parse_value(&mut rest) {
+            all.push(
+                items
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect(),
+            );
+        }
+        all
+    }
+
+    fn accept(h: &mut Harness, listener: &TcpListener) -> StdStream {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            h.pump();
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(true).unwrap();
+                    return s;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(Instant::now() < deadline, "the link never connected");
+        }
+    }
+
+    #[test]
+    fn publishes_settles_and_resends_after_a_lost_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut cfg = RedisConfig::new(format!("redis://:pw@127.0.0.1:{port}/2"));
+        cfg.reconnect_min = Duration::from_millis(10);
+        cfg.reconnect_max = Duration::from_millis(50);
+        let bp = Backplane::new(cfg, 1);
+        let mut h = Harness {
+            poll: Poll::new().unwrap(),
+            events: Events::with_capacity(16),
+            link: CoreLink::new(&bp, 0, 1, LINK),
+            ready: Vec::new(),
+        };
+        let mut peer = accept(&mut h, &listener);
+        let mut seen = Vec::new();
+        let setup = read_commands(&mut h, &mut peer, &mut seen, 2);
+        assert_eq!(setup[0], ["AUTH", "pw"]);
+        assert_eq!(setup[1], ["SELECT", "2"]);
+        peer.write_all(b"+OK\r\n+OK\r\n").unwrap();
+        assert!(bp.publisher_connected());
+
+        // One dispatch to two users: two PUBLISHes, one write; the ack is due after both.
+        let d =
+            Arc::new(crate::bus::encode_dispatch(vec!["a".into(), "b".into()], "e", &1).unwrap());
+        let w = Arc::new(AckWaiter::new(0, 1, 1, 5, serde_json::Value::Null, 2));
+        h.link.publish(&d, Some(&w));
+        let sent = read_commands(&mut h, &mut peer, &mut seen, 4);
+        assert_eq!(sent[2][..2], ["PUBLISH", "switchboard:u:a"]);
+        assert_eq!(sent[3][..2], ["PUBLISH", "switchboard:u:b"]);
+        peer.write_all(b":1\r\n").unwrap();
+        h.pump();
+        h.pump();
+        assert!(h.ready.is_empty(), "one of two replies");
+        peer.write_all(b":1\r\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.ready.is_empty() && Instant::now() < deadline {
+            h.pump();
+        }
+        assert!(h.ready.len() == 1 && h.ready[0].taken());
+        assert_eq!(bp.stats.published.load(Relaxed), 2);
+
+        // Redis goes away with a publication in flight: it is kept, and resent after the
+        // reconnect, once the gate (subscriber ready, or given up, plus reconnect_max) opens.
+        let d2 = Arc::new(crate::bus::encode_dispatch(vec!["c".into()], "e", &2).unwrap());
+        h.link.publish(&d2, None);
+        read_commands(&mut h, &mut peer, &mut seen, 5);
+        drop(peer);
+        let mut peer = accept(&mut h, &listener);
+        let reconnected = Instant::now();
+        assert!(!bp.publisher_connected() || bp.queue_depth() == 1);
+        let mut seen = Vec::new();
+        let again = read_commands(&mut h, &mut peer, &mut seen, 3);
+        assert_eq!(again[2][..2], ["PUBLISH", "switchboard:u:c"]);
+        assert!(
+            reconnected.elapsed() >= Duration::from_millis(50),
+            "held for reconnect_max after the outage"
+        );
+        assert!(bp.stats.publish_errors.load(Relaxed) >= 1);
+        assert_eq!(bp.stats.reconnects.load(Relaxed), 1);
+        h.link.close(h.poll.registry());
+        assert_eq!(bp.queue_depth(), 0);
+    }
+}

@@ -1,0 +1,81 @@
+//! Where a Redis URL points and what a fresh connection sends first: the address, then `AUTH`
+//! and `SELECT` as the URL asks. Shared by the subscriber's links and the cores' publishing links.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use redis::{ConnectionInfo, IntoConnectionInfo};
+
+/// A parsed `redis://` URL and its first resolved address.
+pub(crate) struct Endpoint {
+    pub addr: SocketAddr,
+    pub info: ConnectionInfo,
+}
+
+impl Endpoint {
+    /// Parses `url` and resolves its host (an IP literal resolves without a lookup).
+    pub fn resolve(url: &str) -> io::Result<Self> {
+        let info = url.into_connection_info().map_err(io::Error::other)?;
+        let redis::ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+            return Err(io::Error::other("only redis:// URLs are supported"));
+        };
+        let addr = (host.as_str(), port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::other("redis host did not resolve"))?;
+        Ok(Endpoint { addr, info })
+    }
+
+    /// Appends the `AUTH` the URL asks for to `out`; returns how many commands (0 or 1).
+    pub fn write_auth(&self, out: &mut Vec<u8>) -> usize {
+        let settings = self.info.redis_settings();
+        let Some(password) = settings.password() else {
+            return 0;
+        };
+        let mut auth = redis::cmd("AUTH");
+        if let Some(user) = settings.username() {
+            auth.arg(user);
+        }
+        auth.arg(password);
+        auth.write_packed_command(out);
+        1
+    }
+
+    /// Appends the `SELECT` of a URL with a database other than 0; returns how many commands.
+    /// (Not for subscribers: pub/sub ignores the database.)
+    pub fn write_select(&self, out: &mut Vec<u8>) -> usize {
+        let db = self.info.redis_settings().db();
+        if db == 0 {
+            return 0;
+        }
+        redis::cmd("SELECT").arg(db).write_packed_command(out);
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_and_select_follow_the_url() {
+        let plain = Endpoint::resolve("redis://127.0.0.1:6390").unwrap();
+        let mut out = Vec::new();
+        assert_eq!(plain.write_auth(&mut out) + plain.write_select(&mut out), 0);
+        assert!(out.is_empty());
+
+        let full = Endpoint::resolve("redis://u:pw@127.0.0.1:6390/3").unwrap();
+        assert_eq!(full.addr.port(), 6390);
+        assert_eq!(full.write_auth(&mut out), 1);
+        assert_eq!(full.write_select(&mut out), 1);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$2\r\npw\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"),
+            "{text}"
+        );
+    }
+}

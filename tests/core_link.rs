@@ -1,0 +1,128 @@
+//! Each core publishes on its own Redis connection (per-user routing on one Redis): a held ack
+//! is answered by the core whose link Redis answered, without a trip through the bus; it still
+//! waits for Redis (SIGKILLed, then back), and survives Redis losing its script cache.
+
+mod common;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use switchboard::backplane::Routing;
+
+/// Until the instance's subscription to `user` is confirmed a fresh connection misses what is
+/// published: probe (without acks) until one comes back.
+fn wait_live(c: &mut Client, user: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(Instant::now() < deadline, "{user} never got its probe");
+        c.send_message(user, "probe");
+        let wait = Instant::now() + Duration::from_millis(300);
+        while let Some(Ok(tungstenite::Message::Text(t))) = c.next_message(wait) {
+            if t.contains("probe") {
+                return;
+            }
+        }
+    }
+}
+
+/// The ack or error numbered `ack`, or `None` at `deadline`.
+fn answer(c: &mut Client, ack: u64, deadline: Instant) -> Option<Value> {
+    loop {
+        match c.next_message(deadline) {
+            None => return None,
+            Some(Ok(tungstenite::Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).expect("JSON");
+                if v["ack"] == ack && (v["event"] == "ack" || v["event"] == "error") {
+                    return Some(v);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("connection failed: {e}"),
+        }
+    }
+}
+
+fn send(c: &mut Client, to: &str, text: &str, ack: u64) {
+    c.send_json(&json!({"event": "sendMessage", "args": {"to": to, "text": text}, "ack": ack}));
+}
+
+#[test]
+fn held_acks_are_answered_by_the_core_without_the_bus() {
+    for history in [true, false] {
+        let redis = TestRedis::start();
+        let server = redis_server_history(
+            &redis,
+            Routing::PerUser,
+            Duration::from_millis(300),
+            history,
+        );
+        let bp = server.handle.backplane().expect("backplane");
+        assert!(
+            bp.core_links(),
+            "per-user routing on one Redis uses the cores' links"
+        );
+        let mut u1 = server.connect("u1");
+        let mut u2 = server.connect("u2");
+        wait_live(&mut u1, "u1");
+        wait_live(&mut u2, "u2");
+        let before = bp.stats.acked_inline.load(Relaxed);
+        for n in 1..=5 {
+            let result = u1.send_acked("u2", &format!("m{n}"), n);
+            assert!(result["id"].is_string(), "history {history}: {result}");
+        }
+        // Every held ack was answered inline: the counter moves only there.
+        assert_eq!(
+            bp.stats.acked_inline.load(Relaxed) - before,
+            5,
+            "history {history}"
+        );
+        for n in 1..=5 {
+            assert_eq!(u2.recv_event("newMessage")["args"]["text"], format!("m{n}"));
+        }
+        let health = server.health();
+        assert_eq!(health["backplane"]["publisher_connected"], true, "{health}");
+        assert_eq!(health["backplane"]["queue_depth"], 0, "{health}");
+        assert!(bp.stats.published.load(Relaxed) >= 5);
+    }
+}
+
+#[test]
+fn an_ack_waits_for_a_sigkilled_redis_and_survives_a_lost_script_cache() {
+    let mut redis = TestRedis::start();
+    let server = redis_server(&redis, Routing::PerUser);
+    let bp = server.handle.backplane().expect("backplane");
+    let mut u1 = server.connect("u1");
+    wait_live(&mut u1, "u1");
+
+    // Redis forgets the append script: the link's NOSCRIPT reply reloads it and resends.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut redis.connection())
+        .unwrap();
+    send(&mut u1, "u2", "after flush", 1);
+    let v = answer(&mut u1, 1, Instant::now() + DEADLINE).expect("ack after SCRIPT FLUSH");
+    assert_eq!(v["event"], "ack", "{v}");
+
+    redis.kill();
+    send(&mut u1, "u2", "during", 2);
+    let early = answer(&mut u1, 2, Instant::now() + Duration::from_millis(1200));
+    assert!(early.is_none(), "acked while Redis was down: {early:?}");
+    let health = server.health();
+    assert_eq!(
+        health["backplane"]["publisher_connected"], false,
+        "{health}"
+    );
+    assert!(
+        bp.queue_depth() >= 1,
+        "the publication waits in the core's link"
+    );
+    redis.restart();
+    let v = answer(&mut u1, 2, Instant::now() + DEADLINE).expect("ack once Redis is back");
+    assert_eq!(v["event"], "ack", "{v}");
+    wait_for("the links report up", || bp.publisher_connected());
+    assert!(bp.stats.reconnects.load(Relaxed) >= 1);
+    assert!(bp.stats.publish_errors.load(Relaxed) >= 1);
+    assert_eq!(bp.queue_depth(), 0);
+}
