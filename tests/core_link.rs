@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use switchboard::backplane::Routing;
 
 /// Until the instance's subscription to `user` is confirmed a fresh connection misses what is
@@ -23,23 +23,6 @@ fn wait_live(c: &mut Client, user: &str) {
             if t.contains("probe") {
                 return;
             }
-        }
-    }
-}
-
-/// The ack or error numbered `ack`, or `None` at `deadline`.
-fn answer(c: &mut Client, ack: u64, deadline: Instant) -> Option<Value> {
-    loop {
-        match c.next_message(deadline) {
-            None => return None,
-            Some(Ok(tungstenite::Message::Text(t))) => {
-                let v: Value = serde_json::from_str(&t).expect("JSON");
-                if v["ack"] == ack && (v["event"] == "ack" || v["event"] == "error") {
-                    return Some(v);
-                }
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => panic!("connection failed: {e}"),
         }
     }
 }

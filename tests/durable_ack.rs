@@ -20,23 +20,6 @@ fn send_with_id(c: &mut Client, to: &str, text: &str, client_id: &str, ack: u64)
     }));
 }
 
-/// Waits for the ack (or error) numbered `ack`, skipping other frames; `None` at `deadline`.
-fn answer(c: &mut Client, ack: u64, deadline: Instant) -> Option<Value> {
-    loop {
-        match c.next_message(deadline) {
-            None => return None,
-            Some(Ok(tungstenite::Message::Text(t))) => {
-                let v: Value = serde_json::from_str(&t).expect("JSON");
-                if v["ack"] == ack && (v["event"] == "ack" || v["event"] == "error") {
-                    return Some(v);
-                }
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => panic!("{}: connection failed: {e}", c.user),
-        }
-    }
-}
-
 /// The `text`s of `user`'s retained events, oldest first, read with the `history` event.
 fn history_texts(c: &mut Client, ack: u64) -> Vec<String> {
     c.send_json(&json!({"event": "history", "args": {"limit": 100}, "ack": ack}));

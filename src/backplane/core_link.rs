@@ -381,7 +381,6 @@ mod tests {
     use std::net::{TcpListener, TcpStream as StdStream};
 
     use mio::{Events, Poll};
-    use redis::Value;
 
     use super::*;
     use crate::backplane::RedisConfig;
@@ -422,7 +421,7 @@ mod tests {
     ) -> Vec<Vec<String>> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let all = parse(seen);
+            let all = crate::backplane::pipeline::tests::commands(seen);
             if all.len() >= n {
                 return all;
             }
@@ -435,24 +434,6 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-    }
-
-    fn parse(bytes: &[u8]) -> Vec<Vec<String>> {
-        let mut parser = redis::Parser::new();
-        let mut rest = bytes;
-        let mut all = Vec::new();
-        while let Ok(Value::Array(items)) = parser.parse_value(&mut rest) {
-            all.push(
-                items
-                    .into_iter()
-                    .map(|v| match v {
-                        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
-                        other => format!("{other:?}"),
-                    })
-                    .collect(),
-            );
-        }
-        all
     }
 
     fn accept(h: &mut Harness, listener: &TcpListener) -> StdStream {

@@ -316,7 +316,7 @@ impl Pipeline {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn dispatch(users: &[&str], text: &str) -> Arc<Dispatch> {
@@ -339,7 +339,8 @@ mod tests {
         Encoding::new("sb", 1, history.then(HistoryConfig::default))
     }
 
-    fn commands(out: &[u8]) -> Vec<Vec<String>> {
+    /// The RESP commands in `out`, each as its arguments (shared with `core_link`'s tests).
+    pub(in crate::backplane) fn commands(out: &[u8]) -> Vec<Vec<String>> {
         let mut parser = redis::Parser::new();
         let mut rest = out;
         let mut all = Vec::new();

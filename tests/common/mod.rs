@@ -963,3 +963,20 @@ pub fn wait_room_routes(server: &TestServer, channels: u64, pairs: u64) {
         },
     );
 }
+
+/// Waits for the ack (or error) numbered `ack`, skipping other frames; `None` at `deadline`.
+pub fn answer(c: &mut Client, ack: u64, deadline: Instant) -> Option<Value> {
+    loop {
+        match c.next_message(deadline) {
+            None => return None,
+            Some(Ok(tungstenite::Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).expect("JSON");
+                if v["ack"] == ack && (v["event"] == "ack" || v["event"] == "error") {
+                    return Some(v);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("{}: connection failed: {e}", c.user),
+        }
+    }
+}
