@@ -26,9 +26,9 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_CORES")]
     cores: Option<usize>,
 
-    /// CPUs for the core threads: `auto` pins core k to the k-th allowed CPU only when there
-    /// are at least as many cores as allowed CPUs; `off`; or CPU ids like `0,2` (core k on the
-    /// k-th, round robin). Several instances on one machine: give each its own list.
+    /// CPUs for the core threads: `auto` pins core k to the k-th CPU this process may use;
+    /// `off`; or CPU ids like `0,2` (core k on the k-th, round robin). Several instances on one
+    /// machine: give each its own list.
     #[arg(long, env = "SWITCHBOARD_PIN", default_value = "auto")]
     pin: config::Pin,
 

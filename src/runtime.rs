@@ -15,7 +15,7 @@ use tungstenite::protocol::WebSocketConfig;
 use crate::auth::Authenticator;
 use crate::backplane::Backplane;
 use crate::bus::Bus;
-use crate::config::{Config, ConfigError, Pin};
+use crate::config::{Config, ConfigError};
 use crate::core_loop::{CoreLoop, Shared};
 use crate::handlers::{Handler, Handlers};
 use crate::metrics::CoreMetrics;
@@ -128,13 +128,6 @@ impl Server {
             .map(|c| c.id)
             .collect();
         let plan = shared.config.pin.plan(shared.config.cores, &allowed);
-        if shared.config.pin == Pin::Auto && plan.iter().all(Option::is_none) {
-            log::info!(
-                "not pinning: {} core(s) on {} allowed CPUs (--pin 0,1 pins them)",
-                shared.config.cores,
-                allowed.len()
-            );
-        }
         let mut handle = ServerHandle {
             addr: shared.config.listen,
             shared: Arc::clone(&shared),

@@ -30,10 +30,10 @@
 # switches of the servers and Redis with `perf stat` over the generator's run, connects
 # included; per delivery in $OUT/perf.txt and on stderr).
 #
-# Nothing is pinned by this script. switchboard's `--pin auto` (the default) pins an
-# instance's core loops only when it has one per CPU it may use, so two `--cores 1` instances
-# float; before `--pin` existed both put their core loop on the first CPU (SERVER_ARGS="--pin
-# 0" reproduces that). CPU2=1 moves the second instance (all its threads) to CPU 1.
+# Nothing is pinned by this script, but switchboard (`--pin auto`, the default) pins core k to
+# the k-th CPU of its affinity mask, so the two `--cores 1` instances both run their core loop
+# on the first CPU (measured cheaper than letting them float: SERVER_ARGS="--pin off"). CPU2=1
+# moves the second instance (all its threads) to CPU 1.
 # Exit 0 if every setup ran (whatever its figures), 2 on a setup failure.
 set -u
 

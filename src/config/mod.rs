@@ -73,14 +73,15 @@ pub enum AuthMode {
 
 /// Where the core threads run.
 ///
-/// Two instances started side by side with `--cores 1` used to pin both core threads to the
-/// first CPU each was allowed (and share it), while the other CPU idled: only an instance that
-/// has every CPU it may use pins by itself.
+/// Pinning pays even when instances share CPUs: two `--cores 1` instances on a 2-CPU machine
+/// both pinned to the first CPU cost about 33 µs of CPU per delivery (servers and Redis, history
+/// on) against about 45 µs with their core threads left to float (docs/BENCHMARKS.md, "CPU per
+/// delivery"). So `auto` always pins; give instances that share a machine their own CPUs with a
+/// list.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Pin {
-    /// Pin core `k` to the `k`-th CPU this process may use when there are at least as many
-    /// cores as such CPUs (the instance owns the machine, or its cpuset); otherwise pin nothing
-    /// and let the kernel place the threads. The default (`--pin auto`).
+    /// Pin core `k` to the `k`-th CPU this process may use (round robin). The default
+    /// (`--pin auto`).
     #[default]
     Auto,
     /// Pin nothing (`--pin off`).
@@ -93,7 +94,7 @@ impl Pin {
     /// The CPU for each of `cores` core threads, given the CPUs this process may use.
     pub fn plan(&self, cores: usize, allowed: &[usize]) -> Vec<Option<usize>> {
         match self {
-            Pin::Auto if !allowed.is_empty() && cores >= allowed.len() => (0..cores)
+            Pin::Auto if !allowed.is_empty() => (0..cores)
                 .map(|k| Some(allowed[k % allowed.len()]))
                 .collect(),
             Pin::Auto | Pin::Off => vec![None; cores],
@@ -323,11 +324,10 @@ mod tests {
     }
 
     #[test]
-    fn auto_pins_only_an_instance_with_every_cpu() {
+    fn auto_pins_round_robin_over_the_allowed_cpus() {
         assert_eq!(Pin::Auto.plan(2, &[0, 1]), vec![Some(0), Some(1)]);
         assert_eq!(Pin::Auto.plan(3, &[4, 5]), vec![Some(4), Some(5), Some(4)]);
-        // Two `--cores 1` instances on two CPUs: neither takes CPU 0 for itself.
-        assert_eq!(Pin::Auto.plan(1, &[0, 1]), vec![None]);
+        assert_eq!(Pin::Auto.plan(1, &[0, 1]), vec![Some(0)]);
         assert_eq!(Pin::Auto.plan(1, &[]), vec![None]);
         assert_eq!(Pin::Off.plan(2, &[0, 1]), vec![None, None]);
         assert_eq!(Pin::Cpus(vec![1]).plan(2, &[0, 1]), vec![Some(1), Some(1)]);
