@@ -69,6 +69,8 @@ pub struct CoreLink {
     lost: bool,
     /// The depth last added to the backplane's gauge.
     reported_depth: usize,
+    /// Since when unwritten publications wait for the batch window to pass.
+    pending_since: Option<Instant>,
 }
 
 impl CoreLink {
@@ -93,6 +95,7 @@ impl CoreLink {
             ever_connected: false,
             lost: false,
             reported_depth: 0,
+            pending_since: None,
             token,
             bp: Arc::clone(bp),
         }
@@ -141,7 +144,11 @@ impl CoreLink {
             Gate::Until(t) if now >= t => self.gate = Gate::Open,
             _ => {}
         }
-        if matches!(self.conn, Conn::Up { .. }) && self.gate == Gate::Open {
+        if matches!(self.conn, Conn::Up { .. })
+            && self.gate == Gate::Open
+            && self.window_passed(now)
+        {
+            self.pending_since = None;
             self.pipe.encode(&self.enc);
             self.flush(registry);
         }
@@ -149,12 +156,24 @@ impl CoreLink {
         self.report();
     }
 
+    /// Whether what waits may be written now: no batch window, or the first unwritten
+    /// publication has waited it out (starting the wait when there is one).
+    fn window_passed(&mut self, now: Instant) -> bool {
+        let window = self.bp.config.publish_batch_window;
+        if window.is_zero() || !self.pipe.has_unsent() {
+            return true;
+        }
+        now >= *self.pending_since.get_or_insert(now) + window
+    }
+
     /// When [`Self::turn`] must run next, at the latest.
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let conn = match &self.conn {
             Conn::Down { retry_at } => Some(*retry_at),
             Conn::Connecting { deadline, .. } => Some(*deadline),
-            Conn::Up { .. } => None,
+            Conn::Up { .. } => self
+                .pending_since
+                .map(|t| t + self.bp.config.publish_batch_window),
         };
         let gate = match self.gate {
             Gate::Open => None,
@@ -515,5 +534,49 @@ mod tests {
         assert_eq!(bp.stats.reconnects.load(Relaxed), 1);
         h.link.close(h.poll.registry());
         assert_eq!(bp.queue_depth(), 0);
+    }
+
+    #[test]
+    fn a_batch_window_holds_the_first_publication_then_writes_what_queued_together() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut cfg = RedisConfig::new(format!("redis://127.0.0.1:{port}"));
+        cfg.publish_batch_window = Duration::from_millis(60);
+        let bp = Backplane::new(cfg, 1);
+        let mut h = Harness {
+            poll: Poll::new().unwrap(),
+            events: Events::with_capacity(16),
+            link: CoreLink::new(&bp, 0, 1, LINK),
+            ready: Vec::new(),
+        };
+        let mut peer = accept(&mut h, &listener);
+        for _ in 0..3 {
+            h.pump(); // the connect completes; nothing to send without history or a password
+        }
+        let one = Arc::new(crate::bus::encode_dispatch(vec!["a".into()], "e", &1).unwrap());
+        let two = Arc::new(crate::bus::encode_dispatch(vec!["b".into()], "e", &2).unwrap());
+        let first = Instant::now();
+        h.link.publish(&one, None);
+        h.pump();
+        h.link.publish(&two, None);
+        h.pump();
+        let mut buf = [0; 4096];
+        let early = peer.read(&mut buf);
+        assert!(
+            first.elapsed() >= Duration::from_millis(60)
+                || matches!(&early, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "written before the window passed: {early:?}"
+        );
+        assert!(
+            h.link.next_deadline(Instant::now()).is_some(),
+            "the loop wakes for it"
+        );
+        let mut seen = Vec::new();
+        let sent = read_commands(&mut h, &mut peer, &mut seen, 2);
+        assert!(first.elapsed() >= Duration::from_millis(60));
+        assert_eq!(sent[0][..2], ["PUBLISH", "switchboard:u:a"]);
+        assert_eq!(sent[1][..2], ["PUBLISH", "switchboard:u:b"]);
+        h.link.close(h.poll.registry());
     }
 }

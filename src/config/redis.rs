@@ -10,6 +10,8 @@ pub const DEFAULT_PUBLISH_QUEUE: usize = 100_000;
 pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 /// Longest delay between reconnect attempts.
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Default [`RedisConfig::publish_batch_window`]: none, a write per loop turn.
+pub const DEFAULT_PUBLISH_BATCH_WINDOW: Duration = Duration::ZERO;
 /// Channel-name prefix for per-user routing.
 pub const DEFAULT_CHANNEL_PREFIX: &str = "switchboard";
 
@@ -35,6 +37,10 @@ pub struct RedisConfig {
     pub reconnect_min: Duration,
     /// Reconnect backoff bounds.
     pub reconnect_max: Duration,
+    /// How long a core holds its first unwritten publication so that more can share the write
+    /// (and Redis's replies and pub/sub writes with it); zero writes at the end of every loop
+    /// turn. Only for the cores' own links (per-user routing on one Redis).
+    pub publish_batch_window: Duration,
     /// Per-user channel prefix (`{prefix}:u:{user}`).
     pub channel_prefix: String,
     /// Redis Cluster seed nodes (`host:port`). When set, per-user channels use sharded pub/sub
@@ -51,6 +57,7 @@ impl RedisConfig {
             publish_queue: DEFAULT_PUBLISH_QUEUE,
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
+            publish_batch_window: DEFAULT_PUBLISH_BATCH_WINDOW,
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_string(),
             cluster: Vec::new(),
         }
@@ -74,6 +81,9 @@ impl RedisConfig {
         }
         if self.publish_queue == 0 {
             return Err("--publish-queue must be at least 1".into());
+        }
+        if self.publish_batch_window > Duration::from_millis(100) {
+            return Err("--publish-batch-window must be at most 100ms".into());
         }
         if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
             return Err("reconnect backoff: min must be above zero and at most max".into());
