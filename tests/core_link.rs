@@ -11,22 +11,6 @@ use common::*;
 use serde_json::json;
 use switchboard::backplane::Routing;
 
-/// Until the instance's subscription to `user` is confirmed a fresh connection misses what is
-/// published: probe (without acks) until one comes back.
-fn wait_live(c: &mut Client, user: &str) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        assert!(Instant::now() < deadline, "{user} never got its probe");
-        c.send_message(user, "probe");
-        let wait = Instant::now() + Duration::from_millis(300);
-        while let Some(Ok(tungstenite::Message::Text(t))) = c.next_message(wait) {
-            if t.contains("probe") {
-                return;
-            }
-        }
-    }
-}
-
 fn send(c: &mut Client, to: &str, text: &str, ack: u64) {
     c.send_json(&json!({"event": "sendMessage", "args": {"to": to, "text": text}, "ack": ack}));
 }

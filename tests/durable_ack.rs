@@ -35,22 +35,6 @@ fn history_texts(c: &mut Client, ack: u64) -> Vec<String> {
     texts
 }
 
-/// Until the instance's subscription to `user` is confirmed, a fresh connection misses what is
-/// published: probe with messages to self until one comes back.
-fn wait_live(c: &mut Client, user: &str) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        assert!(Instant::now() < deadline, "{user} never got its probe");
-        c.send_message(user, "probe");
-        let wait = Instant::now() + Duration::from_millis(300);
-        while let Some(Ok(tungstenite::Message::Text(t))) = c.next_message(wait) {
-            if t.contains("probe") {
-                return;
-            }
-        }
-    }
-}
-
 #[test]
 fn redis_ack_waits_for_redis_and_a_resend_is_stored_once() {
     let mut redis = TestRedis::start();

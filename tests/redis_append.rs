@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -103,23 +103,6 @@ fn send_acked(d: &mut Dev, to: &str, text: &str, client_id: Option<&str>, ack: u
     }
 }
 
-/// Until the instance's subscription to `user` is confirmed, a fresh connection misses what is
-/// published: probe with messages to self until one comes back.
-fn wait_live(d: &mut Dev, user: &str) {
-    let c = &mut d.c;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        assert!(Instant::now() < deadline, "{user} never got its probe");
-        c.send_message(user, "probe");
-        let wait = Instant::now() + Duration::from_millis(300);
-        while let Some(Ok(tungstenite::Message::Text(t))) = c.next_message(wait) {
-            if t.contains("probe") {
-                return;
-            }
-        }
-    }
-}
-
 /// The next `newMessage` with `text` (stray probes and other events skipped).
 fn recv_text(d: &mut Dev, text: &str) -> Value {
     loop {
@@ -163,8 +146,8 @@ fn a_message_is_one_script_call_for_both_users_and_dedupe_is_per_user() {
     );
     let mut u1 = Dev::new(s.connect("u1"));
     let mut u2 = Dev::new(s.connect("u2"));
-    wait_live(&mut u1, "u1");
-    wait_live(&mut u2, "u2");
+    wait_live(&mut u1.c, "u1");
+    wait_live(&mut u2.c, "u2");
     // Acked, so every probe before it went through Redis too (the publisher is FIFO).
     send_acked(&mut u1, "u1", "sync", None, 99);
     recv_text(&mut u1, "sync");
@@ -298,8 +281,8 @@ fn reads_keep_the_bounds_exact_although_trims_are_approximate() {
     );
     let mut u1 = Dev::new(s.connect("u1"));
     let mut u2 = Dev::new(s.connect("u2"));
-    wait_live(&mut u1, "u1");
-    wait_live(&mut u2, "u2");
+    wait_live(&mut u1.c, "u1");
+    wait_live(&mut u2.c, "u2");
     // Count: 25 events; a resume from the 11th newest is past the last 10.
     let mut offsets = Vec::new();
     for i in 0..25 {

@@ -414,6 +414,15 @@ mod tests {
     }
 
     impl Harness {
+        fn new(bp: &Arc<Backplane>) -> Self {
+            Harness {
+                poll: Poll::new().unwrap(),
+                events: Events::with_capacity(16),
+                link: CoreLink::new(bp, 0, 1, LINK),
+                ready: Vec::new(),
+            }
+        }
+
         /// One loop turn: events for the link, then its end-of-turn work.
         fn pump(&mut self) {
             let _ = self
@@ -455,6 +464,14 @@ mod tests {
         }
     }
 
+    /// The fake Redis: a non-blocking listener and its port.
+    fn fake_redis() -> (TcpListener, u16) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        (listener, port)
+    }
+
     fn accept(h: &mut Harness, listener: &TcpListener) -> StdStream {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -473,19 +490,12 @@ mod tests {
 
     #[test]
     fn publishes_settles_and_resends_after_a_lost_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = fake_redis();
         let mut cfg = RedisConfig::new(format!("redis://:pw@127.0.0.1:{port}/2"));
         cfg.reconnect_min = Duration::from_millis(10);
         cfg.reconnect_max = Duration::from_millis(50);
         let bp = Backplane::new(cfg, 1);
-        let mut h = Harness {
-            poll: Poll::new().unwrap(),
-            events: Events::with_capacity(16),
-            link: CoreLink::new(&bp, 0, 1, LINK),
-            ready: Vec::new(),
-        };
+        let mut h = Harness::new(&bp);
         let mut peer = accept(&mut h, &listener);
         let mut seen = Vec::new();
         let setup = read_commands(&mut h, &mut peer, &mut seen, 2);
@@ -538,18 +548,11 @@ mod tests {
 
     #[test]
     fn a_batch_window_holds_the_first_publication_then_writes_what_queued_together() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (listener, port) = fake_redis();
         let mut cfg = RedisConfig::new(format!("redis://127.0.0.1:{port}"));
         cfg.publish_batch_window = Duration::from_millis(60);
         let bp = Backplane::new(cfg, 1);
-        let mut h = Harness {
-            poll: Poll::new().unwrap(),
-            events: Events::with_capacity(16),
-            link: CoreLink::new(&bp, 0, 1, LINK),
-            ready: Vec::new(),
-        };
+        let mut h = Harness::new(&bp);
         let mut peer = accept(&mut h, &listener);
         for _ in 0..3 {
             h.pump(); // the connect completes; nothing to send without history or a password
