@@ -19,8 +19,6 @@ use crate::history::HistoryConfig;
 /// Most publications written and not yet answered; the rest waits (bounded) in the queue, so
 /// a slow Redis cannot grow the output buffer without limit.
 pub(crate) const MAX_IN_FLIGHT: usize = 4096;
-/// Most users one append script call serves (as the publisher thread).
-const MAX_USERS_PER_CALL: usize = 128;
 
 /// What the encoding needs to know, fixed at start.
 #[derive(Debug, Clone)]
@@ -189,7 +187,7 @@ impl Pipeline {
                 let batch: Vec<&Publication> = batch.collect();
                 let members: Vec<usize> = (0..batch.len()).collect();
                 let same = |a: usize, b: usize| Arc::ptr_eq(&batch[a].dispatch, &batch[b].dispatch);
-                for call in publisher::script_calls(&members, same, MAX_USERS_PER_CALL) {
+                for call in publisher::script_calls(&members, same, publisher::MAX_USERS_PER_CALL) {
                     let dispatch = &batch[call.start].dispatch;
                     let channels: Vec<String> = batch[call.clone()]
                         .iter()

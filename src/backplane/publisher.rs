@@ -18,8 +18,8 @@ use super::{Backoff, Backplane, Publication, Routing};
 /// Most publications in one pipeline.
 const MAX_BATCH: usize = 4096;
 /// Most users one append script call serves (a dispatch to more takes several calls), so one
-/// call does not hold Redis for long.
-const MAX_USERS_PER_CALL: usize = 128;
+/// call does not hold Redis for long. The cores' own links use it too.
+pub(super) const MAX_USERS_PER_CALL: usize = 128;
 /// Connect and I/O timeout for the publisher connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the publisher sleeps when the queue is empty (it is unparked on new work).
