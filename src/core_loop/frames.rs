@@ -121,6 +121,26 @@ impl CoreLoop {
         args: Args<'_>,
         ack: Option<u64>,
     ) {
+        if event == "refresh" {
+            return self.on_refresh(key, ack, args);
+        }
+        let Some(open) = self.conns.get_open(key) else {
+            return;
+        };
+        let user = open.user.clone();
+        if self.authorize(key, &user, event, args, ack) {
+            self.run_request(key, event, args, ack);
+        }
+    }
+
+    /// Runs an authorized request: the built-in history and room events, else its handler.
+    pub(super) fn run_request(
+        &mut self,
+        key: usize,
+        event: &str,
+        args: Args<'_>,
+        ack: Option<u64>,
+    ) {
         let Some(open) = self.conns.get_open(key) else {
             return;
         };
