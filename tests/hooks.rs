@@ -95,13 +95,18 @@ fn serve(stream: TcpStream, answer: &Answer, seen: &Mutex<Vec<(String, Value)>>)
 }
 
 fn server(url: String, fail_open: bool) -> TestServer {
+    server_with(url, fail_open, Duration::from_millis(500), 2)
+}
+
+fn server_with(url: String, fail_open: bool, timeout: Duration, cores: usize) -> TestServer {
     TestServer::with_config(Config {
         hooks: HooksConfig {
             url: Some(url),
-            timeout: Duration::from_millis(500),
+            timeout,
             fail_open,
             ..HooksConfig::default()
         },
+        cores,
         ..test_config()
     })
 }
@@ -117,7 +122,7 @@ fn application(path: &str, body: &Value) -> (Duration, String) {
         "/hooks/connect" => match body["user"].as_str() {
             Some("mallory") => json!({"allow": false, "reason": "banned"}),
             Some("alice") => json!({"allow": true, "rooms": ["ok:*"]}),
-            Some("slow") => return (Duration::from_secs(3), json!({"allow": true}).to_string()),
+            Some("slow") => return (Duration::from_secs(5), json!({"allow": true}).to_string()),
             _ => json!({"allow": true}),
         },
         "/hooks/join" if body["args"]["room"] == "secret" => {
@@ -229,8 +234,9 @@ fn a_hook_that_fails_after_the_upgrade_refuses_the_request_with_hook_unavailable
 #[test]
 fn a_slow_connect_hook_holds_up_no_other_connection() {
     let backend = Backend::start(application);
-    let server = server(backend.url(), false);
-    // `slow`'s hook answers after 3 s, past the 500 ms timeout: refused with 503.
+    // One core: a hook call made on the loop's thread would stall every connection.
+    let server = server_with(backend.url(), false, Duration::from_secs(3), 1);
+    // `slow`'s hook answers after 5 s, past the 3 s timeout: refused with 503.
     let slow = std::thread::spawn({
         let addr = server.addr;
         move || {
@@ -253,7 +259,7 @@ fn a_slow_connect_hook_holds_up_no_other_connection() {
     let (status, took) = slow.join().unwrap();
     assert_eq!(status, 503);
     assert!(
-        took < Duration::from_secs(3),
+        took >= Duration::from_secs(3) && took < Duration::from_secs(5),
         "the timeout ended it: {took:?}"
     );
 }
