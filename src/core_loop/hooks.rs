@@ -65,7 +65,8 @@ impl CoreLoop {
     }
 
     /// The connect hook for a Socket.IO CONNECT: the namespace is joined (or refused with
-    /// CONNECT_ERROR) when the verdict comes back. `false` when no hook is configured.
+    /// CONNECT_ERROR) when the verdict comes back. Without a hook the CONNECT is handed back
+    /// (`Err`) for the caller to accept at once.
     pub(super) fn ask_sio_connect_hook(
         &mut self,
         key: usize,
@@ -118,28 +119,29 @@ impl CoreLoop {
         ack: Option<u64>,
     ) -> bool {
         let rooms = self.shared.config.rooms_active();
-        if rooms && matches!(event, "joinRoom" | "sendRoomMessage") {
-            if let Ok(a) = args.parse::<RoomArgs<'_>>() {
-                let held = self.conns.get_open(key).and_then(|o| o.access.as_deref());
+        let room_event = rooms && matches!(event, "joinRoom" | "sendRoomMessage");
+        // Only a session with room permissions pays for reading the room here.
+        let held = self.conns.get_open(key).and_then(|o| o.access.as_deref());
+        let refused_room = match held.filter(|a| room_event && a.grant.is_some()) {
+            Some(access) => args.parse::<RoomArgs<'_>>().ok().and_then(|a| {
                 let allowed = if event == "joinRoom" {
-                    access::may_join(held, &a.room)
+                    access::may_join(Some(access), &a.room)
                 } else {
-                    access::may_send(held, &a.room)
+                    access::may_send(Some(access), &a.room)
                 };
-                if !allowed {
-                    let verb = if event == "joinRoom" {
-                        "join"
-                    } else {
-                        "send to"
-                    };
-                    let message = format!(
-                        "this session may not {verb} room {:?}",
-                        super::frames::truncate(&a.room, 64)
-                    );
-                    self.refuse_request(key, ack, ErrorCode::Forbidden, &message);
-                    return false;
-                }
-            }
+                (!allowed).then(|| super::frames::truncate(&a.room, 64).to_string())
+            }),
+            None => None,
+        };
+        if let Some(room) = refused_room {
+            let verb = if event == "joinRoom" {
+                "join"
+            } else {
+                "send to"
+            };
+            let message = format!("this session may not {verb} room {room:?}");
+            self.refuse_request(key, ack, ErrorCode::Forbidden, &message);
+            return false;
         }
         let Some(hooks) = self.shared.hooks.clone() else {
             return true;

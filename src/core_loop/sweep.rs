@@ -123,7 +123,7 @@ impl CoreLoop {
         for key in waited_out {
             self.reply(
                 key,
-                api::json_error(503, "redis did not answer in time"),
+                api::json_error(503, "no answer in time (redis, or the connect hook)"),
                 &[],
             );
         }
