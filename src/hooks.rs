@@ -163,6 +163,10 @@ fn ask(agent: &ureq::Agent, url: &str, body: &str) -> Result<HookVerdict, String
             ureq::Error::Status(code, _) => format!("status {code}"),
             ureq::Error::Transport(t) => t.to_string(),
         })?;
+    // Redirects are not followed (`redirects(0)`): a 3xx is a failed call too.
+    if !(200..300).contains(&response.status()) {
+        return Err(format!("status {}", response.status()));
+    }
     let mut text = Vec::new();
     response
         .into_reader()

@@ -15,17 +15,24 @@ use serde_json::{json, Value};
 use switchboard::config::hooks::HooksConfig;
 use switchboard::Config;
 
-type Answer = dyn Fn(&str, &Value) -> (Duration, String) + Send + Sync;
+/// How long the backend waits, then its status and JSON body.
+type Reply = (Duration, u16, String);
+type Answer = dyn Fn(&str, &Value) -> Reply + Send + Sync;
+
+/// An immediate `200` with `body`.
+fn ok(body: Value) -> Reply {
+    (Duration::ZERO, 200, body.to_string())
+}
 
 /// A backend on a free port: each request's path and JSON body are recorded, and `answer`
-/// says how long to wait and what to answer (HTTP 200, JSON).
+/// says how long to wait and what to answer.
 struct Backend {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<(String, Value)>>>,
 }
 
 impl Backend {
-    fn start(answer: impl Fn(&str, &Value) -> (Duration, String) + Send + Sync + 'static) -> Self {
+    fn start(answer: impl Fn(&str, &Value) -> Reply + Send + Sync + 'static) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -83,13 +90,13 @@ fn serve(stream: TcpStream, answer: &Answer, seen: &Mutex<Vec<(String, Value)>>)
     }
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     seen.lock().unwrap().push((path.clone(), body.clone()));
-    let (delay, text) = answer(&path, &body);
+    let (delay, status, text) = answer(&path, &body);
     std::thread::sleep(delay);
     let mut stream = reader.into_inner();
     let _ = write!(
         stream,
-        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{text}",
+        "HTTP/1.1 {status} Answer\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Location: /elsewhere\r\nConnection: close\r\n\r\n{text}",
         text.len()
     );
 }
@@ -111,18 +118,20 @@ fn server_with(url: String, fail_open: bool, timeout: Duration, cores: usize) ->
     })
 }
 
-fn now() -> Duration {
-    Duration::ZERO
-}
-
 /// Allows everyone but `mallory`; `alice` may only use rooms `ok:*`; the join of `secret`
 /// is refused; texts containing `darn` are rewritten.
-fn application(path: &str, body: &Value) -> (Duration, String) {
+fn application(path: &str, body: &Value) -> Reply {
     let answer = match path {
         "/hooks/connect" => match body["user"].as_str() {
             Some("mallory") => json!({"allow": false, "reason": "banned"}),
             Some("alice") => json!({"allow": true, "rooms": ["ok:*"]}),
-            Some("slow") => return (Duration::from_secs(5), json!({"allow": true}).to_string()),
+            Some("slow") => {
+                return (
+                    Duration::from_secs(5),
+                    200,
+                    json!({"allow": true}).to_string(),
+                )
+            }
             _ => json!({"allow": true}),
         },
         "/hooks/join" if body["args"]["room"] == "secret" => {
@@ -140,7 +149,7 @@ fn application(path: &str, body: &Value) -> (Duration, String) {
         }
         _ => json!({"allow": true}),
     };
-    (now(), answer.to_string())
+    ok(answer)
 }
 
 #[test]
@@ -220,15 +229,26 @@ fn an_unreachable_hook_fails_closed_by_default_and_open_when_asked() {
 
 #[test]
 fn a_hook_that_fails_after_the_upgrade_refuses_the_request_with_hook_unavailable() {
-    // Connects are allowed; joins answer garbage.
-    let backend = Backend::start(|path, _| match path {
-        "/hooks/join" => (now(), "not json".into()),
-        _ => (now(), json!({"allow": true}).to_string()),
+    // Connects are allowed; joins answer garbage; publishes an error status, or a redirect
+    // (not followed) with an allowing body.
+    let backend = Backend::start(|path, body| match path {
+        "/hooks/join" => (Duration::ZERO, 200, "not json".into()),
+        "/hooks/publish" if body["args"]["text"] == "500" => (Duration::ZERO, 500, "{}".into()),
+        "/hooks/publish" => (Duration::ZERO, 302, json!({"allow": true}).to_string()),
+        _ => ok(json!({"allow": true})),
     });
     let server = server(backend.url(), false);
     let mut u1 = server.connect("u1");
     let code = request_err(&mut u1, "joinRoom", json!({"room": "r"}), 1);
     assert_eq!(code, "hook_unavailable");
+    for (text, ack) in [("500", 2), ("302", 3)] {
+        let args = json!({"to": "u1", "text": text});
+        assert_eq!(
+            request_err(&mut u1, "sendMessage", args, ack),
+            "hook_unavailable"
+        );
+    }
+    u1.expect_silence(Duration::from_millis(100));
 }
 
 #[test]
