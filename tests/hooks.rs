@@ -304,3 +304,31 @@ fn a_socket_io_connect_refused_by_the_hook_is_a_connect_error() {
     let call = backend.calls("/hooks/connect");
     assert_eq!(call.last().unwrap()["transport"], "socketio");
 }
+
+#[test]
+fn the_binary_takes_the_hook_and_origin_flags() {
+    let backend = Backend::start(application);
+    let url = backend.url();
+    let server = ChildServer::spawn(&[
+        "--hook-url",
+        &url,
+        "--hook-timeout",
+        "1s",
+        "--allowed-origins",
+        "https://app.example",
+    ]);
+    let (status, body) = try_upgrade(server.addr, "/ws?token=mallory", "");
+    assert_eq!((status, body.trim()), (403, "banned"));
+    let evil = try_upgrade(
+        server.addr,
+        "/ws?token=bob",
+        "Origin: https://evil.example\r\n",
+    );
+    assert_eq!(evil.0, 403, "{}", evil.1);
+    let listed = try_upgrade(
+        server.addr,
+        "/ws?token=bob",
+        "Origin: https://app.example\r\n",
+    );
+    assert_eq!(listed.0, 101, "{}", listed.1);
+}
