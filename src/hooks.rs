@@ -11,7 +11,9 @@
 //! call (timeout, refused connection, non-2xx, bad JSON, full queue) refuses the request unless
 //! `--hook-fail-open`.
 
+use std::fmt::Write as _;
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
@@ -33,6 +35,17 @@ pub enum HookKind {
 }
 
 impl HookKind {
+    const ALL: [HookKind; 3] = [HookKind::Connect, HookKind::Join, HookKind::Publish];
+
+    /// The label in `/metrics`.
+    fn label(self) -> &'static str {
+        match self {
+            HookKind::Connect => "connect",
+            HookKind::Join => "join",
+            HookKind::Publish => "publish",
+        }
+    }
+
     /// The path under `--hook-url`.
     pub fn path(self) -> &'static str {
         match self {
@@ -64,6 +77,28 @@ pub struct HookCall {
 pub struct Hooks {
     queues: Vec<SyncSender<HookCall>>,
     fail_open: bool,
+    counts: Arc<Counts>,
+}
+
+/// Verdicts per hook (`[hook][allow, deny, failed]`), for `/metrics`.
+#[derive(Default)]
+struct Counts([[AtomicU64; 3]; 3]);
+
+impl Counts {
+    const FAILED: usize = 2;
+
+    /// The column of an answered call's verdict.
+    fn of(verdict: &HookVerdict) -> usize {
+        match verdict {
+            HookVerdict::Allow { .. } => 0,
+            HookVerdict::Deny(_) => 1,
+            HookVerdict::Failed(_) => Self::FAILED,
+        }
+    }
+
+    fn add(&self, kind: HookKind, column: usize) {
+        self.0[kind as usize][column].fetch_add(1, Relaxed);
+    }
 }
 
 #[derive(Deserialize)]
@@ -88,19 +123,21 @@ impl Hooks {
             .timeout(config.timeout)
             .redirects(0)
             .build();
+        let counts = Arc::new(Counts::default());
         let mut queues = Vec::with_capacity(config.concurrency);
         for n in 0..config.concurrency {
             let (tx, rx) = sync_channel(config.queue);
             let (agent, bus, base) = (agent.clone(), Arc::clone(bus), base.clone());
-            let fail_open = config.fail_open;
+            let (fail_open, counts) = (config.fail_open, Arc::clone(&counts));
             std::thread::Builder::new()
                 .name(format!("switchboard-hook-{n}"))
-                .spawn(move || work(&agent, &base, &bus, &rx, fail_open))?;
+                .spawn(move || work(&agent, &base, &bus, &rx, fail_open, &counts))?;
             queues.push(tx);
         }
         Ok(Some(Arc::new(Hooks {
             queues,
             fail_open: config.fail_open,
+            counts,
         })))
     }
 
@@ -111,12 +148,33 @@ impl Hooks {
         match self.queues[worker].try_send(call) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(call) | TrySendError::Disconnected(call)) => {
+                let verdict = failed("hook queue full".into(), self.fail_open);
+                self.counts.add(call.kind, Counts::FAILED);
                 Err(Box::new(HookDone {
                     key: call.key,
                     serial: call.serial,
-                    verdict: failed("hook queue full".into(), self.fail_open),
+                    verdict,
                     resume: call.resume,
                 }))
+            }
+        }
+    }
+
+    /// Appends `switchboard_hook_calls_total{hook, verdict}` to a `/metrics` body. A failed call
+    /// counts as `failed` whether it then refused or, with `--hook-fail-open`, allowed.
+    pub fn render_prometheus(&self, out: &mut String) {
+        out.push_str(
+            "# HELP switchboard_hook_calls_total Hook calls by hook and verdict.\n\
+             # TYPE switchboard_hook_calls_total counter\n",
+        );
+        for kind in HookKind::ALL {
+            for (column, verdict) in ["allow", "deny", "failed"].iter().enumerate() {
+                let n = self.counts.0[kind as usize][column].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "switchboard_hook_calls_total{{hook=\"{}\",verdict=\"{verdict}\"}} {n}",
+                    kind.label()
+                );
             }
         }
     }
@@ -136,12 +194,25 @@ fn failed(why: String, fail_open: bool) -> HookVerdict {
 }
 
 /// A worker: calls until the pool is dropped.
-fn work(agent: &ureq::Agent, base: &str, bus: &Bus, rx: &Receiver<HookCall>, fail_open: bool) {
+fn work(
+    agent: &ureq::Agent,
+    base: &str,
+    bus: &Bus,
+    rx: &Receiver<HookCall>,
+    fail_open: bool,
+    counts: &Counts,
+) {
     while let Ok(call) = rx.recv() {
         let url = format!("{base}{}", call.kind.path());
         let verdict = match ask(agent, &url, &call.body) {
-            Ok(verdict) => verdict,
-            Err(why) => failed(format!("{url}: {why}"), fail_open),
+            Ok(verdict) => {
+                counts.add(call.kind, Counts::of(&verdict));
+                verdict
+            }
+            Err(why) => {
+                counts.add(call.kind, Counts::FAILED);
+                failed(format!("{url}: {why}"), fail_open)
+            }
         };
         let done = HookDone {
             key: call.key,
@@ -227,13 +298,13 @@ mod tests {
 
     #[test]
     fn a_full_queue_fails_closed_or_open_at_once() {
-        let bus = Arc::new(Bus::new(1, 16));
         for fail_open in [false, true] {
             // A pool whose one worker never takes anything: its queue of one fills.
             let (tx, _rx) = sync_channel(1);
             let hooks = Hooks {
                 queues: vec![tx],
                 fail_open,
+                counts: Arc::default(),
             };
             let call = |n| HookCall {
                 kind: HookKind::Join,
@@ -251,7 +322,10 @@ mod tests {
             let done = hooks.call(call(2)).unwrap_err();
             assert_eq!(done.key, 2);
             assert_eq!(matches!(done.verdict, HookVerdict::Allow { .. }), fail_open);
+            let mut metrics = String::new();
+            hooks.render_prometheus(&mut metrics);
+            let failed_joins = r#"switchboard_hook_calls_total{hook="join",verdict="failed"} 1"#;
+            assert!(metrics.contains(failed_joins), "{metrics}");
         }
-        drop(bus);
     }
 }

@@ -158,6 +158,8 @@ fn the_connect_hook_refuses_with_403_before_the_upgrade_and_can_set_rooms() {
     let server = server(backend.url(), false);
     let (status, body) = try_upgrade(server.addr, "/ws?token=mallory", "Origin: http://test\r\n");
     assert_eq!((status, body.trim()), (403, "banned"));
+    let denied = r#"switchboard_hook_calls_total{hook="connect",verdict="deny"}"#;
+    assert_eq!(metric(server.addr, denied), 1);
     let call = &backend.calls("/hooks/connect")[0];
     assert_eq!(call["user"], "mallory");
     assert_eq!(call["transport"], "websocket");

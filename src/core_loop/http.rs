@@ -80,6 +80,9 @@ impl CoreLoop {
                 if let Some(bp) = &self.shared.backplane {
                     bp.render_prometheus(&mut body);
                 }
+                if let Some(hooks) = &self.shared.hooks {
+                    hooks.render_prometheus(&mut body);
+                }
                 let ct = "text/plain; version=0.0.4; charset=utf-8";
                 self.reply(key, http::response(200, ct, "", &body), &rest);
             }
