@@ -245,16 +245,20 @@ impl CoreLoop {
                 }
             }
             HookResume::Request { event, args, ack } => {
-                if self.conns.get_open_serial(key, serial).is_none() {
+                let Some(user) = self
+                    .conns
+                    .get_open_serial(key, serial)
+                    .map(|o| o.user.clone())
+                else {
                     return;
-                }
+                };
                 match verdict {
                     HookVerdict::Allow { text, .. } => {
                         let args = match text {
                             Some(text) => with_text(args.as_deref(), text),
                             None => args,
                         };
-                        self.run_request(key, &event, Args::new(args.as_deref()), ack);
+                        self.run_request(key, &user, &event, Args::new(args.as_deref()), ack);
                     }
                     HookVerdict::Deny(reason) => {
                         self.refuse_request(key, ack, ErrorCode::Forbidden, &reason);
