@@ -27,6 +27,7 @@ pub(crate) mod pipeline;
 pub mod publisher;
 mod room_routes;
 mod rooms_worker;
+pub(crate) use rooms_worker::api_queries::{ApiQuery, ApiTarget};
 pub mod subscriber;
 pub mod wire;
 
@@ -222,29 +223,6 @@ pub(crate) enum RoomJob {
         pending: Option<Arc<Dispatch>>,
     },
     Stop,
-}
-
-/// What a server API request asks Redis.
-#[derive(Debug)]
-pub(crate) enum ApiQuery {
-    /// The members of the room with a live connection.
-    Presence(RoomId),
-    /// The user's live connections in the cluster.
-    Connections(UserId),
-    /// The room's members (to publish to).
-    Members(RoomId),
-    /// Every user with a live connection (to publish to).
-    Online,
-    /// Close the user's connections on every instance.
-    Disconnect(UserId),
-}
-
-/// Where the answer to a server API request goes: a waiting HTTP connection.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ApiTarget {
-    pub core: usize,
-    pub key: usize,
-    pub serial: u64,
 }
 
 /// A successful join or leave, held by the subscriber until its routes show it (the room's

@@ -61,7 +61,7 @@ end
 }
 
 // After the macro: the server API's scripts use it too.
-mod api_queries;
+pub(super) mod api_queries;
 
 /// ARGV: prefix, node, room, user, max rooms per user, max members. Joins and tells every
 /// instance hosting the user, on the user's channel, in the same step.

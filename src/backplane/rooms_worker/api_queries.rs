@@ -4,9 +4,33 @@
 
 use redis::Script;
 
-use crate::backplane::{wire, ApiQuery};
+use crate::backplane::wire;
 use crate::bus::ApiData;
+use crate::rooms::RoomId;
 use crate::UserId;
+
+/// What a server API request asks Redis.
+#[derive(Debug)]
+pub(crate) enum ApiQuery {
+    /// The members of the room with a live connection.
+    Presence(RoomId),
+    /// The user's live connections in the cluster.
+    Connections(UserId),
+    /// The room's members (to publish to).
+    Members(RoomId),
+    /// Every user with a live connection (to publish to).
+    Online,
+    /// Close the user's connections on every instance.
+    Disconnect(UserId),
+}
+
+/// Where the answer to a server API request goes: a waiting HTTP connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ApiTarget {
+    pub core: usize,
+    pub key: usize,
+    pub serial: u64,
+}
 
 /// ARGV: prefix, node, room. The room's members with a live connection, sorted.
 const ROOM_ONLINE: &str = concat!(
