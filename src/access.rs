@@ -101,6 +101,8 @@ pub struct Access {
     pub expires_at_ms: Option<u64>,
     /// The rooms allowed; `None`: any room.
     pub grant: Option<RoomGrant>,
+    /// `grant` came from the connect hook: a `refresh` token's claims do not replace it.
+    pub hook_grant: bool,
 }
 
 impl Access {
@@ -112,6 +114,7 @@ impl Access {
             Box::new(Access {
                 expires_at_ms,
                 grant,
+                hook_grant: false,
             })
         })
     }

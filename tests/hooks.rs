@@ -334,3 +334,41 @@ fn the_binary_takes_the_hook_and_origin_flags() {
     );
     assert_eq!(listed.0, 101, "{}", listed.1);
 }
+
+#[test]
+fn rooms_set_by_the_connect_hook_survive_a_refresh() {
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+    let backend = Backend::start(application);
+    let server = TestServer::with_config(Config {
+        hooks: HooksConfig {
+            url: Some(backend.url()),
+            ..HooksConfig::default()
+        },
+        ..jwt_test_config(SECRET)
+    });
+    let token = |rooms: Value| {
+        jwt(
+            SECRET,
+            json!({"sub": "alice", "exp": now_secs() + 600, "rooms": rooms}),
+        )
+    };
+    let url = format!("ws://{}/ws?token={}", server.addr, token(json!(["*"])));
+    let mut alice = Client::connect_url(&url, "alice");
+    // The hook narrowed the token's `*` to `ok:*`.
+    assert_eq!(
+        request_err(&mut alice, "joinRoom", json!({"room": "other"}), 1),
+        "forbidden"
+    );
+    let refreshed = request_ok(
+        &mut alice,
+        "refresh",
+        json!({"token": token(json!(["*"]))}),
+        2,
+    );
+    assert!(refreshed["exp"].is_u64());
+    assert_eq!(
+        request_err(&mut alice, "joinRoom", json!({"room": "other"}), 3),
+        "forbidden"
+    );
+    request_ok(&mut alice, "joinRoom", json!({"room": "ok:1"}), 4);
+}

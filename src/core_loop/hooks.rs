@@ -202,12 +202,16 @@ impl CoreLoop {
                 }
                 match verdict {
                     HookVerdict::Allow { grant, .. } => {
-                        if grant.is_some() {
+                        let from_hook = grant.is_some();
+                        if from_hook {
                             identity.grant = grant;
                         }
                         let deadline = Instant::now() + self.shared.config.handshake_timeout;
                         self.conns.replace(key, |c| c.into_request(deadline));
                         self.admit_upgrade(key, *req, rest, Some(identity));
+                        if from_hook {
+                            self.mark_hook_grant(key);
+                        }
                     }
                     HookVerdict::Deny(reason) => {
                         add(&self.metrics().handshake_failures, 1);
@@ -232,10 +236,14 @@ impl CoreLoop {
                 }
                 match verdict {
                     HookVerdict::Allow { grant, .. } => {
-                        if grant.is_some() {
+                        let from_hook = grant.is_some();
+                        if from_hook {
                             identity.grant = grant;
                         }
                         self.sio_connected(key, &nsp, since, identity);
+                        if from_hook {
+                            self.mark_hook_grant(key);
+                        }
                     }
                     HookVerdict::Deny(reason) => self.sio_refuse_connect(key, &nsp, &reason),
                     HookVerdict::Failed(why) => {
@@ -272,8 +280,17 @@ impl CoreLoop {
         }
     }
 
+    /// The connection's rooms came from the connect hook: they stay for its life.
+    fn mark_hook_grant(&mut self, key: usize) {
+        let access = self.conns.get_open_mut(key).and_then(|o| o.access.as_mut());
+        if let Some(access) = access {
+            access.hook_grant = true;
+        }
+    }
+
     /// `refresh {token}`: a valid token for the same user extends the session to its `exp`
-    /// (and its room claims, when it has them, replace the session's).
+    /// (and its room claims, when it has them, replace the session's, unless the connect hook
+    /// set those).
     pub(super) fn on_refresh(&mut self, key: usize, ack: Option<u64>, args: Args<'_>) {
         let token = match args.parse::<RefreshArgs>() {
             Ok(a) => a.token,
@@ -294,8 +311,19 @@ impl CoreLoop {
             let message = "the token is for another user";
             return self.refuse_request(key, ack, ErrorCode::BadToken, message);
         }
-        let kept = open.access.take().and_then(|a| a.grant);
-        open.access = Access::new(identity.exp, leeway, identity.grant.or(kept));
+        let (kept, hook_grant) = match open.access.take() {
+            Some(a) => (a.grant, a.hook_grant),
+            None => (None, false),
+        };
+        let grant = if hook_grant {
+            kept
+        } else {
+            identity.grant.or(kept)
+        };
+        open.access = Access::new(identity.exp, leeway, grant);
+        if let Some(access) = open.access.as_mut() {
+            access.hook_grant = hook_grant;
+        }
         if ack.is_some() {
             let result = json!({ "exp": identity.exp });
             self.answer(key, ack, |a| protocol::encode_ack(a, &result));
