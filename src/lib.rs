@@ -29,6 +29,11 @@
 //!   one publication on the room's Redis channel that the instances hosting members subscribe
 //!   to. Presence (who is online, `presenceChanged`) and the per-user device limit are counted
 //!   in Redis (embedded: in memory), with a heartbeat per instance so a dead one's users expire.
+//! - The application stays in charge: [`access`] holds a session's room permissions (JWT
+//!   `rooms`/`rooms_read` claims, or the connect hook's answer) and its expiry (`exp`, moved by a
+//!   `refresh`); [`hooks`] asks the application's backend over HTTP before a connect, a join or
+//!   a publish, on worker threads; the server API under `/api` publishes to users, rooms or
+//!   everyone, disconnects users cluster-wide, and answers presence, counts and history.
 //! - [`metrics`] are per-core counters summed on demand for `/metrics` and `/healthz`.
 //! - [`web`] is the chat page served at `GET /`, a browser client of the public protocol.
 //! - [`config`] holds every bound and its documented default.
