@@ -305,6 +305,14 @@ fn a_socket_io_connect_refused_by_the_hook_is_a_connect_error() {
     assert!(next_text(&mut ws).starts_with("40{"), "connected");
     let call = backend.calls("/hooks/connect");
     assert_eq!(call.last().unwrap()["transport"], "socketio");
+
+    // A second CONNECT while the first waits for the hook breaks the protocol: 4002.
+    let mut twice = RawWs::connect_path(server.addr, "/socket.io/?EIO=4&transport=websocket");
+    assert!(next_text(&mut twice).starts_with('0'), "the open packet");
+    twice.send_text_bytes(br#"40{"token":"slow"}"#);
+    twice.send_text_bytes(br#"40{"token":"slow"}"#);
+    let code = twice.read_until_close(Instant::now() + DEADLINE, &mut Vec::new());
+    assert_eq!(code, Some(4002));
 }
 
 #[test]

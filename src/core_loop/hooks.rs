@@ -19,6 +19,7 @@ use crate::http::{self, Request};
 use crate::metrics::add;
 use crate::protocol::{self, CloseReason, ErrorCode};
 use crate::rooms::RoomArgs;
+use crate::socketio::Namespace;
 use crate::UserId;
 
 #[derive(Deserialize)]
@@ -74,10 +75,16 @@ impl CoreLoop {
         since: Option<String>,
         identity: Identity,
     ) -> Result<(), Box<(Option<String>, Identity)>> {
-        let (Some(hooks), Some(open)) = (self.shared.hooks.clone(), self.conns.get_open(key))
-        else {
+        let (Some(hooks), Some(open), Some(ns)) = (
+            self.shared.hooks.clone(),
+            self.conns.get_open_mut(key),
+            Namespace::from_name(nsp),
+        ) else {
             return Err(Box::new((since, identity)));
         };
+        if let Some(session) = open.sio.as_deref_mut() {
+            session.connecting.insert(ns);
+        }
         let body = json!({
             "user": &*identity.user,
             "claims": identity.claims,
@@ -231,8 +238,13 @@ impl CoreLoop {
                 since,
                 mut identity,
             } => {
-                if self.conns.get_open_serial(key, serial).is_none() {
+                let Some(open) = self.conns.get_open_mut(key).filter(|o| o.serial == serial) else {
                     return;
+                };
+                if let (Some(session), Some(ns)) =
+                    (open.sio.as_deref_mut(), Namespace::from_name(&nsp))
+                {
+                    session.connecting.remove(ns);
                 }
                 match verdict {
                     HookVerdict::Allow { grant, .. } => {

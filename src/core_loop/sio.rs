@@ -96,12 +96,16 @@ impl CoreLoop {
             Err(e) => return self.sio_refuse(key, &e),
         };
         let ns = Namespace::from_name(packet.nsp);
-        let joined = match (ns, self.session(key)) {
-            (Some(ns), Some(s)) => s.namespaces.contains(ns),
-            _ => false,
+        // A second CONNECT while one waits for the connect hook breaks the protocol like a
+        // CONNECT for a namespace already joined.
+        let (joined, connecting) = match (ns, self.session(key)) {
+            (Some(ns), Some(s)) => (s.namespaces.contains(ns), s.connecting.contains(ns)),
+            _ => (false, false),
         };
         match (packet.kind, ns) {
-            (PacketType::Connect, _) if !joined => self.sio_connect(key, packet.nsp, packet.data),
+            (PacketType::Connect, _) if !joined && !connecting => {
+                self.sio_connect(key, packet.nsp, packet.data)
+            }
             (PacketType::Event, Some(ns)) if joined => {
                 self.sio_event(key, ns, packet.id, packet.data)
             }
