@@ -1,6 +1,7 @@
-//! The history HTTP API's request checks and responses: `GET /api/history` and
-//! `POST /api/publish`. The core loop owns the sockets; this module only says what a request
-//! asks for, or which 4xx it gets.
+//! The HTTP API's request checks and responses: `GET /api/history`, `POST /api/publish` (to
+//! users, a room or everyone), `POST /api/disconnect`, `GET /api/presence`,
+//! `GET /api/connections`. The core loop owns the sockets; this module only says what a
+//! request asks for, or which 4xx it gets.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -78,11 +79,11 @@ pub struct PageArgs<'a> {
     pub before: Option<std::borrow::Cow<'a, str>>,
 }
 
-/// Checks `Authorization: Bearer <key>` for `POST /api/publish`: 404 when no key is configured
-/// (the route is off), 401 when the key is missing or wrong.
+/// Checks `Authorization: Bearer <key>` for the server API routes: 404 when no key is
+/// configured (the routes are off), 401 when the key is missing or wrong.
 pub fn check_api_key(req: &Request, config: &HistoryConfig) -> Result<(), ApiError> {
     let Some(key) = config.api_key.as_deref() else {
-        return Err(ApiError::new(404, "publish API disabled: no --api-key set"));
+        return Err(ApiError::new(404, "server API disabled: no --api-key set"));
     };
     let given = req.bearer.as_deref().unwrap_or("");
     if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
@@ -119,29 +120,65 @@ pub fn publish_body_len(req: &Request, config: &HistoryConfig) -> Result<usize, 
 
 #[derive(Deserialize)]
 struct PublishBody<'a> {
-    users: Vec<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    users: Option<Vec<std::borrow::Cow<'a, str>>>,
+    #[serde(default, borrow)]
+    room: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    everyone: bool,
     #[serde(borrow)]
     event: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     args: &'a RawValue,
 }
 
-/// Parses and checks a publish body: JSON with `users` (1 to `max_publish_users` valid ids),
-/// `event` (non-empty) and `args`. Nothing is dispatched unless all of it is valid.
-/// The dispatch's users are sorted and distinct; its frame is encoded once.
+/// Who a publication goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// The users listed (the dispatch's users).
+    Users,
+    /// The members of this room (valid name), looked up before publishing.
+    Room(String),
+    /// Every user online in the cluster, looked up before publishing.
+    Everyone,
+}
+
+/// Parses and checks a publish body: JSON with exactly one of `users` (1 to
+/// `max_publish_users` valid ids), `room` (a room name) or `"everyone": true`, plus `event`
+/// (non-empty) and `args`. Nothing is dispatched unless all of it is valid. The dispatch's
+/// users are sorted and distinct (empty for a room or everyone, filled once looked up); its
+/// frame is encoded once.
 pub fn parse_publish(
     body: &[u8],
     config: &HistoryConfig,
-) -> Result<crate::bus::Dispatch, ApiError> {
+) -> Result<(Audience, crate::bus::Dispatch), ApiError> {
     let p: PublishBody<'_> =
         serde_json::from_slice(body).map_err(|e| ApiError::new(400, format!("bad body: {e}")))?;
     if p.event.is_empty() || p.event.len() > 256 {
         return Err(ApiError::new(400, "event must be 1 to 256 bytes"));
     }
-    if p.users.is_empty() {
+    let targets =
+        usize::from(p.users.is_some()) + usize::from(p.room.is_some()) + usize::from(p.everyone);
+    if targets != 1 {
+        return Err(ApiError::new(
+            400,
+            "give exactly one of users, room or \"everyone\": true",
+        ));
+    }
+    let (audience, users) = match (p.users, p.room) {
+        (Some(users), _) => (Audience::Users, users),
+        (None, Some(room)) => {
+            if !crate::rooms::valid_room(&room, 200) {
+                return Err(ApiError::new(400, "invalid room name"));
+            }
+            (Audience::Room(room.into_owned()), Vec::new())
+        }
+        (None, None) => (Audience::Everyone, Vec::new()),
+    };
+    if audience == Audience::Users && users.is_empty() {
         return Err(ApiError::new(400, "users must not be empty"));
     }
-    if let Some(bad) = p.users.iter().find(|u| !crate::auth::valid_user_id(u)) {
+    if let Some(bad) = users.iter().find(|u| !crate::auth::valid_user_id(u)) {
         return Err(ApiError::new(
             400,
             format!(
@@ -150,7 +187,7 @@ pub fn parse_publish(
             ),
         ));
     }
-    let mut users: Vec<UserId> = p.users.iter().map(|u| UserId::from(u.as_ref())).collect();
+    let mut users: Vec<UserId> = users.iter().map(|u| UserId::from(u.as_ref())).collect();
     users.sort_unstable();
     users.dedup();
     // Distinct users count: a repeated id costs one delivery.
@@ -160,8 +197,32 @@ pub fn parse_publish(
             format!("more than {} users", config.max_publish_users),
         ));
     }
-    crate::bus::encode_dispatch(users, &p.event, p.args)
-        .map_err(|e| ApiError::new(400, format!("cannot encode: {e}")))
+    let dispatch = crate::bus::encode_dispatch(users, &p.event, p.args)
+        .map_err(|e| ApiError::new(400, format!("cannot encode: {e}")))?;
+    Ok((audience, dispatch))
+}
+
+#[derive(Deserialize)]
+struct DisconnectBody<'a> {
+    #[serde(borrow)]
+    user: std::borrow::Cow<'a, str>,
+}
+
+/// Parses `{"user": "..."}` of `POST /api/disconnect`.
+pub fn parse_disconnect(body: &[u8]) -> Result<UserId, ApiError> {
+    let d: DisconnectBody<'_> =
+        serde_json::from_slice(body).map_err(|e| ApiError::new(400, format!("bad body: {e}")))?;
+    if !crate::auth::valid_user_id(&d.user) {
+        return Err(ApiError::new(400, "invalid user id"));
+    }
+    Ok(UserId::from(d.user.as_ref()))
+}
+
+/// The query parameter `name`, required: 400 naming it when absent or empty.
+pub fn required_param(req: &Request, name: &str) -> Result<String, ApiError> {
+    req.query_param(name)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ApiError::new(400, format!("?{name}= is required")))
 }
 
 /// `{"offsets":{"u1":"A-B",...}}`.
@@ -189,8 +250,9 @@ mod tests {
     #[test]
     fn publish_bodies_are_checked_before_anything_goes_out() {
         let c = config();
-        let ok =
+        let (audience, ok) =
             parse_publish(br#"{"users":["b","a","b"],"event":"e","args":{"x":1}}"#, &c).unwrap();
+        assert_eq!(audience, Audience::Users);
         assert_eq!(&*ok.users, &[UserId::from("a"), UserId::from("b")]);
         assert_eq!(ok.frame.as_str(), r#"{"event":"e","args":{"x":1}}"#);
         for bad in [
@@ -203,10 +265,28 @@ mod tests {
             br#"{"users":[""],"event":"e","args":1}"#,
             br#"{"users":["a"],"event":"","args":1}"#,
             br#"{"users":"a","event":"e","args":1}"#,
+            br#"{"users":["a"],"room":"r","event":"e","args":1}"#,
+            br#"{"room":"bad room","event":"e","args":1}"#,
+            br#"{"everyone":false,"event":"e","args":1}"#,
         ] {
             let e = parse_publish(bad, &c).unwrap_err();
             assert_eq!(e.status, 400, "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn rooms_everyone_and_disconnect_bodies() {
+        let c = config();
+        let (audience, d) =
+            parse_publish(br#"{"room":"team:1","event":"e","args":1}"#, &c).unwrap();
+        assert_eq!(audience, Audience::Room("team:1".into()));
+        assert!(d.users.is_empty());
+        let (audience, _) =
+            parse_publish(br#"{"everyone":true,"event":"e","args":1}"#, &c).unwrap();
+        assert_eq!(audience, Audience::Everyone);
+        assert_eq!(&*parse_disconnect(br#"{"user":"u1"}"#).unwrap(), "u1");
+        assert_eq!(parse_disconnect(br#"{"user":""}"#).unwrap_err().status, 400);
+        assert_eq!(parse_disconnect(b"{}").unwrap_err().status, 400);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use crate::access::{GrantClaims, RoomGrant};
 use crate::config::{AuthMode, MAX_USER_ID_BYTES};
 use crate::UserId;
 
@@ -33,6 +34,23 @@ pub enum AuthError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(flatten)]
+    grant: GrantClaims,
+}
+
+/// What a verified token says: who, until when, and where (see [`crate::access`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The user id (`sub`, or the dev token).
+    pub user: UserId,
+    /// The JWT's `exp` in Unix seconds; `None` in dev mode (such a session does not expire).
+    pub exp: Option<u64>,
+    /// The rooms the `rooms`/`rooms_read` claims allow; `None` without either claim.
+    pub grant: Option<RoomGrant>,
+    /// The token's whole claims, for the connect hook; `None` in dev mode.
+    pub claims: Option<serde_json::Value>,
 }
 
 /// Verifies tokens according to the configured [`AuthMode`].
@@ -93,20 +111,44 @@ impl Authenticator {
 
     /// Verifies `token` and returns the user id it names.
     pub fn authenticate(&self, token: Option<&str>) -> Result<UserId, AuthError> {
+        self.identify(token).map(|identity| identity.user)
+    }
+
+    /// Verifies `token` and returns everything the session needs from it.
+    pub fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
-        let user = match &self.mode {
-            Mode::Dev => token.to_string(),
+        let identity = match &self.mode {
+            Mode::Dev => Identity {
+                user: UserId::from(token),
+                exp: None,
+                grant: None,
+                claims: None,
+            },
             Mode::Jwt { key, validation } => {
-                match jsonwebtoken::decode::<Claims>(token, key, validation) {
-                    Ok(data) => data.claims.sub,
-                    Err(e) => return Err(map_jwt_error(e.kind())),
+                let claims = jsonwebtoken::decode::<serde_json::Value>(token, key, validation)
+                    .map_err(|e| map_jwt_error(e.kind()))?
+                    .claims;
+                let typed = Claims::deserialize(&claims).map_err(|_| AuthError::Malformed)?;
+                Identity {
+                    user: UserId::from(typed.sub),
+                    exp: typed.exp,
+                    grant: typed.grant.grant(),
+                    claims: Some(claims),
                 }
             }
         };
-        if !valid_user_id(&user) {
+        if !valid_user_id(&identity.user) {
             return Err(AuthError::Malformed);
         }
-        Ok(UserId::from(user))
+        Ok(identity)
+    }
+
+    /// The clock-skew allowance for `exp`, in seconds (0 in dev mode).
+    pub fn leeway_secs(&self) -> u64 {
+        match &self.mode {
+            Mode::Dev => 0,
+            Mode::Jwt { validation, .. } => validation.leeway,
+        }
     }
 }
 
@@ -177,6 +219,27 @@ mod tests {
     fn good_jwt_yields_sub() {
         let t = token(json!({"sub": "u1", "exp": now() + 60}), SECRET);
         assert_eq!(&*jwt_auth().authenticate(Some(&t)).unwrap(), "u1");
+    }
+
+    #[test]
+    fn identity_carries_exp_and_the_room_claims() {
+        let exp = now() + 60;
+        let t = token(
+            json!({"sub": "u1", "exp": exp, "rooms": ["team:*"], "rooms_read": ["news"]}),
+            SECRET,
+        );
+        let id = jwt_auth().identify(Some(&t)).unwrap();
+        assert_eq!(id.exp, Some(exp));
+        let grant = id.grant.unwrap();
+        assert!(grant.may_send("team:1") && grant.may_join("news") && !grant.may_send("news"));
+        assert_eq!(id.claims.unwrap()["rooms_read"][0], "news");
+        let plain = token(json!({"sub": "u1", "exp": exp}), SECRET);
+        assert_eq!(jwt_auth().identify(Some(&plain)).unwrap().grant, None);
+        let bad_rooms = token(json!({"sub": "u1", "exp": exp, "rooms": "x"}), SECRET);
+        assert_eq!(
+            jwt_auth().identify(Some(&bad_rooms)),
+            Err(AuthError::Malformed)
+        );
     }
 
     #[test]

@@ -15,7 +15,12 @@ use mio::Waker;
 use serde::Serialize;
 use tungstenite::Utf8Bytes;
 
+use serde_json::value::RawValue;
+
+use crate::access::RoomGrant;
+use crate::auth::Identity;
 use crate::history::{Delivery, Replay};
+use crate::http::Request;
 use crate::protocol::{encode_dispatch_frame, DispatchFrame};
 use crate::socketio::FrameCache;
 use crate::types::{Offset, UserId};
@@ -49,6 +54,97 @@ pub enum CoreMsg {
     /// published before the subscription took effect is in the user's history but reached
     /// none of its devices here, so its open connections resume from their last offset.
     ResyncUser(UserId),
+    /// The application's hook answered (or failed) for a connection's parked request.
+    Hook(Box<HookDone>),
+    /// Close every connection of this user here with 4011 (`POST /api/disconnect`).
+    Disconnect(UserId),
+    /// The answer to a server API request that went to Redis (presence, counts, members).
+    Api(Box<ApiAnswer>),
+}
+
+/// What the application's hook said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookVerdict {
+    /// Go on. `grant` (connect only) replaces the token's rooms; `text` (publish only)
+    /// replaces the message's text.
+    Allow {
+        /// Rooms the connection may use, from the answer's `rooms`/`rooms_read`.
+        grant: Option<RoomGrant>,
+        /// The rewritten text.
+        text: Option<String>,
+    },
+    /// Refused, with the answer's `reason`.
+    Deny(String),
+    /// The hook could not be asked or gave no usable answer, and hooks fail closed.
+    Failed(String),
+}
+
+/// What a connection was doing when it asked the hook, so it can go on where it stopped.
+#[derive(Debug)]
+pub enum HookResume {
+    /// A native WebSocket upgrade, checked and authenticated, waiting to be answered.
+    Upgrade {
+        /// The request head.
+        req: Box<Request>,
+        /// Bytes read after the head.
+        rest: Vec<u8>,
+        /// The verified token.
+        identity: Identity,
+    },
+    /// A Socket.IO CONNECT, authenticated.
+    SioConnect {
+        /// Its namespace name.
+        nsp: String,
+        /// Its `since` (resume from), if any.
+        since: Option<String>,
+        /// The verified token.
+        identity: Identity,
+    },
+    /// A client request (`joinRoom`, `sendRoomMessage`, `sendMessage`).
+    Request {
+        /// The event.
+        event: String,
+        /// Its args, as sent.
+        args: Option<Box<RawValue>>,
+        /// Its ack (native or tagged Socket.IO).
+        ack: Option<u64>,
+    },
+}
+
+/// A hook's verdict for the connection `key` with `serial` on the receiving core.
+#[derive(Debug)]
+pub struct HookDone {
+    /// The connection's slab key.
+    pub key: usize,
+    /// The connection's serial (a reused slot has another).
+    pub serial: u64,
+    /// The verdict.
+    pub verdict: HookVerdict,
+    /// Where the connection stopped.
+    pub resume: HookResume,
+}
+
+/// The answer to a server API request for the waiting HTTP connection `key` with `serial`.
+#[derive(Debug)]
+pub struct ApiAnswer {
+    /// The connection's slab key.
+    pub key: usize,
+    /// The connection's serial.
+    pub serial: u64,
+    /// The JSON body to answer with, a user list to publish `pending` to, or why Redis could
+    /// not answer.
+    pub result: Result<ApiData, String>,
+    /// A publication waiting for its users (room or everyone).
+    pub pending: Option<Arc<Dispatch>>,
+}
+
+/// What Redis answered to a server API request.
+#[derive(Debug)]
+pub enum ApiData {
+    /// The body of a 200.
+    Json(String),
+    /// Users to publish the pending dispatch to.
+    Users(Vec<UserId>),
 }
 
 /// One room event for the local connections of `members`. One frame, shared by every member

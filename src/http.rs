@@ -7,6 +7,8 @@
 
 use std::fmt::Write as _;
 
+use crate::config::hooks::Origins;
+
 /// Most headers a request may carry before it is refused with 431.
 const MAX_HEADERS: usize = 64;
 
@@ -31,9 +33,16 @@ pub struct Request {
     pub content_length: Option<usize>,
     /// `Expect: 100-continue`: the client waits for `100 Continue` before sending its body.
     pub expect_continue: bool,
+    /// `Origin` (sent by browsers).
+    pub origin: Option<String>,
+    /// `Host`.
+    pub host: Option<String>,
 }
 
 /// What a buffer holding the start of a request amounts to so far.
+// One per request head, moved once into the route: boxing the request would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parse {
     /// More bytes are needed.
@@ -102,6 +111,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, RequestError> {
             }
         } else if name.eq_ignore_ascii_case("content-length") {
             out.content_length = value.parse().ok();
+        } else if name.eq_ignore_ascii_case("origin") {
+            out.origin = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("host") {
+            out.host = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("expect") {
             out.expect_continue = value.eq_ignore_ascii_case("100-continue");
         }
@@ -124,6 +137,54 @@ impl Request {
     pub fn token(&self) -> Option<String> {
         self.bearer.clone().or_else(|| self.query_param("token"))
     }
+}
+
+/// Whether a request from `origin` may upgrade or read `/api` answers (`--allowed-origins`).
+/// A request without `Origin` does not come from a browser page and passes: the check stops
+/// other sites' pages from using a visitor's browser (cross-site WebSocket hijacking).
+pub fn origin_allowed(origins: &Origins, dev: bool, req: &Request) -> bool {
+    let Some(origin) = req.origin.as_deref() else {
+        return true;
+    };
+    match origins {
+        Origins::Any => true,
+        Origins::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        Origins::Default if dev => true,
+        // Same origin: the page was served by this host.
+        Origins::Default => {
+            let host = origin.split_once("://").map_or("", |(_, h)| h);
+            req.host
+                .as_deref()
+                .is_some_and(|h| !h.is_empty() && h.eq_ignore_ascii_case(host))
+        }
+    }
+}
+
+/// The CORS headers an `/api` answer to `origin` carries: only for an origin listed in
+/// `--allowed-origins` (or any, with `*`); none otherwise, so browsers keep other pages out.
+pub fn cors_headers(origins: &Origins, req: &Request) -> Option<String> {
+    let origin = req.origin.as_deref()?;
+    let allowed = match origins {
+        Origins::Any => true,
+        Origins::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        Origins::Default => false,
+    };
+    allowed.then(|| {
+        format!(
+            "Access-Control-Allow-Origin: {origin}\r\nVary: Origin\r\n\
+             Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n\
+             Access-Control-Allow-Headers: Authorization, Content-Type\r\n\
+             Access-Control-Max-Age: 600\r\n"
+        )
+    })
+}
+
+/// Inserts `headers` (each ending in CRLF) after the status line of `response`.
+pub fn with_headers(mut response: Vec<u8>, headers: &str) -> Vec<u8> {
+    if let Some(at) = response.windows(2).position(|w| w == b"\r\n") {
+        response.splice(at + 2..at + 2, headers.bytes());
+    }
+    response
 }
 
 /// Decodes `%XX` escapes and `+` (as space); invalid escapes are kept literally.
@@ -164,8 +225,10 @@ pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
@@ -222,6 +285,43 @@ pub fn valid_ws_key(key: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use crate::config::hooks::Origins;
+
+    fn from(origin: Option<&str>, host: &str) -> Request {
+        Request {
+            origin: origin.map(String::from),
+            host: Some(host.into()),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn origins_are_checked_as_configured() {
+        let list = Origins::List(vec!["https://app.example".into()]);
+        let site = from(Some("https://app.example"), "ws.example");
+        let evil = from(Some("https://evil.example"), "ws.example");
+        let same = from(Some("http://ws.example"), "ws.example");
+        let none = from(None, "ws.example");
+        assert!(origin_allowed(&list, false, &site));
+        assert!(!origin_allowed(&list, false, &evil));
+        assert!(origin_allowed(&list, false, &none));
+        assert!(origin_allowed(&Origins::Default, true, &evil));
+        assert!(!origin_allowed(&Origins::Default, false, &evil));
+        assert!(origin_allowed(&Origins::Default, false, &same));
+        assert!(origin_allowed(&Origins::Any, false, &evil));
+        assert!(cors_headers(&list, &site)
+            .unwrap()
+            .contains("https://app.example"));
+        assert_eq!(cors_headers(&list, &evil), None);
+        assert_eq!(cors_headers(&Origins::Default, &site), None);
+    }
+
+    #[test]
+    fn headers_go_after_the_status_line() {
+        let r = with_headers(response(200, "text/plain", "", "hi"), "X-A: 1\r\n");
+        let text = String::from_utf8(r).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Type"));
+    }
     use super::*;
 
     #[test]

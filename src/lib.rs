@@ -29,6 +29,11 @@
 //!   one publication on the room's Redis channel that the instances hosting members subscribe
 //!   to. Presence (who is online, `presenceChanged`) and the per-user device limit are counted
 //!   in Redis (embedded: in memory), with a heartbeat per instance so a dead one's users expire.
+//! - The application stays in charge: [`access`] holds a session's room permissions (JWT
+//!   `rooms`/`rooms_read` claims, or the connect hook's answer) and its expiry (`exp`, moved by a
+//!   `refresh`); [`hooks`] asks the application's backend over HTTP before a connect, a join or
+//!   a publish, on worker threads; the server API under `/api` publishes to users, rooms or
+//!   everyone, disconnects users cluster-wide, and answers presence, counts and history.
 //! - [`metrics`] are per-core counters summed on demand for `/metrics` and `/healthz`.
 //! - [`web`] is the chat page served at `GET /`, a browser client of the public protocol.
 //! - [`config`] holds every bound and its documented default.
@@ -43,21 +48,23 @@
 //! 1. [`types`]: leaf types (`UserId`, `RoomId`, `Offset`) and the wall clock; imports nothing.
 //! 2. [`config`]: `Config`, its validation and defaults, one file per feature's settings.
 //! 3. [`protocol`]: the envelope codec, error codes and close reasons.
-//! 4. [`http`]: the HTTP/1.1 request parser and the responses.
-//! 5. [`metrics`]: per-core counters and their `/metrics` and `/healthz` renderings.
-//! 6. [`socketio`]: the Socket.IO and Engine.IO codec and the per-dispatch frame cache.
-//! 7. [`web`]: the chat page.
-//! 8. [`auth`]: tokens to user ids.
-//! 9. [`history`]: offsets on frames, the embedded store, the Redis append script.
-//! 10. [`rooms`]: room rules, room frames, the embedded registry.
-//! 11. [`user_index`]: a core's user → connections index.
-//! 12. [`bus`]: the per-core inboxes and what travels on them (`Dispatch`, `AckWaiter`).
-//! 13. [`api`]: the HTTP API's request parsing and answers.
-//! 14. [`handlers`]: the handler registry, the handler context, `sendMessage`.
-//! 15. [`connection`]: a connection's states.
-//! 16. [`backplane`]: the Redis publishing links and publisher, subscriber and workers.
-//! 17. `core_loop`: one core's event loop.
-//! 18. [`runtime`]: the threads, start and stop.
+//! 4. [`access`]: room permissions from token claims or the connect hook, session expiry.
+//! 5. [`http`]: the HTTP/1.1 request parser, the responses, origins and CORS.
+//! 6. [`metrics`]: per-core counters and their `/metrics` and `/healthz` renderings.
+//! 7. [`socketio`]: the Socket.IO and Engine.IO codec and the per-dispatch frame cache.
+//! 8. [`web`]: the chat page.
+//! 9. [`auth`]: tokens to user ids, expiry and room claims.
+//! 10. [`history`]: offsets on frames, the embedded store, the Redis append script.
+//! 11. [`rooms`]: room rules, room frames, the embedded registry.
+//! 12. [`user_index`]: a core's user → connections index.
+//! 13. [`bus`]: the per-core inboxes and what travels on them (`Dispatch`, `AckWaiter`).
+//! 14. [`api`]: the HTTP API's request parsing and answers.
+//! 15. [`handlers`]: the handler registry, the handler context, `sendMessage`.
+//! 16. [`hooks`]: the application backend's HTTP hooks, called by a pool of worker threads.
+//! 17. [`connection`]: a connection's states.
+//! 18. [`backplane`]: the Redis publishing links and publisher, subscriber and workers.
+//! 19. `core_loop`: one core's event loop.
+//! 20. [`runtime`]: the threads, start and stop.
 //!
 //! Embedding: build a [`Config`], add handlers to a [`Server`], call [`Server::start`].
 //!
@@ -84,6 +91,7 @@ pub mod config;
 
 pub mod protocol;
 
+pub mod access;
 pub mod http;
 pub mod metrics;
 pub mod socketio;
@@ -98,6 +106,7 @@ pub mod bus;
 
 pub mod api;
 pub mod handlers;
+pub mod hooks;
 
 pub mod connection;
 

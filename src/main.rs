@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use switchboard::backplane::{self, RedisConfig, Routing};
-use switchboard::config::{self, AuthMode, Config};
+use switchboard::config::{self, hooks, AuthMode, Config};
 use switchboard::history;
 use switchboard::rooms;
 use switchboard::Server;
@@ -190,6 +190,33 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL", default_value = "30s", value_parser = parse_duration)]
     presence_ttl: Duration,
 
+    /// The application backend's hooks: `POST BASE/connect`, `BASE/join`, `BASE/publish`
+    /// (http:// only). Without it, no hooks.
+    #[arg(long, env = "SWITCHBOARD_HOOK_URL")]
+    hook_url: Option<String>,
+
+    /// How long one hook call may take; past it the call failed.
+    #[arg(long, env = "SWITCHBOARD_HOOK_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    hook_timeout: Duration,
+
+    /// Hook calls in flight at once (worker threads).
+    #[arg(long, env = "SWITCHBOARD_HOOK_CONCURRENCY", default_value_t = hooks::DEFAULT_HOOK_CONCURRENCY)]
+    hook_concurrency: usize,
+
+    /// Hook calls waiting per worker; a call past it fails at once.
+    #[arg(long, env = "SWITCHBOARD_HOOK_QUEUE", default_value_t = hooks::DEFAULT_HOOK_QUEUE)]
+    hook_queue: usize,
+
+    /// A failed hook call allows the request instead of refusing it (default: fail closed).
+    #[arg(long, env = "SWITCHBOARD_HOOK_FAIL_OPEN")]
+    hook_fail_open: bool,
+
+    /// Browser origins allowed to open WebSockets and read `/api` answers (CORS): `*` or a
+    /// comma-separated list like https://app.example.com. Default: dev mode any origin, JWT
+    /// mode the server's own origin only.
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", default_value = "")]
+    allowed_origins: hooks::Origins,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     log_level: String,
@@ -294,6 +321,14 @@ impl Cli {
                 max_devices: self.max_devices,
                 presence_ttl: self.presence_ttl,
             },
+            hooks: hooks::HooksConfig {
+                url: self.hook_url,
+                timeout: self.hook_timeout,
+                concurrency: self.hook_concurrency,
+                queue: self.hook_queue,
+                fail_open: self.hook_fail_open,
+            },
+            allowed_origins: self.allowed_origins,
         }
     }
 }

@@ -17,7 +17,7 @@ pub enum Closed {
     Server(CloseReason),
 }
 
-const CLOSE_LABELS: [&str; 13] = [
+const CLOSE_LABELS: [&str; 15] = [
     "client_close",
     "reset",
     "shutdown",
@@ -31,6 +31,8 @@ const CLOSE_LABELS: [&str; 13] = [
     "connect_timeout",
     "bad_packet",
     "device_limit",
+    "session_expired",
+    "disconnected",
 ];
 
 impl Closed {
@@ -51,6 +53,8 @@ impl Closed {
             Closed::Server(CloseReason::ConnectTimeout) => 10,
             Closed::Server(CloseReason::BadPacket) => 11,
             Closed::Server(CloseReason::DeviceLimit) => 12,
+            Closed::Server(CloseReason::SessionExpired) => 13,
+            Closed::Server(CloseReason::Disconnected) => 14,
         }
     }
 }

@@ -48,6 +48,14 @@ pub enum ErrorCode {
     RoomLimit,
     /// The room already has `--max-room-members` members.
     RoomFull,
+    /// The token's room claims (or the connect hook) do not allow this room, or the
+    /// application's hook refused the request.
+    Forbidden,
+    /// A `refresh` token was refused: invalid, expired, or for another user.
+    BadToken,
+    /// The application's hook could not be asked (timeout, error, full queue) and hooks fail
+    /// closed: nothing was done; the client may try again.
+    HookUnavailable,
 }
 
 impl ErrorCode {
@@ -65,6 +73,9 @@ impl ErrorCode {
             ErrorCode::NotMember => "not_member",
             ErrorCode::RoomLimit => "room_limit",
             ErrorCode::RoomFull => "room_full",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::BadToken => "bad_token",
+            ErrorCode::HookUnavailable => "hook_unavailable",
         }
     }
 }
@@ -96,12 +107,20 @@ pub enum CloseReason {
     BadPacket,
     /// The user already has `--max-devices` connections in the cluster: 4009.
     DeviceLimit,
+    /// The token's `exp` passed (plus `--jwt-leeway`) without a `refresh`: 4010.
+    SessionExpired,
+    /// `POST /api/disconnect` named the connection's user: 4011.
+    Disconnected,
 }
 
 /// Close code for a client that stopped reading (outbound buffer over its bound).
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 /// Close code for a connection over the user's cluster-wide device limit.
 pub const CLOSE_DEVICE_LIMIT: u16 = 4009;
+/// Close code for a session whose token expired without a `refresh`.
+pub const CLOSE_SESSION_EXPIRED: u16 = 4010;
+/// Close code for a connection closed by `POST /api/disconnect`.
+pub const CLOSE_DISCONNECTED: u16 = 4011;
 /// Close code for a client that stopped answering pings.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
 
@@ -121,6 +140,8 @@ impl CloseReason {
             CloseReason::ConnectTimeout => 4001,
             CloseReason::BadPacket => 4002,
             CloseReason::DeviceLimit => CLOSE_DEVICE_LIMIT,
+            CloseReason::SessionExpired => CLOSE_SESSION_EXPIRED,
+            CloseReason::Disconnected => CLOSE_DISCONNECTED,
         }
     }
 
@@ -139,6 +160,8 @@ impl CloseReason {
             CloseReason::ConnectTimeout => "no socket.io connect in time",
             CloseReason::BadPacket => "invalid socket.io packet",
             CloseReason::DeviceLimit => "device limit reached",
+            CloseReason::SessionExpired => "session expired: refresh the token in time",
+            CloseReason::Disconnected => "disconnected by the server",
         }
     }
 

@@ -257,6 +257,37 @@ impl MemoryRooms {
         }
     }
 
+    /// The members of `room`, sorted (the server API publishes to them).
+    pub fn members(&self, room: &str) -> Vec<UserId> {
+        let reg = self.lock();
+        reg.members
+            .get(room)
+            .map_or_else(Vec::new, |m| m.iter().cloned().collect())
+    }
+
+    /// The members of `room` with at least one open connection, sorted, asked by the server.
+    pub fn online_in(&self, room: &str) -> Vec<UserId> {
+        let reg = self.lock();
+        reg.members.get(room).map_or_else(Vec::new, |m| {
+            m.iter()
+                .filter(|u| reg.devices.contains_key(*u))
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// The open connections of `user`.
+    pub fn devices(&self, user: &str) -> u32 {
+        self.lock().devices.get(user).copied().unwrap_or(0)
+    }
+
+    /// Every user with an open connection, sorted.
+    pub fn online_users(&self) -> Vec<UserId> {
+        let mut users: Vec<UserId> = self.lock().devices.keys().cloned().collect();
+        users.sort_unstable();
+        users
+    }
+
     /// Counts a new connection of `user`. `Err` when it would exceed `max_devices` (0 = no
     /// limit): it is then not counted. `Ok` lists who must hear the user came online (empty
     /// unless this is the user's first connection).

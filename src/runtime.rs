@@ -94,10 +94,14 @@ impl Server {
                 bp.enable_rooms(config.rooms.clone());
             }
         }
+        let bus = Arc::new(Bus::new(config.cores, config.inbox_capacity));
+        let hooks = crate::hooks::Hooks::start(&config.hooks, &bus)
+            .map_err(|source| StartError::Core { core: 0, source })?;
         let shared = Arc::new(Shared {
             auth: Authenticator::new(&config.auth),
             handlers: self.handlers,
-            bus: Arc::new(Bus::new(config.cores, config.inbox_capacity)),
+            hooks,
+            bus,
             backplane,
             metrics: (0..config.cores).map(|_| CoreMetrics::default()).collect(),
             shutdown: AtomicBool::new(false),

@@ -391,6 +391,8 @@ impl FrameCache {
 pub struct Session {
     /// Namespaces joined; the user is in the core's index while this is not empty.
     pub namespaces: Namespaces,
+    /// Namespaces whose CONNECT waits for the application's connect hook.
+    pub connecting: Namespaces,
     /// Namespace of the packet being handled: where an answer without an ack id goes.
     pub reply_to: Namespace,
     /// Token of the upgrade request (`Authorization: Bearer`, else `?token=`), used by a CONNECT
@@ -409,6 +411,7 @@ impl Session {
     pub fn new(request_token: Option<String>, since: Option<String>, connect_by: Instant) -> Self {
         Session {
             namespaces: Namespaces::default(),
+            connecting: Namespaces::default(),
             reply_to: Namespace::Root,
             request_token: request_token.map(String::into_boxed_str),
             since: since.map(String::into_boxed_str),

@@ -320,19 +320,6 @@ fn history_is_on_by_default() {
     assert_eq!(server.health()["history"], "on");
 }
 
-fn wait_subscribed(redis: &TestRedis, user: &str, n: usize) {
-    let mut c = redis.connection();
-    let channel = format!("switchboard:u:{user}");
-    wait_for(&format!("{n} subscribers of {channel}"), || {
-        let v: Vec<(String, usize)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(&channel)
-            .query(&mut c)
-            .unwrap_or_default();
-        v.first().is_some_and(|(_, k)| *k >= n)
-    });
-}
-
 #[test]
 fn kitchen_across_instances() {
     let redis = TestRedis::start();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 use switchboard::backplane::Routing;
-use switchboard::{AuthMode, Config};
+use switchboard::Config;
 
 /// How long a whole Node.js scenario may take.
 const NODE_DEADLINE: Duration = Duration::from_secs(40);
@@ -96,15 +96,7 @@ impl Drop for Node {
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
 fn jwt_config() -> Config {
-    Config {
-        auth: AuthMode::Jwt {
-            secret: SECRET.into(),
-            audience: None,
-            issuer: None,
-            leeway: Duration::ZERO,
-        },
-        ..test_config()
-    }
+    jwt_test_config(SECRET)
 }
 
 // ---- the real socket.io-client ------------------------------------------------------------
@@ -541,5 +533,32 @@ fn with_history_off_dispatches_reach_socket_io_connections_too() {
         let event = json_after(&sio.recv(), "42");
         assert_eq!(event[1]["args"]["id"], ack["id"]);
         assert!(event[1].get("offset").is_none(), "{event}");
+    }
+}
+
+#[test]
+fn a_socket_io_session_expires_with_4010_unless_refreshed() {
+    let server = TestServer::with_config(jwt_config());
+    let short = |user: &str| jwt(SECRET, json!({"sub": user, "exp": now_secs() + 2}));
+    let mut expiring = Sio::connect(server.addr, "");
+    let connect = format!(r#"40{{"token":"{}"}}"#, short("u1"));
+    assert!(json_after(&expiring.ask(&connect), "40")["sid"].is_string());
+    let mut refreshed = Sio::connect(server.addr, "");
+    let connect = format!(r#"40{{"token":"{}"}}"#, short("u2"));
+    assert!(json_after(&refreshed.ask(&connect), "40")["sid"].is_string());
+    let fresh = jwt(SECRET, json!({"sub": "u2", "exp": now_secs() + 60}));
+    let refresh = format!(r#"423["message",{{"event":"refresh","args":{{"token":"{fresh}"}}}}]"#);
+    let ack = json_after(&refreshed.ask(&refresh), "433");
+    assert!(ack[0]["args"]["exp"].is_u64(), "{ack}");
+    assert_eq!(expiring.close_code(), Some(4010));
+    // The refreshed one outlives the first token by more than a sweep (250 ms) of its core.
+    std::thread::sleep(Duration::from_millis(600));
+    let echo = r#"424["message",{"event":"sendMessage","args":{"to":"u2","text":"here"}}]"#;
+    refreshed.send(echo);
+    loop {
+        let packet = refreshed.recv();
+        if packet.starts_with("434") {
+            break;
+        }
     }
 }

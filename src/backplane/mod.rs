@@ -27,6 +27,7 @@ pub(crate) mod pipeline;
 pub mod publisher;
 mod room_routes;
 mod rooms_worker;
+pub(crate) use rooms_worker::api_queries::{ApiQuery, ApiTarget};
 pub mod subscriber;
 pub mod wire;
 
@@ -213,6 +214,13 @@ pub(crate) enum RoomJob {
     /// A counted connection ended.
     Disconnected {
         user: UserId,
+    },
+    /// A server API request for a waiting HTTP connection.
+    Api {
+        query: ApiQuery,
+        target: ApiTarget,
+        /// A publication waiting for its users (room, everyone), handed back with them.
+        pending: Option<Arc<Dispatch>>,
     },
     Stop,
 }

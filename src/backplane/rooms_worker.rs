@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use redis::{Script, Value};
 
 use super::{Backoff, Backplane, RoomAck, RoomJob, RoomTarget};
-use crate::bus::{Admission, Bus, CoreMsg, RoomAnswer};
+use crate::bus::{Admission, ApiAnswer, Bus, CoreMsg, RoomAnswer};
 use crate::protocol::ErrorCode;
 use crate::rooms::{RoomError, RoomId, RoomsConfig};
 use crate::UserId;
@@ -29,7 +29,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a done join or leave may wait for this instance's routes before it is acked anyway.
 const ACK_WAIT: Duration = Duration::from_secs(5);
 
-/// Shared by the presence scripts: ARGV[1] is the prefix, ARGV[2] this instance's node id.
+/// Shared by the presence scripts (and the server API's, in `api_queries.rs`): ARGV[1] is the
+/// prefix, ARGV[2] this instance's node id.
 /// `live(user)` counts the user's connections on instances whose heartbeat exists (this one
 /// always counts: a long job may delay its own refresh); `announce` publishes
 /// `presenceChanged` on each of the user's rooms, as an event kept in no history.
@@ -58,6 +59,9 @@ end
 "#
     };
 }
+
+// After the macro: the server API's scripts use it too.
+pub(super) mod api_queries;
 
 /// ARGV: prefix, node, room, user, max rooms per user, max members. Joins and tells every
 /// instance hosting the user, on the user's channel, in the same step.
@@ -548,6 +552,27 @@ impl Worker {
                     self.call(|c, s, p, n| s.disconnect.arg(p).arg(n).arg(&*user).invoke::<i64>(c));
                 if let Err(e) = reply {
                     log::warn!("redis: uncounting a connection of {user} failed: {e}");
+                }
+            }
+            RoomJob::Api {
+                query,
+                target,
+                pending,
+            } => {
+                let result = self
+                    .call(|c, _, p, n| api_queries::run(c, p, n, &query))
+                    .map_err(|e| {
+                        log::warn!("redis: server API request failed: {e}");
+                        e.to_string()
+                    });
+                let answer = ApiAnswer {
+                    key: target.key,
+                    serial: target.serial,
+                    result,
+                    pending,
+                };
+                if !self.bus.send(target.core, CoreMsg::Api(Box::new(answer))) {
+                    self.bp.stats.inbox_drops.fetch_add(1, Relaxed);
                 }
             }
             RoomJob::Stop => {}

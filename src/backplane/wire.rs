@@ -80,6 +80,17 @@ pub fn read_control(payload: &[u8]) -> Option<(bool, &str)> {
         .map(|r| (joined, r))
 }
 
+/// The payload on a user's channel that closes every connection of the user on every
+/// instance (`POST /api/disconnect`): `<node> ! x`.
+pub fn disconnect_payload(node: u64) -> String {
+    format!("{node:016x} ! x")
+}
+
+/// Whether `payload` is a [`disconnect_payload`].
+pub fn is_disconnect(payload: &[u8]) -> bool {
+    payload.len() == 20 && payload[16..] == *b" ! x"
+}
+
 /// Appends the per-user payload for `frame` from `node` to `out`.
 pub fn write_user_payload(out: &mut Vec<u8>, node: u64, frame: &str) {
     use std::io::Write;
@@ -247,6 +258,9 @@ mod tests {
         assert_eq!(read_control(b"0000000000000abc ! *general"), None);
         assert_eq!(read_control(b"0000000000000abc ! +"), None);
         assert_eq!(read_control(b"0000000000000abc 1-1 {}"), None);
+        assert!(is_disconnect(disconnect_payload(0xabc).as_bytes()));
+        assert_eq!(read_control(disconnect_payload(0xabc).as_bytes()), None);
+        assert!(!is_disconnect(b"0000000000000abc ! +x"));
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! embedders and tests build one from [`Config::default`] and change the fields they care about.
 //! [`Config::validate`] runs before any socket is bound, so a bad value is a one-line error.
 //!
-//! Each feature's settings have a file of their own ([`redis`], [`history`], [`rooms`]) and keep
+//! Each feature's settings have a file of their own ([`redis`], [`history`], [`rooms`],
+//! [`hooks`]) and keep
 //! their old paths through re-exports (`backplane::RedisConfig`, ...). This module imports nothing
 //! from the crate but `types`, so every layer may read it.
 
 pub mod history;
+pub mod hooks;
 pub mod redis;
 pub mod rooms;
 
@@ -16,6 +18,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use self::history::HistoryConfig;
+use self::hooks::{HooksConfig, Origins};
 use self::redis::{RedisConfig, Routing};
 use self::rooms::RoomsConfig;
 
@@ -171,6 +174,10 @@ pub struct Config {
     pub chat_page: bool,
     /// Rooms, presence and the per-user device limit.
     pub rooms: RoomsConfig,
+    /// The application backend's HTTP hooks.
+    pub hooks: HooksConfig,
+    /// Browser origins allowed to upgrade and to call `/api` (CORS).
+    pub allowed_origins: Origins,
 }
 
 impl Default for Config {
@@ -198,6 +205,8 @@ impl Default for Config {
             history: HistoryConfig::default(),
             chat_page: true,
             rooms: RoomsConfig::default(),
+            hooks: HooksConfig::default(),
+            allowed_origins: Origins::Default,
         }
     }
 }
@@ -251,6 +260,7 @@ impl Config {
         }
         self.history.validate().map_err(ConfigError)?;
         self.rooms.validate().map_err(ConfigError)?;
+        self.hooks.validate().map_err(ConfigError)?;
         if let AuthMode::Jwt { secret, .. } = &self.auth {
             if secret.len() < 16 {
                 return err("the JWT secret must be at least 16 bytes");

@@ -198,6 +198,19 @@ impl Connection {
         })
     }
 
+    /// A waiting request goes back to reading (an upgrade whose hook allowed it goes on from
+    /// there); any other state is returned unchanged.
+    pub fn into_request(self, deadline: Instant) -> Connection {
+        match self {
+            Connection::Waiting(w) => Connection::Request(PendingRequest {
+                stream: w.stream,
+                buf: Vec::new(),
+                deadline,
+            }),
+            other => other,
+        }
+    }
+
     /// What is due at a sweep at `now` (see [`Open::tick`] for an open connection).
     pub fn tick(&mut self, now: Instant, idle_timeout: Duration, ping: Duration) -> TickOutcome {
         let deadline = match self {
@@ -241,6 +254,9 @@ mod tests {
         // Only a request or a body waits; a waiting connection stays as it is.
         let again = waiting.into_waiting(8, t0);
         assert!(matches!(&again, Connection::Waiting(w) if w.serial == 7));
+        let back = again.into_request(t0 + second);
+        assert!(matches!(&back, Connection::Request(r) if r.deadline == t0 + second));
+        let again = back.into_waiting(7, t0 + second);
         let reply = again.into_reply(b"HTTP/1.1 503".to_vec(), t0 + second);
         assert!(matches!(&reply, Connection::Reply(r) if r.written == 0 && !r.lingering));
     }

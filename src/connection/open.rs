@@ -45,6 +45,8 @@ pub struct Open<S = Stream> {
     pub sio: Option<Box<crate::socketio::Session>>,
     /// Where the connection stands in its user's presence count.
     pub counted: Counted,
+    /// When its session expires and which rooms it may use; `None`: never, and any room.
+    pub access: Option<Box<crate::access::Access>>,
 }
 
 /// What one read from an open connection came to.
@@ -135,6 +137,7 @@ impl<S> Open<S> {
             recovering: None,
             sio,
             counted: Counted::No,
+            access: None,
         }
     }
 

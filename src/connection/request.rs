@@ -24,6 +24,9 @@ pub struct PendingRequest<S = TcpStream> {
 }
 
 /// What reading the request head came to.
+// One per request head, moved once into the route: boxing the request would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum HeadOutcome {
     /// The socket is empty and the head is not complete: wait for the next readable event.

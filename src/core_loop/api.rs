@@ -8,7 +8,7 @@ use tungstenite::Utf8Bytes;
 
 use super::mode::History;
 use super::{CoreLoop, API_WAIT};
-use crate::api::{self, ApiError};
+use crate::api::{self, ApiError, Audience};
 use crate::bus::{Dispatch, PageResult, PublishResult};
 use crate::connection::{BodyOutcome, Connection};
 use crate::handlers::Args;
@@ -21,9 +21,9 @@ impl CoreLoop {
     /// `GET /api/history?limit=&before=` with the user's token: the user's events, newest first.
     pub(super) fn api_history(&mut self, key: usize, req: Request) {
         let shared = Arc::clone(&self.shared);
-        let Some(history) = shared.mode().history() else {
+        if shared.mode().history().is_none() {
             return self.reply(key, api::json_error(404, "history is off"), &[]);
-        };
+        }
         let user = match shared.auth.authenticate(req.token().as_deref()) {
             Ok(user) => user,
             Err(e) => {
@@ -31,7 +31,16 @@ impl CoreLoop {
                 return self.reply(key, api::json_error(401, &e.to_string()), &[]);
             }
         };
-        let (limit, before) = match api::page_query(&req, shared.config.history.max_page) {
+        self.history_page(key, &req, user);
+    }
+
+    /// A page of `user`'s history for `GET /api/history`, newest first.
+    pub(super) fn history_page(&mut self, key: usize, req: &Request, user: crate::UserId) {
+        let shared = Arc::clone(&self.shared);
+        let Some(history) = shared.mode().history() else {
+            return self.reply(key, api::json_error(404, "history is off"), &[]);
+        };
+        let (limit, before) = match api::page_query(req, shared.config.history.max_page) {
             Ok(q) => q,
             Err(e) => return self.reply(key, e.response(), &[]),
         };
@@ -60,15 +69,20 @@ impl CoreLoop {
 
     /// Parks an HTTP connection until another thread answers; returns the serial to answer to.
     pub(super) fn wait(&mut self, key: usize) -> u64 {
+        self.wait_until(key, Instant::now() + API_WAIT)
+    }
+
+    /// [`CoreLoop::wait`] with its own deadline (past it the sweep answers 503).
+    pub(super) fn wait_until(&mut self, key: usize, deadline: Instant) -> u64 {
         let serial = self.next_serial;
         self.next_serial += 1;
-        let deadline = Instant::now() + API_WAIT;
         self.conns
             .replace(key, |conn| conn.into_waiting(serial, deadline));
         serial
     }
 
-    /// `POST /api/publish` with the API key: checks the head, then reads the body.
+    /// `POST /api/publish` and `POST /api/disconnect` with the API key: checks the head, then
+    /// reads the body.
     pub(super) fn api_publish_head(&mut self, key: usize, req: Request, rest: Vec<u8>) {
         let config = &self.shared.config;
         let len = api::check_api_key(&req, &config.history)
@@ -93,7 +107,7 @@ impl CoreLoop {
         }
     }
 
-    /// Reads the body of `POST /api/publish`, then publishes it.
+    /// Reads the body of `POST /api/publish` (then publishes it) or `POST /api/disconnect`.
     pub(super) fn api_publish_body(&mut self, key: usize) {
         let Some(Connection::Body(b)) = self.conns.get_mut(key) else {
             return;
@@ -103,9 +117,16 @@ impl CoreLoop {
             BodyOutcome::Closed => return self.remove(key, Closed::Reset),
             BodyOutcome::Complete => {}
         }
+        if b.request.path == "/api/disconnect" {
+            return match api::parse_disconnect(&b.body) {
+                Ok(user) => self.api_disconnect(key, user),
+                Err(e) => self.reply(key, e.response(), &[]),
+            };
+        }
         let parsed = api::parse_publish(&b.body, &self.shared.config.history);
         match parsed {
-            Ok(dispatch) => self.api_publish_dispatch(key, Arc::new(dispatch)),
+            Ok((Audience::Users, dispatch)) => self.api_publish_dispatch(key, Arc::new(dispatch)),
+            Ok((audience, dispatch)) => self.api_publish_to(key, audience, dispatch),
             Err(e) => self.reply(key, e.response(), &[]),
         }
     }

@@ -121,21 +121,39 @@ impl CoreLoop {
         args: Args<'_>,
         ack: Option<u64>,
     ) {
+        if event == "refresh" {
+            return self.on_refresh(key, ack, args);
+        }
         let Some(open) = self.conns.get_open(key) else {
             return;
         };
         let user = open.user.clone();
+        if self.authorize(key, &user, event, args, ack) {
+            self.run_request(key, &user, event, args, ack);
+        }
+    }
+
+    /// Runs an authorized request of `user` (the connection's): the built-in history and room
+    /// events, else its handler.
+    pub(super) fn run_request(
+        &mut self,
+        key: usize,
+        user: &crate::UserId,
+        event: &str,
+        args: Args<'_>,
+        ack: Option<u64>,
+    ) {
         let shared = Arc::clone(&self.shared);
         if shared.config.history_active() {
             match event {
                 "resume" => return self.on_resume(key, ack, args),
-                "history" => return self.on_history(key, &user, ack, args),
+                "history" => return self.on_history(key, user, ack, args),
                 _ => {}
             }
         }
         if shared.config.rooms_active() && crate::rooms::is_room_event(event) {
             // `None`: the request went to Redis; its answer arrives through the inbox.
-            if let Some(result) = self.on_room_event(key, &user, event, ack, args) {
+            if let Some(result) = self.on_room_event(key, user, event, ack, args) {
                 self.finish_request(key, ack, result);
             }
             return;
@@ -149,7 +167,7 @@ impl CoreLoop {
             return;
         };
         let connection = ConnectionId { core: self.id, key };
-        let mut ctx = Context::new(&user, connection, &mut self.outbox, &mut self.ids);
+        let mut ctx = Context::new(user, connection, &mut self.outbox, &mut self.ids);
         // A panicking handler must not take the core (and every connection on it) down.
         let result = catch_unwind(AssertUnwindSafe(|| handler.handle(&mut ctx, args)))
             .unwrap_or_else(|_| {

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::{CoreLoop, REPLY_GRACE};
-use crate::api;
 use crate::connection::{Connection, HeadOutcome, Open, ReplyOutcome};
 use crate::http::{self, Request};
 use crate::metrics::{add, Closed};
@@ -40,25 +39,18 @@ impl CoreLoop {
         if matches!(req.path.as_str(), "/socket.io/" | "/socket.io") {
             return self.sio_route(key, req, rest);
         }
+        if req.path.starts_with("/api/") {
+            return self.api_route(key, req, rest);
+        }
         let page = self.shared.config.chat_page && matches!(req.path.as_str(), "/" | "/index.html");
-        let known = page
-            || matches!(
-                req.path.as_str(),
-                "/ws" | "/healthz" | "/metrics" | "/api/history"
-            );
-        if known && req.method != "GET" || req.path == "/api/publish" && req.method != "POST" {
-            let response = if req.path.starts_with("/api/") {
-                api::json_error(405, "method not allowed")
-            } else {
-                http::error_response(405, "method not allowed")
-            };
+        let known = page || matches!(req.path.as_str(), "/ws" | "/healthz" | "/metrics");
+        if known && req.method != "GET" {
+            let response = http::error_response(405, "method not allowed");
             self.reply(key, response, &rest);
             return;
         }
         match req.path.as_str() {
             "/ws" => self.upgrade(key, req, rest, false),
-            "/api/history" => self.api_history(key, req),
-            "/api/publish" => self.api_publish_head(key, req, rest),
             "/healthz" => {
                 let history = if self.shared.config.history_active() {
                     "on"
@@ -87,6 +79,9 @@ impl CoreLoop {
                 let mut body = crate::metrics::render_prometheus(&self.shared.metrics);
                 if let Some(bp) = &self.shared.backplane {
                     bp.render_prometheus(&mut body);
+                }
+                if let Some(hooks) = &self.shared.hooks {
+                    hooks.render_prometheus(&mut body);
                 }
                 let ct = "text/plain; version=0.0.4; charset=utf-8";
                 self.reply(key, http::response(200, ct, "", &body), &rest);
@@ -123,20 +118,50 @@ impl CoreLoop {
                 "unsupported websocket version",
             );
         }
-        let Some(ws_key) = req.ws_key.as_deref().filter(|k| http::valid_ws_key(k)) else {
+        if !req.ws_key.as_deref().is_some_and(http::valid_ws_key) {
             return refuse(self, 400, "", "missing or invalid Sec-WebSocket-Key");
-        };
-        let user = if socketio {
+        }
+        if !http::origin_allowed(
+            &self.shared.config.allowed_origins,
+            self.shared.auth.is_dev(),
+            &req,
+        ) {
+            return refuse(self, 403, "", "origin not allowed (--allowed-origins)");
+        }
+        let identity = if socketio {
             None
         } else {
-            match self.shared.auth.authenticate(req.token().as_deref()) {
-                Ok(user) => Some(user),
+            match self.shared.auth.identify(req.token().as_deref()) {
+                Ok(identity) => Some(identity),
                 Err(e) => {
                     add(&self.metrics().auth_failures, 1);
                     self.reply(key, http::error_response(401, &e.to_string()), &rest);
                     return;
                 }
             }
+        };
+        if let Some(identity) = identity {
+            if self.shared.hooks.is_some() {
+                // Answered later, in `on_hook`: with 403, or by going on below.
+                return self.ask_connect_hook(key, req, rest, identity);
+            }
+            return self.admit_upgrade(key, req, rest, Some(identity));
+        }
+        self.admit_upgrade(key, req, rest, None);
+    }
+
+    /// The upgrade of a checked, authenticated request (a Socket.IO one authenticates later,
+    /// `identity` `None`): the connection slot, the 101, the open connection.
+    pub(super) fn admit_upgrade(
+        &mut self,
+        key: usize,
+        req: Request,
+        rest: Vec<u8>,
+        identity: Option<crate::auth::Identity>,
+    ) {
+        let socketio = identity.is_none();
+        let Some(ws_key) = req.ws_key.as_deref() else {
+            return;
         };
         let max = self.shared.config.max_connections;
         if self.shared.open_connections.fetch_add(1, Ordering::SeqCst) >= max {
@@ -170,12 +195,16 @@ impl CoreLoop {
         let serial = self.next_serial;
         let ws_config = self.shared.ws_config;
         let (ping_interval, burst) = (config.ping_interval, config.rate_limit_burst);
+        let user = identity.as_ref().map(|i| i.user.clone());
+        let leeway = self.shared.auth.leeway_secs();
+        let access = identity.and_then(|i| crate::access::Access::new(i.exp, leeway, i.grant));
         let upgraded = self.conns.replace(key, |conn| {
             let Connection::Request(pending) = conn else {
                 return conn;
             };
             let ws = pending.into_websocket(rest, ws_config);
-            let open = Open::new(ws, user.clone(), now, ping_interval, serial, burst, session);
+            let mut open = Open::new(ws, user.clone(), now, ping_interval, serial, burst, session);
+            open.access = access;
             Connection::Open(open)
         });
         if !upgraded {
@@ -203,8 +232,13 @@ impl CoreLoop {
         self.carry.push(key);
     }
 
-    /// Switches the connection to writing `response`, then closing.
+    /// Switches the connection to writing `response`, then closing. An `/api` answer to an
+    /// allowed origin gets its CORS headers here.
     pub(super) fn reply(&mut self, key: usize, response: Vec<u8>, _rest: &[u8]) {
+        let response = match self.cors.remove(&key) {
+            Some(headers) => http::with_headers(response, &headers),
+            None => response,
+        };
         let deadline = Instant::now() + REPLY_GRACE;
         let replaced = self
             .conns

@@ -19,6 +19,9 @@
 //! - `recovery.rs`: `?since=`/`resume`, replays and resyncs;
 //! - `sweep.rs`: closing, removing, deadlines and shutdown;
 //! - `rooms.rs`, `sio.rs`: rooms and presence, Socket.IO;
+//! - `hooks.rs`: the application's hooks, room permissions, `refresh`, expiry, disconnect;
+//! - `server_api.rs`: the server API (`/api/publish` to rooms and everyone, disconnect,
+//!   presence, connections, a user's history) and CORS;
 //! - `mode.rs`: embedded or with Redis, history on or off; `shared.rs`: what every core reads.
 
 use std::io;
@@ -41,11 +44,13 @@ use table::Table;
 mod api;
 mod delivery;
 mod frames;
+mod hooks;
 mod http;
 mod mode;
 mod publish;
 mod recovery;
 mod rooms;
+mod server_api;
 mod shared;
 mod sio;
 mod sweep;
@@ -107,6 +112,8 @@ pub struct CoreLoop {
     acks_ready: Vec<Arc<crate::bus::AckWaiter>>,
     /// At shutdown, how long the link may keep flushing.
     link_stop: Option<Instant>,
+    /// CORS headers for the answer of an `/api` request from an allowed origin, by key.
+    cors: std::collections::HashMap<usize, String>,
 }
 
 impl CoreLoop {
@@ -131,6 +138,7 @@ impl CoreLoop {
             link,
             acks_ready: Vec::new(),
             link_stop: None,
+            cors: std::collections::HashMap::new(),
             id,
             poll,
             listener: Some(listener),
@@ -339,6 +347,9 @@ impl CoreLoop {
             CoreMsg::RoomAnswer(answer) => self.on_room_answer(*answer),
             CoreMsg::Admission(verdict) => self.on_admission(*verdict),
             CoreMsg::ResyncUser(user) => self.resync_user(&user),
+            CoreMsg::Hook(done) => self.on_hook(*done),
+            CoreMsg::Disconnect(user) => self.disconnect_user(&user),
+            CoreMsg::Api(answer) => self.on_api_answer(*answer),
         });
     }
 

@@ -1,4 +1,4 @@
-//! The state every core reads: configuration, handlers, the bus, the backplane, metrics and the
+//! The state every core reads: configuration, handlers, hooks, the bus, the backplane, metrics and the
 //! process-wide atomics. The runtime builds it once at start; the loops only read it (the atomics
 //! aside).
 
@@ -20,6 +20,8 @@ pub(crate) struct Shared {
     pub ws_config: WebSocketConfig,
     pub auth: Authenticator,
     pub handlers: Handlers,
+    /// The application's hooks, with `--hook-url`.
+    pub hooks: Option<Arc<crate::hooks::Hooks>>,
     pub bus: Arc<Bus>,
     pub backplane: Option<Arc<Backplane>>,
     pub metrics: Box<[CoreMetrics]>,

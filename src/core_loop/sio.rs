@@ -10,6 +10,8 @@ use std::time::Instant;
 use tungstenite::Utf8Bytes;
 
 use super::CoreLoop;
+use crate::access::Access;
+use crate::auth::Identity;
 use crate::handlers::Args;
 use crate::http::{self, Request};
 use crate::metrics::add;
@@ -94,12 +96,16 @@ impl CoreLoop {
             Err(e) => return self.sio_refuse(key, &e),
         };
         let ns = Namespace::from_name(packet.nsp);
-        let joined = match (ns, self.session(key)) {
-            (Some(ns), Some(s)) => s.namespaces.contains(ns),
-            _ => false,
+        // A second CONNECT while one waits for the connect hook breaks the protocol like a
+        // CONNECT for a namespace already joined.
+        let (joined, connecting) = match (ns, self.session(key)) {
+            (Some(ns), Some(s)) => (s.namespaces.contains(ns), s.connecting.contains(ns)),
+            _ => (false, false),
         };
         match (packet.kind, ns) {
-            (PacketType::Connect, _) if !joined => self.sio_connect(key, packet.nsp, packet.data),
+            (PacketType::Connect, _) if !joined && !connecting => {
+                self.sio_connect(key, packet.nsp, packet.data)
+            }
             (PacketType::Event, Some(ns)) if joined => {
                 self.sio_event(key, ns, packet.id, packet.data)
             }
@@ -130,18 +136,15 @@ impl CoreLoop {
     }
 
     /// CONNECT: the payload's token (else the upgrade request's) is checked like the native
-    /// endpoint's; the first namespace joined puts the connection in the user index.
+    /// endpoint's, then the connect hook asked when there is one; the first namespace joined
+    /// puts the connection in the user index.
     fn sio_connect(&mut self, key: usize, nsp: &str, data: Option<&serde_json::value::RawValue>) {
-        let refuse = |this: &mut Self, message: &str| {
-            let refusal = socketio::connect_error(nsp, message);
-            this.write_text(key, Utf8Bytes::from(refusal));
-        };
-        let Some(ns) = Namespace::from_name(nsp) else {
-            return refuse(self, "Invalid namespace");
-        };
+        if Namespace::from_name(nsp).is_none() {
+            return self.sio_refuse_connect(key, nsp, "Invalid namespace");
+        }
         let auth = match socketio::connect_auth(data) {
             Ok(auth) => auth,
-            Err(message) => return refuse(self, message),
+            Err(message) => return self.sio_refuse_connect(key, nsp, message),
         };
         let Some(open) = self.conns.get_open(key) else {
             return;
@@ -152,23 +155,56 @@ impl CoreLoop {
         let token = auth
             .token
             .or_else(|| session.request_token.as_deref().map(str::to_string));
-        let user = match self.shared.auth.authenticate(token.as_deref()) {
-            Ok(user) => user,
+        let identity = match self.shared.auth.identify(token.as_deref()) {
+            Ok(identity) => identity,
             Err(e) => {
                 add(&self.metrics().auth_failures, 1);
-                return refuse(self, &e.to_string());
+                return self.sio_refuse_connect(key, nsp, &e.to_string());
             }
         };
-        if open.indexed && open.user != user {
-            return refuse(self, "this connection is already connected as another user");
+        if open.indexed && open.user != identity.user {
+            let message = "this connection is already connected as another user";
+            return self.sio_refuse_connect(key, nsp, message);
+        }
+        if let Err(unasked) = self.ask_sio_connect_hook(key, nsp, auth.since, identity) {
+            let (since, identity) = *unasked;
+            self.sio_connected(key, nsp, since, identity);
+        }
+    }
+
+    /// A CONNECT refused with CONNECT_ERROR and `message`.
+    pub(super) fn sio_refuse_connect(&mut self, key: usize, nsp: &str, message: &str) {
+        let refusal = socketio::connect_error(nsp, message);
+        self.write_text(key, Utf8Bytes::from(refusal));
+    }
+
+    /// A CONNECT accepted: the namespace is joined; the first one indexes the user, takes the
+    /// session's expiry and rooms, and starts the resume from `since`.
+    pub(super) fn sio_connected(
+        &mut self,
+        key: usize,
+        nsp: &str,
+        since: Option<String>,
+        identity: Identity,
+    ) {
+        let Some(ns) = Namespace::from_name(nsp) else {
+            return;
+        };
+        let leeway = self.shared.auth.leeway_secs();
+        let Some(open) = self.conns.get_open_mut(key) else {
+            return;
+        };
+        if open.indexed && open.user != identity.user {
+            let message = "this connection is already connected as another user";
+            return self.sio_refuse_connect(key, nsp, message);
         }
         let first = !open.indexed;
         let sid = socketio::engine_sid(self.shared.node_id, self.id, open.serial);
+        let user = identity.user;
         if first {
-            if let Some(open) = self.conns.get_open_mut(key) {
-                open.user = user.clone();
-                open.indexed = true;
-            }
+            open.user = user.clone();
+            open.indexed = true;
+            open.access = Access::new(identity.exp, leeway, identity.grant);
             self.index(key, &user);
         }
         let Some(session) = self.session(key) else {
@@ -177,8 +213,7 @@ impl CoreLoop {
         session.namespaces.insert(ns);
         session.connect_by = None;
         let since = if first {
-            auth.since
-                .or_else(|| session.since.take().map(String::from))
+            since.or_else(|| session.since.take().map(String::from))
         } else {
             None
         };

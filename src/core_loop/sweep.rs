@@ -1,5 +1,5 @@
 //! Ending connections and time: the server-initiated close, removal, the periodic sweep of
-//! deadlines (handshake, ping, silence, close, waits, replays) and shutdown.
+//! deadlines (handshake, ping, silence, session expiry, close, waits, replays) and shutdown.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -48,6 +48,9 @@ impl CoreLoop {
     /// Drops a connection now, whatever its state.
     pub(super) fn remove(&mut self, key: usize, why: Closed) {
         self.unindex(key);
+        if !self.cors.is_empty() {
+            self.cors.remove(&key);
+        }
         let Some(mut conn) = self.conns.remove(key) else {
             return;
         };
@@ -79,8 +82,14 @@ impl CoreLoop {
         let mut stalled = Vec::new();
         let mut waited_out = Vec::new();
         let mut unconnected = Vec::new();
+        let mut sessions_over = Vec::new();
+        let now_ms = crate::types::now_ms();
         for (key, conn) in self.conns.iter_mut() {
             if let Connection::Open(o) = conn {
+                let over = o.access.as_ref().is_some_and(|a| a.expired(now_ms));
+                if over && o.closing.is_none() {
+                    sessions_over.push(key);
+                }
                 if let Some(serial) = o.replay_overdue(now) {
                     stalled.push((key, serial));
                 }
@@ -108,10 +117,13 @@ impl CoreLoop {
         for key in unconnected {
             self.close(key, CloseReason::ConnectTimeout);
         }
+        for key in sessions_over {
+            self.close(key, CloseReason::SessionExpired);
+        }
         for key in waited_out {
             self.reply(
                 key,
-                api::json_error(503, "redis did not answer in time"),
+                api::json_error(503, "no answer in time (redis, or the connect hook)"),
                 &[],
             );
         }

@@ -303,6 +303,19 @@ impl Client {
     }
 }
 
+/// [`test_config`] with HS256 JWTs signed with `secret` and no leeway on `exp`.
+pub fn jwt_test_config(secret: &str) -> Config {
+    Config {
+        auth: switchboard::AuthMode::Jwt {
+            secret: secret.into(),
+            audience: None,
+            issuer: None,
+            leeway: Duration::ZERO,
+        },
+        ..test_config()
+    }
+}
+
 /// Mints an HS256 JWT.
 pub fn jwt(secret: &str, claims: Value) -> String {
     jsonwebtoken::encode(
@@ -739,6 +752,20 @@ pub fn wait_for(what: &str, mut pred: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Waits until `n` instances subscribed `user`'s channel (default prefix) on `redis`.
+pub fn wait_subscribed(redis: &TestRedis, user: &str, n: usize) {
+    let mut c = redis.connection();
+    let channel = format!("switchboard:u:{user}");
+    wait_for(&format!("{n} subscribers of {channel}"), || {
+        let v: Vec<(String, usize)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query(&mut c)
+            .unwrap_or_default();
+        v.first().is_some_and(|(_, k)| *k >= n)
+    });
 }
 
 /// A server on `redis` with the given routing.

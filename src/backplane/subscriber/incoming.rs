@@ -33,6 +33,8 @@ pub(super) enum Incoming<'a> {
         joined: bool,
         room: &'a str,
     },
+    /// Close every connection of `user` (`POST /api/disconnect` on some instance).
+    Disconnect { user: &'a str },
     /// A user's frame with its offset (history on).
     Delivery {
         user: &'a str,
@@ -71,6 +73,9 @@ impl Reader<'_> {
                 };
             }
             if let Some(user) = wire::user_of_channel(prefix, channel) {
+                if wire::is_disconnect(payload) {
+                    return Incoming::Disconnect { user };
+                }
                 if let Some((joined, room)) = wire::read_control(payload) {
                     return Incoming::Control { user, joined, room };
                 }

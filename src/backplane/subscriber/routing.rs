@@ -239,6 +239,12 @@ impl Subscriber {
                 to_room(&self.bus, stats, members, offset, frame);
             }
             Incoming::Control { user, joined, room } => self.on_room_control(user, joined, room),
+            Incoming::Disconnect { user } => {
+                for &core in self.hosts.cores(user).unwrap_or_default() {
+                    let msg = CoreMsg::Disconnect(UserId::from(user));
+                    send(&self.bus, stats, core as usize, msg);
+                }
+            }
             Incoming::Delivery {
                 user,
                 offset,

@@ -1,0 +1,23 @@
+//! The chat page's session handling (refresh before `exp` from `?token_url=`, what it does on
+//! 4010 and 4011), checked by running the page's own script in Node with a fake DOM, clock and
+//! WebSocket (tests/chat-page/session.mjs): no browser needed. Needs `node` on PATH, as
+//! ./test.sh does.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn the_chat_page_refreshes_its_token_and_ends_expired_sessions() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("node")
+        .arg(root.join("tests/chat-page/session.mjs"))
+        .arg(root.join("src/web/index.html"))
+        .output()
+        .expect("node runs (./test.sh requires Node.js)");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
