@@ -43,14 +43,15 @@ export interface ConnectOptions {
   authCheck?: boolean;
 }
 
-/** What the client needs of a WebSocket (the browser's, or `ws`). */
+/** What the client needs of a WebSocket (the browser's, or `ws`): it sets the four handlers;
+ * `onmessage` gets `{data}` (a string for text frames), `onclose` gets `{code, reason}`. */
 export interface WebSocketLike {
   send(data: string): void;
   close(code?: number): void;
-  onopen: ((ev: unknown) => void) | null;
-  onmessage: ((ev: { data: unknown }) => void) | null;
-  onclose: ((ev: { code: number; reason: string }) => void) | null;
-  onerror: ((ev: unknown) => void) | null;
+  onopen: ((ev: any) => void) | null;
+  onmessage: ((ev: any) => void) | null;
+  onclose: ((ev: any) => void) | null;
+  onerror: ((ev: any) => void) | null;
 }
 
 export type ConnectionState = 'connecting' | 'connected' | 'waiting' | 'offline' | 'closed';
