@@ -145,3 +145,28 @@ test('through a restart of its server: sends kept until stored, nothing lost or 
     await own.stop('SIGKILL');
   }
 });
+
+test('rooms are joined again after a restart (embedded membership is lost with it)', async () => {
+  const own = await Server.start();
+  try {
+    const member = client(own.url, 'e-rm1');
+    const other = client(own.url, 'e-rm2');
+    await Promise.all([connected(member), connected(other)]);
+    await member.joinRoom('lobby-restart');
+    await other.joinRoom('lobby-restart');
+    await other.sendRoom('lobby-restart', 'before');
+    await until('before', () => member.messages.length === 1);
+    await own.restart('SIGTERM');
+    // Both clients reconnect and join again by themselves; a room send made meanwhile waits
+    // for its sender's join and is then delivered to the other member.
+    const after = other.sendRoom('lobby-restart', 'after');
+    await after;
+    await until('after', () => texts(member).includes('after'));
+    assert.deepEqual(texts(member), ['before', 'after']);
+    assert.deepEqual(await member.presence('lobby-restart'), ['e-rm1', 'e-rm2']);
+    assert.deepEqual(member.errors, []);
+  } finally {
+    closeClients();
+    await own.stop('SIGKILL');
+  }
+});
