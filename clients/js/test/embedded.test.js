@@ -113,6 +113,7 @@ test('through a restart of its server: sends kept until stored, nothing lost or 
     await Promise.all([connected(receiver), connected(sender)]);
     const sent = [];
     const acks = [];
+    let back = null; // the restarted server
     for (let i = 1; i <= 30; i++) {
       const text = `m${i}`;
       sent.push(text);
@@ -125,10 +126,11 @@ test('through a restart of its server: sends kept until stored, nothing lost or 
         await Promise.all(acks);
         await until('the first fourteen', () => receiver.messages.length === 14);
         await own.stop('SIGTERM');
-        setTimeout(() => own.spawn(own.addr), 300);
+        back = new Promise((r) => setTimeout(r, 300)).then(() => own.spawn(own.addr));
       }
       await new Promise((r) => setTimeout(r, 10));
     }
+    await back;
     const results = await Promise.all(acks);
     assert.equal(new Set(results.map((r) => r.id)).size, 30);
     await until('all thirty', () => receiver.messages.length >= 30 && receiver.reloads === 1);
@@ -157,10 +159,12 @@ test('rooms are joined again after a restart (embedded membership is lost with i
     await other.sendRoom('lobby-restart', 'before');
     await until('before', () => member.messages.length === 1);
     await own.restart('SIGTERM');
-    // Both clients reconnect and join again by themselves; a room send made meanwhile waits
-    // for its sender's join and is then delivered to the other member.
-    const after = other.sendRoom('lobby-restart', 'after');
-    await after;
+    // Both clients reconnect and join again by themselves. A request goes after the client's
+    // joins on the connection, so once `presence` answers, the member is in the room again
+    // (else: not_member); a room send made by the other waits for the other's join likewise.
+    await until('the member back', () => member.states.filter((s) => s === 'connected').length === 2);
+    await member.presence('lobby-restart');
+    await other.sendRoom('lobby-restart', 'after');
     await until('after', () => texts(member).includes('after'));
     assert.deepEqual(texts(member), ['before', 'after']);
     assert.deepEqual(await member.presence('lobby-restart'), ['e-rm1', 'e-rm2']);
