@@ -6,7 +6,8 @@
 # Node.js (18 or later) and npm must be too. When one is missing, this script says so and stops;
 # as root with apt-get, and with SWITCHBOARD_INSTALL_DEPS=1 or CI=true, it installs it instead.
 # socket.io-client itself is installed with `npm ci` (from the committed lockfile) into
-# tests/socketio-client/node_modules when that is missing. The browser test also wants Debian's
+# tests/socketio-client/node_modules when that is missing, and `ws` for the JavaScript client's
+# tests into clients/js/node_modules. The browser test also wants Debian's
 # chromium (see below; .ci/run installs chromium).
 #
 # Usage: ./test.sh [extra arguments for cargo test, e.g. a test name filter]
@@ -45,6 +46,12 @@ require npm npm
 if [[ ! -d tests/socketio-client/node_modules/socket.io-client ]]; then
     echo "test.sh: installing socket.io-client for the Socket.IO tests (npm ci in tests/socketio-client)"
     (cd tests/socketio-client && npm ci --no-audit --no-fund)
+fi
+
+# The JavaScript client's tests (tests/js_client.rs runs them) use `ws` as Node 20's WebSocket.
+if [[ ! -d clients/js/node_modules/ws ]]; then
+    echo "test.sh: installing ws for the JavaScript client's tests (npm ci in clients/js)"
+    npm ci --prefix clients/js --no-audit --no-fund --loglevel=error
 fi
 
 # The browser test (tests/browser.rs) needs chromium, node and tests/browser/node_modules; without

@@ -180,7 +180,7 @@ fn the_chat_page_is_served_at_the_root() {
             .expect("a Content-Security-Policy");
         assert!(csp.starts_with("default-src 'none'; "), "{csp}");
         assert!(csp.contains("connect-src 'self'"), "{csp}");
-        assert_eq!(body, switchboard::web::INDEX_HTML);
+        assert_eq!(body, switchboard::web::index_html());
     }
 }
 

@@ -1,5 +1,5 @@
 // The chat page's session handling, run in Node against the page's own script (the inline
-// <script> of src/web/index.html) with a fake DOM, clock, fetch and WebSocket: with
+// <script> of the page the binary serves, switchboard::web::index_html()) with a fake DOM, clock, fetch and WebSocket: with
 // `?token_url=` the page fetches a fresh token before the JWT's `exp` and sends `refresh`, and
 // after a 4010 close it reconnects with a fresh token; without a token source a 4010 signs it
 // out; a 4011 signs it out. Usage: node session.mjs path/to/index.html. Exits non-zero on failure.
@@ -85,7 +85,7 @@ async function load(search, token, tokenSource) {
       return { status: 200, ok: true, text: async () => JSON.stringify({ token: fresh }) };
     },
     WebSocket: FakeSocket,
-    crypto: globalThis.crypto, atob, TextDecoder, URLSearchParams, console,
+    crypto: globalThis.crypto, atob, TextDecoder, URL, URLSearchParams, console, queueMicrotask,
   };
   vm.createContext(sandbox);
   vm.runInContext(script, sandbox);
