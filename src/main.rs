@@ -32,10 +32,15 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_PIN", default_value = "auto")]
     pin: config::Pin,
 
-    /// HS256 secret: enables JWT auth (user id = `sub`, `exp` required). Without it, dev auth
-    /// (the token is the user id) is used and a warning is logged.
+    /// HS256 secret: enables JWT auth (user id = `sub`, `exp` required). Without it the server
+    /// starts only with `--dev-auth` or on a loopback `--listen` address.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+
+    /// Dev auth (the token is the user id, unverified) without a JWT secret on any address; on a
+    /// loopback `--listen` address it is the default without `--jwt-secret`.
+    #[arg(long, env = "SWITCHBOARD_DEV_AUTH")]
+    dev_auth: bool,
 
     /// Required JWT `aud` claim (JWT mode).
     #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
@@ -305,7 +310,12 @@ fn main() -> ExitCode {
         .parse_env("RUST_LOG")
         .format_timestamp_millis()
         .init();
+    let dev_auth_asked = cli.dev_auth;
     let config = cli.into_config();
+    if let Err(e) = config::check_dev_auth(&config, dev_auth_asked) {
+        eprintln!("switchboard: {e}");
+        return ExitCode::from(2);
+    }
     if let Err(e) = config.validate() {
         eprintln!("switchboard: {e}");
         return ExitCode::from(2);

@@ -551,6 +551,14 @@ fn history_api(redis: Option<&TestRedis>) {
         server.get(&format!("/api/history?token={t}&before=x")).0,
         400
     );
+    // Nothing is before the first possible offset: an empty page, not a 503 (Redis refuses
+    // `(0-0` as a range end).
+    let (status, body) = server.get(&format!("/api/history?token={t}&before=0-0"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["events"],
+        serde_json::json!([])
+    );
 
     // The `history` event answers through its ack.
     u1.send_json(&serde_json::json!({"event": "history", "args": {"limit": 3}, "ack": 9}));

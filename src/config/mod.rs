@@ -286,6 +286,20 @@ impl Config {
     }
 }
 
+/// Dev auth runs only when asked for (`asked`: `--dev-auth`) or on a loopback listen address,
+/// where no one else can connect; anywhere else the binary refuses to start without a JWT
+/// secret. Embedders that build [`AuthMode::Dev`] themselves have asked for it.
+pub fn check_dev_auth(config: &Config, asked: bool) -> Result<(), ConfigError> {
+    if config.auth != AuthMode::Dev || asked || config.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(ConfigError(format!(
+        "no --jwt-secret (SWITCHBOARD_JWT_SECRET) on the non-loopback address {}: set a JWT \
+         secret, or pass --dev-auth to run unauthenticated (the token is the user id)",
+        config.listen
+    )))
+}
+
 /// Every CPU this process may run on.
 pub fn default_cores() -> usize {
     std::thread::available_parallelism()
@@ -363,6 +377,26 @@ mod tests {
             ..Config::default()
         };
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn dev_auth_needs_loopback_or_asking() {
+        let mut cfg = Config::default();
+        assert!(check_dev_auth(&cfg, false).is_ok(), "loopback");
+        cfg.listen = "0.0.0.0:8080".parse().unwrap();
+        let refused = check_dev_auth(&cfg, false).unwrap_err().0;
+        assert!(refused.contains("--jwt-secret") && refused.contains("--dev-auth"));
+        assert!(check_dev_auth(&cfg, true).is_ok(), "asked for");
+        cfg.listen = "[::1]:8080".parse().unwrap();
+        assert!(check_dev_auth(&cfg, false).is_ok(), "IPv6 loopback");
+        cfg.listen = "0.0.0.0:8080".parse().unwrap();
+        cfg.auth = AuthMode::Jwt {
+            secret: "0123456789abcdef".into(),
+            audience: None,
+            issuer: None,
+            leeway: DEFAULT_JWT_LEEWAY,
+        };
+        assert!(check_dev_auth(&cfg, false).is_ok(), "JWT on any address");
     }
 
     #[test]
