@@ -171,6 +171,11 @@ impl CoreLoop {
             }
             self.index(key, &user);
         }
+        // Counted for presence and the device limit like a native connection (once, at its
+        // first namespace; leaving the last one unindexes and uncounts it).
+        if first && !self.count_device(key, &user) {
+            return;
+        }
         let Some(session) = self.session(key) else {
             return;
         };
