@@ -242,3 +242,61 @@ fn device_limit_across_instances() {
         "one refusal on B"
     );
 }
+
+/// A `presence` answer larger than half the outbound bound comes in pages (`next`, then
+/// `after`), never as one frame that closes its requester with 4008: embedded and with Redis.
+fn presence_is_paged(server: &TestServer) {
+    let ids: Vec<String> = (0..20)
+        .map(|n| format!("{n:02}{}", "m".repeat(200)))
+        .collect();
+    let mut asker = server.connect("a");
+    join(&mut asker, "big");
+    let mut members: Vec<Client> = ids.iter().map(|id| server.connect(id)).collect();
+    for m in &mut members {
+        join(m, "big");
+    }
+    let mut expected: Vec<String> = ids.clone();
+    expected.push("a".into());
+    expected.sort();
+    let mut seen: Vec<String> = Vec::new();
+    let mut after: Option<String> = None;
+    for ack in 10.. {
+        let args = match &after {
+            Some(a) => json!({"room": "big", "after": a}),
+            None => json!({"room": "big"}),
+        };
+        let page = request_ok(&mut asker, "presence", args, ack);
+        let online = page["online"].as_array().expect("online");
+        assert!(
+            !online.is_empty() && online.len() < expected.len(),
+            "{page}"
+        );
+        seen.extend(online.iter().map(|u| u.as_str().unwrap().to_string()));
+        match page.get("next") {
+            Some(next) => after = Some(next.as_str().unwrap().to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected, "every member once, in order");
+    // The requester is still open.
+    asker.send_message("a", "still here");
+    assert_eq!(asker.recv_event("newMessage")["args"]["text"], "still here");
+}
+
+fn small_outbound(mut config: Config) -> Config {
+    config.max_message_bytes = 1024;
+    config.max_outbound_bytes = 4096;
+    config
+}
+
+#[test]
+fn presence_answers_over_the_outbound_bound_are_paged() {
+    presence_is_paged(&TestServer::with_config(small_outbound(test_config())));
+    let redis = TestRedis::start();
+    let mut rc = RedisConfig::new(redis.url());
+    rc.reconnect_max = Duration::from_millis(300);
+    presence_is_paged(&TestServer::with_config(small_outbound(Config {
+        backplane: Some(rc),
+        ..test_config()
+    })));
+}

@@ -107,6 +107,9 @@ pub struct CoreLoop {
     acks_ready: Vec<Arc<crate::bus::AckWaiter>>,
     /// At shutdown, how long the link may keep flushing.
     link_stop: Option<Instant>,
+    /// The `after` of `presence` requests the rooms worker has not answered yet, by (key,
+    /// serial, ack): their answers are paged from there (`rooms.rs`).
+    presence_after: std::collections::HashMap<(usize, u64, Option<u64>), Box<str>>,
 }
 
 impl CoreLoop {
@@ -131,6 +134,7 @@ impl CoreLoop {
             link,
             acks_ready: Vec::new(),
             link_stop: None,
+            presence_after: Default::default(),
             id,
             poll,
             listener: Some(listener),
