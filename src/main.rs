@@ -67,6 +67,11 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_BYTES", default_value_t = config::DEFAULT_MAX_OUTBOUND_BYTES)]
     max_outbound_bytes: usize,
 
+    /// Outbound bytes buffered for all connections together; past it the connections holding
+    /// the most are closed as slow consumers (4008), biggest first.
+    #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_TOTAL_BYTES", default_value_t = config::DEFAULT_MAX_OUTBOUND_TOTAL_BYTES)]
+    max_outbound_total_bytes: usize,
+
     /// Per-connection read buffer in bytes (the main cost of an idle connection).
     #[arg(long, env = "SWITCHBOARD_READ_BUFFER_BYTES", default_value_t = config::DEFAULT_READ_BUFFER_BYTES)]
     read_buffer_bytes: usize,
@@ -260,6 +265,7 @@ impl Cli {
             max_connections: self.max_connections.unwrap_or(defaults.max_connections),
             max_message_bytes: self.max_message_bytes,
             max_outbound_bytes: self.max_outbound_bytes,
+            max_outbound_total_bytes: self.max_outbound_total_bytes,
             read_buffer_bytes: self.read_buffer_bytes,
             handshake_timeout: self.handshake_timeout,
             ping_interval: self.ping_interval,

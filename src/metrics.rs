@@ -65,6 +65,8 @@ pub struct CoreMetrics {
     pub sockets: AtomicU64,
     /// Gauge: users with at least one connection on this core.
     pub users: AtomicU64,
+    /// Gauge: bytes queued for this core's connections and not yet written to their sockets.
+    pub outbound_buffered: AtomicU64,
     /// WebSocket upgrades completed.
     pub connections_accepted: AtomicU64,
     closed: [AtomicU64; CLOSE_LABELS.len()],
@@ -146,6 +148,12 @@ pub fn render_prometheus(cores: &[CoreMetrics]) -> String {
         "gauge",
         "Open WebSocket connections.",
         &|c| &c.connections_open,
+    );
+    family(
+        "switchboard_outbound_buffered_bytes",
+        "gauge",
+        "Bytes queued for clients and not yet written to their sockets.",
+        &|c| &c.outbound_buffered,
     );
     family(
         "switchboard_connections_accepted_total",

@@ -11,8 +11,9 @@ use common::*;
 use switchboard::Config;
 
 /// Every metric name docs/PROTOCOL.md lists.
-const METRICS: [&str; 16] = [
+const METRICS: [&str; 17] = [
     "switchboard_connections_open",
+    "switchboard_outbound_buffered_bytes",
     "switchboard_connections_accepted_total",
     "switchboard_frames_in_total",
     "switchboard_frames_out_total",

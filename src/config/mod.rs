@@ -25,6 +25,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Bytes queued for one connection before it is closed as a slow consumer.
 pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 1024 * 1024;
+/// Outbound bytes buffered for all connections of the process together; past it the biggest
+/// slow consumers are closed (4008) until the total is back under it.
+pub const DEFAULT_MAX_OUTBOUND_TOTAL_BYTES: usize = 256 * 1024 * 1024;
 /// Eager per-connection read buffer. tungstenite defaults to 128 KiB; chat frames are small,
 /// and this buffer dominates the memory of an idle connection.
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 2 * 1024;
@@ -145,6 +148,9 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Outbound bytes buffered per connection before it is closed as a slow consumer (4008).
     pub max_outbound_bytes: usize,
+    /// Outbound bytes buffered in the whole process; past it the connections holding the most
+    /// are closed as slow consumers (4008), biggest first.
+    pub max_outbound_total_bytes: usize,
     /// Per-connection read buffer, in bytes.
     pub read_buffer_bytes: usize,
     /// Deadline for a complete HTTP request after accept.
@@ -185,6 +191,7 @@ impl Default for Config {
             max_connections: default_max_connections(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
+            max_outbound_total_bytes: DEFAULT_MAX_OUTBOUND_TOTAL_BYTES,
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             ping_interval: DEFAULT_PING_INTERVAL,
@@ -227,6 +234,9 @@ impl Config {
             return err(
                 "--max-outbound-bytes must be at least twice the largest message (or 128 KiB)",
             );
+        }
+        if self.max_outbound_total_bytes < 2 * self.max_message_bytes {
+            return err("--max-outbound-total-bytes must be at least twice the largest message");
         }
         if self.read_buffer_bytes < 256 {
             return err("--read-buffer-bytes must be at least 256");

@@ -45,6 +45,9 @@ pub struct Open<S = Stream> {
     pub sio: Option<Box<crate::socketio::Session>>,
     /// Where the connection stands in its user's presence count.
     pub counted: Counted,
+    /// Bytes queued and not yet written to the socket (frame headers estimated), for the
+    /// process-wide outbound budget.
+    pub outbound: usize,
 }
 
 /// What one read from an open connection came to.
@@ -135,6 +138,7 @@ impl<S> Open<S> {
             recovering: None,
             sio,
             counted: Counted::No,
+            outbound: 0,
         }
     }
 

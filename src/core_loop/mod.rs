@@ -15,6 +15,7 @@
 //! - `api.rs`: `GET /api/history`, `POST /api/publish`, the `history` event, waiting replies;
 //! - `frames.rs`: reading frames, the rate limit, envelopes into handlers, acks and answers;
 //! - `delivery.rs`: dispatching, delivering to connections, write many and flush once;
+//! - `budget.rs`: the process-wide outbound budget, shedding the biggest slow consumers;
 //! - `publish.rs`: publishing to Redis on this core's own link, acks it settles answered inline;
 //! - `recovery.rs`: `?since=`/`resume`, replays and resyncs;
 //! - `sweep.rs`: closing, removing, deadlines and shutdown;
@@ -39,6 +40,7 @@ pub(crate) use shared::Shared;
 use table::Table;
 
 mod api;
+mod budget;
 mod delivery;
 mod frames;
 mod http;
@@ -82,6 +84,8 @@ pub struct CoreLoop {
     shared: Arc<Shared>,
     /// Open WebSocket connections on this core.
     open: usize,
+    /// Bytes queued for this core's connections, not yet written (see `budget.rs`).
+    outbound: usize,
     /// Connections with output queued this turn, flushed once at the end of it.
     dirty: Vec<usize>,
     /// Connections with input left over (read budget spent, or accepted with data waiting).
@@ -144,6 +148,7 @@ impl CoreLoop {
             next_serial: 0,
             drain_self: false,
             open: 0,
+            outbound: 0,
             dirty: Vec::new(),
             carry: Vec::new(),
             outbox: Vec::new(),
@@ -216,6 +221,7 @@ impl CoreLoop {
             // queued before the connections are flushed.
             self.link_turn(Instant::now());
             self.flush_dirty();
+            self.enforce_outbound_budget();
             let now = Instant::now();
             if now >= self.next_sweep {
                 self.sweep(now);

@@ -56,6 +56,7 @@ impl CoreLoop {
             let why = open.ended.unwrap_or(why);
             self.metrics().closed(why);
             self.open -= 1;
+            self.outbound = self.outbound.saturating_sub(open.outbound);
             self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
             add(&self.metrics().bytes_out, open.ws.get_mut().take_written());
             log::debug!(
