@@ -80,6 +80,15 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: Duration,
 
+    /// Handshakes in progress in the process (sockets not authenticated yet: a request head
+    /// still coming, a Socket.IO connection before its CONNECT); past it the oldest are dropped.
+    #[arg(long, env = "SWITCHBOARD_MAX_HANDSHAKES", default_value_t = config::DEFAULT_MAX_HANDSHAKES)]
+    max_handshakes: usize,
+
+    /// Handshakes in progress from one source address; past it its new sockets are dropped.
+    #[arg(long, env = "SWITCHBOARD_MAX_HANDSHAKES_PER_IP", default_value_t = config::DEFAULT_MAX_HANDSHAKES_PER_IP)]
+    max_handshakes_per_ip: u32,
+
     /// Interval between server pings.
     #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
     ping_interval: Duration,
@@ -268,6 +277,8 @@ impl Cli {
             max_outbound_total_bytes: self.max_outbound_total_bytes,
             read_buffer_bytes: self.read_buffer_bytes,
             handshake_timeout: self.handshake_timeout,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
             ping_interval: self.ping_interval,
             ping_timeout: self.ping_timeout,
             shutdown_timeout: self.shutdown_timeout,

@@ -69,6 +69,12 @@ pub struct CoreMetrics {
     pub outbound_buffered: AtomicU64,
     /// WebSocket upgrades completed.
     pub connections_accepted: AtomicU64,
+    /// Sockets dropped at accept: their address had `--max-handshakes-per-ip` in progress, or
+    /// the process `--max-handshakes` and nothing could be shed.
+    pub handshakes_refused: AtomicU64,
+    /// Unauthenticated sockets dropped, oldest first, to make room (`--max-handshakes`, or the
+    /// process out of file descriptors).
+    pub handshakes_shed: AtomicU64,
     closed: [AtomicU64; CLOSE_LABELS.len()],
     /// Text frames received from clients.
     pub frames_in: AtomicU64,
@@ -160,6 +166,18 @@ pub fn render_prometheus(cores: &[CoreMetrics]) -> String {
         "counter",
         "WebSocket upgrades completed.",
         &|c| &c.connections_accepted,
+    );
+    family(
+        "switchboard_handshakes_refused_total",
+        "counter",
+        "Sockets dropped at accept: too many handshakes in progress from their address or in all.",
+        &|c| &c.handshakes_refused,
+    );
+    family(
+        "switchboard_handshakes_shed_total",
+        "counter",
+        "Unauthenticated sockets dropped, oldest first, to make room for new ones.",
+        &|c| &c.handshakes_shed,
     );
     family(
         "switchboard_frames_in_total",

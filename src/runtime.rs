@@ -103,6 +103,7 @@ impl Server {
             shutdown: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
+            gate: crate::core_loop::Gate::new(config.max_handshakes, config.max_handshakes_per_ip),
             node_id,
             history: (config.history_active() && config.backplane.is_none()).then(|| {
                 crate::history::MemoryHistory::new(&config.history, crate::types::now_ms())

@@ -11,8 +11,10 @@ use common::*;
 use switchboard::Config;
 
 /// Every metric name docs/PROTOCOL.md lists.
-const METRICS: [&str; 17] = [
+const METRICS: [&str; 19] = [
     "switchboard_connections_open",
+    "switchboard_handshakes_refused_total",
+    "switchboard_handshakes_shed_total",
     "switchboard_outbound_buffered_bytes",
     "switchboard_connections_accepted_total",
     "switchboard_frames_in_total",

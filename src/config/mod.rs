@@ -41,6 +41,12 @@ pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Dispatches one core may hold for another before it drops (and counts) new ones.
 pub const DEFAULT_INBOX_CAPACITY: usize = 64 * 1024;
+/// Handshakes in progress in the process (sockets that have not authenticated yet: a request
+/// head still coming, a Socket.IO connection before its first CONNECT); past it the oldest are
+/// dropped to make room.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 4096;
+/// Handshakes in progress from one source address; past it new sockets from it are dropped.
+pub const DEFAULT_MAX_HANDSHAKES_PER_IP: u32 = 256;
 /// Largest HTTP request head (request line + headers) accepted; past it, HTTP 431.
 pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
 /// File descriptors kept free for listeners, pending handshakes, Redis and logs when
@@ -155,6 +161,10 @@ pub struct Config {
     pub read_buffer_bytes: usize,
     /// Deadline for a complete HTTP request after accept.
     pub handshake_timeout: Duration,
+    /// Handshakes in progress in the process; past it the oldest are dropped.
+    pub max_handshakes: usize,
+    /// Handshakes in progress from one source address; past it new sockets are dropped.
+    pub max_handshakes_per_ip: u32,
     /// Interval between server pings.
     pub ping_interval: Duration,
     /// Grace after a missed ping interval before a silent connection is closed (4000).
@@ -194,6 +204,8 @@ impl Default for Config {
             max_outbound_total_bytes: DEFAULT_MAX_OUTBOUND_TOTAL_BYTES,
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
             ping_interval: DEFAULT_PING_INTERVAL,
             ping_timeout: DEFAULT_PING_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -240,6 +252,9 @@ impl Config {
         }
         if self.read_buffer_bytes < 256 {
             return err("--read-buffer-bytes must be at least 256");
+        }
+        if self.max_handshakes == 0 || self.max_handshakes_per_ip == 0 {
+            return err("--max-handshakes and --max-handshakes-per-ip must be at least 1");
         }
         if self.handshake_timeout.is_zero() {
             return err("--handshake-timeout must be above zero");

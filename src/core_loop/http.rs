@@ -138,10 +138,9 @@ impl CoreLoop {
                 }
             }
         };
-        let max = self.shared.config.max_connections;
-        if self.shared.open_connections.fetch_add(1, Ordering::SeqCst) >= max {
-            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
-            add(&self.metrics().rejected_over_capacity, 1);
+        // A Socket.IO connection takes its slot once its CONNECT is authenticated (`sio.rs`):
+        // until then it counts only as a handshake in progress (`gate.rs`).
+        if !socketio && !self.take_connection_slot() {
             self.reply(
                 key,
                 http::error_response(503, "server at max_connections"),
@@ -153,7 +152,9 @@ impl CoreLoop {
             return;
         };
         if !pending.write_upgrade(ws_key) {
-            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            if !socketio {
+                self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            }
             add(&self.metrics().handshake_failures, 1);
             self.remove(key, Closed::Reset);
             return;
@@ -182,6 +183,9 @@ impl CoreLoop {
             return;
         }
         self.next_serial += 1;
+        if !socketio {
+            self.end_handshake(key);
+        }
         let since = req.query_param("since");
         if let Some(user) = &user {
             self.index(key, user);
@@ -203,8 +207,22 @@ impl CoreLoop {
         self.carry.push(key);
     }
 
+    /// Takes one of the process's `--max-connections` slots; `false` (counted) when all are
+    /// taken.
+    pub(super) fn take_connection_slot(&mut self) -> bool {
+        let max = self.shared.config.max_connections;
+        if self.shared.open_connections.fetch_add(1, Ordering::SeqCst) >= max {
+            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            add(&self.metrics().rejected_over_capacity, 1);
+            return false;
+        }
+        true
+    }
+
     /// Switches the connection to writing `response`, then closing.
     pub(super) fn reply(&mut self, key: usize, response: Vec<u8>, _rest: &[u8]) {
+        // Answered: no longer a handshake in progress (the reply has its own short deadline).
+        self.end_handshake(key);
         let deadline = Instant::now() + REPLY_GRACE;
         let replaced = self
             .conns

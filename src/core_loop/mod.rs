@@ -11,6 +11,7 @@
 //! (`crate::connection`) and acts on the outcome:
 //!
 //! - `table.rs`: the connections by key and the user index (the only code that knows keys);
+//! - `gate.rs`: handshakes in progress, bounded per process and per address, shed oldest first;
 //! - `http.rs`: request head, routing, the upgrade, plain replies;
 //! - `api.rs`: `GET /api/history`, `POST /api/publish`, the `history` event, waiting replies;
 //! - `frames.rs`: reading frames, the rate limit, envelopes into handlers, acks and answers;
@@ -34,8 +35,9 @@ use crate::backplane::core_link::{CoreLink, STOP_FLUSH};
 use crate::bus::{CoreMsg, Dispatch};
 use crate::connection::{Connection, PendingRequest};
 use crate::handlers::MessageIds;
-use crate::metrics::{Closed, CoreMetrics};
+use crate::metrics::{add, Closed, CoreMetrics};
 use crate::protocol::CloseReason;
+pub(crate) use gate::Gate;
 pub(crate) use shared::Shared;
 use table::Table;
 
@@ -43,6 +45,7 @@ mod api;
 mod budget;
 mod delivery;
 mod frames;
+mod gate;
 mod http;
 mod mode;
 mod publish;
@@ -71,6 +74,9 @@ const REPLY_GRACE: Duration = Duration::from_secs(5);
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long an HTTP request may wait for Redis (history page, publish) before a 503.
 const API_WAIT: Duration = Duration::from_secs(5);
+/// Unauthenticated sockets dropped, oldest first, each time accept finds the process out of
+/// file descriptors.
+const SHED_ON_EXHAUSTION: usize = 16;
 /// Accepting stops this long after the process ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -84,6 +90,11 @@ pub struct CoreLoop {
     shared: Arc<Shared>,
     /// Open WebSocket connections on this core.
     open: usize,
+    /// This core's handshakes in progress, by key (`gate.rs`).
+    handshakes: std::collections::HashMap<usize, gate::Handshake>,
+    /// A file descriptor held back for the moment the process runs out: closed to accept (and
+    /// drop) one connection, so the kernel's backlog never stalls.
+    reserve_fd: Option<std::fs::File>,
     /// Bytes queued for this core's connections, not yet written (see `budget.rs`).
     outbound: usize,
     /// Connections with output queued this turn, flushed once at the end of it.
@@ -148,6 +159,8 @@ impl CoreLoop {
             next_serial: 0,
             drain_self: false,
             open: 0,
+            handshakes: Default::default(),
+            reserve_fd: std::fs::File::open("/dev/null").ok(),
             outbound: 0,
             dirty: Vec::new(),
             carry: Vec::new(),
@@ -278,10 +291,25 @@ impl CoreLoop {
                 return;
             };
             match listener.accept() {
-                Ok((stream, _peer)) => self.admit(stream),
+                Ok((stream, peer)) => self.admit(stream, peer.ip()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_fd_exhaustion(&e) => {
+                    // Make room: drop the oldest unauthenticated sockets, then accept on.
+                    if self.shed_oldest_handshakes(SHED_ON_EXHAUSTION) > 0 {
+                        continue;
+                    }
+                    // Nothing to shed: the reserve descriptor takes the next connection off the
+                    // backlog and drops it, so the listener does not stall on it.
+                    if let Some(reserve) = self.reserve_fd.take() {
+                        drop(reserve);
+                        let dropped = self.listener.as_ref().map(TcpListener::accept);
+                        if let Some(Ok((stream, _))) = dropped {
+                            add(&self.metrics().handshakes_refused, 1);
+                            drop(stream);
+                        }
+                        self.reserve_fd = std::fs::File::open("/dev/null").ok();
+                    }
                     log::warn!("core={} accept paused: {e}", self.id);
                     self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                     return;
@@ -292,7 +320,11 @@ impl CoreLoop {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream) {
+    fn admit(&mut self, mut stream: TcpStream, peer: std::net::IpAddr) {
+        if !self.begin_handshake(peer) {
+            add(&self.metrics().handshakes_refused, 1);
+            return;
+        }
         let _ = stream.set_nodelay(true);
         let deadline = Instant::now() + self.shared.config.handshake_timeout;
         let registry = self.poll.registry();
@@ -309,9 +341,11 @@ impl CoreLoop {
             Ok(key) => key,
             Err(e) => {
                 log::warn!("core={} register failed: {e}", self.id);
+                self.shared.gate.end(peer);
                 return;
             }
         };
+        self.track_handshake(key, peer);
         // The request may already be waiting; its readable edge may have passed.
         self.carry.push(key);
     }

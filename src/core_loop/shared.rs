@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub failed: AtomicBool,
     /// Open WebSocket connections in the process, for `max_connections`.
     pub open_connections: AtomicUsize,
+    /// Handshakes in progress in the process, for `max_handshakes` (`gate.rs`).
+    pub gate: super::gate::Gate,
     pub node_id: u64,
     /// Embedded mode's history, when history is active without a backplane.
     pub history: Option<crate::history::MemoryHistory>,

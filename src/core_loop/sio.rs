@@ -164,6 +164,16 @@ impl CoreLoop {
         }
         let first = !open.indexed;
         let sid = socketio::engine_sid(self.shared.node_id, self.id, open.serial);
+        let needs_slot = !session.holds_slot;
+        if needs_slot {
+            if !self.take_connection_slot() {
+                return refuse(self, "server at max_connections");
+            }
+            if let Some(session) = self.session(key) {
+                session.holds_slot = true;
+            }
+            self.end_handshake(key);
+        }
         if first {
             if let Some(open) = self.conns.get_open_mut(key) {
                 open.user = user.clone();

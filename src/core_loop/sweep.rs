@@ -48,6 +48,7 @@ impl CoreLoop {
     /// Drops a connection now, whatever its state.
     pub(super) fn remove(&mut self, key: usize, why: Closed) {
         self.unindex(key);
+        self.end_handshake(key);
         let Some(mut conn) = self.conns.remove(key) else {
             return;
         };
@@ -57,7 +58,10 @@ impl CoreLoop {
             self.metrics().closed(why);
             self.open -= 1;
             self.outbound = self.outbound.saturating_sub(open.outbound);
-            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            // A Socket.IO connection takes its slot at its first CONNECT (`sio.rs`).
+            if open.sio.as_ref().is_none_or(|s| s.holds_slot) {
+                self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            }
             add(&self.metrics().bytes_out, open.ws.get_mut().take_written());
             log::debug!(
                 "core={} conn={key} user={} removed ({why:?})",
