@@ -89,6 +89,24 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_MAX_HANDSHAKES_PER_IP", default_value_t = config::DEFAULT_MAX_HANDSHAKES_PER_IP)]
     max_handshakes_per_ip: u32,
 
+    /// WebSocket upgrades per second from one source address, before the token is checked;
+    /// past it, HTTP 429. 0 = no limit.
+    #[arg(long, env = "SWITCHBOARD_CONNECT_RATE_PER_IP", default_value_t = config::DEFAULT_CONNECT_RATE_PER_IP)]
+    connect_rate_per_ip: u32,
+
+    /// Upgrades from one source address allowed in a burst above its rate.
+    #[arg(long, env = "SWITCHBOARD_CONNECT_BURST_PER_IP", default_value_t = config::DEFAULT_CONNECT_BURST_PER_IP)]
+    connect_burst_per_ip: u32,
+
+    /// Connections per second one user may open on this instance; past it, HTTP 429 (Socket.IO:
+    /// a CONNECT_ERROR). 0 = no limit.
+    #[arg(long, env = "SWITCHBOARD_CONNECT_RATE_PER_USER", default_value_t = config::DEFAULT_CONNECT_RATE_PER_USER)]
+    connect_rate_per_user: u32,
+
+    /// Connections of one user allowed in a burst above its rate.
+    #[arg(long, env = "SWITCHBOARD_CONNECT_BURST_PER_USER", default_value_t = config::DEFAULT_CONNECT_BURST_PER_USER)]
+    connect_burst_per_user: u32,
+
     /// Interval between server pings.
     #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
     ping_interval: Duration,
@@ -209,6 +227,11 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL", default_value = "30s", value_parser = parse_duration)]
     presence_ttl: Duration,
 
+    /// Room requests (join, leave, send, presence) waiting for the Redis rooms worker; past it
+    /// new ones get an `internal` error `rooms busy` at once.
+    #[arg(long, env = "SWITCHBOARD_MAX_ROOM_QUEUE", default_value_t = rooms::DEFAULT_MAX_ROOM_QUEUE)]
+    max_room_queue: usize,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     log_level: String,
@@ -279,6 +302,10 @@ impl Cli {
             handshake_timeout: self.handshake_timeout,
             max_handshakes: self.max_handshakes,
             max_handshakes_per_ip: self.max_handshakes_per_ip,
+            connect_rate_per_ip: self.connect_rate_per_ip,
+            connect_burst_per_ip: self.connect_burst_per_ip,
+            connect_rate_per_user: self.connect_rate_per_user,
+            connect_burst_per_user: self.connect_burst_per_user,
             ping_interval: self.ping_interval,
             ping_timeout: self.ping_timeout,
             shutdown_timeout: self.shutdown_timeout,
@@ -315,6 +342,7 @@ impl Cli {
                 max_room_name_bytes: self.max_room_name_bytes,
                 max_devices: self.max_devices,
                 presence_ttl: self.presence_ttl,
+                max_room_queue: self.max_room_queue,
             },
         }
     }

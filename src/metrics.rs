@@ -72,6 +72,8 @@ pub struct CoreMetrics {
     /// Sockets dropped at accept: their address had `--max-handshakes-per-ip` in progress, or
     /// the process `--max-handshakes` and nothing could be shed.
     pub handshakes_refused: AtomicU64,
+    /// Upgrades (or Socket.IO CONNECTs) refused for their address's or user's connect rate.
+    pub connects_rate_limited: AtomicU64,
     /// Unauthenticated sockets dropped, oldest first, to make room (`--max-handshakes`, or the
     /// process out of file descriptors).
     pub handshakes_shed: AtomicU64,
@@ -172,6 +174,12 @@ pub fn render_prometheus(cores: &[CoreMetrics]) -> String {
         "counter",
         "Sockets dropped at accept: too many handshakes in progress from their address or in all.",
         &|c| &c.handshakes_refused,
+    );
+    family(
+        "switchboard_connects_rate_limited_total",
+        "counter",
+        "Connections refused (429, or a Socket.IO CONNECT_ERROR) for their address's or user's connect rate.",
+        &|c| &c.connects_rate_limited,
     );
     family(
         "switchboard_handshakes_shed_total",

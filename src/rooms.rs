@@ -15,7 +15,7 @@ use tungstenite::Utf8Bytes;
 // The settings live in `config::rooms` and the room id in `types`; they keep their paths here.
 pub use crate::config::rooms::{
     RoomsConfig, DEFAULT_MAX_DEVICES, DEFAULT_MAX_ROOMS_PER_USER, DEFAULT_MAX_ROOM_MEMBERS,
-    DEFAULT_MAX_ROOM_NAME_BYTES, DEFAULT_PRESENCE_TTL,
+    DEFAULT_MAX_ROOM_NAME_BYTES, DEFAULT_MAX_ROOM_QUEUE, DEFAULT_PRESENCE_TTL,
 };
 pub use crate::types::RoomId;
 

@@ -121,3 +121,36 @@ fn out_of_file_descriptors_the_oldest_silent_sockets_make_room() {
     assert!(metric(server.addr, "switchboard_handshakes_shed_total") >= 1);
     drop(held);
 }
+
+#[test]
+fn connects_are_rate_limited_per_address_before_the_token_and_per_user() {
+    let server = TestServer::with_config(Config {
+        connect_rate_per_ip: 1,
+        connect_burst_per_ip: 4,
+        connect_rate_per_user: 1,
+        connect_burst_per_user: 2,
+        ..test_config()
+    });
+    let _a1 = server.connect("a");
+    let _a2 = server.connect("a");
+    let (status, body) = try_upgrade(server.addr, "/ws?token=a", "");
+    assert_eq!(
+        status, 429,
+        "the user's third connect in a burst of two: {body}"
+    );
+    assert!(
+        body.contains("too many connections for this user"),
+        "{body}"
+    );
+    let _b = server.connect("b");
+    // The address spent its burst of four: even a bad token is refused before it is checked.
+    let (status, body) = try_upgrade(server.addr, "/ws?token=", "");
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body.contains("too many connections from this address"),
+        "{body}"
+    );
+    assert!(metric(server.addr, "switchboard_connects_rate_limited_total") >= 2);
+    // Plain HTTP is not an upgrade: probes still get through.
+    assert_eq!(http_get(server.addr, "/healthz").0, 200);
+}

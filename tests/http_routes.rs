@@ -11,8 +11,9 @@ use common::*;
 use switchboard::Config;
 
 /// Every metric name docs/PROTOCOL.md lists.
-const METRICS: [&str; 19] = [
+const METRICS: [&str; 20] = [
     "switchboard_connections_open",
+    "switchboard_connects_rate_limited_total",
     "switchboard_handshakes_refused_total",
     "switchboard_handshakes_shed_total",
     "switchboard_outbound_buffered_bytes",

@@ -47,6 +47,16 @@ pub const DEFAULT_INBOX_CAPACITY: usize = 64 * 1024;
 pub const DEFAULT_MAX_HANDSHAKES: usize = 4096;
 /// Handshakes in progress from one source address; past it new sockets from it are dropped.
 pub const DEFAULT_MAX_HANDSHAKES_PER_IP: u32 = 256;
+/// WebSocket upgrades one source address may make per second, before authentication (0 = no
+/// limit); past it, HTTP 429.
+pub const DEFAULT_CONNECT_RATE_PER_IP: u32 = 100;
+/// Upgrades one source address may make in a burst above its rate.
+pub const DEFAULT_CONNECT_BURST_PER_IP: u32 = 1000;
+/// Connections one user may open per second, across this instance (0 = no limit); past it,
+/// HTTP 429 (Socket.IO: a CONNECT_ERROR).
+pub const DEFAULT_CONNECT_RATE_PER_USER: u32 = 10;
+/// Connections one user may open in a burst above its rate.
+pub const DEFAULT_CONNECT_BURST_PER_USER: u32 = 20;
 /// Largest HTTP request head (request line + headers) accepted; past it, HTTP 431.
 pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
 /// File descriptors kept free for listeners, pending handshakes, Redis and logs when
@@ -165,6 +175,14 @@ pub struct Config {
     pub max_handshakes: usize,
     /// Handshakes in progress from one source address; past it new sockets are dropped.
     pub max_handshakes_per_ip: u32,
+    /// Upgrades per second from one source address, before authentication (0 = no limit).
+    pub connect_rate_per_ip: u32,
+    /// Burst of upgrades from one source address above its rate.
+    pub connect_burst_per_ip: u32,
+    /// Connections per second one user may open on this instance (0 = no limit).
+    pub connect_rate_per_user: u32,
+    /// Burst of connections of one user above its rate.
+    pub connect_burst_per_user: u32,
     /// Interval between server pings.
     pub ping_interval: Duration,
     /// Grace after a missed ping interval before a silent connection is closed (4000).
@@ -206,6 +224,10 @@ impl Default for Config {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
+            connect_rate_per_ip: DEFAULT_CONNECT_RATE_PER_IP,
+            connect_burst_per_ip: DEFAULT_CONNECT_BURST_PER_IP,
+            connect_rate_per_user: DEFAULT_CONNECT_RATE_PER_USER,
+            connect_burst_per_user: DEFAULT_CONNECT_BURST_PER_USER,
             ping_interval: DEFAULT_PING_INTERVAL,
             ping_timeout: DEFAULT_PING_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -255,6 +277,11 @@ impl Config {
         }
         if self.max_handshakes == 0 || self.max_handshakes_per_ip == 0 {
             return err("--max-handshakes and --max-handshakes-per-ip must be at least 1");
+        }
+        if self.connect_rate_per_ip > 0 && self.connect_burst_per_ip == 0
+            || self.connect_rate_per_user > 0 && self.connect_burst_per_user == 0
+        {
+            return err("--connect-burst-per-ip and --connect-burst-per-user must be at least 1");
         }
         if self.handshake_timeout.is_zero() {
             return err("--handshake-timeout must be above zero");

@@ -126,6 +126,10 @@ impl CoreLoop {
         let Some(ws_key) = req.ws_key.as_deref().filter(|k| http::valid_ws_key(k)) else {
             return refuse(self, 400, "", "missing or invalid Sec-WebSocket-Key");
         };
+        if !self.connect_rate_ip_allows(key) {
+            let body = "too many connections from this address: retry later";
+            return refuse(self, 429, "Retry-After: 1\r\n", body);
+        }
         let user = if socketio {
             None
         } else {
@@ -138,6 +142,12 @@ impl CoreLoop {
                 }
             }
         };
+        if let Some(user) = &user {
+            if !self.connect_rate_user_allows(user) {
+                let body = "too many connections for this user: retry later";
+                return refuse(self, 429, "Retry-After: 1\r\n", body);
+            }
+        }
         // A Socket.IO connection takes its slot once its CONNECT is authenticated (`sio.rs`):
         // until then it counts only as a handshake in progress (`gate.rs`).
         if !socketio && !self.take_connection_slot() {

@@ -37,7 +37,7 @@ use crate::connection::{Connection, PendingRequest};
 use crate::handlers::MessageIds;
 use crate::metrics::{add, Closed, CoreMetrics};
 use crate::protocol::CloseReason;
-pub(crate) use gate::Gate;
+pub(crate) use gate::{ConnectRates, Gate};
 pub(crate) use shared::Shared;
 use table::Table;
 

@@ -171,7 +171,9 @@ impl CoreLoop {
             None
         } else {
             self.presence_after.remove(&(key, serial, ack));
-            Some(Err(HandlerError::internal("rooms unavailable")))
+            Some(Err(HandlerError::internal(
+                "rooms busy or unavailable: retry later",
+            )))
         }
     }
 

@@ -165,6 +165,9 @@ impl CoreLoop {
         let first = !open.indexed;
         let sid = socketio::engine_sid(self.shared.node_id, self.id, open.serial);
         let needs_slot = !session.holds_slot;
+        if first && !self.connect_rate_user_allows(&user) {
+            return refuse(self, "too many connections for this user: retry later");
+        }
         if needs_slot {
             if !self.take_connection_slot() {
                 return refuse(self, "server at max_connections");
