@@ -232,6 +232,11 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_MAX_ROOM_QUEUE", default_value_t = rooms::DEFAULT_MAX_ROOM_QUEUE)]
     max_room_queue: usize,
 
+    /// Embedded: a user's presence changes within this long after one was announced are
+    /// coalesced into at most one `presenceChanged` at its end (0 = announce every change).
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    presence_interval: Duration,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     log_level: String,
@@ -343,6 +348,7 @@ impl Cli {
                 max_devices: self.max_devices,
                 presence_ttl: self.presence_ttl,
                 max_room_queue: self.max_room_queue,
+                presence_interval: self.presence_interval,
             },
         }
     }

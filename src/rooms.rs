@@ -318,6 +318,12 @@ impl MemoryRooms {
         })
     }
 
+    /// Who must hear that `user` came online or went offline: each of the user's rooms with
+    /// its members (for a change announced later than it happened).
+    pub fn presence_notices(&self, user: &UserId) -> Vec<PresenceNotice> {
+        self.lock().notices(user)
+    }
+
     /// Uncounts a connection of `user`; lists who must hear the user went offline.
     pub fn disconnect(&self, user: &UserId) -> Vec<PresenceNotice> {
         let mut reg = self.lock();

@@ -300,3 +300,49 @@ fn presence_answers_over_the_outbound_bound_are_paged() {
         ..test_config()
     })));
 }
+
+/// A user reconnecting in a loop: the members hear at most one `presenceChanged` per
+/// `--presence-interval` (the first at once, then the state at the interval's end), not one per
+/// connect and disconnect.
+#[test]
+fn presence_changes_are_coalesced_per_user() {
+    let server = TestServer::with_config(Config {
+        rooms: RoomsConfig {
+            // Long enough that the reconnects below surely fall within one interval.
+            presence_interval: Duration::from_secs(5),
+            ..rooms_config(Duration::from_secs(30), 0)
+        },
+        ..test_config()
+    });
+    let mut member = server.connect("m");
+    join(&mut member, "x");
+    let mut flapper = server.connect("f");
+    join(&mut flapper, "x");
+    flapper.close();
+    expect_presence(&mut member, "x", "f", false);
+    // Ten reconnects right after an announcement: all within the interval.
+    for _ in 0..10 {
+        let mut f = server.connect("f");
+        request(&mut f, "noSuchEvent", json!(null), 1);
+        f.close();
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut heard = Vec::new();
+    while let Some(m) = member.next_message(deadline) {
+        if let Ok(tungstenite::Message::Text(t)) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["event"] == "presenceChanged" {
+                heard.push(v["args"]["online"].as_bool().unwrap());
+            }
+        }
+    }
+    // f was offline when announced last and is offline again: nothing changed to announce.
+    assert!(
+        heard.is_empty(),
+        "twenty changes within the interval were announced: {heard:?}"
+    );
+    assert_eq!(online(&mut member, "x"), ["m"]);
+    // A change that stands is announced at the interval's end.
+    let _f = server.connect("f");
+    expect_presence(&mut member, "x", "f", true);
+}

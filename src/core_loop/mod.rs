@@ -20,7 +20,8 @@
 //! - `publish.rs`: publishing to Redis on this core's own link, acks it settles answered inline;
 //! - `recovery.rs`: `?since=`/`resume`, replays and resyncs;
 //! - `sweep.rs`: closing, removing, deadlines and shutdown;
-//! - `rooms.rs`, `sio.rs`: rooms and presence, Socket.IO;
+//! - `rooms.rs`, `sio.rs`: rooms and presence, Socket.IO; `presence.rs`: presence changes
+//!   coalesced per user;
 //! - `mode.rs`: embedded or with Redis, history on or off; `shared.rs`: what every core reads.
 
 use std::io;
@@ -38,6 +39,7 @@ use crate::handlers::MessageIds;
 use crate::metrics::{add, Closed, CoreMetrics};
 use crate::protocol::CloseReason;
 pub(crate) use gate::{ConnectRates, Gate};
+pub(crate) use presence::Coalescer;
 pub(crate) use shared::Shared;
 use table::Table;
 
@@ -48,6 +50,7 @@ mod frames;
 mod gate;
 mod http;
 mod mode;
+mod presence;
 mod publish;
 mod recovery;
 mod rooms;
@@ -238,6 +241,7 @@ impl CoreLoop {
             let now = Instant::now();
             if now >= self.next_sweep {
                 self.sweep(now);
+                self.announce_due_presence(now);
                 self.next_sweep = now + SWEEP_INTERVAL;
                 if self.id == 0 && now >= self.next_purge {
                     if let Some(store) = &self.shared.history {

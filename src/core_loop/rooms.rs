@@ -354,9 +354,30 @@ impl CoreLoop {
         }
     }
 
-    /// Embedded: tells the members of each room that `user` came online or went offline. The
-    /// event is kept in no history: it goes out like a dispatch without offsets.
+    /// Embedded: tells the members of each room that `user` came online or went offline, or
+    /// holds the change for later when the user changed within `--presence-interval`
+    /// (`presence.rs`).
     fn notify_presence(&mut self, notices: Vec<PresenceNotice>, user: &UserId, online: bool) {
+        if notices.is_empty() {
+            return;
+        }
+        let verdict = self
+            .shared
+            .presence
+            .changed(user, online, std::time::Instant::now());
+        if verdict == super::presence::Verdict::Announce {
+            self.announce_presence(notices, user, online);
+        }
+    }
+
+    /// Sends `presenceChanged` to the members of each room. The event is kept in no history:
+    /// it goes out like a dispatch without offsets.
+    pub(super) fn announce_presence(
+        &mut self,
+        notices: Vec<PresenceNotice>,
+        user: &UserId,
+        online: bool,
+    ) {
         for (room, members) in notices {
             let dispatch = Arc::new(Dispatch {
                 users: members.into_boxed_slice(),

@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub open_connections: AtomicUsize,
     /// Handshakes in progress in the process, for `max_handshakes` (`gate.rs`).
     pub gate: super::gate::Gate,
+    /// Presence changes coalesced per user, embedded (`presence.rs`).
+    pub presence: super::presence::Coalescer,
     /// Upgrades per source address, for `connect_rate_per_ip` (`gate.rs`).
     pub connect_rates_ip: super::gate::ConnectRates<std::net::IpAddr>,
     /// Connections per user, for `connect_rate_per_user` (`gate.rs`).
