@@ -262,14 +262,29 @@ fn bearer_header_works_and_wins_over_the_query() {
 /// with one line saying how, and starts once asked.
 #[test]
 fn dev_auth_off_loopback_needs_the_flag() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["--listen", "0.0.0.0:0", "--cores", "1"])
         .env_remove("SWITCHBOARD_JWT_SECRET")
         .env_remove("SWITCHBOARD_DEV_AUTH")
-        .output()
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run switchboard");
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // It must exit by itself; one that serves instead is killed and the test fails.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started without a JWT secret on 0.0.0.0");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(2));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(
         stderr.contains("--jwt-secret") && stderr.contains("--dev-auth"),
         "{stderr}"
