@@ -227,12 +227,7 @@ impl CoreLoop {
             if std::mem::take(&mut self.drain_self) {
                 self.drain_inbox();
             }
-            // One wake per sibling core per turn, however many dispatches went its way.
-            for core in 0..self.wake_cores.len() {
-                if std::mem::take(&mut self.wake_cores[core]) {
-                    self.shared.bus.wake(core);
-                }
-            }
+            self.wake_siblings();
             // Redis gets this turn's publications in one write; acks its replies made due are
             // queued before the connections are flushed.
             self.link_turn(Instant::now());
@@ -242,6 +237,8 @@ impl CoreLoop {
             if now >= self.next_sweep {
                 self.sweep(now);
                 self.announce_due_presence(now);
+                // Held presence changes went to the other cores' inboxes.
+                self.wake_siblings();
                 self.next_sweep = now + SWEEP_INTERVAL;
                 if self.id == 0 && now >= self.next_purge {
                     if let Some(store) = &self.shared.history {
@@ -276,6 +273,15 @@ impl CoreLoop {
             link.close(self.poll.registry());
         }
         Ok(())
+    }
+
+    /// One wake per sibling core per turn, however many dispatches went its way.
+    fn wake_siblings(&mut self) {
+        for core in 0..self.wake_cores.len() {
+            if std::mem::take(&mut self.wake_cores[core]) {
+                self.shared.bus.wake(core);
+            }
+        }
     }
 
     fn update_gauges(&self) {
