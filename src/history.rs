@@ -70,12 +70,33 @@ pub fn page_json(frames: &[Utf8Bytes]) -> String {
     out
 }
 
-/// `{"event":"ack","ack":n,"args":{"events":[...]}}`: the answer to a `history` event.
-pub fn encode_page_ack(ack: Option<u64>, frames: &[Utf8Bytes]) -> Utf8Bytes {
+/// `{"event":"ack","ack":n,"args":{"events":[...]}}`: the answer to a `history` event, at most
+/// `max_bytes` long. When the page's frames (newest first) do not all fit, it carries the newest
+/// that do (always at least one) and `"more":true`: the client asks again with `before` set to
+/// the offset of the last event it got, so an answer never closes its requester as a slow
+/// consumer.
+pub fn encode_page_ack(ack: Option<u64>, frames: &[Utf8Bytes], max_bytes: usize) -> Utf8Bytes {
     let ack = ack.map(|n| format!("\"ack\":{n},")).unwrap_or_default();
+    // The envelope around the events: `{"event":"ack",` + ack + `"args":` + `,"more":true}}`.
+    let mut used = 40 + ack.len() + 16;
+    let fitting = frames
+        .iter()
+        .take_while(|f| {
+            used += f.len() + 1;
+            used <= max_bytes
+        })
+        .count()
+        .max(1)
+        .min(frames.len());
+    let more = if fitting < frames.len() {
+        ",\"more\":true"
+    } else {
+        ""
+    };
+    let events = page_json(&frames[..fitting]);
+    let events = events.strip_suffix('}').unwrap_or(&events);
     Utf8Bytes::from(format!(
-        "{{\"event\":\"ack\",{ack}\"args\":{}}}",
-        page_json(frames)
+        "{{\"event\":\"ack\",{ack}\"args\":{events}{more}}}}}"
     ))
 }
 
@@ -703,10 +724,44 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&page_json(&frames)).unwrap();
         assert_eq!(v["events"][0]["offset"], "1-2");
         let v: serde_json::Value =
-            serde_json::from_str(encode_page_ack(Some(7), &frames).as_str()).unwrap();
+            serde_json::from_str(encode_page_ack(Some(7), &frames, 4096).as_str()).unwrap();
         assert_eq!(v["ack"], 7);
         assert_eq!(v["args"]["events"][0]["args"], 1);
+        assert_eq!(v["args"].get("more"), None);
         assert_eq!(page_json(&[]), r#"{"events":[]}"#);
+        let v: serde_json::Value =
+            serde_json::from_str(encode_page_ack(Some(7), &[], 10).as_str()).unwrap();
+        assert_eq!(v["args"]["events"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn a_page_over_the_bound_is_cut_newest_first_and_says_more() {
+        let frames: Vec<Utf8Bytes> = (0..10)
+            .map(|n| {
+                with_offset(
+                    &format!(r#"{{"event":"e","args":"{}"}}"#, "x".repeat(100)),
+                    Offset(1, 10 - n),
+                )
+            })
+            .collect();
+        let whole = encode_page_ack(Some(1), &frames, 1 << 20);
+        let cut = encode_page_ack(Some(1), &frames, whole.len() / 2);
+        assert!(
+            cut.len() <= whole.len() / 2,
+            "{} > {}",
+            cut.len(),
+            whole.len() / 2
+        );
+        let v: serde_json::Value = serde_json::from_str(cut.as_str()).unwrap();
+        let events = v["args"]["events"].as_array().unwrap();
+        assert!(events.len() >= 3 && events.len() < 10, "{}", events.len());
+        assert_eq!(events[0]["offset"], "1-10", "the newest first");
+        assert_eq!(v["args"]["more"], true);
+        // One event too large for the bound still goes out alone: the client can move on.
+        let v: serde_json::Value =
+            serde_json::from_str(encode_page_ack(None, &frames, 10).as_str()).unwrap();
+        assert_eq!(v["args"]["events"].as_array().unwrap().len(), 1);
+        assert_eq!(v["args"]["more"], true);
     }
 
     #[test]

@@ -57,6 +57,14 @@ pub enum RequestError {
     /// Not HTTP/1.x, or broken syntax. Answer 400.
     #[error("malformed request")]
     Malformed,
+    /// A body length a proxy in front could read differently (request smuggling): both
+    /// `Content-Length` and `Transfer-Encoding`, several `Content-Length`s, or one that is not
+    /// plain digits (`+36`). Answer 400.
+    #[error("ambiguous request body length")]
+    AmbiguousLength,
+    /// A line ended by a bare LF rather than CRLF, which proxies split differently. Answer 400.
+    #[error("bare LF in request head")]
+    BareLf,
     /// Too many headers (or too large: the caller checks the size). Answer 431.
     #[error("request header fields too large")]
     TooLarge,
@@ -72,6 +80,9 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, RequestError> {
         Err(httparse::Error::TooManyHeaders) => return Err(RequestError::TooLarge),
         Err(_) => return Err(RequestError::Malformed),
     };
+    if has_bare_lf(&buf[..head_len]) {
+        return Err(RequestError::BareLf);
+    }
     let target = req.path.unwrap_or("/");
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, Some(q.to_string())),
@@ -85,12 +96,27 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, RequestError> {
     };
     let mut connection_upgrade = false;
     let mut upgrade_websocket = false;
+    let mut lengths = 0;
     for h in req.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            // No route reads a chunked body: any transfer coding is refused, with or without a
+            // Content-Length beside it.
+            return Err(RequestError::AmbiguousLength);
+        }
+        if name.eq_ignore_ascii_case("content-length") {
+            lengths += 1;
+            out.content_length =
+                Some(content_length(h.value).ok_or(RequestError::AmbiguousLength)?);
+            if lengths > 1 {
+                return Err(RequestError::AmbiguousLength);
+            }
+            continue;
+        }
         let value = match std::str::from_utf8(h.value) {
             Ok(v) => v.trim(),
             Err(_) => continue,
         };
-        let name = h.name;
         if name.eq_ignore_ascii_case("connection") {
             connection_upgrade |= value
                 .split(',')
@@ -109,8 +135,6 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, RequestError> {
                     out.bearer = Some(token.trim().to_string());
                 }
             }
-        } else if name.eq_ignore_ascii_case("content-length") {
-            out.content_length = value.parse().ok();
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("host") {
@@ -121,6 +145,23 @@ pub fn parse_request(buf: &[u8]) -> Result<Parse, RequestError> {
     }
     out.wants_upgrade = connection_upgrade && upgrade_websocket;
     Ok(Parse::Complete(out, head_len))
+}
+
+/// A `Content-Length` value: 1 to 19 ASCII digits, nothing else (`+36`, `3 6`, `0x10` and
+/// `36, 36` are refused; surrounding spaces are allowed, as RFC 9110 allows them around values).
+fn content_length(value: &[u8]) -> Option<usize> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Whether a line of the head ends with LF alone (httparse accepts that; proxies differ).
+fn has_bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
 }
 
 impl Request {
@@ -220,9 +261,20 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The reason phrase of the statuses this server sends.
+/// The reason phrase of a status: its RFC 9110 name, or its class's for one not listed.
 pub fn reason_phrase(status: u16) -> &'static str {
-    match status {
+    named_reason(status).unwrap_or(match status {
+        100..=199 => "Informational",
+        200..=299 => "Success",
+        300..=399 => "Redirection",
+        400..=499 => "Client Error",
+        _ => "Server Error",
+    })
+}
+
+fn named_reason(status: u16) -> Option<&'static str> {
+    Some(match status {
+        100 => "Continue",
         101 => "Switching Protocols",
         200 => "OK",
         204 => "No Content",
@@ -231,12 +283,21 @@ pub fn reason_phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        415 => "Unsupported Media Type",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
-        _ => "Unknown",
-    }
+        504 => "Gateway Timeout",
+        _ => return None,
+    })
 }
 
 /// A complete response that closes the connection.
@@ -368,6 +429,46 @@ mod tests {
         }
         raw.extend_from_slice(b"\r\n");
         assert_eq!(parse_request(&raw), Err(RequestError::TooLarge));
+    }
+
+    #[test]
+    fn ambiguous_body_lengths_and_bare_lf_are_refused() {
+        let ambiguous = [
+            &b"POST /api/publish HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST /api/publish HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /api/publish HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"POST /api/publish HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            b"POST /api/publish HTTP/1.1\r\nContent-Length: +36\r\n\r\n",
+            b"POST /api/publish HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n",
+            b"POST /api/publish HTTP/1.1\r\nContent-Length: 0x10\r\n\r\n",
+            b"POST /api/publish HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        ];
+        for raw in ambiguous {
+            assert_eq!(
+                parse_request(raw),
+                Err(RequestError::AmbiguousLength),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let bare_lf = b"GET /healthz HTTP/1.1\nHost: a\r\n\r\n";
+        assert_eq!(parse_request(bare_lf), Err(RequestError::BareLf));
+        let bare_lf_end = b"GET /healthz HTTP/1.1\r\nHost: a\n\n";
+        assert_eq!(parse_request(bare_lf_end), Err(RequestError::BareLf));
+        let fine = b"POST /api/publish HTTP/1.1\r\nContent-Length:  36 \r\n\r\n";
+        let Parse::Complete(req, _) = parse_request(fine).unwrap() else {
+            panic!("partial")
+        };
+        assert_eq!(req.content_length, Some(36));
+    }
+
+    #[test]
+    fn every_status_has_its_reason_phrase() {
+        assert_eq!(reason_phrase(411), "Length Required");
+        assert_eq!(reason_phrase(413), "Content Too Large");
+        assert_eq!(reason_phrase(429), "Too Many Requests");
+        assert_eq!(reason_phrase(418), "Client Error");
+        assert!((100..600).all(|s| reason_phrase(s) != "Unknown"));
     }
 
     #[test]

@@ -32,10 +32,15 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_PIN", default_value = "auto")]
     pin: config::Pin,
 
-    /// HS256 secret: enables JWT auth (user id = `sub`, `exp` required). Without it, dev auth
-    /// (the token is the user id) is used and a warning is logged.
+    /// HS256 secret: enables JWT auth (user id = `sub`, `exp` required). Without it the server
+    /// starts only with `--dev-auth` or on a loopback `--listen` address.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+
+    /// Dev auth (the token is the user id, unverified) without a JWT secret on any address; on a
+    /// loopback `--listen` address it is the default without `--jwt-secret`.
+    #[arg(long, env = "SWITCHBOARD_DEV_AUTH")]
+    dev_auth: bool,
 
     /// Required JWT `aud` claim (JWT mode).
     #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
@@ -62,6 +67,11 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_BYTES", default_value_t = config::DEFAULT_MAX_OUTBOUND_BYTES)]
     max_outbound_bytes: usize,
 
+    /// Outbound bytes buffered for all connections together; past it the connections holding
+    /// the most are closed as slow consumers (4008), biggest first.
+    #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_TOTAL_BYTES", default_value_t = config::DEFAULT_MAX_OUTBOUND_TOTAL_BYTES)]
+    max_outbound_total_bytes: usize,
+
     /// Per-connection read buffer in bytes (the main cost of an idle connection).
     #[arg(long, env = "SWITCHBOARD_READ_BUFFER_BYTES", default_value_t = config::DEFAULT_READ_BUFFER_BYTES)]
     read_buffer_bytes: usize,
@@ -69,6 +79,33 @@ struct Cli {
     /// Time a client has to send its HTTP upgrade request.
     #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: Duration,
+
+    /// Handshakes in progress in the process (sockets not authenticated yet: a request head
+    /// still coming, a Socket.IO connection before its CONNECT); past it the oldest are dropped.
+    #[arg(long, env = "SWITCHBOARD_MAX_HANDSHAKES", default_value_t = config::DEFAULT_MAX_HANDSHAKES)]
+    max_handshakes: usize,
+
+    /// Handshakes in progress from one source address; past it its new sockets are dropped.
+    #[arg(long, env = "SWITCHBOARD_MAX_HANDSHAKES_PER_IP", default_value_t = config::DEFAULT_MAX_HANDSHAKES_PER_IP)]
+    max_handshakes_per_ip: u32,
+
+    /// WebSocket upgrades per second from one source address, before the token is checked;
+    /// past it, HTTP 429. 0 = no limit.
+    #[arg(long, env = "SWITCHBOARD_CONNECT_RATE_PER_IP", default_value_t = config::DEFAULT_CONNECT_RATE_PER_IP)]
+    connect_rate_per_ip: u32,
+
+    /// Upgrades from one source address allowed in a burst above its rate.
+    #[arg(long, env = "SWITCHBOARD_CONNECT_BURST_PER_IP", default_value_t = config::DEFAULT_CONNECT_BURST_PER_IP)]
+    connect_burst_per_ip: u32,
+
+    /// Connections per second one user may open on this instance; past it, HTTP 429 (Socket.IO:
+    /// a CONNECT_ERROR). 0 = no limit.
+    #[arg(long, env = "SWITCHBOARD_CONNECT_RATE_PER_USER", default_value_t = config::DEFAULT_CONNECT_RATE_PER_USER)]
+    connect_rate_per_user: u32,
+
+    /// Connections of one user allowed in a burst above its rate.
+    #[arg(long, env = "SWITCHBOARD_CONNECT_BURST_PER_USER", default_value_t = config::DEFAULT_CONNECT_BURST_PER_USER)]
+    connect_burst_per_user: u32,
 
     /// Interval between server pings.
     #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
@@ -217,6 +254,16 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", default_value = "")]
     allowed_origins: hooks::Origins,
 
+    /// Room requests (join, leave, send, presence) waiting for the Redis rooms worker; past it
+    /// new ones get an `internal` error `rooms busy` at once.
+    #[arg(long, env = "SWITCHBOARD_MAX_ROOM_QUEUE", default_value_t = rooms::DEFAULT_MAX_ROOM_QUEUE)]
+    max_room_queue: usize,
+
+    /// Embedded: a user's presence changes within this long after one was announced are
+    /// coalesced into at most one `presenceChanged` at its end (0 = announce every change).
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    presence_interval: Duration,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     log_level: String,
@@ -282,8 +329,15 @@ impl Cli {
             max_connections: self.max_connections.unwrap_or(defaults.max_connections),
             max_message_bytes: self.max_message_bytes,
             max_outbound_bytes: self.max_outbound_bytes,
+            max_outbound_total_bytes: self.max_outbound_total_bytes,
             read_buffer_bytes: self.read_buffer_bytes,
             handshake_timeout: self.handshake_timeout,
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
+            connect_rate_per_ip: self.connect_rate_per_ip,
+            connect_burst_per_ip: self.connect_burst_per_ip,
+            connect_rate_per_user: self.connect_rate_per_user,
+            connect_burst_per_user: self.connect_burst_per_user,
             ping_interval: self.ping_interval,
             ping_timeout: self.ping_timeout,
             shutdown_timeout: self.shutdown_timeout,
@@ -320,6 +374,8 @@ impl Cli {
                 max_room_name_bytes: self.max_room_name_bytes,
                 max_devices: self.max_devices,
                 presence_ttl: self.presence_ttl,
+                max_room_queue: self.max_room_queue,
+                presence_interval: self.presence_interval,
             },
             hooks: hooks::HooksConfig {
                 url: self.hook_url,
@@ -340,7 +396,12 @@ fn main() -> ExitCode {
         .parse_env("RUST_LOG")
         .format_timestamp_millis()
         .init();
+    let dev_auth_asked = cli.dev_auth;
     let config = cli.into_config();
+    if let Err(e) = config::check_dev_auth(&config, dev_auth_asked) {
+        eprintln!("switchboard: {e}");
+        return ExitCode::from(2);
+    }
     if let Err(e) = config.validate() {
         eprintln!("switchboard: {e}");
         return ExitCode::from(2);

@@ -69,8 +69,18 @@ pub struct CoreMetrics {
     pub sockets: AtomicU64,
     /// Gauge: users with at least one connection on this core.
     pub users: AtomicU64,
+    /// Gauge: bytes queued for this core's connections and not yet written to their sockets.
+    pub outbound_buffered: AtomicU64,
     /// WebSocket upgrades completed.
     pub connections_accepted: AtomicU64,
+    /// Sockets dropped at accept: their address had `--max-handshakes-per-ip` in progress, or
+    /// the process `--max-handshakes` and nothing could be shed.
+    pub handshakes_refused: AtomicU64,
+    /// Upgrades (or Socket.IO CONNECTs) refused for their address's or user's connect rate.
+    pub connects_rate_limited: AtomicU64,
+    /// Unauthenticated sockets dropped, oldest first, to make room (`--max-handshakes`, or the
+    /// process out of file descriptors).
+    pub handshakes_shed: AtomicU64,
     closed: [AtomicU64; CLOSE_LABELS.len()],
     /// Text frames received from clients.
     pub frames_in: AtomicU64,
@@ -152,10 +162,34 @@ pub fn render_prometheus(cores: &[CoreMetrics]) -> String {
         &|c| &c.connections_open,
     );
     family(
+        "switchboard_outbound_buffered_bytes",
+        "gauge",
+        "Bytes queued for clients and not yet written to their sockets.",
+        &|c| &c.outbound_buffered,
+    );
+    family(
         "switchboard_connections_accepted_total",
         "counter",
         "WebSocket upgrades completed.",
         &|c| &c.connections_accepted,
+    );
+    family(
+        "switchboard_handshakes_refused_total",
+        "counter",
+        "Sockets dropped at accept: too many handshakes in progress from their address or in all.",
+        &|c| &c.handshakes_refused,
+    );
+    family(
+        "switchboard_connects_rate_limited_total",
+        "counter",
+        "Connections refused (429, or a Socket.IO CONNECT_ERROR) for their address's or user's connect rate.",
+        &|c| &c.connects_rate_limited,
+    );
+    family(
+        "switchboard_handshakes_shed_total",
+        "counter",
+        "Unauthenticated sockets dropped, oldest first, to make room for new ones.",
+        &|c| &c.handshakes_shed,
     );
     family(
         "switchboard_frames_in_total",

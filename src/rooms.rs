@@ -15,7 +15,7 @@ use tungstenite::Utf8Bytes;
 // The settings live in `config::rooms` and the room id in `types`; they keep their paths here.
 pub use crate::config::rooms::{
     RoomsConfig, DEFAULT_MAX_DEVICES, DEFAULT_MAX_ROOMS_PER_USER, DEFAULT_MAX_ROOM_MEMBERS,
-    DEFAULT_MAX_ROOM_NAME_BYTES, DEFAULT_PRESENCE_TTL,
+    DEFAULT_MAX_ROOM_NAME_BYTES, DEFAULT_MAX_ROOM_QUEUE, DEFAULT_PRESENCE_TTL,
 };
 pub use crate::types::RoomId;
 
@@ -98,6 +98,46 @@ pub struct RoomArgs<'a> {
     /// The room.
     #[serde(borrow)]
     pub room: std::borrow::Cow<'a, str>,
+    /// `presence` only: list the members after this user id (the `next` of the previous page).
+    #[serde(borrow, default)]
+    pub after: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// One page of a `presence` answer: `{"room": R, "online": [...]}` with the online members in
+/// byte order, those after `after` only, as many as fit in `max_bytes` (always at least one);
+/// when some are left, `"next"` names the last one listed, for the next request's `after`. A
+/// room of 10,000 members with long ids thus never makes an answer its requester cannot take.
+pub fn presence_page<'a>(
+    room: &str,
+    online: impl IntoIterator<Item = &'a str>,
+    after: Option<&str>,
+    max_bytes: usize,
+) -> serde_json::Value {
+    let mut online: Vec<&str> = online
+        .into_iter()
+        .filter(|u| after.is_none_or(|a| *u > a))
+        .collect();
+    online.sort_unstable();
+    online.dedup();
+    // `{"event":"ack","ack":N,"args":{"room":R,"online":[],"next":U}}` around the ids: each id
+    // listed costs its JSON length and a comma, and the last one may be repeated in `next`.
+    let json_len = |s: &str| serde_json::to_string(s).map_or(6 * s.len() + 2, |j| j.len());
+    let mut used = 64 + json_len(room);
+    let fitting = online
+        .iter()
+        .take_while(|u| {
+            let len = json_len(u);
+            used += len + 1;
+            used + len + 10 <= max_bytes
+        })
+        .count()
+        .max(1)
+        .min(online.len());
+    let mut page = serde_json::json!({ "room": room, "online": &online[..fitting] });
+    if fitting < online.len() {
+        page["next"] = serde_json::Value::from(online[fitting - 1]);
+    }
+    page
 }
 
 /// `args` of `sendRoomMessage`.
@@ -309,6 +349,12 @@ impl MemoryRooms {
         })
     }
 
+    /// Who must hear that `user` came online or went offline: each of the user's rooms with
+    /// its members (for a change announced later than it happened).
+    pub fn presence_notices(&self, user: &UserId) -> Vec<PresenceNotice> {
+        self.lock().notices(user)
+    }
+
     /// Uncounts a connection of `user`; lists who must hear the user went offline.
     pub fn disconnect(&self, user: &UserId) -> Vec<PresenceNotice> {
         let mut reg = self.lock();
@@ -328,6 +374,35 @@ impl MemoryRooms {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn presence_pages_are_bounded_ordered_and_resumable() {
+        let ids: Vec<String> = (0..1000)
+            .map(|n| format!("{n:04}{}", "u".repeat(250)))
+            .collect();
+        let all: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+        let budget = 32 * 1024;
+        let mut after: Option<String> = None;
+        let mut seen = Vec::new();
+        loop {
+            let page = super::presence_page("r", all.iter().copied(), after.as_deref(), budget);
+            let answer = format!(r#"{{"event":"ack","ack":123456,"args":{page}}}"#);
+            assert!(answer.len() <= budget, "{} > {budget}", answer.len());
+            let online = page["online"].as_array().unwrap();
+            assert!(!online.is_empty());
+            seen.extend(online.iter().map(|u| u.as_str().unwrap().to_string()));
+            match page.get("next") {
+                Some(next) => after = Some(next.as_str().unwrap().to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ids, "every member once, in order");
+        let small = super::presence_page("r", ["b", "a"], None, 4096);
+        assert_eq!(
+            small,
+            serde_json::json!({"room": "r", "online": ["a", "b"]})
+        );
+    }
+
     use super::*;
 
     fn cfg(rooms: usize, members: usize) -> RoomsConfig {

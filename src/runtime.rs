@@ -107,6 +107,16 @@ impl Server {
             shutdown: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
+            gate: crate::core_loop::Gate::new(config.max_handshakes, config.max_handshakes_per_ip),
+            presence: crate::core_loop::Coalescer::new(config.rooms.presence_interval),
+            connect_rates_ip: crate::core_loop::ConnectRates::new(
+                config.connect_rate_per_ip,
+                config.connect_burst_per_ip,
+            ),
+            connect_rates_user: crate::core_loop::ConnectRates::new(
+                config.connect_rate_per_user,
+                config.connect_burst_per_user,
+            ),
             node_id,
             history: (config.history_active() && config.backplane.is_none()).then(|| {
                 crate::history::MemoryHistory::new(&config.history, crate::types::now_ms())

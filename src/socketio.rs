@@ -404,6 +404,9 @@ pub struct Session {
     pub connect_by: Option<Instant>,
     /// Binary frames still to drop: the attachments of a refused binary packet.
     pub skip_binary: u32,
+    /// The connection holds a `--max-connections` slot: taken at its first accepted CONNECT,
+    /// so sockets that never authenticate keep no one else out.
+    pub holds_slot: bool,
 }
 
 impl Session {
@@ -417,6 +420,7 @@ impl Session {
             since: since.map(String::into_boxed_str),
             connect_by: Some(connect_by),
             skip_binary: 0,
+            holds_slot: false,
         }
     }
 }

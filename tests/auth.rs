@@ -257,3 +257,41 @@ fn bearer_header_works_and_wins_over_the_query() {
     let header = format!("Authorization: bearer {}\r\n", token_for("alice"));
     assert_eq!(try_upgrade(server.addr, "/ws", &header).0, 101);
 }
+
+/// Without a JWT secret, a non-loopback address needs `--dev-auth`: the binary refuses to start
+/// with one line saying how, and starts once asked.
+#[test]
+fn dev_auth_off_loopback_needs_the_flag() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["--listen", "0.0.0.0:0", "--cores", "1"])
+        .env_remove("SWITCHBOARD_JWT_SECRET")
+        .env_remove("SWITCHBOARD_DEV_AUTH")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run switchboard");
+    // It must exit by itself; one that serves instead is killed and the test fails.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started without a JWT secret on 0.0.0.0");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(2));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("--jwt-secret") && stderr.contains("--dev-auth"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let asked = ChildServer::spawn_on("0.0.0.0:0", &["--dev-auth"]);
+    let port = asked.addr.port();
+    let (status, _) = http_get(([127, 0, 0, 1], port).into(), "/healthz");
+    assert_eq!(status, 200);
+}

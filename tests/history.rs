@@ -538,6 +538,14 @@ fn history_api(redis: Option<&TestRedis>) {
         server.get(&format!("/api/history?token={t}&before=x")).0,
         400
     );
+    // Nothing is before the first possible offset: an empty page, not a 503 (Redis refuses
+    // `(0-0` as a range end).
+    let (status, body) = server.get(&format!("/api/history?token={t}&before=0-0"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["events"],
+        serde_json::json!([])
+    );
 
     // The `history` event answers through its ack.
     u1.send_json(&serde_json::json!({"event": "history", "args": {"limit": 3}, "ack": 9}));
@@ -751,4 +759,78 @@ fn devices_that_stay_connected_through_a_subscriber_outage_get_what_they_missed(
     phone.send_message("u1", "after");
     assert_eq!(laptop.recv_event("newMessage")["args"]["text"], "after");
     laptop.expect_silence(Duration::from_millis(200));
+}
+
+/// A `history` answer larger than half the outbound bound carries the newest events that fit and
+/// `more: true`; paging on with `before` gets the rest. Before, 20 large events closed the
+/// requester with 4008 on every `history` (limit 50): embedded and with Redis.
+fn history_is_paged(server: TestServer, redis: Option<&TestRedis>) {
+    let mut victim = server.connect("v");
+    let mut sender = server.connect("s");
+    if let Some(r) = redis {
+        wait_subscribed(r, "v", 1);
+    }
+    let text = "x".repeat(800);
+    for n in 0..20 {
+        sender.send_message("v", &format!("{n:02}{text}"));
+        let got = victim.recv_event("newMessage");
+        assert_eq!(
+            got["args"]["text"].as_str().unwrap()[..2],
+            format!("{n:02}")
+        );
+    }
+    let mut seen = Vec::new();
+    let mut before: Option<String> = None;
+    for ack in 100.. {
+        let args = match &before {
+            Some(b) => serde_json::json!({"limit": 50, "before": b}),
+            None => serde_json::json!({"limit": 50}),
+        };
+        victim.send_json(&serde_json::json!({"event": "history", "args": args, "ack": ack}));
+        let answer = victim.recv_event("ack");
+        assert_eq!(answer["ack"], ack);
+        let events = answer["args"]["events"].as_array().unwrap();
+        assert!(events.len() < 20, "one frame would exceed the bound");
+        seen.extend(
+            events
+                .iter()
+                .map(|e| e["args"]["text"].as_str().unwrap()[..2].to_string()),
+        );
+        if answer["args"]["more"] != true {
+            break;
+        }
+        before = events
+            .last()
+            .and_then(|e| e["offset"].as_str())
+            .map(String::from);
+    }
+    let expected: Vec<String> = (0..20).rev().map(|n| format!("{n:02}")).collect();
+    assert_eq!(seen, expected, "every event once, newest first");
+}
+
+#[test]
+fn history_answers_over_the_outbound_bound_are_paged() {
+    let small = |mut config: Config| {
+        config.max_message_bytes = 1024;
+        config.max_outbound_bytes = 4096;
+        config
+    };
+    history_is_paged(
+        TestServer::with_config(small(Config {
+            history: history(100),
+            ..test_config()
+        })),
+        None,
+    );
+    let redis = TestRedis::start();
+    let mut rc = RedisConfig::new(redis.url());
+    rc.reconnect_max = Duration::from_millis(300);
+    history_is_paged(
+        TestServer::with_config(small(Config {
+            backplane: Some(rc),
+            history: history(100),
+            ..test_config()
+        })),
+        Some(&redis),
+    );
 }

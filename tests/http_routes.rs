@@ -11,8 +11,12 @@ use common::*;
 use switchboard::Config;
 
 /// Every metric name docs/PROTOCOL.md lists.
-const METRICS: [&str; 16] = [
+const METRICS: [&str; 20] = [
     "switchboard_connections_open",
+    "switchboard_connects_rate_limited_total",
+    "switchboard_handshakes_refused_total",
+    "switchboard_handshakes_shed_total",
+    "switchboard_outbound_buffered_bytes",
     "switchboard_connections_accepted_total",
     "switchboard_frames_in_total",
     "switchboard_frames_out_total",
@@ -302,6 +306,52 @@ fn garbage_bytes_are_400() {
     }
     // The server is fine afterwards.
     assert_eq!(server.health()["status"], "ok");
+}
+
+#[test]
+fn ambiguous_lengths_and_bare_lf_are_400_and_statuses_have_their_reason() {
+    let mut config = test_config();
+    config.history.api_key = Some("k".repeat(16));
+    let server = TestServer::with_config(config);
+    let body = r#"{"users":["u1"],"event":"e","args":{}}"#;
+    let auth = format!("Authorization: Bearer {}\r\n", "k".repeat(16));
+    let smuggles = [
+        format!(
+            "POST /api/publish HTTP/1.1\r\n{auth}Content-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{body}",
+            body.len()
+        ),
+        format!(
+            "POST /api/publish HTTP/1.1\r\n{auth}Content-Length: {}\r\nContent-Length: 5\r\n\r\n{body}",
+            body.len()
+        ),
+        format!(
+            "POST /api/publish HTTP/1.1\r\n{auth}Content-Length: +{}\r\n\r\n{body}",
+            body.len()
+        ),
+        "GET /healthz HTTP/1.1\nHost: a\n\n".to_string(),
+    ];
+    for raw in &smuggles {
+        let (head, _) = exchange(server.addr, raw.as_bytes());
+        assert!(
+            head.starts_with("HTTP/1.1 400 Bad Request"),
+            "{raw:?}: {head}"
+        );
+    }
+    let (head, _) = exchange(
+        server.addr,
+        format!("POST /api/publish HTTP/1.1\r\n{auth}\r\n").as_bytes(),
+    );
+    assert!(head.starts_with("HTTP/1.1 411 Length Required"), "{head}");
+    // The same request, framed once, is served.
+    let (head, _) = exchange(
+        server.addr,
+        format!(
+            "POST /api/publish HTTP/1.1\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
 }
 
 #[test]

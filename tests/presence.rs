@@ -242,3 +242,107 @@ fn device_limit_across_instances() {
         "one refusal on B"
     );
 }
+
+/// A `presence` answer larger than half the outbound bound comes in pages (`next`, then
+/// `after`), never as one frame that closes its requester with 4008: embedded and with Redis.
+fn presence_is_paged(server: &TestServer) {
+    let ids: Vec<String> = (0..20)
+        .map(|n| format!("{n:02}{}", "m".repeat(200)))
+        .collect();
+    let mut asker = server.connect("a");
+    join(&mut asker, "big");
+    let mut members: Vec<Client> = ids.iter().map(|id| server.connect(id)).collect();
+    for m in &mut members {
+        join(m, "big");
+    }
+    let mut expected: Vec<String> = ids.clone();
+    expected.push("a".into());
+    expected.sort();
+    let mut seen: Vec<String> = Vec::new();
+    let mut after: Option<String> = None;
+    for ack in 10.. {
+        let args = match &after {
+            Some(a) => json!({"room": "big", "after": a}),
+            None => json!({"room": "big"}),
+        };
+        let page = request_ok(&mut asker, "presence", args, ack);
+        let online = page["online"].as_array().expect("online");
+        assert!(
+            !online.is_empty() && online.len() < expected.len(),
+            "{page}"
+        );
+        seen.extend(online.iter().map(|u| u.as_str().unwrap().to_string()));
+        match page.get("next") {
+            Some(next) => after = Some(next.as_str().unwrap().to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected, "every member once, in order");
+    // The requester is still open.
+    asker.send_message("a", "still here");
+    assert_eq!(asker.recv_event("newMessage")["args"]["text"], "still here");
+}
+
+fn small_outbound(mut config: Config) -> Config {
+    config.max_message_bytes = 1024;
+    config.max_outbound_bytes = 4096;
+    config
+}
+
+#[test]
+fn presence_answers_over_the_outbound_bound_are_paged() {
+    presence_is_paged(&TestServer::with_config(small_outbound(test_config())));
+    let redis = TestRedis::start();
+    let mut rc = RedisConfig::new(redis.url());
+    rc.reconnect_max = Duration::from_millis(300);
+    presence_is_paged(&TestServer::with_config(small_outbound(Config {
+        backplane: Some(rc),
+        ..test_config()
+    })));
+}
+
+/// A user reconnecting in a loop: the members hear at most one `presenceChanged` per
+/// `--presence-interval` (the first at once, then the state at the interval's end), not one per
+/// connect and disconnect.
+#[test]
+fn presence_changes_are_coalesced_per_user() {
+    let server = TestServer::with_config(Config {
+        rooms: RoomsConfig {
+            // Long enough that the reconnects below surely fall within one interval.
+            presence_interval: Duration::from_secs(5),
+            ..rooms_config(Duration::from_secs(30), 0)
+        },
+        ..test_config()
+    });
+    let mut member = server.connect("m");
+    join(&mut member, "x");
+    let mut flapper = server.connect("f");
+    join(&mut flapper, "x");
+    flapper.close();
+    expect_presence(&mut member, "x", "f", false);
+    // Ten reconnects right after an announcement: all within the interval.
+    for _ in 0..10 {
+        let mut f = server.connect("f");
+        request(&mut f, "noSuchEvent", json!(null), 1);
+        f.close();
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut heard = Vec::new();
+    while let Some(m) = member.next_message(deadline) {
+        if let Ok(tungstenite::Message::Text(t)) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["event"] == "presenceChanged" {
+                heard.push(v["args"]["online"].as_bool().unwrap());
+            }
+        }
+    }
+    // f was offline when announced last and is offline again: nothing changed to announce.
+    assert!(
+        heard.is_empty(),
+        "twenty changes within the interval were announced: {heard:?}"
+    );
+    assert_eq!(online(&mut member, "x"), ["m"]);
+    // A change that stands is announced at the interval's end.
+    let _f = server.connect("f");
+    expect_presence(&mut member, "x", "f", true);
+}

@@ -544,3 +544,50 @@ fn room_resend_with_the_same_client_id_is_delivered_once_across_instances() {
     wait_room_routes(&b, 2, 1);
     resend_is_delivered_once(&mut u1, &mut u2);
 }
+
+/// With Redis, the rooms worker's queue of client requests is bounded (`--max-room-queue`):
+/// while Redis stalls, requests past it get an error at once instead of queueing without end
+/// behind a flood; those queued are answered once Redis is back.
+#[test]
+fn the_rooms_queue_is_bounded() {
+    let redis = TestRedis::start();
+    let mut rc = switchboard::backplane::RedisConfig::new(redis.url());
+    rc.reconnect_max = Duration::from_millis(300);
+    let mut config = Config {
+        backplane: Some(rc),
+        ..test_config()
+    };
+    config.rooms.max_room_queue = 2;
+    let server = TestServer::with_config(config);
+    let mut a = server.connect("a");
+    join(&mut a, "warm", 1);
+    let pid = redis.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP");
+    for ack in 10..16 {
+        a.send_json(&json!({"event": "joinRoom", "args": {"room": format!("r{ack}")}, "ack": ack}));
+    }
+    // One request in the worker's hands, two queued: the other three are refused at once.
+    let started = std::time::Instant::now();
+    let mut busy = 0;
+    while busy < 3 {
+        let v = a.recv_json();
+        if v["event"] == "error" && v["args"]["message"].as_str().unwrap_or("").contains("busy") {
+            busy += 1;
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    signal("-CONT");
+    // The rest are answered (acks or Redis errors, but answers) and the rooms work again.
+    join(&mut a, "after", 20);
+}

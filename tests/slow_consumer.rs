@@ -143,3 +143,56 @@ fn a_reader_that_never_reads_is_closed_with_4008_and_memory_stays_bounded() {
     let h: serde_json::Value = serde_json::from_str(&http_get(addr, "/healthz").1).unwrap();
     assert_eq!(h["connections"], 2, "only the reader was closed: {h}");
 }
+
+/// Many stalled readers, each under its own bound: the process-wide budget
+/// (`--max-outbound-total-bytes`) closes the biggest of them (4008) until the total fits, while
+/// the readers that read and the sender carry on.
+#[test]
+fn stalled_readers_past_the_process_budget_are_closed_biggest_first() {
+    const READERS: usize = 2;
+    const BIG: usize = 48 * 1024;
+    let server = ChildServer::spawn(&[
+        "--rate-limit",
+        "0",
+        "--max-outbound-bytes",
+        &(32 * 1024 * 1024).to_string(),
+        "--max-outbound-total-bytes",
+        &(512 * 1024).to_string(),
+        "--history-max-len",
+        "16",
+    ]);
+    let addr = server.addr;
+    let readers: Vec<RawWs> = (0..READERS)
+        .map(|n| RawWs::upgrade(small_rcvbuf_stream(addr), &format!("reader{n}")))
+        .collect();
+    let mut sender = Client::connect(addr, "sender");
+    let mut witness = Client::connect(addr, "witness");
+    sender.send_acked("witness", "hello", 0);
+    assert_eq!(witness.recv_event("newMessage")["args"]["text"], "hello");
+    assert_eq!(users_indexed(addr), READERS as u64 + 2);
+
+    // 12 MiB for each reader: under its own bound, even if the kernel took none of it (it takes
+    // up to 4 MiB, tcp_wmem), and many times the process budget together.
+    let text = "x".repeat(BIG);
+    let per_reader = 12 * 1024 * 1024 / BIG as u64;
+    let mut acked = 0;
+    let mut n: u64 = 0;
+    for _ in 0..per_reader {
+        for r in 0..READERS {
+            n += 1;
+            sender.send_json(&serde_json::json!(
+                {"event": "sendMessage", "args": {"to": format!("reader{r}"), "text": text}, "ack": n}
+            ));
+            drain_sender(&mut sender, &mut acked, n.saturating_sub(WINDOW));
+        }
+    }
+    drain_sender(&mut sender, &mut acked, n);
+    let closed = wait_metric(addr, &closed_metric("slow_consumer"), 1);
+    assert!(closed <= READERS as u64);
+    let buffered = metric(addr, "switchboard_outbound_buffered_bytes");
+    assert!(buffered <= 512 * 1024, "{buffered} bytes still buffered");
+    // The witness and the sender never noticed.
+    sender.send_acked("witness", "after", n + 1);
+    assert_eq!(witness.recv_event("newMessage")["args"]["text"], "after");
+    drop(readers);
+}

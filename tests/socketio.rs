@@ -562,3 +562,46 @@ fn a_socket_io_session_expires_with_4010_unless_refreshed() {
         }
     }
 }
+
+/// A Socket.IO connection counts like a native one: for `--max-devices` (the one over it is
+/// closed with 4009, whichever endpoint it came through) and in `presence`.
+#[test]
+fn socket_io_connections_count_for_the_device_limit_and_presence() {
+    let mut config = test_config();
+    config.rooms.max_devices = 1;
+    let server = TestServer::with_config(config);
+    let mut sio = Sio::connect(server.addr, "&token=u1");
+    assert!(json_after(&sio.ask("40"), "40")["sid"].is_string());
+    let joined = json_after(
+        &sio.ask(r#"421["message",{"event":"joinRoom","args":{"room":"r"}}]"#),
+        "431",
+    );
+    assert_eq!(joined[0]["args"]["room"], "r", "{joined}");
+    let mut u2 = server.connect("u2");
+    request_ok(&mut u2, "joinRoom", json!({"room": "r"}), 1);
+    let online = request_ok(&mut u2, "presence", json!({"room": "r"}), 2);
+    let mut online: Vec<&str> = online["online"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    online.sort_unstable();
+    assert_eq!(online, ["u1", "u2"], "a Socket.IO-only member is online");
+    // The device limit holds over both endpoints.
+    let mut second = Sio::connect(server.addr, "&token=u1");
+    second.send("40");
+    assert_eq!(second.close_code(), Some(4009));
+    let mut native = server.connect("u1");
+    assert_eq!(native.expect_close(), 4009);
+    // Leaving the namespace uncounts it: u1 goes offline and may connect again.
+    sio.send("41");
+    let changed = u2.recv_event("presenceChanged");
+    assert_eq!(
+        changed["args"],
+        json!({"room": "r", "user": "u1", "online": false})
+    );
+    let mut again = server.connect("u1");
+    again.send_message("u2", "back");
+    assert_eq!(u2.recv_event("newMessage")["args"]["text"], "back");
+}

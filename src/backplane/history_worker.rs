@@ -198,6 +198,11 @@ fn page(
     request: &PageRequest,
     config: &HistoryConfig,
 ) -> redis::RedisResult<Vec<tungstenite::Utf8Bytes>> {
+    if request.before == Some(Offset(0, 0)) {
+        // Nothing comes before the first possible offset, and Redis refuses `(0-0` as a range
+        // end: answer the empty page here rather than a 503.
+        return Ok(Vec::new());
+    }
     let key = history::stream_key(prefix, &request.user);
     let end = match request.before {
         Some(b) => format!("({b}"),

@@ -225,6 +225,19 @@ pub(crate) enum RoomJob {
     Stop,
 }
 
+impl RoomJob {
+    /// A client's request (join, leave, send, presence), which `--max-room-queue` bounds.
+    fn is_client_request(&self) -> bool {
+        matches!(
+            self,
+            RoomJob::Join { .. }
+                | RoomJob::Leave { .. }
+                | RoomJob::Send { .. }
+                | RoomJob::Presence { .. }
+        )
+    }
+}
+
 /// A successful join or leave, held by the subscriber until its routes show it (the room's
 /// channel confirmed, for a join), so a message sent right after the ack reaches this instance.
 #[derive(Debug)]
@@ -308,6 +321,9 @@ pub struct Backplane {
     rooms: OnceLock<RoomsConfig>,
     /// The rooms worker's queue.
     room_jobs: OnceLock<std::sync::mpsc::Sender<RoomJob>>,
+    /// Client room requests in that queue, bounded by `--max-room-queue` (connection counts
+    /// and the subscriber's loads are not: dropping one would leave a count wrong).
+    room_requests_queued: AtomicUsize,
     /// Loaded room memberships, from the rooms worker to the subscriber.
     rooms_loaded: SegQueue<(UserId, Result<Vec<RoomId>, String>)>,
     /// Joins and leaves done in Redis, for the subscriber to ack once routed.
@@ -341,6 +357,7 @@ impl Backplane {
             bus: OnceLock::new(),
             rooms: OnceLock::new(),
             room_jobs: OnceLock::new(),
+            room_requests_queued: AtomicUsize::new(0),
             rooms_loaded: SegQueue::new(),
             room_acks: SegQueue::new(),
             links: AtomicUsize::new(0),
@@ -370,9 +387,29 @@ impl Backplane {
     /// Queues a room request for the rooms worker. `false` when there is none (rooms off, or
     /// shutting down).
     pub(crate) fn room_request(&self, job: RoomJob) -> bool {
-        self.room_jobs
+        let bounded = job.is_client_request();
+        if bounded {
+            let max = self.rooms.get().map_or(usize::MAX, |r| r.max_room_queue);
+            if self.room_requests_queued.fetch_add(1, SeqCst) >= max {
+                self.room_requests_queued.fetch_sub(1, SeqCst);
+                return false;
+            }
+        }
+        let sent = self
+            .room_jobs
             .get()
-            .is_some_and(|jobs| jobs.send(job).is_ok())
+            .is_some_and(|jobs| jobs.send(job).is_ok());
+        if bounded && !sent {
+            self.room_requests_queued.fetch_sub(1, SeqCst);
+        }
+        sent
+    }
+
+    /// The rooms worker took `job` off its queue (see [`Backplane::room_request`]).
+    pub(crate) fn room_job_taken(&self, job: &RoomJob) {
+        if job.is_client_request() {
+            self.room_requests_queued.fetch_sub(1, SeqCst);
+        }
     }
 
     /// The history settings, when history is on.

@@ -307,7 +307,10 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
                 }
                 return;
             }
-            Ok(job) => w.handle(job),
+            Ok(job) => {
+                w.bp.room_job_taken(&job);
+                w.handle(job)
+            }
             Err(RecvTimeoutError::Timeout) => {}
         }
     }

@@ -28,6 +28,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Bytes queued for one connection before it is closed as a slow consumer.
 pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 1024 * 1024;
+/// Outbound bytes buffered for all connections of the process together; past it the biggest
+/// slow consumers are closed (4008) until the total is back under it.
+pub const DEFAULT_MAX_OUTBOUND_TOTAL_BYTES: usize = 256 * 1024 * 1024;
 /// Eager per-connection read buffer. tungstenite defaults to 128 KiB; chat frames are small,
 /// and this buffer dominates the memory of an idle connection.
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 2 * 1024;
@@ -41,6 +44,22 @@ pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(20);
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Dispatches one core may hold for another before it drops (and counts) new ones.
 pub const DEFAULT_INBOX_CAPACITY: usize = 64 * 1024;
+/// Handshakes in progress in the process (sockets that have not authenticated yet: a request
+/// head still coming, a Socket.IO connection before its first CONNECT); past it the oldest are
+/// dropped to make room.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 4096;
+/// Handshakes in progress from one source address; past it new sockets from it are dropped.
+pub const DEFAULT_MAX_HANDSHAKES_PER_IP: u32 = 256;
+/// WebSocket upgrades one source address may make per second, before authentication (0 = no
+/// limit); past it, HTTP 429.
+pub const DEFAULT_CONNECT_RATE_PER_IP: u32 = 100;
+/// Upgrades one source address may make in a burst above its rate.
+pub const DEFAULT_CONNECT_BURST_PER_IP: u32 = 1000;
+/// Connections one user may open per second, across this instance (0 = no limit); past it,
+/// HTTP 429 (Socket.IO: a CONNECT_ERROR).
+pub const DEFAULT_CONNECT_RATE_PER_USER: u32 = 10;
+/// Connections one user may open in a burst above its rate.
+pub const DEFAULT_CONNECT_BURST_PER_USER: u32 = 20;
 /// Largest HTTP request head (request line + headers) accepted; past it, HTTP 431.
 pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
 /// File descriptors kept free for listeners, pending handshakes, Redis and logs when
@@ -148,10 +167,25 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Outbound bytes buffered per connection before it is closed as a slow consumer (4008).
     pub max_outbound_bytes: usize,
+    /// Outbound bytes buffered in the whole process; past it the connections holding the most
+    /// are closed as slow consumers (4008), biggest first.
+    pub max_outbound_total_bytes: usize,
     /// Per-connection read buffer, in bytes.
     pub read_buffer_bytes: usize,
     /// Deadline for a complete HTTP request after accept.
     pub handshake_timeout: Duration,
+    /// Handshakes in progress in the process; past it the oldest are dropped.
+    pub max_handshakes: usize,
+    /// Handshakes in progress from one source address; past it new sockets are dropped.
+    pub max_handshakes_per_ip: u32,
+    /// Upgrades per second from one source address, before authentication (0 = no limit).
+    pub connect_rate_per_ip: u32,
+    /// Burst of upgrades from one source address above its rate.
+    pub connect_burst_per_ip: u32,
+    /// Connections per second one user may open on this instance (0 = no limit).
+    pub connect_rate_per_user: u32,
+    /// Burst of connections of one user above its rate.
+    pub connect_burst_per_user: u32,
     /// Interval between server pings.
     pub ping_interval: Duration,
     /// Grace after a missed ping interval before a silent connection is closed (4000).
@@ -192,8 +226,15 @@ impl Default for Config {
             max_connections: default_max_connections(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
+            max_outbound_total_bytes: DEFAULT_MAX_OUTBOUND_TOTAL_BYTES,
             read_buffer_bytes: DEFAULT_READ_BUFFER_BYTES,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
+            connect_rate_per_ip: DEFAULT_CONNECT_RATE_PER_IP,
+            connect_burst_per_ip: DEFAULT_CONNECT_BURST_PER_IP,
+            connect_rate_per_user: DEFAULT_CONNECT_RATE_PER_USER,
+            connect_burst_per_user: DEFAULT_CONNECT_BURST_PER_USER,
             ping_interval: DEFAULT_PING_INTERVAL,
             ping_timeout: DEFAULT_PING_TIMEOUT,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
@@ -237,8 +278,19 @@ impl Config {
                 "--max-outbound-bytes must be at least twice the largest message (or 128 KiB)",
             );
         }
+        if self.max_outbound_total_bytes < 2 * self.max_message_bytes {
+            return err("--max-outbound-total-bytes must be at least twice the largest message");
+        }
         if self.read_buffer_bytes < 256 {
             return err("--read-buffer-bytes must be at least 256");
+        }
+        if self.max_handshakes == 0 || self.max_handshakes_per_ip == 0 {
+            return err("--max-handshakes and --max-handshakes-per-ip must be at least 1");
+        }
+        if self.connect_rate_per_ip > 0 && self.connect_burst_per_ip == 0
+            || self.connect_rate_per_user > 0 && self.connect_burst_per_user == 0
+        {
+            return err("--connect-burst-per-ip and --connect-burst-per-user must be at least 1");
         }
         if self.handshake_timeout.is_zero() {
             return err("--handshake-timeout must be above zero");
@@ -294,6 +346,20 @@ impl Config {
     pub fn idle_timeout(&self) -> Duration {
         self.ping_interval + self.ping_timeout
     }
+}
+
+/// Dev auth runs only when asked for (`asked`: `--dev-auth`) or on a loopback listen address,
+/// where no one else can connect; anywhere else the binary refuses to start without a JWT
+/// secret. Embedders that build [`AuthMode::Dev`] themselves have asked for it.
+pub fn check_dev_auth(config: &Config, asked: bool) -> Result<(), ConfigError> {
+    if config.auth != AuthMode::Dev || asked || config.listen.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(ConfigError(format!(
+        "no --jwt-secret (SWITCHBOARD_JWT_SECRET) on the non-loopback address {}: set a JWT \
+         secret, or pass --dev-auth to run unauthenticated (the token is the user id)",
+        config.listen
+    )))
 }
 
 /// Every CPU this process may run on.
@@ -373,6 +439,26 @@ mod tests {
             ..Config::default()
         };
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn dev_auth_needs_loopback_or_asking() {
+        let mut cfg = Config::default();
+        assert!(check_dev_auth(&cfg, false).is_ok(), "loopback");
+        cfg.listen = "0.0.0.0:8080".parse().unwrap();
+        let refused = check_dev_auth(&cfg, false).unwrap_err().0;
+        assert!(refused.contains("--jwt-secret") && refused.contains("--dev-auth"));
+        assert!(check_dev_auth(&cfg, true).is_ok(), "asked for");
+        cfg.listen = "[::1]:8080".parse().unwrap();
+        assert!(check_dev_auth(&cfg, false).is_ok(), "IPv6 loopback");
+        cfg.listen = "0.0.0.0:8080".parse().unwrap();
+        cfg.auth = AuthMode::Jwt {
+            secret: "0123456789abcdef".into(),
+            audience: None,
+            issuer: None,
+            leeway: DEFAULT_JWT_LEEWAY,
+        };
+        assert!(check_dev_auth(&cfg, false).is_ok(), "JWT on any address");
     }
 
     #[test]

@@ -10,6 +10,12 @@ pub const DEFAULT_MAX_ROOM_MEMBERS: usize = 10_000;
 pub const DEFAULT_MAX_ROOM_NAME_BYTES: usize = 64;
 /// Connections one user may hold across the cluster; 0 means no limit.
 pub const DEFAULT_MAX_DEVICES: u32 = 0;
+/// Room requests (join, leave, send, presence) waiting for the Redis rooms worker; past it new
+/// ones are refused at once (`internal` error `rooms busy`) rather than queued behind a flood.
+pub const DEFAULT_MAX_ROOM_QUEUE: usize = 4096;
+/// Embedded: a user's presence changes within this long after one was announced are held and
+/// coalesced into at most one `presenceChanged` at its end (0 = announce every change).
+pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an instance that stopped refreshing its heartbeat counts as alive. Its users go
 /// offline (with `presenceChanged`) within about 4/3 of this after it died.
 pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);
@@ -28,6 +34,10 @@ pub struct RoomsConfig {
     pub max_devices: u32,
     /// Heartbeat expiry of an instance (`--presence-ttl`), refreshed every third of it.
     pub presence_ttl: Duration,
+    /// Room requests waiting for the Redis rooms worker (`--max-room-queue`).
+    pub max_room_queue: usize,
+    /// Embedded: presence changes of one user coalesced over this long (`--presence-interval`).
+    pub presence_interval: Duration,
 }
 
 impl Default for RoomsConfig {
@@ -38,6 +48,8 @@ impl Default for RoomsConfig {
             max_room_name_bytes: DEFAULT_MAX_ROOM_NAME_BYTES,
             max_devices: DEFAULT_MAX_DEVICES,
             presence_ttl: DEFAULT_PRESENCE_TTL,
+            max_room_queue: DEFAULT_MAX_ROOM_QUEUE,
+            presence_interval: DEFAULT_PRESENCE_INTERVAL,
         }
     }
 }
@@ -50,6 +62,9 @@ impl RoomsConfig {
         }
         if !(1..=200).contains(&self.max_room_name_bytes) {
             return Err("--max-room-name-bytes must be 1 to 200".into());
+        }
+        if self.max_room_queue == 0 {
+            return Err("--max-room-queue must be at least 1".into());
         }
         if self.presence_ttl < Duration::from_millis(300) {
             return Err("--presence-ttl must be at least 300ms".into());

@@ -47,6 +47,9 @@ pub struct Open<S = Stream> {
     pub counted: Counted,
     /// When its session expires and which rooms it may use; `None`: never, and any room.
     pub access: Option<Box<crate::access::Access>>,
+    /// Bytes queued and not yet written to the socket (frame headers estimated), for the
+    /// process-wide outbound budget.
+    pub outbound: usize,
 }
 
 /// What one read from an open connection came to.
@@ -138,6 +141,7 @@ impl<S> Open<S> {
             sio,
             counted: Counted::No,
             access: None,
+            outbound: 0,
         }
     }
 

@@ -48,7 +48,7 @@ impl HeadOutcome {
     /// The HTTP status for an invalid head.
     pub fn status(e: &RequestError) -> u16 {
         match e {
-            RequestError::Malformed => 400,
+            RequestError::Malformed | RequestError::AmbiguousLength | RequestError::BareLf => 400,
             RequestError::TooLarge => 431,
         }
     }

@@ -167,9 +167,12 @@ impl CoreLoop {
                     return;
                 };
                 match page.result {
-                    Ok(frames) => self.answer(page.key, Some(ack), |a| {
-                        history::encode_page_ack(a, &frames)
-                    }),
+                    Ok(frames) => {
+                        let max = self.answer_budget();
+                        self.answer(page.key, Some(ack), |a| {
+                            history::encode_page_ack(a, &frames, max)
+                        })
+                    }
                     Err(e) => {
                         let message = format!("history unavailable: {e}");
                         self.answer(page.key, Some(ack), |a| {
@@ -201,6 +204,12 @@ impl CoreLoop {
             Err(e) => ApiError::new(503, format!("not published: {e}")).response(),
         };
         self.reply(published.key, response, &[]);
+    }
+
+    /// The largest answer (a `history` page, a `presence` list) one frame may carry: half the
+    /// outbound bound, so an answer never makes its requester a slow consumer by itself.
+    pub(super) fn answer_budget(&self) -> usize {
+        self.shared.config.max_outbound_bytes / 2
     }
 
     /// `history {limit, before}` with an ack: the user's events, newest first, in the ack.
@@ -245,7 +254,10 @@ impl CoreLoop {
             Some(History::Embedded(store)) => {
                 let page = store.page(user, before, limit, crate::types::now_ms());
                 let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
-                return self.answer(key, Some(ack), |a| history::encode_page_ack(a, &frames));
+                let max = self.answer_budget();
+                return self.answer(key, Some(ack), |a| {
+                    history::encode_page_ack(a, &frames, max)
+                });
             }
             Some(History::Redis(bp)) => Some(bp),
             None => None,

@@ -188,8 +188,12 @@ impl CoreLoop {
         let Some(open) = self.conns.get_open_mut(key) else {
             return;
         };
+        // The payload and the frame header tungstenite puts before it.
+        let bytes = frame.len() + if frame.len() < 126 { 2 } else { 10 };
         match open.queue_text(frame) {
             WriteOutcome::Queued => {
+                open.outbound += bytes;
+                self.outbound += bytes;
                 add(&self.metrics().frames_out, 1);
                 self.mark_dirty(key);
             }
@@ -215,7 +219,14 @@ impl CoreLoop {
                 continue;
             };
             let outcome = open.flush();
-            bytes += open.ws.get_mut().take_written();
+            let written = open.ws.get_mut().take_written();
+            bytes += written;
+            let before = open.outbound;
+            open.outbound = match outcome {
+                FlushOutcome::Done => 0,
+                _ => before.saturating_sub(written as usize),
+            };
+            self.outbound = self.outbound.saturating_sub(before) + open.outbound;
             match outcome {
                 FlushOutcome::Done | FlushOutcome::Pending => {}
                 FlushOutcome::Remove(why) => self.remove(key, why),

@@ -128,6 +128,10 @@ impl CoreLoop {
         ) {
             return refuse(self, 403, "", "origin not allowed (--allowed-origins)");
         }
+        if !self.connect_rate_ip_allows(key) {
+            let body = "too many connections from this address: retry later";
+            return refuse(self, 429, "Retry-After: 1\r\n", body);
+        }
         let identity = if socketio {
             None
         } else {
@@ -141,6 +145,10 @@ impl CoreLoop {
             }
         };
         if let Some(identity) = identity {
+            if !self.connect_rate_user_allows(&identity.user) {
+                let body = "too many connections for this user: retry later";
+                return refuse(self, 429, "Retry-After: 1\r\n", body);
+            }
             if self.shared.hooks.is_some() {
                 // Answered later, in `on_hook`: with 403, or by going on below.
                 return self.ask_connect_hook(key, req, rest, identity);
@@ -163,10 +171,9 @@ impl CoreLoop {
         let Some(ws_key) = req.ws_key.as_deref() else {
             return;
         };
-        let max = self.shared.config.max_connections;
-        if self.shared.open_connections.fetch_add(1, Ordering::SeqCst) >= max {
-            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
-            add(&self.metrics().rejected_over_capacity, 1);
+        // A Socket.IO connection takes its slot once its CONNECT is authenticated (`sio.rs`):
+        // until then it counts only as a handshake in progress (`gate.rs`).
+        if !socketio && !self.take_connection_slot() {
             self.reply(
                 key,
                 http::error_response(503, "server at max_connections"),
@@ -178,7 +185,9 @@ impl CoreLoop {
             return;
         };
         if !pending.write_upgrade(ws_key) {
-            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            if !socketio {
+                self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            }
             add(&self.metrics().handshake_failures, 1);
             self.remove(key, Closed::Reset);
             return;
@@ -211,6 +220,9 @@ impl CoreLoop {
             return;
         }
         self.next_serial += 1;
+        if !socketio {
+            self.end_handshake(key);
+        }
         let since = req.query_param("since");
         if let Some(user) = &user {
             self.index(key, user);
@@ -232,9 +244,23 @@ impl CoreLoop {
         self.carry.push(key);
     }
 
+    /// Takes one of the process's `--max-connections` slots; `false` (counted) when all are
+    /// taken.
+    pub(super) fn take_connection_slot(&mut self) -> bool {
+        let max = self.shared.config.max_connections;
+        if self.shared.open_connections.fetch_add(1, Ordering::SeqCst) >= max {
+            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            add(&self.metrics().rejected_over_capacity, 1);
+            return false;
+        }
+        true
+    }
+
     /// Switches the connection to writing `response`, then closing. An `/api` answer to an
     /// allowed origin gets its CORS headers here.
     pub(super) fn reply(&mut self, key: usize, response: Vec<u8>, _rest: &[u8]) {
+        // Answered: no longer a handshake in progress (the reply has its own short deadline).
+        self.end_handshake(key);
         let response = match self.cors.remove(&key) {
             Some(headers) => http::with_headers(response, &headers),
             None => response,

@@ -11,14 +11,17 @@
 //! (`crate::connection`) and acts on the outcome:
 //!
 //! - `table.rs`: the connections by key and the user index (the only code that knows keys);
+//! - `gate.rs`: handshakes in progress, bounded per process and per address, shed oldest first;
 //! - `http.rs`: request head, routing, the upgrade, plain replies;
 //! - `api.rs`: `GET /api/history`, `POST /api/publish`, the `history` event, waiting replies;
 //! - `frames.rs`: reading frames, the rate limit, envelopes into handlers, acks and answers;
 //! - `delivery.rs`: dispatching, delivering to connections, write many and flush once;
+//! - `budget.rs`: the process-wide outbound budget, shedding the biggest slow consumers;
 //! - `publish.rs`: publishing to Redis on this core's own link, acks it settles answered inline;
 //! - `recovery.rs`: `?since=`/`resume`, replays and resyncs;
 //! - `sweep.rs`: closing, removing, deadlines and shutdown;
-//! - `rooms.rs`, `sio.rs`: rooms and presence, Socket.IO;
+//! - `rooms.rs`, `sio.rs`: rooms and presence, Socket.IO; `presence.rs`: presence changes
+//!   coalesced per user;
 //! - `hooks.rs`: the application's hooks, room permissions, `refresh`, expiry, disconnect;
 //! - `server_api.rs`: the server API (`/api/publish` to rooms and everyone, disconnect,
 //!   presence, connections, a user's history) and CORS;
@@ -36,17 +39,22 @@ use crate::backplane::core_link::{CoreLink, STOP_FLUSH};
 use crate::bus::{CoreMsg, Dispatch};
 use crate::connection::{Connection, PendingRequest};
 use crate::handlers::MessageIds;
-use crate::metrics::{Closed, CoreMetrics};
+use crate::metrics::{add, Closed, CoreMetrics};
 use crate::protocol::CloseReason;
+pub(crate) use gate::{ConnectRates, Gate};
+pub(crate) use presence::Coalescer;
 pub(crate) use shared::Shared;
 use table::Table;
 
 mod api;
+mod budget;
 mod delivery;
 mod frames;
+mod gate;
 mod hooks;
 mod http;
 mod mode;
+mod presence;
 mod publish;
 mod recovery;
 mod rooms;
@@ -74,6 +82,9 @@ const REPLY_GRACE: Duration = Duration::from_secs(5);
 const PURGE_INTERVAL: Duration = Duration::from_secs(60);
 /// How long an HTTP request may wait for Redis (history page, publish) before a 503.
 const API_WAIT: Duration = Duration::from_secs(5);
+/// Unauthenticated sockets dropped, oldest first, each time accept finds the process out of
+/// file descriptors.
+const SHED_ON_EXHAUSTION: usize = 16;
 /// Accepting stops this long after the process ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -87,6 +98,13 @@ pub struct CoreLoop {
     shared: Arc<Shared>,
     /// Open WebSocket connections on this core.
     open: usize,
+    /// This core's handshakes in progress, by key (`gate.rs`).
+    handshakes: std::collections::HashMap<usize, gate::Handshake>,
+    /// A file descriptor held back for the moment the process runs out: closed to accept (and
+    /// drop) one connection, so the kernel's backlog never stalls.
+    reserve_fd: Option<std::fs::File>,
+    /// Bytes queued for this core's connections, not yet written (see `budget.rs`).
+    outbound: usize,
     /// Connections with output queued this turn, flushed once at the end of it.
     dirty: Vec<usize>,
     /// Connections with input left over (read budget spent, or accepted with data waiting).
@@ -114,6 +132,9 @@ pub struct CoreLoop {
     link_stop: Option<Instant>,
     /// CORS headers for the answer of an `/api` request from an allowed origin, by key.
     cors: std::collections::HashMap<usize, String>,
+    /// The `after` of `presence` requests the rooms worker has not answered yet, by (key,
+    /// serial, ack): their answers are paged from there (`rooms.rs`).
+    presence_after: std::collections::HashMap<(usize, u64, Option<u64>), Box<str>>,
 }
 
 impl CoreLoop {
@@ -139,6 +160,7 @@ impl CoreLoop {
             acks_ready: Vec::new(),
             link_stop: None,
             cors: std::collections::HashMap::new(),
+            presence_after: Default::default(),
             id,
             poll,
             listener: Some(listener),
@@ -148,6 +170,9 @@ impl CoreLoop {
             next_serial: 0,
             drain_self: false,
             open: 0,
+            handshakes: Default::default(),
+            reserve_fd: std::fs::File::open("/dev/null").ok(),
+            outbound: 0,
             dirty: Vec::new(),
             carry: Vec::new(),
             outbox: Vec::new(),
@@ -210,19 +235,18 @@ impl CoreLoop {
             if std::mem::take(&mut self.drain_self) {
                 self.drain_inbox();
             }
-            // One wake per sibling core per turn, however many dispatches went its way.
-            for core in 0..self.wake_cores.len() {
-                if std::mem::take(&mut self.wake_cores[core]) {
-                    self.shared.bus.wake(core);
-                }
-            }
+            self.wake_siblings();
             // Redis gets this turn's publications in one write; acks its replies made due are
             // queued before the connections are flushed.
             self.link_turn(Instant::now());
             self.flush_dirty();
+            self.enforce_outbound_budget();
             let now = Instant::now();
             if now >= self.next_sweep {
                 self.sweep(now);
+                self.announce_due_presence(now);
+                // Held presence changes went to the other cores' inboxes.
+                self.wake_siblings();
                 self.next_sweep = now + SWEEP_INTERVAL;
                 if self.id == 0 && now >= self.next_purge {
                     if let Some(store) = &self.shared.history {
@@ -259,6 +283,15 @@ impl CoreLoop {
         Ok(())
     }
 
+    /// One wake per sibling core per turn, however many dispatches went its way.
+    fn wake_siblings(&mut self) {
+        for core in 0..self.wake_cores.len() {
+            if std::mem::take(&mut self.wake_cores[core]) {
+                self.shared.bus.wake(core);
+            }
+        }
+    }
+
     fn update_gauges(&self) {
         let m = self.metrics();
         m.connections_open
@@ -276,10 +309,25 @@ impl CoreLoop {
                 return;
             };
             match listener.accept() {
-                Ok((stream, _peer)) => self.admit(stream),
+                Ok((stream, peer)) => self.admit(stream, peer.ip()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if is_fd_exhaustion(&e) => {
+                    // Make room: drop the oldest unauthenticated sockets, then accept on.
+                    if self.shed_oldest_handshakes(SHED_ON_EXHAUSTION) > 0 {
+                        continue;
+                    }
+                    // Nothing to shed: the reserve descriptor takes the next connection off the
+                    // backlog and drops it, so the listener does not stall on it.
+                    if let Some(reserve) = self.reserve_fd.take() {
+                        drop(reserve);
+                        let dropped = self.listener.as_ref().map(TcpListener::accept);
+                        if let Some(Ok((stream, _))) = dropped {
+                            add(&self.metrics().handshakes_refused, 1);
+                            drop(stream);
+                        }
+                        self.reserve_fd = std::fs::File::open("/dev/null").ok();
+                    }
                     log::warn!("core={} accept paused: {e}", self.id);
                     self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
                     return;
@@ -290,7 +338,11 @@ impl CoreLoop {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream) {
+    fn admit(&mut self, mut stream: TcpStream, peer: std::net::IpAddr) {
+        if !self.begin_handshake(peer) {
+            add(&self.metrics().handshakes_refused, 1);
+            return;
+        }
         let _ = stream.set_nodelay(true);
         let deadline = Instant::now() + self.shared.config.handshake_timeout;
         let registry = self.poll.registry();
@@ -307,9 +359,11 @@ impl CoreLoop {
             Ok(key) => key,
             Err(e) => {
                 log::warn!("core={} register failed: {e}", self.id);
+                self.shared.gate.end(peer);
                 return;
             }
         };
+        self.track_handshake(key, peer);
         // The request may already be waiting; its readable edge may have passed.
         self.carry.push(key);
     }

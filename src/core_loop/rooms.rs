@@ -18,11 +18,16 @@ use crate::handlers::{idempotency_key, Args, HandlerError, HandlerResult};
 use crate::metrics::add;
 use crate::protocol::{self, CloseReason, ErrorCode};
 use crate::rooms::{
-    bad_room_message, encode_presence_changed, valid_room, PresenceNotice, RoomArgs, RoomError,
-    RoomId, RoomMessage, RoomMessageArgs,
+    bad_room_message, encode_presence_changed, presence_page, valid_room, PresenceNotice, RoomArgs,
+    RoomError, RoomId, RoomMessage, RoomMessageArgs,
 };
 use crate::types::now_ms;
 use crate::UserId;
+
+/// `presence` requests with an `after` waiting for the rooms worker on one core, at most. Each
+/// waits for one answer (the worker answers every request it takes), so this bounds only
+/// clients asking faster than Redis answers.
+const MAX_PRESENCE_CURSORS: usize = 1024;
 
 impl CoreLoop {
     /// `joinRoom`, `leaveRoom`, `sendRoomMessage`, `presence`. Returns the result to answer
@@ -40,12 +45,13 @@ impl CoreLoop {
         let parsed = if event == "sendRoomMessage" {
             args.parse::<RoomMessageArgs<'_>>().and_then(|a| {
                 let key = idempotency_key(user, a.client_id.as_deref())?;
-                Ok((a.room, Some(a.text), key))
+                Ok((a.room, Some(a.text), key, None))
             })
         } else {
-            args.parse::<RoomArgs<'_>>().map(|a| (a.room, None, None))
+            args.parse::<RoomArgs<'_>>()
+                .map(|a| (a.room, None, None, a.after))
         };
-        let (room, text, dedupe) = match parsed {
+        let (room, text, dedupe, after) = match parsed {
             Ok(parsed) => parsed,
             Err(e) => return Some(Err(e)),
         };
@@ -72,8 +78,8 @@ impl CoreLoop {
                 "presence" => rooms
                     .online(user, &room)
                     .map(|online| {
-                        let online: Vec<&str> = online.iter().map(|u| &**u).collect();
-                        json!({ "room": &*room, "online": online })
+                        let online = online.iter().map(|u| &**u);
+                        presence_page(&room, online, after.as_deref(), self.answer_budget())
                     })
                     .map_err(refused),
                 _ => match rooms.members_for(user, &room) {
@@ -125,11 +131,17 @@ impl CoreLoop {
                 room: RoomId::from(&*room),
                 target,
             },
-            "presence" => RoomJob::Presence {
-                user,
-                room: RoomId::from(&*room),
-                target,
-            },
+            "presence" => {
+                if !self.remember_presence_cursor(key, serial, ack, after.as_deref()) {
+                    let busy = "too many presence pages in flight on this core: retry";
+                    return Some(Err(HandlerError::internal(busy)));
+                }
+                RoomJob::Presence {
+                    user,
+                    room: RoomId::from(&*room),
+                    target,
+                }
+            }
             _ => {
                 let id = self.ids.next_id();
                 let ts = now_ms();
@@ -158,7 +170,10 @@ impl CoreLoop {
         if bp.room_request(job) {
             None
         } else {
-            Some(Err(HandlerError::internal("rooms unavailable")))
+            self.presence_after.remove(&(key, serial, ack));
+            Some(Err(HandlerError::internal(
+                "rooms busy or unavailable: retry later",
+            )))
         }
     }
 
@@ -196,6 +211,26 @@ impl CoreLoop {
         self.drain_self = true;
     }
 
+    /// Keeps the `after` of a `presence` request sent to the rooms worker until its answer is
+    /// paged (`false`: too many are waiting on this core already).
+    fn remember_presence_cursor(
+        &mut self,
+        key: usize,
+        serial: u64,
+        ack: Option<u64>,
+        after: Option<&str>,
+    ) -> bool {
+        let Some(after) = after else {
+            return true;
+        };
+        if self.presence_after.len() >= MAX_PRESENCE_CURSORS {
+            return false;
+        }
+        self.presence_after
+            .insert((key, serial, ack), Box::from(after));
+        true
+    }
+
     /// The rooms worker's answer to a room request.
     pub(super) fn on_room_answer(&mut self, answer: RoomAnswer) {
         if self
@@ -203,10 +238,23 @@ impl CoreLoop {
             .get_open_serial(answer.key, answer.serial)
             .is_none()
         {
+            self.presence_after
+                .remove(&(answer.key, answer.serial, answer.ack));
             return;
         }
+        let after = self
+            .presence_after
+            .remove(&(answer.key, answer.serial, answer.ack));
         match answer.result {
-            Ok(value) => {
+            Ok(mut value) => {
+                // A `presence` answer carries every online member: this core pages it.
+                if let (Some(room), Some(online)) = (
+                    value.get("room").and_then(|r| r.as_str()),
+                    value.get("online").and_then(|o| o.as_array()),
+                ) {
+                    let online = online.iter().filter_map(|u| u.as_str());
+                    value = presence_page(room, online, after.as_deref(), self.answer_budget());
+                }
                 if answer.ack.is_some() {
                     self.answer(answer.key, answer.ack, |a| protocol::encode_ack(a, &value));
                 }
@@ -306,9 +354,30 @@ impl CoreLoop {
         }
     }
 
-    /// Embedded: tells the members of each room that `user` came online or went offline. The
-    /// event is kept in no history: it goes out like a dispatch without offsets.
+    /// Embedded: tells the members of each room that `user` came online or went offline, or
+    /// holds the change for later when the user changed within `--presence-interval`
+    /// (`presence.rs`).
     fn notify_presence(&mut self, notices: Vec<PresenceNotice>, user: &UserId, online: bool) {
+        if notices.is_empty() {
+            return;
+        }
+        let verdict = self
+            .shared
+            .presence
+            .changed(user, online, std::time::Instant::now());
+        if verdict == super::presence::Verdict::Announce {
+            self.announce_presence(notices, user, online);
+        }
+    }
+
+    /// Sends `presenceChanged` to the members of each room. The event is kept in no history:
+    /// it goes out like a dispatch without offsets.
+    pub(super) fn announce_presence(
+        &mut self,
+        notices: Vec<PresenceNotice>,
+        user: &UserId,
+        online: bool,
+    ) {
         for (room, members) in notices {
             let dispatch = Arc::new(Dispatch {
                 users: members.into_boxed_slice(),

@@ -30,6 +30,14 @@ pub(crate) struct Shared {
     pub failed: AtomicBool,
     /// Open WebSocket connections in the process, for `max_connections`.
     pub open_connections: AtomicUsize,
+    /// Handshakes in progress in the process, for `max_handshakes` (`gate.rs`).
+    pub gate: super::gate::Gate,
+    /// Presence changes coalesced per user, embedded (`presence.rs`).
+    pub presence: super::presence::Coalescer,
+    /// Upgrades per source address, for `connect_rate_per_ip` (`gate.rs`).
+    pub connect_rates_ip: super::gate::ConnectRates<std::net::IpAddr>,
+    /// Connections per user, for `connect_rate_per_user` (`gate.rs`).
+    pub connect_rates_user: super::gate::ConnectRates<crate::UserId>,
     pub node_id: u64,
     /// Embedded mode's history, when history is active without a backplane.
     pub history: Option<crate::history::MemoryHistory>,

@@ -166,6 +166,11 @@ impl CoreLoop {
             let message = "this connection is already connected as another user";
             return self.sio_refuse_connect(key, nsp, message);
         }
+        let first = !open.indexed;
+        if first && !self.connect_rate_user_allows(&identity.user) {
+            let message = "too many connections for this user: retry later";
+            return self.sio_refuse_connect(key, nsp, message);
+        }
         if let Err(unasked) = self.ask_sio_connect_hook(key, nsp, auth.since, identity) {
             let (since, identity) = *unasked;
             self.sio_connected(key, nsp, since, identity);
@@ -200,12 +205,29 @@ impl CoreLoop {
         }
         let first = !open.indexed;
         let sid = socketio::engine_sid(self.shared.node_id, self.id, open.serial);
+        let needs_slot = open.sio.as_ref().is_some_and(|session| !session.holds_slot);
         let user = identity.user;
+        if needs_slot {
+            if !self.take_connection_slot() {
+                return self.sio_refuse_connect(key, nsp, "server at max_connections");
+            }
+            if let Some(session) = self.session(key) {
+                session.holds_slot = true;
+            }
+            self.end_handshake(key);
+        }
         if first {
-            open.user = user.clone();
-            open.indexed = true;
-            open.access = Access::new(identity.exp, leeway, identity.grant);
+            if let Some(open) = self.conns.get_open_mut(key) {
+                open.user = user.clone();
+                open.indexed = true;
+                open.access = Access::new(identity.exp, leeway, identity.grant);
+            }
             self.index(key, &user);
+        }
+        // Counted for presence and the device limit like a native connection (once, at its
+        // first namespace; leaving the last one unindexes and uncounts it).
+        if first && !self.count_device(key, &user) {
+            return;
         }
         let Some(session) = self.session(key) else {
             return;

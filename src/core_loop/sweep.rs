@@ -51,6 +51,7 @@ impl CoreLoop {
         if !self.cors.is_empty() {
             self.cors.remove(&key);
         }
+        self.end_handshake(key);
         let Some(mut conn) = self.conns.remove(key) else {
             return;
         };
@@ -59,7 +60,11 @@ impl CoreLoop {
             let why = open.ended.unwrap_or(why);
             self.metrics().closed(why);
             self.open -= 1;
-            self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            self.outbound = self.outbound.saturating_sub(open.outbound);
+            // A Socket.IO connection takes its slot at its first CONNECT (`sio.rs`).
+            if open.sio.as_ref().is_none_or(|s| s.holds_slot) {
+                self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
+            }
             add(&self.metrics().bytes_out, open.ws.get_mut().take_written());
             log::debug!(
                 "core={} conn={key} user={} removed ({why:?})",

@@ -348,8 +348,22 @@ impl ChildServer {
     /// Like [`ChildServer::spawn`], listening on `listen` (e.g. the address of a server that
     /// just exited).
     pub fn spawn_on(listen: &str, args: &[&str]) -> Self {
+        let command = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        Self::spawn_command(command, listen, args)
+    }
+
+    /// Like [`ChildServer::spawn`], with at most `nofile` open files (through `prlimit`).
+    pub fn spawn_with_nofile(nofile: u64, args: &[&str]) -> Self {
+        let mut command = std::process::Command::new("prlimit");
+        command
+            .arg(format!("--nofile={nofile}"))
+            .arg(env!("CARGO_BIN_EXE_switchboard"));
+        Self::spawn_command(command, "127.0.0.1:0", args)
+    }
+
+    fn spawn_command(mut command: std::process::Command, listen: &str, args: &[&str]) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        let mut child = command
             .args(["--listen", listen, "--cores", "2"])
             .args(args)
             .env("RUST_LOG", "info")
@@ -712,6 +726,11 @@ impl TestRedis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The redis-server's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
     }
 
     /// Kills the server (SIGKILL) and waits for it to exit.
