@@ -190,6 +190,13 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL", default_value = "30s", value_parser = parse_duration)]
     presence_ttl: Duration,
 
+    // ---- Operations: drain, TLS, logs, metrics, config file (issue 18) ----
+    /// SIGTERM/SIGINT drain: /readyz fails at once, new upgrades get 503, and open connections
+    /// are closed with 1001 in batches spread over this period; a second signal closes the rest
+    /// at once. 0 closes them all at once.
+    #[arg(long, env = "SWITCHBOARD_DRAIN_PERIOD", default_value = "5s", value_parser = parse_duration)]
+    drain_period: Duration,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     log_level: String,
@@ -294,6 +301,7 @@ impl Cli {
                 max_devices: self.max_devices,
                 presence_ttl: self.presence_ttl,
             },
+            drain_period: self.drain_period,
         }
     }
 }
@@ -361,8 +369,13 @@ fn main() -> ExitCode {
     let stopper = handle.stopper();
 
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            log::info!("signal {sig}: closing connections");
+        let mut signals = signals.forever();
+        if let Some(sig) = signals.next() {
+            log::info!("signal {sig}: draining (a second signal closes every connection at once)");
+            stopper.drain();
+        }
+        if let Some(sig) = signals.next() {
+            log::info!("signal {sig}: closing every connection now");
             stopper.stop();
         }
     });

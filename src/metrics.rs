@@ -112,7 +112,7 @@ fn sum(cores: &[CoreMetrics], f: impl Fn(&CoreMetrics) -> &AtomicU64) -> u64 {
 }
 
 /// The `/healthz` body.
-pub fn render_health(cores: &[CoreMetrics], extra: &str) -> String {
+pub fn render_health(cores: &[CoreMetrics], status: &str, extra: &str) -> String {
     let mut per_core = String::new();
     for (i, c) in cores.iter().enumerate() {
         if i > 0 {
@@ -127,7 +127,7 @@ pub fn render_health(cores: &[CoreMetrics], extra: &str) -> String {
         );
     }
     format!(
-        r#"{{"status":"ok","cores":{},"connections":{},"per_core":[{per_core}]{extra}}}"#,
+        r#"{{"status":"{status}","cores":{},"connections":{},"per_core":[{per_core}]{extra}}}"#,
         cores.len(),
         sum(cores, |c| &c.connections_open),
     )
@@ -265,7 +265,8 @@ mod tests {
         let text = render_prometheus(&cores);
         assert!(text.contains("switchboard_frames_in_total 5\n"));
         assert!(text.contains("switchboard_connections_closed_total{reason=\"slow_consumer\"} 1\n"));
-        let health: serde_json::Value = serde_json::from_str(&render_health(&cores, "")).unwrap();
+        let health: serde_json::Value =
+            serde_json::from_str(&render_health(&cores, "ok", "")).unwrap();
         assert_eq!(health["cores"], 2);
         assert_eq!(health["per_core"][1]["connections"], 0);
     }

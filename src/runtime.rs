@@ -101,6 +101,8 @@ impl Server {
             backplane,
             metrics: (0..config.cores).map(|_| CoreMetrics::default()).collect(),
             shutdown: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
             node_id,
@@ -173,6 +175,7 @@ impl Server {
                 }
             }
         }
+        shared.started.store(true, Ordering::SeqCst);
         Ok(handle)
     }
 }
@@ -291,6 +294,16 @@ impl Stopper {
     /// Same as [`ServerHandle::shutdown`].
     pub fn stop(&self) {
         self.0.shutdown.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// Same as [`ServerHandle::drain`].
+    pub fn drain(&self) {
+        self.0.draining.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
         for core in 0..self.0.bus.cores() {
             self.0.bus.wake(core);
         }
@@ -333,6 +346,14 @@ impl ServerHandle {
     /// once; [`ServerHandle::join`] waits.
     pub fn shutdown(&self) {
         self.stopper().stop();
+    }
+
+    /// Drains, then stops: `/readyz` answers 503 at once and new upgrades are refused; each
+    /// core closes its open connections with 1001 in batches spread over
+    /// [`Config::drain_period`], then shuts down as [`ServerHandle::shutdown`] does. Returns at
+    /// once; [`ServerHandle::join`] waits. A shutdown during the drain closes the rest at once.
+    pub fn drain(&self) {
+        self.stopper().drain();
     }
 
     /// A cloneable trigger for [`ServerHandle::shutdown`], e.g. for a signal-handling thread.

@@ -52,6 +52,11 @@ pub const DEFAULT_RATE_LIMIT_BURST: u32 = 400;
 pub const MAX_USER_ID_BYTES: usize = 256;
 /// Leeway for the JWT `exp` (and `nbf`) check, to absorb clock skew between issuer and server.
 pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+/// How long SIGTERM spreads the 1001 closes of open connections over, so their clients do not
+/// all reconnect (to the other instances) in the same second.
+pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(5);
+/// Longest `--drain-period` accepted.
+pub const MAX_DRAIN_PERIOD: Duration = Duration::from_secs(600);
 
 /// How clients prove who they are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,6 +176,11 @@ pub struct Config {
     pub chat_page: bool,
     /// Rooms, presence and the per-user device limit.
     pub rooms: RoomsConfig,
+
+    // Operations (readiness and drain, TLS, the metrics listener).
+    /// How long a drain ([`crate::Stopper::drain`], SIGTERM in the binary) spreads the 1001
+    /// closes of open connections over; zero closes them all at once.
+    pub drain_period: Duration,
 }
 
 impl Default for Config {
@@ -198,6 +208,7 @@ impl Default for Config {
             history: HistoryConfig::default(),
             chat_page: true,
             rooms: RoomsConfig::default(),
+            drain_period: DEFAULT_DRAIN_PERIOD,
         }
     }
 }
@@ -245,6 +256,9 @@ impl Config {
         }
         if self.rate_limit_per_sec > 0 && self.rate_limit_burst == 0 {
             return err("--rate-limit-burst must be at least 1 when --rate-limit is on");
+        }
+        if self.drain_period > MAX_DRAIN_PERIOD {
+            return err("--drain-period must be at most 10m");
         }
         if let Some(redis) = &self.backplane {
             redis.validate().map_err(ConfigError)?;

@@ -44,7 +44,7 @@ impl CoreLoop {
         let known = page
             || matches!(
                 req.path.as_str(),
-                "/ws" | "/healthz" | "/metrics" | "/api/history"
+                "/ws" | "/healthz" | "/readyz" | "/metrics" | "/api/history"
             );
         if known && req.method != "GET" || req.path == "/api/publish" && req.method != "POST" {
             let response = if req.path.starts_with("/api/") {
@@ -60,25 +60,22 @@ impl CoreLoop {
             "/api/history" => self.api_history(key, req),
             "/api/publish" => self.api_publish_head(key, req, rest),
             "/healthz" => {
-                let history = if self.shared.config.history_active() {
-                    "on"
-                } else {
-                    "off"
-                };
-                let mut extra = format!(
-                    r#","node":"{:016x}","history":"{history}""#,
-                    self.shared.node_id
-                );
-                match &self.shared.backplane {
-                    Some(bp) => extra.push_str(&bp.render_health()),
-                    None => extra.push_str(r#","backplane":{"kind":"none"}"#),
-                }
-                let body = crate::metrics::render_health(&self.shared.metrics, &extra);
+                let body = self.render_health();
                 self.reply(
                     key,
                     http::response(200, "application/json", "", &body),
                     &rest,
                 );
+            }
+            "/readyz" => {
+                let response = match self.readiness() {
+                    Ok(()) => http::response(200, "application/json", "", "{\"ready\":true}\n"),
+                    Err(why) => {
+                        let body = format!("{{\"ready\":false,\"reason\":\"{}\"}}\n", why.text());
+                        http::response(503, "application/json", "", &body)
+                    }
+                };
+                self.reply(key, response, &rest);
             }
             "/" | "/index.html" if page => {
                 self.reply(key, crate::web::index_response().to_vec(), &rest);
@@ -95,6 +92,33 @@ impl CoreLoop {
         }
     }
 
+    /// The `/healthz` body: liveness (always 200) with the real state in `status` and `ready`.
+    fn render_health(&self) -> String {
+        let history = if self.shared.config.history_active() {
+            "on"
+        } else {
+            "off"
+        };
+        let readiness = self.readiness();
+        let mut extra = format!(
+            r#","ready":{},"node":"{:016x}","history":"{history}""#,
+            readiness.is_ok(),
+            self.shared.node_id
+        );
+        if let Err(why) = readiness {
+            let _ = std::fmt::Write::write_fmt(
+                &mut extra,
+                format_args!(r#","reason":"{}""#, why.text()),
+            );
+        }
+        match &self.shared.backplane {
+            Some(bp) => extra.push_str(&bp.render_health()),
+            None => extra.push_str(r#","backplane":{"kind":"none"}"#),
+        }
+        let status = readiness.map_or_else(|why| why.status(), |()| "ok");
+        crate::metrics::render_health(&self.shared.metrics, status, &extra)
+    }
+
     /// Checks and performs a WebSocket upgrade; `socketio` for `/socket.io/`, whose connections
     /// authenticate later, with each Socket.IO CONNECT (`core_loop/sio.rs`).
     pub(super) fn upgrade(&mut self, key: usize, req: Request, rest: Vec<u8>, socketio: bool) {
@@ -107,6 +131,9 @@ impl CoreLoop {
                 &rest,
             );
         };
+        if self.is_draining() {
+            return refuse(self, 503, "Retry-After: 1\r\n", "server is draining");
+        }
         if !req.wants_upgrade {
             return refuse(
                 self,

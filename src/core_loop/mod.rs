@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-use crate::backplane::core_link::{CoreLink, STOP_FLUSH};
+use crate::backplane::core_link::CoreLink;
 use crate::bus::{CoreMsg, Dispatch};
 use crate::connection::{Connection, PendingRequest};
 use crate::handlers::MessageIds;
@@ -40,6 +40,7 @@ use table::Table;
 
 mod api;
 mod delivery;
+mod drain;
 mod frames;
 mod http;
 mod mode;
@@ -107,6 +108,8 @@ pub struct CoreLoop {
     acks_ready: Vec<Arc<crate::bus::AckWaiter>>,
     /// At shutdown, how long the link may keep flushing.
     link_stop: Option<Instant>,
+    /// The drain in progress (`drain.rs`).
+    drain: Option<drain::Drain>,
 }
 
 impl CoreLoop {
@@ -131,6 +134,7 @@ impl CoreLoop {
             link,
             acks_ready: Vec::new(),
             link_stop: None,
+            drain: None,
             id,
             poll,
             listener: Some(listener),
@@ -162,9 +166,10 @@ impl CoreLoop {
         loop {
             let timeout = if self.carry.is_empty() {
                 let now = Instant::now();
-                let next = self
-                    .link_deadline(now)
-                    .map_or(self.next_sweep, |t| t.min(self.next_sweep));
+                let next = [self.link_deadline(now), self.drain_deadline(now)]
+                    .into_iter()
+                    .flatten()
+                    .fold(self.next_sweep, Instant::min);
                 next.saturating_duration_since(now)
             } else {
                 Duration::ZERO
@@ -224,9 +229,9 @@ impl CoreLoop {
                 }
                 self.flush_dirty();
             }
+            self.drain_turn(Instant::now());
             if self.shared.shutdown.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
                 self.begin_shutdown();
-                self.link_stop = Some(Instant::now() + STOP_FLUSH);
                 self.flush_dirty();
             }
             self.update_gauges();

@@ -24,6 +24,11 @@ pub(crate) struct Shared {
     pub backplane: Option<Arc<Backplane>>,
     pub metrics: Box<[CoreMetrics]>,
     pub shutdown: AtomicBool,
+    /// Set by a drain: readiness fails, upgrades are refused, open connections are closed in
+    /// batches over `config.drain_period`, then each core shuts down.
+    pub draining: AtomicBool,
+    /// Set once every core listens and the backplane threads run: readiness needs it.
+    pub started: AtomicBool,
     /// Set when a core loop failed or panicked.
     pub failed: AtomicBool,
     /// Open WebSocket connections in the process, for `max_connections`.
