@@ -8,6 +8,7 @@
 //! their old paths through re-exports (`backplane::RedisConfig`, ...). This module imports nothing
 //! from the crate but `types`, so every layer may read it.
 
+pub mod file;
 pub mod history;
 pub mod redis;
 pub mod rooms;

@@ -335,11 +335,19 @@ impl ChildServer {
     /// Like [`ChildServer::spawn`], listening on `listen` (e.g. the address of a server that
     /// just exited).
     pub fn spawn_on(listen: &str, args: &[&str]) -> Self {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
             .args(["--listen", listen, "--cores", "2"])
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        Self::spawn_command(command)
+    }
+
+    /// Spawns `command` (the binary with whatever flags and environment the test chose) and
+    /// reads its address from the "listening on" line.
+    pub fn spawn_command(mut command: std::process::Command) -> Self {
+        use std::io::BufRead;
+        let mut child = command
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn switchboard");
