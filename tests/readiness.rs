@@ -118,3 +118,41 @@ fn a_second_signal_closes_the_rest_at_once() {
     assert_eq!(server.wait_exit().code(), Some(0));
     assert!(signalled.elapsed() < Duration::from_secs(10));
 }
+
+#[test]
+fn refusals_are_logged_with_their_reason_and_rate_limited() {
+    // One core: the limit is per core.
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--cores", "1"])
+        .args(["--jwt-secret", "0123456789abcdef0123"])
+        .env("RUST_LOG", "info");
+    let server = ChildServer::spawn_command(command);
+    for _ in 0..30 {
+        let (status, _) = try_upgrade(server.addr, "/ws?token=forged", "");
+        assert_eq!(status, 401);
+    }
+    let refused = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("refused 127.0.0.1:") && l.contains(": 401 "))
+            .count()
+    };
+    wait_for("refusal lines", || refused(&server.log_lines()) >= 20);
+    // A second later, the next refusal is logged with the count of those left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, _) = try_upgrade(server.addr, "/ws?token=forged", "");
+    assert_eq!(status, 401);
+    wait_for("the count of lines left out", || {
+        server
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("10 more refusals in the last second were not logged"))
+    });
+    assert_eq!(
+        refused(&server.log_lines()),
+        21,
+        "{:#?}",
+        server.log_lines()
+    );
+}

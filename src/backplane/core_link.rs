@@ -271,12 +271,15 @@ impl CoreLink {
             match self.parser.parse_value(&mut *stream) {
                 Ok(value) => {
                     if let Err(e) = self.pipe.on_reply(value) {
-                        return self.fail(registry, &format!("{e:?}"));
+                        return self.fail(registry, &e.to_string());
                     }
                 }
                 // WouldBlock: no complete reply buffered yet (the parser keeps the partial one).
                 Err(e) if e.is_timeout() => return,
-                Err(e) => return self.fail(registry, &format!("read: {e}")),
+                Err(e) => {
+                    let why = super::endpoint::plain_words(&e.to_string());
+                    return self.fail(registry, &format!("read: {why}"));
+                }
             }
         }
     }

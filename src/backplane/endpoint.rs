@@ -53,9 +53,52 @@ impl Endpoint {
     }
 }
 
+/// A Redis or socket error as an operator reads it: what failed and what to check. Messages it
+/// does not know are returned as they are.
+pub(crate) fn plain_words(error: &str) -> String {
+    let lower = error.to_ascii_lowercase();
+    let said = |words: &[&str]| words.iter().any(|w| lower.contains(w));
+    let plain = if said(&["wrongpass", "invalid username-password", "invalid password"]) {
+        "authentication failed: Redis refused the user name or password in --redis-url"
+    } else if said(&["noauth", "authentication required"]) {
+        "Redis wants a password: give it in --redis-url (redis://:PASSWORD@host:port)"
+    } else if said(&["noperm", "no permissions"]) {
+        "the Redis user may not run a command this server needs (pub/sub, scripts, streams)"
+    } else if said(&["connection refused"]) {
+        "connection refused: nothing listens at the Redis address (is Redis running?)"
+    } else if said(&["timed out", "timeout"]) {
+        "Redis did not answer in time"
+    } else if said(&["readonly"]) {
+        "this Redis is a read-only replica (after a failover?); reconnecting"
+    } else if said(&["loading"]) {
+        "Redis is loading its data set; retrying"
+    } else if said(&["certificate", "tls", "handshake"]) {
+        "the TLS handshake with Redis failed (check rediss:// and --redis-ca-cert)"
+    } else if said(&[
+        "connection reset",
+        "broken pipe",
+        "unexpected eof",
+        "end of file",
+    ]) {
+        "Redis closed the connection"
+    } else {
+        return error.to_string();
+    };
+    format!("{plain} [{}]", error.trim())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_in_plain_words() {
+        let wrong = plain_words("WRONGPASS invalid username-password pair or user is disabled.");
+        assert!(wrong.starts_with("authentication failed"), "{wrong}");
+        assert!(plain_words("NOAUTH Authentication required.").contains("wants a password"));
+        assert!(plain_words("Connection refused (os error 111)").starts_with("connection refused"));
+        assert_eq!(plain_words("ERR something new"), "ERR something new");
+    }
 
     #[test]
     fn auth_and_select_follow_the_url() {

@@ -71,6 +71,24 @@ pub(crate) enum ReplyError {
     Unexpected,
 }
 
+impl std::fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyError::Setup(command, e) => write!(
+                f,
+                "{} (Redis refused {command})",
+                super::endpoint::plain_words(e)
+            ),
+            ReplyError::Publish(e) => write!(
+                f,
+                "{} (Redis refused a publication)",
+                super::endpoint::plain_words(e)
+            ),
+            ReplyError::Unexpected => f.write_str("Redis sent a reply nobody asked for"),
+        }
+    }
+}
+
 /// The pipeline state.
 pub(crate) struct Pipeline {
     /// Never written; past `bound` the oldest dispatch's publications are dropped.

@@ -339,7 +339,10 @@ impl Publisher {
 
     fn log_outage(&mut self, e: &str) {
         if !self.outage_logged {
-            log::warn!("redis publisher cannot connect: {e}; retrying with backoff");
+            log::warn!(
+                "redis publisher cannot connect: {}; retrying with backoff",
+                super::endpoint::plain_words(e)
+            );
             self.outage_logged = true;
         }
     }

@@ -23,12 +23,14 @@ impl CoreLoop {
             HeadOutcome::Complete(request, rest) => self.route(key, request, rest),
             HeadOutcome::TooLarge => {
                 add(&self.metrics().handshake_failures, 1);
+                self.log_refusal(key, 431, "request header fields too large");
                 let response = http::error_response(431, "request header fields too large");
                 self.reply(key, response, &[]);
             }
             HeadOutcome::Invalid(e) => {
                 add(&self.metrics().handshake_failures, 1);
                 let status = HeadOutcome::status(&e);
+                self.log_refusal(key, status, &e.to_string());
                 self.reply(key, http::error_response(status, &e.to_string()), &[]);
             }
             HeadOutcome::Closed | HeadOutcome::Error(_) => self.remove(key, Closed::Reset),
@@ -124,6 +126,7 @@ impl CoreLoop {
     pub(super) fn upgrade(&mut self, key: usize, req: Request, rest: Vec<u8>, socketio: bool) {
         let refuse = |this: &mut Self, status: u16, headers: &str, reason: &str| {
             add(&this.metrics().handshake_failures, 1);
+            this.log_refusal(key, status, reason);
             let body = format!("{reason}\n");
             this.reply(
                 key,
@@ -160,6 +163,7 @@ impl CoreLoop {
                 Ok(user) => Some(user),
                 Err(e) => {
                     add(&self.metrics().auth_failures, 1);
+                    self.log_refusal(key, 401, &e.to_string());
                     self.reply(key, http::error_response(401, &e.to_string()), &rest);
                     return;
                 }
@@ -169,6 +173,7 @@ impl CoreLoop {
         if self.shared.open_connections.fetch_add(1, Ordering::SeqCst) >= max {
             self.shared.open_connections.fetch_sub(1, Ordering::SeqCst);
             add(&self.metrics().rejected_over_capacity, 1);
+            self.log_refusal(key, 503, "server at max_connections");
             self.reply(
                 key,
                 http::error_response(503, "server at max_connections"),

@@ -46,6 +46,7 @@ mod http;
 mod mode;
 mod publish;
 mod recovery;
+mod refusals;
 mod rooms;
 mod shared;
 mod sio;
@@ -110,6 +111,8 @@ pub struct CoreLoop {
     link_stop: Option<Instant>,
     /// The drain in progress (`drain.rs`).
     drain: Option<drain::Drain>,
+    /// The rate limit of refusal lines in the log.
+    refusals: refusals::RefusalLog,
 }
 
 impl CoreLoop {
@@ -135,6 +138,7 @@ impl CoreLoop {
             acks_ready: Vec::new(),
             link_stop: None,
             drain: None,
+            refusals: refusals::RefusalLog::new(Instant::now()),
             id,
             poll,
             listener: Some(listener),

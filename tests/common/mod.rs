@@ -325,6 +325,8 @@ pub fn now_secs() -> u64 {
 pub struct ChildServer {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    /// Every line the server wrote to stderr (its log).
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ChildServer {
@@ -353,6 +355,8 @@ impl ChildServer {
             .expect("spawn switchboard");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&log);
         std::thread::spawn(move || {
             let mut sent = false;
             for line in std::io::BufReader::new(stderr)
@@ -360,12 +364,14 @@ impl ChildServer {
                 .map_while(Result::ok)
             {
                 if !sent {
-                    if let Some(rest) = line.split("listening on ws://").nth(1) {
+                    let rest = line.split("listening on ws://").nth(1);
+                    if let Some(rest) = rest.or_else(|| line.split("listening on wss://").nth(1)) {
                         let addr = rest.split('/').next().unwrap().to_string();
                         let _ = tx.send(addr);
                         sent = true;
                     }
                 }
+                kept.lock().unwrap().push(line);
             }
         });
         let addr = rx
@@ -373,7 +379,12 @@ impl ChildServer {
             .expect("server logs its address")
             .parse()
             .unwrap();
-        ChildServer { child, addr }
+        ChildServer { child, addr, log }
+    }
+
+    /// The lines the server logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> u32 {
