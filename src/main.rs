@@ -202,6 +202,15 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_DRAIN_PERIOD", default_value = "5s", value_parser = parse_duration)]
     drain_period: Duration,
 
+    /// PEM certificate chain: the listen port then serves wss:// and https:// (TLS 1.2 and 1.3).
+    /// SIGHUP reloads it (and the key) for new connections.
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+
     /// A TOML file of settings, one key per flag with the flag's name (`listen =
     /// "0.0.0.0:8080"`, `cores = 2`, `redis-url = "redis://..."`); flags and environment
     /// variables override it.
@@ -312,6 +321,8 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("history_max_age", history, "--history on"),
         ("history_max_page", history, "--history on"),
         ("dedupe_window", history, "--history on"),
+        ("tls_key", cli.tls_cert.is_some(), "--tls-cert"),
+        ("tls_cert", cli.tls_key.is_some(), "--tls-key"),
     ];
     for &(id, ok, need) in needs {
         if !ok && given(matches, id) {
@@ -471,6 +482,10 @@ impl Cli {
                 presence_ttl: self.presence_ttl,
             },
             drain_period: self.drain_period,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(config::TlsConfig { cert, key }),
+                _ => None,
+            },
         }
     }
 }
@@ -521,6 +536,7 @@ fn main() -> ExitCode {
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ]) {
         Ok(s) => s,
         Err(e) => {
@@ -535,22 +551,37 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let scheme = if handle.tls().is_some() { "wss" } else { "ws" };
     log::info!(
-        "listening on ws://{}/ws cores={cores} max_connections={max_connections} backplane={backplane_desc} history={history_desc} node={:016x}",
+        "listening on {scheme}://{}/ws cores={cores} max_connections={max_connections} backplane={backplane_desc} history={history_desc} node={:016x}",
         handle.local_addr(),
         handle.node_id()
     );
     let stopper = handle.stopper();
+    let tls = handle.tls().cloned();
 
     std::thread::spawn(move || {
-        let mut signals = signals.forever();
-        if let Some(sig) = signals.next() {
-            log::info!("signal {sig}: draining (a second signal closes every connection at once)");
-            stopper.drain();
-        }
-        if let Some(sig) = signals.next() {
-            log::info!("signal {sig}: closing every connection now");
-            stopper.stop();
+        let mut draining = false;
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                match &tls {
+                    Some(tls) => match tls.reload() {
+                        Ok(()) => log::info!("SIGHUP: TLS certificate reloaded"),
+                        Err(e) => log::error!("SIGHUP: TLS certificate kept: {e}"),
+                    },
+                    None => log::info!("SIGHUP: nothing to reload (no --tls-cert)"),
+                }
+            } else if !draining {
+                log::info!(
+                    "signal {sig}: draining (a second signal closes every connection at once)"
+                );
+                stopper.drain();
+                draining = true;
+            } else {
+                log::info!("signal {sig}: closing every connection now");
+                stopper.stop();
+                return;
+            }
         }
     });
     let clean = handle.join();

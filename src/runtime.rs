@@ -16,6 +16,7 @@ use crate::auth::Authenticator;
 use crate::backplane::Backplane;
 use crate::bus::Bus;
 use crate::config::{Config, ConfigError};
+use crate::connection::ServerTls;
 use crate::core_loop::{CoreLoop, Shared};
 use crate::handlers::{Handler, Handlers};
 use crate::metrics::CoreMetrics;
@@ -37,6 +38,9 @@ pub enum StartError {
         /// The OS error.
         source: io::Error,
     },
+    /// The TLS certificate or key could not be loaded; the message names the file.
+    #[error("{0}")]
+    Tls(String),
     /// A core thread could not be created or set up.
     #[error("cannot start core {core}: {source}")]
     Core {
@@ -81,6 +85,12 @@ impl Server {
             .max_write_buffer_size(config.max_outbound_bytes)
             .max_message_size(Some(config.max_message_bytes))
             .max_frame_size(Some(config.max_message_bytes));
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(
+                ServerTls::load(&files.cert, &files.key).map_err(StartError::Tls)?,
+            )),
+            None => None,
+        };
         let node_id = new_node_id();
         let backplane = config
             .backplane
@@ -114,6 +124,7 @@ impl Server {
                 .is_none()
                 .then(crate::rooms::MemoryRooms::default),
             ws_config,
+            tls,
             config,
         });
         if shared.config.listen.port() != 0 {
@@ -384,6 +395,12 @@ impl ServerHandle {
             ok &= t.join().is_ok();
         }
         ok
+    }
+
+    /// The TLS settings, when the listen port serves TLS: [`ServerTls::reload`] reads the
+    /// certificate and key again.
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.shared.tls.as_ref()
     }
 
     /// The backplane, when one is configured (for its counters).

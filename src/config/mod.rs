@@ -182,6 +182,17 @@ pub struct Config {
     /// How long a drain ([`crate::Stopper::drain`], SIGTERM in the binary) spreads the 1001
     /// closes of open connections over; zero closes them all at once.
     pub drain_period: Duration,
+    /// TLS on the listen port (`wss://`, `https://`); `None` serves plain TCP.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The server's certificate and key, PEM files read at start and on each reload (SIGHUP).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (`--tls-cert`).
+    pub cert: std::path::PathBuf,
+    /// The private key: PKCS#8, PKCS#1 or SEC1 (`--tls-key`).
+    pub key: std::path::PathBuf,
 }
 
 impl Default for Config {
@@ -210,6 +221,7 @@ impl Default for Config {
             chat_page: true,
             rooms: RoomsConfig::default(),
             drain_period: DEFAULT_DRAIN_PERIOD,
+            tls: None,
         }
     }
 }

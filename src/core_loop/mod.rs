@@ -31,7 +31,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::backplane::core_link::CoreLink;
 use crate::bus::{CoreMsg, Dispatch};
-use crate::connection::{Connection, PendingRequest};
+use crate::connection::{Connection, PendingRequest, Socket};
 use crate::handlers::MessageIds;
 use crate::metrics::{Closed, CoreMetrics};
 use crate::protocol::CloseReason;
@@ -291,13 +291,20 @@ impl CoreLoop {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream) {
+    fn admit(&mut self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         let deadline = Instant::now() + self.shared.config.handshake_timeout;
         let registry = self.poll.registry();
+        let tls = self.shared.tls.as_deref();
         let admitted = self.conns.insert_with(|key| {
+            // With TLS the handshake runs in the request state's reads (`connection::tls`),
+            // inside the same handshake deadline as the HTTP request.
+            let mut stream = match tls {
+                Some(tls) => tls.accept(stream)?,
+                None => Socket::Plain(stream),
+            };
             let interest = Interest::READABLE | Interest::WRITABLE;
-            registry.register(&mut stream, Token(key), interest)?;
+            registry.register(stream.tcp(), Token(key), interest)?;
             Ok(Connection::Request(PendingRequest {
                 stream,
                 buf: Vec::new(),

@@ -38,4 +38,6 @@ pub(crate) struct Shared {
     pub history: Option<crate::history::MemoryHistory>,
     /// Embedded mode's rooms and presence (with Redis they live there).
     pub rooms: Option<crate::rooms::MemoryRooms>,
+    /// TLS on the listen port, when configured.
+    pub tls: Option<Arc<crate::connection::ServerTls>>,
 }
