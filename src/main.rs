@@ -211,6 +211,11 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_TLS_KEY")]
     tls_key: Option<PathBuf>,
 
+    /// Serve /metrics (with /healthz and /readyz) on this second address, plain HTTP, and no
+    /// longer on the public port. Keep it on an internal interface.
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
     /// A TOML file of settings, one key per flag with the flag's name (`listen =
     /// "0.0.0.0:8080"`, `cores = 2`, `redis-url = "redis://..."`); flags and environment
     /// variables override it.
@@ -486,6 +491,7 @@ impl Cli {
                 (Some(cert), Some(key)) => Some(config::TlsConfig { cert, key }),
                 _ => None,
             },
+            metrics_listen: self.metrics_listen,
         }
     }
 }
@@ -557,6 +563,9 @@ fn main() -> ExitCode {
         handle.local_addr(),
         handle.node_id()
     );
+    if let Some(addr) = handle.metrics_addr() {
+        log::info!("metrics on http://{addr}/metrics (and /healthz, /readyz)");
+    }
     let stopper = handle.stopper();
     let tls = handle.tls().cloned();
 

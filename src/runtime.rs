@@ -21,6 +21,10 @@ use crate::core_loop::{CoreLoop, Shared};
 use crate::handlers::{Handler, Handlers};
 use crate::metrics::CoreMetrics;
 
+mod metrics_listener;
+
+use metrics_listener::MetricsListener;
+
 /// Listen backlog per core listener (the kernel caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 4096;
 
@@ -113,6 +117,7 @@ impl Server {
             shutdown: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             started: AtomicBool::new(false),
+            metrics_stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
             node_id,
@@ -146,6 +151,7 @@ impl Server {
             shared: Arc::clone(&shared),
             threads: Vec::new(),
             backplane_threads: Vec::new(),
+            metrics_listener: None,
         };
         for (core, cpu) in plan.iter().enumerate() {
             let (ready_tx, ready_rx) = mpsc::channel();
@@ -183,6 +189,15 @@ impl Server {
                 Err(source) => {
                     handle.stop();
                     return Err(StartError::Core { core: 0, source });
+                }
+            }
+        }
+        if let Some(addr) = shared.config.metrics_listen {
+            match MetricsListener::start(addr, Arc::clone(&shared)) {
+                Ok(listener) => handle.metrics_listener = Some(listener),
+                Err(source) => {
+                    handle.stop();
+                    return Err(StartError::Bind { addr, source });
                 }
             }
         }
@@ -327,9 +342,17 @@ pub struct ServerHandle {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     backplane_threads: Vec<JoinHandle<()>>,
+    metrics_listener: Option<MetricsListener>,
 }
 
 impl ServerHandle {
+    /// The `--metrics-listen` address actually bound, when one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .map(MetricsListener::local_addr)
+    }
+
     /// The bound address (with the real port when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -393,6 +416,9 @@ impl ServerHandle {
         }
         for t in self.backplane_threads.drain(..) {
             ok &= t.join().is_ok();
+        }
+        if let Some(mut listener) = self.metrics_listener.take() {
+            listener.stop(&self.shared);
         }
         ok
     }

@@ -273,6 +273,9 @@ impl CoreLink {
                     if let Err(e) = self.pipe.on_reply(value) {
                         return self.fail(registry, &e.to_string());
                     }
+                    if let Some(rtt) = self.pipe.round_trip.take() {
+                        self.bp.stats.redis_round_trip.observe_duration(rtt);
+                    }
                 }
                 // WouldBlock: no complete reply buffered yet (the parser keeps the partial one).
                 Err(e) if e.is_timeout() => return,

@@ -273,6 +273,8 @@ pub struct BackplaneStats {
     pub room_members: AtomicU64,
     /// Held acks a core answered itself when its own link settled them (no bus round trip).
     pub acked_inline: AtomicU64,
+    /// From encoding a publishing command on a core's link to Redis's reply.
+    pub redis_round_trip: crate::metrics::Histogram<14>,
 }
 
 /// The backplane as the cores see it.
@@ -686,6 +688,13 @@ impl Backplane {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        crate::metrics::histogram::render(
+            out,
+            "switchboard_redis_round_trip_seconds",
+            "From encoding a publishing command on a core's Redis link to its reply.",
+            crate::metrics::Unit::Seconds,
+            std::iter::once(&s.redis_round_trip),
+        );
     }
 }
 

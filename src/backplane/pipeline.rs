@@ -56,8 +56,9 @@ struct Entry {
 enum Sent {
     /// `AUTH`, `SELECT` or `SCRIPT LOAD`: an error reply means the connection is unusable.
     Setup(&'static str),
-    /// A publishing command settling the next `n` publications of `sent`.
-    Publish(usize),
+    /// A publishing command settling the next `n` publications of `sent`, encoded at the
+    /// instant given (for the round-trip histogram).
+    Publish(usize, std::time::Instant),
 }
 
 /// Why the connection must be dropped (everything in flight is kept and sent again).
@@ -109,6 +110,9 @@ pub(crate) struct Pipeline {
     pub published: u64,
     /// Publications dropped by the bound, since the caller last looked.
     pub dropped: u64,
+    /// From encoding the last publishing command answered to its reply, if one was answered
+    /// since the caller last looked (`switchboard_redis_round_trip_seconds`).
+    pub round_trip: Option<std::time::Duration>,
 }
 
 impl Pipeline {
@@ -126,6 +130,7 @@ impl Pipeline {
             ready: Vec::new(),
             published: 0,
             dropped: 0,
+            round_trip: None,
         }
     }
 
@@ -192,6 +197,7 @@ impl Pipeline {
             self.commands.push_back(Sent::Setup("SCRIPT LOAD"));
             self.need_load = false;
         }
+        let encoded_at = std::time::Instant::now();
         let first = self.sent.len();
         for _ in 0..take {
             let next = self.retry.pop_front().or_else(|| self.queued.pop_front());
@@ -226,7 +232,8 @@ impl Pipeline {
                         &args,
                     )
                     .write_packed_command(&mut self.out);
-                    self.commands.push_back(Sent::Publish(call.len()));
+                    self.commands
+                        .push_back(Sent::Publish(call.len(), encoded_at));
                 }
             }
             None => {
@@ -238,7 +245,7 @@ impl Pipeline {
                         .arg(wire::user_channel(&enc.prefix, &p.user))
                         .arg(&payload[..])
                         .write_packed_command(&mut self.out);
-                    self.commands.push_back(Sent::Publish(1));
+                    self.commands.push_back(Sent::Publish(1, encoded_at));
                 }
             }
         }
@@ -258,7 +265,10 @@ impl Pipeline {
                     _ => Ok(()),
                 };
             }
-            Sent::Publish(n) => n.min(self.sent.len()),
+            Sent::Publish(n, encoded_at) => {
+                self.round_trip = Some(encoded_at.elapsed());
+                n.min(self.sent.len())
+            }
         };
         match value {
             Value::ServerError(e) if e.code() == "NOSCRIPT" => {

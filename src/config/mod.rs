@@ -184,6 +184,9 @@ pub struct Config {
     pub drain_period: Duration,
     /// TLS on the listen port (`wss://`, `https://`); `None` serves plain TCP.
     pub tls: Option<TlsConfig>,
+    /// A second, plain-HTTP address serving `/metrics`, `/healthz` and `/readyz`; with it,
+    /// `/metrics` is no longer served on the public port.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The server's certificate and key, PEM files read at start and on each reload (SIGHUP).
@@ -222,6 +225,7 @@ impl Default for Config {
             rooms: RoomsConfig::default(),
             drain_period: DEFAULT_DRAIN_PERIOD,
             tls: None,
+            metrics_listen: None,
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct Stream {
     /// answers WouldBlock without a syscall; a new readable edge clears this (see
     /// [`Stream::readable_edge`]), because data arriving later raises one.
     drained: bool,
+    /// Bytes the last write left unwritten: what the WebSocket still holds for the socket
+    /// (tungstenite writes its whole output buffer in each call).
+    backlog: usize,
 }
 
 impl Stream {
@@ -42,6 +45,7 @@ impl Stream {
             tcp,
             written: 0,
             drained: false,
+            backlog: 0,
         }
     }
 
@@ -58,6 +62,11 @@ impl Stream {
     /// Bytes written since the last call.
     pub fn take_written(&mut self) -> u64 {
         std::mem::take(&mut self.written)
+    }
+
+    /// Bytes the last write left queued (0 when the socket took everything).
+    pub fn backlog(&self) -> usize {
+        self.backlog
     }
 }
 
@@ -77,8 +86,13 @@ impl Read for Stream {
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.tcp.write(buf)?;
+        let n = self.tcp.write(buf).inspect_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.backlog = buf.len();
+            }
+        })?;
         self.written += n as u64;
+        self.backlog = buf.len() - n;
         Ok(n)
     }
 

@@ -215,13 +215,30 @@ impl CoreLoop {
                 continue;
             };
             let outcome = open.flush();
-            bytes += open.ws.get_mut().take_written();
+            let stream = open.ws.get_mut();
+            bytes += stream.take_written();
+            let backlog = if outcome == FlushOutcome::Done {
+                0
+            } else {
+                stream.backlog()
+            };
+            self.shared.metrics[self.id]
+                .outbound_backlog
+                .observe(backlog as u64);
             match outcome {
                 FlushOutcome::Done | FlushOutcome::Pending => {}
                 FlushOutcome::Remove(why) => self.remove(key, why),
             }
         }
         add(&self.metrics().bytes_out, bytes);
+        if !self.handled_at.is_empty() {
+            let now = std::time::Instant::now();
+            for read_at in self.handled_at.drain(..) {
+                self.shared.metrics[self.id]
+                    .message_latency
+                    .observe_duration(now.saturating_duration_since(read_at));
+            }
+        }
         dirty.clear();
         // Keep the allocation; anything added while flushing (none today) would be kept too.
         dirty.append(&mut self.dirty);

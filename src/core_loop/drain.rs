@@ -1,4 +1,5 @@
-//! Readiness and the drain: what `/readyz` answers, and closing the open connections in batches
+//! Readiness and the drain: what `/readyz` and `/healthz` answer (and `/metrics`, which the
+//! metrics listener serves too), and closing the open connections in batches
 //! spread over `drain_period` before the core shuts down.
 //!
 //! A drain exists so that a rolling restart does not make every client of an instance reconnect
@@ -9,8 +10,11 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::CoreLoop;
+use std::fmt::Write as _;
+
+use super::{CoreLoop, Shared};
 use crate::connection::Connection;
+use crate::http;
 use crate::protocol::CloseReason;
 
 /// Why the instance is not ready (the `reason` of a 503 from `/readyz`).
@@ -75,17 +79,16 @@ impl Drain {
 /// How often a draining core closes its next batch.
 pub(super) const DRAIN_STEP: Duration = Duration::from_millis(100);
 
-impl CoreLoop {
+impl Shared {
     /// Whether this instance should get new connections, and if not, why.
     pub(crate) fn readiness(&self) -> Result<(), NotReady> {
-        let shared = &self.shared;
-        if shared.draining.load(Ordering::SeqCst) || shared.shutdown.load(Ordering::SeqCst) {
+        if self.draining.load(Ordering::SeqCst) || self.shutdown.load(Ordering::SeqCst) {
             return Err(NotReady::Draining);
         }
-        if !shared.started.load(Ordering::SeqCst) {
+        if !self.started.load(Ordering::SeqCst) {
             return Err(NotReady::Starting);
         }
-        if let Some(bp) = &shared.backplane {
+        if let Some(bp) = &self.backplane {
             if !bp.publisher_connected() {
                 return Err(NotReady::BackplaneCannotPublish);
             }
@@ -96,6 +99,53 @@ impl CoreLoop {
         Ok(())
     }
 
+    /// The `/readyz` answer: 200, or 503 with the reason.
+    pub(crate) fn readyz_response(&self) -> Vec<u8> {
+        match self.readiness() {
+            Ok(()) => http::response(200, "application/json", "", "{\"ready\":true}\n"),
+            Err(why) => {
+                let body = format!("{{\"ready\":false,\"reason\":\"{}\"}}\n", why.text());
+                http::response(503, "application/json", "", &body)
+            }
+        }
+    }
+
+    /// The `/healthz` body: liveness (always 200) with the real state in `status` and `ready`.
+    pub(crate) fn render_health(&self) -> String {
+        let history = if self.config.history_active() {
+            "on"
+        } else {
+            "off"
+        };
+        let readiness = self.readiness();
+        let mut extra = format!(
+            r#","ready":{},"node":"{:016x}","history":"{history}""#,
+            readiness.is_ok(),
+            self.node_id
+        );
+        if let Err(why) = readiness {
+            let _ = write!(extra, r#","reason":"{}""#, why.text());
+        }
+        match &self.backplane {
+            Some(bp) => extra.push_str(&bp.render_health()),
+            None => extra.push_str(r#","backplane":{"kind":"none"}"#),
+        }
+        let status = readiness.map_or_else(|why| why.status(), |()| "ok");
+        crate::metrics::render_health(&self.metrics, status, &extra)
+    }
+
+    /// The `/metrics` answer.
+    pub(crate) fn metrics_response(&self) -> Vec<u8> {
+        let mut body = crate::metrics::render_prometheus(&self.metrics);
+        if let Some(bp) = &self.backplane {
+            bp.render_prometheus(&mut body);
+        }
+        let ct = "text/plain; version=0.0.4; charset=utf-8";
+        http::response(200, ct, "", &body)
+    }
+}
+
+impl CoreLoop {
     /// Whether a drain (or shutdown) began: new upgrades are refused.
     pub(super) fn is_draining(&self) -> bool {
         self.drain.is_some()

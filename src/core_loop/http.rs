@@ -62,7 +62,7 @@ impl CoreLoop {
             "/api/history" => self.api_history(key, req),
             "/api/publish" => self.api_publish_head(key, req, rest),
             "/healthz" => {
-                let body = self.render_health();
+                let body = self.shared.render_health();
                 self.reply(
                     key,
                     http::response(200, "application/json", "", &body),
@@ -70,55 +70,19 @@ impl CoreLoop {
                 );
             }
             "/readyz" => {
-                let response = match self.readiness() {
-                    Ok(()) => http::response(200, "application/json", "", "{\"ready\":true}\n"),
-                    Err(why) => {
-                        let body = format!("{{\"ready\":false,\"reason\":\"{}\"}}\n", why.text());
-                        http::response(503, "application/json", "", &body)
-                    }
-                };
+                let response = self.shared.readyz_response();
                 self.reply(key, response, &rest);
             }
             "/" | "/index.html" if page => {
                 self.reply(key, crate::web::index_response().to_vec(), &rest);
             }
-            "/metrics" => {
-                let mut body = crate::metrics::render_prometheus(&self.shared.metrics);
-                if let Some(bp) = &self.shared.backplane {
-                    bp.render_prometheus(&mut body);
-                }
-                let ct = "text/plain; version=0.0.4; charset=utf-8";
-                self.reply(key, http::response(200, ct, "", &body), &rest);
+            // With --metrics-listen, /metrics is served there only.
+            "/metrics" if self.shared.config.metrics_listen.is_none() => {
+                let response = self.shared.metrics_response();
+                self.reply(key, response, &rest);
             }
             _ => self.reply(key, http::error_response(404, "not found"), &rest),
         }
-    }
-
-    /// The `/healthz` body: liveness (always 200) with the real state in `status` and `ready`.
-    fn render_health(&self) -> String {
-        let history = if self.shared.config.history_active() {
-            "on"
-        } else {
-            "off"
-        };
-        let readiness = self.readiness();
-        let mut extra = format!(
-            r#","ready":{},"node":"{:016x}","history":"{history}""#,
-            readiness.is_ok(),
-            self.shared.node_id
-        );
-        if let Err(why) = readiness {
-            let _ = std::fmt::Write::write_fmt(
-                &mut extra,
-                format_args!(r#","reason":"{}""#, why.text()),
-            );
-        }
-        match &self.shared.backplane {
-            Some(bp) => extra.push_str(&bp.render_health()),
-            None => extra.push_str(r#","backplane":{"kind":"none"}"#),
-        }
-        let status = readiness.map_or_else(|why| why.status(), |()| "ok");
-        crate::metrics::render_health(&self.shared.metrics, status, &extra)
     }
 
     /// Checks and performs a WebSocket upgrade; `socketio` for `/socket.io/`, whose connections

@@ -113,6 +113,9 @@ pub struct CoreLoop {
     drain: Option<drain::Drain>,
     /// The rate limit of refusal lines in the log.
     refusals: refusals::RefusalLog,
+    /// When each client frame handled since the last flush was read (for the latency
+    /// histogram, observed when that flush ends).
+    handled_at: Vec<Instant>,
 }
 
 impl CoreLoop {
@@ -139,6 +142,7 @@ impl CoreLoop {
             link_stop: None,
             drain: None,
             refusals: refusals::RefusalLog::new(Instant::now()),
+            handled_at: Vec::new(),
             id,
             poll,
             listener: Some(listener),

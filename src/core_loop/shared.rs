@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
     /// Set once every core listens and the backplane threads run: readiness needs it.
     pub started: AtomicBool,
+    /// Tells the `--metrics-listen` thread to end.
+    pub metrics_stop: AtomicBool,
     /// Set when a core loop failed or panicked.
     pub failed: AtomicBool,
     /// Open WebSocket connections in the process, for `max_connections`.
