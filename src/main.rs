@@ -216,6 +216,11 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
 
+    /// PEM file of the CA that signed Redis's certificate, for a rediss:// --redis-url (every
+    /// connection to Redis then uses TLS with it); without it, the system's trusted roots.
+    #[arg(long, env = "SWITCHBOARD_REDIS_CA_CERT")]
+    redis_ca_cert: Option<PathBuf>,
+
     /// A TOML file of settings, one key per flag with the flag's name (`listen =
     /// "0.0.0.0:8080"`, `cores = 2`, `redis-url = "redis://..."`); flags and environment
     /// variables override it.
@@ -318,6 +323,7 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("redis_reconnect_max", redis, "--backplane redis"),
         ("redis_cluster", redis, "--backplane redis"),
         ("redis_prefix", redis, "--backplane redis"),
+        ("redis_ca_cert", redis, "--backplane redis"),
         ("jwt_audience", jwt, "--jwt-secret"),
         ("jwt_issuer", jwt, "--jwt-secret"),
         ("jwt_leeway", jwt, "--jwt-secret"),
@@ -468,6 +474,7 @@ impl Cli {
                 publish_batch_window: self.publish_batch_window,
                 channel_prefix: self.redis_prefix,
                 cluster: self.redis_cluster,
+                ca_cert: self.redis_ca_cert,
             }),
             history: history::HistoryConfig {
                 enabled: self.history == OnOff::On,

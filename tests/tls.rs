@@ -1,6 +1,9 @@
 //! TLS in the binary: `--tls-cert`/`--tls-key` serve `wss://` and `https://` on the listen
 //! port; the handshake runs in the core loop without holding it up; SIGHUP reloads the
-//! certificate for new connections. The certificates are self-signed ones the test makes.
+//! certificate for new connections. And to Redis: with a `rediss://` URL and `--redis-ca-cert`
+//! every connection the server opens (cores' links, subscriber, workers) uses TLS, against a
+//! `redis-server` the test starts with only a TLS port. The certificates are self-signed ones
+//! the test makes.
 
 mod common;
 
@@ -237,4 +240,109 @@ fn bad_certificate_files_stop_the_start_with_the_file_named() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--tls-cert needs --tls-key"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A `redis-server` listening only on a TLS port, stopped (by pid) on drop.
+struct TlsRedis {
+    port: u16,
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl TlsRedis {
+    fn start(name: &str) -> (Self, Cert) {
+        let dir = temp_dir(name);
+        let cert = self_signed(&dir, "redis");
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&cert.cert)
+            .arg("--tls-key-file")
+            .arg(&cert.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&cert.cert)
+            .args(["--tls-auth-clients", "no", "--save", ""])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH");
+        wait_for("redis-server's TLS port", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        (TlsRedis { port, child, dir }, cert)
+    }
+
+    fn url(&self) -> String {
+        format!("rediss://localhost:{}", self.port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn on_tls_redis(redis: &TlsRedis, ca: Option<&Path>) -> ChildServer {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--cores", "2"])
+        .args(["--backplane", "redis", "--redis-url", &redis.url()])
+        .args(["--redis-reconnect-max", "300ms"])
+        .env("RUST_LOG", "info");
+    if let Some(ca) = ca {
+        command.arg("--redis-ca-cert").arg(ca);
+    }
+    ChildServer::spawn_command(command)
+}
+
+#[test]
+fn every_redis_connection_uses_tls_with_the_given_ca() {
+    let (redis, cert) = TlsRedis::start("redis-ok");
+    let a = on_tls_redis(&redis, Some(&cert.cert));
+    let b = on_tls_redis(&redis, Some(&cert.cert));
+    for server in [&a, &b] {
+        wait_for("ready over TLS", || {
+            http_get(server.addr, "/readyz").0 == 200
+        });
+    }
+    let mut alice = Client::connect(a.addr, "alice");
+    let mut bob = Client::connect(b.addr, "bob");
+    wait_for("bob's channel", || {
+        let (_, body) = http_get(b.addr, "/healthz");
+        let h: Value = serde_json::from_str(&body).unwrap();
+        h["backplane"]["subscribed_channels"].as_u64() >= Some(1)
+    });
+    // Through a core's link (the held ack) and the subscriber.
+    alice.send_acked("bob", "across tls", 1);
+    assert_eq!(bob.recv_event("newMessage")["args"]["text"], "across tls");
+    // The rooms worker and the history worker (the redis crate's connections).
+    request_ok(&mut bob, "joinRoom", json!({"room": "r"}), 2);
+    let page = request_ok(&mut bob, "history", json!({"limit": 10}), 3);
+    assert_eq!(page["events"][0]["args"]["text"], "across tls", "{page}");
+}
+
+#[test]
+fn without_the_ca_redis_is_refused_in_plain_words_and_not_ready() {
+    let (redis, _cert) = TlsRedis::start("redis-no-ca");
+    let server = on_tls_redis(&redis, None);
+    wait_for("the TLS failure in the log", || {
+        server
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("the TLS handshake with Redis failed"))
+    });
+    let (status, body) = http_get(server.addr, "/readyz");
+    assert_eq!(status, 503, "{body}");
 }

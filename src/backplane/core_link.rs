@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+
+use crate::connection::Socket;
 use mio::{Interest, Registry, Token};
 
 use super::endpoint::Endpoint;
@@ -30,17 +32,9 @@ const GATE_POLL: Duration = Duration::from_millis(20);
 pub const STOP_FLUSH: Duration = Duration::from_secs(1);
 
 enum Conn {
-    Down {
-        retry_at: Instant,
-    },
-    Connecting {
-        stream: TcpStream,
-        deadline: Instant,
-    },
-    Up {
-        stream: TcpStream,
-        writable: bool,
-    },
+    Down { retry_at: Instant },
+    Connecting { stream: Socket, deadline: Instant },
+    Up { stream: Socket, writable: bool },
 }
 
 /// What holds publications back after a reconnect.
@@ -108,8 +102,8 @@ impl CoreLink {
 
     /// The socket is ready: complete the connect, read and settle replies, write what waits.
     pub fn on_event(&mut self, registry: &Registry, readable: bool, writable: bool) {
-        if let Conn::Connecting { stream, .. } = &self.conn {
-            match connect_result(stream) {
+        if let Conn::Connecting { stream, .. } = &mut self.conn {
+            match connect_result(stream.tcp()) {
                 Ok(true) => self.connected(),
                 Ok(false) => return,
                 Err(e) => return self.fail(registry, &format!("connect: {e}")),
@@ -201,9 +195,12 @@ impl CoreLink {
 
     fn connect(&mut self, registry: &Registry, now: Instant) {
         let attempt = Endpoint::resolve(&self.bp.config.url).and_then(|endpoint| {
-            let mut stream = TcpStream::connect(endpoint.addr)?;
+            let tcp = TcpStream::connect(endpoint.addr)?;
+            // rediss://: TLS over the connecting socket; its handshake runs in the link's
+            // non-blocking reads and writes, the AUTH and the rest waiting in rustls till then.
+            let mut stream = endpoint.wrap(tcp, self.bp.redis_tls.as_ref())?;
             registry.register(
-                &mut stream,
+                stream.tcp(),
                 self.token,
                 Interest::READABLE | Interest::WRITABLE,
             )?;
@@ -230,7 +227,7 @@ impl CoreLink {
     }
 
     fn connected(&mut self) {
-        let Conn::Connecting { stream, .. } = std::mem::replace(
+        let Conn::Connecting { mut stream, .. } = std::mem::replace(
             &mut self.conn,
             Conn::Down {
                 retry_at: Instant::now(),
@@ -238,7 +235,7 @@ impl CoreLink {
         ) else {
             return;
         };
-        let _ = stream.set_nodelay(true);
+        let _ = stream.tcp().set_nodelay(true);
         self.parser = redis::Parser::new();
         self.conn = Conn::Up {
             stream,
@@ -308,6 +305,14 @@ impl CoreLink {
             }
         }
         out.drain(..written);
+        if error.is_none() && *writable && out.is_empty() {
+            // TLS: records rustls still holds (the handshake, a tail the socket refused).
+            match stream.flush() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => *writable = false,
+                Err(e) => error = Some(e),
+            }
+        }
         if let Some(e) = error {
             self.fail(registry, &format!("write: {e}"));
         }
@@ -344,12 +349,12 @@ impl CoreLink {
         );
         match old {
             Conn::Up { mut stream, .. } => {
-                let _ = registry.deregister(&mut stream);
+                let _ = registry.deregister(stream.tcp());
                 self.bp.links_up.fetch_sub(1, SeqCst);
                 true
             }
             Conn::Connecting { mut stream, .. } => {
-                let _ = registry.deregister(&mut stream);
+                let _ = registry.deregister(stream.tcp());
                 false
             }
             Conn::Down { .. } => false,

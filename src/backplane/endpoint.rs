@@ -1,29 +1,68 @@
-//! Where a Redis URL points and what a fresh connection sends first: the address, then `AUTH`
-//! and `SELECT` as the URL asks. Shared by the subscriber's links and the cores' publishing links.
+//! Where a Redis URL points and what a fresh connection sends first: the address (and TLS for
+//! `rediss://`), then `AUTH` and `SELECT` as the URL asks. Shared by the subscriber's links and the cores' publishing links.
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 
 use redis::{ConnectionInfo, IntoConnectionInfo};
+use rustls::pki_types::ServerName;
 
-/// A parsed `redis://` URL and its first resolved address.
+use crate::connection::Socket;
+
+/// A parsed `redis://` or `rediss://` URL and its first resolved address.
 pub(crate) struct Endpoint {
     pub addr: SocketAddr,
     pub info: ConnectionInfo,
+    /// For `rediss://`: the name the certificate must carry (the URL's host).
+    tls_name: Option<ServerName<'static>>,
 }
 
 impl Endpoint {
     /// Parses `url` and resolves its host (an IP literal resolves without a lookup).
     pub fn resolve(url: &str) -> io::Result<Self> {
         let info = url.into_connection_info().map_err(io::Error::other)?;
-        let redis::ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
-            return Err(io::Error::other("only redis:// URLs are supported"));
+        let (host, port, tls) = match info.addr().clone() {
+            redis::ConnectionAddr::Tcp(host, port) => (host, port, false),
+            redis::ConnectionAddr::TcpTls { host, port, .. } => (host, port, true),
+            _ => {
+                return Err(io::Error::other(
+                    "only redis:// and rediss:// URLs are supported",
+                ))
+            }
+        };
+        let tls_name = if tls {
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| io::Error::other(format!("rediss:// host {host:?}: {e}")))?;
+            Some(name)
+        } else {
+            None
         };
         let addr = (host.as_str(), port)
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| io::Error::other("redis host did not resolve"))?;
-        Ok(Endpoint { addr, info })
+        Ok(Endpoint {
+            addr,
+            info,
+            tls_name,
+        })
+    }
+
+    /// The socket to talk to Redis over: `tcp` itself, or TLS over it for `rediss://` (the
+    /// handshake then runs in the link's non-blocking reads and writes).
+    pub fn wrap(
+        &self,
+        tcp: mio::net::TcpStream,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> io::Result<Socket> {
+        match (&self.tls_name, tls) {
+            (None, _) => Ok(Socket::Plain(tcp)),
+            (Some(name), Some(config)) => Socket::tls_client(tcp, Arc::clone(config), name.clone()),
+            (Some(_), None) => Err(io::Error::other(
+                "rediss:// but no TLS settings (see the --redis-ca-cert error at start)",
+            )),
+        }
     }
 
     /// Appends the `AUTH` the URL asks for to `out`; returns how many commands (0 or 1).

@@ -68,10 +68,67 @@ impl RedisConfig {
             .into_connection_info()
             .map_err(std::io::Error::other)?;
         match info.addr() {
-            redis::ConnectionAddr::Tcp(host, port) => {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => {
                 Ok(cluster::SlotMap::single(format!("{host}:{port}")))
             }
-            _ => Err(std::io::Error::other("only redis:// URLs are supported")),
+            _ => Err(std::io::Error::other(
+                "only redis:// and rediss:// URLs are supported",
+            )),
+        }
+    }
+
+    /// A client of the `redis` crate for `url` (the publisher's, the workers'), trusting
+    /// `--redis-ca-cert` for a `rediss://` URL when given.
+    pub(crate) fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        match self.ca_pem() {
+            Ok(Some(root_cert)) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            Ok(None) => redis::Client::open(url),
+            Err(e) => Err(redis::RedisError::from(std::io::Error::other(e))),
+        }
+    }
+
+    /// The TLS client settings for the backplane's own non-blocking links (`rediss://`).
+    pub(crate) fn tls_client_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+        if !self.tls() {
+            return Ok(None);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        match self.ca_pem()? {
+            Some(pem) => {
+                use rustls::pki_types::pem::PemObject;
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| e.to_string())?;
+                    roots.add(cert).map_err(|e| e.to_string())?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let provider = Arc::new(crate::connection::crypto_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Some(Arc::new(config)))
+    }
+
+    /// `rediss://` or `redis://`, as `url` says.
+    pub(crate) fn scheme(&self) -> &'static str {
+        if self.tls() {
+            "rediss://"
+        } else {
+            "redis://"
         }
     }
 
@@ -82,9 +139,11 @@ impl RedisConfig {
             .split_once("://")
             .and_then(|(_, rest)| rest.split_once('@'))
         {
-            Some((creds, _)) if !self.cluster.is_empty() => format!("redis://{creds}@{addr}"),
+            Some((creds, _)) if !self.cluster.is_empty() => {
+                format!("{}{creds}@{addr}", self.scheme())
+            }
             _ if self.cluster.is_empty() => self.url.clone(),
-            _ => format!("redis://{addr}"),
+            _ => format!("{}{addr}", self.scheme()),
         }
     }
 }
@@ -312,6 +371,8 @@ pub struct Backplane {
     links_up: AtomicUsize,
     link_depth: AtomicUsize,
     link_outage: AtomicBool,
+    /// TLS settings for the non-blocking links when the URL is `rediss://`.
+    pub(crate) redis_tls: Option<Arc<rustls::ClientConfig>>,
     /// Counters.
     pub stats: BackplaneStats,
 }
@@ -319,7 +380,16 @@ pub struct Backplane {
 impl Backplane {
     /// Creates the shared state; [`Backplane::start`] launches the threads.
     pub fn new(config: RedisConfig, node_id: u64) -> Arc<Self> {
+        // The `redis` crate's own TLS connections use the process's default provider.
+        let _ = crate::connection::crypto_provider().install_default();
+        // `Config::validate` read the CA file already; a failure now leaves the links without
+        // TLS settings, and each connection attempt says why.
+        let redis_tls = config.tls_client_config().unwrap_or_else(|e| {
+            log::error!("--redis-ca-cert: {e}");
+            None
+        });
         Arc::new(Backplane {
+            redis_tls,
             publications: ArrayQueue::new(config.publish_queue),
             config,
             node_id,

@@ -299,7 +299,9 @@ impl Publisher {
 
     fn connect(&mut self, shard: usize, addr: &str) -> bool {
         let bp = Arc::clone(&self.bp);
-        let result = redis::Client::open(bp.config.node_url(addr))
+        let result = bp
+            .config
+            .client(&bp.config.node_url(addr))
             .and_then(|client| client.get_connection_with_timeout(IO_TIMEOUT));
         let result = result.and_then(|mut c| {
             if bp.history().is_some() {

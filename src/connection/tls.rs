@@ -1,7 +1,9 @@
-//! TLS on the listen port: the server's certificate (reloadable), and [`Socket`], a client
-//! socket that is plain TCP or TLS. The handshake runs inside the core loop like any other
-//! read: a TLS socket's `read` feeds rustls what the TCP socket holds and writes what rustls
-//! answers, returning WouldBlock when the TCP socket is empty, so no call ever blocks.
+//! TLS on the listen port: the server's certificate (reloadable), and [`Socket`], a
+//! non-blocking socket that is plain TCP or TLS — a client's connection to the server, or the
+//! server's own connection to Redis (`rediss://`). The handshake runs inside the owner's loop
+//! like any other read: a TLS socket's `read` feeds rustls what the TCP socket holds and writes
+//! what rustls answers, returning WouldBlock when the TCP socket is empty, so no call ever
+//! blocks. Bytes written before the handshake ends wait in rustls until it does.
 
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -9,33 +11,47 @@ use std::sync::{Arc, RwLock};
 
 use mio::net::TcpStream;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ServerConfig, ServerConnection};
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 use super::reply::ShutWrite;
 
-/// A client socket: plain TCP, or TLS over it.
+/// A non-blocking socket: plain TCP, or TLS over it.
 #[derive(Debug)]
 pub enum Socket {
-    /// `ws://` and `http://`.
+    /// `ws://`, `http://`, `redis://`.
     Plain(TcpStream),
-    /// `wss://` and `https://`. Boxed: the rustls state is a few hundred bytes, and plain
-    /// sockets should not pay for it.
+    /// `wss://`, `https://`, `rediss://`. Boxed: the rustls state is a few hundred bytes, and
+    /// plain sockets should not pay for it.
     Tls(Box<TlsSocket>),
 }
 
-/// TLS over a non-blocking TCP socket.
+/// TLS over a non-blocking TCP socket, either side.
 #[derive(Debug)]
 pub struct TlsSocket {
     tcp: TcpStream,
-    tls: ServerConnection,
+    tls: rustls::Connection,
     /// The write side is to be shut once rustls has written everything (close_notify last).
     shut: bool,
 }
 
 impl Socket {
+    /// The client side of TLS to `name` over a connected (or connecting) socket.
+    pub fn tls_client(
+        tcp: TcpStream,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<Socket> {
+        let tls = ClientConnection::new(config, name).map_err(io::Error::other)?;
+        Ok(Socket::Tls(Box::new(TlsSocket {
+            tcp,
+            tls: tls.into(),
+            shut: false,
+        })))
+    }
+
     /// The TCP socket, for (de)registration and its addresses.
     pub fn tcp(&mut self) -> &mut TcpStream {
         match self {
@@ -203,7 +219,7 @@ impl ServerTls {
         let tls = ServerConnection::new(Arc::clone(&self.config)).map_err(io::Error::other)?;
         Ok(Socket::Tls(Box::new(TlsSocket {
             tcp,
-            tls,
+            tls: tls.into(),
             shut: false,
         })))
     }

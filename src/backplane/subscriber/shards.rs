@@ -121,7 +121,7 @@ impl Links {
     /// Connects shard `i`. Returns `false` (and schedules a retry) when that failed.
     pub fn connect(&mut self, i: usize, bp: &Backplane, registry: &Registry) -> bool {
         let url = bp.config.node_url(&self.shards[i].addr);
-        match RedisLink::open(&url, registry, Token(i)) {
+        match RedisLink::open(&url, bp.redis_tls.as_ref(), registry, Token(i)) {
             Ok(link) => {
                 if self.ever_connected {
                     bp.stats.reconnects.fetch_add(1, Relaxed);
