@@ -221,6 +221,16 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_REDIS_CA_CERT")]
     redis_ca_cert: Option<PathBuf>,
 
+    /// Redis Sentinel addresses, host:port,host:port,...: connections go to the master they
+    /// name (asked at start and every 500ms), so a failover moves them; --redis-url then gives
+    /// only the credentials and database.
+    #[arg(long, env = "SWITCHBOARD_REDIS_SENTINEL", value_delimiter = ',')]
+    redis_sentinel: Vec<String>,
+
+    /// The master's name in Sentinel (`sentinel monitor NAME ...`).
+    #[arg(long, env = "SWITCHBOARD_REDIS_SENTINEL_MASTER")]
+    redis_sentinel_master: Option<String>,
+
     /// A TOML file of settings, one key per flag with the flag's name (`listen =
     /// "0.0.0.0:8080"`, `cores = 2`, `redis-url = "redis://..."`); flags and environment
     /// variables override it.
@@ -324,6 +334,8 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("redis_cluster", redis, "--backplane redis"),
         ("redis_prefix", redis, "--backplane redis"),
         ("redis_ca_cert", redis, "--backplane redis"),
+        ("redis_sentinel", redis, "--backplane redis"),
+        ("redis_sentinel_master", redis, "--backplane redis"),
         ("jwt_audience", jwt, "--jwt-secret"),
         ("jwt_issuer", jwt, "--jwt-secret"),
         ("jwt_leeway", jwt, "--jwt-secret"),
@@ -475,6 +487,8 @@ impl Cli {
                 channel_prefix: self.redis_prefix,
                 cluster: self.redis_cluster,
                 ca_cert: self.redis_ca_cert,
+                sentinels: self.redis_sentinel,
+                sentinel_master: self.redis_sentinel_master,
             }),
             history: history::HistoryConfig {
                 enabled: self.history == OnOff::On,

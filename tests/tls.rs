@@ -312,18 +312,7 @@ fn every_redis_connection_uses_tls_with_the_given_ca() {
     let (redis, cert) = TlsRedis::start("redis-ok");
     let a = on_tls_redis(&redis, Some(&cert.cert));
     let b = on_tls_redis(&redis, Some(&cert.cert));
-    for server in [&a, &b] {
-        wait_for("ready over TLS", || {
-            http_get(server.addr, "/readyz").0 == 200
-        });
-    }
-    let mut alice = Client::connect(a.addr, "alice");
-    let mut bob = Client::connect(b.addr, "bob");
-    wait_for("bob's channel", || {
-        let (_, body) = http_get(b.addr, "/healthz");
-        let h: Value = serde_json::from_str(&body).unwrap();
-        h["backplane"]["subscribed_channels"].as_u64() >= Some(1)
-    });
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
     // Through a core's link (the held ack) and the subscriber.
     alice.send_acked("bob", "across tls", 1);
     assert_eq!(bob.recv_event("newMessage")["args"]["text"], "across tls");

@@ -124,6 +124,9 @@ impl CoreLink {
     /// everything queued this turn is encoded and written as one burst. Acks now due are
     /// appended to `ready`.
     pub fn turn(&mut self, registry: &Registry, now: Instant, ready: &mut Vec<Arc<AckWaiter>>) {
+        if self.bp.master_moved() && !matches!(self.conn, Conn::Down { .. }) {
+            self.fail(registry, "the Redis master moved (Sentinel)");
+        }
         match &self.conn {
             Conn::Down { retry_at } if now >= *retry_at => self.connect(registry, now),
             Conn::Connecting { deadline, .. } if now >= *deadline => {
@@ -194,7 +197,7 @@ impl CoreLink {
     }
 
     fn connect(&mut self, registry: &Registry, now: Instant) {
-        let attempt = Endpoint::resolve(&self.bp.config.url).and_then(|endpoint| {
+        let attempt = Endpoint::resolve(&self.bp.redis_url()).and_then(|endpoint| {
             let tcp = TcpStream::connect(endpoint.addr)?;
             // rediss://: TLS over the connecting socket; its handshake runs in the link's
             // non-blocking reads and writes, the AUTH and the rest waiting in rustls till then.
@@ -215,6 +218,10 @@ impl CoreLink {
                 }
                 if endpoint.write_select(&mut handshake) == 1 {
                     names.push("SELECT");
+                }
+                if !self.bp.config.sentinels.is_empty() {
+                    redis::cmd("ROLE").write_packed_command(&mut handshake);
+                    names.push("ROLE");
                 }
                 self.pipe.connected(&self.enc, &handshake, &names);
                 self.conn = Conn::Connecting {

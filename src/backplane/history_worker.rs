@@ -117,10 +117,13 @@ fn connected<'a>(
     conn: &'a mut Option<redis::Connection>,
     bp: &Backplane,
 ) -> redis::RedisResult<&'a mut redis::Connection> {
+    if bp.master_moved() {
+        *conn = None;
+    }
     if conn.is_none() {
         let c = bp
             .config
-            .client(&bp.config.url)?
+            .client(&bp.redis_url())?
             .get_connection_with_timeout(IO_TIMEOUT)?;
         c.set_read_timeout(Some(IO_TIMEOUT))?;
         c.set_write_timeout(Some(IO_TIMEOUT))?;

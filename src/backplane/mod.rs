@@ -27,6 +27,7 @@ pub(crate) mod pipeline;
 pub mod publisher;
 mod room_routes;
 mod rooms_worker;
+mod sentinel;
 pub mod subscriber;
 pub mod wire;
 
@@ -373,6 +374,12 @@ pub struct Backplane {
     link_outage: AtomicBool,
     /// TLS settings for the non-blocking links when the URL is `rediss://`.
     pub(crate) redis_tls: Option<Arc<rustls::ClientConfig>>,
+    /// With Sentinel: the master's `host:port` as the sentinels last named it.
+    master: std::sync::Mutex<Option<String>>,
+    /// The sentinel thread, unparked at stop.
+    sentinel_thread: OnceLock<std::thread::Thread>,
+    /// Counts the master's moves (Sentinel): each thread's connection compares it.
+    master_epoch: AtomicU64,
     /// Counters.
     pub stats: BackplaneStats,
 }
@@ -390,6 +397,9 @@ impl Backplane {
         });
         Arc::new(Backplane {
             redis_tls,
+            master: std::sync::Mutex::new(None),
+            sentinel_thread: OnceLock::new(),
+            master_epoch: AtomicU64::new(0),
             publications: ArrayQueue::new(config.publish_queue),
             config,
             node_id,
@@ -468,9 +478,65 @@ impl Backplane {
             .is_some_and(|jobs| jobs.send(Job::Publish(request)).is_ok())
     }
 
+    /// The URL every connection to the (single) Redis uses: `url`, or with Sentinel, `url`
+    /// pointed at the master the sentinels named last.
+    pub(crate) fn redis_url(&self) -> String {
+        if self.config.sentinels.is_empty() {
+            return self.config.url.clone();
+        }
+        let master = self.master.lock().unwrap_or_else(|e| e.into_inner());
+        match master.as_deref() {
+            Some(addr) => sentinel::with_addr(&self.config.url, addr),
+            // Unknown yet: a port nothing listens on fails fast and is retried.
+            None => sentinel::with_addr(&self.config.url, "127.0.0.1:0"),
+        }
+    }
+
+    /// With Sentinel: whether the master moved since the calling thread last asked. Each
+    /// thread owns one connection to Redis (a core's link, the subscriber's, a worker's), and
+    /// drops it when this says so: after a failover the old master may stay up, writable,
+    /// until Sentinel turns it into a replica, and nothing written there survives.
+    pub(crate) fn master_moved(&self) -> bool {
+        thread_local! {
+            static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        }
+        if self.config.sentinels.is_empty() {
+            return false;
+        }
+        let now = self.master_epoch.load(SeqCst);
+        SEEN.with(|seen| seen.replace(now) != now)
+    }
+
+    /// The URL for the node at `addr` (a cluster's shard), or [`Backplane::redis_url`].
+    pub(crate) fn node_url(&self, addr: &str) -> String {
+        if self.config.cluster.is_empty() {
+            self.redis_url()
+        } else {
+            self.config.node_url(addr)
+        }
+    }
+
+    /// The initial topology: the cluster's slot map, or the one server (with Sentinel, the
+    /// master as known now).
+    pub(crate) fn topology(&self) -> std::io::Result<cluster::SlotMap> {
+        if self.config.sentinels.is_empty() {
+            return self.config.topology();
+        }
+        let master = self.master.lock().unwrap_or_else(|e| e.into_inner());
+        match master.as_deref() {
+            Some(addr) => Ok(cluster::SlotMap::single(addr.to_string())),
+            None => Err(std::io::Error::other("redis sentinel named no master yet")),
+        }
+    }
+
     /// Starts the publisher and subscriber threads (and the history worker with history on).
     pub fn start(self: &Arc<Self>, bus: Arc<Bus>) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut threads = Vec::new();
+        if !self.config.sentinels.is_empty() {
+            let thread = sentinel::start(self)?;
+            let _ = self.sentinel_thread.set(thread.thread().clone());
+            threads.push(thread);
+        }
         let _ = self.bus.set(Arc::clone(&bus));
         let worker = if self.history.get().is_some() {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -533,7 +599,10 @@ impl Backplane {
     /// Asks both threads to finish (the publisher flushes what it can first).
     pub fn stop(&self) {
         self.stop.store(true, Relaxed);
-        if let Some(t) = self.publisher_thread.get() {
+        for t in [self.publisher_thread.get(), self.sentinel_thread.get()]
+            .into_iter()
+            .flatten()
+        {
             t.unpark();
         }
         if let Some(w) = self.subscriber_waker.get() {

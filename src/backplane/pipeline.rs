@@ -72,6 +72,18 @@ pub(crate) enum ReplyError {
     Unexpected,
 }
 
+/// Whether a `ROLE` reply says "master".
+fn is_master(reply: &Value) -> bool {
+    let Value::Array(items) = reply else {
+        return false;
+    };
+    match items.first() {
+        Some(Value::BulkString(role)) => role.as_slice() == b"master",
+        Some(Value::SimpleString(role)) => role == "master",
+        _ => false,
+    }
+}
+
 impl std::fmt::Display for ReplyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -262,6 +274,12 @@ impl Pipeline {
             Sent::Setup(name) => {
                 return match value {
                     Value::ServerError(e) => Err(ReplyError::Setup(name, e.to_string())),
+                    // With Sentinel the link asks first: a demoted master would take PUBLISH
+                    // (it is not a write) and its subscribers would never see it.
+                    ref v if name == "ROLE" && !is_master(v) => Err(ReplyError::Setup(
+                        name,
+                        "READONLY: this Redis is a replica, not the master".into(),
+                    )),
                     _ => Ok(()),
                 };
             }
@@ -473,6 +491,17 @@ pub(super) mod tests {
             p.on_reply(error("WRONGPASS invalid")),
             Err(ReplyError::Setup("AUTH", _))
         ));
+        // With Sentinel, a link that reached a replica drops it.
+        let role = |r: &str| Value::Array(vec![Value::BulkString(r.as_bytes().to_vec())]);
+        p.reset();
+        p.connected(&e, b"", &["ROLE"]);
+        assert!(matches!(
+            p.on_reply(role("slave")),
+            Err(ReplyError::Setup("ROLE", _))
+        ));
+        p.reset();
+        p.connected(&e, b"", &["ROLE"]);
+        assert_eq!(p.on_reply(role("master")), Ok(()));
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl Publisher {
     fn send(&mut self, batch: &mut Vec<Publication>) -> bool {
         let bp = Arc::clone(&self.bp);
         if self.topology.is_none() {
-            match bp.config.topology() {
+            match bp.topology() {
                 Ok(map) => {
                     self.conns = (0..map.shards.len()).map(|_| None).collect();
                     self.topology = Some(map);
@@ -271,7 +271,7 @@ impl Publisher {
     /// Makes sure the topology is known and every shard connected.
     fn connect_all(&mut self) -> bool {
         if self.topology.is_none() {
-            match self.bp.config.topology() {
+            match self.bp.topology() {
                 Ok(map) => {
                     self.conns = (0..map.shards.len()).map(|_| None).collect();
                     self.topology = Some(map);
@@ -301,7 +301,7 @@ impl Publisher {
         let bp = Arc::clone(&self.bp);
         let result = bp
             .config
-            .client(&bp.config.node_url(addr))
+            .client(&bp.node_url(addr))
             .and_then(|client| client.get_connection_with_timeout(IO_TIMEOUT));
         let result = result.and_then(|mut c| {
             if bp.history().is_some() {

@@ -318,11 +318,14 @@ impl Worker {
         &mut self,
         f: impl FnOnce(&mut redis::Connection, &Scripts, &str, &str) -> redis::RedisResult<T>,
     ) -> redis::RedisResult<T> {
+        if self.bp.master_moved() {
+            self.conn = None;
+        }
         if self.conn.is_none() {
             let c = self
                 .bp
                 .config
-                .client(&self.bp.config.url)?
+                .client(&self.bp.redis_url())?
                 .get_connection_with_timeout(IO_TIMEOUT)?;
             c.set_read_timeout(Some(IO_TIMEOUT))?;
             c.set_write_timeout(Some(IO_TIMEOUT))?;

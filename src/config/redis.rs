@@ -51,6 +51,12 @@ pub struct RedisConfig {
     /// PEM file of the CA(s) that signed Redis's certificate, for a `rediss://` URL; without
     /// it the system's trusted roots are used (`--redis-ca-cert`).
     pub ca_cert: Option<std::path::PathBuf>,
+    /// Redis Sentinel addresses (`host:port`, `--redis-sentinel`): when set, the master is
+    /// the one they name [`RedisConfig::sentinel_master`], asked at start and after every
+    /// failure, and only the credentials and database of `url` are used.
+    pub sentinels: Vec<String>,
+    /// The master's name in Sentinel (`--redis-sentinel-master`).
+    pub sentinel_master: Option<String>,
 }
 
 impl RedisConfig {
@@ -66,6 +72,8 @@ impl RedisConfig {
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_string(),
             cluster: Vec::new(),
             ca_cert: None,
+            sentinels: Vec::new(),
+            sentinel_master: None,
         }
     }
 
@@ -119,6 +127,19 @@ impl RedisConfig {
             redis::ConnectionAddr::TcpTls { .. } => {}
             _ => return Err("--redis-url: only redis:// and rediss:// URLs are supported".into()),
         }
+        match (self.sentinels.is_empty(), &self.sentinel_master) {
+            (true, Some(_)) => return Err("--redis-sentinel-master needs --redis-sentinel".into()),
+            (false, None) => return Err("--redis-sentinel needs --redis-sentinel-master".into()),
+            (false, Some(_)) if !self.cluster.is_empty() => {
+                return Err("--redis-sentinel and --redis-cluster exclude each other".into())
+            }
+            _ => {}
+        }
+        for node in &self.sentinels {
+            if !is_host_port(node) {
+                return Err(format!("--redis-sentinel: {node:?} is not host:port"));
+            }
+        }
         if self.tls() && !self.cluster.is_empty() {
             return Err("--redis-cluster over TLS (rediss://) is not supported yet".into());
         }
@@ -136,10 +157,7 @@ impl RedisConfig {
             return Err("reconnect backoff: min must be above zero and at most max".into());
         }
         for node in &self.cluster {
-            let ok = node
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-            if !ok {
+            if !is_host_port(node) {
                 return Err(format!("--redis-cluster: {node:?} is not host:port"));
             }
         }
@@ -148,4 +166,9 @@ impl RedisConfig {
         }
         Ok(())
     }
+}
+
+fn is_host_port(node: &str) -> bool {
+    node.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
 }

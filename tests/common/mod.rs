@@ -1015,3 +1015,19 @@ pub fn wait_live(c: &mut Client, user: &str) {
         }
     }
 }
+
+/// Two instances on one Redis, once both are ready: alice on `a`, bob on `b`, bob's channel
+/// subscribed (so a message for him from `a` reaches him).
+pub fn alice_and_bob(a: &ChildServer, b: &ChildServer) -> (Client, Client) {
+    for server in [a, b] {
+        wait_for("ready", || http_get(server.addr, "/readyz").0 == 200);
+    }
+    let alice = Client::connect(a.addr, "alice");
+    let bob = Client::connect(b.addr, "bob");
+    wait_for("bob's channel", || {
+        let (_, body) = http_get(b.addr, "/healthz");
+        let h: Value = serde_json::from_str(&body).unwrap();
+        h["backplane"]["subscribed_channels"].as_u64() >= Some(1)
+    });
+    (alice, bob)
+}

@@ -77,7 +77,7 @@ impl Links {
         if now < self.topology_retry_at {
             return false;
         }
-        match bp.config.topology() {
+        match bp.topology() {
             Ok(map) => {
                 self.topology_backoff.reset();
                 self.shards = map
@@ -120,7 +120,7 @@ impl Links {
 
     /// Connects shard `i`. Returns `false` (and schedules a retry) when that failed.
     pub fn connect(&mut self, i: usize, bp: &Backplane, registry: &Registry) -> bool {
-        let url = bp.config.node_url(&self.shards[i].addr);
+        let url = bp.node_url(&self.shards[i].addr);
         match RedisLink::open(&url, bp.redis_tls.as_ref(), registry, Token(i)) {
             Ok(link) => {
                 if self.ever_connected {
