@@ -363,6 +363,8 @@ impl ChildServer {
                 .lines()
                 .map_while(Result::ok)
             {
+                // Kept first, so a test that got the address sees the line that gave it.
+                kept.lock().unwrap().push(line.clone());
                 if !sent {
                     let rest = line.split("listening on ws://").nth(1);
                     if let Some(rest) = rest.or_else(|| line.split("listening on wss://").nth(1)) {
@@ -371,7 +373,6 @@ impl ChildServer {
                         sent = true;
                     }
                 }
-                kept.lock().unwrap().push(line);
             }
         });
         let addr = rx
