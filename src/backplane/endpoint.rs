@@ -1,4 +1,5 @@
-//! Where a Redis URL points and what a fresh connection sends first: the address (and TLS for
+//! Where a Redis URL points (the topology, each node's URL, the clients and TLS settings a
+//! [`RedisConfig`] gives) and what a fresh connection sends first: the address (and TLS for
 //! `rediss://`), then `AUTH` and `SELECT` as the URL asks. Shared by the subscriber's links and the cores' publishing links.
 
 use std::io;
@@ -8,7 +9,107 @@ use std::sync::Arc;
 use redis::{ConnectionInfo, IntoConnectionInfo};
 use rustls::pki_types::ServerName;
 
+use super::RedisConfig;
 use crate::connection::Socket;
+
+/// How the backplane reaches the servers a [`RedisConfig`] names.
+impl RedisConfig {
+    /// The initial topology: the cluster's slot map, or the one server of `url`.
+    pub(crate) fn topology(&self) -> std::io::Result<super::cluster::SlotMap> {
+        use redis::IntoConnectionInfo;
+        if !self.cluster.is_empty() {
+            let map = super::cluster::SlotMap::fetch(&self.cluster)?;
+            return Ok(if self.sharded() {
+                map
+            } else {
+                super::cluster::SlotMap::single(map.shards[0].clone())
+            });
+        }
+        let info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(std::io::Error::other)?;
+        match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port)
+            | redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                Ok(super::cluster::SlotMap::single(format!("{host}:{port}")))
+            }
+            _ => Err(std::io::Error::other(
+                "only redis:// and rediss:// URLs are supported",
+            )),
+        }
+    }
+
+    /// A client of the `redis` crate for `url` (the publisher's, the workers'), trusting
+    /// `--redis-ca-cert` for a `rediss://` URL when given.
+    pub(crate) fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        match self.ca_pem() {
+            Ok(Some(root_cert)) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            Ok(None) => redis::Client::open(url),
+            Err(e) => Err(redis::RedisError::from(std::io::Error::other(e))),
+        }
+    }
+
+    /// The TLS client settings for the backplane's own non-blocking links (`rediss://`).
+    pub(crate) fn tls_client_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+        if !self.tls() {
+            return Ok(None);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        match self.ca_pem()? {
+            Some(pem) => {
+                use rustls::pki_types::pem::PemObject;
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| e.to_string())?;
+                    roots.add(cert).map_err(|e| e.to_string())?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let provider = Arc::new(crate::connection::crypto_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Some(Arc::new(config)))
+    }
+
+    /// `rediss://` or `redis://`, as `url` says.
+    pub(crate) fn scheme(&self) -> &'static str {
+        if self.tls() {
+            "rediss://"
+        } else {
+            "redis://"
+        }
+    }
+
+    /// A client for one node, with the credentials of `url`.
+    pub(crate) fn node_url(&self, addr: &str) -> String {
+        match self
+            .url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+        {
+            Some((creds, _)) if !self.cluster.is_empty() => {
+                format!("{}{creds}@{addr}", self.scheme())
+            }
+            _ if self.cluster.is_empty() => self.url.clone(),
+            _ => format!("{}{addr}", self.scheme()),
+        }
+    }
+}
 
 /// A parsed `redis://` or `rediss://` URL and its first resolved address.
 pub(crate) struct Endpoint {

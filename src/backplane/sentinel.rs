@@ -7,7 +7,7 @@
 //! rest.
 
 use std::io;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,6 +18,60 @@ use super::Backplane;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// How long one sentinel may take to answer.
 const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where the backplane's connections go, with or without Sentinel.
+impl Backplane {
+    /// The URL every connection to the (single) Redis uses: `url`, or with Sentinel, `url`
+    /// pointed at the master the sentinels named last.
+    pub(crate) fn redis_url(&self) -> String {
+        if self.config.sentinels.is_empty() {
+            return self.config.url.clone();
+        }
+        let master = self.master.lock().unwrap_or_else(|e| e.into_inner());
+        match master.as_deref() {
+            Some(addr) => with_addr(&self.config.url, addr),
+            // Unknown yet: a port nothing listens on fails fast and is retried.
+            None => with_addr(&self.config.url, "127.0.0.1:0"),
+        }
+    }
+
+    /// With Sentinel: whether the master moved since the calling thread last asked. Each
+    /// thread owns one connection to Redis (a core's link, the subscriber's, a worker's), and
+    /// drops it when this says so: after a failover the old master may stay up, writable,
+    /// until Sentinel turns it into a replica, and nothing written there survives.
+    pub(crate) fn master_moved(&self) -> bool {
+        thread_local! {
+            static SEEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        }
+        if self.config.sentinels.is_empty() {
+            return false;
+        }
+        let now = self.master_epoch.load(SeqCst);
+        SEEN.with(|seen| seen.replace(now) != now)
+    }
+
+    /// The URL for the node at `addr` (a cluster's shard), or [`Backplane::redis_url`].
+    pub(crate) fn node_url(&self, addr: &str) -> String {
+        if self.config.cluster.is_empty() {
+            self.redis_url()
+        } else {
+            self.config.node_url(addr)
+        }
+    }
+
+    /// The initial topology: the cluster's slot map, or the one server (with Sentinel, the
+    /// master as known now).
+    pub(crate) fn topology(&self) -> std::io::Result<super::cluster::SlotMap> {
+        if self.config.sentinels.is_empty() {
+            return self.config.topology();
+        }
+        let master = self.master.lock().unwrap_or_else(|e| e.into_inner());
+        match master.as_deref() {
+            Some(addr) => Ok(super::cluster::SlotMap::single(addr.to_string())),
+            None => Err(std::io::Error::other("redis sentinel named no master yet")),
+        }
+    }
+}
 
 /// Asks each sentinel in turn for the master's `host:port`; the first answer wins.
 pub(crate) fn ask(bp: &Backplane) -> io::Result<String> {
