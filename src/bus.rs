@@ -285,6 +285,8 @@ pub struct AckWaiter {
     remaining: AtomicUsize,
     /// Set when a publication was dropped (queue overflow): the client gets an error instead.
     dropped: AtomicBool,
+    /// When the request came in (for `switchboard_ack_wait_seconds`).
+    pub created: std::time::Instant,
 }
 
 impl AckWaiter {
@@ -305,6 +307,7 @@ impl AckWaiter {
             result,
             remaining: AtomicUsize::new(publications),
             dropped: AtomicBool::new(false),
+            created: std::time::Instant::now(),
         }
     }
 

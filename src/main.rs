@@ -1,10 +1,13 @@
 //! The `switchboard` binary: CLI flags and environment → validated `Config` → run until SIGTERM.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use switchboard::backplane::{self, RedisConfig, Routing};
 use switchboard::config::{self, hooks, AuthMode, Config};
 use switchboard::history;
@@ -14,7 +17,9 @@ use switchboard::Server;
 /// Real-time WebSocket messaging server: one event loop per CPU core.
 ///
 /// Clients connect to ws://ADDR/ws?token=TOKEN. Plain HTTP on the same port: a chat page at
-/// GET /, GET /healthz and GET /metrics. Durations take a unit: 500ms, 10s, 2m (a bare number is seconds).
+/// GET /, GET /healthz, GET /readyz and GET /metrics. Durations take a unit: 500ms, 10s, 2m (a bare
+/// number is seconds). Every flag can also be set by its environment variable or by a key of the
+/// same name in the --config file (flag > environment > file).
 #[derive(Parser, Debug)]
 #[command(name = "switchboard", version)]
 struct Cli {
@@ -264,9 +269,214 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_PRESENCE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     presence_interval: Duration,
 
-    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
+    // ---- Operations: drain, TLS, logs, metrics, config file (issue 18) ----
+    /// SIGTERM/SIGINT drain: /readyz fails at once, new upgrades get 503, and open connections
+    /// are closed with 1001 in batches spread over this period; a second signal closes the rest
+    /// at once. 0 closes them all at once.
+    #[arg(long, env = "SWITCHBOARD_DRAIN_PERIOD", default_value = "5s", value_parser = parse_duration)]
+    drain_period: Duration,
+
+    /// PEM certificate chain: the listen port then serves wss:// and https:// (TLS 1.2 and 1.3).
+    /// SIGHUP reloads it (and the key) for new connections.
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+
+    /// Serve /metrics (with /healthz and /readyz) on this second address, plain HTTP, and no
+    /// longer on the public port. Keep it on an internal interface.
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+
+    /// PEM file of the CA that signed Redis's certificate, for a rediss:// --redis-url (every
+    /// connection to Redis then uses TLS with it); without it, the system's trusted roots.
+    #[arg(long, env = "SWITCHBOARD_REDIS_CA_CERT")]
+    redis_ca_cert: Option<PathBuf>,
+
+    /// Redis Sentinel addresses, host:port,host:port,...: connections go to the master they
+    /// name (asked at start and every 500ms), so a failover moves them; --redis-url then gives
+    /// only the credentials and database.
+    #[arg(long, env = "SWITCHBOARD_REDIS_SENTINEL", value_delimiter = ',')]
+    redis_sentinel: Vec<String>,
+
+    /// The master's name in Sentinel (`sentinel monitor NAME ...`).
+    #[arg(long, env = "SWITCHBOARD_REDIS_SENTINEL_MASTER")]
+    redis_sentinel_master: Option<String>,
+
+    /// A TOML file of settings, one key per flag with the flag's name (`listen =
+    /// "0.0.0.0:8080"`, `cores = 2`, `redis-url = "redis://..."`); flags and environment
+    /// variables override it.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Log level: off, error, warn, info, debug or trace, optionally per module
+    /// (`info,switchboard::backplane=debug`); anything else is an error. RUST_LOG, when set,
+    /// overrides it (and is checked the same way).
+    #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info", value_parser = parse_log_level)]
     log_level: String,
+
+    /// Log lines as `text` or `json` (one object a line: ts, level, target, msg).
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Checks a log filter: comma-separated directives, each a level or `module=level`.
+fn parse_log_level(s: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in s.split(',').map(str::trim) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "unknown log level {level:?} in {s:?}: use off, error, warn, info, debug or \
+                 trace, optionally as module=level"
+            ));
+        }
+    }
+    Ok(s.to_string())
+}
+
+/// Parses the command line and the environment, then fills what neither set from the
+/// `--config` file. Returns the flags and where each value came from.
+fn load_cli() -> Result<(Cli, ArgMatches), String> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let command = Cli::command();
+    let first = command
+        .clone()
+        .try_get_matches_from(&args)
+        .unwrap_or_else(|e| e.exit());
+    if let Some(path) = first.get_one::<PathBuf>("config") {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--config {}: {e}", path.display()))?;
+        let settings =
+            config::file::parse(&text).map_err(|e| format!("--config {}: {e}", path.display()))?;
+        for setting in settings {
+            let known = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(setting.flag.as_str()) && setting.flag != "config");
+            let Some(arg) = known else {
+                return Err(format!(
+                    "--config {}: unknown key {:?} (keys are the flags' names; see --help)",
+                    path.display(),
+                    setting.flag
+                ));
+            };
+            let source = first.value_source(arg.get_id().as_str());
+            if !matches!(
+                source,
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            ) {
+                args.push(format!("--{}={}", setting.flag, setting.value).into());
+            }
+        }
+    }
+    let matches = command
+        .try_get_matches_from(&args)
+        .unwrap_or_else(|e| e.exit());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    Ok((cli, matches))
+}
+
+/// Whether a flag was set (on the command line, in the environment or in the config file),
+/// rather than left at its default.
+fn given(matches: &ArgMatches, id: &str) -> bool {
+    matches!(
+        matches.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+/// Flags that would be ignored are an error naming the flag they need.
+fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
+    let redis = cli.backplane == BackplaneKind::Redis;
+    let jwt = cli.jwt_secret.is_some();
+    let rates = cli.rate_limit > 0;
+    let history = cli.history == OnOff::On;
+    let needs: &[(&str, bool, &str)] = &[
+        ("redis_url", redis, "--backplane redis"),
+        ("routing", redis, "--backplane redis"),
+        ("publish_queue", redis, "--backplane redis"),
+        ("publish_batch_window", redis, "--backplane redis"),
+        ("redis_reconnect_max", redis, "--backplane redis"),
+        ("redis_cluster", redis, "--backplane redis"),
+        ("redis_prefix", redis, "--backplane redis"),
+        ("redis_ca_cert", redis, "--backplane redis"),
+        ("redis_sentinel", redis, "--backplane redis"),
+        ("redis_sentinel_master", redis, "--backplane redis"),
+        ("jwt_audience", jwt, "--jwt-secret"),
+        ("jwt_issuer", jwt, "--jwt-secret"),
+        ("jwt_leeway", jwt, "--jwt-secret"),
+        ("rate_limit_burst", rates, "--rate-limit above 0"),
+        ("history_max_len", history, "--history on"),
+        ("history_max_age", history, "--history on"),
+        ("history_max_page", history, "--history on"),
+        ("dedupe_window", history, "--history on"),
+        ("tls_key", cli.tls_cert.is_some(), "--tls-cert"),
+        ("tls_cert", cli.tls_key.is_some(), "--tls-key"),
+    ];
+    for &(id, ok, need) in needs {
+        if !ok && given(matches, id) {
+            return Err(format!("--{} needs {need}", id.replace('_', "-")));
+        }
+    }
+    if let Some(cores) = cli.cores.filter(|_| cli.pin == config::Pin::Auto) {
+        let cpus = core_affinity::get_core_ids().map_or(0, |ids| ids.len());
+        if cpus > 0 && cores > cpus {
+            return Err(format!(
+                "--cores {cores}: this process may use {cpus} CPUs, and core threads past that \
+                 only take turns on them; give --pin off (or a CPU list) to run them anyway"
+            ));
+        }
+    }
+    if let Some(max) = cli.max_connections {
+        let limit = config::raise_nofile_limit();
+        let room = limit.saturating_sub(config::FD_HEADROOM);
+        if max as u64 > room {
+            return Err(format!(
+                "--max-connections {max}: the open-file limit is {limit}, less {} kept for \
+                 listeners, Redis and logs leaves {room}; raise the limit (ulimit -n, \
+                 LimitNOFILE= in systemd) or lower --max-connections",
+                config::FD_HEADROOM
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sets up the logger: `--log-level` (or RUST_LOG) and `--log-format`.
+fn init_logging(cli: &Cli) -> Result<(), String> {
+    let mut builder = env_logger::Builder::new();
+    builder.parse_filters(&cli.log_level);
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        parse_log_level(&filter).map_err(|e| format!("RUST_LOG: {e}"))?;
+        builder.parse_filters(&filter);
+    }
+    match cli.log_format {
+        LogFormat::Text => {
+            builder.format_timestamp_millis();
+        }
+        LogFormat::Json => {
+            builder.format(|buf, record| {
+                use std::io::Write;
+                let line = serde_json::json!({
+                    "ts": buf.timestamp_millis().to_string(),
+                    "level": record.level().as_str(),
+                    "target": record.target(),
+                    "msg": record.args().to_string(),
+                });
+                writeln!(buf, "{line}")
+            });
+        }
+    }
+    builder.init();
+    Ok(())
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,6 +567,9 @@ impl Cli {
                 publish_batch_window: self.publish_batch_window,
                 channel_prefix: self.redis_prefix,
                 cluster: self.redis_cluster,
+                ca_cert: self.redis_ca_cert,
+                sentinels: self.redis_sentinel,
+                sentinel_master: self.redis_sentinel_master,
             }),
             history: history::HistoryConfig {
                 enabled: self.history == OnOff::On,
@@ -385,17 +598,28 @@ impl Cli {
                 fail_open: self.hook_fail_open,
             },
             allowed_origins: self.allowed_origins,
+            drain_period: self.drain_period,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(config::TlsConfig { cert, key }),
+                _ => None,
+            },
+            metrics_listen: self.metrics_listen,
         }
     }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    env_logger::Builder::new()
-        .parse_filters(&cli.log_level)
-        .parse_env("RUST_LOG")
-        .format_timestamp_millis()
-        .init();
+    let (cli, matches) = match load_cli() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = reject_ignored(&cli, &matches).and_then(|()| init_logging(&cli)) {
+        eprintln!("switchboard: {e}");
+        return ExitCode::from(2);
+    }
     let dev_auth_asked = cli.dev_auth;
     let config = cli.into_config();
     if let Err(e) = config::check_dev_auth(&config, dev_auth_asked) {
@@ -435,6 +659,7 @@ fn main() -> ExitCode {
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ]) {
         Ok(s) => s,
         Err(e) => {
@@ -449,17 +674,40 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let scheme = if handle.tls().is_some() { "wss" } else { "ws" };
     log::info!(
-        "listening on ws://{}/ws cores={cores} max_connections={max_connections} backplane={backplane_desc} history={history_desc} node={:016x}",
+        "listening on {scheme}://{}/ws cores={cores} max_connections={max_connections} backplane={backplane_desc} history={history_desc} node={:016x}",
         handle.local_addr(),
         handle.node_id()
     );
+    if let Some(addr) = handle.metrics_addr() {
+        log::info!("metrics on http://{addr}/metrics (and /healthz, /readyz)");
+    }
     let stopper = handle.stopper();
+    let tls = handle.tls().cloned();
 
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            log::info!("signal {sig}: closing connections");
-            stopper.stop();
+        let mut draining = false;
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGHUP {
+                match &tls {
+                    Some(tls) => match tls.reload() {
+                        Ok(()) => log::info!("SIGHUP: TLS certificate reloaded"),
+                        Err(e) => log::error!("SIGHUP: TLS certificate kept: {e}"),
+                    },
+                    None => log::info!("SIGHUP: nothing to reload (no --tls-cert)"),
+                }
+            } else if !draining {
+                log::info!(
+                    "signal {sig}: draining (a second signal closes every connection at once)"
+                );
+                stopper.drain();
+                draining = true;
+            } else {
+                log::info!("signal {sig}: closing every connection now");
+                stopper.stop();
+                return;
+            }
         }
     });
     let clean = handle.join();
@@ -484,5 +732,18 @@ mod tests {
         assert!(parse_duration("ten").is_err());
         assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn log_levels_are_checked() {
+        assert!(parse_log_level("info").is_ok());
+        assert!(parse_log_level("WARN,switchboard::backplane=debug").is_ok());
+        assert!(parse_log_level("verbose").is_err());
+        assert!(parse_log_level("info,switchboard=loud").is_err());
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -5,6 +5,10 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::protocol::CloseReason;
+pub use histogram::{Histogram, Unit, BYTES_BOUNDS, LATENCY_BOUNDS_US};
+
+pub mod histogram;
+pub mod process;
 
 /// Why a connection ended, as counted in `switchboard_connections_closed_total{reason=...}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +110,26 @@ pub struct CoreMetrics {
     pub recoveries_complete: AtomicU64,
     /// Resumes that ended with `complete: false` (history lost, unknown offset, timeout).
     pub recoveries_incomplete: AtomicU64,
+    /// From reading a client's text frame to the end of the flush that wrote what it caused
+    /// on this core (its ack, its local deliveries).
+    pub message_latency: Histogram<14>,
+    /// From a client request whose ack waits for Redis to that ack going out.
+    pub ack_wait: Histogram<14>,
+    /// Bytes a connection still had queued after each flush (0 when the socket took it all).
+    pub outbound_backlog: Histogram<10>,
+}
+
+// The two histogram shapes, each with its own bounds.
+impl Default for Histogram<14> {
+    fn default() -> Self {
+        Histogram::new(&LATENCY_BOUNDS_US)
+    }
+}
+
+impl Default for Histogram<10> {
+    fn default() -> Self {
+        Histogram::new(&BYTES_BOUNDS)
+    }
 }
 
 /// Adds `n` to a counter owned by the calling core.
@@ -126,7 +150,7 @@ fn sum(cores: &[CoreMetrics], f: impl Fn(&CoreMetrics) -> &AtomicU64) -> u64 {
 }
 
 /// The `/healthz` body.
-pub fn render_health(cores: &[CoreMetrics], extra: &str) -> String {
+pub fn render_health(cores: &[CoreMetrics], status: &str, extra: &str) -> String {
     let mut per_core = String::new();
     for (i, c) in cores.iter().enumerate() {
         if i > 0 {
@@ -141,7 +165,7 @@ pub fn render_health(cores: &[CoreMetrics], extra: &str) -> String {
         );
     }
     format!(
-        r#"{{"status":"ok","cores":{},"connections":{},"per_core":[{per_core}]{extra}}}"#,
+        r#"{{"status":"{status}","cores":{},"connections":{},"per_core":[{per_core}]{extra}}}"#,
         cores.len(),
         sum(cores, |c| &c.connections_open),
     )
@@ -287,6 +311,28 @@ pub fn render_prometheus(cores: &[CoreMetrics]) -> String {
             c.connections_open.load(Relaxed)
         );
     }
+    histogram::render(
+        &mut out,
+        "switchboard_message_latency_seconds",
+        "From reading a client's frame to the end of the flush that wrote its answer and local deliveries.",
+        Unit::Seconds,
+        cores.iter().map(|c| &c.message_latency),
+    );
+    histogram::render(
+        &mut out,
+        "switchboard_ack_wait_seconds",
+        "From a request whose ack waits for Redis to the ack going out.",
+        Unit::Seconds,
+        cores.iter().map(|c| &c.ack_wait),
+    );
+    histogram::render(
+        &mut out,
+        "switchboard_outbound_backlog_bytes",
+        "Bytes a connection still had queued after a flush.",
+        Unit::Bytes,
+        cores.iter().map(|c| &c.outbound_backlog),
+    );
+    process::render(&mut out);
     out
 }
 
@@ -303,7 +349,8 @@ mod tests {
         let text = render_prometheus(&cores);
         assert!(text.contains("switchboard_frames_in_total 5\n"));
         assert!(text.contains("switchboard_connections_closed_total{reason=\"slow_consumer\"} 1\n"));
-        let health: serde_json::Value = serde_json::from_str(&render_health(&cores, "")).unwrap();
+        let health: serde_json::Value =
+            serde_json::from_str(&render_health(&cores, "ok", "")).unwrap();
         assert_eq!(health["cores"], 2);
         assert_eq!(health["per_core"][1]["connections"], 0);
     }

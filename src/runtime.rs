@@ -16,9 +16,14 @@ use crate::auth::Authenticator;
 use crate::backplane::Backplane;
 use crate::bus::Bus;
 use crate::config::{Config, ConfigError};
+use crate::connection::ServerTls;
 use crate::core_loop::{CoreLoop, Shared};
 use crate::handlers::{Handler, Handlers};
 use crate::metrics::CoreMetrics;
+
+mod metrics_listener;
+
+use metrics_listener::MetricsListener;
 
 /// Listen backlog per core listener (the kernel caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -37,6 +42,9 @@ pub enum StartError {
         /// The OS error.
         source: io::Error,
     },
+    /// The TLS certificate or key could not be loaded; the message names the file.
+    #[error("{0}")]
+    Tls(String),
     /// A core thread could not be created or set up.
     #[error("cannot start core {core}: {source}")]
     Core {
@@ -81,6 +89,12 @@ impl Server {
             .max_write_buffer_size(config.max_outbound_bytes)
             .max_message_size(Some(config.max_message_bytes))
             .max_frame_size(Some(config.max_message_bytes));
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(
+                ServerTls::load(&files.cert, &files.key).map_err(StartError::Tls)?,
+            )),
+            None => None,
+        };
         let node_id = new_node_id();
         let backplane = config
             .backplane
@@ -105,6 +119,9 @@ impl Server {
             backplane,
             metrics: (0..config.cores).map(|_| CoreMetrics::default()).collect(),
             shutdown: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            metrics_stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
             gate: crate::core_loop::Gate::new(config.max_handshakes, config.max_handshakes_per_ip),
@@ -126,6 +143,7 @@ impl Server {
                 .is_none()
                 .then(crate::rooms::MemoryRooms::default),
             ws_config,
+            tls,
             config,
         });
         if shared.config.listen.port() != 0 {
@@ -147,6 +165,7 @@ impl Server {
             shared: Arc::clone(&shared),
             threads: Vec::new(),
             backplane_threads: Vec::new(),
+            metrics_listener: None,
         };
         for (core, cpu) in plan.iter().enumerate() {
             let (ready_tx, ready_rx) = mpsc::channel();
@@ -187,6 +206,16 @@ impl Server {
                 }
             }
         }
+        if let Some(addr) = shared.config.metrics_listen {
+            match MetricsListener::start(addr, Arc::clone(&shared)) {
+                Ok(listener) => handle.metrics_listener = Some(listener),
+                Err(source) => {
+                    handle.stop();
+                    return Err(StartError::Bind { addr, source });
+                }
+            }
+        }
+        shared.started.store(true, Ordering::SeqCst);
         Ok(handle)
     }
 }
@@ -305,6 +334,16 @@ impl Stopper {
     /// Same as [`ServerHandle::shutdown`].
     pub fn stop(&self) {
         self.0.shutdown.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// Same as [`ServerHandle::drain`].
+    pub fn drain(&self) {
+        self.0.draining.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
         for core in 0..self.0.bus.cores() {
             self.0.bus.wake(core);
         }
@@ -317,9 +356,17 @@ pub struct ServerHandle {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     backplane_threads: Vec<JoinHandle<()>>,
+    metrics_listener: Option<MetricsListener>,
 }
 
 impl ServerHandle {
+    /// The `--metrics-listen` address actually bound, when one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .map(MetricsListener::local_addr)
+    }
+
     /// The bound address (with the real port when the config said port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -349,6 +396,14 @@ impl ServerHandle {
         self.stopper().stop();
     }
 
+    /// Drains, then stops: `/readyz` answers 503 at once and new upgrades are refused; each
+    /// core closes its open connections with 1001 in batches spread over
+    /// [`Config::drain_period`], then shuts down as [`ServerHandle::shutdown`] does. Returns at
+    /// once; [`ServerHandle::join`] waits. A shutdown during the drain closes the rest at once.
+    pub fn drain(&self) {
+        self.stopper().drain();
+    }
+
     /// A cloneable trigger for [`ServerHandle::shutdown`], e.g. for a signal-handling thread.
     pub fn stopper(&self) -> Stopper {
         Stopper(Arc::clone(&self.shared))
@@ -376,7 +431,16 @@ impl ServerHandle {
         for t in self.backplane_threads.drain(..) {
             ok &= t.join().is_ok();
         }
+        if let Some(mut listener) = self.metrics_listener.take() {
+            listener.stop(&self.shared);
+        }
         ok
+    }
+
+    /// The TLS settings, when the listen port serves TLS: [`ServerTls::reload`] reads the
+    /// certificate and key again.
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.shared.tls.as_ref()
     }
 
     /// The backplane, when one is configured (for its counters).

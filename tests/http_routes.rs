@@ -99,8 +99,10 @@ fn healthz_reports_cores_connections_and_node() {
     assert_eq!(h["backplane"], serde_json::json!({"kind": "none"}));
     // History is on by default.
     assert_eq!(h["history"], "on");
+    // Ready: started, not draining, no backplane to wait for.
+    assert_eq!(h["ready"], true);
     let keys: Vec<&str> = h.as_object().unwrap().keys().map(String::as_str).collect();
-    assert_eq!(keys.len(), 7, "{h}");
+    assert_eq!(keys.len(), 8, "{h}");
 }
 
 #[test]

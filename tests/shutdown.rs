@@ -42,7 +42,8 @@ fn clients_on_both_cores(server: &ChildServer) -> Vec<Client> {
 
 #[test]
 fn sigterm_closes_with_1001_exits_0_and_frees_the_port() {
-    let mut server = ChildServer::spawn(&["--shutdown-timeout", "3s"]);
+    // No drain period: every close goes at once (tests/readiness.rs covers the spread).
+    let mut server = ChildServer::spawn(&["--shutdown-timeout", "3s", "--drain-period", "0"]);
     let addr = server.addr;
     let mut clients = clients_on_both_cores(&server);
     // A client mid-conversation is closed the same way.
@@ -75,7 +76,7 @@ fn sigterm_closes_with_1001_exits_0_and_frees_the_port() {
 
 #[test]
 fn shutdown_does_not_wait_past_its_timeout_for_clients_that_never_answer() {
-    let mut server = ChildServer::spawn(&["--shutdown-timeout", "1s"]);
+    let mut server = ChildServer::spawn(&["--shutdown-timeout", "1s", "--drain-period", "0"]);
     // Raw clients that never read: their close frames are never answered.
     let _mute: Vec<RawWs> = (0..4)
         .map(|i| RawWs::connect(server.addr, &format!("m{i}")))

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+
+use crate::connection::Socket;
 use mio::{Interest, Registry, Token};
 
 use super::endpoint::Endpoint;
@@ -30,17 +32,9 @@ const GATE_POLL: Duration = Duration::from_millis(20);
 pub const STOP_FLUSH: Duration = Duration::from_secs(1);
 
 enum Conn {
-    Down {
-        retry_at: Instant,
-    },
-    Connecting {
-        stream: TcpStream,
-        deadline: Instant,
-    },
-    Up {
-        stream: TcpStream,
-        writable: bool,
-    },
+    Down { retry_at: Instant },
+    Connecting { stream: Socket, deadline: Instant },
+    Up { stream: Socket, writable: bool },
 }
 
 /// What holds publications back after a reconnect.
@@ -108,8 +102,8 @@ impl CoreLink {
 
     /// The socket is ready: complete the connect, read and settle replies, write what waits.
     pub fn on_event(&mut self, registry: &Registry, readable: bool, writable: bool) {
-        if let Conn::Connecting { stream, .. } = &self.conn {
-            match connect_result(stream) {
+        if let Conn::Connecting { stream, .. } = &mut self.conn {
+            match connect_result(stream.tcp()) {
                 Ok(true) => self.connected(),
                 Ok(false) => return,
                 Err(e) => return self.fail(registry, &format!("connect: {e}")),
@@ -130,6 +124,9 @@ impl CoreLink {
     /// everything queued this turn is encoded and written as one burst. Acks now due are
     /// appended to `ready`.
     pub fn turn(&mut self, registry: &Registry, now: Instant, ready: &mut Vec<Arc<AckWaiter>>) {
+        if self.bp.master_moved() && !matches!(self.conn, Conn::Down { .. }) {
+            self.fail(registry, "the Redis master moved (Sentinel)");
+        }
         match &self.conn {
             Conn::Down { retry_at } if now >= *retry_at => self.connect(registry, now),
             Conn::Connecting { deadline, .. } if now >= *deadline => {
@@ -200,10 +197,13 @@ impl CoreLink {
     }
 
     fn connect(&mut self, registry: &Registry, now: Instant) {
-        let attempt = Endpoint::resolve(&self.bp.config.url).and_then(|endpoint| {
-            let mut stream = TcpStream::connect(endpoint.addr)?;
+        let attempt = Endpoint::resolve(&self.bp.redis_url()).and_then(|endpoint| {
+            let tcp = TcpStream::connect(endpoint.addr)?;
+            // rediss://: TLS over the connecting socket; its handshake runs in the link's
+            // non-blocking reads and writes, the AUTH and the rest waiting in rustls till then.
+            let mut stream = endpoint.wrap(tcp, self.bp.redis_tls.as_ref())?;
             registry.register(
-                &mut stream,
+                stream.tcp(),
                 self.token,
                 Interest::READABLE | Interest::WRITABLE,
             )?;
@@ -219,6 +219,10 @@ impl CoreLink {
                 if endpoint.write_select(&mut handshake) == 1 {
                     names.push("SELECT");
                 }
+                if !self.bp.config.sentinels.is_empty() {
+                    redis::cmd("ROLE").write_packed_command(&mut handshake);
+                    names.push("ROLE");
+                }
                 self.pipe.connected(&self.enc, &handshake, &names);
                 self.conn = Conn::Connecting {
                     stream,
@@ -230,7 +234,7 @@ impl CoreLink {
     }
 
     fn connected(&mut self) {
-        let Conn::Connecting { stream, .. } = std::mem::replace(
+        let Conn::Connecting { mut stream, .. } = std::mem::replace(
             &mut self.conn,
             Conn::Down {
                 retry_at: Instant::now(),
@@ -238,7 +242,7 @@ impl CoreLink {
         ) else {
             return;
         };
-        let _ = stream.set_nodelay(true);
+        let _ = stream.tcp().set_nodelay(true);
         self.parser = redis::Parser::new();
         self.conn = Conn::Up {
             stream,
@@ -271,12 +275,18 @@ impl CoreLink {
             match self.parser.parse_value(&mut *stream) {
                 Ok(value) => {
                     if let Err(e) = self.pipe.on_reply(value) {
-                        return self.fail(registry, &format!("{e:?}"));
+                        return self.fail(registry, &e.to_string());
+                    }
+                    if let Some(rtt) = self.pipe.round_trip.take() {
+                        self.bp.stats.redis_round_trip.observe_duration(rtt);
                     }
                 }
                 // WouldBlock: no complete reply buffered yet (the parser keeps the partial one).
                 Err(e) if e.is_timeout() => return,
-                Err(e) => return self.fail(registry, &format!("read: {e}")),
+                Err(e) => {
+                    let why = super::endpoint::plain_words(&e.to_string());
+                    return self.fail(registry, &format!("read: {why}"));
+                }
             }
         }
     }
@@ -302,6 +312,14 @@ impl CoreLink {
             }
         }
         out.drain(..written);
+        if error.is_none() && *writable && out.is_empty() {
+            // TLS: records rustls still holds (the handshake, a tail the socket refused).
+            match stream.flush() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => *writable = false,
+                Err(e) => error = Some(e),
+            }
+        }
         if let Some(e) = error {
             self.fail(registry, &format!("write: {e}"));
         }
@@ -338,12 +356,12 @@ impl CoreLink {
         );
         match old {
             Conn::Up { mut stream, .. } => {
-                let _ = registry.deregister(&mut stream);
+                let _ = registry.deregister(stream.tcp());
                 self.bp.links_up.fetch_sub(1, SeqCst);
                 true
             }
             Conn::Connecting { mut stream, .. } => {
-                let _ = registry.deregister(&mut stream);
+                let _ = registry.deregister(stream.tcp());
                 false
             }
             Conn::Down { .. } => false,

@@ -88,7 +88,11 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
                 // holds it until the user's channel is confirmed again: querying as soon as
                 // Redis answers could run before the re-subscription and miss what is
                 // published in between.
-                log::warn!("redis history query for {} failed: {e}", request.user);
+                log::warn!(
+                    "redis history query for {} failed: {}",
+                    request.user,
+                    super::endpoint::plain_words(&e.to_string())
+                );
                 conn = None;
                 sha = None;
                 std::thread::sleep(backoff.next_delay());
@@ -113,9 +117,14 @@ fn connected<'a>(
     conn: &'a mut Option<redis::Connection>,
     bp: &Backplane,
 ) -> redis::RedisResult<&'a mut redis::Connection> {
+    if bp.master_moved() {
+        *conn = None;
+    }
     if conn.is_none() {
-        let c =
-            redis::Client::open(bp.config.url.as_str())?.get_connection_with_timeout(IO_TIMEOUT)?;
+        let c = bp
+            .config
+            .client(&bp.redis_url())?
+            .get_connection_with_timeout(IO_TIMEOUT)?;
         c.set_read_timeout(Some(IO_TIMEOUT))?;
         c.set_write_timeout(Some(IO_TIMEOUT))?;
         *conn = Some(c);

@@ -28,6 +28,7 @@ pub mod publisher;
 mod room_routes;
 mod rooms_worker;
 pub(crate) use rooms_worker::api_queries::{ApiQuery, ApiTarget};
+mod sentinel;
 pub mod subscriber;
 pub mod wire;
 
@@ -49,46 +50,6 @@ use crate::bus::{AckWaiter, Bus, Dispatch};
 use crate::history::{HistoryConfig, Offset};
 use crate::rooms::{RoomId, RoomsConfig};
 use crate::UserId;
-
-/// How the backplane reaches the servers a [`RedisConfig`] names.
-impl RedisConfig {
-    /// The initial topology: the cluster's slot map, or the one server of `url`.
-    pub(crate) fn topology(&self) -> std::io::Result<cluster::SlotMap> {
-        use redis::IntoConnectionInfo;
-        if !self.cluster.is_empty() {
-            let map = cluster::SlotMap::fetch(&self.cluster)?;
-            return Ok(if self.sharded() {
-                map
-            } else {
-                cluster::SlotMap::single(map.shards[0].clone())
-            });
-        }
-        let info = self
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(std::io::Error::other)?;
-        match info.addr() {
-            redis::ConnectionAddr::Tcp(host, port) => {
-                Ok(cluster::SlotMap::single(format!("{host}:{port}")))
-            }
-            _ => Err(std::io::Error::other("only redis:// URLs are supported")),
-        }
-    }
-
-    /// A client for one node, with the credentials of `url`.
-    pub(crate) fn node_url(&self, addr: &str) -> String {
-        match self
-            .url
-            .split_once("://")
-            .and_then(|(_, rest)| rest.split_once('@'))
-        {
-            Some((creds, _)) if !self.cluster.is_empty() => format!("redis://{creds}@{addr}"),
-            _ if self.cluster.is_empty() => self.url.clone(),
-            _ => format!("redis://{addr}"),
-        }
-    }
-}
 
 /// A publication: one dispatch for one target user.
 pub struct Publication {
@@ -294,6 +255,8 @@ pub struct BackplaneStats {
     pub room_members: AtomicU64,
     /// Held acks a core answered itself when its own link settled them (no bus round trip).
     pub acked_inline: AtomicU64,
+    /// From encoding a publishing command on a core's link to Redis's reply.
+    pub redis_round_trip: crate::metrics::Histogram<14>,
 }
 
 /// The backplane as the cores see it.
@@ -334,6 +297,14 @@ pub struct Backplane {
     links_up: AtomicUsize,
     link_depth: AtomicUsize,
     link_outage: AtomicBool,
+    /// TLS settings for the non-blocking links when the URL is `rediss://`.
+    pub(crate) redis_tls: Option<Arc<rustls::ClientConfig>>,
+    /// With Sentinel: the master's `host:port` as the sentinels last named it.
+    master: std::sync::Mutex<Option<String>>,
+    /// The sentinel thread, unparked at stop.
+    sentinel_thread: OnceLock<std::thread::Thread>,
+    /// Counts the master's moves (Sentinel): each thread's connection compares it.
+    master_epoch: AtomicU64,
     /// Counters.
     pub stats: BackplaneStats,
 }
@@ -341,7 +312,19 @@ pub struct Backplane {
 impl Backplane {
     /// Creates the shared state; [`Backplane::start`] launches the threads.
     pub fn new(config: RedisConfig, node_id: u64) -> Arc<Self> {
+        // The `redis` crate's own TLS connections use the process's default provider.
+        let _ = crate::connection::crypto_provider().install_default();
+        // `Config::validate` read the CA file already; a failure now leaves the links without
+        // TLS settings, and each connection attempt says why.
+        let redis_tls = config.tls_client_config().unwrap_or_else(|e| {
+            log::error!("--redis-ca-cert: {e}");
+            None
+        });
         Arc::new(Backplane {
+            redis_tls,
+            master: std::sync::Mutex::new(None),
+            sentinel_thread: OnceLock::new(),
+            master_epoch: AtomicU64::new(0),
             publications: ArrayQueue::new(config.publish_queue),
             config,
             node_id,
@@ -444,6 +427,11 @@ impl Backplane {
     /// Starts the publisher and subscriber threads (and the history worker with history on).
     pub fn start(self: &Arc<Self>, bus: Arc<Bus>) -> std::io::Result<Vec<JoinHandle<()>>> {
         let mut threads = Vec::new();
+        if !self.config.sentinels.is_empty() {
+            let thread = sentinel::start(self)?;
+            let _ = self.sentinel_thread.set(thread.thread().clone());
+            threads.push(thread);
+        }
         let _ = self.bus.set(Arc::clone(&bus));
         let worker = if self.history.get().is_some() {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -506,7 +494,10 @@ impl Backplane {
     /// Asks both threads to finish (the publisher flushes what it can first).
     pub fn stop(&self) {
         self.stop.store(true, Relaxed);
-        if let Some(t) = self.publisher_thread.get() {
+        for t in [self.publisher_thread.get(), self.sentinel_thread.get()]
+            .into_iter()
+            .flatten()
+        {
             t.unpark();
         }
         if let Some(w) = self.subscriber_waker.get() {
@@ -731,6 +722,13 @@ impl Backplane {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        crate::metrics::histogram::render(
+            out,
+            "switchboard_redis_round_trip_seconds",
+            "From encoding a publishing command on a core's Redis link to its reply.",
+            crate::metrics::Unit::Seconds,
+            std::iter::once(&s.redis_round_trip),
+        );
     }
 }
 

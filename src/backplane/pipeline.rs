@@ -56,8 +56,9 @@ struct Entry {
 enum Sent {
     /// `AUTH`, `SELECT` or `SCRIPT LOAD`: an error reply means the connection is unusable.
     Setup(&'static str),
-    /// A publishing command settling the next `n` publications of `sent`.
-    Publish(usize),
+    /// A publishing command settling the next `n` publications of `sent`, encoded at the
+    /// instant given (for the round-trip histogram).
+    Publish(usize, std::time::Instant),
 }
 
 /// Why the connection must be dropped (everything in flight is kept and sent again).
@@ -69,6 +70,36 @@ pub(crate) enum ReplyError {
     Publish(String),
     /// A reply nobody asked for.
     Unexpected,
+}
+
+/// Whether a `ROLE` reply says "master".
+fn is_master(reply: &Value) -> bool {
+    let Value::Array(items) = reply else {
+        return false;
+    };
+    match items.first() {
+        Some(Value::BulkString(role)) => role.as_slice() == b"master",
+        Some(Value::SimpleString(role)) => role == "master",
+        _ => false,
+    }
+}
+
+impl std::fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplyError::Setup(command, e) => write!(
+                f,
+                "{} (Redis refused {command})",
+                super::endpoint::plain_words(e)
+            ),
+            ReplyError::Publish(e) => write!(
+                f,
+                "{} (Redis refused a publication)",
+                super::endpoint::plain_words(e)
+            ),
+            ReplyError::Unexpected => f.write_str("Redis sent a reply nobody asked for"),
+        }
+    }
 }
 
 /// The pipeline state.
@@ -91,6 +122,9 @@ pub(crate) struct Pipeline {
     pub published: u64,
     /// Publications dropped by the bound, since the caller last looked.
     pub dropped: u64,
+    /// From encoding the last publishing command answered to its reply, if one was answered
+    /// since the caller last looked (`switchboard_redis_round_trip_seconds`).
+    pub round_trip: Option<std::time::Duration>,
 }
 
 impl Pipeline {
@@ -108,6 +142,7 @@ impl Pipeline {
             ready: Vec::new(),
             published: 0,
             dropped: 0,
+            round_trip: None,
         }
     }
 
@@ -174,6 +209,7 @@ impl Pipeline {
             self.commands.push_back(Sent::Setup("SCRIPT LOAD"));
             self.need_load = false;
         }
+        let encoded_at = std::time::Instant::now();
         let first = self.sent.len();
         for _ in 0..take {
             let next = self.retry.pop_front().or_else(|| self.queued.pop_front());
@@ -208,7 +244,8 @@ impl Pipeline {
                         &args,
                     )
                     .write_packed_command(&mut self.out);
-                    self.commands.push_back(Sent::Publish(call.len()));
+                    self.commands
+                        .push_back(Sent::Publish(call.len(), encoded_at));
                 }
             }
             None => {
@@ -220,7 +257,7 @@ impl Pipeline {
                         .arg(wire::user_channel(&enc.prefix, &p.user))
                         .arg(&payload[..])
                         .write_packed_command(&mut self.out);
-                    self.commands.push_back(Sent::Publish(1));
+                    self.commands.push_back(Sent::Publish(1, encoded_at));
                 }
             }
         }
@@ -237,10 +274,19 @@ impl Pipeline {
             Sent::Setup(name) => {
                 return match value {
                     Value::ServerError(e) => Err(ReplyError::Setup(name, e.to_string())),
+                    // With Sentinel the link asks first: a demoted master would take PUBLISH
+                    // (it is not a write) and its subscribers would never see it.
+                    ref v if name == "ROLE" && !is_master(v) => Err(ReplyError::Setup(
+                        name,
+                        "READONLY: this Redis is a replica, not the master".into(),
+                    )),
                     _ => Ok(()),
                 };
             }
-            Sent::Publish(n) => n.min(self.sent.len()),
+            Sent::Publish(n, encoded_at) => {
+                self.round_trip = Some(encoded_at.elapsed());
+                n.min(self.sent.len())
+            }
         };
         match value {
             Value::ServerError(e) if e.code() == "NOSCRIPT" => {
@@ -445,6 +491,17 @@ pub(super) mod tests {
             p.on_reply(error("WRONGPASS invalid")),
             Err(ReplyError::Setup("AUTH", _))
         ));
+        // With Sentinel, a link that reached a replica drops it.
+        let role = |r: &str| Value::Array(vec![Value::BulkString(r.as_bytes().to_vec())]);
+        p.reset();
+        p.connected(&e, b"", &["ROLE"]);
+        assert!(matches!(
+            p.on_reply(role("slave")),
+            Err(ReplyError::Setup("ROLE", _))
+        ));
+        p.reset();
+        p.connected(&e, b"", &["ROLE"]);
+        assert_eq!(p.on_reply(role("master")), Ok(()));
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl Publisher {
     fn send(&mut self, batch: &mut Vec<Publication>) -> bool {
         let bp = Arc::clone(&self.bp);
         if self.topology.is_none() {
-            match bp.config.topology() {
+            match bp.topology() {
                 Ok(map) => {
                     self.conns = (0..map.shards.len()).map(|_| None).collect();
                     self.topology = Some(map);
@@ -271,7 +271,7 @@ impl Publisher {
     /// Makes sure the topology is known and every shard connected.
     fn connect_all(&mut self) -> bool {
         if self.topology.is_none() {
-            match self.bp.config.topology() {
+            match self.bp.topology() {
                 Ok(map) => {
                     self.conns = (0..map.shards.len()).map(|_| None).collect();
                     self.topology = Some(map);
@@ -299,7 +299,9 @@ impl Publisher {
 
     fn connect(&mut self, shard: usize, addr: &str) -> bool {
         let bp = Arc::clone(&self.bp);
-        let result = redis::Client::open(bp.config.node_url(addr))
+        let result = bp
+            .config
+            .client(&bp.node_url(addr))
             .and_then(|client| client.get_connection_with_timeout(IO_TIMEOUT));
         let result = result.and_then(|mut c| {
             if bp.history().is_some() {
@@ -339,7 +341,10 @@ impl Publisher {
 
     fn log_outage(&mut self, e: &str) {
         if !self.outage_logged {
-            log::warn!("redis publisher cannot connect: {e}; retrying with backoff");
+            log::warn!(
+                "redis publisher cannot connect: {}; retrying with backoff",
+                super::endpoint::plain_words(e)
+            );
             self.outage_logged = true;
         }
     }

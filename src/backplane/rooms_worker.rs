@@ -294,7 +294,10 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
                 Err(e) => {
                     // Once per outage: the other Redis threads log theirs too.
                     if !std::mem::replace(&mut failing, true) {
-                        log::warn!("redis presence heartbeat failed: {e}; retrying");
+                        log::warn!(
+                            "redis presence heartbeat failed: {}; retrying",
+                            super::endpoint::plain_words(&e.to_string())
+                        );
                     }
                     now + beat_every.min(Duration::from_millis(500))
                 }
@@ -322,8 +325,14 @@ impl Worker {
         &mut self,
         f: impl FnOnce(&mut redis::Connection, &Scripts, &str, &str) -> redis::RedisResult<T>,
     ) -> redis::RedisResult<T> {
+        if self.bp.master_moved() {
+            self.conn = None;
+        }
         if self.conn.is_none() {
-            let c = redis::Client::open(self.bp.config.url.as_str())?
+            let c = self
+                .bp
+                .config
+                .client(&self.bp.redis_url())?
                 .get_connection_with_timeout(IO_TIMEOUT)?;
             c.set_read_timeout(Some(IO_TIMEOUT))?;
             c.set_write_timeout(Some(IO_TIMEOUT))?;

@@ -9,6 +9,7 @@
 //! their old paths through re-exports (`backplane::RedisConfig`, ...). This module imports nothing
 //! from the crate but `types`, so every layer may read it.
 
+pub mod file;
 pub mod history;
 pub mod hooks;
 pub mod redis;
@@ -74,6 +75,11 @@ pub const DEFAULT_RATE_LIMIT_BURST: u32 = 400;
 pub const MAX_USER_ID_BYTES: usize = 256;
 /// Leeway for the JWT `exp` (and `nbf`) check, to absorb clock skew between issuer and server.
 pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+/// How long SIGTERM spreads the 1001 closes of open connections over, so their clients do not
+/// all reconnect (to the other instances) in the same second.
+pub const DEFAULT_DRAIN_PERIOD: Duration = Duration::from_secs(5);
+/// Longest `--drain-period` accepted.
+pub const MAX_DRAIN_PERIOD: Duration = Duration::from_secs(600);
 
 /// How clients prove who they are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,6 +218,25 @@ pub struct Config {
     pub hooks: HooksConfig,
     /// Browser origins allowed to upgrade and to call `/api` (CORS).
     pub allowed_origins: Origins,
+
+    // Operations (readiness and drain, TLS, the metrics listener).
+    /// How long a drain ([`crate::Stopper::drain`], SIGTERM in the binary) spreads the 1001
+    /// closes of open connections over; zero closes them all at once.
+    pub drain_period: Duration,
+    /// TLS on the listen port (`wss://`, `https://`); `None` serves plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// A second, plain-HTTP address serving `/metrics`, `/healthz` and `/readyz`; with it,
+    /// `/metrics` is no longer served on the public port.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The server's certificate and key, PEM files read at start and on each reload (SIGHUP).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first (`--tls-cert`).
+    pub cert: std::path::PathBuf,
+    /// The private key: PKCS#8, PKCS#1 or SEC1 (`--tls-key`).
+    pub key: std::path::PathBuf,
 }
 
 impl Default for Config {
@@ -248,6 +273,9 @@ impl Default for Config {
             rooms: RoomsConfig::default(),
             hooks: HooksConfig::default(),
             allowed_origins: Origins::Default,
+            drain_period: DEFAULT_DRAIN_PERIOD,
+            tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -306,6 +334,9 @@ impl Config {
         }
         if self.rate_limit_per_sec > 0 && self.rate_limit_burst == 0 {
             return err("--rate-limit-burst must be at least 1 when --rate-limit is on");
+        }
+        if self.drain_period > MAX_DRAIN_PERIOD {
+            return err("--drain-period must be at most 10m");
         }
         if let Some(redis) = &self.backplane {
             redis.validate().map_err(ConfigError)?;

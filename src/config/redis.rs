@@ -46,6 +46,17 @@ pub struct RedisConfig {
     /// Redis Cluster seed nodes (`host:port`). When set, per-user channels use sharded pub/sub
     /// (`SPUBLISH`/`SSUBSCRIBE`) on the primary owning each channel's slot, and `url` is unused.
     pub cluster: Vec<String>,
+
+    // TLS and Sentinel (operations).
+    /// PEM file of the CA(s) that signed Redis's certificate, for a `rediss://` URL; without
+    /// it the system's trusted roots are used (`--redis-ca-cert`).
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Redis Sentinel addresses (`host:port`, `--redis-sentinel`): when set, the master is
+    /// the one they name [`RedisConfig::sentinel_master`], asked at start and after every
+    /// failure, and only the credentials and database of `url` are used.
+    pub sentinels: Vec<String>,
+    /// The master's name in Sentinel (`--redis-sentinel-master`).
+    pub sentinel_master: Option<String>,
 }
 
 impl RedisConfig {
@@ -60,7 +71,31 @@ impl RedisConfig {
             publish_batch_window: DEFAULT_PUBLISH_BATCH_WINDOW,
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_string(),
             cluster: Vec::new(),
+            ca_cert: None,
+            sentinels: Vec::new(),
+            sentinel_master: None,
         }
+    }
+
+    /// Whether the URL asks for TLS (`rediss://`).
+    pub fn tls(&self) -> bool {
+        self.url.starts_with("rediss://")
+    }
+
+    /// The `--redis-ca-cert` file's PEM bytes, checked to hold at least one certificate.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        use rustls::pki_types::pem::PemObject;
+        let Some(path) = &self.ca_cert else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        if certs.is_empty() {
+            return Err("no PEM certificate in it".into());
+        }
+        Ok(Some(pem))
     }
 
     /// Whether sharded pub/sub on a Redis Cluster is used.
@@ -76,8 +111,41 @@ impl RedisConfig {
             .as_str()
             .into_connection_info()
             .map_err(|e| format!("--redis-url: {e}"))?;
-        if !matches!(info.addr(), redis::ConnectionAddr::Tcp(..)) {
-            return Err("--redis-url: only redis:// (TCP) URLs are supported".into());
+        match info.addr() {
+            redis::ConnectionAddr::Tcp(..) => {
+                if self.ca_cert.is_some() {
+                    return Err("--redis-ca-cert needs a rediss:// --redis-url".into());
+                }
+            }
+            redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                return Err(
+                    "--redis-url: rediss:// without certificate checks (#insecure) \
+                     is not supported; give the CA with --redis-ca-cert"
+                        .into(),
+                );
+            }
+            redis::ConnectionAddr::TcpTls { .. } => {}
+            _ => return Err("--redis-url: only redis:// and rediss:// URLs are supported".into()),
+        }
+        match (self.sentinels.is_empty(), &self.sentinel_master) {
+            (true, Some(_)) => return Err("--redis-sentinel-master needs --redis-sentinel".into()),
+            (false, None) => return Err("--redis-sentinel needs --redis-sentinel-master".into()),
+            (false, Some(_)) if !self.cluster.is_empty() => {
+                return Err("--redis-sentinel and --redis-cluster exclude each other".into())
+            }
+            _ => {}
+        }
+        for node in &self.sentinels {
+            if !is_host_port(node) {
+                return Err(format!("--redis-sentinel: {node:?} is not host:port"));
+            }
+        }
+        if self.tls() && !self.cluster.is_empty() {
+            return Err("--redis-cluster over TLS (rediss://) is not supported yet".into());
+        }
+        if let Some(path) = &self.ca_cert {
+            self.ca_pem()
+                .map_err(|e| format!("--redis-ca-cert {}: {e}", path.display()))?;
         }
         if self.publish_queue == 0 {
             return Err("--publish-queue must be at least 1".into());
@@ -89,10 +157,7 @@ impl RedisConfig {
             return Err("reconnect backoff: min must be above zero and at most max".into());
         }
         for node in &self.cluster {
-            let ok = node
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-            if !ok {
+            if !is_host_port(node) {
                 return Err(format!("--redis-cluster: {node:?} is not host:port"));
             }
         }
@@ -101,4 +166,9 @@ impl RedisConfig {
         }
         Ok(())
     }
+}
+
+fn is_host_port(node: &str) -> bool {
+    node.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
 }

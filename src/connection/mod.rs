@@ -17,35 +17,41 @@ mod mock;
 mod open;
 mod reply;
 mod request;
+mod tls;
 
 pub use open::{FlushOutcome, Open, ReadOutcome, TickOutcome, WriteOutcome};
 pub use reply::{BodyOutcome, PendingBody, Reply, ReplyOutcome, ShutWrite, Waiting};
 pub use request::{HeadOutcome, PendingRequest};
+pub use tls::{crypto_provider, ServerTls, Socket};
 
-/// A TCP stream that counts the bytes written through it, for `switchboard_bytes_out_total`.
+/// A client socket that counts the bytes written through it, for `switchboard_bytes_out_total`.
 #[derive(Debug)]
 pub struct Stream {
-    tcp: TcpStream,
+    tcp: Socket,
     written: u64,
     /// The last read returned less than asked: the socket was empty then. The next read
     /// answers WouldBlock without a syscall; a new readable edge clears this (see
     /// [`Stream::readable_edge`]), because data arriving later raises one.
     drained: bool,
+    /// Bytes the last write left unwritten: what the WebSocket still holds for the socket
+    /// (tungstenite writes its whole output buffer in each call).
+    backlog: usize,
 }
 
 impl Stream {
-    /// Wraps an accepted stream.
-    pub fn new(tcp: TcpStream) -> Self {
+    /// Wraps an accepted socket.
+    pub fn new(tcp: Socket) -> Self {
         Stream {
             tcp,
             written: 0,
             drained: false,
+            backlog: 0,
         }
     }
 
-    /// The socket, for (de)registration.
+    /// The TCP socket, for (de)registration.
     pub fn tcp(&mut self) -> &mut TcpStream {
-        &mut self.tcp
+        self.tcp.tcp()
     }
 
     /// A readable event arrived: the next read must ask the socket.
@@ -56,6 +62,11 @@ impl Stream {
     /// Bytes written since the last call.
     pub fn take_written(&mut self) -> u64 {
         std::mem::take(&mut self.written)
+    }
+
+    /// Bytes the last write left queued (0 when the socket took everything).
+    pub fn backlog(&self) -> usize {
+        self.backlog
     }
 }
 
@@ -68,15 +79,20 @@ impl Read for Stream {
         let n = self.tcp.read(buf)?;
         // Edge-triggered epoll reports data that arrives after this read, so a short read
         // spares the read that would only say WouldBlock.
-        self.drained = n > 0 && n < buf.len();
+        self.drained = n > 0 && n < buf.len() && self.tcp.short_read_drains();
         Ok(n)
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.tcp.write(buf)?;
+        let n = self.tcp.write(buf).inspect_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.backlog = buf.len();
+            }
+        })?;
         self.written += n as u64;
+        self.backlog = buf.len() - n;
         Ok(n)
     }
 
@@ -156,11 +172,11 @@ impl Connection {
     /// The socket, whatever the state.
     pub fn tcp(&mut self) -> &mut TcpStream {
         match self {
-            Connection::Request(r) => &mut r.stream,
-            Connection::Reply(r) => &mut r.stream,
+            Connection::Request(r) => r.stream.tcp(),
+            Connection::Reply(r) => r.stream.tcp(),
             Connection::Open(o) => o.ws.get_mut().tcp(),
-            Connection::Body(b) => &mut b.stream,
-            Connection::Waiting(w) => &mut w.stream,
+            Connection::Body(b) => b.stream.tcp(),
+            Connection::Waiting(w) => w.stream.tcp(),
         }
     }
 
@@ -239,7 +255,7 @@ mod tests {
         let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         tcp.set_nonblocking(true).unwrap();
         Connection::Request(PendingRequest {
-            stream: mio::net::TcpStream::from_std(tcp),
+            stream: super::Socket::Plain(mio::net::TcpStream::from_std(tcp)),
             buf: Vec::new(),
             deadline,
         })

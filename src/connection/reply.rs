@@ -22,7 +22,7 @@ impl ShutWrite for TcpStream {
 }
 
 /// Reading a request body up to its `Content-Length`.
-pub struct PendingBody<S = TcpStream> {
+pub struct PendingBody<S = super::Socket> {
     /// The socket.
     pub stream: S,
     /// The request head.
@@ -65,7 +65,7 @@ impl<S: Read> PendingBody<S> {
 }
 
 /// Holding the socket until an answer arrives from another thread, or the deadline (503).
-pub struct Waiting<S = TcpStream> {
+pub struct Waiting<S = super::Socket> {
     /// The socket.
     pub stream: S,
     /// Matches the answer to this connection (see [`crate::connection::Open::serial`]).
@@ -76,7 +76,7 @@ pub struct Waiting<S = TcpStream> {
 
 /// A plain HTTP response being written; afterwards the request side is drained until the
 /// client closes, so the response is not lost to a TCP reset.
-pub struct Reply<S = TcpStream> {
+pub struct Reply<S = super::Socket> {
     /// The socket.
     pub stream: S,
     /// The whole response.

@@ -3,7 +3,6 @@
 use std::io::{self, Read, Write};
 use std::time::Instant;
 
-use mio::net::TcpStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::WebSocket;
 
@@ -14,7 +13,7 @@ use crate::http::{self, Parse, Request, RequestError};
 const HEAD_CHUNK: usize = 2048;
 
 /// Reading the request head, before the handshake deadline.
-pub struct PendingRequest<S = TcpStream> {
+pub struct PendingRequest<S = super::Socket> {
     /// The socket.
     pub stream: S,
     /// Bytes read so far (at most `max_request_header_bytes`).

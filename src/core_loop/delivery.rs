@@ -219,8 +219,17 @@ impl CoreLoop {
                 continue;
             };
             let outcome = open.flush();
-            let written = open.ws.get_mut().take_written();
+            let stream = open.ws.get_mut();
+            let written = stream.take_written();
             bytes += written;
+            let backlog = if outcome == FlushOutcome::Done {
+                0
+            } else {
+                stream.backlog()
+            };
+            self.shared.metrics[self.id]
+                .outbound_backlog
+                .observe(backlog as u64);
             let before = open.outbound;
             open.outbound = match outcome {
                 FlushOutcome::Done => 0,
@@ -233,6 +242,14 @@ impl CoreLoop {
             }
         }
         add(&self.metrics().bytes_out, bytes);
+        if !self.handled_at.is_empty() {
+            let now = std::time::Instant::now();
+            for read_at in self.handled_at.drain(..) {
+                self.shared.metrics[self.id]
+                    .message_latency
+                    .observe_duration(now.saturating_duration_since(read_at));
+            }
+        }
         dirty.clear();
         // Keep the allocation; anything added while flushing (none today) would be kept too.
         dirty.append(&mut self.dirty);

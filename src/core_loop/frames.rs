@@ -24,6 +24,7 @@ impl CoreLoop {
             match open.read_frame(CLOSE_GRACE) {
                 ReadOutcome::Text(text) => {
                     add(&self.metrics().frames_in, 1);
+                    self.handled_at.push(Instant::now());
                     if self.within_rate_limit(key) {
                         self.on_text(key, text);
                     } else {
@@ -229,6 +230,9 @@ impl CoreLoop {
         {
             return;
         }
+        self.shared.metrics[self.id]
+            .ack_wait
+            .observe_duration(waiter.created.elapsed());
         if waiter.taken() {
             self.answer(waiter.key, Some(waiter.ack), |a| {
                 protocol::encode_ack(a, &waiter.result)

@@ -22,12 +22,14 @@ impl CoreLoop {
             HeadOutcome::Complete(request, rest) => self.route(key, request, rest),
             HeadOutcome::TooLarge => {
                 add(&self.metrics().handshake_failures, 1);
+                self.log_refusal(key, 431, "request header fields too large");
                 let response = http::error_response(431, "request header fields too large");
                 self.reply(key, response, &[]);
             }
             HeadOutcome::Invalid(e) => {
                 add(&self.metrics().handshake_failures, 1);
                 let status = HeadOutcome::status(&e);
+                self.log_refusal(key, status, &e.to_string());
                 self.reply(key, http::error_response(status, &e.to_string()), &[]);
             }
             HeadOutcome::Closed | HeadOutcome::Error(_) => self.remove(key, Closed::Reset),
@@ -43,7 +45,11 @@ impl CoreLoop {
             return self.api_route(key, req, rest);
         }
         let page = self.shared.config.chat_page && matches!(req.path.as_str(), "/" | "/index.html");
-        let known = page || matches!(req.path.as_str(), "/ws" | "/healthz" | "/metrics");
+        let known = page
+            || matches!(
+                req.path.as_str(),
+                "/ws" | "/healthz" | "/readyz" | "/metrics"
+            );
         if known && req.method != "GET" {
             let response = http::error_response(405, "method not allowed");
             self.reply(key, response, &rest);
@@ -52,39 +58,24 @@ impl CoreLoop {
         match req.path.as_str() {
             "/ws" => self.upgrade(key, req, rest, false),
             "/healthz" => {
-                let history = if self.shared.config.history_active() {
-                    "on"
-                } else {
-                    "off"
-                };
-                let mut extra = format!(
-                    r#","node":"{:016x}","history":"{history}""#,
-                    self.shared.node_id
-                );
-                match &self.shared.backplane {
-                    Some(bp) => extra.push_str(&bp.render_health()),
-                    None => extra.push_str(r#","backplane":{"kind":"none"}"#),
-                }
-                let body = crate::metrics::render_health(&self.shared.metrics, &extra);
+                let body = self.shared.render_health();
                 self.reply(
                     key,
                     http::response(200, "application/json", "", &body),
                     &rest,
                 );
             }
+            "/readyz" => {
+                let response = self.shared.readyz_response();
+                self.reply(key, response, &rest);
+            }
             "/" | "/index.html" if page => {
                 self.reply(key, crate::web::index_response().to_vec(), &rest);
             }
-            "/metrics" => {
-                let mut body = crate::metrics::render_prometheus(&self.shared.metrics);
-                if let Some(bp) = &self.shared.backplane {
-                    bp.render_prometheus(&mut body);
-                }
-                if let Some(hooks) = &self.shared.hooks {
-                    hooks.render_prometheus(&mut body);
-                }
-                let ct = "text/plain; version=0.0.4; charset=utf-8";
-                self.reply(key, http::response(200, ct, "", &body), &rest);
+            // With --metrics-listen, /metrics is served there only.
+            "/metrics" if self.shared.config.metrics_listen.is_none() => {
+                let response = self.shared.metrics_response();
+                self.reply(key, response, &rest);
             }
             _ => self.reply(key, http::error_response(404, "not found"), &rest),
         }
@@ -95,6 +86,7 @@ impl CoreLoop {
     pub(super) fn upgrade(&mut self, key: usize, req: Request, rest: Vec<u8>, socketio: bool) {
         let refuse = |this: &mut Self, status: u16, headers: &str, reason: &str| {
             add(&this.metrics().handshake_failures, 1);
+            this.log_refusal(key, status, reason);
             let body = format!("{reason}\n");
             this.reply(
                 key,
@@ -102,6 +94,9 @@ impl CoreLoop {
                 &rest,
             );
         };
+        if self.is_draining() {
+            return refuse(self, 503, "Retry-After: 1\r\n", "server is draining");
+        }
         if !req.wants_upgrade {
             return refuse(
                 self,
@@ -139,6 +134,7 @@ impl CoreLoop {
                 Ok(identity) => Some(identity),
                 Err(e) => {
                     add(&self.metrics().auth_failures, 1);
+                    self.log_refusal(key, 401, &e.to_string());
                     self.reply(key, http::error_response(401, &e.to_string()), &rest);
                     return;
                 }
@@ -174,6 +170,7 @@ impl CoreLoop {
         // A Socket.IO connection takes its slot once its CONNECT is authenticated (`sio.rs`):
         // until then it counts only as a handshake in progress (`gate.rs`).
         if !socketio && !self.take_connection_slot() {
+            self.log_refusal(key, 503, "server at max_connections");
             self.reply(
                 key,
                 http::error_response(503, "server at max_connections"),

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-use crate::backplane::core_link::{CoreLink, STOP_FLUSH};
+use crate::backplane::core_link::CoreLink;
 use crate::bus::{CoreMsg, Dispatch};
-use crate::connection::{Connection, PendingRequest};
+use crate::connection::{Connection, PendingRequest, Socket};
 use crate::handlers::MessageIds;
 use crate::metrics::{add, Closed, CoreMetrics};
 use crate::protocol::CloseReason;
@@ -49,6 +49,7 @@ use table::Table;
 mod api;
 mod budget;
 mod delivery;
+mod drain;
 mod frames;
 mod gate;
 mod hooks;
@@ -57,6 +58,7 @@ mod mode;
 mod presence;
 mod publish;
 mod recovery;
+mod refusals;
 mod rooms;
 mod server_api;
 mod shared;
@@ -135,6 +137,13 @@ pub struct CoreLoop {
     /// The `after` of `presence` requests the rooms worker has not answered yet, by (key,
     /// serial, ack): their answers are paged from there (`rooms.rs`).
     presence_after: std::collections::HashMap<(usize, u64, Option<u64>), Box<str>>,
+    /// The drain in progress (`drain.rs`).
+    drain: Option<drain::Drain>,
+    /// The rate limit of refusal lines in the log.
+    refusals: refusals::RefusalLog,
+    /// When each client frame handled since the last flush was read (for the latency
+    /// histogram, observed when that flush ends).
+    handled_at: Vec<Instant>,
 }
 
 impl CoreLoop {
@@ -161,6 +170,9 @@ impl CoreLoop {
             link_stop: None,
             cors: std::collections::HashMap::new(),
             presence_after: Default::default(),
+            drain: None,
+            refusals: refusals::RefusalLog::new(Instant::now()),
+            handled_at: Vec::new(),
             id,
             poll,
             listener: Some(listener),
@@ -195,9 +207,10 @@ impl CoreLoop {
         loop {
             let timeout = if self.carry.is_empty() {
                 let now = Instant::now();
-                let next = self
-                    .link_deadline(now)
-                    .map_or(self.next_sweep, |t| t.min(self.next_sweep));
+                let next = [self.link_deadline(now), self.drain_deadline(now)]
+                    .into_iter()
+                    .flatten()
+                    .fold(self.next_sweep, Instant::min);
                 next.saturating_duration_since(now)
             } else {
                 Duration::ZERO
@@ -256,9 +269,9 @@ impl CoreLoop {
                 }
                 self.flush_dirty();
             }
+            self.drain_turn(Instant::now());
             if self.shared.shutdown.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
                 self.begin_shutdown();
-                self.link_stop = Some(Instant::now() + STOP_FLUSH);
                 self.flush_dirty();
             }
             self.update_gauges();
@@ -338,7 +351,7 @@ impl CoreLoop {
         }
     }
 
-    fn admit(&mut self, mut stream: TcpStream, peer: std::net::IpAddr) {
+    fn admit(&mut self, stream: TcpStream, peer: std::net::IpAddr) {
         if !self.begin_handshake(peer) {
             add(&self.metrics().handshakes_refused, 1);
             return;
@@ -346,9 +359,16 @@ impl CoreLoop {
         let _ = stream.set_nodelay(true);
         let deadline = Instant::now() + self.shared.config.handshake_timeout;
         let registry = self.poll.registry();
+        let tls = self.shared.tls.as_deref();
         let admitted = self.conns.insert_with(|key| {
+            // With TLS the handshake runs in the request state's reads (`connection::tls`),
+            // inside the same handshake deadline as the HTTP request.
+            let mut stream = match tls {
+                Some(tls) => tls.accept(stream)?,
+                None => Socket::Plain(stream),
+            };
             let interest = Interest::READABLE | Interest::WRITABLE;
-            registry.register(&mut stream, Token(key), interest)?;
+            registry.register(stream.tcp(), Token(key), interest)?;
             Ok(Connection::Request(PendingRequest {
                 stream,
                 buf: Vec::new(),

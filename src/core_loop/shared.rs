@@ -26,6 +26,13 @@ pub(crate) struct Shared {
     pub backplane: Option<Arc<Backplane>>,
     pub metrics: Box<[CoreMetrics]>,
     pub shutdown: AtomicBool,
+    /// Set by a drain: readiness fails, upgrades are refused, open connections are closed in
+    /// batches over `config.drain_period`, then each core shuts down.
+    pub draining: AtomicBool,
+    /// Set once every core listens and the backplane threads run: readiness needs it.
+    pub started: AtomicBool,
+    /// Tells the `--metrics-listen` thread to end.
+    pub metrics_stop: AtomicBool,
     /// Set when a core loop failed or panicked.
     pub failed: AtomicBool,
     /// Open WebSocket connections in the process, for `max_connections`.
@@ -43,4 +50,6 @@ pub(crate) struct Shared {
     pub history: Option<crate::history::MemoryHistory>,
     /// Embedded mode's rooms and presence (with Redis they live there).
     pub rooms: Option<crate::rooms::MemoryRooms>,
+    /// TLS on the listen port, when configured.
+    pub tls: Option<Arc<crate::connection::ServerTls>>,
 }

@@ -153,6 +153,7 @@ impl CoreLoop {
 
     pub(super) fn begin_shutdown(&mut self) {
         self.shutdown_deadline = Some(Instant::now() + self.shared.config.shutdown_timeout);
+        self.link_stop = Some(Instant::now() + crate::backplane::core_link::STOP_FLUSH);
         if let Some(mut listener) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }

@@ -178,7 +178,7 @@ mod tests {
 
     fn request() -> Connection {
         Connection::Request(PendingRequest {
-            stream: socket(),
+            stream: crate::connection::Socket::Plain(socket()),
             buf: Vec::new(),
             deadline: Instant::now(),
         })

@@ -338,6 +338,8 @@ pub fn now_secs() -> u64 {
 pub struct ChildServer {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    /// Every line the server wrote to stderr (its log).
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ChildServer {
@@ -348,8 +350,12 @@ impl ChildServer {
     /// Like [`ChildServer::spawn`], listening on `listen` (e.g. the address of a server that
     /// just exited).
     pub fn spawn_on(listen: &str, args: &[&str]) -> Self {
-        let command = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        Self::spawn_command(command, listen, args)
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
+            .args(["--listen", listen, "--cores", "2"])
+            .args(args)
+            .env("RUST_LOG", "info");
+        Self::spawn_command(command)
     }
 
     /// Like [`ChildServer::spawn`], with at most `nofile` open files (through `prlimit`).
@@ -357,29 +363,36 @@ impl ChildServer {
         let mut command = std::process::Command::new("prlimit");
         command
             .arg(format!("--nofile={nofile}"))
-            .arg(env!("CARGO_BIN_EXE_switchboard"));
-        Self::spawn_command(command, "127.0.0.1:0", args)
+            .arg(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["--listen", "127.0.0.1:0", "--cores", "2"])
+            .args(args)
+            .env("RUST_LOG", "info");
+        Self::spawn_command(command)
     }
 
-    fn spawn_command(mut command: std::process::Command, listen: &str, args: &[&str]) -> Self {
+    /// Spawns `command` (the binary with whatever flags and environment the test chose) and
+    /// reads its address from the "listening on" line.
+    pub fn spawn_command(mut command: std::process::Command) -> Self {
         use std::io::BufRead;
         let mut child = command
-            .args(["--listen", listen, "--cores", "2"])
-            .args(args)
-            .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn switchboard");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&log);
         std::thread::spawn(move || {
             let mut sent = false;
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
             {
+                // Kept first, so a test that got the address sees the line that gave it.
+                kept.lock().unwrap().push(line.clone());
                 if !sent {
-                    if let Some(rest) = line.split("listening on ws://").nth(1) {
+                    let rest = line.split("listening on ws://").nth(1);
+                    if let Some(rest) = rest.or_else(|| line.split("listening on wss://").nth(1)) {
                         let addr = rest.split('/').next().unwrap().to_string();
                         let _ = tx.send(addr);
                         sent = true;
@@ -392,7 +405,12 @@ impl ChildServer {
             .expect("server logs its address")
             .parse()
             .unwrap();
-        ChildServer { child, addr }
+        ChildServer { child, addr, log }
+    }
+
+    /// The lines the server logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> u32 {
@@ -1041,4 +1059,20 @@ pub fn wait_live(c: &mut Client, user: &str) {
             }
         }
     }
+}
+
+/// Two instances on one Redis, once both are ready: alice on `a`, bob on `b`, bob's channel
+/// subscribed (so a message for him from `a` reaches him).
+pub fn alice_and_bob(a: &ChildServer, b: &ChildServer) -> (Client, Client) {
+    for server in [a, b] {
+        wait_for("ready", || http_get(server.addr, "/readyz").0 == 200);
+    }
+    let alice = Client::connect(a.addr, "alice");
+    let bob = Client::connect(b.addr, "bob");
+    wait_for("bob's channel", || {
+        let (_, body) = http_get(b.addr, "/healthz");
+        let h: Value = serde_json::from_str(&body).unwrap();
+        h["backplane"]["subscribed_channels"].as_u64() >= Some(1)
+    });
+    (alice, bob)
 }

@@ -3,6 +3,7 @@
 //! in [`super::reply`]; the links of every shard are kept in [`super::shards`].
 
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -10,6 +11,7 @@ use mio::{Interest, Registry, Token};
 use redis::Value;
 
 use crate::backplane::endpoint::Endpoint;
+use crate::connection::Socket;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
 const CHANNELS_PER_COMMAND: usize = 1024;
@@ -106,7 +108,8 @@ impl LinkState {
 
 /// One connection to a Redis node in subscribed mode.
 pub(super) struct RedisLink {
-    stream: TcpStream,
+    /// Plain TCP, or TLS for `rediss://` (`Endpoint::wrap`).
+    stream: Socket,
     parser: redis::Parser,
     pub state: LinkState,
 }
@@ -114,13 +117,19 @@ pub(super) struct RedisLink {
 impl RedisLink {
     /// Connects to `url` (blocking, with a timeout), registers the socket as `token` and queues
     /// the AUTH the URL asks for.
-    pub fn open(url: &str, registry: &Registry, token: Token) -> io::Result<Self> {
+    pub fn open(
+        url: &str,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        registry: &Registry,
+        token: Token,
+    ) -> io::Result<Self> {
         let endpoint = Endpoint::resolve(url)?;
         let std_stream = std::net::TcpStream::connect_timeout(&endpoint.addr, CONNECT_TIMEOUT)?;
         std_stream.set_nodelay(true)?;
         std_stream.set_nonblocking(true)?;
-        let mut stream = TcpStream::from_std(std_stream);
-        registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+        let mut stream = endpoint.wrap(TcpStream::from_std(std_stream), tls)?;
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        registry.register(stream.tcp(), token, interest)?;
         let mut out = Vec::new();
         endpoint.write_auth(&mut out);
         Ok(RedisLink {
@@ -137,7 +146,7 @@ impl RedisLink {
 
     /// Takes the socket off the poll and closes it.
     pub fn deregister(mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut self.stream);
+        let _ = registry.deregister(self.stream.tcp());
     }
 
     /// Writes queued bytes until done or WouldBlock.
@@ -146,7 +155,11 @@ impl RedisLink {
         let mut written = 0;
         let result = loop {
             if written == out.len() {
-                break Ok(());
+                // TLS: records rustls still holds (the handshake, a tail the socket refused).
+                break match self.stream.flush() {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                    other => other,
+                };
             }
             match self.stream.write(&out[written..]) {
                 Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),

@@ -109,6 +109,11 @@ impl Subscriber {
     pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(64);
         while !self.bp.stop.load(Relaxed) {
+            if self.bp.master_moved() {
+                for i in 0..self.links.len() {
+                    self.disconnect(i, "the Redis master moved (Sentinel)");
+                }
+            }
             self.ensure_connected();
             let now = Instant::now();
             let wake_at = self.links.wake_at(now);

@@ -10,6 +10,7 @@ use mio::{Registry, Token};
 
 use super::link::RedisLink;
 use crate::backplane::cluster::SlotMap;
+use crate::backplane::endpoint::plain_words;
 use crate::backplane::{Backoff, Backplane};
 
 /// One shard: its address, its link while connected, and when to reconnect.
@@ -76,7 +77,7 @@ impl Links {
         if now < self.topology_retry_at {
             return false;
         }
-        match bp.config.topology() {
+        match bp.topology() {
             Ok(map) => {
                 self.topology_backoff.reset();
                 self.shards = map
@@ -100,7 +101,10 @@ impl Links {
             }
             Err(e) => {
                 if !self.outage_logged {
-                    log::warn!("redis subscriber cannot reach redis: {e}; retrying with backoff");
+                    log::warn!(
+                        "redis subscriber cannot reach redis: {}; retrying with backoff",
+                        plain_words(&e.to_string())
+                    );
                     self.outage_logged = true;
                 }
                 self.topology_retry_at = now + self.topology_backoff.next_delay();
@@ -116,8 +120,8 @@ impl Links {
 
     /// Connects shard `i`. Returns `false` (and schedules a retry) when that failed.
     pub fn connect(&mut self, i: usize, bp: &Backplane, registry: &Registry) -> bool {
-        let url = bp.config.node_url(&self.shards[i].addr);
-        match RedisLink::open(&url, registry, Token(i)) {
+        let url = bp.node_url(&self.shards[i].addr);
+        match RedisLink::open(&url, bp.redis_tls.as_ref(), registry, Token(i)) {
             Ok(link) => {
                 if self.ever_connected {
                     bp.stats.reconnects.fetch_add(1, Relaxed);
@@ -132,8 +136,9 @@ impl Links {
             Err(e) => {
                 if !self.outage_logged {
                     log::warn!(
-                        "redis subscriber cannot connect to {}: {e}; retrying with backoff",
-                        self.shards[i].addr
+                        "redis subscriber cannot connect to {}: {}; retrying with backoff",
+                        self.shards[i].addr,
+                        plain_words(&e.to_string())
                     );
                     self.outage_logged = true;
                 }
@@ -149,7 +154,11 @@ impl Links {
         let shard = &mut self.shards[i];
         if let Some(link) = shard.link.take() {
             link.deregister(registry);
-            log::warn!("redis subscriber disconnected from {}: {why}", shard.addr);
+            log::warn!(
+                "redis subscriber disconnected from {}: {}",
+                shard.addr,
+                plain_words(why)
+            );
         }
         shard.confirmed = 0;
         shard.retry_at = Instant::now() + shard.backoff.next_delay();
