@@ -19,6 +19,7 @@ use mio::{Interest, Registry, Token};
 
 use super::endpoint::Endpoint;
 use super::pipeline::{Encoding, Pipeline};
+use super::resp::ReadBuf;
 use super::{Backoff, Backplane};
 use crate::bus::{AckWaiter, Dispatch};
 
@@ -61,7 +62,8 @@ pub struct CoreLink {
     pipe: Pipeline,
     enc: Encoding,
     conn: Conn,
-    parser: redis::Parser,
+    /// Replies read and not parsed yet.
+    buf: ReadBuf,
     backoff: Backoff,
     gate: Gate,
     ever_connected: bool,
@@ -85,7 +87,7 @@ impl CoreLink {
             conn: Conn::Down {
                 retry_at: Instant::now(),
             },
-            parser: redis::Parser::new(),
+            buf: ReadBuf::default(),
             backoff: Backoff::new(
                 cfg.reconnect_min,
                 cfg.reconnect_max,
@@ -239,7 +241,7 @@ impl CoreLink {
             return;
         };
         let _ = stream.set_nodelay(true);
-        self.parser = redis::Parser::new();
+        self.buf.clear();
         self.conn = Conn::Up {
             stream,
             writable: true,
@@ -263,20 +265,33 @@ impl CoreLink {
         self.lost = false;
     }
 
+    /// Reads the socket one large read at a time and settles a publication per reply; a read
+    /// that did not fill the buffer drained the socket (see [`ReadBuf::fill`]).
     fn read(&mut self, registry: &Registry) {
         loop {
             let Conn::Up { stream, .. } = &mut self.conn else {
                 return;
             };
-            match self.parser.parse_value(&mut *stream) {
-                Ok(value) => {
-                    if let Err(e) = self.pipe.on_reply(value) {
-                        return self.fail(registry, &format!("{e:?}"));
-                    }
-                }
-                // WouldBlock: no complete reply buffered yet (the parser keeps the partial one).
-                Err(e) if e.is_timeout() => return,
+            let more = match self.buf.fill(stream) {
+                Ok(more) => more,
                 Err(e) => return self.fail(registry, &format!("read: {e}")),
+            };
+            let settled = loop {
+                match self.buf.next() {
+                    Ok(Some(value)) => {
+                        if let Err(e) = self.pipe.on_reply(&value) {
+                            break Err(format!("{e:?}"));
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(_) => break Err("read: malformed reply".to_string()),
+                }
+            };
+            if let Err(why) = settled {
+                return self.fail(registry, &why);
+            }
+            if !more {
+                return;
             }
         }
     }

@@ -10,8 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use redis::Value;
-
+use super::resp::Value;
 use super::{publisher, wire, Publication};
 use crate::bus::{AckWaiter, Dispatch};
 use crate::history::HistoryConfig;
@@ -229,21 +228,22 @@ impl Pipeline {
     /// Matches one reply to the oldest command in flight and settles its publications. A
     /// `NOSCRIPT` error (Redis lost its script cache) queues them again behind a `SCRIPT LOAD`.
     /// An error means the caller drops the connection and calls [`Self::reset`].
-    pub fn on_reply(&mut self, value: Value) -> Result<(), ReplyError> {
+    pub fn on_reply(&mut self, value: &Value<'_>) -> Result<(), ReplyError> {
         let Some(command) = self.commands.pop_front() else {
             return Err(ReplyError::Unexpected);
         };
+        let error = value.error().map(String::from_utf8_lossy);
         let n = match command {
             Sent::Setup(name) => {
-                return match value {
-                    Value::ServerError(e) => Err(ReplyError::Setup(name, e.to_string())),
-                    _ => Ok(()),
+                return match error {
+                    Some(e) => Err(ReplyError::Setup(name, e.into_owned())),
+                    None => Ok(()),
                 };
             }
             Sent::Publish(n) => n.min(self.sent.len()),
         };
-        match value {
-            Value::ServerError(e) if e.code() == "NOSCRIPT" => {
+        match error {
+            Some(e) if e.starts_with("NOSCRIPT") => {
                 let again: Vec<Entry> = self.sent.drain(..n).collect();
                 self.retry.extend(again);
                 // Replies come in command order, but a reset may have left retries behind:
@@ -252,12 +252,12 @@ impl Pipeline {
                 self.need_load = true;
                 Ok(())
             }
-            Value::ServerError(e) => {
+            Some(e) => {
                 // Back where it came from: `reset` requeues it with the rest.
                 self.commands.push_front(command);
-                Err(ReplyError::Publish(e.to_string()))
+                Err(ReplyError::Publish(e.into_owned()))
             }
-            _ => {
+            None => {
                 for _ in 0..n {
                     if let Some(e) = self.sent.pop_front() {
                         self.published += 1;
@@ -316,6 +316,7 @@ impl Pipeline {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::backplane::resp::Item;
 
     fn dispatch(users: &[&str], text: &str) -> Arc<Dispatch> {
         let users = users.iter().map(|u| (*u).into()).collect();
@@ -342,12 +343,12 @@ pub(super) mod tests {
         let mut parser = redis::Parser::new();
         let mut rest = out;
         let mut all = Vec::new();
-        while let Ok(Value::Array(items)) = parser.parse_value(&mut rest) {
+        while let Ok(redis::Value::Array(items)) = parser.parse_value(&mut rest) {
             all.push(
                 items
                     .into_iter()
                     .map(|v| match v {
-                        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
                         other => format!("{other:?}"),
                     })
                     .collect(),
@@ -356,10 +357,14 @@ pub(super) mod tests {
         all
     }
 
-    fn error(text: &str) -> Value {
-        let mut parser = redis::Parser::new();
-        let line = format!("-{text}\r\n");
-        parser.parse_value(line.as_bytes()).unwrap()
+    fn error(text: &'static str) -> Value<'static> {
+        Value::Item(Item::Error(text.as_bytes()))
+    }
+
+    const OK: Value<'static> = Value::Item(Item::Simple(b"OK"));
+
+    fn ids() -> Value<'static> {
+        Value::Array(Default::default())
     }
 
     fn texts(p: &Pipeline) -> Vec<String> {
@@ -407,14 +412,14 @@ pub(super) mod tests {
         for i in 0..3 {
             p.take_ready(&mut ready);
             assert!(ready.is_empty(), "ready after {i} replies");
-            p.on_reply(Value::Int(1)).unwrap();
+            p.on_reply(&Value::Item(Item::Int(1))).unwrap();
         }
         p.take_ready(&mut ready);
         assert_eq!(ready.len(), 1);
         assert!(w.taken());
         assert_eq!(p.published, 3);
         assert!(p.is_idle());
-        assert_eq!(p.on_reply(Value::Okay), Err(ReplyError::Unexpected));
+        assert_eq!(p.on_reply(&OK), Err(ReplyError::Unexpected));
     }
 
     #[test]
@@ -432,17 +437,17 @@ pub(super) mod tests {
         assert_eq!(names, ["AUTH", "SCRIPT", "EVALSHA", "EVALSHA"]);
         assert_eq!(sent[2][1], e.sha);
         assert_eq!(sent[2][2], "4", "two users, two keys each");
-        p.on_reply(Value::Okay).unwrap();
-        p.on_reply(Value::BulkString(e.sha.clone().into_bytes()))
+        p.on_reply(&OK).unwrap();
+        p.on_reply(&Value::Item(Item::Bulk(e.sha.as_bytes())))
             .unwrap();
-        p.on_reply(Value::Array(vec![])).unwrap();
+        p.on_reply(&ids()).unwrap();
         assert_eq!(p.published, 2);
-        p.on_reply(Value::Array(vec![])).unwrap();
+        p.on_reply(&ids()).unwrap();
         assert!(p.is_idle());
         // A failed AUTH makes the connection unusable.
         p.connected(&e, &auth, &["AUTH"]);
         assert!(matches!(
-            p.on_reply(error("WRONGPASS invalid")),
+            p.on_reply(&error("WRONGPASS invalid")),
             Err(ReplyError::Setup("AUTH", _))
         ));
     }
@@ -456,10 +461,10 @@ pub(super) mod tests {
         p.push(&dispatch(&["c"], "3"), None);
         p.connected(&e, b"", &[]);
         p.encode(&e);
-        p.on_reply(Value::Int(0)).unwrap();
+        p.on_reply(&Value::Item(Item::Int(0))).unwrap();
         p.push(&dispatch(&["d"], "4"), None);
         assert!(matches!(
-            p.on_reply(error("OOM no memory")),
+            p.on_reply(&error("OOM no memory")),
             Err(ReplyError::Publish(_))
         ));
         p.reset();
@@ -502,10 +507,10 @@ pub(super) mod tests {
         p.connected(&e, b"", &[]);
         p.encode(&e);
         p.out().clear();
-        p.on_reply(Value::BulkString(vec![])).unwrap(); // SCRIPT LOAD
-        p.on_reply(Value::Array(vec![])).unwrap(); // a: stored
-        p.on_reply(error("NOSCRIPT No matching script")).unwrap();
-        p.on_reply(error("NOSCRIPT No matching script")).unwrap();
+        p.on_reply(&Value::Item(Item::Bulk(b""))).unwrap(); // SCRIPT LOAD
+        p.on_reply(&ids()).unwrap(); // a: stored
+        p.on_reply(&error("NOSCRIPT No matching script")).unwrap();
+        p.on_reply(&error("NOSCRIPT No matching script")).unwrap();
         assert_eq!(p.published, 1);
         assert_eq!(p.depth(), 2);
         p.encode(&e);
@@ -515,7 +520,7 @@ pub(super) mod tests {
         assert_eq!(sent[1][3], "sb:h:b");
         assert_eq!(sent[2][3], "sb:h:c");
         for _ in 0..3 {
-            p.on_reply(Value::Array(vec![])).unwrap();
+            p.on_reply(&ids()).unwrap();
         }
         assert_eq!(p.published, 3);
         assert!(p.is_idle());

@@ -1,5 +1,5 @@
-//! One Redis link of the subscriber: a non-blocking socket in subscribed mode with its RESP
-//! parser, the commands queued for it, and its PING/PONG keepalive. What a reply means is read
+//! One Redis link of the subscriber: a non-blocking socket in subscribed mode with its read
+//! buffer (parsed in place by [`crate::backplane::resp`]), the commands queued for it, and its PING/PONG keepalive. What a reply means is read
 //! in [`super::reply`]; the links of every shard are kept in [`super::shards`].
 
 use std::io::{self, Write};
@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
-use redis::Value;
 
 use crate::backplane::endpoint::Endpoint;
+use crate::backplane::resp::ReadBuf;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
 const CHANNELS_PER_COMMAND: usize = 1024;
@@ -107,7 +107,8 @@ impl LinkState {
 /// One connection to a Redis node in subscribed mode.
 pub(super) struct RedisLink {
     stream: TcpStream,
-    parser: redis::Parser,
+    /// Bytes read and not parsed yet: the subscriber takes it out while it acts on replies.
+    pub buf: ReadBuf,
     pub state: LinkState,
 }
 
@@ -125,14 +126,14 @@ impl RedisLink {
         endpoint.write_auth(&mut out);
         Ok(RedisLink {
             stream,
-            parser: redis::Parser::new(),
+            buf: ReadBuf::default(),
             state: LinkState::new(out, Instant::now()),
         })
     }
 
-    /// The next complete reply; a timeout error means no complete reply is buffered yet.
-    pub fn read(&mut self) -> redis::RedisResult<Value> {
-        self.parser.parse_value(&mut self.stream)
+    /// Reads once into the buffer; `Ok(true)` when more may be waiting (see [`ReadBuf::fill`]).
+    pub fn fill(&mut self) -> io::Result<bool> {
+        self.buf.fill(&mut self.stream)
     }
 
     /// Takes the socket off the poll and closes it.
@@ -164,6 +165,7 @@ impl RedisLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redis::Value;
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
