@@ -4,6 +4,13 @@
 //! burst; replies are read when the socket is readable and settle the publications, so a held
 //! ack is answered by the core itself, with no thread hand-off.
 //!
+//! Replies nobody waits for (no held ack among their publications) do not wake the core: while
+//! only such replies are due, the socket is registered for writability alone and the replies
+//! are read on the core's next turn, which comes soon anyway (this instance's subscriber hands
+//! the same publications back for local devices), or after [`LAZY_READ`] at the latest. So a
+//! message costs the core one wake-up less. With nothing in flight the socket is registered
+//! for reading again, so a connection Redis closes is noticed at once.
+//!
 //! Connection states: down (backing off until a time), connecting (non-blocking, with a
 //! deadline), up. After an outage, publications wait until this instance's subscriber is ready
 //! again plus one `reconnect_max` (other instances re-subscribe on their own schedule): a
@@ -29,6 +36,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const GATE_POLL: Duration = Duration::from_millis(20);
 /// How long a stopping core keeps flushing what is queued (as the publisher thread).
 pub const STOP_FLUSH: Duration = Duration::from_secs(1);
+/// How long replies nobody waits for may sit unread when nothing else wakes the core.
+pub const LAZY_READ: Duration = Duration::from_millis(1);
 
 enum Conn {
     Down {
@@ -41,6 +50,8 @@ enum Conn {
     Up {
         stream: TcpStream,
         writable: bool,
+        /// Registered for reading (see the module docs).
+        reading: bool,
     },
 }
 
@@ -132,6 +143,9 @@ impl CoreLink {
     /// everything queued this turn is encoded and written as one burst. Acks now due are
     /// appended to `ready`.
     pub fn turn(&mut self, registry: &Registry, now: Instant, ready: &mut Vec<Arc<AckWaiter>>) {
+        if matches!(self.conn, Conn::Up { reading: false, .. }) && self.pipe.awaiting_replies() {
+            self.read(registry);
+        }
         match &self.conn {
             Conn::Down { retry_at } if now >= *retry_at => self.connect(registry, now),
             Conn::Connecting { deadline, .. } if now >= *deadline => {
@@ -154,8 +168,33 @@ impl CoreLink {
             self.pipe.encode(&self.enc);
             self.flush(registry);
         }
+        self.sync_interest(registry);
         self.pipe.take_ready(ready);
         self.report();
+    }
+
+    /// Registers the socket for reading unless only replies nobody waits for are due.
+    fn sync_interest(&mut self, registry: &Registry) {
+        let want = !self.pipe.awaiting_replies() || self.pipe.replies_urgent();
+        let Conn::Up {
+            stream, reading, ..
+        } = &mut self.conn
+        else {
+            return;
+        };
+        if *reading == want {
+            return;
+        }
+        let interest = if want {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::WRITABLE
+        };
+        // Re-armed for reading, epoll reports replies that came meanwhile at once.
+        match registry.reregister(stream, self.token, interest) {
+            Ok(()) => *reading = want,
+            Err(e) => self.fail(registry, &format!("reregister: {e}")),
+        }
     }
 
     /// Whether what waits may be written now: no batch window, or the first unwritten
@@ -173,19 +212,20 @@ impl CoreLink {
         let conn = match &self.conn {
             Conn::Down { retry_at } => Some(*retry_at),
             Conn::Connecting { deadline, .. } => Some(*deadline),
-            Conn::Up { .. } => self
-                .pending_since
-                .map(|t| t + self.bp.config.publish_batch_window),
+            Conn::Up { reading, .. } => {
+                let window = self
+                    .pending_since
+                    .map(|t| t + self.bp.config.publish_batch_window);
+                let lazy = (!reading && self.pipe.awaiting_replies()).then(|| now + LAZY_READ);
+                earliest(window, lazy)
+            }
         };
         let gate = match self.gate {
             Gate::Open => None,
             Gate::Subscriber { give_up } => Some(give_up.min(now + GATE_POLL)),
             Gate::Until(t) => Some(t),
         };
-        match (conn, gate) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(conn, gate)
     }
 
     /// Nothing waits to be written or answered.
@@ -245,6 +285,7 @@ impl CoreLink {
         self.conn = Conn::Up {
             stream,
             writable: true,
+            reading: true,
         };
         self.backoff.reset();
         self.bp.links_up.fetch_add(1, SeqCst);
@@ -298,7 +339,10 @@ impl CoreLink {
 
     /// Writes buffered bytes until done or WouldBlock.
     fn flush(&mut self, registry: &Registry) {
-        let Conn::Up { stream, writable } = &mut self.conn else {
+        let Conn::Up {
+            stream, writable, ..
+        } = &mut self.conn
+        else {
             return;
         };
         let out = self.pipe.out();
@@ -391,6 +435,14 @@ impl CoreLink {
             }
             self.reported_depth = depth;
         }
+    }
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -595,6 +647,66 @@ mod tests {
         assert!(first.elapsed() >= Duration::from_millis(60));
         assert_eq!(sent[0][..2], ["PUBLISH", "switchboard:u:a"]);
         assert_eq!(sent[1][..2], ["PUBLISH", "switchboard:u:b"]);
+        h.link.close(h.poll.registry());
+    }
+
+    #[test]
+    fn replies_nobody_waits_for_are_read_on_the_next_turn_without_a_wake() {
+        let (listener, port) = fake_redis();
+        let bp = Backplane::new(RedisConfig::new(format!("redis://127.0.0.1:{port}")), 1);
+        let mut h = Harness::new(&bp);
+        let mut peer = accept(&mut h, &listener);
+        for _ in 0..3 {
+            h.pump();
+        }
+        let reading = |h: &Harness| matches!(h.link.conn, Conn::Up { reading: true, .. });
+        assert!(reading(&h), "idle: a closed connection is noticed at once");
+
+        let d = Arc::new(crate::bus::encode_dispatch(vec!["a".into()], "e", &1).unwrap());
+        h.link.publish(&d, None);
+        let mut seen = Vec::new();
+        read_commands(&mut h, &mut peer, &mut seen, 1);
+        assert!(!reading(&h), "no ack waits on it");
+        let now = Instant::now();
+        assert!(
+            h.link.next_deadline(now) <= Some(now + LAZY_READ),
+            "read within LAZY_READ at the latest"
+        );
+        peer.write_all(b":1\r\n").unwrap();
+        h.poll
+            .poll(&mut h.events, Some(Duration::from_millis(50)))
+            .unwrap();
+        assert!(
+            !h.events
+                .iter()
+                .any(|e| e.token() == LINK && e.is_readable()),
+            "the reply does not wake the loop"
+        );
+        h.link.turn(h.poll.registry(), Instant::now(), &mut h.ready);
+        assert_eq!(bp.stats.published.load(Relaxed), 1, "read on the turn");
+        assert!(reading(&h), "nothing in flight: reading again");
+
+        // A held ack: its reply wakes the loop.
+        let w = Arc::new(AckWaiter::new(0, 1, 1, 5, serde_json::Value::Null, 1));
+        h.link.publish(&d, Some(&w));
+        read_commands(&mut h, &mut peer, &mut seen, 2);
+        assert!(reading(&h));
+        peer.write_all(b":1\r\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut woken = false;
+        while !woken && Instant::now() < deadline {
+            h.poll
+                .poll(&mut h.events, Some(Duration::from_millis(50)))
+                .unwrap();
+            woken = h
+                .events
+                .iter()
+                .any(|e| e.token() == LINK && e.is_readable());
+        }
+        assert!(woken, "the reply to a held ack wakes the loop");
+        h.link.on_event(h.poll.registry(), true, false);
+        h.link.turn(h.poll.registry(), Instant::now(), &mut h.ready);
+        assert!(h.ready.len() == 1 && h.ready[0].taken());
         h.link.close(h.poll.registry());
     }
 }

@@ -55,8 +55,16 @@ struct Entry {
 enum Sent {
     /// `AUTH`, `SELECT` or `SCRIPT LOAD`: an error reply means the connection is unusable.
     Setup(&'static str),
-    /// A publishing command settling the next `n` publications of `sent`.
-    Publish(usize),
+    /// A publishing command settling the next `n` publications of `sent`; `acks`: one of
+    /// them holds a client's ack.
+    Publish { n: usize, acks: bool },
+}
+
+impl Sent {
+    /// Whether someone waits for this reply: a setup command, or an ack held on it.
+    fn urgent(self) -> bool {
+        matches!(self, Sent::Setup(_) | Sent::Publish { acks: true, .. })
+    }
 }
 
 /// Why the connection must be dropped (everything in flight is kept and sent again).
@@ -79,6 +87,8 @@ pub(crate) struct Pipeline {
     /// Written, in command order, waiting for their replies.
     sent: VecDeque<Entry>,
     commands: VecDeque<Sent>,
+    /// How many of `commands` are [`Sent::urgent`].
+    urgent: usize,
     out: Vec<u8>,
     bound: usize,
     next_seq: u64,
@@ -100,6 +110,7 @@ impl Pipeline {
             retry: VecDeque::new(),
             sent: VecDeque::new(),
             commands: VecDeque::new(),
+            urgent: 0,
             out: Vec::new(),
             bound: bound.max(1),
             next_seq: 0,
@@ -152,7 +163,9 @@ impl Pipeline {
     pub fn connected(&mut self, enc: &Encoding, handshake: &[u8], names: &[&'static str]) {
         self.out.clear();
         self.out.extend_from_slice(handshake);
-        self.commands.extend(names.iter().map(|&n| Sent::Setup(n)));
+        for &name in names {
+            self.sent_command(Sent::Setup(name));
+        }
         self.need_load = enc.history.is_some();
     }
 
@@ -170,7 +183,7 @@ impl Pipeline {
                 .arg("LOAD")
                 .arg(crate::history::APPEND_SCRIPT)
                 .write_packed_command(&mut self.out);
-            self.commands.push_back(Sent::Setup("SCRIPT LOAD"));
+            self.sent_command(Sent::Setup("SCRIPT LOAD"));
             self.need_load = false;
         }
         let first = self.sent.len();
@@ -207,7 +220,14 @@ impl Pipeline {
                         &args,
                     )
                     .write_packed_command(&mut self.out);
-                    self.commands.push_back(Sent::Publish(call.len()));
+                    let acks = batch[call.clone()].iter().any(|p| p.waiter.is_some());
+                    let command = Sent::Publish {
+                        n: call.len(),
+                        acks,
+                    };
+                    // Not `sent_command`: `batch` borrows `sent`.
+                    self.urgent += usize::from(command.urgent());
+                    self.commands.push_back(command);
                 }
             }
             None => {
@@ -219,7 +239,12 @@ impl Pipeline {
                         .arg(wire::user_channel(&enc.prefix, &p.user))
                         .arg(&payload[..])
                         .write_packed_command(&mut self.out);
-                    self.commands.push_back(Sent::Publish(1));
+                    let command = Sent::Publish {
+                        n: 1,
+                        acks: p.waiter.is_some(),
+                    };
+                    self.urgent += usize::from(command.urgent());
+                    self.commands.push_back(command);
                 }
             }
         }
@@ -232,6 +257,7 @@ impl Pipeline {
         let Some(command) = self.commands.pop_front() else {
             return Err(ReplyError::Unexpected);
         };
+        self.urgent -= usize::from(command.urgent());
         let error = value.error().map(String::from_utf8_lossy);
         let n = match command {
             Sent::Setup(name) => {
@@ -240,7 +266,7 @@ impl Pipeline {
                     None => Ok(()),
                 };
             }
-            Sent::Publish(n) => n.min(self.sent.len()),
+            Sent::Publish { n, .. } => n.min(self.sent.len()),
         };
         match error {
             Some(e) if e.starts_with("NOSCRIPT") => {
@@ -254,6 +280,7 @@ impl Pipeline {
             }
             Some(e) => {
                 // Back where it came from: `reset` requeues it with the rest.
+                self.urgent += usize::from(command.urgent());
                 self.commands.push_front(command);
                 Err(ReplyError::Publish(e.into_owned()))
             }
@@ -275,6 +302,7 @@ impl Pipeline {
         self.retry.extend(self.sent.drain(..));
         self.retry.make_contiguous().sort_by_key(|e| e.seq);
         self.commands.clear();
+        self.urgent = 0;
         self.out.clear();
         self.need_load = false;
     }
@@ -292,6 +320,22 @@ impl Pipeline {
     /// Whether something waits to be encoded.
     pub fn has_unsent(&self) -> bool {
         !self.queued.is_empty() || !self.retry.is_empty()
+    }
+
+    /// Commands written and not answered yet.
+    pub fn awaiting_replies(&self) -> bool {
+        !self.commands.is_empty()
+    }
+
+    /// Whether a command in flight has a reply someone waits for (a setup command, a held
+    /// ack): the caller then reads replies as soon as they come.
+    pub fn replies_urgent(&self) -> bool {
+        self.urgent > 0
+    }
+
+    fn sent_command(&mut self, command: Sent) {
+        self.urgent += usize::from(command.urgent());
+        self.commands.push_back(command);
     }
 
     /// Nothing queued, nothing in flight.
