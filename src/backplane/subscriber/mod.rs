@@ -138,6 +138,8 @@ impl Subscriber {
             self.take_replays();
             self.keepalive();
             self.flush();
+            // Whatever this turn queued (a resync releasing held frames, say) wakes its core.
+            self.wake_cores();
         }
         self.bp.stats.subscriber_connected.store(0, Relaxed);
     }
@@ -286,6 +288,8 @@ impl Subscriber {
                     return;
                 }
             }
+            // Each core is woken once for what this read brought.
+            self.wake_cores();
             match self.links.link(i) {
                 Some(link) => link.buf = buf,
                 None => return,
