@@ -8,8 +8,9 @@
 //! only such replies are due, the socket is registered for writability alone and the replies
 //! are read on the core's next turn, which comes soon anyway (this instance's subscriber hands
 //! the same publications back for local devices), or after [`LAZY_READ`] at the latest. So a
-//! message costs the core one wake-up less. With nothing in flight the socket is registered
-//! for reading again, so a connection Redis closes is noticed at once.
+//! message costs the core one wake-up less. Once nothing has been in flight for [`LAZY_READ`]
+//! the socket is registered for reading again, so a connection Redis closes while idle is
+//! noticed at once.
 //!
 //! Connection states: down (backing off until a time), connecting (non-blocking, with a
 //! deadline), up. After an outage, publications wait until this instance's subscriber is ready
@@ -84,6 +85,8 @@ pub struct CoreLink {
     reported_depth: usize,
     /// Since when unwritten publications wait for the batch window to pass.
     pending_since: Option<Instant>,
+    /// Since when nothing is in flight (see [`CoreLink::sync_interest`]).
+    idle_since: Option<Instant>,
 }
 
 impl CoreLink {
@@ -109,6 +112,7 @@ impl CoreLink {
             lost: false,
             reported_depth: 0,
             pending_since: None,
+            idle_since: None,
             token,
             bp: Arc::clone(bp),
         }
@@ -168,20 +172,31 @@ impl CoreLink {
             self.pipe.encode(&self.enc);
             self.flush(registry);
         }
-        self.sync_interest(registry);
+        self.sync_interest(registry, now);
         self.pipe.take_ready(ready);
         self.report();
     }
 
     /// Registers the socket for reading unless only replies nobody waits for are due.
-    fn sync_interest(&mut self, registry: &Registry) {
-        let want = !self.pipe.awaiting_replies() || self.pipe.replies_urgent();
+    /// Back to reading only once nothing has been in flight for [`LAZY_READ`]: between
+    /// messages a few hundred microseconds apart, the interest then stays as it is instead of
+    /// costing two `epoll_ctl` per message.
+    fn sync_interest(&mut self, registry: &Registry, now: Instant) {
+        if self.pipe.awaiting_replies() {
+            self.idle_since = None;
+        } else {
+            self.idle_since.get_or_insert(now);
+        }
         let Conn::Up {
             stream, reading, ..
         } = &mut self.conn
         else {
             return;
         };
+        let want = self.pipe.replies_urgent()
+            || self
+                .idle_since
+                .is_some_and(|t| *reading || now >= t + LAZY_READ);
         if *reading == want {
             return;
         }
@@ -216,7 +231,13 @@ impl CoreLink {
                 let window = self
                     .pending_since
                     .map(|t| t + self.bp.config.publish_batch_window);
-                let lazy = (!reading && self.pipe.awaiting_replies()).then(|| now + LAZY_READ);
+                // Not reading: replies due are read within LAZY_READ, and reading resumes
+                // LAZY_READ after the last one.
+                let lazy = match (reading, self.idle_since) {
+                    (true, _) => None,
+                    (false, _) if self.pipe.awaiting_replies() => Some(now + LAZY_READ),
+                    (false, idle) => idle.map(|t| t + LAZY_READ),
+                };
                 earliest(window, lazy)
             }
         };
@@ -684,7 +705,19 @@ mod tests {
         );
         h.link.turn(h.poll.registry(), Instant::now(), &mut h.ready);
         assert_eq!(bp.stats.published.load(Relaxed), 1, "read on the turn");
-        assert!(reading(&h), "nothing in flight: reading again");
+        assert!(
+            !reading(&h),
+            "not yet: another publication may follow at once"
+        );
+        let idle = h
+            .link
+            .next_deadline(Instant::now())
+            .expect("a deadline to read again");
+        h.link.turn(h.poll.registry(), idle, &mut h.ready);
+        assert!(
+            reading(&h),
+            "nothing in flight for LAZY_READ: reading again"
+        );
 
         // A held ack: its reply wakes the loop.
         let w = Arc::new(AckWaiter::new(0, 1, 1, 5, serde_json::Value::Null, 1));
