@@ -403,6 +403,14 @@ impl Bus {
         }
     }
 
+    /// Wakes `core` if messages wait in its inbox: one wake for a batch of [`Bus::push`]es.
+    /// A core that already took them (it was awake) is not woken again.
+    pub fn wake_if_queued(&self, core: usize) {
+        if !self.inboxes[core].queue.is_empty() {
+            self.wake(core);
+        }
+    }
+
     /// Takes every queued dispatch for `core`, calling `f` on each.
     pub fn drain(&self, core: usize, mut f: impl FnMut(CoreMsg)) {
         let inbox = &self.inboxes[core];
@@ -457,5 +465,31 @@ mod tests {
         let mut n = 0;
         bus.drain(0, |_| n += 1);
         assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn pushes_wake_once_when_asked_and_only_with_something_queued() {
+        // One Poll per core (mio allows one Waker per Poll).
+        let mut polls = [mio::Poll::new().unwrap(), mio::Poll::new().unwrap()];
+        let bus = Bus::new(2, 16);
+        for (core, poll) in polls.iter().enumerate() {
+            bus.set_waker(core, Waker::new(poll.registry(), mio::Token(core)).unwrap());
+        }
+        let mut events = mio::Events::with_capacity(8);
+        let mut woken = |poll: &mut mio::Poll| {
+            poll.poll(&mut events, Some(std::time::Duration::from_millis(50)))
+                .unwrap();
+            !events.is_empty()
+        };
+        bus.push(0, dispatch("a"));
+        bus.push(0, dispatch("b"));
+        assert!(!woken(&mut polls[0]), "a push does not wake");
+        bus.wake_if_queued(0);
+        bus.wake_if_queued(1);
+        assert!(woken(&mut polls[0]));
+        assert!(!woken(&mut polls[1]), "core 1 has nothing queued");
+        bus.drain(0, |_| {});
+        bus.wake_if_queued(0);
+        assert!(!woken(&mut polls[0]), "taken already: no wake");
     }
 }

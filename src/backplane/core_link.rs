@@ -4,6 +4,14 @@
 //! burst; replies are read when the socket is readable and settle the publications, so a held
 //! ack is answered by the core itself, with no thread hand-off.
 //!
+//! Replies nobody waits for (no held ack among their publications) do not wake the core: while
+//! only such replies are due, the socket is registered for writability alone and the replies
+//! are read on the core's next turn, which comes soon anyway (this instance's subscriber hands
+//! the same publications back for local devices), or after [`LAZY_READ`] at the latest. So a
+//! message costs the core one wake-up less. Once nothing has been in flight for [`LAZY_READ`]
+//! the socket is registered for reading again, so a connection Redis closes while idle is
+//! noticed at once.
+//!
 //! Connection states: down (backing off until a time), connecting (non-blocking, with a
 //! deadline), up. After an outage, publications wait until this instance's subscriber is ready
 //! again plus one `reconnect_max` (other instances re-subscribe on their own schedule): a
@@ -21,6 +29,7 @@ use mio::{Interest, Registry, Token};
 
 use super::endpoint::Endpoint;
 use super::pipeline::{Encoding, Pipeline};
+use super::resp::ReadBuf;
 use super::{Backoff, Backplane};
 use crate::bus::{AckWaiter, Dispatch};
 
@@ -30,11 +39,23 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const GATE_POLL: Duration = Duration::from_millis(20);
 /// How long a stopping core keeps flushing what is queued (as the publisher thread).
 pub const STOP_FLUSH: Duration = Duration::from_secs(1);
+/// How long replies nobody waits for may sit unread when nothing else wakes the core.
+pub const LAZY_READ: Duration = Duration::from_millis(1);
 
 enum Conn {
-    Down { retry_at: Instant },
-    Connecting { stream: Socket, deadline: Instant },
-    Up { stream: Socket, writable: bool },
+    Down {
+        retry_at: Instant,
+    },
+    Connecting {
+        stream: Socket,
+        deadline: Instant,
+    },
+    Up {
+        stream: Socket,
+        writable: bool,
+        /// Registered for reading (see the module docs).
+        reading: bool,
+    },
 }
 
 /// What holds publications back after a reconnect.
@@ -55,7 +76,8 @@ pub struct CoreLink {
     pipe: Pipeline,
     enc: Encoding,
     conn: Conn,
-    parser: redis::Parser,
+    /// Replies read and not parsed yet.
+    buf: ReadBuf,
     backoff: Backoff,
     gate: Gate,
     ever_connected: bool,
@@ -65,6 +87,8 @@ pub struct CoreLink {
     reported_depth: usize,
     /// Since when unwritten publications wait for the batch window to pass.
     pending_since: Option<Instant>,
+    /// Since when nothing is in flight (see [`CoreLink::sync_interest`]).
+    idle_since: Option<Instant>,
 }
 
 impl CoreLink {
@@ -79,7 +103,7 @@ impl CoreLink {
             conn: Conn::Down {
                 retry_at: Instant::now(),
             },
-            parser: redis::Parser::new(),
+            buf: ReadBuf::default(),
             backoff: Backoff::new(
                 cfg.reconnect_min,
                 cfg.reconnect_max,
@@ -90,6 +114,7 @@ impl CoreLink {
             lost: false,
             reported_depth: 0,
             pending_since: None,
+            idle_since: None,
             token,
             bp: Arc::clone(bp),
         }
@@ -127,6 +152,9 @@ impl CoreLink {
         if self.bp.master_moved() && !matches!(self.conn, Conn::Down { .. }) {
             self.fail(registry, "the Redis master moved (Sentinel)");
         }
+        if matches!(self.conn, Conn::Up { reading: false, .. }) && self.pipe.awaiting_replies() {
+            self.read(registry);
+        }
         match &self.conn {
             Conn::Down { retry_at } if now >= *retry_at => self.connect(registry, now),
             Conn::Connecting { deadline, .. } if now >= *deadline => {
@@ -149,8 +177,44 @@ impl CoreLink {
             self.pipe.encode(&self.enc);
             self.flush(registry);
         }
+        self.sync_interest(registry, now);
         self.pipe.take_ready(ready);
         self.report();
+    }
+
+    /// Registers the socket for reading unless only replies nobody waits for are due.
+    /// Back to reading only once nothing has been in flight for [`LAZY_READ`]: between
+    /// messages a few hundred microseconds apart, the interest then stays as it is instead of
+    /// costing two `epoll_ctl` per message.
+    fn sync_interest(&mut self, registry: &Registry, now: Instant) {
+        if self.pipe.awaiting_replies() {
+            self.idle_since = None;
+        } else {
+            self.idle_since.get_or_insert(now);
+        }
+        let Conn::Up {
+            stream, reading, ..
+        } = &mut self.conn
+        else {
+            return;
+        };
+        let want = self.pipe.replies_urgent()
+            || self
+                .idle_since
+                .is_some_and(|t| *reading || now >= t + LAZY_READ);
+        if *reading == want {
+            return;
+        }
+        let interest = if want {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::WRITABLE
+        };
+        // Re-armed for reading, epoll reports replies that came meanwhile at once.
+        match registry.reregister(stream.tcp(), self.token, interest) {
+            Ok(()) => *reading = want,
+            Err(e) => self.fail(registry, &format!("reregister: {e}")),
+        }
     }
 
     /// Whether what waits may be written now: no batch window, or the first unwritten
@@ -168,19 +232,26 @@ impl CoreLink {
         let conn = match &self.conn {
             Conn::Down { retry_at } => Some(*retry_at),
             Conn::Connecting { deadline, .. } => Some(*deadline),
-            Conn::Up { .. } => self
-                .pending_since
-                .map(|t| t + self.bp.config.publish_batch_window),
+            Conn::Up { reading, .. } => {
+                let window = self
+                    .pending_since
+                    .map(|t| t + self.bp.config.publish_batch_window);
+                // Not reading: replies due are read within LAZY_READ, and reading resumes
+                // LAZY_READ after the last one.
+                let lazy = match (reading, self.idle_since) {
+                    (true, _) => None,
+                    (false, _) if self.pipe.awaiting_replies() => Some(now + LAZY_READ),
+                    (false, idle) => idle.map(|t| t + LAZY_READ),
+                };
+                earliest(window, lazy)
+            }
         };
         let gate = match self.gate {
             Gate::Open => None,
             Gate::Subscriber { give_up } => Some(give_up.min(now + GATE_POLL)),
             Gate::Until(t) => Some(t),
         };
-        match (conn, gate) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        earliest(conn, gate)
     }
 
     /// Nothing waits to be written or answered.
@@ -243,10 +314,11 @@ impl CoreLink {
             return;
         };
         let _ = stream.tcp().set_nodelay(true);
-        self.parser = redis::Parser::new();
+        self.buf.clear();
         self.conn = Conn::Up {
             stream,
             writable: true,
+            reading: true,
         };
         self.backoff.reset();
         self.bp.links_up.fetch_add(1, SeqCst);
@@ -267,33 +339,52 @@ impl CoreLink {
         self.lost = false;
     }
 
+    /// Reads the socket one large read at a time and settles a publication per reply; a read
+    /// that did not fill the buffer drained the socket (see [`ReadBuf::fill`]).
     fn read(&mut self, registry: &Registry) {
         loop {
             let Conn::Up { stream, .. } = &mut self.conn else {
                 return;
             };
-            match self.parser.parse_value(&mut *stream) {
-                Ok(value) => {
-                    if let Err(e) = self.pipe.on_reply(value) {
-                        return self.fail(registry, &e.to_string());
-                    }
-                    if let Some(rtt) = self.pipe.round_trip.take() {
-                        self.bp.stats.redis_round_trip.observe_duration(rtt);
-                    }
-                }
-                // WouldBlock: no complete reply buffered yet (the parser keeps the partial one).
-                Err(e) if e.is_timeout() => return,
+            // Plain TCP: a short read drained the socket. TLS: rustls hands out one record at a
+            // time, so only WouldBlock says the socket is drained.
+            let short_read_drains = stream.is_plain();
+            let more = match self.buf.fill(stream, short_read_drains) {
+                Ok(more) => more,
                 Err(e) => {
                     let why = super::endpoint::plain_words(&e.to_string());
                     return self.fail(registry, &format!("read: {why}"));
                 }
+            };
+            let settled = loop {
+                match self.buf.next() {
+                    Ok(Some(value)) => {
+                        if let Err(e) = self.pipe.on_reply(&value) {
+                            break Err(e.to_string());
+                        }
+                        if let Some(rtt) = self.pipe.round_trip.take() {
+                            self.bp.stats.redis_round_trip.observe_duration(rtt);
+                        }
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(_) => break Err("read: malformed reply".to_string()),
+                }
+            };
+            if let Err(why) = settled {
+                return self.fail(registry, &why);
+            }
+            if !more {
+                return;
             }
         }
     }
 
     /// Writes buffered bytes until done or WouldBlock.
     fn flush(&mut self, registry: &Registry) {
-        let Conn::Up { stream, writable } = &mut self.conn else {
+        let Conn::Up {
+            stream, writable, ..
+        } = &mut self.conn
+        else {
             return;
         };
         let out = self.pipe.out();
@@ -394,6 +485,14 @@ impl CoreLink {
             }
             self.reported_depth = depth;
         }
+    }
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -598,6 +697,78 @@ mod tests {
         assert!(first.elapsed() >= Duration::from_millis(60));
         assert_eq!(sent[0][..2], ["PUBLISH", "switchboard:u:a"]);
         assert_eq!(sent[1][..2], ["PUBLISH", "switchboard:u:b"]);
+        h.link.close(h.poll.registry());
+    }
+
+    #[test]
+    fn replies_nobody_waits_for_are_read_on_the_next_turn_without_a_wake() {
+        let (listener, port) = fake_redis();
+        let bp = Backplane::new(RedisConfig::new(format!("redis://127.0.0.1:{port}")), 1);
+        let mut h = Harness::new(&bp);
+        let mut peer = accept(&mut h, &listener);
+        for _ in 0..3 {
+            h.pump();
+        }
+        let reading = |h: &Harness| matches!(h.link.conn, Conn::Up { reading: true, .. });
+        assert!(reading(&h), "idle: a closed connection is noticed at once");
+
+        let d = Arc::new(crate::bus::encode_dispatch(vec!["a".into()], "e", &1).unwrap());
+        h.link.publish(&d, None);
+        let mut seen = Vec::new();
+        read_commands(&mut h, &mut peer, &mut seen, 1);
+        assert!(!reading(&h), "no ack waits on it");
+        let now = Instant::now();
+        assert!(
+            h.link.next_deadline(now) <= Some(now + LAZY_READ),
+            "read within LAZY_READ at the latest"
+        );
+        peer.write_all(b":1\r\n").unwrap();
+        h.poll
+            .poll(&mut h.events, Some(Duration::from_millis(50)))
+            .unwrap();
+        assert!(
+            !h.events
+                .iter()
+                .any(|e| e.token() == LINK && e.is_readable()),
+            "the reply does not wake the loop"
+        );
+        h.link.turn(h.poll.registry(), Instant::now(), &mut h.ready);
+        assert_eq!(bp.stats.published.load(Relaxed), 1, "read on the turn");
+        assert!(
+            !reading(&h),
+            "not yet: another publication may follow at once"
+        );
+        let idle = h
+            .link
+            .next_deadline(Instant::now())
+            .expect("a deadline to read again");
+        h.link.turn(h.poll.registry(), idle, &mut h.ready);
+        assert!(
+            reading(&h),
+            "nothing in flight for LAZY_READ: reading again"
+        );
+
+        // A held ack: its reply wakes the loop.
+        let w = Arc::new(AckWaiter::new(0, 1, 1, 5, serde_json::Value::Null, 1));
+        h.link.publish(&d, Some(&w));
+        read_commands(&mut h, &mut peer, &mut seen, 2);
+        assert!(reading(&h));
+        peer.write_all(b":1\r\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut woken = false;
+        while !woken && Instant::now() < deadline {
+            h.poll
+                .poll(&mut h.events, Some(Duration::from_millis(50)))
+                .unwrap();
+            woken = h
+                .events
+                .iter()
+                .any(|e| e.token() == LINK && e.is_readable());
+        }
+        assert!(woken, "the reply to a held ack wakes the loop");
+        h.link.on_event(h.poll.registry(), true, false);
+        h.link.turn(h.poll.registry(), Instant::now(), &mut h.ready);
+        assert!(h.ready.len() == 1 && h.ready[0].taken());
         h.link.close(h.poll.registry());
     }
 }

@@ -25,6 +25,7 @@ mod endpoint;
 mod history_worker;
 pub(crate) mod pipeline;
 pub mod publisher;
+pub(crate) mod resp;
 mod room_routes;
 mod rooms_worker;
 pub(crate) use rooms_worker::api_queries::{ApiQuery, ApiTarget};

@@ -10,8 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use redis::Value;
-
+use super::resp::{Item, Value};
 use super::{publisher, wire, Publication};
 use crate::bus::{AckWaiter, Dispatch};
 use crate::history::HistoryConfig;
@@ -56,9 +55,20 @@ struct Entry {
 enum Sent {
     /// `AUTH`, `SELECT` or `SCRIPT LOAD`: an error reply means the connection is unusable.
     Setup(&'static str),
-    /// A publishing command settling the next `n` publications of `sent`, encoded at the
-    /// instant given (for the round-trip histogram).
-    Publish(usize, std::time::Instant),
+    /// A publishing command settling the next `n` publications of `sent`; `acks`: one of
+    /// them holds a client's ack; `encoded_at`: when it was encoded (the round-trip histogram).
+    Publish {
+        n: usize,
+        acks: bool,
+        encoded_at: std::time::Instant,
+    },
+}
+
+impl Sent {
+    /// Whether someone waits for this reply: a setup command, or an ack held on it.
+    fn urgent(self) -> bool {
+        matches!(self, Sent::Setup(_) | Sent::Publish { acks: true, .. })
+    }
 }
 
 /// Why the connection must be dropped (everything in flight is kept and sent again).
@@ -73,15 +83,11 @@ pub(crate) enum ReplyError {
 }
 
 /// Whether a `ROLE` reply says "master".
-fn is_master(reply: &Value) -> bool {
+fn is_master(reply: &Value<'_>) -> bool {
     let Value::Array(items) = reply else {
         return false;
     };
-    match items.first() {
-        Some(Value::BulkString(role)) => role.as_slice() == b"master",
-        Some(Value::SimpleString(role)) => role == "master",
-        _ => false,
-    }
+    matches!(items.first(), Some(Item::Bulk(role) | Item::Simple(role)) if *role == b"master")
 }
 
 impl std::fmt::Display for ReplyError {
@@ -111,6 +117,8 @@ pub(crate) struct Pipeline {
     /// Written, in command order, waiting for their replies.
     sent: VecDeque<Entry>,
     commands: VecDeque<Sent>,
+    /// How many of `commands` are [`Sent::urgent`].
+    urgent: usize,
     out: Vec<u8>,
     bound: usize,
     next_seq: u64,
@@ -135,6 +143,7 @@ impl Pipeline {
             retry: VecDeque::new(),
             sent: VecDeque::new(),
             commands: VecDeque::new(),
+            urgent: 0,
             out: Vec::new(),
             bound: bound.max(1),
             next_seq: 0,
@@ -188,7 +197,9 @@ impl Pipeline {
     pub fn connected(&mut self, enc: &Encoding, handshake: &[u8], names: &[&'static str]) {
         self.out.clear();
         self.out.extend_from_slice(handshake);
-        self.commands.extend(names.iter().map(|&n| Sent::Setup(n)));
+        for &name in names {
+            self.sent_command(Sent::Setup(name));
+        }
         self.need_load = enc.history.is_some();
     }
 
@@ -206,7 +217,7 @@ impl Pipeline {
                 .arg("LOAD")
                 .arg(crate::history::APPEND_SCRIPT)
                 .write_packed_command(&mut self.out);
-            self.commands.push_back(Sent::Setup("SCRIPT LOAD"));
+            self.sent_command(Sent::Setup("SCRIPT LOAD"));
             self.need_load = false;
         }
         let encoded_at = std::time::Instant::now();
@@ -244,8 +255,15 @@ impl Pipeline {
                         &args,
                     )
                     .write_packed_command(&mut self.out);
-                    self.commands
-                        .push_back(Sent::Publish(call.len(), encoded_at));
+                    let acks = batch[call.clone()].iter().any(|p| p.waiter.is_some());
+                    let command = Sent::Publish {
+                        n: call.len(),
+                        acks,
+                        encoded_at,
+                    };
+                    // Not `sent_command`: `batch` borrows `sent`.
+                    self.urgent += usize::from(command.urgent());
+                    self.commands.push_back(command);
                 }
             }
             None => {
@@ -257,7 +275,13 @@ impl Pipeline {
                         .arg(wire::user_channel(&enc.prefix, &p.user))
                         .arg(&payload[..])
                         .write_packed_command(&mut self.out);
-                    self.commands.push_back(Sent::Publish(1, encoded_at));
+                    let command = Sent::Publish {
+                        n: 1,
+                        acks: p.waiter.is_some(),
+                        encoded_at,
+                    };
+                    self.urgent += usize::from(command.urgent());
+                    self.commands.push_back(command);
                 }
             }
         }
@@ -266,30 +290,32 @@ impl Pipeline {
     /// Matches one reply to the oldest command in flight and settles its publications. A
     /// `NOSCRIPT` error (Redis lost its script cache) queues them again behind a `SCRIPT LOAD`.
     /// An error means the caller drops the connection and calls [`Self::reset`].
-    pub fn on_reply(&mut self, value: Value) -> Result<(), ReplyError> {
+    pub fn on_reply(&mut self, value: &Value<'_>) -> Result<(), ReplyError> {
         let Some(command) = self.commands.pop_front() else {
             return Err(ReplyError::Unexpected);
         };
+        self.urgent -= usize::from(command.urgent());
+        let error = value.error().map(String::from_utf8_lossy);
         let n = match command {
             Sent::Setup(name) => {
-                return match value {
-                    Value::ServerError(e) => Err(ReplyError::Setup(name, e.to_string())),
+                return match error {
+                    Some(e) => Err(ReplyError::Setup(name, e.into_owned())),
                     // With Sentinel the link asks first: a demoted master would take PUBLISH
                     // (it is not a write) and its subscribers would never see it.
-                    ref v if name == "ROLE" && !is_master(v) => Err(ReplyError::Setup(
+                    None if name == "ROLE" && !is_master(value) => Err(ReplyError::Setup(
                         name,
                         "READONLY: this Redis is a replica, not the master".into(),
                     )),
-                    _ => Ok(()),
+                    None => Ok(()),
                 };
             }
-            Sent::Publish(n, encoded_at) => {
+            Sent::Publish { n, encoded_at, .. } => {
                 self.round_trip = Some(encoded_at.elapsed());
                 n.min(self.sent.len())
             }
         };
-        match value {
-            Value::ServerError(e) if e.code() == "NOSCRIPT" => {
+        match error {
+            Some(e) if e.starts_with("NOSCRIPT") => {
                 let again: Vec<Entry> = self.sent.drain(..n).collect();
                 self.retry.extend(again);
                 // Replies come in command order, but a reset may have left retries behind:
@@ -298,12 +324,13 @@ impl Pipeline {
                 self.need_load = true;
                 Ok(())
             }
-            Value::ServerError(e) => {
+            Some(e) => {
                 // Back where it came from: `reset` requeues it with the rest.
+                self.urgent += usize::from(command.urgent());
                 self.commands.push_front(command);
-                Err(ReplyError::Publish(e.to_string()))
+                Err(ReplyError::Publish(e.into_owned()))
             }
-            _ => {
+            None => {
                 for _ in 0..n {
                     if let Some(e) = self.sent.pop_front() {
                         self.published += 1;
@@ -321,6 +348,7 @@ impl Pipeline {
         self.retry.extend(self.sent.drain(..));
         self.retry.make_contiguous().sort_by_key(|e| e.seq);
         self.commands.clear();
+        self.urgent = 0;
         self.out.clear();
         self.need_load = false;
     }
@@ -338,6 +366,22 @@ impl Pipeline {
     /// Whether something waits to be encoded.
     pub fn has_unsent(&self) -> bool {
         !self.queued.is_empty() || !self.retry.is_empty()
+    }
+
+    /// Commands written and not answered yet.
+    pub fn awaiting_replies(&self) -> bool {
+        !self.commands.is_empty()
+    }
+
+    /// Whether a command in flight has a reply someone waits for (a setup command, a held
+    /// ack): the caller then reads replies as soon as they come.
+    pub fn replies_urgent(&self) -> bool {
+        self.urgent > 0
+    }
+
+    fn sent_command(&mut self, command: Sent) {
+        self.urgent += usize::from(command.urgent());
+        self.commands.push_back(command);
     }
 
     /// Nothing queued, nothing in flight.
@@ -362,6 +406,7 @@ impl Pipeline {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::backplane::resp::Item;
 
     fn dispatch(users: &[&str], text: &str) -> Arc<Dispatch> {
         let users = users.iter().map(|u| (*u).into()).collect();
@@ -388,12 +433,12 @@ pub(super) mod tests {
         let mut parser = redis::Parser::new();
         let mut rest = out;
         let mut all = Vec::new();
-        while let Ok(Value::Array(items)) = parser.parse_value(&mut rest) {
+        while let Ok(redis::Value::Array(items)) = parser.parse_value(&mut rest) {
             all.push(
                 items
                     .into_iter()
                     .map(|v| match v {
-                        Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
                         other => format!("{other:?}"),
                     })
                     .collect(),
@@ -402,10 +447,14 @@ pub(super) mod tests {
         all
     }
 
-    fn error(text: &str) -> Value {
-        let mut parser = redis::Parser::new();
-        let line = format!("-{text}\r\n");
-        parser.parse_value(line.as_bytes()).unwrap()
+    fn error(text: &'static str) -> Value<'static> {
+        Value::Item(Item::Error(text.as_bytes()))
+    }
+
+    const OK: Value<'static> = Value::Item(Item::Simple(b"OK"));
+
+    fn ids() -> Value<'static> {
+        Value::Array(Default::default())
     }
 
     fn texts(p: &Pipeline) -> Vec<String> {
@@ -453,14 +502,14 @@ pub(super) mod tests {
         for i in 0..3 {
             p.take_ready(&mut ready);
             assert!(ready.is_empty(), "ready after {i} replies");
-            p.on_reply(Value::Int(1)).unwrap();
+            p.on_reply(&Value::Item(Item::Int(1))).unwrap();
         }
         p.take_ready(&mut ready);
         assert_eq!(ready.len(), 1);
         assert!(w.taken());
         assert_eq!(p.published, 3);
         assert!(p.is_idle());
-        assert_eq!(p.on_reply(Value::Okay), Err(ReplyError::Unexpected));
+        assert_eq!(p.on_reply(&OK), Err(ReplyError::Unexpected));
     }
 
     #[test]
@@ -478,30 +527,30 @@ pub(super) mod tests {
         assert_eq!(names, ["AUTH", "SCRIPT", "EVALSHA", "EVALSHA"]);
         assert_eq!(sent[2][1], e.sha);
         assert_eq!(sent[2][2], "4", "two users, two keys each");
-        p.on_reply(Value::Okay).unwrap();
-        p.on_reply(Value::BulkString(e.sha.clone().into_bytes()))
+        p.on_reply(&OK).unwrap();
+        p.on_reply(&Value::Item(Item::Bulk(e.sha.as_bytes())))
             .unwrap();
-        p.on_reply(Value::Array(vec![])).unwrap();
+        p.on_reply(&ids()).unwrap();
         assert_eq!(p.published, 2);
-        p.on_reply(Value::Array(vec![])).unwrap();
+        p.on_reply(&ids()).unwrap();
         assert!(p.is_idle());
         // A failed AUTH makes the connection unusable.
         p.connected(&e, &auth, &["AUTH"]);
         assert!(matches!(
-            p.on_reply(error("WRONGPASS invalid")),
+            p.on_reply(&error("WRONGPASS invalid")),
             Err(ReplyError::Setup("AUTH", _))
         ));
         // With Sentinel, a link that reached a replica drops it.
-        let role = |r: &str| Value::Array(vec![Value::BulkString(r.as_bytes().to_vec())]);
+        let role = |r: &'static str| Value::Array([Item::Bulk(r.as_bytes())].into_iter().collect());
         p.reset();
         p.connected(&e, b"", &["ROLE"]);
         assert!(matches!(
-            p.on_reply(role("slave")),
+            p.on_reply(&role("slave")),
             Err(ReplyError::Setup("ROLE", _))
         ));
         p.reset();
         p.connected(&e, b"", &["ROLE"]);
-        assert_eq!(p.on_reply(role("master")), Ok(()));
+        assert_eq!(p.on_reply(&role("master")), Ok(()));
     }
 
     #[test]
@@ -513,10 +562,10 @@ pub(super) mod tests {
         p.push(&dispatch(&["c"], "3"), None);
         p.connected(&e, b"", &[]);
         p.encode(&e);
-        p.on_reply(Value::Int(0)).unwrap();
+        p.on_reply(&Value::Item(Item::Int(0))).unwrap();
         p.push(&dispatch(&["d"], "4"), None);
         assert!(matches!(
-            p.on_reply(error("OOM no memory")),
+            p.on_reply(&error("OOM no memory")),
             Err(ReplyError::Publish(_))
         ));
         p.reset();
@@ -559,10 +608,10 @@ pub(super) mod tests {
         p.connected(&e, b"", &[]);
         p.encode(&e);
         p.out().clear();
-        p.on_reply(Value::BulkString(vec![])).unwrap(); // SCRIPT LOAD
-        p.on_reply(Value::Array(vec![])).unwrap(); // a: stored
-        p.on_reply(error("NOSCRIPT No matching script")).unwrap();
-        p.on_reply(error("NOSCRIPT No matching script")).unwrap();
+        p.on_reply(&Value::Item(Item::Bulk(b""))).unwrap(); // SCRIPT LOAD
+        p.on_reply(&ids()).unwrap(); // a: stored
+        p.on_reply(&error("NOSCRIPT No matching script")).unwrap();
+        p.on_reply(&error("NOSCRIPT No matching script")).unwrap();
         assert_eq!(p.published, 1);
         assert_eq!(p.depth(), 2);
         p.encode(&e);
@@ -572,7 +621,7 @@ pub(super) mod tests {
         assert_eq!(sent[1][3], "sb:h:b");
         assert_eq!(sent[2][3], "sb:h:c");
         for _ in 0..3 {
-            p.on_reply(Value::Array(vec![])).unwrap();
+            p.on_reply(&ids()).unwrap();
         }
         assert_eq!(p.published, 3);
         assert!(p.is_idle());

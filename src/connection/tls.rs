@@ -38,6 +38,12 @@ pub struct TlsSocket {
 }
 
 impl Socket {
+    /// Plain TCP: a read shorter than asked means the kernel buffer is empty. Not so over TLS,
+    /// where a read stops at the end of a record.
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Socket::Plain(_))
+    }
+
     /// The client side of TLS to `name` over a connected (or connecting) socket.
     pub fn tls_client(
         tcp: TcpStream,

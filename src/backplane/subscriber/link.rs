@@ -1,5 +1,5 @@
-//! One Redis link of the subscriber: a non-blocking socket in subscribed mode with its RESP
-//! parser, the commands queued for it, and its PING/PONG keepalive. What a reply means is read
+//! One Redis link of the subscriber: a non-blocking socket in subscribed mode with its read
+//! buffer (parsed in place by [`crate::backplane::resp`]), the commands queued for it, and its PING/PONG keepalive. What a reply means is read
 //! in [`super::reply`]; the links of every shard are kept in [`super::shards`].
 
 use std::io::{self, Write};
@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
-use redis::Value;
 
 use crate::backplane::endpoint::Endpoint;
+use crate::backplane::resp::ReadBuf;
 use crate::connection::Socket;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
@@ -110,7 +110,8 @@ impl LinkState {
 pub(super) struct RedisLink {
     /// Plain TCP, or TLS for `rediss://` (`Endpoint::wrap`).
     stream: Socket,
-    parser: redis::Parser,
+    /// Bytes read and not parsed yet: the subscriber takes it out while it acts on replies.
+    pub buf: ReadBuf,
     pub state: LinkState,
 }
 
@@ -134,14 +135,16 @@ impl RedisLink {
         endpoint.write_auth(&mut out);
         Ok(RedisLink {
             stream,
-            parser: redis::Parser::new(),
+            buf: ReadBuf::default(),
             state: LinkState::new(out, Instant::now()),
         })
     }
 
-    /// The next complete reply; a timeout error means no complete reply is buffered yet.
-    pub fn read(&mut self) -> redis::RedisResult<Value> {
-        self.parser.parse_value(&mut self.stream)
+    /// Reads once into the buffer; `Ok(true)` when more may be waiting (see [`ReadBuf::fill`]).
+    pub fn fill(&mut self) -> io::Result<bool> {
+        // TLS reads stop at a record: only WouldBlock says the socket is drained.
+        let short_read_drains = self.stream.is_plain();
+        self.buf.fill(&mut self.stream, short_read_drains)
     }
 
     /// Takes the socket off the poll and closes it.
@@ -177,6 +180,7 @@ impl RedisLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redis::Value;
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())

@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mio::{Events, Poll, Token, Waker};
-use redis::Value;
 use smallvec::SmallVec;
 
 use self::link::Keepalive;
@@ -43,6 +42,7 @@ use self::resync::ResyncGate;
 use self::routing::{Hosts, OwnPayloads};
 use self::shards::Links;
 use self::subscriptions::Subscriptions;
+use super::resp::Value;
 use super::room_routes::{ChannelChanges, RoomRoutes};
 use super::wire;
 use super::{Backplane, Job, RoomAck, RoomJob};
@@ -143,6 +143,8 @@ impl Subscriber {
             self.take_replays();
             self.keepalive();
             self.flush();
+            // Whatever this turn queued (a resync releasing held frames, say) wakes its core.
+            self.wake_cores();
         }
         self.bp.stats.subscriber_connected.store(0, Relaxed);
     }
@@ -264,20 +266,41 @@ impl Subscriber {
         }
     }
 
+    /// Reads what shard `i`'s socket holds, one large read at a time, and acts on every
+    /// complete reply. A read that did not fill the buffer drained the socket: no further
+    /// read only to hear `WouldBlock` (the poll is edge-triggered and reports later data).
     fn read_all(&mut self, i: usize) {
         loop {
             let Some(link) = self.links.link(i) else {
                 return;
             };
-            match link.read() {
-                Ok(value) => self.on_value(i, value),
-                Err(e) if e.is_timeout() => return,
-                Err(e) => {
-                    // Includes Redis closing the connection, e.g. a subscriber over its
-                    // client-output-buffer-limit.
-                    self.disconnect(i, &format!("read failed: {e}"));
+            let more = match link.fill() {
+                Ok(more) => more,
+                // Includes Redis closing the connection, e.g. a subscriber over its
+                // client-output-buffer-limit.
+                Err(e) => return self.disconnect(i, &format!("read failed: {e}")),
+            };
+            // The replies borrow the buffer while they change the subscriber: take it out
+            // (no allocation) and put it back unless the link went meanwhile.
+            let mut buf = std::mem::take(&mut link.buf);
+            loop {
+                match buf.next() {
+                    Ok(Some(value)) => self.on_value(i, value),
+                    Ok(None) => break,
+                    Err(_) => return self.disconnect(i, "read failed: malformed reply"),
+                }
+                if self.links.link(i).is_none() {
                     return;
                 }
+            }
+            // Each core is woken once for what this read brought.
+            self.wake_cores();
+            match self.links.link(i) {
+                Some(link) => link.buf = buf,
+                None => return,
+            }
+            if !more {
+                return;
             }
         }
     }
@@ -310,8 +333,8 @@ impl Subscriber {
         }
     }
 
-    fn on_value(&mut self, i: usize, value: Value) {
-        let items = match reply::resp(value) {
+    fn on_value(&mut self, i: usize, value: Value<'_>) {
+        let items = match reply::resp(&value) {
             Resp::Items(items) => items,
             Resp::Pong => return self.on_pong(i),
             Resp::Status => return, // AUTH
@@ -329,7 +352,7 @@ impl Subscriber {
                 return;
             }
         };
-        match reply::classify(&items) {
+        match reply::classify(items) {
             None => {}
             Some(Reply::Message { channel, payload }) => self.on_message(channel, payload),
             Some(Reply::Subscribed { channel, count }) => {

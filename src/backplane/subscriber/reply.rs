@@ -1,13 +1,13 @@
 //! RESP replies on a subscribed link: what each one means to the subscriber (a publication, a
 //! confirmed (un)subscription, a PONG, a moved slot, an error), read without any I/O.
 
-use redis::Value;
+use crate::backplane::resp::{Item, Value};
 
 /// A reply read from a subscribed link, before looking into its items.
 #[derive(Debug, PartialEq)]
-pub(super) enum Resp {
+pub(super) enum Resp<'v, 'a> {
     /// A push or array reply: see [`classify`].
-    Items(Vec<Value>),
+    Items(&'v [Item<'a>]),
     /// `+PONG`: outside subscribed mode (no channel yet) PING answers so.
     Pong,
     /// `+OK` or another status (AUTH).
@@ -17,28 +17,23 @@ pub(super) enum Resp {
     /// Any other error, as text.
     ServerError(String),
     /// Nothing the subscriber expects.
-    Unexpected(Value),
+    Unexpected(Item<'a>),
 }
 
 /// Sorts a reply by its RESP type.
-pub(super) fn resp(value: Value) -> Resp {
+pub(super) fn resp<'v, 'a>(value: &'v Value<'a>) -> Resp<'v, 'a> {
     match value {
         Value::Array(items) => Resp::Items(items),
-        Value::Push { kind, mut data } => {
-            data.insert(0, Value::BulkString(kind.to_string().into_bytes()));
-            Resp::Items(data)
-        }
-        Value::SimpleString(s) if s.eq_ignore_ascii_case("pong") => Resp::Pong,
-        Value::Okay | Value::SimpleString(_) => Resp::Status,
-        Value::ServerError(e) => {
-            let text = format!("{e:?}");
-            if text.contains("MOVED") || text.contains("ASK") {
+        Value::Item(Item::Simple(s)) if s.eq_ignore_ascii_case(b"pong") => Resp::Pong,
+        Value::Item(Item::Simple(_)) => Resp::Status,
+        Value::Item(Item::Error(e)) => {
+            if e.starts_with(b"MOVED") || e.starts_with(b"ASK") {
                 Resp::Moved
             } else {
-                Resp::ServerError(text)
+                Resp::ServerError(String::from_utf8_lossy(e).into_owned())
             }
         }
-        other => Resp::Unexpected(other),
+        Value::Item(other) => Resp::Unexpected(*other),
     }
 }
 
@@ -63,36 +58,27 @@ pub(super) enum Reply<'a> {
 }
 
 /// Reads the items of a push or array reply; `None` when there is no kind to go by.
-pub(super) fn classify(items: &[Value]) -> Option<Reply<'_>> {
+pub(super) fn classify<'a>(items: &[Item<'a>]) -> Option<Reply<'a>> {
     let kind = match items.first() {
-        Some(Value::BulkString(k)) => k.as_slice(),
-        Some(Value::SimpleString(k)) => k.as_bytes(),
+        Some(Item::Bulk(k) | Item::Simple(k)) => *k,
         _ => return None,
     };
     Some(match (kind, items) {
-        (b"message" | b"smessage", [_, Value::BulkString(ch), Value::BulkString(payload)]) => {
-            Reply::Message {
-                channel: ch,
-                payload,
-            }
+        (b"message" | b"smessage", [_, Item::Bulk(channel), Item::Bulk(payload)])
+        | (b"pmessage", [_, _, Item::Bulk(channel), Item::Bulk(payload)]) => {
+            Reply::Message { channel, payload }
         }
-        (b"pmessage", [_, _, Value::BulkString(ch), Value::BulkString(payload)]) => {
-            Reply::Message {
-                channel: ch,
-                payload,
-            }
-        }
-        (b"subscribe" | b"ssubscribe", [_, Value::BulkString(ch), Value::Int(count)]) => {
+        (b"subscribe" | b"ssubscribe", [_, Item::Bulk(channel), Item::Int(count)]) => {
             Reply::Subscribed {
-                channel: ch,
+                channel,
                 count: *count,
             }
         }
-        (b"subscribe" | b"unsubscribe" | b"ssubscribe", [_, _, Value::Int(count)]) => {
+        (b"subscribe" | b"unsubscribe" | b"ssubscribe", [_, _, Item::Int(count)]) => {
             Reply::Count(*count)
         }
-        (b"sunsubscribe", [_, Value::BulkString(ch), Value::Int(count)]) => Reply::SUnsubscribed {
-            channel: ch,
+        (b"sunsubscribe", [_, Item::Bulk(channel), Item::Int(count)]) => Reply::SUnsubscribed {
+            channel,
             count: *count,
         },
         (b"pong", _) => Reply::Pong,
@@ -103,27 +89,34 @@ pub(super) fn classify(items: &[Value]) -> Option<Reply<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backplane::resp::parse;
 
-    fn bulk(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
+    fn bulk(s: &str) -> Item<'_> {
+        Item::Bulk(s.as_bytes())
+    }
+
+    fn value(wire: &[u8]) -> Value<'_> {
+        parse(wire).unwrap().unwrap().0
     }
 
     #[test]
     fn replies_are_sorted_by_type() {
         assert_eq!(
-            resp(Value::SimpleString("PONG".into())),
+            resp(&value(b"+PONG\r\n")),
             Resp::Pong,
             "PING outside subscribed mode"
         );
-        assert_eq!(resp(Value::Okay), Resp::Status);
-        assert_eq!(resp(Value::Int(1)), Resp::Unexpected(Value::Int(1)));
-        let push = resp(Value::Push {
-            kind: redis::PushKind::Message,
-            data: vec![bulk("sb:u:a"), bulk("x")],
-        });
+        assert_eq!(resp(&value(b"+OK\r\n")), Resp::Status);
+        assert_eq!(resp(&value(b":1\r\n")), Resp::Unexpected(Item::Int(1)));
+        assert_eq!(resp(&value(b"-MOVED 3999 127.0.0.1:6381\r\n")), Resp::Moved);
         assert_eq!(
-            push,
-            Resp::Items(vec![bulk("message"), bulk("sb:u:a"), bulk("x")])
+            resp(&value(b"-LOADING Redis is loading\r\n")),
+            Resp::ServerError("LOADING Redis is loading".into())
+        );
+        let push = value(b">3\r\n$7\r\nmessage\r\n$6\r\nsb:u:a\r\n$1\r\nx\r\n");
+        assert_eq!(
+            resp(&push),
+            Resp::Items(&[bulk("message"), bulk("sb:u:a"), bulk("x")])
         );
     }
 
@@ -147,7 +140,7 @@ mod tests {
                 payload: b"p"
             })
         );
-        let items = [bulk("ssubscribe"), bulk("sb:u:a"), Value::Int(3)];
+        let items = [bulk("ssubscribe"), bulk("sb:u:a"), Item::Int(3)];
         assert_eq!(
             classify(&items),
             Some(Reply::Subscribed {
@@ -155,11 +148,11 @@ mod tests {
                 count: 3
             })
         );
-        let items = [bulk("unsubscribe"), bulk("sb:u:a"), Value::Int(2)];
+        let items = [bulk("unsubscribe"), bulk("sb:u:a"), Item::Int(2)];
         assert_eq!(classify(&items), Some(Reply::Count(2)));
-        let items = [bulk("subscribe"), Value::Nil, Value::Int(0)];
+        let items = [bulk("subscribe"), Item::Nil, Item::Int(0)];
         assert_eq!(classify(&items), Some(Reply::Count(0)));
-        let items = [bulk("sunsubscribe"), bulk("sb:u:a"), Value::Int(1)];
+        let items = [bulk("sunsubscribe"), bulk("sb:u:a"), Item::Int(1)];
         assert_eq!(
             classify(&items),
             Some(Reply::SUnsubscribed {
@@ -169,9 +162,9 @@ mod tests {
         );
         let items = [bulk("pong"), bulk("")];
         assert_eq!(classify(&items), Some(Reply::Pong));
-        let items = [Value::SimpleString("punsubscribe".into()), Value::Int(0)];
+        let items = [Item::Simple(b"punsubscribe"), Item::Int(0)];
         assert_eq!(classify(&items), Some(Reply::Ignored(b"punsubscribe")));
-        assert_eq!(classify(&[Value::Int(1)]), None);
+        assert_eq!(classify(&[Item::Int(1)]), None);
         assert_eq!(classify(&[]), None);
     }
 }

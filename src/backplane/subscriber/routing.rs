@@ -114,9 +114,11 @@ impl OwnPayloads {
     }
 }
 
-/// Sends `msg` to `core`, counting a delivery or an inbox drop.
+/// Queues `msg` for `core`, counting a delivery or an inbox drop. The core is not woken here:
+/// the subscriber wakes each core once for everything one read brought
+/// ([`Subscriber::wake_cores`]), not once per publication.
 fn send(bus: &Bus, stats: &BackplaneStats, core: usize, msg: CoreMsg) {
-    if bus.send(core, msg) {
+    if bus.push(core, msg) {
         stats.delivered.fetch_add(1, Relaxed);
     } else {
         stats.inbox_drops.fetch_add(1, Relaxed);
@@ -206,6 +208,13 @@ pub(super) fn to_room(
 }
 
 impl Subscriber {
+    /// Wakes every core that has publications waiting in its inbox.
+    pub(super) fn wake_cores(&self) {
+        for core in 0..self.bus.cores() {
+            self.bus.wake_if_queued(core);
+        }
+    }
+
     /// Reads a publication and hands its frame to the cores that host its users.
     pub(super) fn on_message(&mut self, channel: &[u8], payload: &[u8]) {
         let bp = Arc::clone(&self.bp);
