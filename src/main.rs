@@ -190,6 +190,18 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL", default_value = "30s", value_parser = parse_duration)]
     presence_ttl: Duration,
 
+    /// Messages kept per room (a room message is stored once, in the room's history).
+    #[arg(long, env = "SWITCHBOARD_ROOM_HISTORY_MAX_LEN", default_value_t = rooms::DEFAULT_ROOM_HISTORY_MAX_LEN)]
+    room_history_max_len: usize,
+
+    /// How long room messages are kept (ms, s, m or h).
+    #[arg(long, env = "SWITCHBOARD_ROOM_HISTORY_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    room_history_max_age: Duration,
+
+    /// Bytes of messages kept per room; the oldest go first (the newest is always kept).
+    #[arg(long, env = "SWITCHBOARD_ROOM_HISTORY_MAX_BYTES", default_value_t = rooms::DEFAULT_ROOM_HISTORY_MAX_BYTES)]
+    room_history_max_bytes: usize,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     log_level: String,
@@ -293,6 +305,11 @@ impl Cli {
                 max_room_name_bytes: self.max_room_name_bytes,
                 max_devices: self.max_devices,
                 presence_ttl: self.presence_ttl,
+                history: rooms::RoomHistoryConfig {
+                    max_len: self.room_history_max_len,
+                    max_age: self.room_history_max_age,
+                    max_bytes: self.room_history_max_bytes,
+                },
             },
         }
     }

@@ -270,7 +270,8 @@ pub fn event_message(data: Option<&RawValue>) -> Result<&RawValue, &'static str>
     }
 }
 
-/// A CONNECT payload: `{"token": "...", "since": "<offset>"}`, both optional.
+/// A CONNECT payload: `{"token": "...", "since": "<offset>", "rooms": {"<room>": "<offset>"}}`,
+/// each optional.
 #[derive(Debug, Default, PartialEq, Eq, serde::Deserialize)]
 pub struct ConnectAuth {
     /// Checked like the native endpoint's token.
@@ -279,6 +280,9 @@ pub struct ConnectAuth {
     /// Resume after this offset, like the native `?since=`.
     #[serde(default)]
     pub since: Option<String>,
+    /// Resume each room's history after its offset, like the native `?rooms=`.
+    #[serde(default)]
+    pub rooms: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// The auth object of a CONNECT (empty when absent); the error is the reason for the client.
@@ -398,6 +402,8 @@ pub struct Session {
     pub request_token: Option<Box<str>>,
     /// `?since=` of the upgrade request: the resume starts at the first CONNECT.
     pub since: Option<Box<str>>,
+    /// `?rooms=` of the upgrade request, resumed at the first CONNECT too.
+    pub rooms: Option<Box<str>>,
     /// While no namespace is joined: when the connection is closed unless one is.
     pub connect_by: Option<Instant>,
     /// Binary frames still to drop: the attachments of a refused binary packet.
@@ -406,12 +412,18 @@ pub struct Session {
 
 impl Session {
     /// A session that must CONNECT by `connect_by`.
-    pub fn new(request_token: Option<String>, since: Option<String>, connect_by: Instant) -> Self {
+    pub fn new(
+        request_token: Option<String>,
+        since: Option<String>,
+        rooms: Option<String>,
+        connect_by: Instant,
+    ) -> Self {
         Session {
             namespaces: Namespaces::default(),
             reply_to: Namespace::Root,
             request_token: request_token.map(String::into_boxed_str),
             since: since.map(String::into_boxed_str),
+            rooms: rooms.map(String::into_boxed_str),
             connect_by: Some(connect_by),
             skip_binary: 0,
         }

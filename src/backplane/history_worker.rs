@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Backoff, Backplane, Job, PageRequest, PublishRequest, ReplayRequest};
-use crate::bus::{Bus, CoreMsg, PageResult, PublishResult, ReplayResult};
+use crate::bus::{Bus, CoreMsg, PageError, PageResult, PublishResult, ReplayResult};
 use crate::history::{self, HistoryConfig, Offset, Replay};
 use crate::UserId;
 
@@ -34,13 +34,22 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
         let request = match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(Job::Replay(r)) => r,
             Ok(Job::Page(p)) => {
-                let result = connected(&mut conn, &bp)
-                    .and_then(|c| page(c, &bp.config.channel_prefix, &p, &config))
+                let prefix = &bp.config.channel_prefix;
+                let result = match (connected(&mut conn, &bp), &p.room) {
+                    (Ok(c), None) => page(c, prefix, &p, &config).map(Some),
+                    (Ok(c), Some(room)) => {
+                        let rooms = bp.rooms().map(|r| r.history.clone()).unwrap_or_default();
+                        super::room_history::page(c, prefix, room, &p, &rooms)
+                    }
+                    (Err(e), _) => Err(e),
+                };
+                let result = result
                     .map_err(|e| {
                         conn = None;
                         sha = None;
-                        e.to_string()
-                    });
+                        PageError::Unavailable(e.to_string())
+                    })
+                    .and_then(|page| page.ok_or(PageError::NotMember));
                 let answer = PageResult {
                     key: p.key,
                     serial: p.serial,
@@ -76,8 +85,14 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
         if Instant::now() >= request.deadline {
             continue;
         }
-        let result = connected(&mut conn, &bp)
-            .and_then(|c| query(c, &bp.config.channel_prefix, &request, &config));
+        let prefix = &bp.config.channel_prefix;
+        let result = connected(&mut conn, &bp).and_then(|c| match &request.room {
+            None => query(c, prefix, &request, &config),
+            Some(room) => {
+                let rooms = bp.rooms().map(|r| r.history.clone()).unwrap_or_default();
+                super::room_history::replay(c, prefix, room, request.since, &rooms)
+            }
+        });
         let replay = match result {
             Ok(replay) => {
                 backoff.reset();
@@ -99,6 +114,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
         let result = ReplayResult {
             key: request.key,
             serial: request.serial,
+            room: request.room,
             replay,
         };
         if !bus.send(request.core, CoreMsg::Replayed(Box::new(result))) {

@@ -25,6 +25,7 @@ mod endpoint;
 mod history_worker;
 pub(crate) mod pipeline;
 pub mod publisher;
+mod room_history;
 mod room_routes;
 mod rooms_worker;
 pub mod subscriber;
@@ -106,6 +107,9 @@ pub struct Publication {
 pub struct ReplayRequest {
     /// The user.
     pub user: UserId,
+    /// The room whose history to replay (run once the room's channel routes to this instance
+    /// for the user, refused when the user is not in it); `None`: the user's own history.
+    pub room: Option<RoomId>,
     /// The offset the client has.
     pub since: Offset,
     /// The core owning the connection.
@@ -124,6 +128,8 @@ pub struct ReplayRequest {
 pub struct PageRequest {
     /// The user.
     pub user: UserId,
+    /// The room whose history to page (members only); `None`: the user's own.
+    pub room: Option<RoomId>,
     /// Only events before this offset.
     pub before: Option<Offset>,
     /// At most this many.
@@ -168,6 +174,9 @@ pub(crate) struct RoomTarget {
     pub key: usize,
     pub serial: u64,
     pub ack: Option<u64>,
+    /// `joinRoom` with `since`: once joined, resume the room's history after it (`Some(None)`:
+    /// not an offset, answered `complete: false`).
+    pub resume: Option<Option<Offset>>,
 }
 
 /// Work for the rooms worker.

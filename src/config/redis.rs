@@ -96,8 +96,9 @@ impl RedisConfig {
                 return Err(format!("--redis-cluster: {node:?} is not host:port"));
             }
         }
-        if self.channel_prefix.is_empty() || self.channel_prefix.contains(':') {
-            return Err("--redis-prefix must be non-empty and contain no ':'".into());
+        // Braces would change the Redis Cluster hash tags the key names rely on.
+        if self.channel_prefix.is_empty() || self.channel_prefix.contains([':', '{', '}']) {
+            return Err("--redis-prefix must be non-empty and contain no ':', '{' or '}'".into());
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use tungstenite::Utf8Bytes;
 use super::mode::History;
 use super::{CoreLoop, API_WAIT};
 use crate::api::{self, ApiError};
-use crate::bus::{Dispatch, PageResult, PublishResult};
+use crate::bus::{Dispatch, PageError, PageResult, PublishResult};
 use crate::connection::{BodyOutcome, Connection};
 use crate::handlers::Args;
 use crate::history::{self, Offset};
@@ -18,7 +18,8 @@ use crate::metrics::{add, Closed};
 use crate::protocol::{self, ErrorCode};
 
 impl CoreLoop {
-    /// `GET /api/history?limit=&before=` with the user's token: the user's events, newest first.
+    /// `GET /api/history?limit=&before=&room=` with the user's token: the user's events (or,
+    /// with `room`, the room's messages, for members only), newest first.
     pub(super) fn api_history(&mut self, key: usize, req: Request) {
         let shared = Arc::clone(&self.shared);
         let Some(history) = shared.mode().history() else {
@@ -35,17 +36,24 @@ impl CoreLoop {
             Ok(q) => q,
             Err(e) => return self.reply(key, e.response(), &[]),
         };
+        let room = match self.page_room(req.query_param("room").as_deref()) {
+            Ok(room) => room,
+            Err(message) => return self.reply(key, api::json_error(400, &message), &[]),
+        };
         let bp = match history {
             History::Embedded(store) => {
-                let page = store.page(&user, before, limit, crate::types::now_ms());
-                let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
-                return self.reply(key, api::json_ok(&history::page_json(&frames)), &[]);
+                let response = match self.embedded_page(store, &user, room, before, limit) {
+                    Ok(frames) => api::json_ok(&history::page_json(&frames)),
+                    Err(_) => api::json_error(403, "not a member of the room"),
+                };
+                return self.reply(key, response, &[]);
             }
             History::Redis(bp) => bp,
         };
         let serial = self.wait(key);
         let asked = bp.request_page(crate::backplane::PageRequest {
             user,
+            room,
             before,
             limit,
             core: self.id,
@@ -56,6 +64,46 @@ impl CoreLoop {
         if !asked {
             self.reply(key, api::json_error(503, "history unavailable"), &[]);
         }
+    }
+
+    /// The room a history page is for: `None` for the user's own history; an error message for
+    /// a name that is not a room's (or rooms being off).
+    fn page_room(&self, room: Option<&str>) -> Result<Option<crate::rooms::RoomId>, String> {
+        let config = &self.shared.config;
+        let max = config.rooms.max_room_name_bytes;
+        match room {
+            None => Ok(None),
+            Some(_) if !config.rooms_active() => Err("rooms are off".into()),
+            Some(r) if crate::rooms::valid_room(r, max) => Ok(Some(r.into())),
+            Some(_) => Err(crate::rooms::bad_room_message(max)),
+        }
+    }
+
+    /// A page of embedded history: the user's own, or a room's for a member.
+    fn embedded_page(
+        &self,
+        store: &history::MemoryHistory,
+        user: &crate::UserId,
+        room: Option<crate::rooms::RoomId>,
+        before: Option<Offset>,
+        limit: usize,
+    ) -> Result<Vec<Utf8Bytes>, PageError> {
+        let now = crate::types::now_ms();
+        let page = match room {
+            None => store.page(user, before, limit, now),
+            Some(room) => {
+                let shared = &self.shared;
+                let member = shared
+                    .rooms
+                    .as_ref()
+                    .is_some_and(|r| r.is_member(user, &room));
+                match (&shared.room_history, member) {
+                    (Some(rooms), true) => rooms.page(&room, before, limit, now),
+                    _ => return Err(PageError::NotMember),
+                }
+            }
+        };
+        Ok(page.into_iter().map(|(_, f)| f).collect())
     }
 
     /// Parks an HTTP connection until another thread answers; returns the serial to answer to.
@@ -149,7 +197,14 @@ impl CoreLoop {
                     Ok(frames) => self.answer(page.key, Some(ack), |a| {
                         history::encode_page_ack(a, &frames)
                     }),
-                    Err(e) => {
+                    Err(PageError::NotMember) => {
+                        add(&self.metrics().client_errors, 1);
+                        self.answer(page.key, Some(ack), |a| {
+                            let code = ErrorCode::NotMember.as_str();
+                            protocol::encode_error(a, code, "not a member of the room")
+                        })
+                    }
+                    Err(PageError::Unavailable(e)) => {
                         let message = format!("history unavailable: {e}");
                         self.answer(page.key, Some(ack), |a| {
                             protocol::encode_error(a, ErrorCode::Internal.as_str(), &message)
@@ -160,7 +215,10 @@ impl CoreLoop {
             Some(Connection::Waiting(w)) if w.serial == page.serial => {
                 let response = match page.result {
                     Ok(frames) => api::json_ok(&history::page_json(&frames)),
-                    Err(e) => ApiError::new(503, format!("history unavailable: {e}")).response(),
+                    Err(PageError::NotMember) => api::json_error(403, "not a member of the room"),
+                    Err(PageError::Unavailable(e)) => {
+                        ApiError::new(503, format!("history unavailable: {e}")).response()
+                    }
                 };
                 self.reply(page.key, response, &[]);
             }
@@ -182,7 +240,8 @@ impl CoreLoop {
         self.reply(published.key, response, &[]);
     }
 
-    /// `history {limit, before}` with an ack: the user's events, newest first, in the ack.
+    /// `history {limit, before, room}` with an ack: the user's events (or the room's, for a
+    /// member), newest first, in the ack.
     pub(super) fn on_history(
         &mut self,
         key: usize,
@@ -220,11 +279,24 @@ impl CoreLoop {
             Some(Ok(b)) => Some(b),
             Some(Err(_)) => return error(self, "before is not an offset"),
         };
+        let room = match self.page_room(page_args.room.as_deref()) {
+            Ok(room) => room,
+            Err(message) => {
+                add(&self.metrics().client_errors, 1);
+                return self.answer(key, Some(ack), |a| {
+                    protocol::encode_error(a, ErrorCode::BadRoom.as_str(), &message)
+                });
+            }
+        };
         let bp = match shared.mode().history() {
             Some(History::Embedded(store)) => {
-                let page = store.page(user, before, limit, crate::types::now_ms());
-                let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
-                return self.answer(key, Some(ack), |a| history::encode_page_ack(a, &frames));
+                let result = self.embedded_page(store, user, room, before, limit);
+                return self.on_page(PageResult {
+                    key,
+                    serial: self.conns.get_open(key).map_or(0, |o| o.serial),
+                    ack: Some(ack),
+                    result,
+                });
             }
             Some(History::Redis(bp)) => Some(bp),
             None => None,
@@ -236,6 +308,7 @@ impl CoreLoop {
         let asked = bp.is_some_and(|bp| {
             bp.request_page(crate::backplane::PageRequest {
                 user: user.clone(),
+                room,
                 before,
                 limit,
                 core: self.id,

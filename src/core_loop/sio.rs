@@ -176,17 +176,30 @@ impl CoreLoop {
         };
         session.namespaces.insert(ns);
         session.connect_by = None;
-        let since = if first {
-            auth.since
-                .or_else(|| session.since.take().map(String::from))
+        let (since, rooms_query) = if first {
+            let since = auth
+                .since
+                .or_else(|| session.since.take().map(String::from));
+            (since, session.rooms.take())
         } else {
-            None
+            (None, None)
         };
         self.write_text(key, Utf8Bytes::from(socketio::connect_ok(ns, &sid)));
         log::debug!("core={} conn={key} user={user} joined {nsp}", self.id);
         if let Some(since) = since {
             self.begin_recovery(key, since.parse().ok());
         }
+        let c = &self.shared.config.rooms;
+        let (max_name, max_rooms) = (c.max_room_name_bytes, c.max_rooms_per_user);
+        let rooms = match (auth.rooms.filter(|_| first), rooms_query) {
+            (Some(map), _) => {
+                let pairs = map.iter().map(|(r, o)| (r.as_str(), o.as_str()));
+                crate::rooms::rooms_from_map(pairs, max_name, max_rooms)
+            }
+            (None, Some(query)) => crate::rooms::parse_rooms_query(&query, max_name, max_rooms),
+            (None, None) => Vec::new(),
+        };
+        self.resume_rooms(key, rooms);
     }
 
     /// Leaves `ns`; with no namespace left the connection leaves the user index and must

@@ -339,8 +339,9 @@ impl Subscriber {
                     }
                     _ => {
                         if let Some(room) = wire::room_of_channel(prefix, channel) {
-                            for user in self.routes.confirmed(room) {
-                                self.resync(user);
+                            let room = crate::rooms::RoomId::from(room);
+                            for user in self.routes.confirmed(&room) {
+                                self.resync(user, &room);
                             }
                         }
                     }
