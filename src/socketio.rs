@@ -502,6 +502,10 @@ mod tests {
             (auth.token.as_deref(), auth.since.as_deref()),
             (Some("t"), Some("1-2"))
         );
+        let auth = connect_auth(packet(r#"0{"rooms":{"general":"1-2"}}"#).data).unwrap();
+        let rooms = auth.rooms.expect("rooms");
+        assert_eq!(rooms.get("general").map(String::as_str), Some("1-2"));
+        assert!(connect_auth(packet(r#"0{"rooms":["general"]}"#).data).is_err());
         assert!(connect_auth(packet(r#"0{"token":5}"#).data).is_err());
         assert!(connect_auth(packet("0[1]").data).is_err());
     }
