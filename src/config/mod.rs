@@ -271,9 +271,11 @@ impl Config {
     }
 
     /// Whether rooms, presence and the device limit are in force: embedded, or per-user routing
-    /// on a single Redis. A room message's history append touches every member's stream in one
-    /// script, which a Redis Cluster cannot run across slots, and the seed format has no room
-    /// channel; there the room events are unknown events and the binary says so at startup.
+    /// on a single Redis. A room's message and history share the room's hash slot, but the
+    /// membership and presence scripts still touch keys of several slots (a user's rooms and a
+    /// room's members; every instance's counts of a user), which a Redis Cluster cannot run in
+    /// one script, and the seed format has no room channel; there the room events are unknown
+    /// events and the binary says so at startup.
     pub fn rooms_active(&self) -> bool {
         self.backplane
             .as_ref()
