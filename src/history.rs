@@ -457,23 +457,62 @@ pub fn append_call(
     dedupe: Option<&str>,
     users: &[(&str, &str)],
 ) -> redis::Cmd {
+    let keys: Vec<UserKeys<'_>> = users
+        .iter()
+        .map(|(user, channel)| UserKeys {
+            stream: stream_key(prefix, user),
+            channel,
+            dedupe: dedupe.map(|key| dedupe_key(prefix, user, key)),
+        })
+        .collect();
+    append_call_keys(sha, node, config, frame, dedupe.is_some(), &keys)
+}
+
+/// One user's keys for [`APPEND_SCRIPT`]: its stream, its channel, and with an idempotency key
+/// its dedupe key. On a Redis Cluster they are hash-tagged to share the channel's slot
+/// (`backplane::tagged`); on one Redis they are [`stream_key`] and [`dedupe_key`].
+pub struct UserKeys<'a> {
+    /// The user's history stream.
+    pub stream: String,
+    /// The user's channel.
+    pub channel: &'a str,
+    /// The dedupe key, when the dispatch has an idempotency key.
+    pub dedupe: Option<String>,
+}
+
+/// [`append_call`] with the keys named by the caller; `dedupe` says whether each user's
+/// `dedupe` key is passed (all or none).
+pub fn append_call_keys(
+    sha: &str,
+    node: u64,
+    config: &HistoryConfig,
+    frame: &str,
+    dedupe: bool,
+    users: &[UserKeys<'_>],
+) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
-    let per_user = if dedupe.is_some() { 3 } else { 2 };
+    let per_user = if dedupe { 3 } else { 2 };
     cmd.arg(sha).arg(users.len() * per_user);
-    for (user, channel) in users {
-        cmd.arg(stream_key(prefix, user)).arg(*channel);
-        if let Some(key) = dedupe {
-            cmd.arg(dedupe_key(prefix, user, key));
+    for user in users {
+        cmd.arg(&user.stream).arg(user.channel);
+        if let (true, Some(key)) = (dedupe, &user.dedupe) {
+            cmd.arg(key);
         }
     }
     cmd.arg(format!("{node:016x}"))
         .arg(frame)
         .arg(config.max_len)
         .arg(config.max_age.as_millis() as u64);
-    if dedupe.is_some() {
+    if dedupe {
         cmd.arg(config.dedupe_window.as_millis() as u64);
     }
     cmd
+}
+
+/// [`APPEND_SCRIPT`] for a Redis Cluster: the same steps, published with `SPUBLISH` (sharded
+/// pub/sub, on the shard owning the channel's slot, which the keys share).
+pub fn sharded_append_script() -> String {
+    APPEND_SCRIPT.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 }
 
 /// `{prefix}:d:{len}:{user}:{key}`: remembers that `user`'s stream holds the dispatch with
@@ -686,6 +725,13 @@ mod tests {
                 "2000"
             ]
         );
+    }
+
+    #[test]
+    fn the_sharded_script_publishes_on_the_shard() {
+        let script = sharded_append_script();
+        assert!(script.contains("redis.call('SPUBLISH',"));
+        assert!(!script.contains("redis.call('PUBLISH',"));
     }
 
     #[test]

@@ -140,7 +140,7 @@ struct Cli {
     redis_prefix: String,
 
     /// Offsets, per-user history and resume (`?since=`): `on` or `off`. Applies to embedded mode
-    /// and per-user Redis routing; with `--routing seed` or `--redis-cluster` it stays off.
+    /// and per-user Redis routing (also on `--redis-cluster`); with `--routing seed` it stays off.
     #[arg(long, env = "SWITCHBOARD_HISTORY", value_enum, default_value_t = OnOff::On)]
     history: OnOff,
 
@@ -329,8 +329,8 @@ fn main() -> ExitCode {
     }
     if config.history.enabled && !config.history_active() {
         log::warn!(
-            "history is off: it needs per-user routing on a single Redis (or no Redis); \
-             --routing seed and --redis-cluster do not support it yet"
+            "history is off: it needs per-user routing (on one Redis or a cluster) or no \
+             Redis; --routing seed does not support it"
         );
     }
     if !config.rooms_active() {

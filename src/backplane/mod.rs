@@ -28,7 +28,9 @@ pub mod publisher;
 mod room_history;
 mod room_routes;
 mod rooms_worker;
+mod shard_conns;
 pub mod subscriber;
+mod tagged;
 pub mod wire;
 
 use std::fmt::Write as _;

@@ -190,12 +190,38 @@ impl Publisher {
             }
             let mut pipe = redis::Pipeline::with_capacity(members.len());
             let command = if sharded { "SPUBLISH" } else { "PUBLISH" };
-            if let Some((h, sha)) = bp.history().zip(self.script_sha.as_deref()) {
+            if let (Some(h), Some(sha), true) = (bp.history(), self.script_sha.as_deref(), sharded)
+            {
+                // A cluster: one call per user on its shard, its keys tagged into its channel's
+                // slot (`tagged`); a user whose keys cannot be is published without history.
+                for &i in &members {
+                    let dispatch = &batch[i].dispatch;
+                    let channel = wires[i].0.as_str();
+                    match super::tagged::append_keys(channel, dispatch.dedupe.as_deref()) {
+                        Some(keys) => {
+                            let cmd = crate::history::append_call_keys(
+                                sha,
+                                bp.node_id,
+                                h,
+                                dispatch.frame.as_str(),
+                                dispatch.dedupe.is_some(),
+                                std::slice::from_ref(&keys),
+                            );
+                            pipe.add_command(cmd).ignore();
+                        }
+                        None => {
+                            let mut payload = Vec::new();
+                            let frame = dispatch.frame.as_str();
+                            wire::write_user_payload(&mut payload, bp.node_id, frame);
+                            pipe.cmd(command).arg(channel).arg(payload).ignore();
+                        }
+                    }
+                }
+            } else if let Some((h, sha)) = bp.history().zip(self.script_sha.as_deref()) {
                 // One atomic append + publish per dispatch for all its users here: see
-                // APPEND_SCRIPT. On a cluster a user's keys span slots (no hash tags), so each
-                // call keeps to one user there, as before grouping.
+                // APPEND_SCRIPT.
                 let same = |a: usize, b: usize| Arc::ptr_eq(&batch[a].dispatch, &batch[b].dispatch);
-                let limit = if sharded { 1 } else { MAX_USERS_PER_CALL };
+                let limit = MAX_USERS_PER_CALL;
                 let mut users: Vec<(&str, &str)> = Vec::new();
                 for call in script_calls(&members, same, limit) {
                     let dispatch = &batch[members[call.start]].dispatch;
@@ -303,10 +329,12 @@ impl Publisher {
             .and_then(|client| client.get_connection_with_timeout(IO_TIMEOUT));
         let result = result.and_then(|mut c| {
             if bp.history().is_some() {
-                let sha: String = redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(crate::history::APPEND_SCRIPT)
-                    .query(&mut c)?;
+                // The same text on every shard, so one SHA serves them all.
+                let script = match bp.config.sharded() {
+                    true => crate::history::sharded_append_script(),
+                    false => crate::history::APPEND_SCRIPT.to_string(),
+                };
+                let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(script).query(&mut c)?;
                 self.script_sha = Some(sha);
             }
             Ok(c)

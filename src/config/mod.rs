@@ -260,14 +260,14 @@ impl Config {
     }
 
     /// Whether history is in force: it is enabled and the deployment supports it. History needs
-    /// per-user routing on a single Redis (or no Redis at all); with seed routing or a Redis
-    /// Cluster it stays off, and the binary says so at startup.
+    /// per-user routing (on one Redis or a Redis Cluster), or no Redis at all; with seed routing
+    /// it stays off, and the binary says so at startup.
     pub fn history_active(&self) -> bool {
         self.history.enabled
             && self
                 .backplane
                 .as_ref()
-                .is_none_or(|r| r.routing == Routing::PerUser && r.cluster.is_empty())
+                .is_none_or(|r| r.routing == Routing::PerUser)
     }
 
     /// Whether rooms, presence and the device limit are in force: embedded, or per-user routing
@@ -381,7 +381,8 @@ mod tests {
         let mut cluster = RedisConfig::new("redis://127.0.0.1:6379");
         cluster.cluster = vec!["127.0.0.1:7000".into()];
         cfg.backplane = Some(cluster);
-        assert!(!cfg.history_active(), "cluster");
+        assert!(cfg.history_active(), "cluster, per-user routing");
+        assert!(!cfg.rooms_active(), "rooms: not on a cluster yet");
         cfg.history.max_len = 0;
         assert!(cfg.validate().unwrap_err().0.contains("--history-max-len"));
     }
