@@ -92,7 +92,8 @@ return 'ok'
 /// and published on the room's channel with its offset and room spliced in; every member
 /// device gets that one publication. The bounds are exact: after the append the oldest entries
 /// go while the room is over its length or byte bound or they are past the age (the new entry
-/// always stays), one exact `XTRIM MINID`. `{p:r:ROOM}:t` keeps the byte count (`bytes`) and
+/// always stays), read oldest first (one entry, then 16 at a time), then one exact
+/// `XTRIM MINID`. `{p:r:ROOM}:t` keeps the byte count (`bytes`) and
 /// `low`, the newest offset no longer retained (or, for a new stream, its first entry): a
 /// resume after an offset at or above `low` is complete. Both keys expire after the max age
 /// without appends. Returns the id (`-` without history) or `!not_member`; with an idempotency
@@ -125,9 +126,11 @@ else
   total = redis.call('HINCRBY', tkey, 'bytes', #frame)
 end
 local cutoff = tonumber(string.match(id, '^%d+')) - maxage
-local from, keep, dropped = '-', false, false
+-- The oldest entry alone first: usually it stays, and nothing more is read.
+local from, keep, dropped, count = '-', false, false, 1
 while not keep do
-  local batch = redis.call('XRANGE', stream, from, '+', 'COUNT', 16)
+  local batch = redis.call('XRANGE', stream, from, '+', 'COUNT', count)
+  count = 16
   if #batch == 0 then break end
   for _, e in ipairs(batch) do
     local old = tonumber(string.match(e[1], '^%d+')) < cutoff
