@@ -135,6 +135,20 @@ fn history_resume_and_dedupe_work_across_a_cluster() {
             .unwrap();
         assert_eq!(len, 1, "{user}'s stream on {owner}");
     }
+    // Many users arriving at once: their subscriptions go out together, one `SSUBSCRIBE` per
+    // channel (a cluster refuses one naming channels of several slots).
+    let server = &b;
+    let many: Vec<Client> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..24)
+            .map(|n| s.spawn(move || server.connect(&format!("many{n}"))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    b.wait_channels(1 + 24);
+    for (n, mut dev) in many.into_iter().enumerate() {
+        sender.send_message(&format!("many{n}"), "hi");
+        assert_eq!(dev.recv_event("newMessage")["args"]["text"], "hi");
+    }
     // Missed while away, resumed on the other instance.
     for dev in on_a.drain(..) {
         dev.close();
