@@ -186,6 +186,10 @@ impl Publisher {
             }
             if self.conns[shard].is_none() && !self.connect(shard, &map.shards[shard]) {
                 all_ok = false;
+                if sharded {
+                    // The primary may have failed over: read the slot map again next time.
+                    self.topology = None;
+                }
                 continue;
             }
             let mut pipe = redis::Pipeline::with_capacity(members.len());
