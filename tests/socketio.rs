@@ -543,3 +543,14 @@ fn with_history_off_dispatches_reach_socket_io_connections_too() {
         assert!(event[1].get("offset").is_none(), "{event}");
     }
 }
+
+#[test]
+fn a_room_is_resumed_through_the_connect_payload() {
+    let server = TestServer::start();
+    let mut run = node("room_resume", json!({ "addr": server.addr.to_string() }));
+    let done = run.step("done");
+    assert_eq!(done["first_room"], "r", "a room frame names its room");
+    assert_eq!(done["texts"], json!(["m2", "m3"]));
+    assert_eq!(done["recovered"]["args"]["room"], "r");
+    assert_eq!(done["recovered"]["args"]["complete"], true);
+}
