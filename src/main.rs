@@ -135,6 +135,15 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_REDIS_CLUSTER", value_delimiter = ',')]
     redis_cluster: Vec<String>,
 
+    /// With --redis-cluster and history on: replicas that must have a message (Redis WAIT)
+    /// before it is acknowledged; one not copied in time is answered `unavailable`. 0 = no WAIT.
+    #[arg(long, env = "SWITCHBOARD_REDIS_WAIT_REPLICAS", default_value_t = backplane::DEFAULT_WAIT_REPLICAS)]
+    redis_wait_replicas: u32,
+
+    /// How long WAIT waits for --redis-wait-replicas replicas.
+    #[arg(long, env = "SWITCHBOARD_REDIS_WAIT_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
+    redis_wait_timeout: Duration,
+
     /// Prefix of per-user channels: `{prefix}:u:{user}`.
     #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX", default_value = backplane::DEFAULT_CHANNEL_PREFIX)]
     redis_prefix: String,
@@ -286,6 +295,8 @@ impl Cli {
                 reconnect_min: backplane::DEFAULT_RECONNECT_MIN.min(self.redis_reconnect_max),
                 reconnect_max: self.redis_reconnect_max,
                 publish_batch_window: self.publish_batch_window,
+                wait_replicas: self.redis_wait_replicas,
+                wait_timeout: self.redis_wait_timeout,
                 channel_prefix: self.redis_prefix,
                 cluster: self.redis_cluster,
             }),

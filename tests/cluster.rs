@@ -167,3 +167,42 @@ fn history_resume_and_dedupe_work_across_a_cluster() {
         assert!(body.contains("missed") && body.contains("first"), "{body}");
     }
 }
+
+/// `--redis-wait-replicas`: an ack waits until the shard's replica has the message; asking for
+/// more replicas than there are gets `unavailable` (stored on the primary, so a resend with the
+/// same `clientId` is recognised and acknowledged once a replica has it).
+#[test]
+fn acks_wait_for_replicas_with_wait_replicas() {
+    let redis_cluster = TestCluster::start_with_replicas();
+    let server = |replicas: u32| {
+        let mut rc = RedisConfig::new("redis://127.0.0.1:1");
+        rc.cluster = redis_cluster.seeds();
+        rc.wait_replicas = replicas;
+        // Generous: the box may be busy; a missing replica waits it out either way.
+        rc.wait_timeout = Duration::from_secs(2);
+        TestServer::with_config(switchboard::Config {
+            backplane: Some(rc),
+            ..test_config()
+        })
+    };
+    let one = server(1);
+    let two = server(2);
+    let mut on_one = one.connect("u1");
+    let mut on_two = two.connect("u2");
+    one.wait_channels(1);
+    two.wait_channels(1);
+    let args = serde_json::json!({"to": "u3", "text": "copied", "clientId": "k1"});
+    request_ok(&mut on_one, "sendMessage", args, 1);
+    let args = serde_json::json!({"to": "u3", "text": "twice", "clientId": "k2"});
+    assert_eq!(
+        request_err(&mut on_two, "sendMessage", args.clone(), 2),
+        "unavailable",
+        "one replica per primary: two cannot have it"
+    );
+    // The same sender resends through an instance that waits for one replica.
+    let mut u2_on_one = one.connect("u2");
+    request_ok(&mut u2_on_one, "sendMessage", args, 3);
+    let (status, body) = one.get("/api/history?token=u3");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.matches("twice").count(), 1, "stored once: {body}");
+}

@@ -44,7 +44,7 @@ use crossbeam_queue::{ArrayQueue, SegQueue};
 // The settings live in `config::redis`, below every feature; they keep their paths here.
 pub use crate::config::redis::{
     RedisConfig, Routing, DEFAULT_CHANNEL_PREFIX, DEFAULT_PUBLISH_QUEUE, DEFAULT_RECONNECT_MAX,
-    DEFAULT_RECONNECT_MIN,
+    DEFAULT_RECONNECT_MIN, DEFAULT_WAIT_REPLICAS, DEFAULT_WAIT_TIMEOUT,
 };
 
 use crate::bus::{AckWaiter, Bus, Dispatch};

@@ -178,6 +178,12 @@ impl Publisher {
             wires.push((channel, payload));
         }
         let mut done = vec![false; batch.len()];
+        // Stored on the primary, but not on `--redis-wait-replicas` replicas in time.
+        let mut uncopied = vec![false; batch.len()];
+        let wait = match (sharded, bp.history()) {
+            (true, Some(_)) if bp.config.wait_replicas > 0 => Some(bp.config.wait_replicas),
+            _ => None,
+        };
         let mut all_ok = true;
         for shard in 0..map.shards.len() {
             let members: Vec<usize> = (0..batch.len()).filter(|&i| shard_of[i] == shard).collect();
@@ -259,14 +265,31 @@ impl Publisher {
                         .ignore();
                 }
             }
+            if let Some(n) = wait {
+                // Scripts cannot WAIT; the same connection can, right after them.
+                let ms = bp.config.wait_timeout.as_millis() as u64;
+                pipe.cmd("WAIT").arg(n).arg(ms);
+            }
             let Some(conn) = self.conns[shard].as_mut() else {
                 continue;
             };
-            match pipe.exec(conn) {
-                Ok(()) => {
+            match pipe.query::<Vec<i64>>(conn) {
+                Ok(replies) => {
                     bp.stats.published.fetch_add(members.len() as u64, Relaxed);
+                    let copied = wait.is_none_or(|n| replies.first() >= Some(&i64::from(n)));
+                    if !copied {
+                        log::warn!(
+                            "redis: {} publications on {} reached {:?} of {} replicas in time; \
+                             their acks say unavailable",
+                            members.len(),
+                            map.shards[shard],
+                            replies.first(),
+                            wait.unwrap_or(0)
+                        );
+                    }
                     for i in members {
                         done[i] = true;
+                        uncopied[i] = !copied;
                     }
                 }
                 Err(e) => {
@@ -289,10 +312,10 @@ impl Publisher {
         let mut i = 0;
         batch.retain(|p| {
             let keep = !done[i];
-            i += 1;
             if !keep {
-                bp.settle(p, true);
+                bp.settle(p, !uncopied[i]);
             }
+            i += 1;
             keep
         });
         all_ok && batch.is_empty()
