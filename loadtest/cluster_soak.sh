@@ -8,7 +8,8 @@
 #
 # Env: SWITCHBOARD, LOADTEST (binaries), DURATION (s, 45), USERS (50), DEVICES (2), RATE (200),
 # BASE_PORT (first of eight ports, 17420; nodes use BASE_PORT..+5 and their bus port + 10000),
-# NODE_TIMEOUT (2000), SOAK_JSON (copy the generator's JSON there), SOAK_LOGS (copy the logs).
+# NODE_TIMEOUT (2000), SERVER_ARGS (more switchboard arguments, e.g. "--redis-wait-replicas 1"),
+# SOAK_JSON (copy the generator's JSON there), SOAK_LOGS (copy the logs).
 # Needs redis-server and redis-cli 7 on PATH.
 set -u
 
@@ -65,9 +66,10 @@ done
 seeds=$(IFS=,; echo "${addrs[*]}")
 log "cluster: $(redis-cli -p "${ports[0]}" CLUSTER NODES | awk '{print $2, $3}' | tr '\n' ';')"
 
+# shellcheck disable=SC2086 # SERVER_ARGS is a list
 start_instance() { # port -> sets last_pid
   "$SWITCHBOARD" --listen "127.0.0.1:$1" --cores 1 --backplane redis --redis-cluster "$seeds" \
-    --history on >>"$tmp/sb-$1.log" 2>&1 &
+    --history on ${SERVER_ARGS:-} >>"$tmp/sb-$1.log" 2>&1 &
   last_pid=$!
   wait_port "$1" 5 || { log "instance on $1 did not start"; exit 2; }
 }
