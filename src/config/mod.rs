@@ -388,6 +388,17 @@ mod tests {
     }
 
     #[test]
+    fn wait_replicas_needs_a_cluster_and_a_short_timeout() {
+        let mut one = RedisConfig::new("redis://127.0.0.1:6379");
+        one.wait_replicas = 1;
+        assert!(one.validate().unwrap_err().contains("--redis-cluster"));
+        one.cluster = vec!["127.0.0.1:7000".into()];
+        assert!(one.validate().is_ok());
+        one.wait_timeout = Duration::from_secs(2);
+        assert!(one.validate().unwrap_err().contains("--redis-wait-timeout"));
+    }
+
+    #[test]
     fn max_connections_leaves_headroom() {
         let limit = raise_nofile_limit();
         assert_eq!(

@@ -105,8 +105,9 @@ impl RedisConfig {
                     .into(),
             );
         }
-        if self.wait_timeout.is_zero() || self.wait_timeout > Duration::from_secs(5) {
-            return Err("--redis-wait-timeout must be above zero and at most 5s".into());
+        // Below the publisher's 2 s read timeout, which would take a slow WAIT for a dead link.
+        if self.wait_timeout.is_zero() || self.wait_timeout > Duration::from_secs(1) {
+            return Err("--redis-wait-timeout must be above zero and at most 1s".into());
         }
         if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
             return Err("reconnect backoff: min must be above zero and at most max".into());
