@@ -1,5 +1,6 @@
-//! Per-user history: offsets, the frames that carry them, the in-memory store of embedded mode,
-//! and the Redis script that appends and publishes in one step.
+//! History: offsets, the frames that carry them, the in-memory store of embedded mode (a ring per
+//! user, or per room for room histories), and the Redis script that appends and publishes a
+//! user's event in one step.
 //!
 //! Every event dispatched to a user gets an [`Offset`], strictly increasing per user, and the
 //! frame each device receives carries it: `{"event":E,"args":A,"offset":"A-B"}`. A device that

@@ -49,7 +49,7 @@
 //! 7. [`web`]: the chat page.
 //! 8. [`auth`]: tokens to user ids.
 //! 9. [`history`]: offsets on frames, the embedded store, the Redis append script.
-//! 10. [`rooms`]: room rules, room frames, the embedded registry.
+//! 10. [`rooms`]: room rules, room frames, the embedded registry, per-room resume cursors.
 //! 11. [`user_index`]: a core's user → connections index.
 //! 12. [`bus`]: the per-core inboxes and what travels on them (`Dispatch`, `AckWaiter`).
 //! 13. [`api`]: the HTTP API's request parsing and answers.

@@ -1,4 +1,5 @@
-//! Rooms and presence: the bounds, room-name rules, the frames, and embedded mode's registry.
+//! Rooms and presence: the bounds, room-name rules, the frames, embedded mode's registry, and a
+//! connection's position in each room's history (the per-room resume).
 //!
 //! A room is a set of users; every connection of a member receives the room's messages. With
 //! the Redis backplane, membership and presence live in Redis and the room work runs on the
