@@ -43,4 +43,6 @@ pub(crate) struct Shared {
     pub history: Option<crate::history::MemoryHistory>,
     /// Embedded mode's rooms and presence (with Redis they live there).
     pub rooms: Option<crate::rooms::MemoryRooms>,
+    /// Embedded mode's room histories, one ring per room, when history is active.
+    pub room_history: Option<crate::history::MemoryHistory>,
 }
