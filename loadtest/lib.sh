@@ -56,3 +56,19 @@ find_binaries() {
   [ -x "${SWITCHBOARD:-}" ] || { echo "$1: no switchboard binary (set SWITCHBOARD)" >&2; exit 2; }
   [ -x "${LOADTEST:-}" ] || { echo "$1: no loadtest binary (set LOADTEST)" >&2; exit 2; }
 }
+
+# soak_report DIR STATUS: after a soak (soak.sh, cluster_soak.sh), the generator's summary from
+# DIR/loadtest.err (every tenth progress line), copies of the result (SOAK_JSON) and the logs
+# (SOAK_LOGS), and each server log's count of warning/error lines, through the script's `log`.
+soak_report() {
+  local f n
+  grep -v '^soak t=' "$1/loadtest.err" >&2
+  grep '^soak t=' "$1/loadtest.err" | awk 'NR % 10 == 0' >&2
+  if [ -n "${SOAK_JSON:-}" ]; then cp "$1/result.json" "$SOAK_JSON"; fi
+  if [ -n "${SOAK_LOGS:-}" ]; then mkdir -p "$SOAK_LOGS" && cp "$1"/*.log "$1/loadtest.err" "$SOAK_LOGS/"; fi
+  for f in "$1"/sb-*.log; do
+    n=$(grep -ciE 'error|warn' "$f" || true)
+    log "$(basename "$f"): $n warning/error lines"
+  done
+  log "generator exit status $2"
+}

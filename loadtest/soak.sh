@@ -105,13 +105,5 @@ sleep 2; start_redis; log "redis restarted, pid $redis_pid"
 # Bounded wait for the generator: duration + drain + connect slack.
 wait_bounded "$lt_pid" $((DURATION + 40)); rc=$?
 lt_pid=""
-grep -v '^soak t=' "$tmp/loadtest.err" >&2
-grep '^soak t=' "$tmp/loadtest.err" | awk 'NR % 10 == 0' >&2
-if [ -n "${SOAK_JSON:-}" ]; then cp "$tmp/result.json" "$SOAK_JSON"; fi
-if [ -n "${SOAK_LOGS:-}" ]; then mkdir -p "$SOAK_LOGS" && cp "$tmp"/*.log "$tmp/loadtest.err" "$SOAK_LOGS/"; fi
-for f in "$tmp"/sb-*.log; do
-  n=$(grep -ciE 'error|warn' "$f" || true)
-  log "$(basename "$f"): $n warning/error lines"
-done
-log "generator exit status $rc"
+soak_report "$tmp" "$rc"
 exit "$rc"

@@ -132,6 +132,12 @@ pub fn may_join(access: Option<&Access>, room: &str) -> bool {
         .is_none_or(|g| g.may_join(room))
 }
 
+/// Whether a connection with `access` may read `room`'s history (a `history` page, a resume):
+/// the right to join it, as a member receives what the history holds.
+pub fn may_read(access: Option<&Access>, room: &str) -> bool {
+    may_join(access, room)
+}
+
 /// Whether a connection with `access` may send to `room` (no access held: any room).
 pub fn may_send(access: Option<&Access>, room: &str) -> bool {
     access

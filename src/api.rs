@@ -69,7 +69,7 @@ pub fn page_query(req: &Request, max_page: usize) -> Result<(usize, Option<Offse
     Ok((limit, before))
 }
 
-/// The `history` event's args: `{"limit": n, "before": "<offset>"}`, both optional.
+/// The `history` event's args: `{"limit": n, "before": "<offset>", "room": R}`, each optional.
 #[derive(Debug, Default, Deserialize)]
 pub struct PageArgs<'a> {
     /// Page size.
@@ -77,6 +77,9 @@ pub struct PageArgs<'a> {
     /// End of the page (exclusive).
     #[serde(borrow)]
     pub before: Option<std::borrow::Cow<'a, str>>,
+    /// A room's history instead of the caller's own (members only).
+    #[serde(borrow, default)]
+    pub room: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Checks `Authorization: Bearer <key>` for the server API routes: 404 when no key is

@@ -23,7 +23,7 @@ use crate::history::{Delivery, Replay};
 use crate::http::Request;
 use crate::protocol::{encode_dispatch_frame, DispatchFrame};
 use crate::socketio::FrameCache;
-use crate::types::{Offset, UserId};
+use crate::types::{Offset, RoomId, UserId};
 
 /// What a core receives in its inbox.
 #[derive(Debug)]
@@ -51,9 +51,10 @@ pub enum CoreMsg {
     /// Whether a new connection is within its user's device limit, counted in Redis.
     Admission(Box<Admission>),
     /// This instance subscribed a room's channel after the user joined it: what the room
-    /// published before the subscription took effect is in the user's history but reached
-    /// none of its devices here, so its open connections resume from their last offset.
-    ResyncUser(UserId),
+    /// published before the subscription took effect is in the room's history but reached
+    /// none of the user's devices here, so its open connections resume the room from their
+    /// last offset in it.
+    ResyncRoom(UserId, RoomId),
     /// The application's hook answered (or failed) for a connection's parked request.
     Hook(Box<HookDone>),
     /// Close every connection of this user here with 4011 (`POST /api/disconnect`).
@@ -97,6 +98,8 @@ pub enum HookResume {
         nsp: String,
         /// Its `since` (resume from), if any.
         since: Option<String>,
+        /// Its `rooms` (each room resumed from its offset), if any.
+        rooms: Option<crate::socketio::ConnectRooms>,
         /// The verified token.
         identity: Identity,
     },
@@ -151,9 +154,11 @@ pub enum ApiData {
 /// connection of the instance: the offset (with history on) is the same for every member.
 #[derive(Debug)]
 pub struct RoomDelivery {
+    /// The room.
+    pub room: RoomId,
     /// The room's members hosted by this instance (a snapshot shared by every message).
     pub members: Arc<[UserId]>,
-    /// The offset in each member's history; `None` for events kept nowhere.
+    /// The offset in the room's history; `None` for events kept nowhere.
     pub offset: Option<Offset>,
     /// The frame, offset included.
     pub frame: Utf8Bytes,
@@ -170,6 +175,8 @@ pub struct RoomAnswer {
     pub serial: u64,
     /// The request's ack number.
     pub ack: Option<u64>,
+    /// A `joinRoom` with `since`: the room's replay to start once the join is acked.
+    pub resume: Option<Option<Offset>>,
     /// The ack result, or the error (code, message).
     pub result: Result<serde_json::Value, (&'static str, String)>,
 }
@@ -210,8 +217,17 @@ pub struct PageResult {
     pub serial: u64,
     /// The `history` event's ack number; `None` for HTTP.
     pub ack: Option<u64>,
-    /// The frames (offsets included), or why Redis could not answer.
-    pub result: Result<Vec<Utf8Bytes>, String>,
+    /// The frames (offsets included), or why there are none.
+    pub result: Result<Vec<Utf8Bytes>, PageError>,
+}
+
+/// Why a history page has no frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageError {
+    /// A room's history, asked for by a user not in the room.
+    NotMember,
+    /// Redis could not answer (the reason).
+    Unavailable(String),
 }
 
 /// The events a recovering connection missed, for the connection `key` with `serial` (a slab
@@ -222,6 +238,8 @@ pub struct ReplayResult {
     pub key: usize,
     /// The connection's serial.
     pub serial: u64,
+    /// The room whose history this is; `None`: the user's own.
+    pub room: Option<RoomId>,
     /// What to replay.
     pub replay: Replay,
 }

@@ -1,5 +1,6 @@
-//! Per-user history: offsets, the frames that carry them, the in-memory store of embedded mode,
-//! and the Redis script that appends and publishes in one step.
+//! History: offsets, the frames that carry them, the in-memory store of embedded mode (a ring per
+//! user, or per room for room histories), and the Redis script that appends and publishes a
+//! user's event in one step.
 //!
 //! Every event dispatched to a user gets an [`Offset`], strictly increasing per user, and the
 //! frame each device receives carries it: `{"event":E,"args":A,"offset":"A-B"}`. A device that
@@ -42,6 +43,16 @@ const SHARDS: usize = 64;
 pub fn with_offset(frame: &str, offset: Offset) -> Utf8Bytes {
     let head = frame.strip_suffix('}').unwrap_or(frame);
     Utf8Bytes::from(format!("{head},\"offset\":\"{offset}\"}}"))
+}
+
+/// `{"event":E,"args":A}` → `{"event":E,"args":A,"room":R,"offset":"A-B"}`: a frame kept in
+/// room `R`'s history, its offset one in that room's stream. Room names need no JSON escaping
+/// (`rooms::valid_room`).
+pub fn with_room_offset(frame: &str, room: &str, offset: Offset) -> Utf8Bytes {
+    let head = frame.strip_suffix('}').unwrap_or(frame);
+    Utf8Bytes::from(format!(
+        "{head},\"room\":\"{room}\",\"offset\":\"{offset}\"}}"
+    ))
 }
 
 /// `{"event":"recovered","args":{"complete":C,"offset":"A-B"|null}}`.
@@ -139,12 +150,26 @@ pub struct Recovering {
     pub again: bool,
 }
 
+impl Recovering {
+    /// Holds a live frame until the replay is in; past [`RECOVERY_BUFFER`] frames the recovery
+    /// is marked incomplete instead.
+    pub fn hold(&mut self, offset: Offset, frame: &Utf8Bytes) {
+        if self.buffered.len() < RECOVERY_BUFFER {
+            self.buffered.push((offset, frame.clone()));
+        } else {
+            self.overflow = true;
+        }
+    }
+}
+
 /// Finishes a recovery: the frames to send in order and the final `recovered` frame, given the
-/// replay and the connection's high-water mark. Returns the new high-water mark too.
+/// replay and the connection's high-water mark (`recovered` encodes that frame: the user's
+/// stream's or a room's). Returns the new high-water mark too.
 pub fn finish_recovery(
     rec: Recovering,
     replay: Replay,
     mut high: Option<Offset>,
+    recovered: impl FnOnce(bool, Option<Offset>) -> Utf8Bytes,
 ) -> (Vec<Utf8Bytes>, Option<Offset>) {
     let mut out = Vec::with_capacity(replay.entries.len() + rec.buffered.len() + 1);
     let complete = replay.complete && !rec.overflow;
@@ -159,7 +184,7 @@ pub fn finish_recovery(
         }
     }
     let last = high.max(since);
-    out.push(encode_recovered(complete, last));
+    out.push(recovered(complete, last));
     (out, last)
 }
 
@@ -174,6 +199,8 @@ struct RingShard {
 struct Ring {
     /// The retained events, oldest first.
     entries: VecDeque<Entry>,
+    /// Bytes of the retained frames.
+    bytes: usize,
     /// The last sequence assigned.
     last_seq: u64,
     /// The highest sequence dropped by a bound.
@@ -192,10 +219,14 @@ struct Entry {
     dedupe: Option<Box<str>>,
 }
 
-/// Embedded mode's history: a bounded ring per user.
+/// Embedded mode's history: a bounded ring per user (or, [`MemoryHistory::for_rooms`], per
+/// room).
 pub struct MemoryHistory {
     epoch: u64,
+    /// Keyed by room: frames are framed with [`with_room_offset`].
+    rooms: bool,
     max_len: usize,
+    max_bytes: usize,
     max_age_ms: u64,
     dedupe_window_ms: u64,
     shards: Box<[Mutex<RingShard>]>,
@@ -206,12 +237,30 @@ impl MemoryHistory {
     pub fn new(config: &HistoryConfig, epoch: u64) -> Self {
         MemoryHistory {
             epoch,
+            rooms: false,
             max_len: config.max_len,
+            max_bytes: usize::MAX,
             max_age_ms: config.max_age.as_millis() as u64,
             dedupe_window_ms: config.dedupe_window.as_millis() as u64,
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(RingShard::default()))
                 .collect(),
+        }
+    }
+
+    /// An empty store of room histories, keyed by room name, bounded by the room history
+    /// settings (length, age and bytes per room); the dedupe window is `history`'s.
+    pub fn for_rooms(
+        config: &crate::config::rooms::RoomHistoryConfig,
+        history: &HistoryConfig,
+        epoch: u64,
+    ) -> Self {
+        MemoryHistory {
+            rooms: true,
+            max_len: config.max_len,
+            max_bytes: config.max_bytes,
+            max_age_ms: config.max_age.as_millis() as u64,
+            ..Self::new(history, epoch)
         }
     }
 
@@ -229,75 +278,6 @@ impl MemoryHistory {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends one event (a room message) to every user of `users` under one offset, valid in
-    /// each of their histories, and calls `deliver` with it and the framed event (encoded once)
-    /// while every shard involved is locked, so each user's deliveries still leave in offset
-    /// order. Shards are locked in index order (single-user appends take one lock), so two
-    /// callers cannot deadlock.
-    ///
-    /// `dedupe` is (sender, idempotency key): when the sender's ring already holds the key from
-    /// within the dedupe window, nothing is appended or delivered and that earlier offset is
-    /// returned. The key is kept on the sender's entry only (the sender is a member), so a
-    /// room message costs no per-member allocation for it.
-    pub fn append_shared(
-        &self,
-        users: &[UserId],
-        frame: &str,
-        dedupe: Option<(&UserId, &str)>,
-        now_ms: u64,
-        deliver: impl FnOnce(Offset, Utf8Bytes),
-    ) -> Offset {
-        let mut indexes: Vec<usize> = users.iter().map(|u| Self::shard_index(u)).collect();
-        indexes.sort_unstable();
-        indexes.dedup();
-        let mut guards: Vec<(usize, std::sync::MutexGuard<'_, RingShard>)> = indexes
-            .iter()
-            .map(|&i| (i, self.shards[i].lock().unwrap_or_else(|p| p.into_inner())))
-            .collect();
-        if let Some((sender, key)) = dedupe {
-            let at = guards.binary_search_by_key(&Self::shard_index(sender), |(j, _)| *j);
-            let ring = at.ok().and_then(|at| guards[at].1.rings.get(sender));
-            if let Some(e) = ring.and_then(|r| self.earlier(r, key, now_ms)) {
-                return Offset(self.epoch, e);
-            }
-        }
-        // Above every sequence any of these shards gave out: above each user's last offset.
-        let seq = guards.iter().map(|(_, g)| g.seq).max().unwrap_or(0) + 1;
-        let offset = Offset(self.epoch, seq);
-        let framed = with_offset(frame, offset);
-        let mut before = Vec::with_capacity(guards.len());
-        for (i, guard) in guards.iter_mut() {
-            before.push((*i, guard.seq));
-            guard.seq = seq;
-        }
-        for user in users {
-            let i = Self::shard_index(user);
-            let Ok(at) = guards.binary_search_by_key(&i, |(j, _)| *j) else {
-                continue;
-            };
-            let old_seq = before[at].1;
-            let shard = &mut *guards[at].1;
-            // A new ring knows nothing of the shard's earlier sequences: as if dropped.
-            let ring = shard.rings.entry(user.clone()).or_insert_with(|| Ring {
-                entries: VecDeque::new(),
-                last_seq: old_seq,
-                dropped_through: old_seq,
-            });
-            ring.last_seq = seq;
-            ring.entries.push_back(Entry {
-                seq,
-                at_ms: now_ms,
-                frame: framed.clone(),
-                dedupe: dedupe
-                    .filter(|(sender, _)| *sender == user)
-                    .map(|(_, key)| Box::from(key)),
-            });
-            self.trim(ring, now_ms);
-        }
-        deliver(offset, framed);
-        offset
-    }
-
     /// The sequence of the entry of `ring` holding idempotency key `key`, if one was appended
     /// within the dedupe window.
     fn earlier(&self, ring: &Ring, key: &str, now_ms: u64) -> Option<u64> {
@@ -311,7 +291,9 @@ impl MemoryHistory {
     }
 
     fn trim(&self, ring: &mut Ring, now_ms: u64) {
+        // The newest entry stays whatever its size: a bound never empties a ring it just grew.
         while ring.entries.len() > self.max_len
+            || (ring.bytes > self.max_bytes && ring.entries.len() > 1)
             || ring
                 .entries
                 .front()
@@ -319,6 +301,7 @@ impl MemoryHistory {
         {
             if let Some(entry) = ring.entries.pop_front() {
                 ring.dropped_through = entry.seq;
+                ring.bytes -= entry.frame.len();
             }
         }
     }
@@ -348,13 +331,19 @@ impl MemoryHistory {
         // A new ring knows nothing of the shard's earlier sequences: as if they were dropped.
         let ring = shard.rings.entry(user.clone()).or_insert_with(|| Ring {
             entries: VecDeque::new(),
+            bytes: 0,
             last_seq: shard.seq,
             dropped_through: shard.seq,
         });
         shard.seq += 1;
         ring.last_seq = shard.seq;
         let offset = Offset(self.epoch, ring.last_seq);
-        let framed = with_offset(frame, offset);
+        let framed = if self.rooms {
+            with_room_offset(frame, user, offset)
+        } else {
+            with_offset(frame, offset)
+        };
+        ring.bytes += framed.len();
         ring.entries.push_back(Entry {
             seq: ring.last_seq,
             at_ms: now_ms,
@@ -490,23 +479,62 @@ pub fn append_call(
     dedupe: Option<&str>,
     users: &[(&str, &str)],
 ) -> redis::Cmd {
+    let keys: Vec<UserKeys<'_>> = users
+        .iter()
+        .map(|(user, channel)| UserKeys {
+            stream: stream_key(prefix, user),
+            channel,
+            dedupe: dedupe.map(|key| dedupe_key(prefix, user, key)),
+        })
+        .collect();
+    append_call_keys(sha, node, config, frame, dedupe.is_some(), &keys)
+}
+
+/// One user's keys for [`APPEND_SCRIPT`]: its stream, its channel, and with an idempotency key
+/// its dedupe key. On a Redis Cluster they are hash-tagged to share the channel's slot
+/// (`backplane::tagged`); on one Redis they are [`stream_key`] and [`dedupe_key`].
+pub struct UserKeys<'a> {
+    /// The user's history stream.
+    pub stream: String,
+    /// The user's channel.
+    pub channel: &'a str,
+    /// The dedupe key, when the dispatch has an idempotency key.
+    pub dedupe: Option<String>,
+}
+
+/// [`append_call`] with the keys named by the caller; `dedupe` says whether each user's
+/// `dedupe` key is passed (all or none).
+pub fn append_call_keys(
+    sha: &str,
+    node: u64,
+    config: &HistoryConfig,
+    frame: &str,
+    dedupe: bool,
+    users: &[UserKeys<'_>],
+) -> redis::Cmd {
     let mut cmd = redis::cmd("EVALSHA");
-    let per_user = if dedupe.is_some() { 3 } else { 2 };
+    let per_user = if dedupe { 3 } else { 2 };
     cmd.arg(sha).arg(users.len() * per_user);
-    for (user, channel) in users {
-        cmd.arg(stream_key(prefix, user)).arg(*channel);
-        if let Some(key) = dedupe {
-            cmd.arg(dedupe_key(prefix, user, key));
+    for user in users {
+        cmd.arg(&user.stream).arg(user.channel);
+        if let (true, Some(key)) = (dedupe, &user.dedupe) {
+            cmd.arg(key);
         }
     }
     cmd.arg(format!("{node:016x}"))
         .arg(frame)
         .arg(config.max_len)
         .arg(config.max_age.as_millis() as u64);
-    if dedupe.is_some() {
+    if dedupe {
         cmd.arg(config.dedupe_window.as_millis() as u64);
     }
     cmd
+}
+
+/// [`APPEND_SCRIPT`] for a Redis Cluster: the same steps, published with `SPUBLISH` (sharded
+/// pub/sub, on the shard owning the channel's slot, which the keys share).
+pub fn sharded_append_script() -> String {
+    APPEND_SCRIPT.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
 }
 
 /// `{prefix}:d:{len}:{user}:{key}`: remembers that `user`'s stream holds the dispatch with
@@ -630,36 +658,39 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_append_gives_every_user_one_offset_above_their_last() {
-        let h = store(10);
-        let users: Vec<UserId> = (0..50).map(|n| UserId::from(format!("u{n}"))).collect();
-        let before: Vec<Offset> = users.iter().map(|u| add(&h, u, 0, 1000)).collect();
-        let mut delivered = None;
-        let shared = h.append_shared(&users, r#"{"event":"e","args":1}"#, None, 1000, |o, f| {
-            delivered = Some((o, f))
-        });
-        let (o, frame) = delivered.unwrap();
-        assert_eq!(o, shared);
-        assert!(frame.as_str().contains(&format!("\"offset\":\"{shared}\"")));
+    fn a_room_ring_keeps_one_copy_within_its_byte_bound() {
+        let rooms = crate::config::rooms::RoomHistoryConfig {
+            max_len: 100,
+            max_age: Duration::from_secs(10),
+            max_bytes: 200,
+        };
+        let h = MemoryHistory::for_rooms(&rooms, &HistoryConfig::default(), 42);
+        let room: UserId = "general".into();
+        let frame = format!(r#"{{"event":"e","args":"{}"}}"#, "x".repeat(40));
+        let offs: Vec<Offset> = (0..5)
+            .map(|_| h.append(&room, &frame, None, 1000, |_| {}))
+            .collect();
+        let kept = h.page(&room, None, 100, 1000);
+        let bytes: usize = kept.iter().map(|(_, f)| f.len()).sum();
         assert!(
-            before.iter().all(|b| *b < shared),
-            "above every user's last offset"
+            bytes <= 200 && kept.len() == 2,
+            "{} kept, {bytes} bytes",
+            kept.len()
         );
-        for (u, b) in users.iter().zip(&before) {
-            let r = h.replay(u, Some(*b), 1000);
-            assert!(r.complete);
-            assert_eq!(r.entries.len(), 1);
-            assert_eq!(r.entries[0].0, shared);
-            assert!(
-                add(&h, u, 1, 1000) > shared,
-                "later appends continue above it"
-            );
-        }
-        // A user new to the store gets a ring too.
-        let fresh = UserId::from("fresh");
-        let o = h.append_shared(std::slice::from_ref(&fresh), "{}", None, 1000, |_, _| {});
-        assert!(h.replay(&fresh, Some(o), 1000).complete);
-        assert_eq!(h.page(&fresh, None, 10, 1000).len(), 1);
+        let v: serde_json::Value = serde_json::from_str(kept[0].1.as_str()).unwrap();
+        assert_eq!(
+            (&v["room"], &v["offset"]),
+            (&"general".into(), &offs[4].to_string().into())
+        );
+        assert!(
+            !h.replay(&room, Some(offs[1]), 1000).complete,
+            "trimmed by bytes"
+        );
+        assert!(h.replay(&room, Some(offs[2]), 1000).complete);
+        // A message bigger than the bound still stays (alone).
+        let big = format!(r#"{{"event":"e","args":"{}"}}"#, "x".repeat(400));
+        h.append(&room, &big, None, 1000, |_| {});
+        assert_eq!(h.page(&room, None, 100, 1000).len(), 1);
     }
 
     #[test]
@@ -716,6 +747,13 @@ mod tests {
                 "2000"
             ]
         );
+    }
+
+    #[test]
+    fn the_sharded_script_publishes_on_the_shard() {
+        let script = sharded_append_script();
+        assert!(script.contains("redis.call('SPUBLISH',"));
+        assert!(!script.contains("redis.call('PUBLISH',"));
     }
 
     #[test]
@@ -794,7 +832,7 @@ mod tests {
             entries: vec![(o(3), f(3)), (o(4), f(4)), (o(5), f(5))],
             complete: true,
         };
-        let (out, last) = finish_recovery(rec, replay, None);
+        let (out, last) = finish_recovery(rec, replay, None, encode_recovered);
         let texts: Vec<&str> = out.iter().map(|t| t.as_str()).collect();
         assert_eq!(&texts[..4], ["3", "4", "5", "6"]);
         assert!(texts[4].contains(r#""complete":true,"offset":"1-6""#));
@@ -808,7 +846,7 @@ mod tests {
             deadline: std::time::Instant::now(),
             again: false,
         };
-        let (out, last) = finish_recovery(rec, Replay::default(), None);
+        let (out, last) = finish_recovery(rec, Replay::default(), None, encode_recovered);
         assert_eq!(out[0].as_str(), "7");
         assert!(out[1].contains(r#""complete":false,"offset":"1-7""#));
         assert_eq!(last, Some(o(7)));

@@ -55,7 +55,7 @@
 //! 8. [`web`]: the chat page.
 //! 9. [`auth`]: tokens to user ids, expiry and room claims.
 //! 10. [`history`]: offsets on frames, the embedded store, the Redis append script.
-//! 11. [`rooms`]: room rules, room frames, the embedded registry.
+//! 11. [`rooms`]: room rules, room frames, the embedded registry, per-room resume cursors.
 //! 12. [`user_index`]: a core's user → connections index.
 //! 13. [`bus`]: the per-core inboxes and what travels on them (`Dispatch`, `AckWaiter`).
 //! 14. [`api`]: the HTTP API's request parsing and answers.

@@ -177,12 +177,21 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_REDIS_CLUSTER", value_delimiter = ',')]
     redis_cluster: Vec<String>,
 
+    /// With --redis-cluster and history on: replicas that must have a message (Redis WAIT)
+    /// before it is acknowledged; one not copied in time is answered `unavailable`. 0 = no WAIT.
+    #[arg(long, env = "SWITCHBOARD_REDIS_WAIT_REPLICAS", default_value_t = backplane::DEFAULT_WAIT_REPLICAS)]
+    redis_wait_replicas: u32,
+
+    /// How long WAIT waits for --redis-wait-replicas replicas.
+    #[arg(long, env = "SWITCHBOARD_REDIS_WAIT_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
+    redis_wait_timeout: Duration,
+
     /// Prefix of per-user channels: `{prefix}:u:{user}`.
     #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX", default_value = backplane::DEFAULT_CHANNEL_PREFIX)]
     redis_prefix: String,
 
     /// Offsets, per-user history and resume (`?since=`): `on` or `off`. Applies to embedded mode
-    /// and per-user Redis routing; with `--routing seed` or `--redis-cluster` it stays off.
+    /// and per-user Redis routing (also on `--redis-cluster`); with `--routing seed` it stays off.
     #[arg(long, env = "SWITCHBOARD_HISTORY", value_enum, default_value_t = OnOff::On)]
     history: OnOff,
 
@@ -268,6 +277,18 @@ struct Cli {
     /// coalesced into at most one `presenceChanged` at its end (0 = announce every change).
     #[arg(long, env = "SWITCHBOARD_PRESENCE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     presence_interval: Duration,
+
+    /// Messages kept per room (a room message is stored once, in the room's history).
+    #[arg(long, env = "SWITCHBOARD_ROOM_HISTORY_MAX_LEN", default_value_t = rooms::DEFAULT_ROOM_HISTORY_MAX_LEN)]
+    room_history_max_len: usize,
+
+    /// How long room messages are kept (ms, s, m or h).
+    #[arg(long, env = "SWITCHBOARD_ROOM_HISTORY_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    room_history_max_age: Duration,
+
+    /// Bytes of messages kept per room; the oldest go first (the newest is always kept).
+    #[arg(long, env = "SWITCHBOARD_ROOM_HISTORY_MAX_BYTES", default_value_t = rooms::DEFAULT_ROOM_HISTORY_MAX_BYTES)]
+    room_history_max_bytes: usize,
 
     // ---- Operations: drain, TLS, logs, metrics, config file (issue 18) ----
     /// SIGTERM/SIGINT drain: /readyz fails at once, new upgrades get 503, and open connections
@@ -565,6 +586,8 @@ impl Cli {
                 reconnect_min: backplane::DEFAULT_RECONNECT_MIN.min(self.redis_reconnect_max),
                 reconnect_max: self.redis_reconnect_max,
                 publish_batch_window: self.publish_batch_window,
+                wait_replicas: self.redis_wait_replicas,
+                wait_timeout: self.redis_wait_timeout,
                 channel_prefix: self.redis_prefix,
                 cluster: self.redis_cluster,
                 ca_cert: self.redis_ca_cert,
@@ -589,6 +612,11 @@ impl Cli {
                 presence_ttl: self.presence_ttl,
                 max_room_queue: self.max_room_queue,
                 presence_interval: self.presence_interval,
+                history: rooms::RoomHistoryConfig {
+                    max_len: self.room_history_max_len,
+                    max_age: self.room_history_max_age,
+                    max_bytes: self.room_history_max_bytes,
+                },
             },
             hooks: hooks::HooksConfig {
                 url: self.hook_url,
@@ -632,8 +660,8 @@ fn main() -> ExitCode {
     }
     if config.history.enabled && !config.history_active() {
         log::warn!(
-            "history is off: it needs per-user routing on a single Redis (or no Redis); \
-             --routing seed and --redis-cluster do not support it yet"
+            "history is off: it needs per-user routing (on one Redis or a cluster) or no \
+             Redis; --routing seed does not support it"
         );
     }
     if !config.rooms_active() {

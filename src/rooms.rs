@@ -1,4 +1,5 @@
-//! Rooms and presence: the bounds, room-name rules, the frames, and embedded mode's registry.
+//! Rooms and presence: the bounds, room-name rules, the frames, embedded mode's registry, and a
+//! connection's position in each room's history (the per-room resume).
 //!
 //! A room is a set of users; every connection of a member receives the room's messages. With
 //! the Redis backplane, membership and presence live in Redis and the room work runs on the
@@ -14,13 +15,16 @@ use tungstenite::Utf8Bytes;
 
 // The settings live in `config::rooms` and the room id in `types`; they keep their paths here.
 pub use crate::config::rooms::{
-    RoomsConfig, DEFAULT_MAX_DEVICES, DEFAULT_MAX_ROOMS_PER_USER, DEFAULT_MAX_ROOM_MEMBERS,
-    DEFAULT_MAX_ROOM_NAME_BYTES, DEFAULT_MAX_ROOM_QUEUE, DEFAULT_PRESENCE_TTL,
+    RoomHistoryConfig, RoomsConfig, DEFAULT_MAX_DEVICES, DEFAULT_MAX_ROOMS_PER_USER,
+    DEFAULT_MAX_ROOM_MEMBERS, DEFAULT_MAX_ROOM_NAME_BYTES, DEFAULT_MAX_ROOM_QUEUE,
+    DEFAULT_PRESENCE_TTL, DEFAULT_ROOM_HISTORY_MAX_AGE, DEFAULT_ROOM_HISTORY_MAX_BYTES,
+    DEFAULT_ROOM_HISTORY_MAX_LEN,
 };
 pub use crate::types::RoomId;
 
+use crate::history::Recovering;
 use crate::protocol::ErrorCode;
-use crate::types::UserId;
+use crate::types::{Offset, UserId};
 
 /// Why a room request was refused (besides bad arguments).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +105,9 @@ pub struct RoomArgs<'a> {
     /// `presence` only: list the members after this user id (the `next` of the previous page).
     #[serde(borrow, default)]
     pub after: Option<std::borrow::Cow<'a, str>>,
+    /// `joinRoom` only: resume the room's history after this offset once joined.
+    #[serde(borrow, default)]
+    pub since: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// One page of a `presence` answer: `{"room": R, "online": [...]}` with the online members in
@@ -138,6 +145,134 @@ pub fn presence_page<'a>(
         page["next"] = serde_json::Value::from(online[fitting - 1]);
     }
     page
+}
+
+/// Rooms a resume names, each with the offset in that room's history to resume after
+/// (`None`: not an offset, answered `complete: false`). At most `max` rooms; names that are not
+/// valid room names are skipped.
+pub type RoomResume = Vec<(RoomId, Option<Offset>)>;
+
+/// The `rooms` query parameter of a resume: `R1@O1,R2@O2` (neither room names nor offsets can
+/// hold `@` or `,`).
+pub fn parse_rooms_query(value: &str, max_name: usize, max: usize) -> RoomResume {
+    value
+        .split(',')
+        .filter_map(|item| item.split_once('@'))
+        .filter(|(room, _)| valid_room(room, max_name))
+        .take(max)
+        .map(|(room, offset)| (RoomId::from(room), offset.parse().ok()))
+        .collect()
+}
+
+/// The `rooms` object of a `resume` event or a Socket.IO CONNECT: `{"R1": "O1", ...}`.
+pub fn rooms_from_map<'a>(
+    map: impl IntoIterator<Item = (&'a str, &'a str)>,
+    max_name: usize,
+    max: usize,
+) -> RoomResume {
+    map.into_iter()
+        .filter(|(room, _)| valid_room(room, max_name))
+        .take(max)
+        .map(|(room, offset)| (RoomId::from(room), offset.parse().ok()))
+        .collect()
+}
+
+/// `{"event":"recovered","args":{"room":R,"complete":C,"offset":"A-B"|null}}`: the end of a
+/// room's replay.
+pub fn encode_room_recovered(room: &str, complete: bool, last: Option<Offset>) -> Utf8Bytes {
+    let offset = last.map_or_else(|| "null".to_string(), |o| format!("\"{o}\""));
+    Utf8Bytes::from(format!(
+        "{{\"event\":\"recovered\",\"args\":{{\"room\":\"{room}\",\"complete\":{complete},\"offset\":{offset}}}}}"
+    ))
+}
+
+/// Rooms a connection tracks beyond which the oldest cursor is forgotten (its room then
+/// resumes from nothing after an outage): above `--max-rooms-per-user`'s default, and small.
+const MAX_CURSORS: usize = 256;
+
+/// A connection's position in each room's history: the newest offset sent per room, and the
+/// rooms whose replay it waits for (their live frames held meanwhile). Boxed in the connection
+/// and created on its first room frame with an offset.
+#[derive(Debug, Default)]
+pub struct RoomCursors {
+    last: Vec<(RoomId, Offset)>,
+    recovering: Vec<(RoomId, Box<Recovering>)>,
+}
+
+impl RoomCursors {
+    /// The newest offset of `room` sent to the connection.
+    pub fn last(&self, room: &str) -> Option<Offset> {
+        self.last.iter().find(|(r, _)| &**r == room).map(|e| e.1)
+    }
+
+    /// Every room with a cursor, and its offset.
+    pub fn all(&self) -> impl Iterator<Item = &(RoomId, Offset)> {
+        self.last.iter()
+    }
+
+    /// Sets (or, `None`, forgets) the newest offset of `room`.
+    pub fn set_last(&mut self, room: &RoomId, offset: Option<Offset>) {
+        let at = self.last.iter().position(|(r, _)| r == room);
+        match (at, offset) {
+            (Some(i), Some(o)) => self.last[i].1 = o,
+            (Some(i), None) => {
+                self.last.remove(i);
+            }
+            (None, Some(o)) => {
+                if self.last.len() >= MAX_CURSORS {
+                    self.last.remove(0);
+                }
+                self.last.push((room.clone(), o));
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// The recovery of `room` in progress, if any.
+    pub fn recovering(&mut self, room: &str) -> Option<&mut Recovering> {
+        self.recovering
+            .iter_mut()
+            .find(|(r, _)| &**r == room)
+            .map(|(_, rec)| &mut **rec)
+    }
+
+    /// Starts recovering `room`; `false` when it already is.
+    pub fn begin(&mut self, room: &RoomId, rec: Recovering) -> bool {
+        if self.recovering.iter().any(|(r, _)| r == room) {
+            return false;
+        }
+        self.recovering.push((room.clone(), Box::new(rec)));
+        true
+    }
+
+    /// Ends the recovery of `room`.
+    pub fn finish(&mut self, room: &str) -> Option<Box<Recovering>> {
+        let at = self.recovering.iter().position(|(r, _)| &**r == room)?;
+        Some(self.recovering.swap_remove(at).1)
+    }
+
+    /// Rooms whose replay waited past its deadline.
+    pub fn overdue(&self, now: std::time::Instant) -> Vec<RoomId> {
+        self.recovering
+            .iter()
+            .filter(|(_, rec)| now >= rec.deadline)
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// Marks every recovery in progress to run again from where it ends (see
+    /// [`Recovering::again`]); returns the rooms not recovering, with their cursors.
+    pub fn resync(&mut self) -> Vec<(RoomId, Offset)> {
+        for (_, rec) in self.recovering.iter_mut() {
+            rec.again = true;
+        }
+        let busy: Vec<&RoomId> = self.recovering.iter().map(|(r, _)| r).collect();
+        self.last
+            .iter()
+            .filter(|(r, _)| !busy.contains(&r))
+            .cloned()
+            .collect()
+    }
 }
 
 /// `args` of `sendRoomMessage`.
@@ -282,6 +417,14 @@ impl MemoryRooms {
             Some(m) if m.contains(user) => Ok(m.iter().cloned().collect()),
             _ => Err(RoomError::NotMember),
         }
+    }
+
+    /// Whether `user` is in `room`.
+    pub fn is_member(&self, user: &str, room: &str) -> bool {
+        self.lock()
+            .rooms_of
+            .get(user)
+            .is_some_and(|r| r.contains(room))
     }
 
     /// The members of `room` with at least one open connection, if `user` is a member.
@@ -460,6 +603,52 @@ mod tests {
         assert_eq!(r.disconnect(&a).len(), 1, "last device");
         assert!(r.online(&b, "x").unwrap().is_empty());
         assert!(r.disconnect(&a).is_empty(), "unknown user");
+    }
+
+    #[test]
+    fn room_resume_maps() {
+        let got = parse_rooms_query("general@5-1,team:a@x,bad room@1-1,noat,c@2-2", 64, 10);
+        let want: RoomResume = vec![
+            ("general".into(), Some(Offset(5, 1))),
+            ("team:a".into(), None),
+            ("c".into(), Some(Offset(2, 2))),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(parse_rooms_query("a@1-1,b@1-1", 64, 1).len(), 1, "bounded");
+        let map = rooms_from_map([("r", "1-2"), ("{x}", "1-2")], 64, 10);
+        assert_eq!(map, vec![("r".into(), Some(Offset(1, 2)))]);
+        let f = encode_room_recovered("r", true, Some(Offset(1, 2)));
+        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        assert_eq!(v["args"]["room"], "r");
+        assert_eq!(v["args"]["offset"], "1-2");
+        assert!(encode_room_recovered("r", false, None).contains(r#""offset":null"#));
+    }
+
+    #[test]
+    fn cursors_track_rooms_and_their_recoveries() {
+        let mut c = RoomCursors::default();
+        let r: RoomId = "r".into();
+        c.set_last(&r, Some(Offset(1, 1)));
+        c.set_last(&r, Some(Offset(1, 2)));
+        assert_eq!(c.last("r"), Some(Offset(1, 2)));
+        assert_eq!(c.last("s"), None);
+        let rec = |deadline| Recovering {
+            since: None,
+            buffered: Vec::new(),
+            overflow: false,
+            deadline,
+            again: false,
+        };
+        let now = std::time::Instant::now();
+        assert!(c.begin(&r, rec(now)));
+        assert!(!c.begin(&r, rec(now)), "one recovery per room");
+        assert!(c.resync().is_empty(), "recovering rooms run again instead");
+        assert!(c.recovering("r").unwrap().again);
+        assert_eq!(c.overdue(now), vec![r.clone()]);
+        assert!(c.finish("r").is_some() && c.finish("r").is_none());
+        assert_eq!(c.resync(), vec![(r.clone(), Offset(1, 2))]);
+        c.set_last(&r, None);
+        assert_eq!(c.all().count(), 0);
     }
 
     #[test]

@@ -142,6 +142,10 @@ impl Server {
                 .backplane
                 .is_none()
                 .then(crate::rooms::MemoryRooms::default),
+            room_history: (config.history_active() && config.backplane.is_none()).then(|| {
+                let (rooms, history) = (&config.rooms.history, &config.history);
+                crate::history::MemoryHistory::for_rooms(rooms, history, crate::types::now_ms())
+            }),
             ws_config,
             tls,
             config,

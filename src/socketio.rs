@@ -270,7 +270,8 @@ pub fn event_message(data: Option<&RawValue>) -> Result<&RawValue, &'static str>
     }
 }
 
-/// A CONNECT payload: `{"token": "...", "since": "<offset>"}`, both optional.
+/// A CONNECT payload: `{"token": "...", "since": "<offset>", "rooms": {"<room>": "<offset>"}}`,
+/// each optional.
 #[derive(Debug, Default, PartialEq, Eq, serde::Deserialize)]
 pub struct ConnectAuth {
     /// Checked like the native endpoint's token.
@@ -279,7 +280,13 @@ pub struct ConnectAuth {
     /// Resume after this offset, like the native `?since=`.
     #[serde(default)]
     pub since: Option<String>,
+    /// Resume each room's history after its offset, like the native `?rooms=`.
+    #[serde(default)]
+    pub rooms: Option<ConnectRooms>,
 }
+
+/// The `rooms` of a CONNECT payload: room → offset to resume after.
+pub type ConnectRooms = std::collections::BTreeMap<String, String>;
 
 /// The auth object of a CONNECT (empty when absent); the error is the reason for the client.
 pub fn connect_auth(data: Option<&RawValue>) -> Result<ConnectAuth, &'static str> {
@@ -400,6 +407,8 @@ pub struct Session {
     pub request_token: Option<Box<str>>,
     /// `?since=` of the upgrade request: the resume starts at the first CONNECT.
     pub since: Option<Box<str>>,
+    /// `?rooms=` of the upgrade request, resumed at the first CONNECT too.
+    pub rooms: Option<Box<str>>,
     /// While no namespace is joined: when the connection is closed unless one is.
     pub connect_by: Option<Instant>,
     /// Binary frames still to drop: the attachments of a refused binary packet.
@@ -411,13 +420,19 @@ pub struct Session {
 
 impl Session {
     /// A session that must CONNECT by `connect_by`.
-    pub fn new(request_token: Option<String>, since: Option<String>, connect_by: Instant) -> Self {
+    pub fn new(
+        request_token: Option<String>,
+        since: Option<String>,
+        rooms: Option<String>,
+        connect_by: Instant,
+    ) -> Self {
         Session {
             namespaces: Namespaces::default(),
             connecting: Namespaces::default(),
             reply_to: Namespace::Root,
             request_token: request_token.map(String::into_boxed_str),
             since: since.map(String::into_boxed_str),
+            rooms: rooms.map(String::into_boxed_str),
             connect_by: Some(connect_by),
             skip_binary: 0,
             holds_slot: false,
@@ -497,6 +512,10 @@ mod tests {
             (auth.token.as_deref(), auth.since.as_deref()),
             (Some("t"), Some("1-2"))
         );
+        let auth = connect_auth(packet(r#"0{"rooms":{"general":"1-2"}}"#).data).unwrap();
+        let rooms = auth.rooms.expect("rooms");
+        assert_eq!(rooms.get("general").map(String::as_str), Some("1-2"));
+        assert!(connect_auth(packet(r#"0{"rooms":["general"]}"#).data).is_err());
         assert!(connect_auth(packet(r#"0{"token":5}"#).data).is_err());
         assert!(connect_auth(packet("0[1]").data).is_err());
     }

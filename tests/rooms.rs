@@ -1,6 +1,7 @@
 //! Rooms: every device of every member gets a room message exactly once, on any core and any
 //! instance, non-members nothing; membership survives reconnects and instance restarts; leave
-//! stops delivery; the bounds; room messages are in history and resume covers them.
+//! stops delivery; the bounds; a room message is stored once, in the room's history, and the
+//! per-room resume (`?rooms=`, `resume {rooms}`, `joinRoom {since}`) and pages cover it.
 
 mod common;
 
@@ -104,6 +105,7 @@ fn the_sender_gets_its_own_room_message_with_the_same_id() {
         "embedded: the copy comes before the ack"
     );
     assert!(m["offset"].is_string(), "history on: an offset");
+    assert_eq!(m["room"], "r", "the offset is one in room r's history");
     let ack = a.recv_json();
     assert_eq!(ack["args"]["id"], m["args"]["id"]);
     assert_eq!(ack["args"]["ts"], m["args"]["ts"]);
@@ -205,29 +207,125 @@ fn embedded_leave_stops_delivery() {
     );
 }
 
-#[test]
-fn embedded_resume_covers_room_messages() {
-    let server = TestServer::start();
+/// Reads until `recovered` events arrived for the user's own stream (when `own`) and for each
+/// room of `rooms`, each complete; returns the texts of the `newMessage` events before, in
+/// order.
+fn read_resume(c: &mut Client, own: bool, rooms: &[&str]) -> Vec<String> {
+    let (mut texts, mut recovered) = (Vec::new(), Vec::<serde_json::Value>::new());
+    let want = rooms.len() + usize::from(own);
+    while recovered.len() < want {
+        let v = c.recv_json();
+        match v["event"].as_str() {
+            Some("newMessage") => texts.push(v["args"]["text"].as_str().unwrap().to_string()),
+            Some("recovered") => recovered.push(v),
+            _ => {}
+        }
+    }
+    for room in rooms {
+        let r = recovered.iter().find(|r| r["args"]["room"] == *room);
+        let r = r.expect("a recovered per room");
+        assert_eq!(r["args"]["complete"], true, "{recovered:?}");
+    }
+    if own {
+        let r = recovered.iter().find(|r| r["args"].get("room").is_none());
+        assert_eq!(r.expect("the user's recovered")["args"]["complete"], true);
+    }
+    texts
+}
+
+/// A non-member's `resume` of room `r`: acked, then an empty, incomplete `recovered`.
+fn expect_refused_room_resume(c: &mut Client, since: &str) {
+    let r = request_ok(c, "resume", json!({"rooms": {"r": since}}), 9);
+    assert!(r.is_null());
+    let rec = c.recv_event("recovered");
+    assert_eq!(
+        rec["args"],
+        json!({"room": "r", "complete": false, "offset": null})
+    );
+}
+
+fn texts_of(page: &serde_json::Value) -> Vec<String> {
+    page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["args"]["text"].as_str().map(String::from))
+        .collect()
+}
+
+/// Users a and b, each with one device, both in room `r`.
+fn members_of_r(server: &TestServer) -> (Client, Client) {
     let mut a = server.connect("a");
     let mut b = server.connect("b");
     join(&mut a, "r", 1);
     join(&mut b, "r", 1);
+    (a, b)
+}
+
+#[test]
+fn embedded_resume_covers_room_messages_per_room() {
+    let server = TestServer::start();
+    let (mut a, mut b) = members_of_r(&server);
+    b.send_message("a", "d0");
+    let direct = a.recv_event("newMessage")["offset"]
+        .as_str()
+        .unwrap()
+        .to_string();
     say(&mut b, "r", "m1", 2);
     let first = recv_room_message(&mut a);
+    assert_eq!(first["room"], "r");
     let since = first["offset"].as_str().unwrap().to_string();
     a.close();
     say(&mut b, "r", "m2", 3);
-    b.send_message("b", "direct");
+    b.send_message("a", "direct");
     say(&mut b, "r", "m3", 4);
-    let mut back = Client::connect_url(
-        &format!("ws://{}/ws?token=a&since={since}", server.addr),
-        "a",
+    // The user's stream alone: the direct message, no room message.
+    let url = format!("ws://{}/ws?token=a&since={direct}", server.addr);
+    let mut own = Client::connect_url(&url, "a");
+    assert_eq!(read_resume(&mut own, true, &[]), ["direct"]);
+    // Both: each stream once, in order within each.
+    let url = format!(
+        "ws://{}/ws?token=a&since={direct}&rooms=r@{since}",
+        server.addr
     );
-    for text in ["m2", "m3"] {
-        assert_eq!(recv_room_message(&mut back)["args"]["text"], text);
-    }
-    let rec = back.recv_event("recovered");
-    assert_eq!(rec["args"]["complete"], true);
+    let mut back = Client::connect_url(&url, "a");
+    let texts = read_resume(&mut back, true, &["r"]);
+    let rooms: Vec<&String> = texts.iter().filter(|t| t.starts_with('m')).collect();
+    assert_eq!(rooms, ["m2", "m3"]);
+    assert_eq!(texts.len(), 3, "{texts:?}");
+    // The `resume` event does the same, and a non-member gets nothing from the room.
+    let mut c = server.connect("c");
+    expect_refused_room_resume(&mut c, &since);
+    expect_no_message(&mut c, Duration::from_millis(200));
+}
+
+#[test]
+fn embedded_join_with_since_resumes_the_room_and_pages_are_for_members() {
+    let server = TestServer::start();
+    let (mut a, mut b) = members_of_r(&server);
+    say(&mut b, "r", "m1", 2);
+    let since = recv_room_message(&mut a)["offset"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    say(&mut b, "r", "m2", 3);
+    say(&mut b, "r", "m3", 4);
+    let mut other = server.connect("a");
+    let args = json!({"room": "r", "since": since});
+    assert_eq!(request_ok(&mut other, "joinRoom", args, 5)["room"], "r");
+    assert_eq!(read_resume(&mut other, false, &["r"]), ["m2", "m3"]);
+    // Pages of the room: members only.
+    let (status, body) = server.get("/api/history?token=a&room=r&limit=2");
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(texts_of(&page), ["m3", "m2"]);
+    assert_eq!(server.get("/api/history?token=x&room=r").0, 403);
+    assert_eq!(server.get("/api/history?token=a&room=bad%20room").0, 400);
+    let mut x = server.connect("x");
+    assert_eq!(
+        request_err(&mut x, "history", json!({"room": "r"}), 6),
+        "not_member"
+    );
 }
 
 // ---- across instances (Redis) --------------------------------------------------------------
@@ -277,28 +375,25 @@ fn room_delivery_across_two_instances_and_several_cores() {
     // members, received ten room publications and the two membership changes, not twenty.
     assert_eq!(b.bp_stat(|s| &s.received), 12);
     assert_eq!(a.bp_stat(|s| &s.received), 11);
-    // Each offset is in both members' histories.
+    // Stored once, in the room's stream; nothing in the members' own histories.
     let mut r = redis.connection();
     for user in ["u1", "u2"] {
         let len: usize = redis::cmd("XLEN")
             .arg(format!("switchboard:h:{user}"))
             .query(&mut r)
             .unwrap();
-        assert_eq!(len, 10, "{user}'s history");
+        assert_eq!(len, 0, "{user}'s history");
     }
     let ids: Vec<String> = {
         let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg("switchboard:h:u1")
+            .arg("{switchboard:r:general}:h")
             .arg("-")
             .arg("+")
             .query(&mut r)
             .unwrap();
         reply.ids.into_iter().map(|e| e.id).collect()
     };
-    assert_eq!(
-        ids, offsets,
-        "one offset per message, the same for every member"
-    );
+    assert_eq!(ids, offsets, "one entry per message, its offset the room's");
 }
 
 #[test]
@@ -423,14 +518,20 @@ fn a_device_that_joins_gets_the_next_message_at_once() {
 }
 
 #[test]
-fn resume_on_another_instance_covers_room_messages() {
+fn resume_on_another_instance_covers_each_stream_once() {
     let redis = TestRedis::start();
     let a = redis_server(&redis, Routing::PerUser);
     let b = redis_server(&redis, Routing::PerUser);
     let mut u1 = a.connect("u1");
     let mut u2 = a.connect("u2");
+    a.wait_channels(2);
     join(&mut u1, "r", 1);
     join(&mut u2, "r", 1);
+    u2.send_message("u1", "d0");
+    let direct = u1.recv_event("newMessage")["offset"]
+        .as_str()
+        .unwrap()
+        .to_string();
     say(&mut u2, "r", "m1", 2);
     let since = recv_room_message(&mut u1)["offset"]
         .as_str()
@@ -440,19 +541,9 @@ fn resume_on_another_instance_covers_room_messages() {
     say(&mut u2, "r", "m2", 3);
     u2.send_message("u1", "direct");
     say(&mut u2, "r", "m3", 4);
-    let mut back = Client::connect_url(&format!("ws://{}/ws?token=u1&since={since}", b.addr), "u1");
-    let mut texts = Vec::new();
-    loop {
-        let v = back.recv_json();
-        match v["event"].as_str() {
-            Some("newMessage") => texts.push(v["args"]["text"].as_str().unwrap().to_string()),
-            Some("recovered") => {
-                assert_eq!(v["args"]["complete"], true);
-                break;
-            }
-            _ => {}
-        }
-    }
+    let url = format!("ws://{}/ws?token=u1&since={direct}&rooms=r@{since}", b.addr);
+    let mut back = Client::connect_url(&url, "u1");
+    let texts = read_resume(&mut back, true, &["r"]);
     // Room messages keep their order, and so do direct ones; with Redis, a direct message and
     // a room message from one connection take different paths (publisher, rooms worker) and
     // may swap (docs/PROTOCOL.md §5).
@@ -464,6 +555,73 @@ fn resume_on_another_instance_covers_room_messages() {
     wait_room_routes(&b, 2, 1);
     say(&mut u2, "r", "m4", 5);
     assert_eq!(recv_room_message(&mut back)["args"]["text"], "m4");
+    // `joinRoom` with `since` on B: the ack, then the replay, then `recovered`.
+    let mut third = b.connect("u1");
+    let args = json!({"room": "r", "since": since});
+    assert_eq!(request_ok(&mut third, "joinRoom", args, 6)["room"], "r");
+    assert_eq!(read_resume(&mut third, false, &["r"]), ["m2", "m3", "m4"]);
+    // Pages: members only.
+    let (status, body) = b.get("/api/history?token=u1&room=r&limit=2");
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(texts_of(&page), ["m4", "m3"]);
+    assert_eq!(b.get("/api/history?token=u9&room=r").0, 403);
+    expect_refused_room_resume(&mut b.connect("u9"), &since);
+}
+
+#[test]
+fn a_room_stream_keeps_its_bounds_exactly() {
+    let redis = TestRedis::start();
+    let mut rc = switchboard::backplane::RedisConfig::new(redis.url());
+    rc.routing = Routing::PerUser;
+    let mut config = Config {
+        backplane: Some(rc),
+        ..test_config()
+    };
+    config.rooms.history.max_len = 5;
+    config.rooms.history.max_bytes = 2048;
+    let a = TestServer::with_config(config);
+    let mut u1 = a.connect("u1");
+    a.wait_channels(1);
+    join(&mut u1, "r", 1);
+    let mut offsets = Vec::new();
+    for n in 0..8 {
+        post(&mut u1, "r", &format!("m{n}"));
+        let m = recv_room_message(&mut u1);
+        offsets.push(m["offset"].as_str().unwrap().to_string());
+    }
+    let mut r = redis.connection();
+    let len = |r: &mut redis::Connection| -> usize {
+        redis::cmd("XLEN")
+            .arg("{switchboard:r:r}:h")
+            .query(r)
+            .unwrap()
+    };
+    assert_eq!(len(&mut r), 5, "exactly the max length");
+    let low: String = redis::cmd("HGET")
+        .arg("{switchboard:r:r}:t")
+        .arg("low")
+        .query(&mut r)
+        .unwrap();
+    assert_eq!(low, offsets[2], "the newest offset dropped");
+    // Bytes: frames of about 630 bytes (a 500-byte text), 2 KiB kept: three.
+    let big = "x".repeat(500);
+    for _ in 0..4 {
+        post(&mut u1, "r", &big);
+        recv_room_message(&mut u1);
+    }
+    assert_eq!(len(&mut r), 3, "the byte bound");
+    // A resume from a dropped offset is incomplete; from the newest one complete.
+    let url = format!("ws://{}/ws?token=u1&rooms=r@{}", a.addr, offsets[4]);
+    let mut again = Client::connect_url(&url, "u1");
+    assert_eq!(again.recv_event("recovered")["args"]["complete"], false);
+    let (status, body) = a.get("/api/history?token=u1&room=r");
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let newest = page["events"][0]["offset"].as_str().unwrap().to_string();
+    let url = format!("ws://{}/ws?token=u1&rooms=r@{newest}", a.addr);
+    let mut fine = Client::connect_url(&url, "u1");
+    assert!(read_resume(&mut fine, false, &["r"]).is_empty());
 }
 
 #[test]
@@ -510,13 +668,17 @@ fn resend_is_delivered_once(sender: &mut Client, other: &mut Client) {
     }
     expect_no_message(other, Duration::from_millis(300));
     let page = request_ok(other, "history", json!({"limit": 10}), 24);
-    let texts: Vec<&str> = page["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .filter_map(|e| e["args"]["text"].as_str())
-        .collect();
-    assert_eq!(texts, ["next", "once"], "newest first, each once");
+    let texts = texts_of(&page);
+    assert!(
+        texts.is_empty(),
+        "room messages are not in the user's history: {texts:?}"
+    );
+    let page = request_ok(other, "history", json!({"limit": 10, "room": "r"}), 25);
+    assert_eq!(
+        texts_of(&page),
+        ["next", "once"],
+        "newest first, each once, in the room's history"
+    );
 }
 
 #[test]

@@ -278,3 +278,43 @@ fn allowed_origins_guard_upgrades_and_answer_cors() {
         "{unlisted}"
     );
 }
+
+/// A room message as a member's `GET /api/history?room=` would see it, read with the API key
+/// instead: any room, no membership needed; a user's own token still needs membership.
+fn api_key_reads_room_history(server: &TestServer) {
+    let mut u1 = server.connect("u1");
+    join(&mut u1, "hist", 1);
+    request_ok(
+        &mut u1,
+        "sendRoomMessage",
+        json!({"room": "hist", "text": "kept once"}),
+        2,
+    );
+    let (status, page) = get(server.addr, "/api/history?room=hist&limit=5");
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["events"][0]["args"]["text"], "kept once", "{page}");
+    assert_eq!(page["events"][0]["room"], "hist", "{page}");
+    assert!(page["events"][0]["offset"].is_string(), "{page}");
+    let (status, empty) = get(server.addr, "/api/history?room=nothing-here");
+    assert_eq!((status, empty), (200, json!({"events": []})));
+    let (status, bad) = get(server.addr, "/api/history?room=bad%20room");
+    assert_eq!(status, 400, "{bad}");
+    // A non-member with its own token is refused.
+    let stranger = "GET /api/history?room=hist&token=u3 HTTP/1.1\r\nHost: t\r\n\r\n";
+    assert_eq!(raw_request(server.addr, stranger.as_bytes()).0, 403);
+}
+
+#[test]
+fn the_api_key_reads_any_rooms_history_embedded() {
+    api_key_reads_room_history(&TestServer::with_config(config()));
+}
+
+#[test]
+fn the_api_key_reads_any_rooms_history_on_redis() {
+    let redis = TestRedis::start();
+    let server = on_redis(&redis);
+    // The server reaches Redis once u1's channel is subscribed.
+    let _probe = server.connect("u1");
+    wait_subscribed(&redis, "u1", 1);
+    api_key_reads_room_history(&server);
+}

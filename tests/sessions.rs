@@ -124,3 +124,51 @@ fn a_refreshed_token_carries_its_own_rooms() {
     request_ok(&mut c, "refresh", json!({ "token": wider }), 2);
     request_ok(&mut c, "joinRoom", json!({"room": "b"}), 3);
 }
+
+/// Reading a room's history needs the right to join it: a member whose session's claims leave
+/// the room out gets `forbidden` for `history {room}`, 403 over HTTP, and a resume of the room
+/// replays nothing (`recovered` with `complete: false`).
+#[test]
+fn room_history_needs_the_right_to_read_the_room() {
+    let server = jwt_server();
+    let exp = now_secs() + 600;
+    let wide = json!({"sub": "carol", "exp": exp, "rooms": ["*"]});
+    let narrow = json!({"sub": "carol", "exp": exp, "rooms": ["lobby"]});
+    let mut member = connect(&server, wide.clone());
+    request_ok(&mut member, "joinRoom", json!({"room": "vault"}), 1);
+    let sent = json!({"room": "vault", "text": "secret"});
+    request_ok(&mut member, "sendRoomMessage", sent, 2);
+    let page = request_ok(&mut member, "history", json!({"room": "vault"}), 3);
+    assert_eq!(page["events"][0]["args"]["text"], "secret", "{page}");
+
+    // The same user, still a member, with a token that does not cover the room.
+    let mut narrowed = connect(&server, narrow.clone());
+    let refused = request(&mut narrowed, "history", json!({"room": "vault"}), 1);
+    assert_eq!(refused["args"]["code"], "forbidden", "{refused}");
+    let http = |claims: &Value| {
+        let path = format!("/api/history?room=vault&token={}", token(claims.clone()));
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        raw_request(server.addr, req.as_bytes())
+    };
+    assert_eq!(http(&wide).0, 200);
+    let (status, body) = http(&narrow);
+    assert_eq!(status, 403, "{body}");
+    let resume = format!(
+        "ws://{}/ws?token={}&rooms=vault@0-0",
+        server.addr,
+        token(narrow)
+    );
+    let mut resumed = Client::connect_url(&resume, "carol");
+    let recovered = loop {
+        let frame = resumed.recv_json();
+        assert_ne!(
+            frame["room"], "vault",
+            "replayed without the right: {frame}"
+        );
+        if frame["event"] == "recovered" {
+            break frame;
+        }
+    };
+    assert_eq!(recovered["args"]["room"], "vault", "{recovered}");
+    assert_eq!(recovered["args"]["complete"], false, "{recovered}");
+}

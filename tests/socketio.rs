@@ -605,3 +605,14 @@ fn socket_io_connections_count_for_the_device_limit_and_presence() {
     again.send_message("u2", "back");
     assert_eq!(u2.recv_event("newMessage")["args"]["text"], "back");
 }
+
+#[test]
+fn a_room_is_resumed_through_the_connect_payload() {
+    let server = TestServer::start();
+    let mut run = node("room_resume", json!({ "addr": server.addr.to_string() }));
+    let done = run.step("done");
+    assert_eq!(done["first_room"], "r", "a room frame names its room");
+    assert_eq!(done["texts"], json!(["m2", "m3"]));
+    assert_eq!(done["recovered"]["args"]["room"], "r");
+    assert_eq!(done["recovered"]["args"]["complete"], true);
+}

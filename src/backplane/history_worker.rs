@@ -1,5 +1,6 @@
-//! The history worker: runs replay queries against the users' Redis streams on its own blocking
-//! connection, so neither the subscriber nor a core ever waits for Redis.
+//! The history worker: runs replay queries against the users' and rooms' Redis streams on its own
+//! blocking connections (one per shard on a cluster), so neither the subscriber nor a core ever
+//! waits for Redis.
 //!
 //! The subscriber hands it a request only once this instance's subscription to the user's
 //! channel is confirmed; the answer goes to the requesting core's inbox.
@@ -9,38 +10,48 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::shard_conns::ShardConns;
 use super::{Backoff, Backplane, Job, PageRequest, PublishRequest, ReplayRequest};
-use crate::bus::{Bus, CoreMsg, PageResult, PublishResult, ReplayResult};
+use crate::bus::{Bus, CoreMsg, PageError, PageResult, PublishResult, ReplayResult};
 use crate::history::{self, HistoryConfig, Offset, Replay};
 use crate::UserId;
-
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs until the subscriber (the only sender) is gone or the backplane stops.
 pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
     let Some(config) = bp.history().cloned() else {
         return;
     };
-    let mut conn: Option<redis::Connection> = None;
-    // The append script's SHA1 once loaded on `conn` (a new connection may face a restarted
-    // Redis with an empty script cache, so it is forgotten with the connection).
-    let mut sha: Option<String> = None;
+    let mut conns = ShardConns::default();
     let mut backoff = Backoff::new(
         bp.config.reconnect_min,
         bp.config.reconnect_max,
         bp.node_id ^ 0x5eed,
     );
+    let rooms = bp.rooms().map(|r| r.history.clone()).unwrap_or_default();
     while !bp.stop.load(Relaxed) {
         let request = match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(Job::Replay(r)) => r,
             Ok(Job::Page(p)) => {
-                let result = connected(&mut conn, &bp)
-                    .and_then(|c| page(c, &bp.config.channel_prefix, &p, &config))
+                let result =
+                    match stream_of(&bp, &p.user, p.room.as_deref()) {
+                        // No history on a cluster for this user id (see `tagged`).
+                        None => Ok(Some(Vec::new())),
+                        Some(key) => conns
+                            .for_key(&bp, key.as_bytes())
+                            .and_then(|(_, c)| match &p.room {
+                                None => page(c, &key, &p, &config).map(Some),
+                                Some(room) => {
+                                    let prefix = &bp.config.channel_prefix;
+                                    super::room_history::page(c, prefix, room, &p, &rooms)
+                                }
+                            }),
+                    };
+                let result = result
                     .map_err(|e| {
-                        conn = None;
-                        sha = None;
-                        e.to_string()
-                    });
+                        conns.reset();
+                        PageError::Unavailable(e.to_string())
+                    })
+                    .and_then(|page| page.ok_or(PageError::NotMember));
                 let answer = PageResult {
                     key: p.key,
                     serial: p.serial,
@@ -53,13 +64,10 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
                 continue;
             }
             Ok(Job::Publish(p)) => {
-                let result = connected(&mut conn, &bp)
-                    .and_then(|c| publish(c, &mut sha, &bp, &config, &p))
-                    .map_err(|e| {
-                        conn = None;
-                        sha = None;
-                        e.to_string()
-                    });
+                let result = publish(&mut conns, &bp, &config, &p).map_err(|e| {
+                    conns.reset();
+                    e.to_string()
+                });
                 let answer = PublishResult {
                     key: p.key,
                     serial: p.serial,
@@ -76,8 +84,20 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
         if Instant::now() >= request.deadline {
             continue;
         }
-        let result = connected(&mut conn, &bp)
-            .and_then(|c| query(c, &bp.config.channel_prefix, &request, &config));
+        let result = match stream_of(&bp, &request.user, request.room.as_deref()) {
+            None => Ok(Replay::default()),
+            Some(key) => {
+                conns
+                    .for_key(&bp, key.as_bytes())
+                    .and_then(|(_, c)| match &request.room {
+                        None => query(c, &key, &request, &config),
+                        Some(room) => {
+                            let prefix = &bp.config.channel_prefix;
+                            super::room_history::replay(c, prefix, room, request.since, &rooms)
+                        }
+                    })
+            }
+        };
         let replay = match result {
             Ok(replay) => {
                 backoff.reset();
@@ -93,8 +113,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
                     request.user,
                     super::endpoint::plain_words(&e.to_string())
                 );
-                conn = None;
-                sha = None;
+                conns.reset();
                 std::thread::sleep(backoff.next_delay());
                 bp.request_replay(request);
                 continue;
@@ -103,6 +122,7 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
         let result = ReplayResult {
             key: request.key,
             serial: request.serial,
+            room: request.room,
             replay,
         };
         if !bus.send(request.core, CoreMsg::Replayed(Box::new(result))) {
@@ -112,78 +132,69 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
     }
 }
 
-/// The worker's connection, (re)opened when needed.
-fn connected<'a>(
-    conn: &'a mut Option<redis::Connection>,
-    bp: &Backplane,
-) -> redis::RedisResult<&'a mut redis::Connection> {
-    if bp.master_moved() {
-        *conn = None;
+/// The stream a replay or page reads: the room's, or the user's (hash-tagged into its channel's
+/// slot on a cluster; `None` for a user without history there).
+fn stream_of(bp: &Backplane, user: &str, room: Option<&str>) -> Option<String> {
+    let prefix = &bp.config.channel_prefix;
+    match room {
+        Some(room) => Some(super::wire::room_stream_key(prefix, room)),
+        None if bp.config.sharded() => super::tagged::stream_key(prefix, user),
+        None => Some(history::stream_key(prefix, user)),
     }
-    if conn.is_none() {
-        let c = bp
-            .config
-            .client(&bp.redis_url())?
-            .get_connection_with_timeout(IO_TIMEOUT)?;
-        c.set_read_timeout(Some(IO_TIMEOUT))?;
-        c.set_write_timeout(Some(IO_TIMEOUT))?;
-        *conn = Some(c);
-    }
-    conn.as_mut()
-        .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "not connected")))
 }
 
-/// Runs the append script once for every user of the dispatch: one atomic call, so all users
-/// get the event, or (on an error) none does.
+/// Appends and publishes the dispatch for every user. On one Redis, one call of the append
+/// script for all of them: atomic, so all users get the event, or (on an error) none does. On a
+/// cluster a call per user, on the user's shard (a script keeps to one slot): an error may leave
+/// some users with it and others without.
 fn publish(
-    conn: &mut redis::Connection,
-    sha: &mut Option<String>,
+    conns: &mut ShardConns,
     bp: &Backplane,
     config: &HistoryConfig,
     request: &PublishRequest,
 ) -> redis::RedisResult<Vec<(UserId, Offset)>> {
-    let sha = match sha {
-        Some(sha) => sha,
-        None => sha.insert(
-            redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(history::APPEND_SCRIPT)
-                .query(conn)?,
-        ),
-    };
     let prefix = &bp.config.channel_prefix;
     let users = &request.dispatch.users;
+    let frame = request.dispatch.frame.as_str();
     let channels: Vec<String> = users
         .iter()
         .map(|u| super::wire::user_channel(prefix, u))
         .collect();
-    let pairs: Vec<(&str, &str)> = users
-        .iter()
-        .zip(&channels)
-        .map(|(u, c)| (&**u, c.as_str()))
-        .collect();
-    let ids: Vec<String> = history::append_call(
-        sha,
-        prefix,
-        bp.node_id,
-        config,
-        request.dispatch.frame.as_str(),
-        None,
-        &pairs,
-    )
-    .query(conn)?;
-    if ids.len() != users.len() {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "unexpected reply to the append script",
-        )));
+    let mut ids: Vec<(UserId, String)> = Vec::with_capacity(users.len());
+    if bp.config.sharded() {
+        let script = history::sharded_append_script();
+        for (user, channel) in users.iter().zip(&channels) {
+            let Some(keys) = super::tagged::append_keys(channel, None) else {
+                continue;
+            };
+            let (sha, conn) = conns.with_script(bp, channel.as_bytes(), &script)?;
+            let call = history::append_call_keys(&sha, bp.node_id, config, frame, false, &[keys]);
+            let mut id: Vec<String> = call.query(conn)?;
+            ids.extend(id.pop().map(|id| (user.clone(), id)));
+        }
+    } else {
+        let (sha, conn) = conns.with_script(bp, b"", history::APPEND_SCRIPT)?;
+        let pairs: Vec<(&str, &str)> = users
+            .iter()
+            .zip(&channels)
+            .map(|(u, c)| (&**u, c.as_str()))
+            .collect();
+        let call = history::append_call(&sha, prefix, bp.node_id, config, frame, None, &pairs);
+        let got: Vec<String> = call.query(conn)?;
+        if got.len() != users.len() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "unexpected reply to the append script",
+            )));
+        }
+        ids.extend(users.iter().cloned().zip(got));
     }
     let mut out = Vec::with_capacity(ids.len());
-    for (user, id) in users.iter().zip(ids) {
+    for (user, id) in ids {
         let offset = id.parse::<Offset>().map_err(|_| {
             redis::RedisError::from((redis::ErrorKind::Client, "redis returned a bad stream id"))
         })?;
-        out.push((user.clone(), offset));
+        out.push((user, offset));
     }
     Ok(out)
 }
@@ -203,7 +214,7 @@ fn age_cutoff(conn: &mut redis::Connection, config: &HistoryConfig) -> redis::Re
 /// past the last `max_len` (the stream may hold a few more: see [`history::APPEND_SCRIPT`]).
 fn page(
     conn: &mut redis::Connection,
-    prefix: &str,
+    key: &str,
     request: &PageRequest,
     config: &HistoryConfig,
 ) -> redis::RedisResult<Vec<tungstenite::Utf8Bytes>> {
@@ -212,17 +223,16 @@ fn page(
         // end: answer the empty page here rather than a 503.
         return Ok(Vec::new());
     }
-    let key = history::stream_key(prefix, &request.user);
     let end = match request.before {
         Some(b) => format!("({b}"),
         None => "+".to_string(),
     };
     let mut start = age_cutoff(conn, config)?;
-    let len: usize = redis::cmd("XLEN").arg(&key).query(conn)?;
+    let len: usize = redis::cmd("XLEN").arg(key).query(conn)?;
     if let Some(excess) = len.checked_sub(config.max_len).filter(|n| *n > 0) {
         // The oldest entry an exact trim would keep is the one after the `excess` oldest.
         let oldest: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&key)
+            .arg(key)
             .arg("-")
             .arg("+")
             .arg("COUNT")
@@ -233,7 +243,7 @@ fn page(
         }
     }
     let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-        .arg(&key)
+        .arg(key)
         .arg(end)
         .arg(start.to_string())
         .arg("COUNT")
@@ -261,18 +271,17 @@ fn page(
 /// it, or older than the max age, is one an exact trim would have dropped (`complete: false`).
 fn query(
     conn: &mut redis::Connection,
-    prefix: &str,
+    key: &str,
     request: &ReplayRequest,
     config: &HistoryConfig,
 ) -> redis::RedisResult<Replay> {
     let max_len = config.max_len;
-    let key = history::stream_key(prefix, &request.user);
     let cutoff = age_cutoff(conn, config)?;
     // `since` plus `max_len` entries: `since` is not among the last `max_len` (trimmed for an
     // exact bound; or another instance keeps more), and the replay is cut short.
     let count = max_len + 1;
     let mut reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(&key)
+        .arg(key)
         .arg(request.since.to_string())
         .arg("+")
         .arg("COUNT")
@@ -283,7 +292,7 @@ fn query(
         // Send the newest ones instead: those are what the client is about to see live next
         // to.
         let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(&key)
+            .arg(key)
             .arg("+")
             .arg(format!("({}", request.since))
             .arg("COUNT")

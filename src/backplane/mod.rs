@@ -26,11 +26,14 @@ mod history_worker;
 pub(crate) mod pipeline;
 pub mod publisher;
 pub(crate) mod resp;
+mod room_history;
 mod room_routes;
 mod rooms_worker;
 pub(crate) use rooms_worker::api_queries::{ApiQuery, ApiTarget};
 mod sentinel;
+mod shard_conns;
 pub mod subscriber;
+mod tagged;
 pub mod wire;
 
 use std::fmt::Write as _;
@@ -44,7 +47,7 @@ use crossbeam_queue::{ArrayQueue, SegQueue};
 // The settings live in `config::redis`, below every feature; they keep their paths here.
 pub use crate::config::redis::{
     RedisConfig, Routing, DEFAULT_CHANNEL_PREFIX, DEFAULT_PUBLISH_QUEUE, DEFAULT_RECONNECT_MAX,
-    DEFAULT_RECONNECT_MIN,
+    DEFAULT_RECONNECT_MIN, DEFAULT_WAIT_REPLICAS, DEFAULT_WAIT_TIMEOUT,
 };
 
 use crate::bus::{AckWaiter, Bus, Dispatch};
@@ -69,6 +72,9 @@ pub struct Publication {
 pub struct ReplayRequest {
     /// The user.
     pub user: UserId,
+    /// The room whose history to replay (run once the room's channel routes to this instance
+    /// for the user, refused when the user is not in it); `None`: the user's own history.
+    pub room: Option<RoomId>,
     /// The offset the client has.
     pub since: Offset,
     /// The core owning the connection.
@@ -87,6 +93,10 @@ pub struct ReplayRequest {
 pub struct PageRequest {
     /// The user.
     pub user: UserId,
+    /// The room whose history to page; `None`: the user's own.
+    pub room: Option<RoomId>,
+    /// `user` must be a member of `room` (`false`: the server API's key reads any room).
+    pub members_only: bool,
     /// Only events before this offset.
     pub before: Option<Offset>,
     /// At most this many.
@@ -131,6 +141,9 @@ pub(crate) struct RoomTarget {
     pub key: usize,
     pub serial: u64,
     pub ack: Option<u64>,
+    /// `joinRoom` with `since`: once joined, resume the room's history after it (`Some(None)`:
+    /// not an offset, answered `complete: false`).
+    pub resume: Option<Option<Offset>>,
 }
 
 /// Work for the rooms worker.

@@ -178,6 +178,12 @@ impl Publisher {
             wires.push((channel, payload));
         }
         let mut done = vec![false; batch.len()];
+        // Stored on the primary, but not on `--redis-wait-replicas` replicas in time.
+        let mut uncopied = vec![false; batch.len()];
+        let wait = match (sharded, bp.history()) {
+            (true, Some(_)) if bp.config.wait_replicas > 0 => Some(bp.config.wait_replicas),
+            _ => None,
+        };
         let mut all_ok = true;
         for shard in 0..map.shards.len() {
             let members: Vec<usize> = (0..batch.len()).filter(|&i| shard_of[i] == shard).collect();
@@ -186,16 +192,46 @@ impl Publisher {
             }
             if self.conns[shard].is_none() && !self.connect(shard, &map.shards[shard]) {
                 all_ok = false;
+                if sharded {
+                    // The primary may have failed over: read the slot map again next time.
+                    self.topology = None;
+                }
                 continue;
             }
             let mut pipe = redis::Pipeline::with_capacity(members.len());
             let command = if sharded { "SPUBLISH" } else { "PUBLISH" };
-            if let Some((h, sha)) = bp.history().zip(self.script_sha.as_deref()) {
+            if let (Some(h), Some(sha), true) = (bp.history(), self.script_sha.as_deref(), sharded)
+            {
+                // A cluster: one call per user on its shard, its keys tagged into its channel's
+                // slot (`tagged`); a user whose keys cannot be is published without history.
+                for &i in &members {
+                    let dispatch = &batch[i].dispatch;
+                    let channel = wires[i].0.as_str();
+                    match super::tagged::append_keys(channel, dispatch.dedupe.as_deref()) {
+                        Some(keys) => {
+                            let cmd = crate::history::append_call_keys(
+                                sha,
+                                bp.node_id,
+                                h,
+                                dispatch.frame.as_str(),
+                                dispatch.dedupe.is_some(),
+                                std::slice::from_ref(&keys),
+                            );
+                            pipe.add_command(cmd).ignore();
+                        }
+                        None => {
+                            let mut payload = Vec::new();
+                            let frame = dispatch.frame.as_str();
+                            wire::write_user_payload(&mut payload, bp.node_id, frame);
+                            pipe.cmd(command).arg(channel).arg(payload).ignore();
+                        }
+                    }
+                }
+            } else if let Some((h, sha)) = bp.history().zip(self.script_sha.as_deref()) {
                 // One atomic append + publish per dispatch for all its users here: see
-                // APPEND_SCRIPT. On a cluster a user's keys span slots (no hash tags), so each
-                // call keeps to one user there, as before grouping.
+                // APPEND_SCRIPT.
                 let same = |a: usize, b: usize| Arc::ptr_eq(&batch[a].dispatch, &batch[b].dispatch);
-                let limit = if sharded { 1 } else { MAX_USERS_PER_CALL };
+                let limit = MAX_USERS_PER_CALL;
                 let mut users: Vec<(&str, &str)> = Vec::new();
                 for call in script_calls(&members, same, limit) {
                     let dispatch = &batch[members[call.start]].dispatch;
@@ -229,14 +265,31 @@ impl Publisher {
                         .ignore();
                 }
             }
+            if let Some(n) = wait {
+                // Scripts cannot WAIT; the same connection can, right after them.
+                let ms = bp.config.wait_timeout.as_millis() as u64;
+                pipe.cmd("WAIT").arg(n).arg(ms);
+            }
             let Some(conn) = self.conns[shard].as_mut() else {
                 continue;
             };
-            match pipe.exec(conn) {
-                Ok(()) => {
+            match pipe.query::<Vec<i64>>(conn) {
+                Ok(replies) => {
                     bp.stats.published.fetch_add(members.len() as u64, Relaxed);
+                    let copied = wait.is_none_or(|n| replies.first() >= Some(&i64::from(n)));
+                    if !copied {
+                        log::warn!(
+                            "redis: {} publications on {} reached {:?} of {} replicas in time; \
+                             their acks say unavailable",
+                            members.len(),
+                            map.shards[shard],
+                            replies.first(),
+                            wait.unwrap_or(0)
+                        );
+                    }
                     for i in members {
                         done[i] = true;
+                        uncopied[i] = !copied;
                     }
                 }
                 Err(e) => {
@@ -259,10 +312,10 @@ impl Publisher {
         let mut i = 0;
         batch.retain(|p| {
             let keep = !done[i];
-            i += 1;
             if !keep {
-                bp.settle(p, true);
+                bp.settle(p, !uncopied[i]);
             }
+            i += 1;
             keep
         });
         all_ok && batch.is_empty()
@@ -305,10 +358,12 @@ impl Publisher {
             .and_then(|client| client.get_connection_with_timeout(IO_TIMEOUT));
         let result = result.and_then(|mut c| {
             if bp.history().is_some() {
-                let sha: String = redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(crate::history::APPEND_SCRIPT)
-                    .query(&mut c)?;
+                // The same text on every shard, so one SHA serves them all.
+                let script = match bp.config.sharded() {
+                    true => crate::history::sharded_append_script(),
+                    false => crate::history::APPEND_SCRIPT.to_string(),
+                };
+                let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(script).query(&mut c)?;
                 self.script_sha = Some(sha);
             }
             Ok(c)

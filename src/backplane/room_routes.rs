@@ -199,9 +199,11 @@ impl RoomRoutes {
         self.rooms.keys().cloned().collect()
     }
 
-    /// The local members of `room`.
-    pub fn members(&self, room: &str) -> Option<&Arc<[UserId]>> {
-        self.rooms.get(room).map(|l| &l.snapshot)
+    /// The room's shared name and its local members.
+    pub fn room(&self, room: &str) -> Option<(&RoomId, &Arc<[UserId]>)> {
+        self.rooms
+            .get_key_value(room)
+            .map(|(r, l)| (r, &l.snapshot))
     }
 
     /// `Some(in the room)` once the user's rooms are loaded.
@@ -216,14 +218,6 @@ impl RoomRoutes {
     /// Whether Redis confirmed the room's channel.
     pub fn room_confirmed(&self, room: &str) -> bool {
         self.rooms.get(room).is_some_and(|l| l.confirmed)
-    }
-
-    /// The user's rooms are loaded and every one of their channels confirmed: whatever is
-    /// appended to the user's history from now on reaches this instance live (a replay may run).
-    pub fn ready(&self, user: &str) -> bool {
-        self.users
-            .get(user)
-            .is_some_and(|u| u.loading.is_none() && u.rooms.iter().all(|r| self.room_confirmed(r)))
     }
 }
 
@@ -246,16 +240,16 @@ mod tests {
         assert!(!routes.start_load(&u));
         routes.control(&u, false, r("a"), &mut ch);
         routes.control(&u, true, r("c"), &mut ch);
-        assert!(!routes.ready(&u));
+        assert_eq!(routes.is_member("u", "c"), None, "loading");
         routes.loaded(&u, vec![r("a"), r("b")], &mut ch);
         let mut subs = ch.subscribe.clone();
         subs.sort();
         assert_eq!(subs, vec![r("b"), r("c")]);
         assert_eq!(routes.is_member("u", "a"), Some(false));
         assert_eq!(routes.is_member("u", "b"), Some(true));
-        assert!(!routes.ready(&u), "channels not confirmed");
+        assert!(!routes.room_confirmed("b"), "channels not confirmed");
         assert_eq!(routes.confirmed("b"), vec![u.clone()]);
-        assert!(routes.confirmed("c").len() == 1 && routes.ready(&u));
+        assert!(routes.confirmed("c").len() == 1 && routes.room_confirmed("c"));
     }
 
     #[test]
@@ -268,11 +262,14 @@ mod tests {
             routes.loaded(u, vec![r("x")], &mut ch);
         }
         assert_eq!(ch.subscribe, vec![r("x")], "one subscription for both");
-        assert_eq!(routes.members("x").unwrap().len(), 2);
+        assert_eq!(routes.room("x").map(|r| r.1).unwrap().len(), 2);
         assert_eq!(routes.pairs(), 2);
         routes.confirmed("x");
         routes.control(&a, false, r("x"), &mut ch);
-        assert_eq!(&**routes.members("x").unwrap(), std::slice::from_ref(&b));
+        assert_eq!(
+            &**routes.room("x").map(|r| r.1).unwrap(),
+            std::slice::from_ref(&b)
+        );
         assert!(ch.unsubscribe.is_empty());
         routes.control(&a, true, r("x"), &mut ch);
         assert!(
@@ -282,7 +279,7 @@ mod tests {
         routes.drop_user(&b, &mut ch);
         routes.drop_user(&a, &mut ch);
         assert_eq!(ch.unsubscribe, vec![r("x")]);
-        assert!(routes.members("x").is_none());
+        assert!(routes.room("x").map(|r| r.1).is_none());
         assert_eq!(routes.pairs(), 0);
         assert_eq!(routes.reset(), Vec::<RoomId>::new());
     }

@@ -5,7 +5,10 @@
 //! the room's members (set), `p:p:{user}` connections per instance (hash node → count),
 //! `p:n:{node}` an instance's heartbeat (expires after `--presence-ttl`), `p:n:{node}:users`
 //! the users it counted, `p:nodes` every instance that has a heartbeat. Channels: `p:u:{user}`
-//! carries membership changes (`<node> ! +room`), `p:r:{room}` the room's events.
+//! carries membership changes (`<node> ! +room`), `{p:r:ROOM}` (braces included: a Redis
+//! Cluster hash tag) the room's events. The room's history lives beside its channel, in the
+//! same hash slot: `{p:r:ROOM}:h` the stream, `{p:r:ROOM}:t` its byte count and low-water
+//! mark, `{p:r:ROOM}:d:KEY` the idempotency keys (see [`SEND`]).
 //!
 //! Every third of the TTL the worker refreshes this instance's heartbeat and sweeps: an
 //! instance whose heartbeat expired (killed without a goodbye) is removed, its connections
@@ -53,7 +56,7 @@ local function announce(user, online)
   for _, room in ipairs(redis.call('SMEMBERS', p .. ':ur:' .. user)) do
     local frame = cjson.encode({event = 'presenceChanged',
       args = {room = room, user = user, online = online}})
-    redis.call('PUBLISH', p .. ':r:' .. room, node .. ' - ' .. frame)
+    redis.call('PUBLISH', '{' .. p .. ':r:' .. room .. '}', node .. ' - ' .. frame)
   end
 end
 "#
@@ -87,51 +90,72 @@ return 'ok'
 "#;
 
 /// ARGV: prefix, node, room, sender, frame (without offset), history `1`/`0`, max length,
-/// max age in ms, idempotency key (empty: none), dedupe window in ms. With history, every
-/// member's stream gets the frame under one id, the smallest above every member's last entry
-/// and the current time, so the one publication on the room channel carries one offset that is
-/// valid in every member's history. Returns the id (`-` without history) or `!not_member`; with
-/// an idempotency key already recorded for the room, that earlier answer, and nothing is stored
-/// or published again.
+/// max age in ms, idempotency key (empty: none), dedupe window in ms, max bytes.
+///
+/// With history the frame is stored **once**, in the room's stream `{p:r:ROOM}:h` (field `f`),
+/// and published on the room's channel with its offset and room spliced in; every member
+/// device gets that one publication. The bounds are exact: after the append the oldest entries
+/// go while the room is over its length or byte bound or they are past the age (the new entry
+/// always stays), read oldest first (one entry, then 16 at a time), then one exact
+/// `XTRIM MINID`. `{p:r:ROOM}:t` keeps the byte count (`bytes`) and
+/// `low`, the newest offset no longer retained (or, for a new stream, its first entry): a
+/// resume after an offset at or above `low` is complete. Both keys expire after the max age
+/// without appends. Returns the id (`-` without history) or `!not_member`; with an idempotency
+/// key already recorded for the room, that earlier answer, and nothing is stored or published
+/// again.
 const SEND: &str = r#"
 local p, node, room, user, frame = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local mkey, channel = p .. ':rm:' .. room, p .. ':r:' .. room
-if redis.call('SISMEMBER', mkey, user) == 0 then return '!not_member' end
+local tag = '{' .. p .. ':r:' .. room .. '}'
+if redis.call('SISMEMBER', p .. ':rm:' .. room, user) == 0 then return '!not_member' end
 local dkey = false
 if ARGV[9] ~= '' then
-  dkey = p .. ':dr:' .. #room .. ':' .. room .. ':' .. ARGV[9]
+  dkey = tag .. ':d:' .. ARGV[9]
   local earlier = redis.call('GET', dkey)
   if earlier then return earlier end
 end
 if ARGV[6] ~= '1' then
-  redis.call('PUBLISH', channel, node .. ' - ' .. frame)
+  redis.call('PUBLISH', tag, node .. ' - ' .. frame)
   if dkey then redis.call('SET', dkey, '-', 'PX', ARGV[10]) end
   return '-'
 end
-local members = redis.call('SMEMBERS', mkey)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ms, seq = now, -1
-for _, m in ipairs(members) do
-  local last = redis.call('XREVRANGE', p .. ':h:' .. m, '+', '-', 'COUNT', 1)
-  if #last > 0 then
-    local id = last[1][1]
-    local dash = string.find(id, '-', 1, true)
-    local lms, lseq = tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
-    if lms > ms or (lms == ms and lseq > seq) then ms, seq = lms, lseq end
+local stream, tkey = tag .. ':h', tag .. ':t'
+local maxlen, maxage, maxbytes = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[11])
+local id = redis.call('XADD', stream, '*', 'f', frame)
+local len = redis.call('XLEN', stream)
+local total
+if len == 1 then
+  total = #frame
+  redis.call('HSET', tkey, 'bytes', total, 'low', id)
+else
+  total = redis.call('HINCRBY', tkey, 'bytes', #frame)
+end
+local cutoff = tonumber(string.match(id, '^%d+')) - maxage
+-- The oldest entry alone first: usually it stays, and nothing more is read.
+local from, keep, dropped, count = '-', false, false, 1
+while not keep do
+  local batch = redis.call('XRANGE', stream, from, '+', 'COUNT', count)
+  count = 16
+  if #batch == 0 then break end
+  for _, e in ipairs(batch) do
+    local old = tonumber(string.match(e[1], '^%d+')) < cutoff
+    if e[1] ~= id and (len > maxlen or total > maxbytes or old) then
+      len, total, dropped = len - 1, total - #e[2][2], e[1]
+    else
+      keep = e[1]
+      break
+    end
   end
+  from = '(' .. batch[#batch][1]
 end
-local id = string.format('%d-%d', ms, seq + 1)
-local cutoff = now - tonumber(ARGV[8])
-for _, m in ipairs(members) do
-  local key = p .. ':h:' .. m
-  redis.call('XADD', key, 'MAXLEN', ARGV[7], id, 'f', frame)
-  if cutoff > 0 then redis.call('XTRIM', key, 'MINID', string.format('%d', cutoff)) end
-  redis.call('PEXPIRE', key, ARGV[8])
+if dropped then
+  redis.call('XTRIM', stream, 'MINID', keep)
+  redis.call('HSET', tkey, 'bytes', total, 'low', dropped)
 end
+redis.call('PEXPIRE', stream, maxage)
+redis.call('PEXPIRE', tkey, maxage)
 if dkey then redis.call('SET', dkey, id, 'PX', ARGV[10]) end
-local framed = string.sub(frame, 1, -2) .. ',"offset":"' .. id .. '"}'
-redis.call('PUBLISH', channel, node .. ' ' .. id .. ' ' .. framed)
+local framed = string.sub(frame, 1, -2) .. ',"room":"' .. room .. '","offset":"' .. id .. '"}'
+redis.call('PUBLISH', tag, node .. ' ' .. id .. ' ' .. framed)
 return id
 "#;
 
@@ -382,6 +406,7 @@ impl Worker {
             key: target.key,
             serial: target.serial,
             ack: target.ack,
+            resume: target.resume,
             result,
         };
         if !self
@@ -448,18 +473,19 @@ impl Worker {
                 dedupe,
                 target,
             } => {
-                let history = self
-                    .bp
-                    .history()
-                    .map(|h| (h.max_len, h.max_age.as_millis() as u64));
+                let bounds = &self.config.history;
+                let history = self.bp.history().map(|_| {
+                    let age = bounds.max_age.as_millis() as u64;
+                    (bounds.max_len, age, bounds.max_bytes)
+                });
                 let window = self
                     .bp
                     .history()
                     .map_or(crate::history::DEFAULT_DEDUPE_WINDOW, |h| h.dedupe_window);
                 let reply = self.call(|c, s, p, n| {
-                    let (on, max_len, max_age) = match history {
-                        Some((len, age)) => ("1", len, age),
-                        None => ("0", 0, 0),
+                    let (on, max_len, max_age, max_bytes) = match history {
+                        Some((len, age, bytes)) => ("1", len, age, bytes),
+                        None => ("0", 0, 0, 0),
                     };
                     s.send
                         .arg(p)
@@ -472,6 +498,7 @@ impl Worker {
                         .arg(max_age)
                         .arg(dedupe.as_deref().unwrap_or(""))
                         .arg(window.as_millis() as u64)
+                        .arg(max_bytes)
                         .invoke::<String>(c)
                 });
                 let result = match reply {
@@ -655,6 +682,7 @@ mod tests {
             key: 5,
             serial: 6,
             ack: Some(7),
+            resume: None,
         }
     }
 

@@ -33,21 +33,35 @@ pub fn user_of_channel<'a>(prefix: &str, channel: &'a [u8]) -> Option<&'a str> {
     std::str::from_utf8(rest).ok().filter(|u| !u.is_empty())
 }
 
-/// `{prefix}:r:{room}`: the room's channel, subscribed by every instance hosting a member.
+/// `{PREFIX:r:ROOM}`, braces included: the room's channel, subscribed by every instance hosting
+/// a member. The braces make the whole name a Redis Cluster hash tag, so the room's history
+/// keys ([`room_stream_key`]) share its slot.
 pub fn room_channel(prefix: &str, room: &str) -> String {
-    format!("{prefix}:r:{room}")
+    format!("{{{prefix}:r:{room}}}")
+}
+
+/// `{PREFIX:r:ROOM}:h`: the room's history stream, stored once per room.
+pub fn room_stream_key(prefix: &str, room: &str) -> String {
+    format!("{{{prefix}:r:{room}}}:h")
+}
+
+/// `{PREFIX:r:ROOM}:t`: the room stream's byte count and low-water mark (`low`).
+pub fn room_trim_key(prefix: &str, room: &str) -> String {
+    format!("{{{prefix}:r:{room}}}:t")
 }
 
 /// The room a room channel is for.
 pub fn room_of_channel<'a>(prefix: &str, channel: &'a [u8]) -> Option<&'a str> {
     let rest = channel
+        .strip_prefix(b"{")?
         .strip_prefix(prefix.as_bytes())?
-        .strip_prefix(b":r:")?;
+        .strip_prefix(b":r:")?
+        .strip_suffix(b"}")?;
     std::str::from_utf8(rest).ok().filter(|r| !r.is_empty())
 }
 
 /// Checks a room payload, `<node> <offset> <frame with offset>` for a message kept in the
-/// members' histories or `<node> - <frame>` for an event kept nowhere (`presenceChanged`, or
+/// room's history or `<node> - <frame>` for an event kept nowhere (`presenceChanged`, or
 /// any room event with history off), and returns the offset (if any) and the frame. The node
 /// is not used: an instance delivers its own room publications too (nothing is delivered
 /// locally first for rooms).
@@ -233,7 +247,22 @@ mod tests {
     fn room_channels_payloads_and_controls() {
         let ch = room_channel("sb", "team:1");
         assert_eq!(room_of_channel("sb", ch.as_bytes()), Some("team:1"));
+        assert_eq!(ch, "{sb:r:team:1}");
         assert_eq!(room_of_channel("sb", b"sb:u:x"), None);
+        assert_eq!(
+            room_of_channel("sb", b"sb:r:team"),
+            None,
+            "the old layout's channel"
+        );
+        let slot = super::super::cluster::slot;
+        assert_eq!(
+            slot(ch.as_bytes()),
+            slot(room_stream_key("sb", "team:1").as_bytes())
+        );
+        assert_eq!(
+            slot(ch.as_bytes()),
+            slot(room_trim_key("sb", "team:1").as_bytes())
+        );
         let (offset, frame) =
             read_room_payload(b"0000000000000abc 5-1 {\"event\":\"e\",\"offset\":\"5-1\"}")
                 .unwrap();

@@ -18,8 +18,9 @@ pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(300);
 /// History settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryConfig {
-    /// Offsets, history and resume. Applies to embedded mode and to per-user Redis routing
-    /// without a cluster; elsewhere it is off (see [`crate::Config::history_active`]).
+    /// Offsets, history and resume. Applies to embedded mode and to per-user Redis routing (on
+    /// one Redis or a cluster); with seed routing it is off (see
+    /// [`crate::Config::history_active`]).
     pub enabled: bool,
     /// Events kept per user (`--history-max-len`).
     pub max_len: usize,

@@ -353,20 +353,22 @@ impl Config {
     }
 
     /// Whether history is in force: it is enabled and the deployment supports it. History needs
-    /// per-user routing on a single Redis (or no Redis at all); with seed routing or a Redis
-    /// Cluster it stays off, and the binary says so at startup.
+    /// per-user routing (on one Redis or a Redis Cluster), or no Redis at all; with seed routing
+    /// it stays off, and the binary says so at startup.
     pub fn history_active(&self) -> bool {
         self.history.enabled
             && self
                 .backplane
                 .as_ref()
-                .is_none_or(|r| r.routing == Routing::PerUser && r.cluster.is_empty())
+                .is_none_or(|r| r.routing == Routing::PerUser)
     }
 
     /// Whether rooms, presence and the device limit are in force: embedded, or per-user routing
-    /// on a single Redis. A room message's history append touches every member's stream in one
-    /// script, which a Redis Cluster cannot run across slots, and the seed format has no room
-    /// channel; there the room events are unknown events and the binary says so at startup.
+    /// on a single Redis. A room's message and history share the room's hash slot, but the
+    /// membership and presence scripts still touch keys of several slots (a user's rooms and a
+    /// room's members; every instance's counts of a user), which a Redis Cluster cannot run in
+    /// one script, and the seed format has no room channel; there the room events are unknown
+    /// events and the binary says so at startup.
     pub fn rooms_active(&self) -> bool {
         self.backplane
             .as_ref()
@@ -506,9 +508,21 @@ mod tests {
         let mut cluster = RedisConfig::new("redis://127.0.0.1:6379");
         cluster.cluster = vec!["127.0.0.1:7000".into()];
         cfg.backplane = Some(cluster);
-        assert!(!cfg.history_active(), "cluster");
+        assert!(cfg.history_active(), "cluster, per-user routing");
+        assert!(!cfg.rooms_active(), "rooms: not on a cluster yet");
         cfg.history.max_len = 0;
         assert!(cfg.validate().unwrap_err().0.contains("--history-max-len"));
+    }
+
+    #[test]
+    fn wait_replicas_needs_a_cluster_and_a_short_timeout() {
+        let mut one = RedisConfig::new("redis://127.0.0.1:6379");
+        one.wait_replicas = 1;
+        assert!(one.validate().unwrap_err().contains("--redis-cluster"));
+        one.cluster = vec!["127.0.0.1:7000".into()];
+        assert!(one.validate().is_ok());
+        one.wait_timeout = Duration::from_secs(2);
+        assert!(one.validate().unwrap_err().contains("--redis-wait-timeout"));
     }
 
     #[test]

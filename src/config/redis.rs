@@ -12,6 +12,10 @@ pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// Default [`RedisConfig::publish_batch_window`]: none, a write per loop turn.
 pub const DEFAULT_PUBLISH_BATCH_WINDOW: Duration = Duration::ZERO;
+/// Default [`RedisConfig::wait_replicas`]: acknowledge once the primary has the message.
+pub const DEFAULT_WAIT_REPLICAS: u32 = 0;
+/// Default [`RedisConfig::wait_timeout`].
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_millis(100);
 /// Channel-name prefix for per-user routing.
 pub const DEFAULT_CHANNEL_PREFIX: &str = "switchboard";
 
@@ -43,6 +47,13 @@ pub struct RedisConfig {
     pub publish_batch_window: Duration,
     /// Per-user channel prefix (`{prefix}:u:{user}`).
     pub channel_prefix: String,
+    /// On a Redis Cluster with history on: replicas that must have a message (Redis `WAIT`,
+    /// after each shard's appends) before its ack goes out (`--redis-wait-replicas`); one that
+    /// did not reach them within `wait_timeout` is answered `unavailable` (it is stored on the
+    /// primary: a resend with its `clientId` is recognised). 0 = no `WAIT`.
+    pub wait_replicas: u32,
+    /// How long `WAIT` waits for the replicas (`--redis-wait-timeout`).
+    pub wait_timeout: Duration,
     /// Redis Cluster seed nodes (`host:port`). When set, per-user channels use sharded pub/sub
     /// (`SPUBLISH`/`SSUBSCRIBE`) on the primary owning each channel's slot, and `url` is unused.
     pub cluster: Vec<String>,
@@ -70,6 +81,8 @@ impl RedisConfig {
             reconnect_max: DEFAULT_RECONNECT_MAX,
             publish_batch_window: DEFAULT_PUBLISH_BATCH_WINDOW,
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_string(),
+            wait_replicas: DEFAULT_WAIT_REPLICAS,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
             cluster: Vec::new(),
             ca_cert: None,
             sentinels: Vec::new(),
@@ -153,6 +166,17 @@ impl RedisConfig {
         if self.publish_batch_window > Duration::from_millis(100) {
             return Err("--publish-batch-window must be at most 100ms".into());
         }
+        if self.wait_replicas > 0 && !self.sharded() {
+            return Err(
+                "--redis-wait-replicas needs --redis-cluster with per-user routing (the \
+                 cores' own links to one Redis do not WAIT yet)"
+                    .into(),
+            );
+        }
+        // Below the publisher's 2 s read timeout, which would take a slow WAIT for a dead link.
+        if self.wait_timeout.is_zero() || self.wait_timeout > Duration::from_secs(1) {
+            return Err("--redis-wait-timeout must be above zero and at most 1s".into());
+        }
         if self.reconnect_min.is_zero() || self.reconnect_max < self.reconnect_min {
             return Err("reconnect backoff: min must be above zero and at most max".into());
         }
@@ -161,8 +185,9 @@ impl RedisConfig {
                 return Err(format!("--redis-cluster: {node:?} is not host:port"));
             }
         }
-        if self.channel_prefix.is_empty() || self.channel_prefix.contains(':') {
-            return Err("--redis-prefix must be non-empty and contain no ':'".into());
+        // Braces would change the Redis Cluster hash tags the key names rely on.
+        if self.channel_prefix.is_empty() || self.channel_prefix.contains([':', '{', '}']) {
+            return Err("--redis-prefix must be non-empty and contain no ':', '{' or '}'".into());
         }
         Ok(())
     }

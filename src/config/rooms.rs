@@ -1,4 +1,4 @@
-//! Rooms settings: the bounds of rooms, presence and the per-user device limit.
+//! Rooms settings: the bounds of rooms, room history, presence and the per-user device limit.
 
 use std::time::Duration;
 
@@ -20,6 +20,36 @@ pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
 /// offline (with `presenceChanged`) within about 4/3 of this after it died.
 pub const DEFAULT_PRESENCE_TTL: Duration = Duration::from_secs(30);
 
+/// Messages kept per room (`--room-history-max-len`).
+pub const DEFAULT_ROOM_HISTORY_MAX_LEN: usize = 1000;
+/// How long a room message is kept (`--room-history-max-age`).
+pub const DEFAULT_ROOM_HISTORY_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Bytes of frames kept per room (`--room-history-max-bytes`): 16 MiB, so a room of 64 KiB
+/// messages keeps its last 256 or so, whatever `--room-history-max-len` says.
+pub const DEFAULT_ROOM_HISTORY_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// The bounds of one room's history, kept once per room (a stream per room with Redis).
+/// Each bound drops the oldest messages first; the newest message is always kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomHistoryConfig {
+    /// Messages kept per room.
+    pub max_len: usize,
+    /// Age past which a room message is dropped.
+    pub max_age: Duration,
+    /// Bytes of frames (offset included) kept per room.
+    pub max_bytes: usize,
+}
+
+impl Default for RoomHistoryConfig {
+    fn default() -> Self {
+        RoomHistoryConfig {
+            max_len: DEFAULT_ROOM_HISTORY_MAX_LEN,
+            max_age: DEFAULT_ROOM_HISTORY_MAX_AGE,
+            max_bytes: DEFAULT_ROOM_HISTORY_MAX_BYTES,
+        }
+    }
+}
+
 /// Bounds of rooms, presence and devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomsConfig {
@@ -38,6 +68,8 @@ pub struct RoomsConfig {
     pub max_room_queue: usize,
     /// Embedded: presence changes of one user coalesced over this long (`--presence-interval`).
     pub presence_interval: Duration,
+    /// The bounds of each room's history (with history on).
+    pub history: RoomHistoryConfig,
 }
 
 impl Default for RoomsConfig {
@@ -50,6 +82,7 @@ impl Default for RoomsConfig {
             presence_ttl: DEFAULT_PRESENCE_TTL,
             max_room_queue: DEFAULT_MAX_ROOM_QUEUE,
             presence_interval: DEFAULT_PRESENCE_INTERVAL,
+            history: RoomHistoryConfig::default(),
         }
     }
 }
@@ -68,6 +101,12 @@ impl RoomsConfig {
         }
         if self.presence_ttl < Duration::from_millis(300) {
             return Err("--presence-ttl must be at least 300ms".into());
+        }
+        let h = &self.history;
+        if h.max_len == 0 || h.max_age < Duration::from_millis(1) || h.max_bytes < 1024 {
+            return Err("room history bounds: --room-history-max-len at least 1, \
+                 --room-history-max-age at least 1ms, --room-history-max-bytes at least 1024"
+                .into());
         }
         Ok(())
     }

@@ -39,6 +39,8 @@ pub struct Open<S = Stream> {
     /// Set while the connection waits for its replay (`?since=`). Boxed: most connections
     /// never recover, and each byte here is paid by every idle connection.
     pub recovering: Option<Box<crate::history::Recovering>>,
+    /// Its position in each room's history, once a room frame with an offset reached it.
+    pub rooms: Option<Box<crate::rooms::RoomCursors>>,
     /// The connection's rate limit for text frames.
     pub bucket: TokenBucket,
     /// Socket.IO state when the connection came through `/socket.io/` (`None`: native).
@@ -138,6 +140,7 @@ impl<S> Open<S> {
             bucket: TokenBucket::new(burst, now),
             last_offset: None,
             recovering: None,
+            rooms: None,
             sio,
             counted: Counted::No,
             access: None,
@@ -168,6 +171,13 @@ impl<S> Open<S> {
     pub fn replay_overdue(&self, now: Instant) -> Option<u64> {
         let overdue = self.recovering.as_ref().is_some_and(|r| now >= r.deadline);
         overdue.then_some(self.serial)
+    }
+
+    /// The rooms whose replay waited past its deadline.
+    pub fn room_replays_overdue(&self, now: Instant) -> Vec<crate::rooms::RoomId> {
+        self.rooms
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.overdue(now))
     }
 
     /// A Socket.IO connection that has not CONNECTed to any namespace in time.

@@ -8,8 +8,9 @@ use tungstenite::Utf8Bytes;
 
 use super::mode::History;
 use super::{CoreLoop, API_WAIT};
+use crate::access;
 use crate::api::{self, ApiError, Audience};
-use crate::bus::{Dispatch, PageResult, PublishResult};
+use crate::bus::{Dispatch, PageError, PageResult, PublishResult};
 use crate::connection::{BodyOutcome, Connection};
 use crate::handlers::Args;
 use crate::history::{self, Offset};
@@ -18,24 +19,41 @@ use crate::metrics::{add, Closed};
 use crate::protocol::{self, ErrorCode};
 
 impl CoreLoop {
-    /// `GET /api/history?limit=&before=` with the user's token: the user's events, newest first.
+    /// `GET /api/history?limit=&before=&room=` with the user's token: the user's events (or,
+    /// with `room`, the room's messages, for members only), newest first.
     pub(super) fn api_history(&mut self, key: usize, req: Request) {
         let shared = Arc::clone(&self.shared);
         if shared.mode().history().is_none() {
             return self.reply(key, api::json_error(404, "history is off"), &[]);
         }
-        let user = match shared.auth.authenticate(req.token().as_deref()) {
-            Ok(user) => user,
+        let identity = match shared.auth.identify(req.token().as_deref()) {
+            Ok(identity) => identity,
             Err(e) => {
                 add(&self.metrics().auth_failures, 1);
                 return self.reply(key, api::json_error(401, &e.to_string()), &[]);
             }
         };
-        self.history_page(key, &req, user);
+        // A room's history needs the token's right to read the room (its `rooms`/`rooms_read`
+        // claims; none: any room).
+        let room = req.query_param("room");
+        let grant = identity.grant.as_ref();
+        if let Some(room) = room.filter(|r| grant.is_some_and(|g| !g.may_join(r))) {
+            let message = format!("this token may not read room {room:?}");
+            return self.reply(key, api::json_error(403, &message), &[]);
+        }
+        self.history_page(key, &req, identity.user, true);
     }
 
-    /// A page of `user`'s history for `GET /api/history`, newest first.
-    pub(super) fn history_page(&mut self, key: usize, req: &Request, user: crate::UserId) {
+    /// A page of `user`'s history (or, with `?room=`, of the room's) for `GET /api/history`,
+    /// newest first. `members_only`: `user` must be a member of the room (the server API's key
+    /// reads any room).
+    pub(super) fn history_page(
+        &mut self,
+        key: usize,
+        req: &Request,
+        user: crate::UserId,
+        members_only: bool,
+    ) {
         let shared = Arc::clone(&self.shared);
         let Some(history) = shared.mode().history() else {
             return self.reply(key, api::json_error(404, "history is off"), &[]);
@@ -44,17 +62,26 @@ impl CoreLoop {
             Ok(q) => q,
             Err(e) => return self.reply(key, e.response(), &[]),
         };
+        let room = match self.page_room(req.query_param("room").as_deref()) {
+            Ok(room) => room,
+            Err(message) => return self.reply(key, api::json_error(400, &message), &[]),
+        };
         let bp = match history {
             History::Embedded(store) => {
-                let page = store.page(&user, before, limit, crate::types::now_ms());
-                let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
-                return self.reply(key, api::json_ok(&history::page_json(&frames)), &[]);
+                let page = self.embedded_page(store, &user, room, before, limit, members_only);
+                let response = match page {
+                    Ok(frames) => api::json_ok(&history::page_json(&frames)),
+                    Err(_) => api::json_error(403, "not a member of the room"),
+                };
+                return self.reply(key, response, &[]);
             }
             History::Redis(bp) => bp,
         };
         let serial = self.wait(key);
         let asked = bp.request_page(crate::backplane::PageRequest {
             user,
+            room,
+            members_only,
             before,
             limit,
             core: self.id,
@@ -65,6 +92,49 @@ impl CoreLoop {
         if !asked {
             self.reply(key, api::json_error(503, "history unavailable"), &[]);
         }
+    }
+
+    /// The room a history page is for: `None` for the user's own history; an error message for
+    /// a name that is not a room's (or rooms being off).
+    fn page_room(&self, room: Option<&str>) -> Result<Option<crate::rooms::RoomId>, String> {
+        let config = &self.shared.config;
+        let max = config.rooms.max_room_name_bytes;
+        match room {
+            None => Ok(None),
+            Some(_) if !config.rooms_active() => Err("rooms are off".into()),
+            Some(r) if crate::rooms::valid_room(r, max) => Ok(Some(r.into())),
+            Some(_) => Err(crate::rooms::bad_room_message(max)),
+        }
+    }
+
+    /// A page of embedded history: the user's own, or a room's for a member (for anyone
+    /// without `members_only`).
+    fn embedded_page(
+        &self,
+        store: &history::MemoryHistory,
+        user: &crate::UserId,
+        room: Option<crate::rooms::RoomId>,
+        before: Option<Offset>,
+        limit: usize,
+        members_only: bool,
+    ) -> Result<Vec<Utf8Bytes>, PageError> {
+        let now = crate::types::now_ms();
+        let page = match room {
+            None => store.page(user, before, limit, now),
+            Some(room) => {
+                let shared = &self.shared;
+                let member = !members_only
+                    || shared
+                        .rooms
+                        .as_ref()
+                        .is_some_and(|r| r.is_member(user, &room));
+                match (&shared.room_history, member) {
+                    (Some(rooms), true) => rooms.page(&room, before, limit, now),
+                    _ => return Err(PageError::NotMember),
+                }
+            }
+        };
+        Ok(page.into_iter().map(|(_, f)| f).collect())
     }
 
     /// Parks an HTTP connection until another thread answers; returns the serial to answer to.
@@ -173,7 +243,14 @@ impl CoreLoop {
                             history::encode_page_ack(a, &frames, max)
                         })
                     }
-                    Err(e) => {
+                    Err(PageError::NotMember) => {
+                        add(&self.metrics().client_errors, 1);
+                        self.answer(page.key, Some(ack), |a| {
+                            let code = ErrorCode::NotMember.as_str();
+                            protocol::encode_error(a, code, "not a member of the room")
+                        })
+                    }
+                    Err(PageError::Unavailable(e)) => {
                         let message = format!("history unavailable: {e}");
                         self.answer(page.key, Some(ack), |a| {
                             protocol::encode_error(a, ErrorCode::Internal.as_str(), &message)
@@ -184,7 +261,10 @@ impl CoreLoop {
             Some(Connection::Waiting(w)) if w.serial == page.serial => {
                 let response = match page.result {
                     Ok(frames) => api::json_ok(&history::page_json(&frames)),
-                    Err(e) => ApiError::new(503, format!("history unavailable: {e}")).response(),
+                    Err(PageError::NotMember) => api::json_error(403, "not a member of the room"),
+                    Err(PageError::Unavailable(e)) => {
+                        ApiError::new(503, format!("history unavailable: {e}")).response()
+                    }
                 };
                 self.reply(page.key, response, &[]);
             }
@@ -212,7 +292,8 @@ impl CoreLoop {
         self.shared.config.max_outbound_bytes / 2
     }
 
-    /// `history {limit, before}` with an ack: the user's events, newest first, in the ack.
+    /// `history {limit, before, room}` with an ack: the user's events (or the room's, for a
+    /// member), newest first, in the ack.
     pub(super) fn on_history(
         &mut self,
         key: usize,
@@ -250,13 +331,31 @@ impl CoreLoop {
             Some(Ok(b)) => Some(b),
             Some(Err(_)) => return error(self, "before is not an offset"),
         };
+        let room = match self.page_room(page_args.room.as_deref()) {
+            Ok(room) => room,
+            Err(message) => {
+                add(&self.metrics().client_errors, 1);
+                return self.answer(key, Some(ack), |a| {
+                    protocol::encode_error(a, ErrorCode::BadRoom.as_str(), &message)
+                });
+            }
+        };
+        let access = self.conns.get_open(key).and_then(|o| o.access.as_deref());
+        if let Some(room) = room.as_ref().filter(|r| !access::may_read(access, r)) {
+            add(&self.metrics().client_errors, 1);
+            let message = format!("this session may not read room {:?}", &**room);
+            return self.answer(key, Some(ack), |a| {
+                protocol::encode_error(a, ErrorCode::Forbidden.as_str(), &message)
+            });
+        }
         let bp = match shared.mode().history() {
             Some(History::Embedded(store)) => {
-                let page = store.page(user, before, limit, crate::types::now_ms());
-                let frames: Vec<Utf8Bytes> = page.into_iter().map(|(_, f)| f).collect();
-                let max = self.answer_budget();
-                return self.answer(key, Some(ack), |a| {
-                    history::encode_page_ack(a, &frames, max)
+                let result = self.embedded_page(store, user, room, before, limit, true);
+                return self.on_page(PageResult {
+                    key,
+                    serial: self.conns.get_open(key).map_or(0, |o| o.serial),
+                    ack: Some(ack),
+                    result,
                 });
             }
             Some(History::Redis(bp)) => Some(bp),
@@ -269,6 +368,8 @@ impl CoreLoop {
         let asked = bp.is_some_and(|bp| {
             bp.request_page(crate::backplane::PageRequest {
                 user: user.clone(),
+                room,
+                members_only: true,
                 before,
                 limit,
                 core: self.id,

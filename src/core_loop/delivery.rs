@@ -116,12 +116,7 @@ impl CoreLoop {
             return;
         };
         if let Some(rec) = open.recovering.as_mut() {
-            if rec.buffered.len() < history::RECOVERY_BUFFER {
-                rec.buffered.push((offset, frame.clone()));
-            } else {
-                rec.overflow = true;
-            }
-            return;
+            return rec.hold(offset, frame);
         }
         if open.last_offset.is_some_and(|last| offset <= last) {
             return;
@@ -136,11 +131,36 @@ impl CoreLoop {
             let keys = self.conns.user_keys(member);
             for key in keys {
                 match d.offset {
-                    Some(offset) => self.offer(key, offset, &d.frame, &d.sio),
+                    Some(offset) => self.offer_room(key, &d.room, offset, &d.frame, &d.sio),
                     None => self.send_shared(key, &d.frame, Some(&d.sio)),
                 }
             }
         }
+    }
+
+    /// [`Self::offer`] for a frame of a room's history: the connection's cursor in that room
+    /// decides whether it is new, and a recovery of that room holds it.
+    pub(super) fn offer_room(
+        &mut self,
+        key: usize,
+        room: &crate::rooms::RoomId,
+        offset: Offset,
+        frame: &Utf8Bytes,
+        cache: &FrameCache,
+    ) {
+        let Some(open) = self.conns.get_open_mut(key) else {
+            return;
+        };
+        // Created on the connection's first room frame: most connections are in no room.
+        let cursors = open.rooms.get_or_insert_with(Default::default);
+        if let Some(rec) = cursors.recovering(room) {
+            return rec.hold(offset, frame);
+        }
+        if cursors.last(room).is_some_and(|last| offset <= last) {
+            return;
+        }
+        cursors.set_last(room, Some(offset));
+        self.send_shared(key, frame, Some(cache));
     }
 
     /// Queues the dispatch's frame on every local connection of its users.

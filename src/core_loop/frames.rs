@@ -242,7 +242,8 @@ impl CoreLoop {
                 protocol::encode_error(
                     a,
                     ErrorCode::Unavailable.as_str(),
-                    "not stored: Redis is unreachable and the publication queue is full; send again",
+                    "not confirmed stored (Redis unreachable with the publication queue full, or \
+                     not copied to --redis-wait-replicas replicas in time); send again",
                 )
             });
         }

@@ -19,13 +19,16 @@ use crate::http::{self, Request};
 use crate::metrics::add;
 use crate::protocol::{self, CloseReason, ErrorCode};
 use crate::rooms::RoomArgs;
-use crate::socketio::Namespace;
+use crate::socketio::{ConnectRooms, Namespace};
 use crate::UserId;
 
 #[derive(Deserialize)]
 struct RefreshArgs {
     token: String,
 }
+
+/// A Socket.IO CONNECT not sent to a hook: its `since` and `rooms`, and its identity.
+pub(super) type SioConnectResume = ((Option<String>, Option<ConnectRooms>), Identity);
 
 impl CoreLoop {
     /// The connect hook for a native upgrade, checked and authenticated: the request waits
@@ -72,15 +75,15 @@ impl CoreLoop {
         &mut self,
         key: usize,
         nsp: &str,
-        since: Option<String>,
+        resume: (Option<String>, Option<ConnectRooms>),
         identity: Identity,
-    ) -> Result<(), Box<(Option<String>, Identity)>> {
+    ) -> Result<(), Box<SioConnectResume>> {
         let (Some(hooks), Some(open), Some(ns)) = (
             self.shared.hooks.clone(),
             self.conns.get_open_mut(key),
             Namespace::from_name(nsp),
         ) else {
-            return Err(Box::new((since, identity)));
+            return Err(Box::new((resume, identity)));
         };
         if let Some(session) = open.sio.as_deref_mut() {
             session.connecting.insert(ns);
@@ -100,7 +103,8 @@ impl CoreLoop {
             serial: open.serial,
             resume: HookResume::SioConnect {
                 nsp: nsp.to_string(),
-                since,
+                since: resume.0,
+                rooms: resume.1,
                 identity,
             },
         };
@@ -236,6 +240,7 @@ impl CoreLoop {
             HookResume::SioConnect {
                 nsp,
                 since,
+                rooms,
                 mut identity,
             } => {
                 let Some(open) = self.conns.get_open_mut(key).filter(|o| o.serial == serial) else {
@@ -252,7 +257,7 @@ impl CoreLoop {
                         if from_hook {
                             identity.grant = grant;
                         }
-                        self.sio_connected(key, &nsp, since, identity);
+                        self.sio_connected(key, &nsp, since, rooms, identity);
                         if from_hook {
                             self.mark_hook_grant(key);
                         }

@@ -195,6 +195,7 @@ impl CoreLoop {
             Box::new(socketio::Session::new(
                 req.token(),
                 req.query_param("since"),
+                req.query_param("rooms"),
                 now + config.handshake_timeout,
             ))
         });
@@ -221,6 +222,10 @@ impl CoreLoop {
             self.end_handshake(key);
         }
         let since = req.query_param("since");
+        let rooms = req.query_param("rooms").map(|q| {
+            let c = &self.shared.config.rooms;
+            crate::rooms::parse_rooms_query(&q, c.max_room_name_bytes, c.max_rooms_per_user)
+        });
         if let Some(user) = &user {
             self.index(key, user);
         }
@@ -234,8 +239,11 @@ impl CoreLoop {
         }
         if socketio {
             self.sio_open(key);
-        } else if let Some(since) = since {
-            self.begin_recovery(key, since.parse().ok());
+        } else {
+            if let Some(since) = since {
+                self.begin_recovery(key, since.parse().ok());
+            }
+            self.resume_rooms(key, rooms.unwrap_or_default());
         }
         // Frames may have arrived with (or right after) the request.
         self.carry.push(key);

@@ -262,7 +262,8 @@ impl CoreLoop {
                 self.wake_siblings();
                 self.next_sweep = now + SWEEP_INTERVAL;
                 if self.id == 0 && now >= self.next_purge {
-                    if let Some(store) = &self.shared.history {
+                    let stores = [&self.shared.history, &self.shared.room_history];
+                    for store in stores.into_iter().flatten() {
                         store.purge(crate::types::now_ms());
                     }
                     self.next_purge = now + PURGE_INTERVAL;
@@ -420,7 +421,7 @@ impl CoreLoop {
             CoreMsg::Room(delivery) => self.deliver_room(&delivery),
             CoreMsg::RoomAnswer(answer) => self.on_room_answer(*answer),
             CoreMsg::Admission(verdict) => self.on_admission(*verdict),
-            CoreMsg::ResyncUser(user) => self.resync_user(&user),
+            CoreMsg::ResyncRoom(user, room) => self.resync_room(&user, &room),
             CoreMsg::Hook(done) => self.on_hook(*done),
             CoreMsg::Disconnect(user) => self.disconnect_user(&user),
             CoreMsg::Api(answer) => self.on_api_answer(*answer),

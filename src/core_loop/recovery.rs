@@ -1,5 +1,6 @@
 //! Recovery with history on: `?since=` and `resume`, the replay and what arrived meanwhile, and
-//! the resyncs after a backplane outage or a late room channel.
+//! the resyncs after a backplane outage or a late room channel. Each stream recovers on its own:
+//! the user's (its `recovered` has no `room`) and each room's (one `recovered` per room).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,19 +13,38 @@ use crate::handlers::Args;
 use crate::history::{self, Offset, Recovering};
 use crate::metrics::add;
 use crate::protocol::{self, ErrorCode};
+use crate::rooms::{self, RoomId, RoomResume};
+use crate::UserId;
 
 impl CoreLoop {
-    /// `resume {since}`: what `?since=` does, for clients that cannot change the URL. The replay
-    /// starts after `since` whatever this connection already got (the client skips offsets it
-    /// has), so a client should send it first.
+    /// `resume {since?, rooms?}`: what `?since=` and `?rooms=` do, for clients that cannot
+    /// change the URL. Each replay starts after its offset whatever this connection already got
+    /// (the client skips offsets it has), so a client should send it first. A room already
+    /// recovering is left to finish.
     pub(super) fn on_resume(&mut self, key: usize, ack: Option<u64>, args: Args<'_>) {
         #[derive(serde::Deserialize)]
         struct Resume<'a> {
-            #[serde(borrow)]
-            since: std::borrow::Cow<'a, str>,
+            #[serde(borrow, default)]
+            since: Option<std::borrow::Cow<'a, str>>,
+            #[serde(borrow, default)]
+            rooms: Option<std::collections::BTreeMap<&'a str, &'a str>>,
         }
-        let since = match args.parse::<Resume<'_>>() {
-            Ok(r) => r.since.parse::<Offset>().ok(),
+        let config = &self.shared.config.rooms;
+        let (max_name, max_rooms) = (config.max_room_name_bytes, config.max_rooms_per_user);
+        let parsed = args
+            .parse::<Resume<'_>>()
+            .and_then(|r| match (r.since, r.rooms) {
+                (None, None) => Err(crate::handlers::HandlerError::bad_args(
+                    "resume needs \"since\" or \"rooms\"",
+                )),
+                (since, map) => Ok((
+                    since.map(|s| s.parse::<Offset>().ok()),
+                    map.map(|m| rooms::rooms_from_map(m, max_name, max_rooms))
+                        .unwrap_or_default(),
+                )),
+            });
+        let (since, room_resume) = match parsed {
+            Ok(parsed) => parsed,
             Err(e) => {
                 add(&self.metrics().client_errors, 1);
                 return self.answer(key, ack, |a| protocol::encode_error(a, &e.code, &e.message));
@@ -32,6 +52,14 @@ impl CoreLoop {
         };
         let Some(open) = self.conns.get_open_mut(key) else {
             return;
+        };
+        let Some(since) = since else {
+            if let Some(n) = ack {
+                self.answer(key, Some(n), |a| {
+                    protocol::encode_ack(a, &serde_json::Value::Null)
+                });
+            }
+            return self.resume_rooms(key, room_resume);
         };
         if open.recovering.is_some() {
             return self.answer(key, ack, |a| {
@@ -49,6 +77,25 @@ impl CoreLoop {
             });
         }
         self.begin_recovery(key, since);
+        self.resume_rooms(key, room_resume);
+    }
+
+    /// Resumes each room of `resume` from its offset, forgetting the connection's cursor there
+    /// (the client asked for everything after its offset).
+    pub(super) fn resume_rooms(&mut self, key: usize, resume: RoomResume) {
+        if resume.is_empty() || self.shared.mode().history().is_none() {
+            return;
+        }
+        for (room, since) in resume {
+            if let Some(open) = self.conns.get_open_mut(key) {
+                if let Some(cursors) = open.rooms.as_mut() {
+                    if cursors.recovering(&room).is_none() {
+                        cursors.set_last(&room, None);
+                    }
+                }
+            }
+            self.begin_room_recovery(key, room, since);
+        }
     }
 
     /// After a backplane outage, replays to each open connection what its user was sent since
@@ -56,39 +103,115 @@ impl CoreLoop {
     /// subscribed are in history but reached none of its devices). The seam logic drops what
     /// a connection already has; the connection gets `recovered` at the end, as after a resume.
     pub(super) fn resync_all(&mut self) {
-        let keys: Vec<(usize, Offset)> = self
+        type Resync = (usize, Option<Offset>, Vec<(RoomId, Offset)>);
+        let keys: Vec<Resync> = self
             .conns
             .iter_mut()
             .filter_map(|(key, conn)| match conn {
-                Connection::Open(o) if o.closing.is_none() => match o.recovering.as_mut() {
-                    Some(rec) => {
-                        rec.again = true;
-                        None
-                    }
-                    None => o.last_offset.map(|offset| (key, offset)),
-                },
+                Connection::Open(o) if o.closing.is_none() => {
+                    let rooms = o.rooms.as_mut().map(|c| c.resync()).unwrap_or_default();
+                    let own = match o.recovering.as_mut() {
+                        Some(rec) => {
+                            rec.again = true;
+                            None
+                        }
+                        None => o.last_offset,
+                    };
+                    Some((key, own, rooms))
+                }
                 _ => None,
             })
             .collect();
         log::debug!("core={} resync: {} connections resume", self.id, keys.len());
-        for (key, offset) in keys {
-            self.begin_recovery(key, Some(offset));
+        for (key, offset, rooms) in keys {
+            if offset.is_some() {
+                self.begin_recovery(key, offset);
+            }
+            for (room, offset) in rooms {
+                self.begin_room_recovery(key, room, Some(offset));
+            }
         }
     }
 
-    /// This instance began routing a room the user joined only after Redis confirmed its
-    /// channel: the user's connections resume from their last offset to catch what came
-    /// between (those without an offset yet have nothing to resume from).
-    pub(super) fn resync_user(&mut self, user: &str) {
+    /// This instance began routing `room` for `user`, who joined it, only after Redis
+    /// confirmed the room's channel: the user's connections resume the room from their last
+    /// offset in it to catch what came between (those without one have nothing to resume from).
+    pub(super) fn resync_room(&mut self, user: &UserId, room: &RoomId) {
         let keys = self.conns.user_keys(user);
         for key in keys {
-            let last = match self.conns.get_open(key) {
-                Some(o) if o.closing.is_none() && o.recovering.is_none() => o.last_offset,
+            let last = match self.conns.get_open_mut(key) {
+                Some(o) if o.closing.is_none() => o
+                    .rooms
+                    .as_mut()
+                    .and_then(|c| c.recovering(room).is_none().then(|| c.last(room)).flatten()),
                 _ => None,
             };
             if let Some(offset) = last {
-                self.begin_recovery(key, Some(offset));
+                self.begin_room_recovery(key, room.clone(), Some(offset));
             }
+        }
+    }
+
+    /// Resumes `room`'s history on connection `key` after `since` (`None`: not an offset, so
+    /// `complete: false`): holds the room's live frames and asks for what was missed. Only a
+    /// member gets anything: for anyone else the replay is empty and incomplete.
+    pub(super) fn begin_room_recovery(&mut self, key: usize, room: RoomId, since: Option<Offset>) {
+        let shared = Arc::clone(&self.shared);
+        let Some(history) = shared.mode().history() else {
+            return;
+        };
+        let Some(open) = self.conns.get_open_mut(key) else {
+            return;
+        };
+        let (serial, user) = (open.serial, open.user.clone());
+        // A room the session may not read replays nothing, like one it is not a member of.
+        let readable = crate::access::may_read(open.access.as_deref(), &room);
+        let deadline = Instant::now() + history::RECOVERY_TIMEOUT;
+        let rec = Recovering {
+            since,
+            buffered: Vec::new(),
+            overflow: false,
+            deadline,
+            again: false,
+        };
+        if !open
+            .rooms
+            .get_or_insert_with(Default::default)
+            .begin(&room, rec)
+        {
+            return;
+        }
+        let answer = |replay| ReplayResult {
+            key,
+            serial,
+            room: Some(room.clone()),
+            replay,
+        };
+        match (history, since) {
+            _ if !readable => self.on_replay(answer(history::Replay::default())),
+            (History::Embedded(_), _) => {
+                let member = shared
+                    .rooms
+                    .as_ref()
+                    .is_some_and(|r| r.is_member(&user, &room));
+                let replay = match (&shared.room_history, member) {
+                    (Some(store), true) => store.replay(&room, since, crate::types::now_ms()),
+                    _ => history::Replay::default(),
+                };
+                self.on_replay(answer(replay));
+            }
+            (History::Redis(bp), Some(since)) => {
+                bp.request_replay(crate::backplane::ReplayRequest {
+                    user,
+                    room: Some(room),
+                    since,
+                    core: self.id,
+                    key,
+                    serial,
+                    deadline,
+                });
+            }
+            (History::Redis(_), None) => self.on_replay(answer(history::Replay::default())),
         }
     }
 
@@ -122,12 +245,14 @@ impl CoreLoop {
                 self.on_replay(ReplayResult {
                     key,
                     serial,
+                    room: None,
                     replay,
                 });
             }
             History::Redis(bp) => match since {
                 Some(since) => bp.request_replay(crate::backplane::ReplayRequest {
                     user,
+                    room: None,
                     since,
                     core: self.id,
                     key,
@@ -137,6 +262,7 @@ impl CoreLoop {
                 None => self.on_replay(ReplayResult {
                     key,
                     serial,
+                    room: None,
                     replay: history::Replay::default(),
                 }),
             },
@@ -151,13 +277,35 @@ impl CoreLoop {
         if open.serial != result.serial {
             return;
         }
-        let Some(rec) = open.recovering.take() else {
+        let (rec, high) = match &result.room {
+            None => (open.recovering.take(), open.last_offset),
+            Some(room) => {
+                let cursors = open.rooms.get_or_insert_with(Default::default);
+                (cursors.finish(room), cursors.last(room))
+            }
+        };
+        let Some(rec) = rec else {
             return;
         };
         let complete = result.replay.complete && !rec.overflow;
         let again = rec.again;
-        let (frames, last) = history::finish_recovery(*rec, result.replay, open.last_offset);
-        open.last_offset = last;
+        let (frames, last) = match &result.room {
+            None => {
+                let done =
+                    history::finish_recovery(*rec, result.replay, high, history::encode_recovered);
+                open.last_offset = done.1;
+                done
+            }
+            Some(room) => {
+                let done = history::finish_recovery(*rec, result.replay, high, |c, l| {
+                    rooms::encode_room_recovered(room, c, l)
+                });
+                if let Some(cursors) = open.rooms.as_mut() {
+                    cursors.set_last(room, done.1);
+                }
+                done
+            }
+        };
         let m = &self.shared.metrics[self.id];
         if complete {
             add(&m.recoveries_complete, 1);
@@ -168,7 +316,10 @@ impl CoreLoop {
             self.send(result.key, frame);
         }
         if again && last.is_some() {
-            self.begin_recovery(result.key, last);
+            match result.room {
+                None => self.begin_recovery(result.key, last),
+                Some(room) => self.begin_room_recovery(result.key, room, last),
+            }
         }
     }
 }

@@ -1,10 +1,11 @@
 //! The core loop's side of rooms and presence: the room events, and counting each connection
 //! towards its user's presence and device limit.
 //!
-//! Embedded, the registry answers at once and a room message is a dispatch to the members
-//! (the usual path: per-user offsets and history, the frame encoded once). With Redis, each
-//! request goes to the rooms worker and its answer comes back through the inbox; room
-//! deliveries arrive as one [`crate::bus::RoomDelivery`] per core (see `deliver_room`).
+//! Embedded, the registry answers at once and a room message is stored once, in the room's
+//! history (`Shared::room_history`), and handed to every core as one
+//! [`crate::bus::RoomDelivery`]. With Redis, each request goes to the rooms worker and its
+//! answer comes back through the inbox; room deliveries arrive the same way, one per core
+//! (see `deliver_room`). `joinRoom` with `since` resumes the room's history once joined.
 
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ use crate::rooms::{
     bad_room_message, encode_presence_changed, presence_page, valid_room, PresenceNotice, RoomArgs,
     RoomError, RoomId, RoomMessage, RoomMessageArgs,
 };
-use crate::types::now_ms;
+use crate::types::{now_ms, Offset};
 use crate::UserId;
 
 /// `presence` requests with an `after` waiting for the rooms worker on one core, at most. Each
@@ -45,13 +46,18 @@ impl CoreLoop {
         let parsed = if event == "sendRoomMessage" {
             args.parse::<RoomMessageArgs<'_>>().and_then(|a| {
                 let key = idempotency_key(user, a.client_id.as_deref())?;
-                Ok((a.room, Some(a.text), key, None))
+                Ok((a.room, Some(a.text), key, None, None))
             })
         } else {
-            args.parse::<RoomArgs<'_>>()
-                .map(|a| (a.room, None, None, a.after))
+            args.parse::<RoomArgs<'_>>().map(|a| {
+                // `since` resumes only with `joinRoom` and history on.
+                let resume = a.since.filter(|_| event == "joinRoom");
+                let resume = resume.filter(|_| shared.config.history_active());
+                let resume = resume.map(|s| s.parse::<Offset>().ok());
+                (a.room, None, None, a.after, resume)
+            })
         };
-        let (room, text, dedupe, after) = match parsed {
+        let (room, text, dedupe, after, resume) = match parsed {
             Ok(parsed) => parsed,
             Err(e) => return Some(Err(e)),
         };
@@ -67,10 +73,15 @@ impl CoreLoop {
         let refused = |e: RoomError| HandlerError::new(e.code().as_str(), e.message(&room, config));
         if let Some(rooms) = &shared.rooms {
             return Some(match event {
-                "joinRoom" => rooms
-                    .join(user, &room, config)
-                    .map(|()| json!({ "room": &*room }))
-                    .map_err(refused),
+                "joinRoom" => match (rooms.join(user, &room, config), resume) {
+                    (Ok(()), Some(since)) => {
+                        // The ack first, then the replay and `recovered`.
+                        self.finish_request(key, ack, Ok(json!({ "room": &*room })));
+                        self.begin_room_recovery(key, RoomId::from(&*room), since);
+                        return None;
+                    }
+                    (joined, _) => joined.map(|()| json!({ "room": &*room })).map_err(refused),
+                },
                 "leaveRoom" => rooms
                     .leave(user, &room)
                     .map(|()| json!({ "room": &*room }))
@@ -94,11 +105,11 @@ impl CoreLoop {
                             text: text.as_deref().unwrap_or_default(),
                             ts,
                         };
-                        let sent = match &shared.history {
+                        let sent = match &shared.room_history {
                             Some(store) => {
                                 protocol::encode_event("newMessage", &msg).map(|frame| {
-                                    let dedupe = dedupe.as_deref().map(|k| (user, k));
-                                    self.append_room(store, members, &frame, dedupe, ts)
+                                    let room = RoomId::from(&*room);
+                                    self.append_room(store, room, members, &frame, dedupe, ts)
                                 })
                             }
                             // No history: a dispatch, one inbox message per core already.
@@ -118,6 +129,7 @@ impl CoreLoop {
             key,
             serial,
             ack,
+            resume,
         };
         let user = user.clone();
         let job = match event {
@@ -177,24 +189,28 @@ impl CoreLoop {
         }
     }
 
-    /// Embedded history: one offset for every member, one framed copy, one inbox message per
-    /// core (this one included, drained before the sender's ack) instead of one per member.
+    /// Embedded history: the message stored once, in the room's ring, under the room's next
+    /// offset; one framed copy, one inbox message per core (this one included, drained before
+    /// the sender's ack) instead of one per member. `dedupe` is the sender's idempotency key:
+    /// a resend within the window is neither stored nor delivered again.
     fn append_room(
         &mut self,
         store: &crate::history::MemoryHistory,
+        room: RoomId,
         members: Vec<UserId>,
         frame: &str,
-        dedupe: Option<(&UserId, &str)>,
+        dedupe: Option<String>,
         now: u64,
     ) {
         let members: Arc<[UserId]> = members.into();
         let bus = Arc::clone(&self.shared.bus);
         let mut drops = 0;
-        store.append_shared(&members, frame, dedupe, now, |offset, frame| {
+        store.append(&room, frame, dedupe.as_deref(), now, |stored| {
             let delivery = Arc::new(RoomDelivery {
+                room: room.clone(),
                 members: Arc::clone(&members),
-                offset: Some(offset),
-                frame,
+                offset: Some(stored.offset),
+                frame: stored.frame,
                 sio: Default::default(),
             });
             for core in 0..bus.cores() {
@@ -257,6 +273,10 @@ impl CoreLoop {
                 }
                 if answer.ack.is_some() {
                     self.answer(answer.key, answer.ack, |a| protocol::encode_ack(a, &value));
+                }
+                let room = value["room"].as_str().map(RoomId::from);
+                if let (Some(since), Some(room)) = (answer.resume, room) {
+                    self.begin_room_recovery(answer.key, room, since);
                 }
             }
             Err((code, message)) => {

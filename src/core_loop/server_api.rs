@@ -43,7 +43,7 @@ impl CoreLoop {
             return self.reply(key, api::json_error(405, "method not allowed"), &rest);
         }
         match req.path.as_str() {
-            "/api/history" if req.query_param("user").is_some() => self.api_user_history(key, req),
+            "/api/history" if self.api_key_history(&req) => self.api_user_history(key, req),
             "/api/history" => self.api_history(key, req),
             "/api/presence" => self.api_presence(key, &req),
             "/api/connections" => self.api_connections(key, &req),
@@ -65,14 +65,29 @@ impl CoreLoop {
         }
     }
 
-    /// `GET /api/history?user=` with the API key: any user's history.
+    /// Whether `GET /api/history` is the server API's (`?user=`, or `?room=` with the API key)
+    /// rather than a user's with its own token.
+    fn api_key_history(&self, req: &Request) -> bool {
+        req.query_param("user").is_some()
+            || (req.query_param("room").is_some()
+                && api::check_api_key(req, &self.shared.config.history).is_ok())
+    }
+
+    /// `GET /api/history?user=` with the API key: any user's history; `?room=`: any room's,
+    /// members or not.
     fn api_user_history(&mut self, key: usize, req: Request) {
         if !self.api_key_ok(key, &req) {
             return;
         }
+        if req.query_param("room").is_some() {
+            // The room's history, whoever asks: the user (if named) is not checked for
+            // membership.
+            let user = req.query_param("user").unwrap_or_default();
+            return self.history_page(key, &req, UserId::from(user), false);
+        }
         match api::required_param(&req, "user") {
             Ok(user) if crate::auth::valid_user_id(&user) => {
-                self.history_page(key, &req, UserId::from(user))
+                self.history_page(key, &req, UserId::from(user), false)
             }
             Ok(_) => self.reply(key, api::json_error(400, "invalid user id"), &[]),
             Err(e) => self.reply(key, e.response(), &[]),

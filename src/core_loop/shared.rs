@@ -52,4 +52,6 @@ pub(crate) struct Shared {
     pub rooms: Option<crate::rooms::MemoryRooms>,
     /// TLS on the listen port, when configured.
     pub tls: Option<Arc<crate::connection::ServerTls>>,
+    /// Embedded mode's room histories, one ring per room, when history is active.
+    pub room_history: Option<crate::history::MemoryHistory>,
 }

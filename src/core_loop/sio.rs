@@ -16,7 +16,7 @@ use crate::handlers::Args;
 use crate::http::{self, Request};
 use crate::metrics::add;
 use crate::protocol::{self, CloseReason, ErrorCode};
-use crate::socketio::{self, EnginePacket, Namespace, PacketType, Session};
+use crate::socketio::{self, ConnectRooms, EnginePacket, Namespace, PacketType, Session};
 
 impl CoreLoop {
     /// `/socket.io/`: only `EIO=4&transport=websocket` is served; anything else (the polling
@@ -171,9 +171,10 @@ impl CoreLoop {
             let message = "too many connections for this user: retry later";
             return self.sio_refuse_connect(key, nsp, message);
         }
-        if let Err(unasked) = self.ask_sio_connect_hook(key, nsp, auth.since, identity) {
-            let (since, identity) = *unasked;
-            self.sio_connected(key, nsp, since, identity);
+        let resume = (auth.since, auth.rooms);
+        if let Err(unasked) = self.ask_sio_connect_hook(key, nsp, resume, identity) {
+            let ((since, rooms), identity) = *unasked;
+            self.sio_connected(key, nsp, since, rooms, identity);
         }
     }
 
@@ -190,6 +191,7 @@ impl CoreLoop {
         key: usize,
         nsp: &str,
         since: Option<String>,
+        rooms: Option<ConnectRooms>,
         identity: Identity,
     ) {
         let Some(ns) = Namespace::from_name(nsp) else {
@@ -234,16 +236,28 @@ impl CoreLoop {
         };
         session.namespaces.insert(ns);
         session.connect_by = None;
-        let since = if first {
-            since.or_else(|| session.since.take().map(String::from))
+        let (since, rooms_query) = if first {
+            let since = since.or_else(|| session.since.take().map(String::from));
+            (since, session.rooms.take())
         } else {
-            None
+            (None, None)
         };
         self.write_text(key, Utf8Bytes::from(socketio::connect_ok(ns, &sid)));
         log::debug!("core={} conn={key} user={user} joined {nsp}", self.id);
         if let Some(since) = since {
             self.begin_recovery(key, since.parse().ok());
         }
+        let c = &self.shared.config.rooms;
+        let (max_name, max_rooms) = (c.max_room_name_bytes, c.max_rooms_per_user);
+        let rooms = match (rooms.filter(|_| first), rooms_query) {
+            (Some(map), _) => {
+                let pairs = map.iter().map(|(r, o)| (r.as_str(), o.as_str()));
+                crate::rooms::rooms_from_map(pairs, max_name, max_rooms)
+            }
+            (None, Some(query)) => crate::rooms::parse_rooms_query(&query, max_name, max_rooms),
+            (None, None) => Vec::new(),
+        };
+        self.resume_rooms(key, rooms);
     }
 
     /// Leaves `ns`; with no namespace left the connection leaves the user index and must

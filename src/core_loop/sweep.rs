@@ -96,7 +96,10 @@ impl CoreLoop {
                     sessions_over.push(key);
                 }
                 if let Some(serial) = o.replay_overdue(now) {
-                    stalled.push((key, serial));
+                    stalled.push((key, serial, None));
+                }
+                for room in o.room_replays_overdue(now) {
+                    stalled.push((key, o.serial, Some(room)));
                 }
                 if o.connect_overdue(now) {
                     unconnected.push(key);
@@ -132,12 +135,13 @@ impl CoreLoop {
                 &[],
             );
         }
-        for (key, serial) in stalled {
+        for (key, serial, room) in stalled {
             // No answer (Redis down?): the client refetches; what was buffered still goes out.
             log::warn!("core={} conn={key} replay timed out", self.id);
             self.on_replay(ReplayResult {
                 key,
                 serial,
+                room,
                 replay: history::Replay::default(),
             });
         }

@@ -862,8 +862,28 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub fn start() -> Self {
+        Self::start_nodes(3, 0)
+    }
+
+    /// Three primaries with a replica each (six nodes), every replica attached.
+    pub fn start_with_replicas() -> Self {
+        let cluster = Self::start_nodes(6, 1);
+        for node in &cluster.nodes {
+            wait_for("every primary has its replica", || {
+                let mut c = node.connection();
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut c)
+                    .unwrap_or_default();
+                info.contains("role:slave") || info.contains("state=online")
+            });
+        }
+        cluster
+    }
+
+    fn start_nodes(count: usize, replicas: usize) -> Self {
         let mut nodes = Vec::new();
-        while nodes.len() < 3 {
+        while nodes.len() < count {
             // The cluster bus listens on port + 10000: that one must be free as well.
             let port = free_port();
             if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
@@ -889,7 +909,7 @@ impl TestCluster {
         let status = std::process::Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(std::process::Stdio::null())
             .status()
             .expect("redis-cli must be on PATH");

@@ -174,6 +174,32 @@ const scenarios = {
     root.io.engine.close();
     say({ step: 'done', engines, admin, answer, counts, same_engine: root.io === socket.io });
   },
+
+  // A room resumed through the CONNECT payload: `auth: {token, rooms: {room: offset}}`.
+  async room_resume() {
+    const { addr } = config;
+    const u1 = io(`ws://${addr}`, options({ auth: { token: 'u1' } }));
+    const u2 = io(`ws://${addr}`, options({ auth: { token: 'u2' } }));
+    const got = record(u1);
+    await Promise.all([connected(u1), connected(u2)]);
+    const ask = (socket, message) => socket.timeout(DEADLINE_MS).emitWithAck('message', message);
+    await ask(u1, { event: 'joinRoom', args: { room: 'r' } });
+    await ask(u2, { event: 'joinRoom', args: { room: 'r' } });
+    const say2 = (text) => ask(u2, { event: 'sendRoomMessage', args: { room: 'r', text } });
+    await say2('m1');
+    const first = await until('m1', () => got.find((m) => m.event === 'newMessage'));
+    u1.disconnect();
+    await say2('m2');
+    await say2('m3');
+    const back = io(`ws://${addr}`, options({ forceNew: true, auth: { token: 'u1', rooms: { r: first.offset } } }));
+    const replay = record(back);
+    await connected(back);
+    const recovered = await until('recovered', () => replay.find((m) => m.event === 'recovered'));
+    const texts = replay.filter((m) => m.event === 'newMessage').map((m) => m.args.text);
+    back.disconnect();
+    u2.disconnect();
+    say({ step: 'done', first_room: first.room, texts, recovered });
+  },
 };
 
 const run = scenarios[scenario];

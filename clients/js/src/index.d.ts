@@ -84,11 +84,15 @@ export interface Message {
   text: string;
   /** Milliseconds since the Unix epoch, from the server. */
   ts: number;
-  /** Null when the server runs without history. */
+  /** Null when the server runs without history. A room message's offset is in the room's own
+   * stream (see `roomOffset`), a direct message's in the user's. */
   offset: Offset | null;
 }
 
 export interface Recovered {
+  /** Set when one room's stream was resumed (the rejoin with `joinRoom {room, since}` after a
+   * reconnect, or the server's own resync); absent for the user's own stream. */
+  room?: string;
   /** False: events after `since` may be missing (a `gap` event follows). */
   complete: boolean;
   /** The newest offset the server sent, or null. */
@@ -110,6 +114,8 @@ export interface ServerEvent {
   event: string;
   args: unknown;
   offset: Offset | null;
+  /** A room's event: the room whose stream `offset` belongs to. */
+  room?: string;
 }
 
 export interface Events {
@@ -118,7 +124,8 @@ export interface Events {
   roomMessage: (message: Message) => void;
   presenceChanged: (change: PresenceChange) => void;
   recovered: (info: Recovered) => void;
-  /** The resume was incomplete: reload the application's state (e.g. `history()`). */
+  /** The resume was incomplete: reload the application's state (e.g. `history()`, or with
+   * `info.room`, `history({room})`). */
   gap: (info: Recovered) => void;
   /** Server `error` events with no request of this client behind them, and client trouble
    * (`unauthorized`, `device_limit`, `token`, a failed rejoin with its `room`); the client
@@ -162,6 +169,9 @@ export class SwitchboardClient {
   readonly offset: Offset | null;
   /** The rooms joined through this client, joined again on every reconnect. */
   readonly rooms: string[];
+  /** The newest offset delivered from `room`'s own stream, or null; a reconnect rejoins the room
+   * with it as `since`, so what the room got meanwhile is replayed (once). */
+  roomOffset(room: string): Offset | null;
 
   on<E extends keyof Events>(event: E, fn: Events[E]): () => void;
   /** Any other event the server dispatches, under its own name. */
@@ -175,7 +185,8 @@ export class SwitchboardClient {
   /** Resolves with `{room}`, or null when the user was not (or no longer) a member. */
   leaveRoom(room: string): Promise<{ room: string } | null>;
   presence(room: string, options?: RequestOptions): Promise<string[]>;
-  history(page?: { limit?: number; before?: Offset | null }, options?: RequestOptions): Promise<HistoryPage>;
+  /** With `room`: that room's history (members only). */
+  history(page?: { limit?: number; before?: Offset | null; room?: string }, options?: RequestOptions): Promise<HistoryPage>;
   request<T = unknown>(event: string, args?: unknown, options?: RequestOptions): Promise<T>;
   /** Drop the connection, if any, and connect again now (or when the network is back). */
   reconnect(): void;

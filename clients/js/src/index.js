@@ -1,6 +1,7 @@
 // switchboard-client: a client of the switchboard native protocol (docs/PROTOCOL.md) that keeps
 // the rules of §3 and §4 which decide whether anything is lost: it reconnects with backoff and
-// jitter and passes the newest offset it saw as `since` every time, drops what it already
+// jitter and passes the newest offset it saw as `since` every time (and each joined room's own
+// newest offset as `since` of its rejoin), drops what it already
 // delivered (by message id and by offset), and keeps every `send` until the server acknowledged
 // it, sending it again with the same `clientId`, so a send whose ack was lost is stored once.
 //
@@ -62,22 +63,56 @@ export function compareOffsets(a, b) {
 }
 
 // ---- per-room resume ---------------------------------------------------------------------------
-// Today a room message is kept in each member's own history and carries the member's offset
-// (PROTOCOL.md §9), so the user's `since` resumes rooms too; what a reconnect must add is joining
-// again (embedded membership does not survive a restart). When rooms get offsets of their own,
-// this is the one place that records them (`noteEvent`) and passes them back (`joinArgs`).
+// A room message is stored once, in the room's own history, and its frame carries the room's
+// offset beside `room` (PROTOCOL.md §4, §9): each joined room is a stream of its own. The tracker
+// keeps the newest offset delivered per room; a reconnect joins each room again with
+// `joinRoom {room, since}`, which answers the ack, replays what the room got meanwhile and ends
+// with that room's `recovered`. (The server also takes `?rooms=R@O,...` on connect; joining with
+// `since` is used instead because a restarted embedded server has forgotten the membership, and
+// the join must come first anyway.) A room whose first message never reached this client has no
+// offset yet and is joined again without `since`: nothing to resume from.
 class RoomTracker {
   constructor() {
     this.rooms = new Set(); // rooms this client asked to be in
+    this.offsets = new Map(); // room -> newest offset delivered from that room's stream
+    this.replays = new Map(); // room -> {since, delivered} while its resume runs
   }
 
   joinArgs(room) {
-    return { room };
+    const since = this.offsets.get(room);
+    return since === undefined ? { room } : { room, since };
   }
 
-  // eslint-disable-next-line no-unused-vars
-  noteEvent(frame) {
-    // Nothing per room to record today: the frame's offset is the user's.
+  // A rejoin with `since` starts that room's replay.
+  beginReplay(args) {
+    if (typeof args.since === 'string') this.replays.set(args.room, { since: args.since, delivered: 0 });
+  }
+
+  forget(room) {
+    this.rooms.delete(room);
+    this.offsets.delete(room);
+    this.replays.delete(room);
+  }
+
+  // Whether a frame of `room` at `offset` was delivered already (at or before the room's newest).
+  seen(room, offset) {
+    const last = this.offsets.get(room);
+    return last !== undefined && compareOffsets(offset, last) <= 0;
+  }
+
+  // Records `offset` as delivered in `room` (only forward).
+  note(room, offset, replayed) {
+    if (!this.seen(room, offset)) this.offsets.set(room, offset);
+    const replay = this.replays.get(room);
+    if (replay && replayed) replay.delivered += 1;
+  }
+
+  // The end of `room`'s replay: its info for `recovered`.
+  finish(room, newest) {
+    if (newest !== null) this.note(room, newest, false);
+    const replay = this.replays.get(room);
+    this.replays.delete(room);
+    return { since: replay ? replay.since : null, delivered: replay ? replay.delivered : 0 };
   }
 }
 
@@ -150,6 +185,11 @@ export class SwitchboardClient {
     return [...this.#rooms.rooms];
   }
 
+  /** The newest offset delivered from `room`'s stream (null before its first message). */
+  roomOffset(room) {
+    return this.#rooms.offsets.get(room) ?? null;
+  }
+
   on(event, fn) {
     if (!this.#listeners.has(event)) this.#listeners.set(event, new Set());
     this.#listeners.get(event).add(fn);
@@ -174,12 +214,12 @@ export class SwitchboardClient {
   joinRoom(room) {
     this.#rooms.rooms.add(room);
     return this.#reliable('joinRoom', this.#rooms.joinArgs(room), {
-      onRefused: () => this.#rooms.rooms.delete(room),
+      onRefused: () => this.#rooms.forget(room),
     });
   }
 
   leaveRoom(room) {
-    this.#rooms.rooms.delete(room);
+    this.#rooms.forget(room);
     // A resend after a lost ack finds the user out already: that is the answer wanted.
     return this.#reliable('leaveRoom', { room }, { doneCodes: ['not_member'] });
   }
@@ -190,10 +230,11 @@ export class SwitchboardClient {
     return Array.isArray(result && result.online) ? result.online : [];
   }
 
-  /** One page of the user's history, newest first; `before` of the answer asks for the next
-   * page (null when nothing more is retained). */
-  async history({ limit, before } = {}, options) {
+  /** One page of the user's history (with `room`, of that room's, for a member), newest first;
+   * `before` of the answer asks for the next page (null when nothing more is retained). */
+  async history({ limit, before, room } = {}, options) {
     const args = {};
+    if (typeof room === 'string') args.room = room;
     if (limit !== undefined) args.limit = limit;
     if (before !== undefined && before !== null) args.before = before;
     const result = await this.request('history', args, options);
@@ -316,13 +357,15 @@ export class SwitchboardClient {
   }
 
   #rejoin(room) {
+    const args = this.#rooms.joinArgs(room);
+    this.#rooms.beginReplay(args);
     const entry = {
       event: 'joinRoom',
-      args: this.#rooms.joinArgs(room),
+      args,
       resolve: () => {},
       reject: (err) => {
         if (err.code === 'disconnected') return; // the next connection joins again
-        this.#rooms.rooms.delete(room);
+        this.#rooms.forget(room);
         this.#emit('error', Object.assign(err, { room }));
       },
       ack: null,
@@ -368,6 +411,7 @@ export class SwitchboardClient {
     if (wasOpen && Date.now() - this.#openedAt >= this.#options.stableMs) this.#attempt = 0;
     this.#opened = false;
     this.#replay = null;
+    this.#rooms.replays.clear();
     if (this.#closed) return;
     if (code === CLOSE_SESSION_EXPIRED) {
       if (typeof this.#options.getToken !== 'function') {
@@ -499,27 +543,48 @@ export class SwitchboardClient {
 
   // A dispatched event: dropped when already delivered (PROTOCOL.md §4: a replay may repeat what
   // came live; with Redis a retried publication may repeat with another offset, same id).
+  // A frame with a top-level `room` is of that room's stream: its offset is the room's.
   #onEvent(frame) {
     const args = frame.args;
     const offset = typeof frame.offset === 'string' && parseOffset(frame.offset) ? frame.offset : null;
+    const room = typeof frame.room === 'string' ? frame.room : null;
+    if (room !== null && offset !== null) return this.#onRoomEvent(frame, room, offset);
     if (offset !== null && this.#offset !== null && compareOffsets(offset, this.#offset) <= 0) return;
-    const id = args && typeof args.id === 'string' ? args.id : null;
-    if (id !== null) {
-      if (this.#seenIds.has(id)) {
-        if (offset !== null) this.#offset = offset;
-        return;
-      }
-      this.#seenIds.add(id);
-      if (this.#seenIds.size > this.#options.dedupeIds) {
-        this.#seenIds.delete(this.#seenIds.values().next().value);
-      }
+    if (!this.#rememberId(args)) {
+      if (offset !== null) this.#offset = offset;
+      return;
     }
     if (offset !== null) {
       this.#offset = offset;
       if (this.#replay) this.#replay.delivered += 1;
     }
-    this.#rooms.noteEvent(frame);
-    this.#emit('event', { event: frame.event, args, offset });
+    this.#deliver(frame, offset);
+  }
+
+  // A room frame: dropped when at or before the room's newest offset delivered, or when its
+  // message id was delivered already.
+  #onRoomEvent(frame, room, offset) {
+    if (this.#rooms.seen(room, offset)) return;
+    const fresh = this.#rememberId(frame.args);
+    this.#rooms.note(room, offset, fresh);
+    if (fresh) this.#deliver(frame, offset);
+  }
+
+  // Whether a message's id is new (a frame without one counts as new); remembers it.
+  #rememberId(args) {
+    const id = args && typeof args.id === 'string' ? args.id : null;
+    if (id === null) return true;
+    if (this.#seenIds.has(id)) return false;
+    this.#seenIds.add(id);
+    if (this.#seenIds.size > this.#options.dedupeIds) {
+      this.#seenIds.delete(this.#seenIds.values().next().value);
+    }
+    return true;
+  }
+
+  #deliver(frame, offset) {
+    const args = frame.args;
+    this.#emit('event', { event: frame.event, args, offset, room: frame.room });
     if (frame.event === 'newMessage' && args && typeof args === 'object') {
       const message = { ...args, offset };
       this.#emit(typeof args.room === 'string' ? 'roomMessage' : 'newMessage', message);
@@ -531,6 +596,14 @@ export class SwitchboardClient {
   // The end of a replay, asked for (`since`) or not (the server's own, after a Redis outage).
   #onRecovered(args) {
     const newest = typeof args.offset === 'string' && parseOffset(args.offset) ? args.offset : null;
+    if (typeof args.room === 'string') {
+      // One room's stream: `joinRoom {since}` asked for it, or the server's own resync.
+      const info = { room: args.room, complete: args.complete === true, offset: newest };
+      Object.assign(info, this.#rooms.finish(args.room, newest));
+      this.#emit('recovered', info);
+      if (!info.complete) this.#emit('gap', info);
+      return;
+    }
     if (newest !== null && (this.#offset === null || compareOffsets(newest, this.#offset) > 0)) {
       this.#offset = newest;
     }

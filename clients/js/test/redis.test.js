@@ -63,3 +63,53 @@ test('through restarts of both instances: nothing lost, nothing twice, resumed c
   receiver.close();
   sender.close();
 });
+
+test('a room member through restarts of both instances gets every room message once', async () => {
+  const { a, b } = pair;
+  const member = client(a.url, 'rr-member');
+  const sender = client(b.url, 'rr-send', { resendAfterMs: 500 });
+  await Promise.all([connected(member), connected(sender)]);
+  await member.joinRoom('rr');
+  await sender.joinRoom('rr');
+  // Each instance routes its user's channel and the room's before the first send.
+  await waitSubscribed(a, 2);
+  await waitSubscribed(b, 2);
+  const sent = [];
+  const acks = [];
+  for (let i = 1; i <= 40; i++) {
+    const text = `room${i}`;
+    sent.push(text);
+    acks.push(sender.sendRoom('rr', text));
+    if (i === 10) await until('the first ten', () => member.messages.length === 10);
+    // The member's instance goes away with no goodbye: the member rejoins the room on the new
+    // one with `since` = the room's newest offset it had, and gets what the room got meanwhile.
+    if (i === 15) {
+      await a.stop('SIGKILL');
+      await a.spawn(a.addr);
+      await waitConnected(a);
+    }
+    // Then the sender's, while its sends are out (a resend with its clientId is stored once).
+    if (i === 28) {
+      await b.stop('SIGKILL');
+      await b.spawn(b.addr);
+      await waitConnected(b);
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  assert.equal((await Promise.all(acks)).length, 40);
+  await until('all forty', () => member.messages.length >= 40);
+  await new Promise((r) => setTimeout(r, 300)); // anything extra would come now
+  assert.deepEqual(texts(member), sent);
+  assert.ok(member.messages.every((m) => m.room === 'rr'));
+  assert.equal(new Set(member.messages.map((m) => m.id)).size, 40);
+  assert.deepEqual(member.gaps, []);
+  const resumed = member.recoveries.filter((r) => r.room === 'rr');
+  assert.ok(resumed.length >= 1, `the room was resumed: ${JSON.stringify(member.recoveries)}`);
+  assert.ok(resumed.every((r) => r.complete), JSON.stringify(resumed));
+  assert.equal(member.roomOffset('rr'), member.messages[39].offset);
+  // The room's history holds each message once.
+  const { events } = await member.history({ room: 'rr', limit: 100 });
+  assert.deepEqual(events.map((e) => e.args.text).reverse(), sent);
+  member.close();
+  sender.close();
+});

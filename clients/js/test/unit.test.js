@@ -151,6 +151,70 @@ test('rooms are joined again, before the sends still out, on every reconnect', a
   c.close();
 });
 
+const roomMsg = (id, room, offset) => ({
+  event: 'newMessage',
+  args: { id, from: 'u2', room, text: id, ts: 1 },
+  room,
+  offset,
+});
+
+test('per room: the newest offset kept, rejoined with since, repeats dropped, recovered and gap named', async () => {
+  const { c, sockets, seen } = start();
+  const rooms = [];
+  c.on('roomMessage', (m) => rooms.push(m));
+  await until('a socket', () => sockets.length === 1);
+  sockets[0].open();
+  for (const room of ['r1', 'r2', 'r3']) {
+    const joined = c.joinRoom(room);
+    const join = sockets[0].sent.at(-1);
+    assert.deepEqual(join.args, { room });
+    sockets[0].deliver({ event: 'ack', ack: join.ack, args: { room } });
+    await joined;
+  }
+  // Each room is a stream of its own: a room's offsets are not the user's, nor another room's.
+  sockets[0].deliver(msg('d1', '50-0'));
+  sockets[0].deliver(roomMsg('a', 'r1', '7-0'));
+  sockets[0].deliver(roomMsg('b', 'r2', '3-0'));
+  sockets[0].deliver(roomMsg('c', 'r1', '8-0'));
+  sockets[0].deliver(roomMsg('a', 'r1', '7-0')); // repeat by offset
+  sockets[0].deliver(roomMsg('b', 'r2', '4-0')); // repeat by id under a new offset
+  assert.deepEqual(rooms.map((m) => m.id), ['a', 'b', 'c']);
+  assert.equal(c.roomOffset('r1'), '8-0');
+  assert.equal(c.roomOffset('r2'), '4-0');
+  assert.equal(c.roomOffset('r3'), null);
+  assert.equal(c.offset, '50-0');
+  sockets[0].drop();
+  await until('a second socket', () => sockets.length === 2);
+  // The user's stream resumes with `since` in the URL, each room with its join.
+  assert.equal(new URL(sockets[1].url).searchParams.get('since'), '50-0');
+  assert.equal(new URL(sockets[1].url).searchParams.get('rooms'), null);
+  sockets[1].open();
+  const joins = sockets[1].sent.filter((f) => f.event === 'joinRoom').map((f) => f.args);
+  assert.deepEqual(joins, [
+    { room: 'r1', since: '8-0' },
+    { room: 'r2', since: '4-0' },
+    { room: 'r3' },
+  ]);
+  // r1's replay repeats what came live, then brings one new; r2's history was trimmed.
+  sockets[1].deliver(roomMsg('c', 'r1', '8-0'));
+  sockets[1].deliver(roomMsg('e', 'r1', '9-0'));
+  sockets[1].deliver({ event: 'recovered', args: { room: 'r1', complete: true, offset: '9-0' } });
+  sockets[1].deliver({ event: 'recovered', args: { room: 'r2', complete: false, offset: null } });
+  assert.deepEqual(rooms.map((m) => m.id), ['a', 'b', 'c', 'e']);
+  assert.deepEqual(seen.recovered, [
+    { room: 'r1', complete: true, offset: '9-0', since: '8-0', delivered: 1 },
+    { room: 'r2', complete: false, offset: null, since: '4-0', delivered: 0 },
+  ]);
+  assert.deepEqual(seen.gaps, [{ room: 'r2', complete: false, offset: null, since: '4-0', delivered: 0 }]);
+  // A room left is forgotten: not rejoined, its offset gone.
+  const left = c.leaveRoom('r1');
+  const leave = sockets[1].sent.at(-1);
+  sockets[1].deliver({ event: 'ack', ack: leave.ack, args: { room: 'r1' } });
+  await left;
+  assert.equal(c.roomOffset('r1'), null);
+  c.close();
+});
+
 test('a silent connection is probed and dropped when the probe gets no answer', async () => {
   const { c, sockets } = start({ probeAfterMs: 20, probeTimeoutMs: 30, probeTickMs: 10 });
   await until('a socket', () => sockets.length === 1);

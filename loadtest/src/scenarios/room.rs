@@ -167,6 +167,12 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
     }
     // Sending, open loop, then the drain.
     let interval = Duration::from_secs_f64(1.0 / args.rate);
+    // `--size`: each message's text padded to about that many bytes (after the numbers).
+    let pad = if args.size > 0 {
+        format!(":{}", "x".repeat(args.size))
+    } else {
+        String::new()
+    };
     let send_for = Duration::from_secs_f64(args.duration);
     let send_start = Instant::now();
     let mut sent = 0u64;
@@ -179,7 +185,7 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
         while now < send_start + send_for && send_start + interval * sent as u32 <= now {
             let us = base.elapsed().as_micros();
             let frame = format!(
-                r#"{{"event":"sendRoomMessage","args":{{"room":"{room}","text":"rm:{sent}:{us}"}}}}"#
+                r#"{{"event":"sendRoomMessage","args":{{"room":"{room}","text":"rm:{sent}:{us}{pad}"}}}}"#
             );
             write_frame(&mut conns[sender], &frame, &mut rnd);
             sent += 1;

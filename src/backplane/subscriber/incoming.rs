@@ -210,12 +210,12 @@ mod tests {
     fn rooms_read_room_events_and_membership_controls() {
         let r = reader(Routing::PerUser, true, true);
         let event = br#"0000000000000001 - {"event":"p"}"#;
-        match r.read(b"sb:r:team", event, |_| false) {
+        match r.read(b"{sb:r:team}", event, |_| false) {
             Incoming::Room { room, offset, .. } => assert_eq!((room, offset), ("team", None)),
             other => panic!("expected a room event, got {other:?}"),
         }
         assert!(matches!(
-            r.read(b"sb:r:team", b"junk", |_| false),
+            r.read(b"{sb:r:team}", b"junk", |_| false),
             Incoming::Invalid { log: false }
         ));
         let control = b"0000000000000001 ! +team";
@@ -228,7 +228,7 @@ mod tests {
         // Rooms off: a room channel is not a user channel.
         let r = reader(Routing::PerUser, false, true);
         assert!(matches!(
-            r.read(b"sb:r:team", event, |_| false),
+            r.read(b"{sb:r:team}", event, |_| false),
             Incoming::Invalid { log: false }
         ));
     }

@@ -54,9 +54,13 @@ impl LinkState {
         }
     }
 
-    /// Queues `command` for `channels`, at most [`CHANNELS_PER_COMMAND`] per command.
+    /// Queues `command` for `channels`, at most [`CHANNELS_PER_COMMAND`] per command; the
+    /// sharded commands (`SSUBSCRIBE`, `SUNSUBSCRIBE`) one channel each, since a cluster refuses
+    /// one that names channels of several hash slots (`CROSSSLOT`).
     pub fn write_channels(&mut self, command: &str, channels: &[String]) {
-        for chunk in channels.chunks(CHANNELS_PER_COMMAND) {
+        let sharded = matches!(command, "SSUBSCRIBE" | "SUNSUBSCRIBE");
+        let per_command = if sharded { 1 } else { CHANNELS_PER_COMMAND };
+        for chunk in channels.chunks(per_command) {
             let mut cmd = redis::cmd(command);
             for ch in chunk {
                 cmd.arg(ch.as_str());
@@ -223,6 +227,15 @@ mod tests {
         state.out.clear();
         state.write_channels("UNSUBSCRIBE", &[]);
         assert!(state.out.is_empty(), "no channels, no command");
+
+        // Sharded: a command per channel (channels of different slots cannot share one).
+        for command in ["SSUBSCRIBE", "SUNSUBSCRIBE"] {
+            state.out.clear();
+            state.write_channels(command, &channels[..3]);
+            let sent = commands(&state.out);
+            assert_eq!(sent.len(), 3, "{command}");
+            assert_eq!(sent[1], Value::Array(vec![bulk(command), bulk("sb:u:1")]));
+        }
     }
 
     #[test]

@@ -156,9 +156,19 @@ impl Subscriber {
             return;
         }
         for i in 0..self.links.len() {
-            if self.links.due(i, now) && self.links.connect(i, &self.bp, self.poll.registry()) {
+            if !self.links.due(i, now) {
+                continue;
+            }
+            if self.links.connect(i, &self.bp, self.poll.registry()) {
                 self.resubscribe(i);
                 self.update_connected();
+            } else if self.bp.config.sharded() {
+                // A primary that is gone may have been replaced by its replica: ask the
+                // cluster again (after a backoff) rather than call the dead address forever.
+                self.links.forget_topology(self.poll.registry());
+                self.subs.clear();
+                self.update_connected();
+                return;
             }
         }
     }
@@ -367,8 +377,9 @@ impl Subscriber {
                     }
                     _ => {
                         if let Some(room) = wire::room_of_channel(prefix, channel) {
-                            for user in self.routes.confirmed(room) {
-                                self.resync(user);
+                            let room = crate::rooms::RoomId::from(room);
+                            for user in self.routes.confirmed(&room) {
+                                self.resync(user, &room);
                             }
                         }
                     }

@@ -48,20 +48,20 @@ impl ResyncGate {
             .push(request);
     }
 
-    /// Takes the requests `may_run(user, core)` lets go and drops those past their deadline
-    /// (the core already answered the client).
+    /// Takes the requests `may_run` lets go and drops those past their deadline (the core
+    /// already answered the client).
     pub fn take_ready(
         &mut self,
         now: Instant,
-        may_run: impl Fn(&UserId, usize) -> bool,
+        may_run: impl Fn(&ReplayRequest) -> bool,
     ) -> Vec<ReplayRequest> {
         let mut ready = Vec::new();
-        self.pending.retain(|user, requests| {
+        self.pending.retain(|_, requests| {
             requests.retain(|r| {
                 if now >= r.deadline {
                     return false;
                 }
-                let go = may_run(user, r.core);
+                let go = may_run(r);
                 if go {
                     ready.push(r.clone());
                 }
@@ -78,9 +78,12 @@ impl ResyncGate {
 }
 
 impl Subscriber {
-    /// Hands each replay request to the worker once its user's channel is confirmed and the
-    /// requesting core is listed as a host (its membership change travels on another queue), so
-    /// every frame published after the query reaches the recovering connection.
+    /// Hands each replay request to the worker once its stream's channel is confirmed (the
+    /// user's, or for a room the room's, routing to the user here) and the requesting core is
+    /// listed as a host (its membership change travels on another queue), so every frame
+    /// published after the query reaches the recovering connection. A room replay for a user
+    /// the loaded routes show is not in the room is answered at once, empty and incomplete:
+    /// only members read a room's history.
     pub(super) fn take_replays(&mut self) {
         while let Some(request) = self.bp.replays.pop() {
             self.gate.wait(request);
@@ -89,18 +92,39 @@ impl Subscriber {
             return;
         }
         let (hosts, subs, routes) = (&self.hosts, &self.subs, &self.routes);
-        let rooms_on = self.bp.rooms().is_some();
-        let ready = self.gate.take_ready(Instant::now(), |user, core| {
-            // With rooms, the user's history also grows through room channels: those must be
-            // routing to this instance too before the query runs.
-            let rooms_ready = !rooms_on || routes.ready(user);
-            rooms_ready
-                && subs.is_confirmed(user)
+        let ready = self.gate.take_ready(Instant::now(), |r| {
+            let stream_ready = match &r.room {
+                None => true,
+                Some(room) => match routes.is_member(&r.user, room) {
+                    Some(true) => routes.room_confirmed(room),
+                    Some(false) => true,
+                    None => false,
+                },
+            };
+            stream_ready
+                && subs.is_confirmed(&r.user)
                 && hosts
-                    .cores(user)
-                    .is_some_and(|c| c.contains(&(core as u16)))
+                    .cores(&r.user)
+                    .is_some_and(|c| c.contains(&(r.core as u16)))
         });
         for request in ready {
+            let refused = request
+                .room
+                .as_ref()
+                .is_some_and(|room| routes.is_member(&request.user, room) != Some(true));
+            if refused {
+                let result = crate::bus::ReplayResult {
+                    key: request.key,
+                    serial: request.serial,
+                    room: request.room,
+                    replay: crate::history::Replay::default(),
+                };
+                self.bus.send(
+                    request.core,
+                    crate::bus::CoreMsg::Replayed(Box::new(result)),
+                );
+                continue;
+            }
             if let Some(worker) = &self.worker {
                 // Fails only when the worker exited (shutdown); the core's deadline answers then.
                 let _ = worker.send(Job::Replay(request));
@@ -122,6 +146,7 @@ mod tests {
     fn request(user: &str, core: usize, deadline: Instant) -> ReplayRequest {
         ReplayRequest {
             user: user.into(),
+            room: None,
             since: Offset(1, 1),
             core,
             key: 7,
@@ -203,14 +228,14 @@ mod tests {
         gate.wait(request("a", 0, later));
         gate.wait(request("a", 1, later));
         gate.wait(request("b", 0, t0 + Duration::from_secs(1)));
-        assert!(gate.take_ready(t0, |_, _| false).is_empty());
+        assert!(gate.take_ready(t0, |_| false).is_empty());
 
-        let ready = gate.take_ready(t0, |user, core| &**user == "a" && core == 1);
+        let ready = gate.take_ready(t0, |r| &*r.user == "a" && r.core == 1);
         assert_eq!(ready.len(), 1);
         assert_eq!((&*ready[0].user, ready[0].core), ("a", 1));
 
         // Past b's deadline: dropped, never run.
-        let ready = gate.take_ready(t0 + Duration::from_secs(2), |user, _| &**user == "a");
+        let ready = gate.take_ready(t0 + Duration::from_secs(2), |r| &*r.user == "a");
         assert_eq!(ready.len(), 1);
         assert_eq!((&*ready[0].user, ready[0].core), ("a", 0));
         assert!(gate.is_empty());

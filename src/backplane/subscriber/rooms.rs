@@ -65,12 +65,13 @@ impl Subscriber {
             .write_channels(0, "SUBSCRIBE", &channels(&changes.subscribe));
     }
 
-    /// Tells the cores hosting `user` to resume its connections from their last offsets.
-    pub(super) fn resync(&self, user: UserId) {
+    /// Tells the cores hosting `user` to resume `room` on its connections from their last
+    /// offsets in it.
+    pub(super) fn resync(&self, user: UserId, room: &crate::rooms::RoomId) {
         if let Some(cores) = self.hosts.cores(&user) {
             for &core in cores {
-                self.bus
-                    .send(core as usize, CoreMsg::ResyncUser(user.clone()));
+                let msg = CoreMsg::ResyncRoom(user.clone(), room.clone());
+                self.bus.send(core as usize, msg);
             }
         }
     }
@@ -114,6 +115,7 @@ impl Subscriber {
                 key: target.key,
                 serial: target.serial,
                 ack: target.ack,
+                resume: target.resume,
                 result: Ok(serde_json::json!({ "room": &*room })),
             };
             self.bus
@@ -139,6 +141,7 @@ mod tests {
                 key: 1,
                 serial: 2,
                 ack: Some(3),
+                resume: None,
             },
             deadline,
         }

@@ -188,15 +188,13 @@ pub(super) fn to_user_at(
 pub(super) fn to_room(
     bus: &Bus,
     stats: &BackplaneStats,
-    members: Option<&Arc<[UserId]>>,
+    room: &crate::rooms::RoomId,
+    members: &Arc<[UserId]>,
     offset: Option<Offset>,
     frame: Utf8Bytes,
 ) {
-    let Some(members) = members else {
-        stats.not_hosted.fetch_add(1, Relaxed);
-        return;
-    };
     let delivery = Arc::new(RoomDelivery {
+        room: room.clone(),
         members: Arc::clone(members),
         offset,
         frame,
@@ -239,13 +237,19 @@ impl Subscriber {
                 frame,
             } => {
                 if offset.is_some() && self.gate.holds() {
-                    // As for a user's frame: it is in every member's history, the resync
-                    // replays it.
+                    // As for a user's frame: it is in the room's history, the resync replays
+                    // it.
                     stats.held_for_resync.fetch_add(1, Relaxed);
                     return;
                 }
-                let members = self.routes.members(room);
-                to_room(&self.bus, stats, members, offset, frame);
+                match self.routes.room(room) {
+                    Some((room, members)) => {
+                        to_room(&self.bus, stats, room, members, offset, frame)
+                    }
+                    None => {
+                        stats.not_hosted.fetch_add(1, Relaxed);
+                    }
+                }
             }
             Incoming::Control { user, joined, room } => self.on_room_control(user, joined, room),
             Incoming::Disconnect { user } => {
@@ -364,21 +368,22 @@ mod tests {
     }
 
     #[test]
-    fn room_events_go_to_every_core_and_full_inboxes_count_drops() {
+    fn room_events_go_to_every_core_with_their_room_and_full_inboxes_count_drops() {
         let bp_stats = BackplaneStats::default();
         let bus = Bus::new(2, 1);
         let members: Arc<[UserId]> = vec![UserId::from("a")].into();
-        to_room(&bus, &bp_stats, Some(&members), None, FRAME.into());
-        to_room(&bus, &bp_stats, Some(&members), None, FRAME.into());
+        let room: crate::rooms::RoomId = "r".into();
+        to_room(&bus, &bp_stats, &room, &members, None, FRAME.into());
+        to_room(&bus, &bp_stats, &room, &members, None, FRAME.into());
         assert_eq!(bp_stats.delivered.load(Relaxed), 2);
         assert_eq!(bp_stats.inbox_drops.load(Relaxed), 2);
         for core in 0..2 {
             match &inbox(&bus, core)[..] {
-                [CoreMsg::Room(d)] => assert!(Arc::ptr_eq(&d.members, &members)),
+                [CoreMsg::Room(d)] => {
+                    assert!(Arc::ptr_eq(&d.members, &members) && d.room == room)
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
-        to_room(&bus, &bp_stats, None, None, FRAME.into());
-        assert_eq!(bp_stats.not_hosted.load(Relaxed), 1);
     }
 }

@@ -166,6 +166,13 @@ impl Links {
     }
 
     /// Drops every link and the topology: the next turn fetches it again.
+    /// Like [`Links::clear`], the topology fetched again only after the topology backoff: a
+    /// shard that cannot be reached, on a cluster, may have failed over.
+    pub fn forget_topology(&mut self, registry: &Registry) {
+        self.clear(registry);
+        self.topology_retry_at = Instant::now() + self.topology_backoff.next_delay();
+    }
+
     pub fn clear(&mut self, registry: &Registry) {
         for shard in &mut self.shards {
             if let Some(link) = shard.link.take() {
