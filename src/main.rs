@@ -420,6 +420,8 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
     let jwt = cli.jwt_secret.is_some();
     let rates = cli.rate_limit > 0;
     let history = cli.history == OnOff::On;
+    let cluster = redis && !cli.redis_cluster.is_empty();
+    let hooks = cli.hook_url.is_some();
     let needs: &[(&str, bool, &str)] = &[
         ("redis_url", redis, "--backplane redis"),
         ("routing", redis, "--backplane redis"),
@@ -439,6 +441,17 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("history_max_age", history, "--history on"),
         ("history_max_page", history, "--history on"),
         ("dedupe_window", history, "--history on"),
+        ("max_room_queue", redis, "--backplane redis"),
+        ("redis_wait_replicas", cluster, "--redis-cluster"),
+        ("redis_wait_timeout", cluster, "--redis-cluster"),
+        ("presence_interval", !redis, "--backplane none (with Redis, presence is not coalesced)"),
+        ("room_history_max_len", history, "--history on"),
+        ("room_history_max_age", history, "--history on"),
+        ("room_history_max_bytes", history, "--history on"),
+        ("hook_timeout", hooks, "--hook-url"),
+        ("hook_concurrency", hooks, "--hook-url"),
+        ("hook_queue", hooks, "--hook-url"),
+        ("hook_fail_open", hooks, "--hook-url"),
         ("tls_key", cli.tls_cert.is_some(), "--tls-cert"),
         ("tls_cert", cli.tls_key.is_some(), "--tls-key"),
     ];

@@ -120,6 +120,20 @@ fn flags_that_would_be_ignored_name_the_flag_they_need() {
             &["--history", "off", "--history-max-len", "5"],
             "--history-max-len needs --history on",
         ),
+        (&["--hook-timeout", "1s"], "--hook-timeout needs --hook-url"),
+        (&["--max-room-queue", "8"], "--max-room-queue needs --backplane redis"),
+        (
+            &["--backplane", "redis", "--redis-wait-replicas", "1"],
+            "--redis-wait-replicas needs --redis-cluster",
+        ),
+        (
+            &["--backplane", "redis", "--presence-interval", "2s"],
+            "--presence-interval needs --backplane none",
+        ),
+        (
+            &["--history", "off", "--room-history-max-len", "5"],
+            "--room-history-max-len needs --history on",
+        ),
         (&["--cores", "4096"], "--cores 4096"),
         (
             &["--max-connections", "4000000000"],
