@@ -444,7 +444,11 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("max_room_queue", redis, "--backplane redis"),
         ("redis_wait_replicas", cluster, "--redis-cluster"),
         ("redis_wait_timeout", cluster, "--redis-cluster"),
-        ("presence_interval", !redis, "--backplane none (with Redis, presence is not coalesced)"),
+        (
+            "presence_interval",
+            !redis,
+            "--backplane none (with Redis, presence is not coalesced)",
+        ),
         ("room_history_max_len", history, "--history on"),
         ("room_history_max_age", history, "--history on"),
         ("room_history_max_bytes", history, "--history on"),
@@ -471,13 +475,14 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
     }
     if let Some(max) = cli.max_connections {
         let limit = config::raise_nofile_limit();
-        let room = limit.saturating_sub(config::FD_HEADROOM);
+        let headroom = config::fd_headroom(limit);
+        let room = limit.saturating_sub(headroom);
         if max as u64 > room {
             return Err(format!(
                 "--max-connections {max}: the open-file limit is {limit}, less {} kept for \
                  listeners, Redis and logs leaves {room}; raise the limit (ulimit -n, \
                  LimitNOFILE= in systemd) or lower --max-connections",
-                config::FD_HEADROOM
+                headroom
             ));
         }
     }

@@ -64,8 +64,15 @@ pub const DEFAULT_CONNECT_BURST_PER_USER: u32 = 20;
 /// Largest HTTP request head (request line + headers) accepted; past it, HTTP 431.
 pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 8 * 1024;
 /// File descriptors kept free for listeners, pending handshakes, Redis and logs when
-/// `max_connections` is derived from the open-file limit.
+/// `max_connections` is derived from the open-file limit (at most a quarter of a small limit:
+/// see [`fd_headroom`]).
 pub const FD_HEADROOM: u64 = 512;
+
+/// The descriptors kept free under an open-file limit of `limit`: [`FD_HEADROOM`], or a quarter
+/// of a limit too small for it (a 256-descriptor test process still gets 192 connections).
+pub fn fd_headroom(limit: u64) -> u64 {
+    FD_HEADROOM.min(limit / 4)
+}
 /// Text frames a connection may send per second, on average (0 turns the limit off).
 pub const DEFAULT_RATE_LIMIT_PER_SEC: u32 = 200;
 /// Text frames a connection may send in a burst above its rate; also how many frames in a row
@@ -402,10 +409,10 @@ pub fn default_cores() -> usize {
         .unwrap_or(1)
 }
 
-/// The open-file limit (raised to its hard maximum first) less [`FD_HEADROOM`].
+/// The open-file limit (raised to its hard maximum first) less [`fd_headroom`].
 pub fn default_max_connections() -> usize {
     let limit = raise_nofile_limit();
-    limit.saturating_sub(FD_HEADROOM).max(1) as usize
+    limit.saturating_sub(fd_headroom(limit)).max(1) as usize
 }
 
 /// Raises the soft open-file limit to the hard one and returns the soft limit in force.
@@ -530,7 +537,9 @@ mod tests {
         let limit = raise_nofile_limit();
         assert_eq!(
             default_max_connections() as u64,
-            limit.saturating_sub(FD_HEADROOM).max(1)
+            limit.saturating_sub(fd_headroom(limit)).max(1)
         );
+        assert_eq!(fd_headroom(20_000), FD_HEADROOM);
+        assert_eq!(fd_headroom(256), 64);
     }
 }
