@@ -18,6 +18,30 @@ after(async () => {
   await pair.redis.stop();
 });
 
+// Sends 40 messages (`PREFIX1`...) with `send`, SIGKILLing and respawning the receiver's
+// instance (a) after the 15th and the sender's (b) after the 28th, while sends are out (some
+// may be stored with their acks lost); returns the texts once every send is acknowledged.
+async function sendThroughRestarts(receiver, send, prefix) {
+  const { a, b } = pair;
+  const sent = [];
+  const acks = [];
+  for (let i = 1; i <= 40; i++) {
+    const text = `${prefix}${i}`;
+    sent.push(text);
+    acks.push(send(text));
+    if (i === 10) await until('the first ten', () => receiver.messages.length === 10);
+    for (const [at, server] of [[15, a], [28, b]]) {
+      if (i !== at) continue;
+      await server.stop('SIGKILL');
+      await server.spawn(server.addr);
+      await waitConnected(server);
+    }
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  assert.equal((await Promise.all(acks)).length, 40);
+  return sent;
+}
+
 test('through restarts of both instances: nothing lost, nothing twice, resumed complete', async () => {
   const { a, b } = pair;
   const receiver = client(a.url, 'r-recv');
@@ -26,29 +50,7 @@ test('through restarts of both instances: nothing lost, nothing twice, resumed c
   // A user's first connection on an instance is live once the subscription is (PROTOCOL.md §4).
   await waitSubscribed(a, 1);
   await waitSubscribed(b, 1);
-  const sent = [];
-  const acks = [];
-  for (let i = 1; i <= 40; i++) {
-    const text = `m${i}`;
-    sent.push(text);
-    acks.push(sender.send('r-recv', text));
-    if (i === 10) await until('the first ten', () => receiver.messages.length === 10);
-    // The receiver's instance goes away with no goodbye, and comes back on the same port.
-    if (i === 15) {
-      await a.stop('SIGKILL');
-      await a.spawn(a.addr);
-      await waitConnected(a);
-    }
-    // Then the sender's, while its sends are out: some may be stored and their acks lost.
-    if (i === 28) {
-      await b.stop('SIGKILL');
-      await b.spawn(b.addr);
-      await waitConnected(b);
-    }
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  const results = await Promise.all(acks);
-  assert.equal(results.length, 40);
+  const sent = await sendThroughRestarts(receiver, (text) => sender.send('r-recv', text), 'm');
   await until('all forty', () => receiver.messages.length >= 40);
   await new Promise((r) => setTimeout(r, 300)); // anything extra would come now
   assert.deepEqual(texts(receiver), sent);
@@ -74,29 +76,9 @@ test('a room member through restarts of both instances gets every room message o
   // Each instance routes its user's channel and the room's before the first send.
   await waitSubscribed(a, 2);
   await waitSubscribed(b, 2);
-  const sent = [];
-  const acks = [];
-  for (let i = 1; i <= 40; i++) {
-    const text = `room${i}`;
-    sent.push(text);
-    acks.push(sender.sendRoom('rr', text));
-    if (i === 10) await until('the first ten', () => member.messages.length === 10);
-    // The member's instance goes away with no goodbye: the member rejoins the room on the new
-    // one with `since` = the room's newest offset it had, and gets what the room got meanwhile.
-    if (i === 15) {
-      await a.stop('SIGKILL');
-      await a.spawn(a.addr);
-      await waitConnected(a);
-    }
-    // Then the sender's, while its sends are out (a resend with its clientId is stored once).
-    if (i === 28) {
-      await b.stop('SIGKILL');
-      await b.spawn(b.addr);
-      await waitConnected(b);
-    }
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  assert.equal((await Promise.all(acks)).length, 40);
+  // The member rejoins the room on the restarted instance with `since` = the room's newest
+  // offset it had, and gets what the room got meanwhile.
+  const sent = await sendThroughRestarts(member, (text) => sender.sendRoom('rr', text), 'room');
   await until('all forty', () => member.messages.length >= 40);
   await new Promise((r) => setTimeout(r, 300)); // anything extra would come now
   assert.deepEqual(texts(member), sent);
