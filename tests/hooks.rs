@@ -1,5 +1,5 @@
 //! The application backend's hooks (`--hook-url`), against a real HTTP backend started by each
-//! test: connect (403 before the upgrade, Socket.IO CONNECT_ERROR, rooms set by the answer),
+//! test (a server thread, and in one test a Node process of its own, tests/hooks-backend): connect (403 before the upgrade, Socket.IO CONNECT_ERROR, rooms set by the answer),
 //! join and publish (refused, or the text rewritten), failures (refused by default: 503 or
 //! `hook_unavailable`; let through with fail-open), and a slow hook never holds up others.
 
@@ -379,4 +379,56 @@ fn rooms_set_by_the_connect_hook_survive_a_refresh() {
         "forbidden"
     );
     request_ok(&mut alice, "joinRoom", json!({"room": "ok:1"}), 4);
+}
+
+/// The hooks against an application backend that is a process of its own (a Node HTTP server,
+/// tests/hooks-backend/backend.mjs) and the real binary: connect refused with 403, a join
+/// refused, a message rewritten and one refused.
+#[test]
+fn a_backend_process_decides_connects_joins_and_publishes() {
+    /// The backend process, killed however the test ends.
+    struct Process(std::process::Child);
+    impl Drop for Process {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut backend = Process(
+        std::process::Command::new("node")
+            .arg(root.join("tests/hooks-backend/backend.mjs"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("node runs (./test.sh requires Node.js)"),
+    );
+    let mut line = String::new();
+    let stdout = backend.0.stdout.take().expect("piped stdout");
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .expect("the backend says its port");
+    let url = format!("http://127.0.0.1:{port}/hooks");
+    let server = ChildServer::spawn(&["--hook-url", &url]);
+
+    let (status, body) = try_upgrade(server.addr, "/ws?token=mallory", "");
+    assert_eq!((status, body.trim()), (403, "banned"));
+    let mut alice = Client::connect(server.addr, "alice");
+    let refused = request_err(&mut alice, "joinRoom", json!({"room": "other"}), 1);
+    assert_eq!(refused, "forbidden", "rooms set by the connect answer");
+    let mut bob = Client::connect(server.addr, "bob");
+    let mut carol = Client::connect(server.addr, "carol");
+    let v = request(&mut bob, "joinRoom", json!({"room": "secret"}), 1);
+    assert_eq!(v["args"]["message"], "members only", "{v}");
+    bob.send_acked("carol", "well darn", 2);
+    assert_eq!(carol.recv_event("newMessage")["args"]["text"], "well ****");
+    let v = request(
+        &mut bob,
+        "sendMessage",
+        json!({"to": "carol", "text": "forbidden words"}),
+        3,
+    );
+    assert_eq!(v["args"]["code"], "forbidden", "{v}");
+    carol.expect_silence(Duration::from_millis(200));
 }
