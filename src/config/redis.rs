@@ -153,9 +153,6 @@ impl RedisConfig {
                 return Err(format!("--redis-sentinel: {node:?} is not host:port"));
             }
         }
-        if self.tls() && !self.cluster.is_empty() {
-            return Err("--redis-cluster over TLS (rediss://) is not supported yet".into());
-        }
         if let Some(path) = &self.ca_cert {
             self.ca_pem()
                 .map_err(|e| format!("--redis-ca-cert {}: {e}", path.display()))?;
