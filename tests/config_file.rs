@@ -121,7 +121,14 @@ fn flags_that_would_be_ignored_name_the_flag_they_need() {
             "--history-max-len needs --history on",
         ),
         (&["--hook-timeout", "1s"], "--hook-timeout needs --hook-url"),
-        (&["--max-room-queue", "8"], "--max-room-queue needs --backplane redis"),
+        (
+            &["--max-room-queue", "8"],
+            "--max-room-queue needs --backplane redis",
+        ),
+        (
+            &["--backplane", "redis", "--redis-sentinel-password", "pw"],
+            "--redis-sentinel-password needs --redis-sentinel",
+        ),
         (
             &["--backplane", "redis", "--redis-wait-replicas", "1"],
             "--redis-wait-replicas needs --redis-cluster",
