@@ -326,6 +326,15 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_REDIS_SENTINEL_MASTER")]
     redis_sentinel_master: Option<String>,
 
+    /// The password the sentinels ask for (their `requirepass`), sent as AUTH to each; Redis's
+    /// own password stays in --redis-url.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_SENTINEL_PASSWORD",
+        hide_env_values = true
+    )]
+    redis_sentinel_password: Option<String>,
+
     /// A TOML file of settings, one key per flag with the flag's name (`listen =
     /// "0.0.0.0:8080"`, `cores = 2`, `redis-url = "redis://..."`); flags and environment
     /// variables override it.
@@ -421,6 +430,7 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
     let rates = cli.rate_limit > 0;
     let history = cli.history == OnOff::On;
     let cluster = redis && !cli.redis_cluster.is_empty();
+    let sentinel = redis && !cli.redis_sentinel.is_empty();
     let hooks = cli.hook_url.is_some();
     let needs: &[(&str, bool, &str)] = &[
         ("redis_url", redis, "--backplane redis"),
@@ -433,6 +443,7 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("redis_ca_cert", redis, "--backplane redis"),
         ("redis_sentinel", redis, "--backplane redis"),
         ("redis_sentinel_master", redis, "--backplane redis"),
+        ("redis_sentinel_password", sentinel, "--redis-sentinel"),
         ("jwt_audience", jwt, "--jwt-secret"),
         ("jwt_issuer", jwt, "--jwt-secret"),
         ("jwt_leeway", jwt, "--jwt-secret"),
@@ -611,6 +622,7 @@ impl Cli {
                 ca_cert: self.redis_ca_cert,
                 sentinels: self.redis_sentinel,
                 sentinel_master: self.redis_sentinel_master,
+                sentinel_password: self.redis_sentinel_password,
             }),
             history: history::HistoryConfig {
                 enabled: self.history == OnOff::On,

@@ -16,7 +16,7 @@ fn two_instances_deliver_across_a_cluster_with_sharded_pubsub() {
     let b = cluster_server(&redis_cluster);
 
     // Users whose channels live on all three shards.
-    let map = cluster::SlotMap::fetch(&redis_cluster.seeds()).unwrap();
+    let map = cluster::SlotMap::fetch(&cluster_config(&redis_cluster)).unwrap();
     assert_eq!(map.shards.len(), 3);
     let users = users_on_every_shard(&map);
     let mut on_a: Vec<Client> = users.iter().map(|u| a.connect(u)).collect();
@@ -55,11 +55,17 @@ fn two_instances_deliver_across_a_cluster_with_sharded_pubsub() {
     assert!(b.bp_stat(|s| &s.delivered) >= 3);
 }
 
-/// An instance on the cluster, per-user routing, history on.
-fn cluster_server(redis_cluster: &TestCluster) -> TestServer {
+/// Per-user routing on the cluster.
+fn cluster_config(redis_cluster: &TestCluster) -> RedisConfig {
     let mut rc = RedisConfig::new("redis://127.0.0.1:1");
     rc.routing = Routing::PerUser;
     rc.cluster = redis_cluster.seeds();
+    rc
+}
+
+/// An instance on the cluster, per-user routing, history on.
+fn cluster_server(redis_cluster: &TestCluster) -> TestServer {
+    let mut rc = cluster_config(redis_cluster);
     rc.reconnect_max = Duration::from_millis(300);
     TestServer::with_config(switchboard::Config {
         backplane: Some(rc),
@@ -106,7 +112,7 @@ fn history_resume_and_dedupe_work_across_a_cluster() {
     let redis_cluster = TestCluster::start();
     let a = cluster_server(&redis_cluster);
     let b = cluster_server(&redis_cluster);
-    let map = cluster::SlotMap::fetch(&redis_cluster.seeds()).unwrap();
+    let map = cluster::SlotMap::fetch(&cluster_config(&redis_cluster)).unwrap();
     let users = users_on_every_shard(&map);
     let mut on_a: Vec<Client> = users.iter().map(|u| a.connect(u)).collect();
     let mut sender = b.connect("sender");

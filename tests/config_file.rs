@@ -126,6 +126,10 @@ fn flags_that_would_be_ignored_name_the_flag_they_need() {
             "--max-room-queue needs --backplane redis",
         ),
         (
+            &["--backplane", "redis", "--redis-sentinel-password", "pw"],
+            "--redis-sentinel-password needs --redis-sentinel",
+        ),
+        (
             &["--backplane", "redis", "--redis-wait-replicas", "1"],
             "--redis-wait-replicas needs --redis-cluster",
         ),

@@ -15,10 +15,13 @@ struct Sentinel {
     port: u16,
     child: std::process::Child,
     dir: std::path::PathBuf,
+    /// Its `requirepass`, if any.
+    password: Option<String>,
 }
 
 impl Sentinel {
-    fn start(master: &TestRedis) -> Self {
+    /// Once it names `master`.
+    fn start(master: &TestRedis, password: Option<&str>) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "switchboard-sentinel-{}-{port}",
@@ -32,9 +35,10 @@ impl Sentinel {
                 "port {port}\nbind 127.0.0.1\ndir {}\n\
                  sentinel monitor main 127.0.0.1 {} 1\n\
                  sentinel down-after-milliseconds main 1000\n\
-                 sentinel failover-timeout main 5000\n",
+                 sentinel failover-timeout main 5000\n{}",
                 dir.display(),
-                master.port
+                master.port,
+                password.map_or(String::new(), |p| format!("requirepass {p}\n")),
             ),
         )
         .unwrap();
@@ -44,17 +48,25 @@ impl Sentinel {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be on PATH");
-        let sentinel = Sentinel { port, child, dir };
-        wait_for("the sentinel to see the replica", || {
-            sentinel
-                .query(redis::cmd("SENTINEL").arg("replicas").arg("main"))
-                .is_ok_and(|r: Vec<redis::Value>| !r.is_empty())
+        let password = password.map(str::to_string);
+        let sentinel = Sentinel {
+            port,
+            child,
+            dir,
+            password,
+        };
+        wait_for("the sentinel to name the master", || {
+            sentinel.master_port() == Some(master.port)
         });
         sentinel
     }
 
     fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?;
+        let auth = self
+            .password
+            .as_ref()
+            .map_or(String::new(), |p| format!(":{p}@"));
+        let client = redis::Client::open(format!("redis://{auth}127.0.0.1:{}", self.port))?;
         let mut conn = client.get_connection_with_timeout(Duration::from_millis(500))?;
         cmd.query(&mut conn)
     }
@@ -79,9 +91,9 @@ impl Drop for Sentinel {
     }
 }
 
-fn on_sentinel(sentinel: &Sentinel) -> ChildServer {
+fn on_sentinel(sentinel: &Sentinel, extra: &[&str]) -> ChildServer {
     let at = format!("127.0.0.1:{}", sentinel.port);
-    ChildServer::spawn(&[
+    let mut args = vec![
         "--backplane",
         "redis",
         "--redis-sentinel",
@@ -90,7 +102,9 @@ fn on_sentinel(sentinel: &Sentinel) -> ChildServer {
         "main",
         "--redis-reconnect-max",
         "300ms",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    ChildServer::spawn(&args)
 }
 
 fn history_texts(c: &mut Client, ack: u64) -> Vec<String> {
@@ -114,9 +128,14 @@ fn an_acked_message_survives_a_master_failover() {
             .unwrap_or_default();
         info.contains("master_link_status:up")
     });
-    let sentinel = Sentinel::start(&master);
-    let a = on_sentinel(&sentinel);
-    let b = on_sentinel(&sentinel);
+    let sentinel = Sentinel::start(&master, None);
+    wait_for("the sentinel to see the replica", || {
+        sentinel
+            .query(redis::cmd("SENTINEL").arg("replicas").arg("main"))
+            .is_ok_and(|r: Vec<redis::Value>| !r.is_empty())
+    });
+    let a = on_sentinel(&sentinel, &[]);
+    let b = on_sentinel(&sentinel, &[]);
     let (mut alice, mut bob) = alice_and_bob(&a, &b);
     alice.send_acked("bob", "before", 1);
     assert_eq!(bob.recv_event("newMessage")["args"]["text"], "before");
@@ -158,4 +177,27 @@ fn an_acked_message_survives_a_master_failover() {
         .unwrap();
     assert!(stored.contains("master"), "{stored}");
     assert!(history_texts(&mut bob, 3).contains(&"after".to_string()));
+}
+
+/// `--redis-sentinel-password`: sentinels with `requirepass` are asked with `AUTH`; without the
+/// password they refuse and the instance never becomes ready.
+#[test]
+fn sentinels_with_a_password_are_asked_with_it() {
+    let master = TestRedis::start();
+    let sentinel = Sentinel::start(&master, Some("s3ntinel"));
+    let a = on_sentinel(&sentinel, &["--redis-sentinel-password", "s3ntinel"]);
+    let b = on_sentinel(&sentinel, &["--redis-sentinel-password", "s3ntinel"]);
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
+    alice.send_acked("bob", "via an authenticated sentinel", 1);
+    let m = bob.recv_event("newMessage");
+    assert_eq!(m["args"]["text"], "via an authenticated sentinel");
+
+    let without = on_sentinel(&sentinel, &[]);
+    wait_for("the refusal in the log", || {
+        without
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("no master yet") && l.contains("NOAUTH"))
+    });
+    assert_eq!(http_get(without.addr, "/readyz").0, 503);
 }

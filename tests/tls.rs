@@ -242,6 +242,31 @@ fn bad_certificate_files_stop_the_start_with_the_file_named() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Starts a `redis-server` with only a TLS `port` (certificate and CA `cert`, clients without
+/// certificates), its files in `dir`, with `extra` flags; returns once the port answers.
+fn tls_redis_server(cert: &Cert, port: u16, dir: &Path, extra: &[&str]) -> std::process::Child {
+    let child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", ""])
+        .arg("--tls-cert-file")
+        .arg(&cert.cert)
+        .arg("--tls-key-file")
+        .arg(&cert.key)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert.cert)
+        .args(["--tls-auth-clients", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server must be on PATH");
+    wait_for("redis-server's TLS port", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    child
+}
+
 /// A `redis-server` listening only on a TLS port, stopped (by pid) on drop.
 struct TlsRedis {
     port: u16,
@@ -254,30 +279,7 @@ impl TlsRedis {
         let dir = temp_dir(name);
         let cert = self_signed(&dir, "redis");
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--tls-port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .arg("--tls-cert-file")
-            .arg(&cert.cert)
-            .arg("--tls-key-file")
-            .arg(&cert.key)
-            .arg("--tls-ca-cert-file")
-            .arg(&cert.cert)
-            .args(["--tls-auth-clients", "no", "--save", ""])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be on PATH");
-        wait_for("redis-server's TLS port", || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        let child = tls_redis_server(&cert, port, &dir, &[]);
         (TlsRedis { port, child, dir }, cert)
     }
 
@@ -334,4 +336,140 @@ fn without_the_ca_redis_is_refused_in_plain_words_and_not_ready() {
     });
     let (status, body) = http_get(server.addr, "/readyz");
     assert_eq!(status, 503, "{body}");
+}
+
+/// A three-node Redis Cluster serving only TLS, its cluster bus too, every node with the same
+/// certificate (for localhost and 127.0.0.1); stopped (by pid) on drop.
+struct TlsCluster {
+    ports: Vec<u16>,
+    children: Vec<std::process::Child>,
+    dir: PathBuf,
+}
+
+impl TlsCluster {
+    fn start() -> (Self, Cert) {
+        let dir = temp_dir("redis-cluster");
+        let cert = self_signed(&dir, "redis");
+        let mut cluster = TlsCluster {
+            ports: Vec::new(),
+            children: Vec::new(),
+            dir: dir.clone(),
+        };
+        while cluster.ports.len() < 3 {
+            // The cluster bus listens on port + 10000: that one must be free as well.
+            let port = free_port();
+            if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            let node_dir = dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let cluster_flags = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+            ];
+            let child = tls_redis_server(&cert, port, &node_dir, &cluster_flags);
+            cluster.children.push(child);
+            cluster.ports.push(port);
+        }
+        let status = Command::new("redis-cli")
+            .args(["--tls", "--cacert"])
+            .arg(&cert.cert)
+            .args(["--cluster", "create"])
+            .args(cluster.seeds())
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("redis-cli must be on PATH");
+        assert!(status.success(), "redis-cli --tls --cluster create failed");
+        for port in &cluster.ports {
+            wait_for("cluster_state:ok over TLS", || {
+                let out = Command::new("redis-cli")
+                    .args(["--tls", "--cacert"])
+                    .arg(&cert.cert)
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+            });
+        }
+        (cluster, cert)
+    }
+
+    fn seeds(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect()
+    }
+}
+
+impl Drop for TlsCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `--redis-cluster` with `rediss://`: the slot map, the publisher's shard connections, the
+/// subscriber's shard links and the history worker all reach the TLS-only cluster.
+#[test]
+fn a_redis_cluster_over_tls_delivers_and_resumes() {
+    let (redis, cert) = TlsCluster::start();
+    let seeds = redis.seeds();
+    // The slot map as the server reads it: over TLS, trusting the CA.
+    let mut config = switchboard::backplane::RedisConfig::new(format!("rediss://{}", seeds[0]));
+    config.cluster = seeds.clone();
+    config.ca_cert = Some(cert.cert.clone());
+    let map = switchboard::backplane::cluster::SlotMap::fetch(&config).unwrap();
+    assert_eq!(map.shards.len(), 3, "{map:?}");
+
+    let server = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--cores",
+                "2",
+                "--backplane",
+                "redis",
+            ])
+            .args(["--redis-url", &format!("rediss://{}", seeds[0])])
+            .args(["--redis-cluster", &seeds.join(",")])
+            .args(["--redis-reconnect-max", "300ms"])
+            .arg("--redis-ca-cert")
+            .arg(&cert.cert)
+            .env("RUST_LOG", "info");
+        ChildServer::spawn_command(command)
+    };
+    let a = server();
+    let b = server();
+    let (mut alice, mut bob) = alice_and_bob(&a, &b);
+    // alice's and bob's channels on different shards: two of the shard links carry it.
+    assert_ne!(
+        map.shard_of(b"switchboard:u:alice"),
+        map.shard_of(b"switchboard:u:bob")
+    );
+    alice.send_acked("bob", "across a tls cluster", 1);
+    let m = bob.recv_event("newMessage");
+    assert_eq!(m["args"]["text"], "across a tls cluster");
+    let offset = m["offset"].as_str().expect("an offset").to_string();
+    bob.close();
+    alice.send_acked("bob", "missed", 2);
+    // Resumed on the other instance: the history worker reads bob's shard.
+    let url = format!("ws://{}/ws?token=bob&since={offset}", a.addr);
+    let mut back = Client::connect_url(&url, "bob");
+    assert_eq!(back.recv_event("newMessage")["args"]["text"], "missed");
+    assert_eq!(back.recv_event("recovered")["args"]["complete"], true);
+    let page = request_ok(&mut back, "history", json!({"limit": 10}), 3);
+    assert_eq!(page["events"].as_array().map(Vec::len), Some(2), "{page}");
 }

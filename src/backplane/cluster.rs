@@ -58,11 +58,12 @@ impl SlotMap {
         }
     }
 
-    /// Asks the first reachable seed node for `CLUSTER SLOTS`.
-    pub fn fetch(seeds: &[String]) -> io::Result<Self> {
+    /// Asks the first reachable seed node of `config` for `CLUSTER SLOTS`, over TLS with
+    /// `--redis-ca-cert` for a `rediss://` URL and with the URL's credentials.
+    pub fn fetch(config: &super::RedisConfig) -> io::Result<Self> {
         let mut last_err = io::Error::other("no cluster seed nodes");
-        for seed in seeds {
-            match Self::fetch_from(seed) {
+        for seed in &config.cluster {
+            match Self::fetch_from(config, seed) {
                 Ok(map) => return Ok(map),
                 Err(e) => last_err = e,
             }
@@ -70,10 +71,14 @@ impl SlotMap {
         Err(last_err)
     }
 
-    fn fetch_from(seed: &str) -> io::Result<Self> {
-        let client = redis::Client::open(format!("redis://{seed}")).map_err(io::Error::other)?;
+    fn fetch_from(config: &super::RedisConfig, seed: &str) -> io::Result<Self> {
+        let client = config
+            .client(&config.node_url(seed))
+            .map_err(io::Error::other)?;
         let mut conn = client
             .get_connection_with_timeout(Duration::from_secs(2))
+            .map_err(io::Error::other)?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))
             .map_err(io::Error::other)?;
         let reply: Value = redis::cmd("CLUSTER")
             .arg("SLOTS")

@@ -18,7 +18,7 @@ impl RedisConfig {
     pub(crate) fn topology(&self) -> std::io::Result<super::cluster::SlotMap> {
         use redis::IntoConnectionInfo;
         if !self.cluster.is_empty() {
-            let map = super::cluster::SlotMap::fetch(&self.cluster)?;
+            let map = super::cluster::SlotMap::fetch(self)?;
             return Ok(if self.sharded() {
                 map
             } else {

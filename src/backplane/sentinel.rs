@@ -83,6 +83,9 @@ pub(crate) fn ask(bp: &Backplane) -> io::Result<String> {
         let answer = config.client(&url).and_then(|client| {
             let mut conn = client.get_connection_with_timeout(SENTINEL_TIMEOUT)?;
             conn.set_read_timeout(Some(SENTINEL_TIMEOUT))?;
+            if let Some(password) = &config.sentinel_password {
+                redis::cmd("AUTH").arg(password).query::<()>(&mut conn)?;
+            }
             redis::cmd("SENTINEL")
                 .arg("get-master-addr-by-name")
                 .arg(name)

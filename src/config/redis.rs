@@ -68,6 +68,9 @@ pub struct RedisConfig {
     pub sentinels: Vec<String>,
     /// The master's name in Sentinel (`--redis-sentinel-master`).
     pub sentinel_master: Option<String>,
+    /// The password the sentinels ask for (`AUTH`, `--redis-sentinel-password`); Redis's own
+    /// is in `url`.
+    pub sentinel_password: Option<String>,
 }
 
 impl RedisConfig {
@@ -87,6 +90,7 @@ impl RedisConfig {
             ca_cert: None,
             sentinels: Vec::new(),
             sentinel_master: None,
+            sentinel_password: None,
         }
     }
 
@@ -148,13 +152,13 @@ impl RedisConfig {
             }
             _ => {}
         }
+        if self.sentinel_password.is_some() && self.sentinels.is_empty() {
+            return Err("--redis-sentinel-password needs --redis-sentinel".into());
+        }
         for node in &self.sentinels {
             if !is_host_port(node) {
                 return Err(format!("--redis-sentinel: {node:?} is not host:port"));
             }
-        }
-        if self.tls() && !self.cluster.is_empty() {
-            return Err("--redis-cluster over TLS (rediss://) is not supported yet".into());
         }
         if let Some(path) = &self.ca_cert {
             self.ca_pem()
