@@ -81,6 +81,8 @@ pub struct CoreLink {
     backoff: Backoff,
     gate: Gate,
     ever_connected: bool,
+    /// Up with its setup answered: counted in `links_up` (see [`CoreLink::check_usable`]).
+    usable: bool,
     /// The link failed since it was last up: the next connect is a reconnect after an outage.
     lost: bool,
     /// The depth last added to the backplane's gauge.
@@ -111,6 +113,7 @@ impl CoreLink {
             ),
             gate: Gate::Open,
             ever_connected: false,
+            usable: false,
             lost: false,
             reported_depth: 0,
             pending_since: None,
@@ -320,12 +323,28 @@ impl CoreLink {
             writable: true,
             reading: true,
         };
-        self.backoff.reset();
-        self.bp.links_up.fetch_add(1, SeqCst);
+        // After an outage, publications wait for the subscriber's resync (the gate) from the
+        // first byte on: they are pipelined behind the setup commands.
         if self.ever_connected && self.lost {
             self.gate = Gate::Subscriber {
                 give_up: Instant::now() + self.bp.config.reconnect_max * 3,
             };
+        }
+        self.usable = false;
+        self.check_usable();
+    }
+
+    /// Once the setup commands (AUTH, SELECT, ROLE) are answered without error, the link counts
+    /// as up: readiness, the backoff reset and the "reconnected" line wait for that, so a wrong
+    /// password is an outage with a growing backoff, not a link that flaps up at every connect.
+    fn check_usable(&mut self) {
+        if self.usable || !matches!(self.conn, Conn::Up { .. }) || self.pipe.setup_unanswered() {
+            return;
+        }
+        self.usable = true;
+        self.backoff.reset();
+        self.bp.links_up.fetch_add(1, SeqCst);
+        if self.ever_connected && self.lost {
             // One line and one count per outage, whichever core gets through first.
             if self.bp.link_outage.swap(false, SeqCst) {
                 self.bp.stats.reconnects.fetch_add(1, Relaxed);
@@ -373,6 +392,7 @@ impl CoreLink {
             if let Err(why) = settled {
                 return self.fail(registry, &why);
             }
+            self.check_usable();
             if !more {
                 return;
             }
@@ -437,7 +457,7 @@ impl CoreLink {
         }
     }
 
-    /// Drops the socket; returns whether it was up.
+    /// Drops the socket; returns whether it was up (its setup answered).
     fn set_down(&mut self, registry: &Registry) -> bool {
         let old = std::mem::replace(
             &mut self.conn,
@@ -448,8 +468,11 @@ impl CoreLink {
         match old {
             Conn::Up { mut stream, .. } => {
                 let _ = registry.deregister(stream.tcp());
-                self.bp.links_up.fetch_sub(1, SeqCst);
-                true
+                let was_usable = std::mem::take(&mut self.usable);
+                if was_usable {
+                    self.bp.links_up.fetch_sub(1, SeqCst);
+                }
+                was_usable
             }
             Conn::Connecting { mut stream, .. } => {
                 let _ = registry.deregister(stream.tcp());
@@ -605,6 +628,47 @@ mod tests {
         }
     }
 
+    fn wait_connected(h: &mut Harness, bp: &Backplane) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !bp.publisher_connected() {
+            assert!(Instant::now() < deadline, "the link never counted as up");
+            h.pump();
+        }
+    }
+
+    /// A wrong password: the link never counts as up (readiness stays false), and it retries
+    /// with a growing backoff rather than at once.
+    #[test]
+    fn a_refused_auth_is_an_outage_not_a_link_that_flaps_up() {
+        let (listener, port) = fake_redis();
+        let mut cfg = RedisConfig::new(format!("redis://:wrong@127.0.0.1:{port}"));
+        cfg.reconnect_min = Duration::from_millis(20);
+        cfg.reconnect_max = Duration::from_millis(400);
+        let bp = Backplane::new(cfg, 1);
+        let mut h = Harness::new(&bp);
+        let mut gaps = Vec::new();
+        let mut last = None::<Instant>;
+        for _ in 0..4 {
+            let mut peer = accept(&mut h, &listener);
+            let now = Instant::now();
+            if let Some(last) = last {
+                gaps.push(now - last);
+            }
+            last = Some(now);
+            let mut seen = Vec::new();
+            let setup = read_commands(&mut h, &mut peer, &mut seen, 1);
+            assert_eq!(setup[0], ["AUTH", "wrong"]);
+            peer.write_all(b"-WRONGPASS invalid username-password pair\r\n")
+                .unwrap();
+            for _ in 0..20 {
+                h.pump();
+                assert!(!bp.publisher_connected(), "a refused AUTH is not up");
+            }
+        }
+        assert_eq!(bp.stats.reconnects.load(Relaxed), 0, "never reconnected");
+        assert!(gaps[2] > gaps[0], "the backoff grows: {gaps:?}");
+    }
+
     #[test]
     fn publishes_settles_and_resends_after_a_lost_connection() {
         let (listener, port) = fake_redis();
@@ -618,8 +682,12 @@ mod tests {
         let setup = read_commands(&mut h, &mut peer, &mut seen, 2);
         assert_eq!(setup[0], ["AUTH", "pw"]);
         assert_eq!(setup[1], ["SELECT", "2"]);
+        assert!(
+            !bp.publisher_connected(),
+            "not up before AUTH and SELECT are answered"
+        );
         peer.write_all(b"+OK\r\n+OK\r\n").unwrap();
-        assert!(bp.publisher_connected());
+        wait_connected(&mut h, &bp);
 
         // One dispatch to two users: two PUBLISHes, one write; the ack is due after both.
         let d =
@@ -658,6 +726,10 @@ mod tests {
             "held for reconnect_max after the outage"
         );
         assert!(bp.stats.publish_errors.load(Relaxed) >= 1);
+        // The reconnect counts once the setup is answered.
+        assert_eq!(bp.stats.reconnects.load(Relaxed), 0);
+        peer.write_all(b"+OK\r\n+OK\r\n").unwrap();
+        wait_connected(&mut h, &bp);
         assert_eq!(bp.stats.reconnects.load(Relaxed), 1);
         h.link.close(h.poll.registry());
         assert_eq!(bp.queue_depth(), 0);

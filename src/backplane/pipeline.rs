@@ -379,6 +379,11 @@ impl Pipeline {
         self.urgent > 0
     }
 
+    /// A setup command (AUTH, SELECT, ROLE, SCRIPT LOAD) is still waiting for its reply.
+    pub fn setup_unanswered(&self) -> bool {
+        self.commands.iter().any(|c| matches!(c, Sent::Setup(_)))
+    }
+
     fn sent_command(&mut self, command: Sent) {
         self.urgent += usize::from(command.urgent());
         self.commands.push_back(command);
