@@ -157,3 +157,72 @@ fn a_publication_dropped_from_a_full_queue_is_answered_unavailable() {
         .collect();
     assert_eq!(kept, stored);
 }
+
+/// Redis out of memory (`maxmemory` with `noeviction`) answers the append with `OOM`: the
+/// sender hears `unavailable` at once (no retry loop, nothing acknowledged), `/readyz` says the
+/// backplane cannot write; once Redis takes writes again, the next send is acked and delivered
+/// and `/readyz` is 200.
+#[test]
+fn redis_out_of_memory_refuses_sends_promptly_and_readiness_says_so() {
+    let redis = TestRedis::start();
+    let server = redis_server(&redis, Routing::PerUser);
+    let mut u1 = server.connect("u1");
+    let mut u2 = server.connect("u2");
+    wait_live(&mut u1, "u1");
+    wait_live(&mut u2, "u2");
+    assert_eq!(http_get(server.addr, "/readyz").0, 200);
+
+    let mut conn = redis.connection();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query(&mut conn)
+        .unwrap();
+    let sent = Instant::now();
+    send_with_id(&mut u1, "u2", "refused", "oom-1", 1);
+    let v = answer(&mut u1, 1, Instant::now() + DEADLINE).expect("an answer while OOM");
+    assert_eq!(v["event"], "error", "{v}");
+    assert_eq!(v["args"]["code"], "unavailable", "{v}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        sent.elapsed()
+    );
+    let (status, body) = http_get(server.addr, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("refuses writes"), "{body}");
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query(&mut conn)
+        .unwrap();
+    send_with_id(&mut u1, "u2", "taken", "oom-2", 2);
+    let v = answer(&mut u1, 2, Instant::now() + DEADLINE).expect("ack once Redis takes writes");
+    assert_eq!(v["event"], "ack", "{v}");
+    assert_eq!(u2.recv_event("newMessage")["args"]["text"], "taken");
+    // Each core's link reports after its turn: ready again within a deadline.
+    let deadline = Instant::now() + DEADLINE;
+    while http_get(server.addr, "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "still not ready after a taken write"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stored = history_texts(&mut u2, 3);
+    assert!(!stored.iter().any(|t| t == "refused"), "{stored:?}");
+    assert_eq!(
+        stored.last().map(String::as_str),
+        Some("taken"),
+        "{stored:?}"
+    );
+}

@@ -485,10 +485,28 @@ impl CoreLink {
     /// Publishes the counters and this link's share of the queue depth.
     fn report(&mut self) {
         let stats = &self.bp.stats;
+        let took_writes = self.pipe.published > 0;
         if self.pipe.published > 0 {
             stats
                 .published
                 .fetch_add(std::mem::take(&mut self.pipe.published), Relaxed);
+        }
+        if self.pipe.refused > 0 {
+            stats
+                .publish_errors
+                .fetch_add(std::mem::take(&mut self.pipe.refused), Relaxed);
+            self.bp
+                .write_refused_at
+                .store(crate::types::now_ms(), SeqCst);
+            if let Some(why) = self.pipe.refusal.take() {
+                // One line per refusal spell for all the cores' links.
+                if !self.bp.write_refusal_logged.swap(true, SeqCst) {
+                    log::warn!("redis refuses writes ({why}): publications fail with unavailable");
+                }
+            }
+        } else if took_writes {
+            self.bp.write_refused_at.store(0, SeqCst);
+            self.bp.write_refusal_logged.store(false, SeqCst);
         }
         if self.pipe.dropped > 0 {
             stats

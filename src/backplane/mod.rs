@@ -311,6 +311,10 @@ pub struct Backplane {
     links_up: AtomicUsize,
     link_depth: AtomicUsize,
     link_outage: AtomicBool,
+    /// When Redis last refused a publication's write (ms since the epoch; 0: not since the
+    /// last one it took), and whether that spell was logged.
+    pub(crate) write_refused_at: AtomicU64,
+    pub(crate) write_refusal_logged: AtomicBool,
     /// TLS settings for the non-blocking links when the URL is `rediss://`.
     pub(crate) redis_tls: Option<Arc<rustls::ClientConfig>>,
     /// With Sentinel: the master's `host:port` as the sentinels last named it.
@@ -361,6 +365,8 @@ impl Backplane {
             links_up: AtomicUsize::new(0),
             link_depth: AtomicUsize::new(0),
             link_outage: AtomicBool::new(false),
+            write_refused_at: AtomicU64::new(0),
+            write_refusal_logged: AtomicBool::new(false),
             stats: BackplaneStats::default(),
         })
     }

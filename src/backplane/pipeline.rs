@@ -83,6 +83,15 @@ pub(crate) enum ReplyError {
 }
 
 /// Whether a `ROLE` reply says "master".
+/// An error reply that refuses the write while the connection stays good: `OOM` (maxmemory
+/// with noeviction), `LOADING` (a restarted Redis reading its data), `MISCONF` (a failed
+/// snapshot stops writes), `BUSY` (a script runs too long). Anything else drops the connection.
+fn refuses_writes(error: &str) -> bool {
+    ["OOM", "LOADING", "MISCONF", "BUSY"]
+        .iter()
+        .any(|code| error.starts_with(code))
+}
+
 fn is_master(reply: &Value<'_>) -> bool {
     let Value::Array(items) = reply else {
         return false;
@@ -130,6 +139,10 @@ pub(crate) struct Pipeline {
     pub published: u64,
     /// Publications dropped by the bound, since the caller last looked.
     pub dropped: u64,
+    /// Publications Redis refused to write (see [`refuses_writes`]), since the caller last
+    /// looked, and the last such reply.
+    pub refused: u64,
+    pub refusal: Option<String>,
     /// From encoding the last publishing command answered to its reply, if one was answered
     /// since the caller last looked (`switchboard_redis_round_trip_seconds`).
     pub round_trip: Option<std::time::Duration>,
@@ -151,6 +164,8 @@ impl Pipeline {
             ready: Vec::new(),
             published: 0,
             dropped: 0,
+            refused: 0,
+            refusal: None,
             round_trip: None,
         }
     }
@@ -315,6 +330,20 @@ impl Pipeline {
             }
         };
         match error {
+            // Redis answered and would not write (out of memory, still loading, a failed
+            // snapshot): the connection is fine, reconnecting would not help. The publications
+            // fail now, so their senders hear `unavailable` at once instead of waiting on a
+            // retry loop; none of them was acknowledged.
+            Some(e) if refuses_writes(&e) => {
+                for _ in 0..n {
+                    if let Some(e) = self.sent.pop_front() {
+                        self.refused += 1;
+                        self.settle(&e.publication, false);
+                    }
+                }
+                self.refusal = Some(e.into_owned());
+                Ok(())
+            }
             Some(e) if e.starts_with("NOSCRIPT") => {
                 let again: Vec<Entry> = self.sent.drain(..n).collect();
                 self.retry.extend(again);
@@ -558,6 +587,27 @@ pub(super) mod tests {
         assert_eq!(p.on_reply(&role("master")), Ok(()));
     }
 
+    /// `OOM` (and the other write refusals): the connection stays, the command's publications
+    /// fail now (their waiter is refused), nothing is queued again.
+    #[test]
+    fn a_write_refusal_fails_its_publications_and_keeps_the_connection() {
+        let e = enc(false);
+        let mut p = Pipeline::new(100);
+        let w = waiter(1);
+        p.push(&dispatch(&["a"], "1"), Some(&w));
+        p.connected(&e, b"", &[]);
+        p.encode(&e);
+        let oom = "OOM command not allowed when used memory > 'maxmemory'.";
+        assert_eq!(p.on_reply(&error(oom)), Ok(()));
+        assert_eq!(p.refused, 1);
+        assert_eq!(p.refusal.as_deref(), Some(oom));
+        assert!(p.is_idle(), "nothing to send again");
+        let mut ready = Vec::new();
+        p.take_ready(&mut ready);
+        assert_eq!(ready.len(), 1);
+        assert!(!ready[0].taken(), "the sender hears unavailable");
+    }
+
     #[test]
     fn an_error_requeues_what_was_in_flight_before_what_was_queued() {
         let e = enc(false);
@@ -570,7 +620,7 @@ pub(super) mod tests {
         p.on_reply(&Value::Item(Item::Int(0))).unwrap();
         p.push(&dispatch(&["d"], "4"), None);
         assert!(matches!(
-            p.on_reply(&error("OOM no memory")),
+            p.on_reply(&error("ERR unexpected")),
             Err(ReplyError::Publish(_))
         ));
         p.reset();

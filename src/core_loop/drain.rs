@@ -30,6 +30,9 @@ pub(crate) enum NotReady {
     /// The subscriber connection to Redis is down: dispatches from other instances do not
     /// arrive.
     BackplaneNotSubscribed,
+    /// Redis answers but refuses writes (out of memory, loading, ...): sends fail with
+    /// `unavailable` until it takes one again.
+    BackplaneRefusesWrites,
 }
 
 impl NotReady {
@@ -40,6 +43,9 @@ impl NotReady {
             NotReady::Draining => "draining",
             NotReady::BackplaneCannotPublish => "backplane cannot publish (Redis unreachable)",
             NotReady::BackplaneNotSubscribed => "backplane not subscribed (Redis unreachable)",
+            NotReady::BackplaneRefusesWrites => {
+                "backplane cannot write (Redis refuses writes: out of memory, loading, ...)"
+            }
         }
     }
 
@@ -48,7 +54,9 @@ impl NotReady {
         match self {
             NotReady::Starting => "starting",
             NotReady::Draining => "draining",
-            NotReady::BackplaneCannotPublish | NotReady::BackplaneNotSubscribed => "degraded",
+            NotReady::BackplaneCannotPublish
+            | NotReady::BackplaneNotSubscribed
+            | NotReady::BackplaneRefusesWrites => "degraded",
         }
     }
 }
@@ -94,6 +102,11 @@ impl Shared {
             }
             if bp.stats.subscriber_connected.load(Ordering::Relaxed) != 1 {
                 return Err(NotReady::BackplaneNotSubscribed);
+            }
+            // Refused within the last few seconds and not taken since.
+            let refused_at = bp.write_refused_at.load(Ordering::SeqCst);
+            if refused_at != 0 && crate::types::now_ms().saturating_sub(refused_at) < 5_000 {
+                return Err(NotReady::BackplaneRefusesWrites);
             }
         }
         Ok(())
