@@ -125,6 +125,13 @@ fn send(bus: &Bus, stats: &BackplaneStats, core: usize, msg: CoreMsg) {
     }
 }
 
+/// [`send`] of `msg()` to each of `cores` (the cores hosting one user).
+fn send_each(bus: &Bus, stats: &BackplaneStats, cores: &[u16], msg: impl Fn() -> CoreMsg) {
+    for &core in cores {
+        send(bus, stats, usize::from(core), msg());
+    }
+}
+
 /// A frame without offset for `user`: one shared dispatch to each core hosting the user.
 pub(super) fn to_user(
     bus: &Bus,
@@ -145,14 +152,9 @@ pub(super) fn to_user(
         sio: Default::default(),
         dedupe: None,
     });
-    for &core in cores {
-        send(
-            bus,
-            stats,
-            core as usize,
-            CoreMsg::Dispatch(Arc::clone(&dispatch)),
-        );
-    }
+    send_each(bus, stats, cores, || {
+        CoreMsg::Dispatch(Arc::clone(&dispatch))
+    });
 }
 
 /// A frame with its offset in `user`'s history: one shared delivery to each core hosting it.
@@ -174,14 +176,9 @@ pub(super) fn to_user_at(
         frame,
         sio: Default::default(),
     });
-    for &core in cores {
-        send(
-            bus,
-            stats,
-            core as usize,
-            CoreMsg::Delivered(Arc::clone(&delivery)),
-        );
-    }
+    send_each(bus, stats, cores, || {
+        CoreMsg::Delivered(Arc::clone(&delivery))
+    });
 }
 
 /// A room event: one shared delivery per core, naming the room's local `members`.
@@ -253,10 +250,10 @@ impl Subscriber {
             }
             Incoming::Control { user, joined, room } => self.on_room_control(user, joined, room),
             Incoming::Disconnect { user } => {
-                for &core in self.hosts.cores(user).unwrap_or_default() {
-                    let msg = CoreMsg::Disconnect(UserId::from(user));
-                    send(&self.bus, stats, core as usize, msg);
-                }
+                let cores = self.hosts.cores(user).unwrap_or_default();
+                send_each(&self.bus, stats, cores, || {
+                    CoreMsg::Disconnect(UserId::from(user))
+                });
             }
             Incoming::Delivery {
                 user,
