@@ -134,6 +134,10 @@ impl Server {
                 config.connect_rate_per_user,
                 config.connect_burst_per_user,
             ),
+            api_history_rates: crate::core_loop::ConnectRates::new(
+                config.history.api_rate,
+                config.history.api_burst,
+            ),
             node_id,
             history: (config.history_active() && config.backplane.is_none()).then(|| {
                 crate::history::MemoryHistory::new(&config.history, crate::types::now_ms())

@@ -1,23 +1,24 @@
-//! The history worker: runs replay queries against the users' and rooms' Redis streams on its own
-//! blocking connections (one per shard on a cluster), so neither the subscriber nor a core ever
-//! waits for Redis.
+//! A history worker (`--history-workers` of them): runs replay and page queries against the users'
+//! and rooms' Redis streams, and API publishes, on its own blocking connections (one per shard on
+//! a cluster), so neither the subscriber nor a core ever waits for Redis. The workers take their
+//! jobs from one queue that serves users in turn (`fair_reads`).
 //!
-//! The subscriber hands it a request only once this instance's subscription to the user's
-//! channel is confirmed; the answer goes to the requesting core's inbox.
+//! The subscriber queues a replay only once this instance's subscription to the user's channel
+//! is confirmed; the answer goes to the requesting core's inbox.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use super::fair_reads::HistoryReads;
 use super::shard_conns::ShardConns;
 use super::{Backoff, Backplane, Job, PageRequest, PublishRequest, ReplayRequest};
 use crate::bus::{Bus, CoreMsg, PageError, PageResult, PublishResult, ReplayResult};
 use crate::history::{self, HistoryConfig, Offset, Replay};
 use crate::UserId;
 
-/// Runs until the subscriber (the only sender) is gone or the backplane stops.
-pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
+/// Runs jobs from the fair queue until the backplane stops; `n` tells the workers apart.
+pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, jobs: &HistoryReads<Job>, n: u64) {
     let Some(config) = bp.history().cloned() else {
         return;
     };
@@ -25,13 +26,18 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
     let mut backoff = Backoff::new(
         bp.config.reconnect_min,
         bp.config.reconnect_max,
-        bp.node_id ^ 0x5eed,
+        bp.node_id ^ 0x5eed ^ n,
     );
     let rooms = bp.rooms().map(|r| r.history.clone()).unwrap_or_default();
-    while !bp.stop.load(Relaxed) {
-        let request = match rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(Job::Replay(r)) => r,
-            Ok(Job::Page(p)) => {
+    while let Some((lane, job)) = jobs.take() {
+        match job {
+            Job::Replay(request) if Instant::now() < request.deadline => {
+                let worker = (&mut conns, &mut backoff);
+                replay(&bp, &bus, worker, &config, &rooms, request);
+            }
+            // The core answered the client already.
+            Job::Replay(_) => {}
+            Job::Page(p) => {
                 let result =
                     match stream_of(&bp, &p.user, p.room.as_deref()) {
                         // No history on a cluster for this user id (see `tagged`).
@@ -58,12 +64,9 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
                     ack: p.ack,
                     result,
                 };
-                if !bus.send(p.core, CoreMsg::Page(Box::new(answer))) {
-                    bp.stats.inbox_drops.fetch_add(1, Relaxed);
-                }
-                continue;
+                send(&bp, &bus, p.core, CoreMsg::Page(Box::new(answer)));
             }
-            Ok(Job::Publish(p)) => {
+            Job::Publish(p) => {
                 let result = publish(&mut conns, &bp, &config, &p).map_err(|e| {
                     conns.reset();
                     e.to_string()
@@ -73,63 +76,71 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
                     serial: p.serial,
                     result,
                 };
-                if !bus.send(p.core, CoreMsg::Published(Box::new(answer))) {
-                    bp.stats.inbox_drops.fetch_add(1, Relaxed);
-                }
-                continue;
+                send(&bp, &bus, p.core, CoreMsg::Published(Box::new(answer)));
             }
-            Ok(Job::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => continue,
-        };
-        if Instant::now() >= request.deadline {
-            continue;
         }
-        let result = match stream_of(&bp, &request.user, request.room.as_deref()) {
-            None => Ok(Replay::default()),
-            Some(key) => {
-                conns
-                    .for_key(&bp, key.as_bytes())
-                    .and_then(|(_, c)| match &request.room {
-                        None => query(c, &key, &request, &config),
-                        Some(room) => {
-                            let prefix = &bp.config.channel_prefix;
-                            super::room_history::replay(c, prefix, room, request.since, &rooms)
-                        }
-                    })
-            }
-        };
-        let replay = match result {
-            Ok(replay) => {
-                backoff.reset();
-                replay
-            }
-            Err(e) => {
-                // Redis may be restarting. The request goes back through the subscriber, which
-                // holds it until the user's channel is confirmed again: querying as soon as
-                // Redis answers could run before the re-subscription and miss what is
-                // published in between.
-                log::warn!(
-                    "redis history query for {} failed: {}",
-                    request.user,
-                    super::endpoint::plain_words(&e.to_string())
-                );
-                conns.reset();
-                std::thread::sleep(backoff.next_delay());
-                bp.request_replay(request);
-                continue;
-            }
-        };
-        let result = ReplayResult {
-            key: request.key,
-            serial: request.serial,
-            room: request.room,
-            replay,
-        };
-        if !bus.send(request.core, CoreMsg::Replayed(Box::new(result))) {
-            // The core's recovery deadline answers the client instead.
-            bp.stats.inbox_drops.fetch_add(1, Relaxed);
-        }
+        jobs.done(&lane);
     }
+}
+
+/// Hands an answer to core `core`; a full inbox drops it (counted), and the core's own
+/// deadline answers the client instead.
+fn send(bp: &Backplane, bus: &Bus, core: usize, msg: CoreMsg) {
+    if !bus.send(core, msg) {
+        bp.stats.inbox_drops.fetch_add(1, Relaxed);
+    }
+}
+
+/// Runs one replay and sends the answer to the requesting core; a failed query goes back
+/// through the subscriber (after a backoff).
+fn replay(
+    bp: &Arc<Backplane>,
+    bus: &Bus,
+    (conns, backoff): (&mut ShardConns, &mut Backoff),
+    config: &HistoryConfig,
+    rooms: &crate::rooms::RoomHistoryConfig,
+    request: ReplayRequest,
+) {
+    let result = match stream_of(bp, &request.user, request.room.as_deref()) {
+        None => Ok(Replay::default()),
+        Some(key) => conns
+            .for_key(bp, key.as_bytes())
+            .and_then(|(_, c)| match &request.room {
+                None => query(c, &key, &request, config),
+                Some(room) => {
+                    let prefix = &bp.config.channel_prefix;
+                    super::room_history::replay(c, prefix, room, request.since, rooms)
+                }
+            }),
+    };
+    let replay = match result {
+        Ok(replay) => {
+            backoff.reset();
+            replay
+        }
+        Err(e) => {
+            // Redis may be restarting. The request goes back through the subscriber, which
+            // holds it until the user's channel is confirmed again: querying as soon as Redis
+            // answers could run before the re-subscription and miss what is published in
+            // between.
+            log::warn!(
+                "redis history query for {} failed: {}",
+                request.user,
+                super::endpoint::plain_words(&e.to_string())
+            );
+            conns.reset();
+            std::thread::sleep(backoff.next_delay());
+            bp.request_replay(request);
+            return;
+        }
+    };
+    let result = ReplayResult {
+        key: request.key,
+        serial: request.serial,
+        room: request.room,
+        replay,
+    };
+    send(bp, bus, request.core, CoreMsg::Replayed(Box::new(result)));
 }
 
 /// The stream a replay or page reads: the room's, or the user's (hash-tagged into its channel's
@@ -264,63 +275,80 @@ fn page(
         .collect())
 }
 
-/// `XRANGE key since + COUNT max_len+1`: `since` itself is asked for too, because its presence
-/// is what proves nothing after it was trimmed (streams are trimmed from the oldest end only).
-/// Streams are trimmed approximately (whole nodes, at least the last `max_len` kept; by age only
-/// now and then), so the bounds are enforced here: a `since` with `max_len` or more entries after
-/// it, or older than the max age, is one an exact trim would have dropped (`complete: false`).
+/// Entries asked for in the first `XREVRANGE` of a replay; later calls size themselves by the
+/// bytes left in the budget and the entries' size so far.
+const FIRST_REPLAY_BATCH: usize = 32;
+/// Most entries asked for in one `XREVRANGE` of a replay.
+const MAX_REPLAY_BATCH: usize = 512;
+
+/// The events after `request.since`, newest first in `XREVRANGE` batches down to `since`
+/// itself, then put back in order. `since` is read too, because its presence is what proves
+/// nothing after it was trimmed (streams are trimmed from the oldest end only). The read stops
+/// at whichever comes first, and only reaching `since` makes the replay complete:
+/// - `since` (complete, if it is within the max age);
+/// - `max_len` entries after it: an exact trim would have dropped `since` (streams are trimmed
+///   approximately: whole nodes, by age only now and then, so the bounds are enforced here);
+/// - an entry older than the max age;
+/// - `request.max_bytes` of frames: the replay keeps the newest that fit (what the client is
+///   about to see live next to) and the client pages further back with `history`. So one
+///   replay reads and queues at most about that many bytes, never a whole long history, and
+///   never makes its requester a slow consumer by itself.
 fn query(
     conn: &mut redis::Connection,
     key: &str,
     request: &ReplayRequest,
     config: &HistoryConfig,
 ) -> redis::RedisResult<Replay> {
-    let max_len = config.max_len;
     let cutoff = age_cutoff(conn, config)?;
-    // `since` plus `max_len` entries: `since` is not among the last `max_len` (trimmed for an
-    // exact bound; or another instance keeps more), and the replay is cut short.
-    let count = max_len + 1;
-    let mut reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(key)
-        .arg(request.since.to_string())
-        .arg("+")
-        .arg("COUNT")
-        .arg(count)
-        .query(conn)?;
-    let truncated = reply.ids.len() >= count;
-    if truncated {
-        // Send the newest ones instead: those are what the client is about to see live next
-        // to.
-        let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(key)
-            .arg("+")
-            .arg(format!("({}", request.since))
-            .arg("COUNT")
-            .arg(max_len)
-            .query(conn)?;
-        reply.ids = newest.ids;
-        reply.ids.reverse();
-    }
     let mut replay = Replay::default();
-    for (i, entry) in reply.ids.into_iter().enumerate() {
-        let Ok(offset) = entry.id.parse::<Offset>() else {
-            continue;
-        };
-        if i == 0 && offset == request.since && !truncated && offset >= cutoff {
-            replay.complete = true;
+    let mut bytes = 0usize;
+    let mut end = "+".to_string();
+    let mut batch = FIRST_REPLAY_BATCH;
+    'read: loop {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(key)
+            .arg(&end)
+            .arg(request.since.to_string())
+            .arg("COUNT")
+            .arg(batch)
+            .query(conn)?;
+        let got = reply.ids.len();
+        for entry in reply.ids {
+            let Ok(offset) = entry.id.parse::<Offset>() else {
+                continue;
+            };
+            end = format!("({offset}");
+            if offset <= request.since {
+                replay.complete = offset == request.since && offset >= cutoff;
+                break 'read;
+            }
+            if offset < cutoff || replay.entries.len() >= config.max_len {
+                break 'read;
+            }
+            let frame = match entry.map.get("f") {
+                Some(redis::Value::BulkString(b)) => std::str::from_utf8(b).ok(),
+                _ => None,
+            };
+            let Some(frame) = frame else {
+                continue;
+            };
+            let frame = history::with_offset(frame, offset);
+            if bytes + frame.len() > request.max_bytes {
+                break 'read;
+            }
+            bytes += frame.len();
+            replay.entries.push((offset, frame));
         }
-        if offset <= request.since || offset < cutoff {
-            continue;
+        if got < batch {
+            // Reached the stream's oldest entry without meeting `since`: trimmed, or never
+            // there.
+            break;
         }
-        let frame = match entry.map.get("f") {
-            Some(redis::Value::BulkString(b)) => std::str::from_utf8(b).ok(),
-            _ => None,
-        };
-        if let Some(frame) = frame {
-            replay
-                .entries
-                .push((offset, history::with_offset(frame, offset)));
-        }
+        let average = bytes / replay.entries.len().max(1) + 1;
+        batch = (request.max_bytes.saturating_sub(bytes) / average + 1)
+            .clamp(1, MAX_REPLAY_BATCH)
+            .min(config.max_len + 1 - replay.entries.len().min(config.max_len));
     }
+    replay.entries.reverse();
     Ok(replay)
 }
