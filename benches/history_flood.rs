@@ -59,7 +59,14 @@ fn start_redis() -> (Killed, u16, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("switchboard-flood-{port}"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
         .arg("--dir")
         .arg(&dir)
         .stdout(Stdio::null())
@@ -78,8 +85,8 @@ fn fill_history(port: u16, user: &str, n: usize, size: usize) {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
     let mut c = client.get_connection().expect("redis connection");
     let text = "x".repeat(size);
-    let frame = serde_json::json!({"event": "newMessage", "args": {"from": "h", "text": text}})
-        .to_string();
+    let frame =
+        serde_json::json!({"event": "newMessage", "args": {"from": "h", "text": text}}).to_string();
     for start in (0..n).step_by(50) {
         let mut pipe = redis::pipe();
         for _ in start..n.min(start + 50) {
@@ -96,7 +103,14 @@ fn fill_history(port: u16, user: &str, n: usize, size: usize) {
 
 fn start_server(binary: &str, redis_port: u16, extra: &[String]) -> (Killed, SocketAddr) {
     let mut child = Command::new(binary)
-        .args(["--listen", "127.0.0.1:0", "--cores", "2", "--backplane", "redis"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "2",
+            "--backplane",
+            "redis",
+        ])
         .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}")])
         .args(["--history", "on", "--rate-limit", "0"])
         .args(["--connect-rate-per-user", "0", "--connect-rate-per-ip", "0"])
@@ -271,6 +285,9 @@ fn main() {
         took.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
     );
     println!("victim GET /api/history statuses: {statuses:?}; flood attempts ended: {flood_done}");
-    println!("load average (1/5/15 min): before {load_before}, after {}", load_average());
+    println!(
+        "load average (1/5/15 min): before {load_before}, after {}",
+        load_average()
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -390,3 +390,47 @@ fn a_users_reads_past_its_queue_are_refused_and_others_still_answer() {
     assert_eq!(status, 200, "{body}");
     assert!(metric(server.addr, "switchboard_history_reads_refused_total") > 0);
 }
+
+/// The replay read newest first keeps the old bounds exactly: with `max_len` events after
+/// `since`, an exact trim would have dropped `since` (`complete: false`); with one fewer it is
+/// complete.
+#[test]
+fn a_replay_read_newest_first_keeps_the_exact_length_bound() {
+    let redis = TestRedis::start();
+    let mut rc = RedisConfig::new(redis.url());
+    rc.reconnect_max = Duration::from_millis(300);
+    let server = TestServer::with_config(Config {
+        backplane: Some(rc),
+        history: HistoryConfig {
+            enabled: true,
+            max_len: 10,
+            ..HistoryConfig::default()
+        },
+        rate_limit_per_sec: 0,
+        ..test_config()
+    });
+    let mut phone = server.connect("u1");
+    let mut sender = server.connect("u2");
+    wait_subscribed(&redis, "u1", 1);
+    let mut offsets = Vec::new();
+    for n in 0..11 {
+        sender.send_message("u1", &format!("m{n}"));
+        let got = phone.recv_event("newMessage");
+        offsets.push(got["offset"].as_str().unwrap().to_string());
+    }
+    for (since, complete, replayed) in [(&offsets[0], false, 10), (&offsets[1], true, 9)] {
+        let url = format!("ws://{}/ws?token=u1&since={since}", server.addr);
+        let mut laptop = Client::connect_url(&url, "u1");
+        let mut got = 0;
+        let recovered = loop {
+            let v = laptop.recv_json();
+            match v["event"].as_str() {
+                Some("newMessage") => got += 1,
+                Some("recovered") => break v,
+                _ => {}
+            }
+        };
+        assert_eq!(recovered["args"]["complete"], complete, "{recovered}");
+        assert_eq!(got, replayed);
+    }
+}

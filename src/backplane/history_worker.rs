@@ -222,7 +222,8 @@ fn age_cutoff(conn: &mut redis::Connection, config: &HistoryConfig) -> redis::Re
 }
 
 /// `XREVRANGE key (before start COUNT limit`: newest first, none older than the max age and none
-/// past the last `max_len` (the stream may hold a few more: see [`history::APPEND_SCRIPT`]).
+/// past the last `max_len` (the stream may hold a few more: see [`history::APPEND_SCRIPT`]), and
+/// read no further than just past `request.max_bytes` of frames.
 fn page(
     conn: &mut redis::Connection,
     key: &str,
@@ -253,33 +254,60 @@ fn page(
             start = start.max(kept);
         }
     }
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-        .arg(key)
-        .arg(end)
-        .arg(start.to_string())
-        .arg("COUNT")
-        .arg(request.limit)
-        .query(conn)?;
-    Ok(reply
-        .ids
-        .into_iter()
-        .filter_map(|entry| {
-            let offset = entry.id.parse::<Offset>().ok()?;
-            match entry.map.get("f") {
-                Some(redis::Value::BulkString(b)) => std::str::from_utf8(b)
-                    .ok()
-                    .map(|f| history::with_offset(f, offset)),
-                _ => None,
+    // In batches, stopping once the frames pass `max_bytes`: the one that passes it is kept,
+    // so the core's answer sees that not all fit (`"more": true`).
+    let (mut end, start) = (end, start.to_string());
+    let mut frames = Vec::new();
+    let mut bytes = 0usize;
+    let mut batch = FIRST_BATCH.min(request.limit);
+    while frames.len() < request.limit && bytes <= request.max_bytes {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(key)
+            .arg(&end)
+            .arg(&start)
+            .arg("COUNT")
+            .arg(batch)
+            .query(conn)?;
+        let got = reply.ids.len();
+        for entry in reply.ids {
+            let Ok(offset) = entry.id.parse::<Offset>() else {
+                continue;
+            };
+            end = format!("({offset}");
+            if let Some(redis::Value::BulkString(b)) = entry.map.get("f") {
+                if let Ok(frame) = std::str::from_utf8(b) {
+                    let frame = history::with_offset(frame, offset);
+                    bytes += frame.len();
+                    frames.push(frame);
+                }
             }
-        })
-        .collect())
+            if bytes > request.max_bytes {
+                break;
+            }
+        }
+        if got < batch {
+            break;
+        }
+        batch = next_batch(request.max_bytes, bytes, frames.len(), request.limit);
+    }
+    Ok(frames)
 }
 
-/// Entries asked for in the first `XREVRANGE` of a replay; later calls size themselves by the
-/// bytes left in the budget and the entries' size so far.
-const FIRST_REPLAY_BATCH: usize = 32;
-/// Most entries asked for in one `XREVRANGE` of a replay.
-const MAX_REPLAY_BATCH: usize = 512;
+/// Entries asked for in the first `XREVRANGE` of a replay or page.
+const FIRST_BATCH: usize = 32;
+/// Most entries asked for in one `XREVRANGE`.
+const MAX_BATCH: usize = 512;
+
+/// The next batch of a byte-budgeted read: as many entries as the bytes left hold at the size
+/// seen so far (one more, to see the budget pass), at most `MAX_BATCH` and the entries still
+/// wanted (`max_entries` in all).
+fn next_batch(max_bytes: usize, bytes: usize, entries: usize, max_entries: usize) -> usize {
+    let average = bytes / entries.max(1) + 1;
+    (max_bytes.saturating_sub(bytes) / average)
+        .saturating_add(1)
+        .clamp(1, MAX_BATCH)
+        .min(max_entries.saturating_sub(entries).max(1))
+}
 
 /// The events after `request.since`, newest first in `XREVRANGE` batches down to `since`
 /// itself, then put back in order. `since` is read too, because its presence is what proves
@@ -303,7 +331,7 @@ fn query(
     let mut replay = Replay::default();
     let mut bytes = 0usize;
     let mut end = "+".to_string();
-    let mut batch = FIRST_REPLAY_BATCH;
+    let mut batch = FIRST_BATCH;
     'read: loop {
         let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
             .arg(key)
@@ -319,7 +347,10 @@ fn query(
             };
             end = format!("({offset}");
             if offset <= request.since {
-                replay.complete = offset == request.since && offset >= cutoff;
+                // With `max_len` entries after it, an exact trim would have dropped `since`.
+                replay.complete = offset == request.since
+                    && offset >= cutoff
+                    && replay.entries.len() < config.max_len;
                 break 'read;
             }
             if offset < cutoff || replay.entries.len() >= config.max_len {
@@ -344,11 +375,27 @@ fn query(
             // there.
             break;
         }
-        let average = bytes / replay.entries.len().max(1) + 1;
-        batch = (request.max_bytes.saturating_sub(bytes) / average + 1)
-            .clamp(1, MAX_REPLAY_BATCH)
-            .min(config.max_len + 1 - replay.entries.len().min(config.max_len));
+        // `since` itself is one more entry to read past `max_len` after it.
+        let wanted = config.max_len + 1;
+        batch = next_batch(request.max_bytes, bytes, replay.entries.len(), wanted);
     }
     replay.entries.reverse();
     Ok(replay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_follow_the_bytes_left_and_the_entries_wanted() {
+        // 60 KB entries and 512 KiB left: about 8 more, not hundreds.
+        assert_eq!(next_batch(512 * 1024, 60_000, 1, 1001), 8);
+        // Small entries: the cap.
+        assert_eq!(next_batch(512 * 1024, 200, 1, 100_000), MAX_BATCH);
+        // Never more than wanted, never zero.
+        assert_eq!(next_batch(512 * 1024, 200, 1, 5), 4);
+        assert_eq!(next_batch(100, 500, 5, 1001), 1);
+        assert_eq!(next_batch(usize::MAX, 0, 0, 100), 100);
+    }
 }

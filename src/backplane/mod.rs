@@ -115,6 +115,9 @@ pub struct PageRequest {
     pub serial: u64,
     /// The `history` event's ack number; `None` for HTTP.
     pub ack: Option<u64>,
+    /// The read stops just past this many bytes of frames: the `history` event's answer budget
+    /// (the answer then says `"more": true`); `usize::MAX` for HTTP (bounded by the limit).
+    pub max_bytes: usize,
 }
 
 /// A `POST /api/publish` waiting for its offsets: the dispatch is appended and published for

@@ -103,6 +103,7 @@ impl CoreLoop {
             key,
             serial,
             ack: None,
+            max_bytes: usize::MAX,
         });
         match asked {
             Ok(()) => {}
@@ -402,6 +403,7 @@ impl CoreLoop {
                 key,
                 serial,
                 ack: Some(ack),
+                max_bytes: self.answer_budget(),
             })
         });
         let (code, message) = match asked {
