@@ -261,25 +261,12 @@ fn page(
     let mut bytes = 0usize;
     let mut batch = FIRST_BATCH.min(request.limit);
     while frames.len() < request.limit && bytes <= request.max_bytes {
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(key)
-            .arg(&end)
-            .arg(&start)
-            .arg("COUNT")
-            .arg(batch)
-            .query(conn)?;
-        let got = reply.ids.len();
-        for entry in reply.ids {
-            let Ok(offset) = entry.id.parse::<Offset>() else {
-                continue;
-            };
+        let (got, entries) = newest_first(conn, key, &end, &start, batch)?;
+        for (offset, frame) in entries {
             end = format!("({offset}");
-            if let Some(redis::Value::BulkString(b)) = entry.map.get("f") {
-                if let Ok(frame) = std::str::from_utf8(b) {
-                    let frame = history::with_offset(frame, offset);
-                    bytes += frame.len();
-                    frames.push(frame);
-                }
+            if let Some(frame) = frame {
+                bytes += frame.len();
+                frames.push(frame);
             }
             if bytes > request.max_bytes {
                 break;
@@ -291,6 +278,40 @@ fn page(
         batch = next_batch(request.max_bytes, bytes, frames.len(), request.limit);
     }
     Ok(frames)
+}
+
+/// One `XREVRANGE key end start COUNT count`: how many entries came, and each one's offset with
+/// its frame (the offset spliced in; `None` for an entry without a readable frame).
+type Entries = (usize, Vec<(Offset, Option<tungstenite::Utf8Bytes>)>);
+
+fn newest_first(
+    conn: &mut redis::Connection,
+    key: &str,
+    end: &str,
+    start: &str,
+    count: usize,
+) -> redis::RedisResult<Entries> {
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(key)
+        .arg(end)
+        .arg(start)
+        .arg("COUNT")
+        .arg(count)
+        .query(conn)?;
+    let got = reply.ids.len();
+    let entries = reply
+        .ids
+        .into_iter()
+        .filter_map(|entry| {
+            let offset = entry.id.parse::<Offset>().ok()?;
+            let frame = match entry.map.get("f") {
+                Some(redis::Value::BulkString(b)) => std::str::from_utf8(b).ok(),
+                _ => None,
+            };
+            Some((offset, frame.map(|f| history::with_offset(f, offset))))
+        })
+        .collect();
+    Ok((got, entries))
 }
 
 /// Entries asked for in the first `XREVRANGE` of a replay or page.
@@ -332,19 +353,10 @@ fn query(
     let mut bytes = 0usize;
     let mut end = "+".to_string();
     let mut batch = FIRST_BATCH;
+    let since = request.since.to_string();
     'read: loop {
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(key)
-            .arg(&end)
-            .arg(request.since.to_string())
-            .arg("COUNT")
-            .arg(batch)
-            .query(conn)?;
-        let got = reply.ids.len();
-        for entry in reply.ids {
-            let Ok(offset) = entry.id.parse::<Offset>() else {
-                continue;
-            };
+        let (got, entries) = newest_first(conn, key, &end, &since, batch)?;
+        for (offset, frame) in entries {
             end = format!("({offset}");
             if offset <= request.since {
                 // With `max_len` entries after it, an exact trim would have dropped `since`.
@@ -356,14 +368,9 @@ fn query(
             if offset < cutoff || replay.entries.len() >= config.max_len {
                 break 'read;
             }
-            let frame = match entry.map.get("f") {
-                Some(redis::Value::BulkString(b)) => std::str::from_utf8(b).ok(),
-                _ => None,
-            };
             let Some(frame) = frame else {
                 continue;
             };
-            let frame = history::with_offset(frame, offset);
             if bytes + frame.len() > request.max_bytes {
                 break 'read;
             }
