@@ -4,7 +4,8 @@
 //! busy (a long script): the sender hears `unavailable` at once, nothing refused is stored or
 //! delivered, `/readyz` says so, no reconnect, and the next write after Redis recovers is taken.
 //! `SCRIPT FLUSH` mid-traffic (`NOSCRIPT`): the script is loaded again on the same connection,
-//! every message is stored exactly once.
+//! every message is stored exactly once. A primary demoted by `CLUSTER FAILOVER` (`MOVED`): the
+//! publisher reads the slot map again and the next message reaches the new primary.
 //! (The cores' own links: `tests/durable_ack.rs`.)
 
 mod common;
@@ -276,4 +277,54 @@ fn cluster_script_flush_mid_traffic_stores_every_message_once() {
     assert_eq!(stored, want, "each message stored exactly once");
     let again = server.bp_stat(|s| &s.reconnects);
     assert_eq!(again, reconnects, "NOSCRIPT is not a reconnect");
+}
+
+/// A primary demoted under the publisher (`CLUSTER FAILOVER` on its replica): the old primary
+/// answers the append `MOVED`, the publisher drops that connection, reads the slot map again
+/// and sends to the new primary. The message is acked, delivered and stored once.
+#[test]
+fn cluster_failover_moves_the_publisher_to_the_new_primary() {
+    let redis_cluster = TestCluster::start_with_replicas();
+    let mut rc = RedisConfig::new("redis://127.0.0.1:1");
+    rc.cluster = redis_cluster.seeds();
+    let map = switchboard::backplane::cluster::SlotMap::fetch(&rc).expect("the slot map");
+    let server = cluster_server(&redis_cluster);
+    let (mut u1, mut u2, _) = two_live_users(&server);
+    send(&mut u1, "u2", "before", 1);
+    assert_eq!(
+        answer_by(&mut u1, 1, Instant::now() + DEADLINE)["event"],
+        "ack"
+    );
+    assert_eq!(u2.recv_event("newMessage")["args"]["text"], "before");
+
+    // The replica of the primary that owns u2's channel (and stream) takes over.
+    let owner = &map.shards[map.shard_of(b"switchboard:u:u2")];
+    let owner_port = owner.rsplit(':').next().expect("host:port");
+    let replication = |node: &TestRedis| -> String {
+        redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut node.connection())
+            .unwrap_or_default()
+    };
+    let replica = redis_cluster
+        .nodes
+        .iter()
+        .find(|node| {
+            let info = replication(node);
+            info.contains("role:slave") && info.contains(&format!("master_port:{owner_port}\r"))
+        })
+        .expect("the owner's replica");
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut replica.connection())
+        .expect("CLUSTER FAILOVER");
+    wait_for("the replica promoted", || {
+        replication(replica).contains("role:master")
+    });
+
+    send(&mut u1, "u2", "after", 2);
+    let v = answer_by(&mut u1, 2, Instant::now() + DEADLINE);
+    assert_eq!(v["event"], "ack", "{v}");
+    assert_eq!(u2.recv_event("newMessage")["args"]["text"], "after");
+    assert_eq!(stored_texts(&mut u2, 3), ["before", "after"]);
 }
