@@ -2,7 +2,7 @@
 //! cores' own links: the publisher thread (`--routing seed`, `--redis-cluster`) and the rooms
 //! worker. Out of memory (`maxmemory` with `noeviction` on the test's own `redis-server`s) or
 //! busy (a long script): the sender hears `unavailable` at once, nothing refused is stored or
-//! delivered, `/readyz` says so, no reconnect, and the next write after Redis recovers is taken.
+//! published, `/readyz` says so, no reconnect, and the next write after Redis recovers is taken.
 //! `SCRIPT FLUSH` mid-traffic (`NOSCRIPT`): the script is loaded again on the same connection,
 //! every message is stored exactly once. A primary demoted by `CLUSTER FAILOVER` (`MOVED`): the
 //! publisher reads the slot map again and the next message reaches the new primary.
