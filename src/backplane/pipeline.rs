@@ -131,8 +131,8 @@ pub(crate) struct Pipeline {
     pub published: u64,
     /// Publications dropped by the bound, since the caller last looked.
     pub dropped: u64,
-    /// Publications Redis refused to write (see [`ErrorReply::RefusesWrites`]), since the caller last
-    /// looked, and the last such reply.
+    /// Publications Redis refused to write (see [`ErrorReply::RefusesWrites`]), since the
+    /// caller last looked, and the last such reply.
     pub refused: u64,
     pub refusal: Option<String>,
     /// From encoding the last publishing command answered to its reply, if one was answered
