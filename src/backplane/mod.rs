@@ -25,6 +25,7 @@ mod endpoint;
 mod history_worker;
 pub(crate) mod pipeline;
 pub mod publisher;
+pub(crate) mod redis_errors;
 pub(crate) mod resp;
 mod room_history;
 mod room_routes;
