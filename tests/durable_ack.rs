@@ -173,18 +173,7 @@ fn redis_out_of_memory_refuses_sends_promptly_and_readiness_says_so() {
     assert_eq!(http_get(server.addr, "/readyz").0, 200);
 
     let mut conn = redis.connection();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("noeviction")
-        .query(&mut conn)
-        .unwrap();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("1")
-        .query(&mut conn)
-        .unwrap();
+    set_maxmemory(&mut conn, 1);
     let sent = Instant::now();
     send_with_id(&mut u1, "u2", "refused", "oom-1", 1);
     let v = answer(&mut u1, 1, Instant::now() + DEADLINE).expect("an answer while OOM");
@@ -199,12 +188,7 @@ fn redis_out_of_memory_refuses_sends_promptly_and_readiness_says_so() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("refuses writes"), "{body}");
 
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query(&mut conn)
-        .unwrap();
+    set_maxmemory(&mut conn, 0);
     send_with_id(&mut u1, "u2", "taken", "oom-2", 2);
     let v = answer(&mut u1, 2, Instant::now() + DEADLINE).expect("ack once Redis takes writes");
     assert_eq!(v["event"], "ack", "{v}");

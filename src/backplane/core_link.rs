@@ -495,18 +495,10 @@ impl CoreLink {
             stats
                 .publish_errors
                 .fetch_add(std::mem::take(&mut self.pipe.refused), Relaxed);
-            self.bp
-                .write_refused_at
-                .store(crate::types::now_ms(), SeqCst);
-            if let Some(why) = self.pipe.refusal.take() {
-                // One line per refusal spell for all the cores' links.
-                if !self.bp.write_refusal_logged.swap(true, SeqCst) {
-                    log::warn!("redis refuses writes ({why}): publications fail with unavailable");
-                }
-            }
+            let why = self.pipe.refusal.take().unwrap_or_default();
+            self.bp.note_write_refused(&why);
         } else if took_writes {
-            self.bp.write_refused_at.store(0, SeqCst);
-            self.bp.write_refusal_logged.store(false, SeqCst);
+            self.bp.note_write_taken();
         }
         if self.pipe.dropped > 0 {
             stats

@@ -26,6 +26,7 @@ mod fair_reads;
 mod history_worker;
 pub(crate) mod pipeline;
 pub mod publisher;
+pub(crate) mod redis_errors;
 pub(crate) mod resp;
 mod room_history;
 mod room_routes;

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::redis_errors::{classify, ErrorReply};
 use super::resp::{Item, Value};
 use super::{publisher, wire, Publication};
 use crate::bus::{AckWaiter, Dispatch};
@@ -83,15 +84,6 @@ pub(crate) enum ReplyError {
 }
 
 /// Whether a `ROLE` reply says "master".
-/// An error reply that refuses the write while the connection stays good: `OOM` (maxmemory
-/// with noeviction), `LOADING` (a restarted Redis reading its data), `MISCONF` (a failed
-/// snapshot stops writes), `BUSY` (a script runs too long). Anything else drops the connection.
-fn refuses_writes(error: &str) -> bool {
-    ["OOM", "LOADING", "MISCONF", "BUSY"]
-        .iter()
-        .any(|code| error.starts_with(code))
-}
-
 fn is_master(reply: &Value<'_>) -> bool {
     let Value::Array(items) = reply else {
         return false;
@@ -139,8 +131,8 @@ pub(crate) struct Pipeline {
     pub published: u64,
     /// Publications dropped by the bound, since the caller last looked.
     pub dropped: u64,
-    /// Publications Redis refused to write (see [`refuses_writes`]), since the caller last
-    /// looked, and the last such reply.
+    /// Publications Redis refused to write (see [`ErrorReply::RefusesWrites`]), since the
+    /// caller last looked, and the last such reply.
     pub refused: u64,
     pub refusal: Option<String>,
     /// From encoding the last publishing command answered to its reply, if one was answered
@@ -334,7 +326,7 @@ impl Pipeline {
             // snapshot): the connection is fine, reconnecting would not help. The publications
             // fail now, so their senders hear `unavailable` at once instead of waiting on a
             // retry loop; none of them was acknowledged.
-            Some(e) if refuses_writes(&e) => {
+            Some(e) if classify(&e) == ErrorReply::RefusesWrites => {
                 for _ in 0..n {
                     if let Some(e) = self.sent.pop_front() {
                         self.refused += 1;
@@ -344,7 +336,7 @@ impl Pipeline {
                 self.refusal = Some(e.into_owned());
                 Ok(())
             }
-            Some(e) if e.starts_with("NOSCRIPT") => {
+            Some(e) if classify(&e) == ErrorReply::NoScript => {
                 let again: Vec<Entry> = self.sent.drain(..n).collect();
                 self.retry.extend(again);
                 // Replies come in command order, but a reset may have left retries behind:

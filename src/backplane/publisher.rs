@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cluster::SlotMap;
+use super::redis_errors::{classify, ErrorReply};
 use super::wire;
 use super::{Backoff, Backplane, Publication, Routing};
 
@@ -180,6 +181,8 @@ impl Publisher {
         let mut done = vec![false; batch.len()];
         // Stored on the primary, but not on `--redis-wait-replicas` replicas in time.
         let mut uncopied = vec![false; batch.len()];
+        // Refused by Redis (out of memory, loading, ...): answered `unavailable`, not retried.
+        let mut refused = vec![false; batch.len()];
         let wait = match (sharded, bp.history()) {
             (true, Some(_)) if bp.config.wait_replicas > 0 => Some(bp.config.wait_replicas),
             _ => None,
@@ -198,7 +201,8 @@ impl Publisher {
                 }
                 continue;
             }
-            let mut pipe = redis::Pipeline::with_capacity(members.len());
+            // One command per call, each with the batch indexes it settles.
+            let mut calls: Vec<(redis::Cmd, Vec<usize>)> = Vec::with_capacity(members.len());
             let command = if sharded { "SPUBLISH" } else { "PUBLISH" };
             if let (Some(h), Some(sha), true) = (bp.history(), self.script_sha.as_deref(), sharded)
             {
@@ -207,25 +211,26 @@ impl Publisher {
                 for &i in &members {
                     let dispatch = &batch[i].dispatch;
                     let channel = wires[i].0.as_str();
-                    match super::tagged::append_keys(channel, dispatch.dedupe.as_deref()) {
-                        Some(keys) => {
-                            let cmd = crate::history::append_call_keys(
-                                sha,
-                                bp.node_id,
-                                h,
-                                dispatch.frame.as_str(),
-                                dispatch.dedupe.is_some(),
-                                std::slice::from_ref(&keys),
-                            );
-                            pipe.add_command(cmd).ignore();
-                        }
+                    let cmd = match super::tagged::append_keys(channel, dispatch.dedupe.as_deref())
+                    {
+                        Some(keys) => crate::history::append_call_keys(
+                            sha,
+                            bp.node_id,
+                            h,
+                            dispatch.frame.as_str(),
+                            dispatch.dedupe.is_some(),
+                            std::slice::from_ref(&keys),
+                        ),
                         None => {
                             let mut payload = Vec::new();
                             let frame = dispatch.frame.as_str();
                             wire::write_user_payload(&mut payload, bp.node_id, frame);
-                            pipe.cmd(command).arg(channel).arg(payload).ignore();
+                            let mut cmd = redis::cmd(command);
+                            cmd.arg(channel).arg(payload);
+                            cmd
                         }
-                    }
+                    };
+                    calls.push((cmd, vec![i]));
                 }
             } else if let Some((h, sha)) = bp.history().zip(self.script_sha.as_deref()) {
                 // One atomic append + publish per dispatch for all its users here: see
@@ -237,7 +242,7 @@ impl Publisher {
                     let dispatch = &batch[members[call.start]].dispatch;
                     users.clear();
                     users.extend(
-                        members[call]
+                        members[call.clone()]
                             .iter()
                             .map(|&i| (&*batch[i].user, wires[i].0.as_str())),
                     );
@@ -250,7 +255,7 @@ impl Publisher {
                         dispatch.dedupe.as_deref(),
                         &users,
                     );
-                    pipe.add_command(cmd).ignore();
+                    calls.push((cmd, members[call].to_vec()));
                 }
             } else {
                 for &i in &members {
@@ -259,61 +264,100 @@ impl Publisher {
                         // Announce it before Redis can echo it back to our subscriber.
                         bp.own_payloads.push(payload_hash(payload));
                     }
-                    pipe.cmd(command)
-                        .arg(channel.as_str())
-                        .arg(&payload[..])
-                        .ignore();
+                    let mut cmd = redis::cmd(command);
+                    cmd.arg(channel.as_str()).arg(&payload[..]);
+                    calls.push((cmd, vec![i]));
                 }
             }
-            if let Some(n) = wait {
-                // Scripts cannot WAIT; the same connection can, right after them.
-                let ms = bp.config.wait_timeout.as_millis() as u64;
-                pipe.cmd("WAIT").arg(n).arg(ms);
-            }
+            // Scripts cannot WAIT; the same connection can, right after them.
+            let wait_for = wait.map(|n| (n, bp.config.wait_timeout.as_millis() as u64));
             let Some(conn) = self.conns[shard].as_mut() else {
                 continue;
             };
-            match pipe.query::<Vec<i64>>(conn) {
-                Ok(replies) => {
-                    bp.stats.published.fetch_add(members.len() as u64, Relaxed);
-                    let copied = wait.is_none_or(|n| replies.first() >= Some(&i64::from(n)));
-                    if !copied {
-                        log::warn!(
-                            "redis: {} publications on {} reached {:?} of {} replicas in time; \
-                             their acks say unavailable",
-                            members.len(),
-                            map.shards[shard],
-                            replies.first(),
-                            wait.unwrap_or(0)
-                        );
-                    }
-                    for i in members {
-                        done[i] = true;
-                        uncopied[i] = !copied;
-                    }
-                }
+            let reload = self.script_sha.is_some().then_some(sharded);
+            let replies = match query_calls(conn, &calls, wait_for, reload) {
+                Ok(replies) => replies,
                 Err(e) => {
+                    // The connection failed (I/O, a timeout): everything is kept for a retry.
                     all_ok = false;
                     self.conns[shard] = None;
-                    if e.is_cluster_error() || format!("{e}").contains("MOVED") {
-                        log::info!("redis cluster topology changed ({e}); refreshing");
-                        self.topology = None;
-                    } else {
-                        log::warn!(
-                            "redis publish to {} failed: {e}; {} publications kept for retry",
-                            map.shards[shard],
-                            members.len()
-                        );
-                    }
+                    log::warn!(
+                        "redis publish to {} failed: {e}; {} publications kept for retry",
+                        map.shards[shard],
+                        members.len()
+                    );
                     self.outage_logged = true;
+                    continue;
                 }
+            };
+            let mut taken = 0;
+            let mut not_copied = 0;
+            for ((_, indexes), reply) in calls.iter().zip(replies) {
+                match reply {
+                    CallReply::Taken { copied } => {
+                        taken += indexes.len();
+                        not_copied += if copied { 0 } else { indexes.len() };
+                        for &i in indexes {
+                            done[i] = true;
+                            uncopied[i] = !copied;
+                        }
+                    }
+                    // Redis will not write now: these fail at once (their senders hear
+                    // `unavailable`), the connection stays; nothing of them was stored.
+                    CallReply::Failed(ErrorReply::RefusesWrites, why) => {
+                        bp.stats
+                            .publish_errors
+                            .fetch_add(indexes.len() as u64, Relaxed);
+                        bp.note_write_refused(&why);
+                        for &i in indexes {
+                            done[i] = true;
+                            refused[i] = true;
+                        }
+                    }
+                    // A demoted master or a moved slot (nothing ran: re-read the topology, the
+                    // slot map or the master Sentinel names, before reconnecting), a second
+                    // NOSCRIPT right after loading the script, anything else: kept for a retry
+                    // on a new connection, as after a lost one.
+                    CallReply::Failed(kind, why) => {
+                        all_ok = false;
+                        if self.conns[shard].take().is_some() {
+                            if kind == ErrorReply::WrongNode {
+                                self.topology = None;
+                            }
+                            if !self.outage_logged {
+                                log::warn!(
+                                    "redis publish to {} answered {why}; reconnecting{}, \
+                                     publications kept for retry",
+                                    map.shards[shard],
+                                    match kind {
+                                        ErrorReply::WrongNode => " to the node that takes writes",
+                                        _ => "",
+                                    }
+                                );
+                                self.outage_logged = true;
+                            }
+                        }
+                    }
+                }
+            }
+            if taken > 0 {
+                bp.stats.published.fetch_add(taken as u64, Relaxed);
+                bp.note_write_taken();
+            }
+            if not_copied > 0 {
+                log::warn!(
+                    "redis: {not_copied} publications on {} did not reach {} replicas in time; \
+                     their acks say unavailable",
+                    map.shards[shard],
+                    wait.unwrap_or(0)
+                );
             }
         }
         let mut i = 0;
         batch.retain(|p| {
             let keep = !done[i];
             if !keep {
-                bp.settle(p, !uncopied[i]);
+                bp.settle(p, !uncopied[i] && !refused[i]);
             }
             i += 1;
             keep
@@ -358,13 +402,7 @@ impl Publisher {
             .and_then(|client| client.get_connection_with_timeout(IO_TIMEOUT));
         let result = result.and_then(|mut c| {
             if bp.history().is_some() {
-                // The same text on every shard, so one SHA serves them all.
-                let script = match bp.config.sharded() {
-                    true => crate::history::sharded_append_script(),
-                    false => crate::history::APPEND_SCRIPT.to_string(),
-                };
-                let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(script).query(&mut c)?;
-                self.script_sha = Some(sha);
+                self.script_sha = Some(load_append_script(&mut c, bp.config.sharded())?);
             }
             Ok(c)
         });
@@ -405,6 +443,96 @@ impl Publisher {
     }
 }
 
+/// Loads the append script (the same text on every shard, so one SHA serves them all) and
+/// returns its SHA.
+fn load_append_script(conn: &mut redis::Connection, sharded: bool) -> redis::RedisResult<String> {
+    let script = match sharded {
+        true => crate::history::sharded_append_script(),
+        false => crate::history::APPEND_SCRIPT.to_string(),
+    };
+    redis::cmd("SCRIPT").arg("LOAD").arg(script).query(conn)
+}
+
+/// What Redis answered one call of a pipeline.
+#[derive(Debug, PartialEq, Eq)]
+enum CallReply {
+    /// Taken; `copied`: and, when `WAIT` was asked for, by enough replicas in time.
+    Taken { copied: bool },
+    /// An error reply, sorted, and its text.
+    Failed(ErrorReply, String),
+}
+
+/// Sends `calls` (each with the batch indexes it settles) in one pipeline, followed by
+/// `WAIT replicas ms` when asked, and returns one reply per call. Calls answered `NOSCRIPT` (the
+/// script cache was flushed, or a failover reached a node without it; the script did not run)
+/// are sent once more on the same connection after loading the script again (`reload`: whether
+/// the sharded script), so nothing is lost or stored twice. An `Err` is the connection's
+/// failure (I/O, a timeout): nothing is known of any call.
+fn query_calls(
+    conn: &mut redis::Connection,
+    calls: &[(redis::Cmd, Vec<usize>)],
+    wait: Option<(u32, u64)>,
+    reload: Option<bool>,
+) -> redis::RedisResult<Vec<CallReply>> {
+    let all: Vec<&redis::Cmd> = calls.iter().map(|(cmd, _)| cmd).collect();
+    let mut replies = query_round(conn, &all, wait)?;
+    let again: Vec<usize> = (0..replies.len())
+        .filter(|&i| matches!(replies[i], CallReply::Failed(ErrorReply::NoScript, _)))
+        .collect();
+    if let (false, Some(sharded)) = (again.is_empty(), reload) {
+        load_append_script(conn, sharded)?;
+        let retried: Vec<&redis::Cmd> = again.iter().map(|&i| all[i]).collect();
+        for (i, reply) in again.into_iter().zip(query_round(conn, &retried, wait)?) {
+            replies[i] = reply;
+        }
+    }
+    Ok(replies)
+}
+
+/// One pipeline of `cmds` (and `WAIT`): a reply per command, error replies included.
+fn query_round(
+    conn: &mut redis::Connection,
+    cmds: &[&redis::Cmd],
+    wait: Option<(u32, u64)>,
+) -> redis::RedisResult<Vec<CallReply>> {
+    use redis::ConnectionLike;
+    let mut out = Vec::new();
+    for cmd in cmds {
+        cmd.write_packed_command(&mut out);
+    }
+    if let Some((replicas, ms)) = wait {
+        redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(ms)
+            .write_packed_command(&mut out);
+    }
+    let values = conn.req_packed_commands(&out, 0, cmds.len() + usize::from(wait.is_some()))?;
+    Ok(call_replies(values, cmds.len(), wait.map(|(n, _)| n)))
+}
+
+/// Sorts the values a pipeline of `calls` commands (then `WAIT replicas`, if given) answered.
+fn call_replies(values: Vec<redis::Value>, calls: usize, wait: Option<u32>) -> Vec<CallReply> {
+    let copied = wait.is_none_or(|replicas| {
+        matches!(values.get(calls), Some(redis::Value::Int(n)) if *n >= i64::from(replicas))
+    });
+    let mut replies: Vec<CallReply> = values
+        .into_iter()
+        .take(calls)
+        .map(|value| match value {
+            redis::Value::ServerError(e) => {
+                let text = format!("{} {}", e.code(), e.details().unwrap_or_default());
+                CallReply::Failed(classify(e.code()), text)
+            }
+            _ => CallReply::Taken { copied },
+        })
+        .collect();
+    // Fewer values than calls cannot come from a healthy connection: the rest is unknown.
+    while replies.len() < calls {
+        replies.push(CallReply::Failed(ErrorReply::Other, "no reply".into()));
+    }
+    replies
+}
+
 /// After an outage, other instances' subscribers re-subscribe on their own backoff schedule.
 /// Publications queued during the outage wait until this instance's subscriber is back and one
 /// more maximum backoff interval has passed, so the backlog is not published to channels nobody
@@ -422,7 +550,48 @@ fn settle_after_outage(bp: &Backplane) {
 
 #[cfg(test)]
 mod tests {
-    use super::script_calls;
+    use super::{call_replies, script_calls, CallReply, ErrorReply};
+    use redis::Value;
+
+    fn error_value(resp: &[u8]) -> Value {
+        redis::parse_redis_value(resp).expect("a RESP error")
+    }
+
+    #[test]
+    fn each_call_gets_its_own_reply_and_wait_says_whether_copied() {
+        let values = vec![
+            Value::Okay,
+            error_value(b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"),
+            error_value(b"-NOSCRIPT No matching script.\r\n"),
+            error_value(b"-READONLY You can't write against a read only replica.\r\n"),
+            Value::Int(1),
+        ];
+        let replies = call_replies(values.clone(), 4, None);
+        assert_eq!(replies[0], CallReply::Taken { copied: true });
+        assert!(matches!(
+            &replies[1],
+            CallReply::Failed(ErrorReply::RefusesWrites, why) if why.starts_with("OOM command")
+        ));
+        assert!(matches!(
+            replies[2],
+            CallReply::Failed(ErrorReply::NoScript, _)
+        ));
+        assert!(matches!(
+            replies[3],
+            CallReply::Failed(ErrorReply::WrongNode, _)
+        ));
+        // The last value is WAIT's: one replica reached.
+        let replies = call_replies(values.clone(), 4, Some(1));
+        assert_eq!(replies[0], CallReply::Taken { copied: true });
+        let replies = call_replies(values, 4, Some(2));
+        assert_eq!(replies[0], CallReply::Taken { copied: false });
+        // Fewer values than calls: the rest is not taken.
+        let replies = call_replies(vec![Value::Okay], 2, None);
+        assert!(matches!(
+            replies[1],
+            CallReply::Failed(ErrorReply::Other, _)
+        ));
+    }
 
     #[test]
     fn a_dispatch_takes_one_call_for_its_consecutive_publications() {

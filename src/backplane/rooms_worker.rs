@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Script, Value};
 
+use super::redis_errors::{classify_error, ErrorReply};
 use super::{Backoff, Backplane, RoomAck, RoomJob, RoomTarget};
 use crate::bus::{Admission, ApiAnswer, Bus, CoreMsg, RoomAnswer};
 use crate::protocol::ErrorCode;
@@ -368,6 +369,11 @@ impl Worker {
         let result = f(conn, &self.scripts, &self.prefix, &self.node);
         match &result {
             Ok(_) => self.backoff.reset(),
+            // Redis answered and will not write now (out of memory, loading, ...): the
+            // connection is fine, a new one would be refused the same.
+            Err(e) if classify_error(e) == ErrorReply::RefusesWrites => {
+                self.bp.note_write_refused(&e.to_string())
+            }
             Err(_) => self.conn = None,
         }
         result
@@ -429,6 +435,11 @@ impl Worker {
     }
 
     fn unavailable(&mut self, e: &redis::RedisError) -> (&'static str, String) {
+        if classify_error(e) == ErrorReply::RefusesWrites {
+            // Logged once per spell (`note_write_refused`); the client may try again later.
+            let message = format!("rooms unavailable: {e}");
+            return (ErrorCode::Unavailable.as_str(), message);
+        }
         log::warn!("redis rooms request failed: {e}");
         (
             ErrorCode::Internal.as_str(),
@@ -503,7 +514,10 @@ impl Worker {
                 });
                 let result = match reply {
                     Ok(r) if r.starts_with('!') => Err(self.refusal(&r, &room)),
-                    Ok(_) => Ok(serde_json::json!({ "id": id, "ts": ts })),
+                    Ok(_) => {
+                        self.bp.note_write_taken();
+                        Ok(serde_json::json!({ "id": id, "ts": ts }))
+                    }
                     Err(e) => Err(self.unavailable(&e)),
                 };
                 self.answer(target, result);
@@ -753,5 +767,16 @@ mod tests {
         assert_eq!(*code, "internal");
         assert!(message.starts_with("rooms unavailable: "), "{message}");
         assert!(answers(&bus, 0).is_empty());
+    }
+
+    /// Redis refusing the write (out of memory, ...) is `unavailable` for the client: it may
+    /// try again later, nothing is wrong with its request.
+    #[test]
+    fn a_write_refusal_is_answered_unavailable() {
+        let (mut w, _, bus) = worker(1);
+        let oom = crate::backplane::redis_errors::tests::reply_error(b"-OOM no memory\r\n");
+        w.membership_done(Err(oom), "u".into(), "team".into(), true, target(0));
+        let got = answers(&bus, 0);
+        assert_eq!(got[0].result.as_ref().unwrap_err().0, "unavailable");
     }
 }

@@ -1096,3 +1096,20 @@ pub fn alice_and_bob(a: &ChildServer, b: &ChildServer) -> (Client, Client) {
     });
     (alice, bob)
 }
+
+/// Sets `maxmemory` (bytes; 0: none) with `noeviction`, so any write is refused while Redis is
+/// over it.
+pub fn set_maxmemory(conn: &mut redis::Connection, bytes: u64) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query(conn)
+        .expect("CONFIG SET maxmemory-policy");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query(conn)
+        .expect("CONFIG SET maxmemory");
+}
