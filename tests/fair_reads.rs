@@ -352,8 +352,9 @@ fn a_replay_over_the_answer_budget_keeps_its_newest_events_and_the_requester() {
     );
 }
 
-/// Past `--history-read-queue-per-user`, a user's `history` reads are refused with
-/// `rate_limited` rather than queued without end; another user's read still answers.
+/// Past `--history-read-queue-per-user`, a user's replays are answered `complete: false` at
+/// once and its `history` reads refused with `rate_limited`, rather than queued without end;
+/// another user's read still answers.
 #[test]
 fn a_users_reads_past_its_queue_are_refused_and_others_still_answer() {
     let redis = TestRedis::start();
@@ -369,6 +370,18 @@ fn a_users_reads_past_its_queue_are_refused_and_others_still_answer() {
             "0",
         ],
     );
+    // 20 resumes at once: one runs, one waits, the rest are refused (counted).
+    let addr = server.addr;
+    let until = Instant::now() + DEADLINE;
+    let resumes: Vec<_> = (0..20)
+        .map(|_| std::thread::spawn(move || try_resume(addr, "hostile", "0-0", until)))
+        .collect();
+    for r in resumes {
+        let recovered = r.join().unwrap().expect("every resume is answered");
+        assert_eq!(recovered["args"]["complete"], false, "{recovered}");
+    }
+    assert!(metric(addr, "switchboard_history_reads_refused_total") > 0);
+
     let mut hostile = Client::connect(server.addr, "hostile");
     for ack in 0..40u64 {
         hostile.send_json(&serde_json::json!(
