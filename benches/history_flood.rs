@@ -5,10 +5,10 @@
 //! and the server binary on it (`--backplane redis --cores 2`, connect rates off so the flood is
 //! the finding's, not cut short by them). Writes `EVENTS` events of `EVENT_BYTES` bytes into the
 //! hostile user's stream (what that many direct messages leave there), gives the victim 5
-//! messages through the server, then runs the flood: every 300 ms, 10 new attempts on threads of
-//! their own, whether earlier ones were answered or not. `FLOOD=resume`: connections of the
+//! messages through the server, then runs the flood: every `EVERY_MS` (300) ms, `BURST` (10) new
+//! attempts on threads of their own, whether earlier ones were answered or not. `FLOOD=resume`: connections of the
 //! hostile user with `?since=0-0`, each read until `recovered` or its end; `FLOOD=api`:
-//! `GET /api/history?limit=100` as the hostile user. After `WARMUP` s of flood, the victim
+//! `GET /api/history?limit=100` as the hostile user, each answer read whole. After `WARMUP` s of flood, the victim
 //! resumes after its first message `SAMPLES` times in a row, at most one every 100 ms (connect,
 //! replay, `recovered`), and fetches `GET /api/history` once after each; prints the resume's p50/p99/max, how many were
 //! `complete: false`, the victim's HTTP statuses, and the 1-minute load average before and after.
@@ -162,16 +162,16 @@ fn resume(addr: SocketAddr, user: &str, since: &str, timeout: Duration) -> Optio
     got
 }
 
-/// The status of a GET, reading only the head.
+/// The status of a GET; the whole answer is read (as a client would), the server closes.
 fn get_status(addr: SocketAddr, path: &str) -> u16 {
     let Ok(mut s) = TcpStream::connect(addr) else {
         return 0;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
     let _ = s.write_all(format!("GET {path} HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes());
-    let mut head = [0u8; 64];
-    let n = s.read(&mut head).unwrap_or(0);
-    String::from_utf8_lossy(&head[..n])
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer[..answer.len().min(64)])
         .get(9..12)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
@@ -189,6 +189,8 @@ fn main() {
     let event_bytes: usize = env_or("EVENT_BYTES", 61440);
     let samples: usize = env_or("SAMPLES", 100);
     let warmup: u64 = env_or("WARMUP", 3);
+    let burst: usize = env_or("BURST", 10);
+    let every = Duration::from_millis(env_or("EVERY_MS", 300));
     let extra: Vec<String> = std::env::var("ARGS")
         .unwrap_or_default()
         .split_whitespace()
@@ -229,7 +231,7 @@ fn main() {
             let mut next = Instant::now();
             let mut threads = Vec::new();
             while !stop.load(SeqCst) {
-                for _ in 0..10 {
+                for _ in 0..burst {
                     let (ended, kind) = (ended.clone(), kind.clone());
                     threads.push(std::thread::spawn(move || {
                         if kind == "api" {
@@ -241,7 +243,7 @@ fn main() {
                     }));
                 }
                 threads.retain(|t: &std::thread::JoinHandle<()>| !t.is_finished());
-                next += Duration::from_millis(300);
+                next += every;
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
             for t in threads {
@@ -276,7 +278,7 @@ fn main() {
     let _ = driver.join();
     took.sort();
     println!(
-        "binary={binary} flood={flood_kind} events={events}x{event_bytes}B samples={samples} args={extra:?}"
+        "binary={binary} flood={flood_kind} burst={burst} every={every:?} events={events}x{event_bytes}B samples={samples} args={extra:?}"
     );
     println!(
         "victim resume: p50={:.1}ms p99={:.1}ms max={:.1}ms complete:false={incomplete} failed={failed}",
