@@ -1,7 +1,8 @@
-//! The history workers' queue: reads (replays, pages) and API publishes wait here in one lane
-//! per user, and the workers take them round-robin between lanes, at most `per_user` of one
-//! lane in flight at once. One user's flood of reads then fills only its own lane: another
-//! user's read waits for at most one read of each busy lane, never behind the whole flood.
+//! The history workers' jobs and their queue: reads (replays, pages) and API publishes wait
+//! here in one lane per user, and the workers take them round-robin between lanes, at most
+//! `per_user` of one lane in flight at once. One user's flood of reads then fills only its own
+//! lane: another user's read waits for at most one read of each busy lane, never behind the
+//! whole flood.
 //!
 //! [`FairQueue`] is the pure state (unit-tested below); [`HistoryReads`] shares it between the
 //! subscriber and cores (which push) and the workers (which take, then say when they are done).
@@ -9,7 +10,37 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex};
 
+use super::{PageRequest, PublishRequest, ReplayRequest};
 use crate::UserId;
+
+/// Work for the history workers.
+#[derive(Debug)]
+pub(crate) enum Job {
+    Replay(ReplayRequest),
+    Page(PageRequest),
+    Publish(PublishRequest),
+}
+
+impl Job {
+    /// The lane it waits in: the reading user's, or the API publishes'.
+    pub(crate) fn lane(&self) -> Lane {
+        match self {
+            Job::Replay(r) => Lane::User(r.user.clone()),
+            Job::Page(p) => Lane::User(p.user.clone()),
+            Job::Publish(_) => Lane::Publish,
+        }
+    }
+}
+
+/// Why a history job was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotQueued {
+    /// The user already has `--history-read-queue-per-user` reads waiting: refuse this one
+    /// (`rate_limited`, HTTP 429).
+    Busy,
+    /// No workers (history off, or shutting down).
+    Off,
+}
 
 /// Whose lane a job waits in.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

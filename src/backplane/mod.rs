@@ -52,7 +52,9 @@ pub use crate::config::redis::{
     DEFAULT_RECONNECT_MIN, DEFAULT_WAIT_REPLICAS, DEFAULT_WAIT_TIMEOUT,
 };
 
-use self::fair_reads::{HistoryReads, Lane};
+use self::fair_reads::HistoryReads;
+pub(crate) use self::fair_reads::Job;
+pub use self::fair_reads::NotQueued;
 use crate::bus::{AckWaiter, Bus, Dispatch};
 use crate::history::{HistoryConfig, Offset};
 use crate::rooms::{RoomId, RoomsConfig};
@@ -133,35 +135,6 @@ pub struct PublishRequest {
     pub key: usize,
     /// The connection's serial.
     pub serial: u64,
-}
-
-/// Work for the history workers.
-#[derive(Debug)]
-pub(crate) enum Job {
-    Replay(ReplayRequest),
-    Page(PageRequest),
-    Publish(PublishRequest),
-}
-
-impl Job {
-    /// The lane it waits in: the reading user's, or the API publishes'.
-    fn lane(&self) -> Lane {
-        match self {
-            Job::Replay(r) => Lane::User(r.user.clone()),
-            Job::Page(p) => Lane::User(p.user.clone()),
-            Job::Publish(_) => Lane::Publish,
-        }
-    }
-}
-
-/// Why a history job was not queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotQueued {
-    /// The user already has `--history-read-queue-per-user` reads waiting: refuse this one
-    /// (`rate_limited`, HTTP 429).
-    Busy,
-    /// No workers (history off, or shutting down).
-    Off,
 }
 
 /// Where the answer to a room request goes: a connection (and its ack number).
