@@ -247,6 +247,8 @@ pub struct MemoryHistory {
     evicting: AtomicBool,
     /// Events evicted by the total bound since start.
     evicted: AtomicU64,
+    /// When freed pages were last handed back to the system (`total.rs`), in ms.
+    trimmed_at_ms: AtomicU64,
 }
 
 impl MemoryHistory {
@@ -267,6 +269,7 @@ impl MemoryHistory {
             shard_costs: (0..SHARDS).map(|_| AtomicUsize::new(0)).collect(),
             evicting: AtomicBool::new(false),
             evicted: AtomicU64::new(0),
+            trimmed_at_ms: AtomicU64::new(0),
         }
     }
 

@@ -24,6 +24,8 @@ use crate::types::UserId;
 const ENTRY_OVERHEAD: usize = 128;
 /// What a ring costs besides its user id and entries: the map slot, the ring, the id's header.
 const RING_OVERHEAD: usize = 160;
+/// Least time between two [`release_freed_pages`] calls.
+const TRIM_INTERVAL_MS: u64 = 250;
 /// An eviction frees down to the bound minus this fraction of it.
 const SLACK_DIVISOR: usize = 64;
 
@@ -71,6 +73,26 @@ impl MemoryHistory {
         self.evicted.load(Relaxed)
     }
 
+    /// Prometheus families for `/metrics`: the total as counted, and the evictions.
+    pub fn render_prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "# HELP switchboard_history_bytes What embedded history holds, as counted against \
+             --history-max-total-bytes.\n# TYPE switchboard_history_bytes gauge\n\
+             switchboard_history_bytes {}",
+            self.total_bytes()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP switchboard_history_evicted_total Events evicted (largest users' oldest first) \
+             to keep embedded history under --history-max-total-bytes.\n\
+             # TYPE switchboard_history_evicted_total counter\n\
+             switchboard_history_evicted_total {}",
+            self.evicted()
+        );
+    }
+
     /// Past the total bound, evicts (largest rings' oldest events first) down to the bound
     /// minus the slack. One thread evicts at a time; the others return at once.
     pub(super) fn enforce_total(&self) {
@@ -104,6 +126,13 @@ impl MemoryHistory {
             if self.evict_in_shard(index, floor) == 0 {
                 break;
             }
+        }
+        // Not after every round: a trim walks the allocator's heaps (about a millisecond for a
+        // hundred MiB), and what it returns is reused by the next appends anyway.
+        let now = crate::types::now_ms();
+        if now.saturating_sub(self.trimmed_at_ms.load(Relaxed)) >= TRIM_INTERVAL_MS {
+            self.trimmed_at_ms.store(now, Relaxed);
+            release_freed_pages();
         }
         self.evicting
             .store(false, std::sync::atomic::Ordering::Release);
@@ -145,5 +174,17 @@ impl MemoryHistory {
         self.account(index, 0, freed);
         self.evicted.fetch_add(events, Relaxed);
         freed
+    }
+}
+
+/// Hands the pages evicted events freed back to the system (glibc keeps freed memory inside its
+/// heaps otherwise, and the resident size would keep growing with fragmentation while the
+/// counted total stays at the bound).
+#[allow(unsafe_code)]
+fn release_freed_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; 0 keeps no pad.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
