@@ -9,7 +9,9 @@
 //!
 //! - Embedded mode ([`MemoryHistory`]): a bounded ring per user, in shards behind short mutexes.
 //!   The offset is assigned and the delivery pushed to every core's inbox under the user's shard
-//!   lock, so every core sees a user's frames in offset order.
+//!   lock, so every core sees a user's frames in offset order. All rings together are bounded
+//!   by `--history-max-total-bytes`: past it the largest rings give up their oldest events
+//!   (`history/total.rs`).
 //! - Redis mode: a stream per user; [`APPEND_SCRIPT`] appends, trims and publishes atomically
 //!   (one call per dispatch for all its users), so a live device and a recovering one never
 //!   disagree on what exists or in what order.
