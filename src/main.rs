@@ -212,6 +212,17 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_DEDUPE_WINDOW", default_value = "5m", value_parser = parse_duration)]
     dedupe_window: Duration,
 
+    /// Embedded mode: bytes all users' histories may hold together (frames plus a fixed cost
+    /// per event and per user); past it the largest users' oldest events are evicted.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_TOTAL_BYTES", default_value_t = history::DEFAULT_MAX_TOTAL_BYTES)]
+    history_max_total_bytes: usize,
+
+    /// Bytes one user's sends may store in other users' histories per minute on this instance
+    /// (each recipient's copy, plus 256 per copy); past it the send is refused with
+    /// `quota_exceeded` and nothing is stored or delivered. 0 = no limit.
+    #[arg(long, env = "SWITCHBOARD_SENDER_BYTES_PER_MINUTE", default_value_t = history::DEFAULT_SENDER_BYTES_PER_MINUTE)]
+    sender_bytes_per_minute: u64,
+
     /// Key for `POST /api/publish` (`Authorization: Bearer <key>`); without it the route is off.
     #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -452,6 +463,12 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("history_max_age", history, "--history on"),
         ("history_max_page", history, "--history on"),
         ("dedupe_window", history, "--history on"),
+        (
+            "history_max_total_bytes",
+            history && !redis,
+            "--history on without Redis",
+        ),
+        ("sender_bytes_per_minute", history, "--history on"),
         ("max_room_queue", redis, "--backplane redis"),
         ("redis_wait_replicas", cluster, "--redis-cluster"),
         ("redis_wait_timeout", cluster, "--redis-cluster"),
@@ -631,6 +648,8 @@ impl Cli {
                 max_page: self.history_max_page,
                 api_key: self.api_key,
                 dedupe_window: self.dedupe_window,
+                max_total_bytes: self.history_max_total_bytes,
+                sender_bytes_per_minute: self.sender_bytes_per_minute,
                 ..history::HistoryConfig::default()
             },
             chat_page: self.chat_page == OnOff::On,

@@ -82,6 +82,8 @@ pub struct CoreMetrics {
     pub handshakes_refused: AtomicU64,
     /// Upgrades (or Socket.IO CONNECTs) refused for their address's or user's connect rate.
     pub connects_rate_limited: AtomicU64,
+    /// Sends refused for their sender's `--sender-bytes-per-minute` budget.
+    pub sends_over_budget: AtomicU64,
     /// Unauthenticated sockets dropped, oldest first, to make room (`--max-handshakes`, or the
     /// process out of file descriptors).
     pub handshakes_shed: AtomicU64,
@@ -208,6 +210,12 @@ pub fn render_prometheus(cores: &[CoreMetrics]) -> String {
         "counter",
         "Connections refused (429, or a Socket.IO CONNECT_ERROR) for their address's or user's connect rate.",
         &|c| &c.connects_rate_limited,
+    );
+    family(
+        "switchboard_sends_over_budget_total",
+        "counter",
+        "Sends refused (quota_exceeded) for what they would store for other users past the sender's budget.",
+        &|c| &c.sends_over_budget,
     );
     family(
         "switchboard_handshakes_shed_total",

@@ -134,6 +134,9 @@ impl Server {
                 config.connect_rate_per_user,
                 config.connect_burst_per_user,
             ),
+            sender_budgets: crate::core_loop::SenderBudgets::new(
+                config.history.sender_bytes_per_minute,
+            ),
             node_id,
             history: (config.history_active() && config.backplane.is_none()).then(|| {
                 crate::history::MemoryHistory::new(&config.history, crate::types::now_ms())

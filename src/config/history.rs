@@ -14,6 +14,15 @@ pub const DEFAULT_MAX_PUBLISH_USERS: usize = 1000;
 pub const DEFAULT_MAX_PUBLISH_BODY_BYTES: usize = 1024 * 1024;
 /// How long a `sendMessage` `clientId` is remembered, so that a resend is recognised.
 pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(300);
+/// What embedded history may hold in total (frames plus a fixed cost per event and per user)
+/// before the largest users' oldest events are evicted.
+pub const DEFAULT_MAX_TOTAL_BYTES: usize = 256 * 1024 * 1024;
+/// Bytes one user's sends may add to other users' histories per minute (each recipient's copy
+/// counts), as a bucket that refills continuously and holds one minute's worth.
+pub const DEFAULT_SENDER_BYTES_PER_MINUTE: u64 = 8 * 1024 * 1024;
+/// What each stored copy counts for besides its frame in the sender budget: a message to a
+/// made-up id costs a ring, a stream key, an entry, whatever its size.
+pub const SENDER_COPY_OVERHEAD: u64 = 256;
 
 /// History settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +46,13 @@ pub struct HistoryConfig {
     /// How long an idempotency key (`sendMessage`'s `clientId`) is remembered per recipient
     /// (`--dedupe-window`): a resend within it is stored and delivered once.
     pub dedupe_window: Duration,
+    /// Embedded mode: what all users' histories may cost together
+    /// (`--history-max-total-bytes`); past it the largest users' oldest events are evicted.
+    pub max_total_bytes: usize,
+    /// Bytes one user's sends may store in other users' histories per minute, per instance
+    /// (`--sender-bytes-per-minute`); past it the send is refused with `quota_exceeded`.
+    /// 0: no limit.
+    pub sender_bytes_per_minute: u64,
 }
 
 impl Default for HistoryConfig {
@@ -50,6 +66,8 @@ impl Default for HistoryConfig {
             max_publish_users: DEFAULT_MAX_PUBLISH_USERS,
             max_publish_body_bytes: DEFAULT_MAX_PUBLISH_BODY_BYTES,
             dedupe_window: DEFAULT_DEDUPE_WINDOW,
+            max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
+            sender_bytes_per_minute: DEFAULT_SENDER_BYTES_PER_MINUTE,
         }
     }
 }
@@ -71,6 +89,9 @@ impl HistoryConfig {
         }
         if self.dedupe_window < Duration::from_millis(1) {
             return Err("--dedupe-window must be at least 1ms".into());
+        }
+        if self.max_total_bytes < 1024 * 1024 {
+            return Err("--history-max-total-bytes must be at least 1048576 (1 MiB)".into());
         }
         if self.max_publish_users == 0 || self.max_publish_body_bytes < 64 {
             return Err("publish bounds must be at least 1 user and 64 bytes".into());
