@@ -9,13 +9,16 @@
 //!
 //! - Embedded mode ([`MemoryHistory`]): a bounded ring per user, in shards behind short mutexes.
 //!   The offset is assigned and the delivery pushed to every core's inbox under the user's shard
-//!   lock, so every core sees a user's frames in offset order.
+//!   lock, so every core sees a user's frames in offset order. All rings together are bounded
+//!   by `--history-max-total-bytes`: past it the largest rings give up their oldest events
+//!   (`history/total.rs`).
 //! - Redis mode: a stream per user; [`APPEND_SCRIPT`] appends, trims and publishes atomically
 //!   (one call per dispatch for all its users), so a live device and a recovering one never
 //!   disagree on what exists or in what order.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -24,7 +27,8 @@ use tungstenite::Utf8Bytes;
 // The settings live in `config::history` and the offset in `types`; they keep their paths here.
 pub use crate::config::history::{
     HistoryConfig, DEFAULT_DEDUPE_WINDOW, DEFAULT_MAX_AGE, DEFAULT_MAX_LEN, DEFAULT_MAX_PAGE,
-    DEFAULT_MAX_PUBLISH_BODY_BYTES, DEFAULT_MAX_PUBLISH_USERS,
+    DEFAULT_MAX_PUBLISH_BODY_BYTES, DEFAULT_MAX_PUBLISH_USERS, DEFAULT_MAX_TOTAL_BYTES,
+    DEFAULT_SENDER_BYTES_PER_MINUTE,
 };
 pub use crate::types::{BadOffset, Offset};
 
@@ -201,6 +205,9 @@ struct Ring {
     entries: VecDeque<Entry>,
     /// Bytes of the retained frames.
     bytes: usize,
+    /// What the ring counts for in the store's total: its frames and keys plus a fixed cost
+    /// per entry and per ring (`total::entry_cost`, `total::ring_cost`).
+    cost: usize,
     /// The last sequence assigned.
     last_seq: u64,
     /// The highest sequence dropped by a bound.
@@ -230,6 +237,20 @@ pub struct MemoryHistory {
     max_age_ms: u64,
     dedupe_window_ms: u64,
     shards: Box<[Mutex<RingShard>]>,
+    /// The process-wide bound on what all rings cost together (`--history-max-total-bytes`);
+    /// past it the largest rings give up their oldest events (`total.rs`).
+    max_total_bytes: usize,
+    /// What all rings cost together: the only state appends share across shards.
+    total: AtomicUsize,
+    /// What each shard's rings cost, so the eviction finds the biggest without locking all.
+    shard_costs: Box<[AtomicUsize]>,
+    /// Set while a thread evicts: the others append on, past the bound by what they add
+    /// meanwhile, instead of queueing on the same locks.
+    evicting: AtomicBool,
+    /// Events evicted by the total bound since start.
+    evicted: AtomicU64,
+    /// When freed pages were last handed back to the system (`total.rs`), in ms.
+    trimmed_at_ms: AtomicU64,
 }
 
 impl MemoryHistory {
@@ -245,6 +266,12 @@ impl MemoryHistory {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(RingShard::default()))
                 .collect(),
+            max_total_bytes: config.max_total_bytes,
+            total: AtomicUsize::new(0),
+            shard_costs: (0..SHARDS).map(|_| AtomicUsize::new(0)).collect(),
+            evicting: AtomicBool::new(false),
+            evicted: AtomicU64::new(0),
+            trimmed_at_ms: AtomicU64::new(0),
         }
     }
 
@@ -260,6 +287,8 @@ impl MemoryHistory {
             max_len: config.max_len,
             max_bytes: config.max_bytes,
             max_age_ms: config.max_age.as_millis() as u64,
+            // Room histories are bounded per room (bytes) and by the rooms there can be.
+            max_total_bytes: usize::MAX,
             ..Self::new(history, epoch)
         }
     }
@@ -290,7 +319,10 @@ impl MemoryHistory {
             .map(|e| e.seq)
     }
 
-    fn trim(&self, ring: &mut Ring, now_ms: u64) {
+    /// Drops what the ring's own bounds (length, bytes, age) no longer allow; returns the cost
+    /// freed, for the caller to release from the totals.
+    fn trim(&self, ring: &mut Ring, now_ms: u64) -> usize {
+        let before = ring.cost;
         // The newest entry stays whatever its size: a bound never empties a ring it just grew.
         while ring.entries.len() > self.max_len
             || (ring.bytes > self.max_bytes && ring.entries.len() > 1)
@@ -299,11 +331,9 @@ impl MemoryHistory {
                 .front()
                 .is_some_and(|e| now_ms.saturating_sub(e.at_ms) > self.max_age_ms)
         {
-            if let Some(entry) = ring.entries.pop_front() {
-                ring.dropped_through = entry.seq;
-                ring.bytes -= entry.frame.len();
-            }
+            ring.pop_oldest();
         }
+        before - ring.cost
     }
 
     /// Assigns the next offset of `user` to `frame` (a dispatch frame without offset), keeps it,
@@ -321,6 +351,7 @@ impl MemoryHistory {
         now_ms: u64,
         deliver: impl FnOnce(Delivery),
     ) -> Offset {
+        let index = Self::shard_index(user);
         let mut guard = self.shard(user);
         let shard = &mut *guard;
         if let (Some(key), Some(ring)) = (dedupe, shard.rings.get(user)) {
@@ -329,11 +360,16 @@ impl MemoryHistory {
             }
         }
         // A new ring knows nothing of the shard's earlier sequences: as if they were dropped.
-        let ring = shard.rings.entry(user.clone()).or_insert_with(|| Ring {
-            entries: VecDeque::new(),
-            bytes: 0,
-            last_seq: shard.seq,
-            dropped_through: shard.seq,
+        let mut added = 0;
+        let ring = shard.rings.entry(user.clone()).or_insert_with(|| {
+            added += total::ring_cost(user);
+            Ring {
+                entries: VecDeque::new(),
+                bytes: 0,
+                cost: total::ring_cost(user),
+                last_seq: shard.seq,
+                dropped_through: shard.seq,
+            }
         });
         shard.seq += 1;
         ring.last_seq = shard.seq;
@@ -343,32 +379,45 @@ impl MemoryHistory {
         } else {
             with_offset(frame, offset)
         };
-        ring.bytes += framed.len();
-        ring.entries.push_back(Entry {
+        let entry = Entry {
             seq: ring.last_seq,
             at_ms: now_ms,
             frame: framed.clone(),
             dedupe: dedupe.map(Box::from),
-        });
-        self.trim(ring, now_ms);
+        };
+        added += total::entry_cost(&entry);
+        ring.bytes += framed.len();
+        ring.cost += total::entry_cost(&entry);
+        ring.entries.push_back(entry);
+        let freed = self.trim(ring, now_ms);
+        self.account(index, added, freed);
         deliver(Delivery {
             user: user.clone(),
             offset,
             frame: framed,
             sio: Default::default(),
         });
+        drop(guard);
+        // Past the total bound, the eviction runs here, with no shard lock held (it takes one
+        // at a time), on the appending thread: the flood pays for its own eviction.
+        self.enforce_total();
         offset
     }
 
     /// Drops expired events of every user and forgets users with none left, so users who stop
     /// receiving events do not keep memory for good. Call now and then (core 0's sweep does).
     pub fn purge(&self, now_ms: u64) {
-        for shard in self.shards.iter() {
+        for (index, shard) in self.shards.iter().enumerate() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let mut freed = 0;
             shard.rings.retain(|_, ring| {
-                self.trim(ring, now_ms);
+                freed += self.trim(ring, now_ms);
+                if ring.entries.is_empty() {
+                    freed += ring.cost;
+                }
                 !ring.entries.is_empty()
             });
+            self.account(index, 0, freed);
         }
     }
 
@@ -381,7 +430,8 @@ impl MemoryHistory {
         let Some(ring) = shard.rings.get_mut(user) else {
             return Replay::default();
         };
-        self.trim(ring, now_ms);
+        let freed = self.trim(ring, now_ms);
+        self.account(Self::shard_index(user), 0, freed);
         let entries = ring
             .entries
             .iter()
@@ -406,7 +456,8 @@ impl MemoryHistory {
         let Some(ring) = shard.rings.get_mut(user) else {
             return Vec::new();
         };
-        self.trim(ring, now_ms);
+        let freed = self.trim(ring, now_ms);
+        self.account(Self::shard_index(user), 0, freed);
         ring.entries
             .iter()
             .rev()
@@ -547,6 +598,8 @@ pub fn dedupe_key(prefix: &str, user: &str, key: &str) -> String {
 pub fn stream_key(prefix: &str, user: &str) -> String {
     format!("{prefix}:h:{user}")
 }
+
+mod total;
 
 #[cfg(test)]
 mod tests;

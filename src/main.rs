@@ -235,6 +235,17 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_DEDUPE_WINDOW", default_value = "5m", value_parser = parse_duration)]
     dedupe_window: Duration,
 
+    /// Embedded mode: bytes all users' histories may hold together (frames plus a fixed cost
+    /// per event and per user); past it the largest users' oldest events are evicted.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_TOTAL_BYTES", default_value_t = history::DEFAULT_MAX_TOTAL_BYTES)]
+    history_max_total_bytes: usize,
+
+    /// Bytes one user's sends may store in other users' histories per minute on this instance
+    /// (each recipient's copy, plus 256 per copy); past it the send is refused with
+    /// `quota_exceeded` and nothing is stored or delivered. 0 = no limit.
+    #[arg(long, env = "SWITCHBOARD_SENDER_BYTES_PER_MINUTE", default_value_t = history::DEFAULT_SENDER_BYTES_PER_MINUTE)]
+    sender_bytes_per_minute: u64,
+
     /// Key for `POST /api/publish` (`Authorization: Bearer <key>`); without it the route is off.
     #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -492,6 +503,12 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ),
         ("api_history_rate", history, "--history on"),
         ("api_history_burst", history, "--history on"),
+        (
+            "history_max_total_bytes",
+            history && !redis,
+            "--history on without Redis",
+        ),
+        ("sender_bytes_per_minute", history, "--history on"),
         ("max_room_queue", redis, "--backplane redis"),
         ("redis_wait_replicas", cluster, "--redis-cluster"),
         ("redis_wait_timeout", cluster, "--redis-cluster"),
@@ -676,6 +693,8 @@ impl Cli {
                 read_queue_per_user: self.history_read_queue_per_user,
                 api_rate: self.api_history_rate,
                 api_burst: self.api_history_burst,
+                max_total_bytes: self.history_max_total_bytes,
+                sender_bytes_per_minute: self.sender_bytes_per_minute,
                 ..history::HistoryConfig::default()
             },
             chat_page: self.chat_page == OnOff::On,

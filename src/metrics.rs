@@ -84,6 +84,8 @@ pub struct CoreMetrics {
     pub connects_rate_limited: AtomicU64,
     /// `GET /api/history` requests refused (429) for their user's rate.
     pub api_history_rate_limited: AtomicU64,
+    /// Sends refused for their sender's `--sender-bytes-per-minute` budget.
+    pub sends_over_budget: AtomicU64,
     /// Unauthenticated sockets dropped, oldest first, to make room (`--max-handshakes`, or the
     /// process out of file descriptors).
     pub handshakes_shed: AtomicU64,
@@ -216,6 +218,12 @@ pub fn render_prometheus(cores: &[CoreMetrics]) -> String {
         "counter",
         "GET /api/history requests refused (429) for their user's --api-history-rate.",
         &|c| &c.api_history_rate_limited,
+    );
+    family(
+        "switchboard_sends_over_budget_total",
+        "counter",
+        "Sends refused (quota_exceeded) for what they would store for other users past the sender's budget.",
+        &|c| &c.sends_over_budget,
     );
     family(
         "switchboard_handshakes_shed_total",

@@ -56,6 +56,10 @@ pub enum ErrorCode {
     /// The application's hook could not be asked (timeout, error, full queue) and hooks fail
     /// closed: nothing was done; the client may try again.
     HookUnavailable,
+    /// The send would store more for other users than the sender's budget has left
+    /// (`--sender-bytes-per-minute`): nothing was stored or delivered; the client may send
+    /// again once the budget has refilled.
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -76,6 +80,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::BadToken => "bad_token",
             ErrorCode::HookUnavailable => "hook_unavailable",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
         }
     }
 }

@@ -138,6 +138,9 @@ impl Server {
                 config.history.api_rate,
                 config.history.api_burst,
             ),
+            sender_budgets: crate::core_loop::SenderBudgets::new(
+                config.history.sender_bytes_per_minute,
+            ),
             node_id,
             history: (config.history_active() && config.backplane.is_none()).then(|| {
                 crate::history::MemoryHistory::new(&config.history, crate::types::now_ms())

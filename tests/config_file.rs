@@ -141,6 +141,27 @@ fn flags_that_would_be_ignored_name_the_flag_they_need() {
             &["--history", "off", "--room-history-max-len", "5"],
             "--room-history-max-len needs --history on",
         ),
+        (
+            &[
+                "--backplane",
+                "redis",
+                "--history-max-total-bytes",
+                "1048576",
+            ],
+            "--history-max-total-bytes needs --history on without Redis",
+        ),
+        (
+            &["--history", "off", "--sender-bytes-per-minute", "0"],
+            "--sender-bytes-per-minute needs --history on",
+        ),
+        (
+            &["--sender-bytes-per-minute", "1000"],
+            "--sender-bytes-per-minute must be 0 or at least twice the largest message",
+        ),
+        (
+            &["--history-max-total-bytes", "1000"],
+            "--history-max-total-bytes must be at least 1048576",
+        ),
         (&["--cores", "4096"], "--cores 4096"),
         (
             &["--max-connections", "4000000000"],

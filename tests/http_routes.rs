@@ -11,8 +11,11 @@ use common::*;
 use switchboard::Config;
 
 /// Every metric name docs/PROTOCOL.md lists.
-const METRICS: [&str; 20] = [
+const METRICS: [&str; 23] = [
     "switchboard_connections_open",
+    "switchboard_sends_over_budget_total",
+    "switchboard_history_bytes",
+    "switchboard_history_evicted_total",
     "switchboard_connects_rate_limited_total",
     "switchboard_handshakes_refused_total",
     "switchboard_handshakes_shed_total",

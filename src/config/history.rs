@@ -25,6 +25,15 @@ pub const DEFAULT_READ_QUEUE_PER_USER: usize = 16;
 pub const DEFAULT_API_HISTORY_RATE: u32 = 10;
 /// `GET /api/history` requests of one user allowed in a burst above its rate.
 pub const DEFAULT_API_HISTORY_BURST: u32 = 20;
+/// What embedded history may hold in total (frames plus a fixed cost per event and per user)
+/// before the largest users' oldest events are evicted.
+pub const DEFAULT_MAX_TOTAL_BYTES: usize = 256 * 1024 * 1024;
+/// Bytes one user's sends may add to other users' histories per minute (each recipient's copy
+/// counts), as a bucket that refills continuously and holds one minute's worth.
+pub const DEFAULT_SENDER_BYTES_PER_MINUTE: u64 = 8 * 1024 * 1024;
+/// What each stored copy counts for besides its frame in the sender budget: a message to a
+/// made-up id costs a ring, a stream key, an entry, whatever its size.
+pub const SENDER_COPY_OVERHEAD: u64 = 256;
 
 /// History settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +67,13 @@ pub struct HistoryConfig {
     pub api_rate: u32,
     /// Burst above `api_rate` (`--api-history-burst`).
     pub api_burst: u32,
+    /// Embedded mode: what all users' histories may cost together
+    /// (`--history-max-total-bytes`); past it the largest users' oldest events are evicted.
+    pub max_total_bytes: usize,
+    /// Bytes one user's sends may store in other users' histories per minute, per instance
+    /// (`--sender-bytes-per-minute`); past it the send is refused with `quota_exceeded`.
+    /// 0: no limit.
+    pub sender_bytes_per_minute: u64,
 }
 
 impl Default for HistoryConfig {
@@ -76,6 +92,8 @@ impl Default for HistoryConfig {
             read_queue_per_user: DEFAULT_READ_QUEUE_PER_USER,
             api_rate: DEFAULT_API_HISTORY_RATE,
             api_burst: DEFAULT_API_HISTORY_BURST,
+            max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
+            sender_bytes_per_minute: DEFAULT_SENDER_BYTES_PER_MINUTE,
         }
     }
 }
@@ -97,6 +115,9 @@ impl HistoryConfig {
         }
         if self.dedupe_window < Duration::from_millis(1) {
             return Err("--dedupe-window must be at least 1ms".into());
+        }
+        if self.max_total_bytes < 1024 * 1024 {
+            return Err("--history-max-total-bytes must be at least 1048576 (1 MiB)".into());
         }
         if self.max_publish_users == 0 || self.max_publish_body_bytes < 64 {
             return Err("publish bounds must be at least 1 user and 64 bytes".into());

@@ -316,6 +316,13 @@ impl Config {
         if self.max_outbound_total_bytes < 2 * self.max_message_bytes {
             return err("--max-outbound-total-bytes must be at least twice the largest message");
         }
+        let budget = self.history.sender_bytes_per_minute;
+        if budget > 0 && budget < 2 * self.max_message_bytes as u64 {
+            // One message of the largest size must fit, with its envelope.
+            return err(
+                "--sender-bytes-per-minute must be 0 or at least twice the largest message",
+            );
+        }
         if self.read_buffer_bytes < 256 {
             return err("--read-buffer-bytes must be at least 256");
         }

@@ -156,6 +156,9 @@ impl Shared {
         if let Some(hooks) = &self.hooks {
             hooks.render_prometheus(&mut body);
         }
+        if let Some(history) = &self.history {
+            history.render_prometheus(&mut body);
+        }
         let ct = "text/plain; version=0.0.4; charset=utf-8";
         http::response(200, ct, "", &body)
     }

@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use tungstenite::Utf8Bytes;
 
-use super::{sio, CoreLoop, CLOSE_GRACE, READ_BUDGET};
+use super::{sender_budget, sio, CoreLoop, CLOSE_GRACE, READ_BUDGET};
 use crate::bus::AckWaiter;
 use crate::connection::ReadOutcome;
-use crate::handlers::{Args, ConnectionId, Context, HandlerResult};
+use crate::handlers::{Args, ConnectionId, Context, HandlerError, HandlerResult};
 use crate::metrics::add;
 use crate::protocol::{self, CloseReason, ErrorCode};
 use crate::socketio;
@@ -183,8 +183,9 @@ impl CoreLoop {
         let shared = Arc::clone(&self.shared);
         // The connection is still there (handlers run synchronously); 0 only keeps the types.
         let serial = self.conns.get_open(key).map_or(0, |open| open.serial);
+        let result = result.and_then(|value| self.within_sender_budget(key).map(|()| value));
         if result.is_err() {
-            // Nothing a failed handler dispatched goes out.
+            // Nothing a failed (or over-budget) request dispatched goes out.
             self.outbox.clear();
         }
         // With Redis, the ack waits until Redis has taken every publication (stored them, with
@@ -219,6 +220,34 @@ impl CoreLoop {
                 self.answer(key, ack, |a| protocol::encode_error(a, &e.code, &e.message));
             }
         }
+    }
+
+    /// With history on, what the request dispatched for other users fits its sender's budget
+    /// (`sender_budget.rs`), which pays for it; else the `quota_exceeded` error to answer with.
+    fn within_sender_budget(&mut self, key: usize) -> Result<(), HandlerError> {
+        let budgets = &self.shared.sender_budgets;
+        if self.outbox.is_empty()
+            || budgets.per_minute() == 0
+            || !self.shared.config.history_active()
+        {
+            return Ok(());
+        }
+        let Some(open) = self.conns.get_open(key) else {
+            return Ok(());
+        };
+        let cost = sender_budget::cost_for_others(&open.user, &self.outbox);
+        if budgets.take(&open.user, cost, Instant::now()) {
+            return Ok(());
+        }
+        add(&self.metrics().sends_over_budget, 1);
+        Err(HandlerError::new(
+            ErrorCode::QuotaExceeded.as_str(),
+            format!(
+                "this send would store {cost} bytes for other users, more than is left of \
+                 {} per minute: nothing was sent",
+                budgets.per_minute()
+            ),
+        ))
     }
 
     /// Redis took (or dropped) what a request dispatched: its held ack goes out now.

@@ -43,6 +43,7 @@ use crate::metrics::{add, Closed, CoreMetrics};
 use crate::protocol::CloseReason;
 pub(crate) use gate::{ConnectRates, Gate};
 pub(crate) use presence::Coalescer;
+pub(crate) use sender_budget::SenderBudgets;
 pub(crate) use shared::Shared;
 use table::Table;
 
@@ -60,6 +61,7 @@ mod publish;
 mod recovery;
 mod refusals;
 mod rooms;
+mod sender_budget;
 mod server_api;
 mod shared;
 mod sio;

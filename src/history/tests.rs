@@ -301,3 +301,90 @@ fn recovery_seam_has_no_gap_and_no_duplicate() {
     assert!(out[1].contains(r#""complete":false,"offset":"1-7""#));
     assert_eq!(last, Some(o(7)));
 }
+
+fn bounded_store(max_total_bytes: usize) -> MemoryHistory {
+    let cfg = HistoryConfig {
+        max_total_bytes,
+        ..HistoryConfig::default()
+    };
+    MemoryHistory::new(&cfg, 42)
+}
+
+fn add_big(h: &MemoryHistory, user: &UserId, bytes: usize) -> Offset {
+    let frame = format!(r#"{{"event":"e","args":"{}"}}"#, "x".repeat(bytes));
+    h.append(user, &frame, None, 1000, |_| {})
+}
+
+#[test]
+fn the_total_bound_evicts_the_largest_rings_first_and_keeps_a_quiet_user() {
+    let h = bounded_store(1024 * 1024);
+    let quiet: UserId = "quiet".into();
+    let first = add(&h, &quiet, 0, 1000);
+    for n in 1..10 {
+        add(&h, &quiet, n, 1000);
+    }
+    // 60 KB to made-up ids, 10 MB in all: ten times the bound.
+    let flooded: Vec<UserId> = (0..40).map(|n| UserId::from(format!("u{n}"))).collect();
+    let mut early = Vec::new();
+    for round in 0..4 {
+        for user in &flooded {
+            let offset = add_big(&h, user, 60_000);
+            if round == 0 {
+                early.push((user.clone(), offset));
+            }
+            assert!(h.total_bytes() <= 1024 * 1024, "{}", h.total_bytes());
+        }
+    }
+    assert!(h.evicted() > 0);
+    let since = Offset(42, first.1 - 1);
+    let replay = h.replay(&quiet, Some(since), 1000);
+    assert!(replay.complete, "the quiet user's history is intact");
+    assert_eq!(replay.entries.len(), 10);
+    // The flood's first events went: a resume from before them says so, as a trim would.
+    let evicted = early
+        .iter()
+        .filter(|(user, offset)| {
+            !h.replay(user, Some(Offset(42, offset.1 - 1)), 1000)
+                .complete
+        })
+        .count();
+    assert!(evicted >= 30, "{evicted} of 40 early resumes incomplete");
+    let (user, offset) = &early[0];
+    let replay = h.replay(user, Some(Offset(42, offset.1 - 1)), 1000);
+    assert!(replay.entries.iter().all(|(o, _)| o > offset));
+}
+
+#[test]
+fn the_total_counts_what_trims_and_purges_free() {
+    let cfg = HistoryConfig {
+        max_len: 2,
+        max_age: Duration::from_secs(10),
+        ..HistoryConfig::default()
+    };
+    let h = MemoryHistory::new(&cfg, 42);
+    let a: UserId = "a".into();
+    add(&h, &a, 1, 1000);
+    let one = h.total_bytes();
+    assert!(one > 0);
+    add(&h, &a, 2, 1000);
+    add(&h, &a, 3, 1000);
+    let two = h.total_bytes();
+    assert!(
+        two > one && two < 3 * one,
+        "the length trim released the first"
+    );
+    h.purge(1000 + 20_000);
+    assert_eq!(h.total_bytes(), 0, "an expired ring releases all it cost");
+    assert_eq!(h.evicted(), 0, "trims are not evictions");
+}
+
+#[test]
+fn a_flood_of_tiny_events_to_made_up_ids_is_bounded_too() {
+    let h = bounded_store(1024 * 1024);
+    for n in 0..20_000 {
+        add(&h, &UserId::from(format!("made-up-{n}")), n, 1000);
+    }
+    assert!(h.total_bytes() <= 1024 * 1024);
+    let rings: usize = h.shards.iter().map(|s| s.lock().unwrap().rings.len()).sum();
+    assert!(rings < 20_000, "emptied rings are forgotten: {rings} left");
+}
