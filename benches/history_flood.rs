@@ -8,14 +8,15 @@
 //! messages through the server, then runs the flood: every `EVERY_MS` (300) ms, `BURST` (10) new
 //! attempts on threads of their own, whether earlier ones were answered or not. `FLOOD=resume`: connections of the
 //! hostile user with `?since=0-0`, each read until `recovered` or its end; `FLOOD=api`:
-//! `GET /api/history?limit=100` as the hostile user, each answer read whole. After `WARMUP` s of flood, the victim
+//! `GET /api/history?limit=100` as the hostile user, each answer read whole. `EMBEDDED=1`: the
+//! same without Redis, the hostile history sent through the server by the user to itself. After `WARMUP` s of flood, the victim
 //! resumes after its first message `SAMPLES` times in a row, at most one every 100 ms (connect,
 //! replay, `recovered`), and fetches `GET /api/history` once after each; prints the resume's p50/p99/max, how many were
 //! `complete: false`, the victim's HTTP statuses, and the 1-minute load average before and after.
 //!
 //! Run: `BINARY=target/release/switchboard cargo bench --bench history_flood` (the bench
 //! measures the binary, not itself). Knobs (environment): `BINARY`, `FLOOD` (`resume`),
-//! `EVENTS` (1000), `EVENT_BYTES` (61440), `SAMPLES` (100), `WARMUP` (3), `ARGS` (extra server
+//! `EVENTS` (1000), `EVENT_BYTES` (61440), `SAMPLES` (100), `WARMUP` (3), `EMBEDDED`, `ARGS` (extra server
 //! flags, space-separated). The machine is shared: compare binaries in the same minutes,
 //! alternating, and read the load average beside each figure.
 
@@ -101,17 +102,38 @@ fn fill_history(port: u16, user: &str, n: usize, size: usize) {
     }
 }
 
-fn start_server(binary: &str, redis_port: u16, extra: &[String]) -> (Killed, SocketAddr) {
+/// Embedded mode: the hostile user sends itself `n` events of `size` bytes through the server,
+/// one at a time (each read back before the next, so it never becomes a slow consumer).
+fn fill_history_embedded(addr: SocketAddr, user: &str, n: usize, size: usize) {
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/ws?token={user}")).unwrap();
+    let text = "x".repeat(size);
+    for _ in 0..n {
+        let send = serde_json::json!({"event": "sendMessage", "args": {"to": user, "text": text}});
+        ws.send(Message::text(send.to_string())).unwrap();
+        loop {
+            match ws.read().unwrap() {
+                Message::Text(t) if t.contains("\"newMessage\"") => break,
+                Message::Text(t) if t.contains("\"error\"") => panic!("fill refused: {t}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The binary on Redis at `redis_port`, or embedded (`None`).
+fn start_server(binary: &str, redis_port: Option<u16>, extra: &[String]) -> (Killed, SocketAddr) {
+    let backplane = match redis_port {
+        Some(port) => vec![
+            "--backplane".to_string(),
+            "redis".to_string(),
+            "--redis-url".to_string(),
+            format!("redis://127.0.0.1:{port}"),
+        ],
+        None => Vec::new(),
+    };
     let mut child = Command::new(binary)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--cores",
-            "2",
-            "--backplane",
-            "redis",
-        ])
-        .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}")])
+        .args(["--listen", "127.0.0.1:0", "--cores", "2"])
+        .args(&backplane)
         .args(["--history", "on", "--rate-limit", "0"])
         .args(["--connect-rate-per-user", "0", "--connect-rate-per-ip", "0"])
         .args(extra)
@@ -197,9 +219,15 @@ fn main() {
         .map(String::from)
         .collect();
     let load_before = load_average();
-    let (_redis, redis_port, dir) = start_redis();
-    fill_history(redis_port, "hostile", events, event_bytes);
-    let (_server, addr) = start_server(&binary, redis_port, &extra);
+    let embedded = std::env::var("EMBEDDED").is_ok_and(|v| v == "1");
+    let redis = (!embedded).then(start_redis);
+    if let Some((_, port, _)) = &redis {
+        fill_history(*port, "hostile", events, event_bytes);
+    }
+    let (_server, addr) = start_server(&binary, redis.as_ref().map(|r| r.1), &extra);
+    if embedded {
+        fill_history_embedded(addr, "hostile", events, event_bytes);
+    }
 
     // The victim's history: 5 messages through the server, resumed after the first.
     let (mut victim, _) = tungstenite::connect(format!("ws://{addr}/ws?token=victim")).unwrap();
@@ -278,7 +306,7 @@ fn main() {
     let _ = driver.join();
     took.sort();
     println!(
-        "binary={binary} flood={flood_kind} burst={burst} every={every:?} events={events}x{event_bytes}B samples={samples} args={extra:?}"
+        "binary={binary} embedded={embedded} flood={flood_kind} burst={burst} every={every:?} events={events}x{event_bytes}B samples={samples} args={extra:?}"
     );
     println!(
         "victim resume: p50={:.1}ms p99={:.1}ms max={:.1}ms complete:false={incomplete} failed={failed}",
@@ -291,5 +319,7 @@ fn main() {
         "load average (1/5/15 min): before {load_before}, after {}",
         load_average()
     );
-    let _ = std::fs::remove_dir_all(dir);
+    if let Some((_, _, dir)) = redis {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
