@@ -40,8 +40,14 @@ impl ApiError {
 
 /// `{"error": reason}` with `status`.
 pub fn json_error(status: u16, reason: &str) -> Vec<u8> {
+    json_error_with(status, "", reason)
+}
+
+/// `{"error": reason}` with `status` and extra header lines (each ending in CRLF), e.g.
+/// `Retry-After` on a 429.
+pub fn json_error_with(status: u16, headers: &str, reason: &str) -> Vec<u8> {
     let body = serde_json::json!({ "error": reason }).to_string();
-    http::response(status, "application/json", "", &body)
+    http::response(status, "application/json", headers, &body)
 }
 
 /// A 200 with a JSON body.

@@ -207,6 +207,29 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_PAGE", default_value_t = history::DEFAULT_MAX_PAGE)]
     history_max_page: usize,
 
+    /// Threads reading history from Redis (replays, pages, `POST /api/publish`); they serve
+    /// users in turn, not first come first served.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_WORKERS", default_value_t = config::history::DEFAULT_HISTORY_WORKERS)]
+    history_workers: usize,
+
+    /// History reads (replays and pages) of one user run at once; the rest wait their turn.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_READS_PER_USER", default_value_t = config::history::DEFAULT_READS_PER_USER)]
+    history_reads_per_user: usize,
+
+    /// History reads of one user waiting for a worker; past it a replay answers `complete:
+    /// false` and a page is refused (`rate_limited`, HTTP 429).
+    #[arg(long, env = "SWITCHBOARD_HISTORY_READ_QUEUE_PER_USER", default_value_t = config::history::DEFAULT_READ_QUEUE_PER_USER)]
+    history_read_queue_per_user: usize,
+
+    /// `GET /api/history` requests per second per user (per token's user; the API key's reads
+    /// count for the user they name); past it, HTTP 429 with Retry-After. 0 = no limit.
+    #[arg(long, env = "SWITCHBOARD_API_HISTORY_RATE", default_value_t = config::history::DEFAULT_API_HISTORY_RATE)]
+    api_history_rate: u32,
+
+    /// `GET /api/history` requests of one user allowed in a burst above its rate.
+    #[arg(long, env = "SWITCHBOARD_API_HISTORY_BURST", default_value_t = config::history::DEFAULT_API_HISTORY_BURST)]
+    api_history_burst: u32,
+
     /// How long a `sendMessage` `clientId` is remembered per recipient, so a resend of an
     /// unacknowledged message is stored once (ms, s, m or h).
     #[arg(long, env = "SWITCHBOARD_DEDUPE_WINDOW", default_value = "5m", value_parser = parse_duration)]
@@ -464,6 +487,23 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("history_max_page", history, "--history on"),
         ("dedupe_window", history, "--history on"),
         (
+            "history_workers",
+            history && redis,
+            "--history on with --backplane redis",
+        ),
+        (
+            "history_reads_per_user",
+            history && redis,
+            "--history on with --backplane redis",
+        ),
+        (
+            "history_read_queue_per_user",
+            history && redis,
+            "--history on with --backplane redis",
+        ),
+        ("api_history_rate", history, "--history on"),
+        ("api_history_burst", history, "--history on"),
+        (
             "history_max_total_bytes",
             history && !redis,
             "--history on without Redis",
@@ -648,6 +688,11 @@ impl Cli {
                 max_page: self.history_max_page,
                 api_key: self.api_key,
                 dedupe_window: self.dedupe_window,
+                workers: self.history_workers,
+                reads_per_user: self.history_reads_per_user,
+                read_queue_per_user: self.history_read_queue_per_user,
+                api_rate: self.api_history_rate,
+                api_burst: self.api_history_burst,
                 max_total_bytes: self.history_max_total_bytes,
                 sender_bytes_per_minute: self.sender_bytes_per_minute,
                 ..history::HistoryConfig::default()

@@ -82,6 +82,8 @@ pub struct CoreMetrics {
     pub handshakes_refused: AtomicU64,
     /// Upgrades (or Socket.IO CONNECTs) refused for their address's or user's connect rate.
     pub connects_rate_limited: AtomicU64,
+    /// `GET /api/history` requests refused (429) for their user's rate.
+    pub api_history_rate_limited: AtomicU64,
     /// Sends refused for their sender's `--sender-bytes-per-minute` budget.
     pub sends_over_budget: AtomicU64,
     /// Unauthenticated sockets dropped, oldest first, to make room (`--max-handshakes`, or the
@@ -210,6 +212,12 @@ pub fn render_prometheus(cores: &[CoreMetrics]) -> String {
         "counter",
         "Connections refused (429, or a Socket.IO CONNECT_ERROR) for their address's or user's connect rate.",
         &|c| &c.connects_rate_limited,
+    );
+    family(
+        "switchboard_api_history_rate_limited_total",
+        "counter",
+        "GET /api/history requests refused (429) for their user's --api-history-rate.",
+        &|c| &c.api_history_rate_limited,
     );
     family(
         "switchboard_sends_over_budget_total",

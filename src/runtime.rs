@@ -134,6 +134,10 @@ impl Server {
                 config.connect_rate_per_user,
                 config.connect_burst_per_user,
             ),
+            api_history_rates: crate::core_loop::ConnectRates::new(
+                config.history.api_rate,
+                config.history.api_burst,
+            ),
             sender_budgets: crate::core_loop::SenderBudgets::new(
                 config.history.sender_bytes_per_minute,
             ),

@@ -1,23 +1,24 @@
-//! The history worker: runs replay queries against the users' and rooms' Redis streams on its own
-//! blocking connections (one per shard on a cluster), so neither the subscriber nor a core ever
-//! waits for Redis.
+//! A history worker (`--history-workers` of them): runs replay and page queries against the users'
+//! and rooms' Redis streams, and API publishes, on its own blocking connections (one per shard on
+//! a cluster), so neither the subscriber nor a core ever waits for Redis. The workers take their
+//! jobs from one queue that serves users in turn (`fair_reads`).
 //!
-//! The subscriber hands it a request only once this instance's subscription to the user's
-//! channel is confirmed; the answer goes to the requesting core's inbox.
+//! The subscriber queues a replay only once this instance's subscription to the user's channel
+//! is confirmed; the answer goes to the requesting core's inbox.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use super::fair_reads::HistoryReads;
 use super::shard_conns::ShardConns;
 use super::{Backoff, Backplane, Job, PageRequest, PublishRequest, ReplayRequest};
 use crate::bus::{Bus, CoreMsg, PageError, PageResult, PublishResult, ReplayResult};
 use crate::history::{self, HistoryConfig, Offset, Replay};
 use crate::UserId;
 
-/// Runs until the subscriber (the only sender) is gone or the backplane stops.
-pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
+/// Runs jobs from the fair queue until the backplane stops; `n` tells the workers apart.
+pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, jobs: &HistoryReads<Job>, n: u64) {
     let Some(config) = bp.history().cloned() else {
         return;
     };
@@ -25,13 +26,18 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
     let mut backoff = Backoff::new(
         bp.config.reconnect_min,
         bp.config.reconnect_max,
-        bp.node_id ^ 0x5eed,
+        bp.node_id ^ 0x5eed ^ n,
     );
     let rooms = bp.rooms().map(|r| r.history.clone()).unwrap_or_default();
-    while !bp.stop.load(Relaxed) {
-        let request = match rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(Job::Replay(r)) => r,
-            Ok(Job::Page(p)) => {
+    while let Some((lane, job)) = jobs.take() {
+        match job {
+            Job::Replay(request) if Instant::now() < request.deadline => {
+                let worker = (&mut conns, &mut backoff);
+                replay(&bp, &bus, worker, &config, &rooms, request);
+            }
+            // The core answered the client already.
+            Job::Replay(_) => {}
+            Job::Page(p) => {
                 let result =
                     match stream_of(&bp, &p.user, p.room.as_deref()) {
                         // No history on a cluster for this user id (see `tagged`).
@@ -58,12 +64,9 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
                     ack: p.ack,
                     result,
                 };
-                if !bus.send(p.core, CoreMsg::Page(Box::new(answer))) {
-                    bp.stats.inbox_drops.fetch_add(1, Relaxed);
-                }
-                continue;
+                send(&bp, &bus, p.core, CoreMsg::Page(Box::new(answer)));
             }
-            Ok(Job::Publish(p)) => {
+            Job::Publish(p) => {
                 let result = publish(&mut conns, &bp, &config, &p).map_err(|e| {
                     conns.reset();
                     e.to_string()
@@ -73,63 +76,71 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<Job>) {
                     serial: p.serial,
                     result,
                 };
-                if !bus.send(p.core, CoreMsg::Published(Box::new(answer))) {
-                    bp.stats.inbox_drops.fetch_add(1, Relaxed);
-                }
-                continue;
+                send(&bp, &bus, p.core, CoreMsg::Published(Box::new(answer)));
             }
-            Ok(Job::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => continue,
-        };
-        if Instant::now() >= request.deadline {
-            continue;
         }
-        let result = match stream_of(&bp, &request.user, request.room.as_deref()) {
-            None => Ok(Replay::default()),
-            Some(key) => {
-                conns
-                    .for_key(&bp, key.as_bytes())
-                    .and_then(|(_, c)| match &request.room {
-                        None => query(c, &key, &request, &config),
-                        Some(room) => {
-                            let prefix = &bp.config.channel_prefix;
-                            super::room_history::replay(c, prefix, room, request.since, &rooms)
-                        }
-                    })
-            }
-        };
-        let replay = match result {
-            Ok(replay) => {
-                backoff.reset();
-                replay
-            }
-            Err(e) => {
-                // Redis may be restarting. The request goes back through the subscriber, which
-                // holds it until the user's channel is confirmed again: querying as soon as
-                // Redis answers could run before the re-subscription and miss what is
-                // published in between.
-                log::warn!(
-                    "redis history query for {} failed: {}",
-                    request.user,
-                    super::endpoint::plain_words(&e.to_string())
-                );
-                conns.reset();
-                std::thread::sleep(backoff.next_delay());
-                bp.request_replay(request);
-                continue;
-            }
-        };
-        let result = ReplayResult {
-            key: request.key,
-            serial: request.serial,
-            room: request.room,
-            replay,
-        };
-        if !bus.send(request.core, CoreMsg::Replayed(Box::new(result))) {
-            // The core's recovery deadline answers the client instead.
-            bp.stats.inbox_drops.fetch_add(1, Relaxed);
-        }
+        jobs.done(&lane);
     }
+}
+
+/// Hands an answer to core `core`; a full inbox drops it (counted), and the core's own
+/// deadline answers the client instead.
+fn send(bp: &Backplane, bus: &Bus, core: usize, msg: CoreMsg) {
+    if !bus.send(core, msg) {
+        bp.stats.inbox_drops.fetch_add(1, Relaxed);
+    }
+}
+
+/// Runs one replay and sends the answer to the requesting core; a failed query goes back
+/// through the subscriber (after a backoff).
+fn replay(
+    bp: &Arc<Backplane>,
+    bus: &Bus,
+    (conns, backoff): (&mut ShardConns, &mut Backoff),
+    config: &HistoryConfig,
+    rooms: &crate::rooms::RoomHistoryConfig,
+    request: ReplayRequest,
+) {
+    let result = match stream_of(bp, &request.user, request.room.as_deref()) {
+        None => Ok(Replay::default()),
+        Some(key) => conns
+            .for_key(bp, key.as_bytes())
+            .and_then(|(_, c)| match &request.room {
+                None => query(c, &key, &request, config),
+                Some(room) => {
+                    let prefix = &bp.config.channel_prefix;
+                    super::room_history::replay(c, prefix, room, request.since, rooms)
+                }
+            }),
+    };
+    let replay = match result {
+        Ok(replay) => {
+            backoff.reset();
+            replay
+        }
+        Err(e) => {
+            // Redis may be restarting. The request goes back through the subscriber, which
+            // holds it until the user's channel is confirmed again: querying as soon as Redis
+            // answers could run before the re-subscription and miss what is published in
+            // between.
+            log::warn!(
+                "redis history query for {} failed: {}",
+                request.user,
+                super::endpoint::plain_words(&e.to_string())
+            );
+            conns.reset();
+            std::thread::sleep(backoff.next_delay());
+            bp.request_replay(request);
+            return;
+        }
+    };
+    let result = ReplayResult {
+        key: request.key,
+        serial: request.serial,
+        room: request.room,
+        replay,
+    };
+    send(bp, bus, request.core, CoreMsg::Replayed(Box::new(result)));
 }
 
 /// The stream a replay or page reads: the room's, or the user's (hash-tagged into its channel's
@@ -211,7 +222,8 @@ fn age_cutoff(conn: &mut redis::Connection, config: &HistoryConfig) -> redis::Re
 }
 
 /// `XREVRANGE key (before start COUNT limit`: newest first, none older than the max age and none
-/// past the last `max_len` (the stream may hold a few more: see [`history::APPEND_SCRIPT`]).
+/// past the last `max_len` (the stream may hold a few more: see [`history::APPEND_SCRIPT`]), and
+/// read no further than just past `request.max_bytes` of frames.
 fn page(
     conn: &mut redis::Connection,
     key: &str,
@@ -242,85 +254,155 @@ fn page(
             start = start.max(kept);
         }
     }
+    // In batches, stopping once the frames pass `max_bytes`: the one that passes it is kept,
+    // so the core's answer sees that not all fit (`"more": true`).
+    let (mut end, start) = (end, start.to_string());
+    let mut frames = Vec::new();
+    let mut bytes = 0usize;
+    let mut batch = FIRST_BATCH.min(request.limit);
+    while frames.len() < request.limit && bytes <= request.max_bytes {
+        let (got, entries) = newest_first(conn, key, &end, &start, batch)?;
+        for (offset, frame) in entries {
+            end = format!("({offset}");
+            if let Some(frame) = frame {
+                bytes += frame.len();
+                frames.push(frame);
+            }
+            if bytes > request.max_bytes {
+                break;
+            }
+        }
+        if got < batch {
+            break;
+        }
+        batch = next_batch(request.max_bytes, bytes, frames.len(), request.limit);
+    }
+    Ok(frames)
+}
+
+/// One `XREVRANGE key end start COUNT count`: how many entries came, and each one's offset with
+/// its frame (the offset spliced in; `None` for an entry without a readable frame).
+type Entries = (usize, Vec<(Offset, Option<tungstenite::Utf8Bytes>)>);
+
+fn newest_first(
+    conn: &mut redis::Connection,
+    key: &str,
+    end: &str,
+    start: &str,
+    count: usize,
+) -> redis::RedisResult<Entries> {
     let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
         .arg(key)
         .arg(end)
-        .arg(start.to_string())
+        .arg(start)
         .arg("COUNT")
-        .arg(request.limit)
+        .arg(count)
         .query(conn)?;
-    Ok(reply
+    let got = reply.ids.len();
+    let entries = reply
         .ids
         .into_iter()
         .filter_map(|entry| {
             let offset = entry.id.parse::<Offset>().ok()?;
-            match entry.map.get("f") {
-                Some(redis::Value::BulkString(b)) => std::str::from_utf8(b)
-                    .ok()
-                    .map(|f| history::with_offset(f, offset)),
+            let frame = match entry.map.get("f") {
+                Some(redis::Value::BulkString(b)) => std::str::from_utf8(b).ok(),
                 _ => None,
-            }
+            };
+            Some((offset, frame.map(|f| history::with_offset(f, offset))))
         })
-        .collect())
+        .collect();
+    Ok((got, entries))
 }
 
-/// `XRANGE key since + COUNT max_len+1`: `since` itself is asked for too, because its presence
-/// is what proves nothing after it was trimmed (streams are trimmed from the oldest end only).
-/// Streams are trimmed approximately (whole nodes, at least the last `max_len` kept; by age only
-/// now and then), so the bounds are enforced here: a `since` with `max_len` or more entries after
-/// it, or older than the max age, is one an exact trim would have dropped (`complete: false`).
+/// Entries asked for in the first `XREVRANGE` of a replay or page.
+const FIRST_BATCH: usize = 32;
+/// Most entries asked for in one `XREVRANGE`.
+const MAX_BATCH: usize = 512;
+
+/// The next batch of a byte-budgeted read: as many entries as the bytes left hold at the size
+/// seen so far (one more, to see the budget pass), at most `MAX_BATCH` and the entries still
+/// wanted (`max_entries` in all).
+fn next_batch(max_bytes: usize, bytes: usize, entries: usize, max_entries: usize) -> usize {
+    let average = bytes / entries.max(1) + 1;
+    (max_bytes.saturating_sub(bytes) / average)
+        .saturating_add(1)
+        .clamp(1, MAX_BATCH)
+        .min(max_entries.saturating_sub(entries).max(1))
+}
+
+/// The events after `request.since`, newest first in `XREVRANGE` batches down to `since`
+/// itself, then put back in order. `since` is read too, because its presence is what proves
+/// nothing after it was trimmed (streams are trimmed from the oldest end only). The read stops
+/// at whichever comes first, and only reaching `since` makes the replay complete:
+/// - `since` (complete, if it is within the max age);
+/// - `max_len` entries after it: an exact trim would have dropped `since` (streams are trimmed
+///   approximately: whole nodes, by age only now and then, so the bounds are enforced here);
+/// - an entry older than the max age;
+/// - `request.max_bytes` of frames: the replay keeps the newest that fit (what the client is
+///   about to see live next to) and the client pages further back with `history`. So one
+///   replay reads and queues at most about that many bytes, never a whole long history, and
+///   never makes its requester a slow consumer by itself.
 fn query(
     conn: &mut redis::Connection,
     key: &str,
     request: &ReplayRequest,
     config: &HistoryConfig,
 ) -> redis::RedisResult<Replay> {
-    let max_len = config.max_len;
     let cutoff = age_cutoff(conn, config)?;
-    // `since` plus `max_len` entries: `since` is not among the last `max_len` (trimmed for an
-    // exact bound; or another instance keeps more), and the replay is cut short.
-    let count = max_len + 1;
-    let mut reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(key)
-        .arg(request.since.to_string())
-        .arg("+")
-        .arg("COUNT")
-        .arg(count)
-        .query(conn)?;
-    let truncated = reply.ids.len() >= count;
-    if truncated {
-        // Send the newest ones instead: those are what the client is about to see live next
-        // to.
-        let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-            .arg(key)
-            .arg("+")
-            .arg(format!("({}", request.since))
-            .arg("COUNT")
-            .arg(max_len)
-            .query(conn)?;
-        reply.ids = newest.ids;
-        reply.ids.reverse();
-    }
     let mut replay = Replay::default();
-    for (i, entry) in reply.ids.into_iter().enumerate() {
-        let Ok(offset) = entry.id.parse::<Offset>() else {
-            continue;
-        };
-        if i == 0 && offset == request.since && !truncated && offset >= cutoff {
-            replay.complete = true;
+    let mut bytes = 0usize;
+    let mut end = "+".to_string();
+    let mut batch = FIRST_BATCH;
+    let since = request.since.to_string();
+    'read: loop {
+        let (got, entries) = newest_first(conn, key, &end, &since, batch)?;
+        for (offset, frame) in entries {
+            end = format!("({offset}");
+            if offset <= request.since {
+                // With `max_len` entries after it, an exact trim would have dropped `since`.
+                replay.complete = offset == request.since
+                    && offset >= cutoff
+                    && replay.entries.len() < config.max_len;
+                break 'read;
+            }
+            if offset < cutoff || replay.entries.len() >= config.max_len {
+                break 'read;
+            }
+            let Some(frame) = frame else {
+                continue;
+            };
+            if bytes + frame.len() > request.max_bytes {
+                break 'read;
+            }
+            bytes += frame.len();
+            replay.entries.push((offset, frame));
         }
-        if offset <= request.since || offset < cutoff {
-            continue;
+        if got < batch {
+            // Reached the stream's oldest entry without meeting `since`: trimmed, or never
+            // there.
+            break;
         }
-        let frame = match entry.map.get("f") {
-            Some(redis::Value::BulkString(b)) => std::str::from_utf8(b).ok(),
-            _ => None,
-        };
-        if let Some(frame) = frame {
-            replay
-                .entries
-                .push((offset, history::with_offset(frame, offset)));
-        }
+        // `since` itself is one more entry to read past `max_len` after it.
+        let wanted = config.max_len + 1;
+        batch = next_batch(request.max_bytes, bytes, replay.entries.len(), wanted);
     }
+    replay.entries.reverse();
     Ok(replay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_follow_the_bytes_left_and_the_entries_wanted() {
+        // 60 KB entries and 512 KiB left: about 8 more, not hundreds.
+        assert_eq!(next_batch(512 * 1024, 60_000, 1, 1001), 8);
+        // Small entries: the cap.
+        assert_eq!(next_batch(512 * 1024, 200, 1, 100_000), MAX_BATCH);
+        // Never more than wanted, never zero.
+        assert_eq!(next_batch(512 * 1024, 200, 1, 5), 4);
+        assert_eq!(next_batch(100, 500, 5, 1001), 1);
+        assert_eq!(next_batch(usize::MAX, 0, 0, 100), 100);
+    }
 }

@@ -22,6 +22,7 @@
 pub mod cluster;
 pub(crate) mod core_link;
 mod endpoint;
+mod fair_reads;
 mod history_worker;
 pub(crate) mod pipeline;
 pub mod publisher;
@@ -51,6 +52,9 @@ pub use crate::config::redis::{
     DEFAULT_RECONNECT_MIN, DEFAULT_WAIT_REPLICAS, DEFAULT_WAIT_TIMEOUT,
 };
 
+use self::fair_reads::HistoryReads;
+pub(crate) use self::fair_reads::Job;
+pub use self::fair_reads::NotQueued;
 use crate::bus::{AckWaiter, Bus, Dispatch};
 use crate::history::{HistoryConfig, Offset};
 use crate::rooms::{RoomId, RoomsConfig};
@@ -86,6 +90,10 @@ pub struct ReplayRequest {
     pub serial: u64,
     /// When the core stops waiting (and answers `complete: false` itself).
     pub deadline: std::time::Instant,
+    /// Most bytes of frames the replay carries (the newest that fit; `complete: false` if
+    /// that is not all): half the outbound bound, so the replay never makes its requester a
+    /// slow consumer by itself.
+    pub max_bytes: usize,
 }
 
 /// A request for a page of `user`'s history, newest first, for a `history` event (`ack`) or a
@@ -110,6 +118,9 @@ pub struct PageRequest {
     pub serial: u64,
     /// The `history` event's ack number; `None` for HTTP.
     pub ack: Option<u64>,
+    /// The read stops just past this many bytes of frames: the `history` event's answer budget
+    /// (the answer then says `"more": true`); `usize::MAX` for HTTP (bounded by the limit).
+    pub max_bytes: usize,
 }
 
 /// A `POST /api/publish` waiting for its offsets: the dispatch is appended and published for
@@ -124,15 +135,6 @@ pub struct PublishRequest {
     pub key: usize,
     /// The connection's serial.
     pub serial: u64,
-}
-
-/// Work for the history worker.
-#[derive(Debug)]
-pub(crate) enum Job {
-    Replay(ReplayRequest),
-    Page(PageRequest),
-    Publish(PublishRequest),
-    Stop,
 }
 
 /// Where the answer to a room request goes: a connection (and its ack number).
@@ -270,6 +272,9 @@ pub struct BackplaneStats {
     pub room_members: AtomicU64,
     /// Held acks a core answered itself when its own link settled them (no bus round trip).
     pub acked_inline: AtomicU64,
+    /// History reads refused because the user already had `--history-read-queue-per-user`
+    /// waiting.
+    pub history_reads_refused: AtomicU64,
     /// From encoding a publishing command on a core's link to Redis's reply.
     pub redis_round_trip: crate::metrics::Histogram<14>,
 }
@@ -291,8 +296,9 @@ pub struct Backplane {
     history: OnceLock<HistoryConfig>,
     /// Replay requests from the cores, for the subscriber.
     replays: SegQueue<ReplayRequest>,
-    /// The history worker's queue (pages go straight there; replays through the subscriber).
-    jobs: OnceLock<std::sync::mpsc::Sender<Job>>,
+    /// The history workers' queue, fair between users (pages and publishes go straight there;
+    /// replays through the subscriber).
+    jobs: OnceLock<Arc<HistoryReads<Job>>>,
     /// The cores' inboxes, for held acks (set by [`Backplane::start`]).
     bus: OnceLock<Arc<Bus>>,
     /// Set when rooms are on (per-user routing on one Redis).
@@ -428,21 +434,32 @@ impl Backplane {
         self.wake_subscriber();
     }
 
-    /// Asks the history worker for a page; the answer arrives in the core's inbox as
-    /// [`crate::bus::CoreMsg::Page`]. Returns `false` when there is no worker (history off).
-    pub fn request_page(&self, request: PageRequest) -> bool {
-        self.jobs
-            .get()
-            .is_some_and(|jobs| jobs.send(Job::Page(request)).is_ok())
+    /// Asks the history workers for a page; the answer arrives in the core's inbox as
+    /// [`crate::bus::CoreMsg::Page`].
+    pub fn request_page(&self, request: PageRequest) -> Result<(), NotQueued> {
+        self.queue_job(Job::Page(request))
+    }
+
+    /// Queues `job` in its lane.
+    pub(crate) fn queue_job(&self, job: Job) -> Result<(), NotQueued> {
+        let Some(jobs) = self.jobs.get() else {
+            return Err(NotQueued::Off);
+        };
+        jobs.push(job.lane(), job).map_err(|_| {
+            if self.stop.load(Relaxed) {
+                NotQueued::Off
+            } else {
+                self.stats.history_reads_refused.fetch_add(1, Relaxed);
+                NotQueued::Busy
+            }
+        })
     }
 
     /// Has the history worker append and publish `request.dispatch` for all its users at once;
     /// the offsets arrive in the core's inbox as [`crate::bus::CoreMsg::Published`]. Returns
     /// `false` when there is no worker (history off).
     pub fn request_publish(&self, request: PublishRequest) -> bool {
-        self.jobs
-            .get()
-            .is_some_and(|jobs| jobs.send(Job::Publish(request)).is_ok())
+        self.queue_job(Job::Publish(request)).is_ok()
     }
 
     /// Starts the publisher and subscriber threads (and the history worker with history on).
@@ -454,20 +471,21 @@ impl Backplane {
             threads.push(thread);
         }
         let _ = self.bus.set(Arc::clone(&bus));
-        let worker = if self.history.get().is_some() {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let _ = self.jobs.set(tx.clone());
-            let this = Arc::clone(self);
-            let bus = Arc::clone(&bus);
-            threads.push(
-                std::thread::Builder::new()
-                    .name("switchboard-redis-history".into())
-                    .spawn(move || history_worker::run(this, bus, rx))?,
-            );
-            Some(tx)
-        } else {
-            None
-        };
+        if let Some(config) = self.history.get() {
+            let jobs = Arc::new(HistoryReads::new(
+                config.reads_per_user,
+                config.read_queue_per_user,
+            ));
+            let _ = self.jobs.set(Arc::clone(&jobs));
+            for n in 0..config.workers {
+                let (this, bus, jobs) = (Arc::clone(self), Arc::clone(&bus), Arc::clone(&jobs));
+                threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("switchboard-redis-history-{n}"))
+                        .spawn(move || history_worker::run(this, bus, &jobs, n as u64))?,
+                );
+            }
+        }
         if self.rooms.get().is_some() {
             let (tx, rx) = std::sync::mpsc::channel();
             let _ = self.room_jobs.set(tx);
@@ -479,7 +497,7 @@ impl Backplane {
                     .spawn(move || rooms_worker::run(this, bus, rx))?,
             );
         }
-        let sub = subscriber::Subscriber::new(Arc::clone(self), bus, worker)?;
+        let sub = subscriber::Subscriber::new(Arc::clone(self), bus, self.jobs.get().cloned())?;
         let sub_thread = std::thread::Builder::new()
             .name("switchboard-redis-sub".into())
             .spawn(move || sub.run())?;
@@ -525,7 +543,7 @@ impl Backplane {
             let _ = w.wake();
         }
         if let Some(jobs) = self.jobs.get() {
-            let _ = jobs.send(Job::Stop);
+            jobs.stop();
         }
         if let Some(jobs) = self.room_jobs.get() {
             // After every core's last `Disconnected`: the worker uncounts those connections,
@@ -633,7 +651,7 @@ impl Backplane {
     /// Prometheus families for `/metrics`.
     pub fn render_prometheus(&self, out: &mut String) {
         let s = &self.stats;
-        let rows: [(&str, &str, &str, u64); 17] = [
+        let rows: [(&str, &str, &str, u64); 19] = [
             (
                 "switchboard_backplane_publisher_connected",
                 "gauge",
@@ -693,6 +711,18 @@ impl Backplane {
                 "counter",
                 "Own publications received back and skipped.",
                 s.ignored_own.load(Relaxed),
+            ),
+            (
+                "switchboard_history_reads_waiting",
+                "gauge",
+                "History reads (replays, pages) and API publishes waiting for a worker.",
+                self.jobs.get().map_or(0, |j| j.waiting() as u64),
+            ),
+            (
+                "switchboard_history_reads_refused_total",
+                "counter",
+                "History reads refused: the user had --history-read-queue-per-user waiting.",
+                s.history_reads_refused.load(Relaxed),
             ),
             (
                 "switchboard_backplane_invalid_total",

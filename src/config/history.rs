@@ -14,6 +14,17 @@ pub const DEFAULT_MAX_PUBLISH_USERS: usize = 1000;
 pub const DEFAULT_MAX_PUBLISH_BODY_BYTES: usize = 1024 * 1024;
 /// How long a `sendMessage` `clientId` is remembered, so that a resend is recognised.
 pub const DEFAULT_DEDUPE_WINDOW: Duration = Duration::from_secs(300);
+/// Threads reading history from Redis (replays, pages, API publishes), per instance.
+pub const DEFAULT_HISTORY_WORKERS: usize = 4;
+/// History reads of one user the workers run at once; the user's others wait their turn.
+pub const DEFAULT_READS_PER_USER: usize = 1;
+/// History reads of one user waiting for a worker; past it a read is refused (a replay answers
+/// `complete: false`, a page `rate_limited` or HTTP 429).
+pub const DEFAULT_READ_QUEUE_PER_USER: usize = 16;
+/// `GET /api/history` requests per second per user (0 = no limit); past it, HTTP 429.
+pub const DEFAULT_API_HISTORY_RATE: u32 = 10;
+/// `GET /api/history` requests of one user allowed in a burst above its rate.
+pub const DEFAULT_API_HISTORY_BURST: u32 = 20;
 /// What embedded history may hold in total (frames plus a fixed cost per event and per user)
 /// before the largest users' oldest events are evicted.
 pub const DEFAULT_MAX_TOTAL_BYTES: usize = 256 * 1024 * 1024;
@@ -46,6 +57,16 @@ pub struct HistoryConfig {
     /// How long an idempotency key (`sendMessage`'s `clientId`) is remembered per recipient
     /// (`--dedupe-window`): a resend within it is stored and delivered once.
     pub dedupe_window: Duration,
+    /// Threads reading history from Redis (`--history-workers`).
+    pub workers: usize,
+    /// History reads of one user in flight at once (`--history-reads-per-user`).
+    pub reads_per_user: usize,
+    /// History reads of one user waiting for a worker (`--history-read-queue-per-user`).
+    pub read_queue_per_user: usize,
+    /// `GET /api/history` requests per second per user, 0 = no limit (`--api-history-rate`).
+    pub api_rate: u32,
+    /// Burst above `api_rate` (`--api-history-burst`).
+    pub api_burst: u32,
     /// Embedded mode: what all users' histories may cost together
     /// (`--history-max-total-bytes`); past it the largest users' oldest events are evicted.
     pub max_total_bytes: usize,
@@ -66,6 +87,11 @@ impl Default for HistoryConfig {
             max_publish_users: DEFAULT_MAX_PUBLISH_USERS,
             max_publish_body_bytes: DEFAULT_MAX_PUBLISH_BODY_BYTES,
             dedupe_window: DEFAULT_DEDUPE_WINDOW,
+            workers: DEFAULT_HISTORY_WORKERS,
+            reads_per_user: DEFAULT_READS_PER_USER,
+            read_queue_per_user: DEFAULT_READ_QUEUE_PER_USER,
+            api_rate: DEFAULT_API_HISTORY_RATE,
+            api_burst: DEFAULT_API_HISTORY_BURST,
             max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
             sender_bytes_per_minute: DEFAULT_SENDER_BYTES_PER_MINUTE,
         }
@@ -95,6 +121,18 @@ impl HistoryConfig {
         }
         if self.max_publish_users == 0 || self.max_publish_body_bytes < 64 {
             return Err("publish bounds must be at least 1 user and 64 bytes".into());
+        }
+        if self.workers == 0 || self.workers > 256 {
+            return Err("--history-workers must be between 1 and 256".into());
+        }
+        if self.reads_per_user == 0 || self.read_queue_per_user == 0 {
+            return Err(
+                "--history-reads-per-user and --history-read-queue-per-user must be at least 1"
+                    .into(),
+            );
+        }
+        if self.api_rate > 0 && self.api_burst == 0 {
+            return Err("--api-history-burst must be at least 1 when the rate is limited".into());
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use super::mode::History;
 use super::{CoreLoop, API_WAIT};
 use crate::access;
 use crate::api::{self, ApiError, Audience};
+use crate::backplane::NotQueued;
 use crate::bus::{Dispatch, PageError, PageResult, PublishResult};
 use crate::connection::{BodyOutcome, Connection};
 use crate::handlers::Args;
@@ -40,6 +41,20 @@ impl CoreLoop {
         if let Some(room) = room.filter(|r| grant.is_some_and(|g| !g.may_join(r))) {
             let message = format!("this token may not read room {room:?}");
             return self.reply(key, api::json_error(403, &message), &[]);
+        }
+        // Per user (the token's), on every core: a flood from many addresses or connections
+        // of one account shares one bucket.
+        if !shared
+            .api_history_rates
+            .take(&identity.user, Instant::now())
+        {
+            add(&self.metrics().api_history_rate_limited, 1);
+            let body = api::json_error_with(
+                429,
+                "Retry-After: 1\r\n",
+                "too many history requests for this user: retry later",
+            );
+            return self.reply(key, body, &[]);
         }
         self.history_page(key, &req, identity.user, true);
     }
@@ -88,9 +103,21 @@ impl CoreLoop {
             key,
             serial,
             ack: None,
+            max_bytes: usize::MAX,
         });
-        if !asked {
-            self.reply(key, api::json_error(503, "history unavailable"), &[]);
+        match asked {
+            Ok(()) => {}
+            Err(NotQueued::Busy) => {
+                let body = api::json_error_with(
+                    429,
+                    "Retry-After: 1\r\n",
+                    "too many history reads waiting for this user: retry later",
+                );
+                self.reply(key, body, &[]);
+            }
+            Err(NotQueued::Off) => {
+                self.reply(key, api::json_error(503, "history unavailable"), &[]);
+            }
         }
     }
 
@@ -365,7 +392,7 @@ impl CoreLoop {
             return;
         };
         let serial = open.serial;
-        let asked = bp.is_some_and(|bp| {
+        let asked = bp.map_or(Err(NotQueued::Off), |bp| {
             bp.request_page(crate::backplane::PageRequest {
                 user: user.clone(),
                 room,
@@ -376,12 +403,20 @@ impl CoreLoop {
                 key,
                 serial,
                 ack: Some(ack),
+                max_bytes: self.answer_budget(),
             })
         });
-        if !asked {
-            self.answer(key, Some(ack), |a| {
-                protocol::encode_error(a, ErrorCode::Internal.as_str(), "history unavailable")
-            });
-        }
+        let (code, message) = match asked {
+            Ok(()) => return,
+            Err(NotQueued::Busy) => (
+                ErrorCode::RateLimited,
+                "too many history reads waiting for this user: retry later",
+            ),
+            Err(NotQueued::Off) => (ErrorCode::Internal, "history unavailable"),
+        };
+        add(&self.metrics().client_errors, 1);
+        self.answer(key, Some(ack), |a| {
+            protocol::encode_error(a, code.as_str(), message)
+        });
     }
 }

@@ -209,6 +209,7 @@ impl CoreLoop {
                     key,
                     serial,
                     deadline,
+                    max_bytes: self.answer_budget(),
                 });
             }
             (History::Redis(_), None) => self.on_replay(answer(history::Replay::default())),
@@ -258,6 +259,7 @@ impl CoreLoop {
                     key,
                     serial,
                     deadline: Instant::now() + history::RECOVERY_TIMEOUT,
+                    max_bytes: self.answer_budget(),
                 }),
                 None => self.on_replay(ReplayResult {
                     key,
@@ -269,8 +271,10 @@ impl CoreLoop {
         }
     }
 
-    /// Sends the replay, then what arrived live meanwhile, then `recovered`.
-    pub(super) fn on_replay(&mut self, result: ReplayResult) {
+    /// Sends the replay, then what arrived live meanwhile, then `recovered`. A replay longer
+    /// than the answer budget keeps its newest events (see [`keep_newest_within`]).
+    pub(super) fn on_replay(&mut self, mut result: ReplayResult) {
+        keep_newest_within(&mut result.replay, self.answer_budget());
         let Some(open) = self.conns.get_open_mut(result.key) else {
             return;
         };
@@ -321,5 +325,53 @@ impl CoreLoop {
                 Some(room) => self.begin_room_recovery(result.key, room, last),
             }
         }
+    }
+}
+
+/// Keeps the newest events of `replay` whose frames fit in `max_bytes`, `complete: false` when
+/// any were dropped: the client pages further back with `history`. Redis replays are read that
+/// way already (`history_worker`); this bounds the embedded and room replays too, so a replay
+/// never makes its requester a slow consumer by itself, nor holds its core for a whole long
+/// history.
+fn keep_newest_within(replay: &mut history::Replay, max_bytes: usize) {
+    let mut bytes = 0usize;
+    let kept = replay
+        .entries
+        .iter()
+        .rev()
+        .take_while(|(_, frame)| {
+            bytes += frame.len();
+            bytes <= max_bytes
+        })
+        .count();
+    let dropped = replay.entries.len() - kept;
+    if dropped > 0 {
+        replay.entries.drain(..dropped);
+        replay.complete = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_over_the_budget_keeps_its_newest_events_and_is_incomplete() {
+        let frame = |n: u64| (Offset(1, n), tungstenite::Utf8Bytes::from("x".repeat(100)));
+        let mut replay = history::Replay {
+            entries: (1..=10).map(frame).collect(),
+            complete: true,
+        };
+        keep_newest_within(&mut replay, 350);
+        let kept: Vec<u64> = replay.entries.iter().map(|(o, _)| o.1).collect();
+        assert_eq!(kept, [8, 9, 10]);
+        assert!(!replay.complete);
+
+        let mut small = history::Replay {
+            entries: (1..=3).map(frame).collect(),
+            complete: true,
+        };
+        keep_newest_within(&mut small, 300);
+        assert_eq!((small.entries.len(), small.complete), (3, true));
     }
 }

@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub connect_rates_ip: super::gate::ConnectRates<std::net::IpAddr>,
     /// Connections per user, for `connect_rate_per_user` (`gate.rs`).
     pub connect_rates_user: super::gate::ConnectRates<crate::UserId>,
+    /// `GET /api/history` requests per user, for `history.api_rate` (`api.rs`).
+    pub api_history_rates: super::gate::ConnectRates<crate::UserId>,
     /// Bytes each user's sends may store for others, for `sender_bytes_per_minute`.
     pub sender_budgets: super::sender_budget::SenderBudgets,
     pub node_id: u64,

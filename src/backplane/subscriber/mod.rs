@@ -42,6 +42,7 @@ use self::resync::ResyncGate;
 use self::routing::{Hosts, OwnPayloads};
 use self::shards::Links;
 use self::subscriptions::Subscriptions;
+use super::fair_reads::HistoryReads;
 use super::resp::Value;
 use super::room_routes::{ChannelChanges, RoomRoutes};
 use super::wire;
@@ -67,8 +68,8 @@ pub struct Subscriber {
     own: OwnPayloads,
     /// Readiness, frames held after an outage, and waiting replay requests.
     gate: ResyncGate,
-    /// The history worker, when history is on.
-    worker: Option<std::sync::mpsc::Sender<Job>>,
+    /// The history workers' queue, when history is on.
+    worker: Option<Arc<HistoryReads<Job>>>,
     /// Rooms on: which hosted users are in which rooms (see `room_routes`).
     routes: RoomRoutes,
     /// Joins and leaves done in Redis, acked once the routes show them.
@@ -80,7 +81,7 @@ impl Subscriber {
     pub(crate) fn new(
         bp: Arc<Backplane>,
         bus: Arc<Bus>,
-        worker: Option<std::sync::mpsc::Sender<Job>>,
+        worker: Option<Arc<HistoryReads<Job>>>,
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;

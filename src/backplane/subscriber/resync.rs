@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::Subscriber;
+use crate::backplane::fair_reads::Lane;
 use crate::backplane::{Job, ReplayRequest};
 use crate::UserId;
 
@@ -125,9 +126,30 @@ impl Subscriber {
                 );
                 continue;
             }
-            if let Some(worker) = &self.worker {
-                // Fails only when the worker exited (shutdown); the core's deadline answers then.
-                let _ = worker.send(Job::Replay(request));
+            let Some(worker) = &self.worker else {
+                continue;
+            };
+            let (core, key, serial) = (request.core, request.key, request.serial);
+            let lane = Lane::User(request.user.clone());
+            if let Err(Job::Replay(refused)) = worker.push(lane, Job::Replay(request)) {
+                if self.bp.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Shutting down: the core's deadline answers.
+                    continue;
+                }
+                // The user already has its bound of reads waiting: answered at once, as if
+                // trimmed (`complete: false`), rather than queued behind its own flood.
+                self.bp
+                    .stats
+                    .history_reads_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let result = crate::bus::ReplayResult {
+                    key,
+                    serial,
+                    room: refused.room,
+                    replay: crate::history::Replay::default(),
+                };
+                self.bus
+                    .send(core, crate::bus::CoreMsg::Replayed(Box::new(result)));
             }
         }
     }
@@ -139,9 +161,19 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::backplane::fair_reads::HistoryReads;
     use crate::backplane::{Backplane, Membership, RedisConfig};
     use crate::bus::Bus;
     use crate::history::Offset;
+
+    /// The workers' queue read without blocking, as a channel would be.
+    struct TryTake(Arc<HistoryReads<Job>>);
+
+    impl TryTake {
+        fn try_recv(&self) -> Result<Job, ()> {
+            self.0.try_take().map(|(_, job)| job).ok_or(())
+        }
+    }
 
     fn request(user: &str, core: usize, deadline: Instant) -> ReplayRequest {
         ReplayRequest {
@@ -152,6 +184,7 @@ mod tests {
             key: 7,
             serial: 3,
             deadline,
+            max_bytes: 1 << 20,
         }
     }
 
@@ -161,8 +194,9 @@ mod tests {
     fn replays_wait_for_the_confirmed_subscription_and_the_core() {
         let bp = Backplane::new(RedisConfig::new("redis://127.0.0.1:1"), 1);
         let bus = Arc::new(Bus::new(2, 16));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let mut sub = Subscriber::new(Arc::clone(&bp), bus, Some(tx)).unwrap();
+        let jobs = Arc::new(HistoryReads::new(1, 16));
+        let mut sub = Subscriber::new(Arc::clone(&bp), bus, Some(Arc::clone(&jobs))).unwrap();
+        let rx = TryTake(jobs);
         let later = Instant::now() + Duration::from_secs(60);
         bp.request_replay(request("u1", 1, later));
         sub.take_replays();
