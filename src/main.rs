@@ -696,8 +696,8 @@ fn main() -> ExitCode {
     }
     if !config.rooms_active() {
         log::warn!(
-            "rooms, presence and --max-devices are off: they need per-user routing on a single \
-             Redis (or no Redis)"
+            "rooms, presence and --max-devices are off: they need per-user routing (on one \
+             Redis or a cluster) or no Redis; --routing seed does not support them"
         );
     }
     if config.auth == AuthMode::Dev {

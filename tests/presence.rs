@@ -35,29 +35,6 @@ fn join(c: &mut Client, room: &str) {
     request_ok(c, "joinRoom", json!({ "room": room }), 1);
 }
 
-fn online(c: &mut Client, room: &str) -> Vec<String> {
-    let r = request_ok(c, "presence", json!({ "room": room }), 2);
-    assert_eq!(r["room"], room);
-    let mut users: Vec<String> = r["online"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u.as_str().unwrap().to_string())
-        .collect();
-    users.sort();
-    users
-}
-
-fn expect_presence(c: &mut Client, room: &str, user: &str, is_online: bool) {
-    let e = c.recv_event("presenceChanged");
-    assert_eq!(
-        e["args"],
-        json!({"room": room, "user": user, "online": is_online}),
-        "{}: {e}",
-        c.user
-    );
-}
-
 /// No `presenceChanged` within `wait`.
 fn expect_no_presence(c: &mut Client, wait: Duration) {
     let deadline = Instant::now() + wait;
@@ -73,7 +50,7 @@ fn expect_no_presence(c: &mut Client, wait: Duration) {
 fn counted(redis: &TestRedis, user: &str) -> i64 {
     let mut r = redis.connection();
     let counts: Vec<i64> = redis::cmd("HVALS")
-        .arg(format!("switchboard:p:{user}"))
+        .arg(format!("{{switchboard:u:{user}}}:p"))
         .query(&mut r)
         .unwrap();
     counts.iter().sum()
@@ -89,17 +66,17 @@ fn embedded_presence_and_changes() {
     let mut b = server.connect("b");
     join(&mut a, "x");
     join(&mut b, "x");
-    assert_eq!(online(&mut a, "x"), ["a", "b"]);
+    assert_eq!(presence_online(&mut a, "x"), ["a", "b"]);
     let b2 = server.connect("b");
     expect_no_presence(&mut a, Duration::from_millis(200));
     b.close();
     expect_no_presence(&mut a, Duration::from_millis(200));
     b2.close();
     expect_presence(&mut a, "x", "b", false);
-    assert_eq!(online(&mut a, "x"), ["a"]);
+    assert_eq!(presence_online(&mut a, "x"), ["a"]);
     let _b = server.connect("b");
     expect_presence(&mut a, "x", "b", true);
-    assert_eq!(online(&mut a, "x"), ["a", "b"]);
+    assert_eq!(presence_online(&mut a, "x"), ["a", "b"]);
 }
 
 #[test]
@@ -134,7 +111,7 @@ fn presence_changes_across_instances() {
     let mut bob_b = b.connect("bob");
     join(&mut alice, "x");
     join(&mut bob_b, "x");
-    assert_eq!(online(&mut alice, "x"), ["alice", "bob"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice", "bob"]);
     // A second device on the other instance: bob stays online when one of them goes.
     let bob_a = a.connect("bob");
     wait_for("bob's two devices to count", || counted(&redis, "bob") == 2);
@@ -142,10 +119,10 @@ fn presence_changes_across_instances() {
     expect_no_presence(&mut alice, Duration::from_millis(300));
     bob_a.close();
     expect_presence(&mut alice, "x", "bob", false);
-    assert_eq!(online(&mut alice, "x"), ["alice"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice"]);
     let mut bob_b = b.connect("bob");
     expect_presence(&mut alice, "x", "bob", true);
-    assert_eq!(online(&mut bob_b, "x"), ["alice", "bob"]);
+    assert_eq!(presence_online(&mut bob_b, "x"), ["alice", "bob"]);
 }
 
 #[test]
@@ -157,7 +134,7 @@ fn a_stopped_instance_says_goodbye() {
     let mut bob = b.connect("bob");
     join(&mut alice, "x");
     join(&mut bob, "x");
-    assert_eq!(online(&mut alice, "x"), ["alice", "bob"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice", "bob"]);
     let started = Instant::now();
     drop(bob);
     drop(b);
@@ -184,7 +161,7 @@ fn users_of_an_instance_killed_with_sigkill_go_offline_after_the_ttl() {
     let mut bob = Client::connect(doomed.addr, "bob");
     join(&mut alice, "x");
     join(&mut bob, "x");
-    assert_eq!(online(&mut alice, "x"), ["alice", "bob"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice", "bob"]);
     let killed = Instant::now();
     doomed.signal(9);
     expect_presence(&mut alice, "x", "bob", false);
@@ -193,7 +170,7 @@ fn users_of_an_instance_killed_with_sigkill_go_offline_after_the_ttl() {
         after >= Duration::from_millis(1500),
         "offline only once the heartbeat expired, not {after:?} after the kill"
     );
-    assert_eq!(online(&mut alice, "x"), ["alice"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice"]);
     assert_eq!(
         counted(&redis, "bob"),
         0,
@@ -341,7 +318,7 @@ fn presence_changes_are_coalesced_per_user() {
         heard.is_empty(),
         "twenty changes within the interval were announced: {heard:?}"
     );
-    assert_eq!(online(&mut member, "x"), ["m"]);
+    assert_eq!(presence_online(&mut member, "x"), ["m"]);
     // A change that stands is announced at the interval's end.
     let _f = server.connect("f");
     expect_presence(&mut member, "x", "f", true);

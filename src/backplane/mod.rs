@@ -294,7 +294,7 @@ pub struct Backplane {
     jobs: OnceLock<std::sync::mpsc::Sender<Job>>,
     /// The cores' inboxes, for held acks (set by [`Backplane::start`]).
     bus: OnceLock<Arc<Bus>>,
-    /// Set when rooms are on (per-user routing on one Redis).
+    /// Set when rooms are on (per-user routing, on one Redis or a cluster).
     rooms: OnceLock<RoomsConfig>,
     /// The rooms worker's queue.
     room_jobs: OnceLock<std::sync::mpsc::Sender<RoomJob>>,
@@ -376,7 +376,7 @@ impl Backplane {
         let _ = self.history.set(config);
     }
 
-    /// Turns rooms and presence on (per-user routing on one Redis): call before
+    /// Turns rooms and presence on (per-user routing, on one Redis or a cluster): call before
     /// [`Backplane::start`].
     pub fn enable_rooms(&self, config: RoomsConfig) {
         let _ = self.rooms.set(config);

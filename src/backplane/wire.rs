@@ -45,6 +45,12 @@ pub fn room_stream_key(prefix: &str, room: &str) -> String {
     format!("{{{prefix}:r:{room}}}:h")
 }
 
+/// `{PREFIX:r:ROOM}:m`: the room's members (a set of user ids), in the room's slot so that a
+/// send checks membership in the same script that stores and publishes.
+pub fn room_members_key(prefix: &str, room: &str) -> String {
+    format!("{{{prefix}:r:{room}}}:m")
+}
+
 /// `{PREFIX:r:ROOM}:t`: the room stream's byte count and low-water mark (`low`).
 pub fn room_trim_key(prefix: &str, room: &str) -> String {
     format!("{{{prefix}:r:{room}}}:t")
