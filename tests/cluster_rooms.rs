@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 use switchboard::backplane::{cluster, RedisConfig, Routing};
 use switchboard::rooms::RoomsConfig;
 
@@ -311,4 +311,67 @@ fn device_limit_across_a_cluster() {
         d3.send_message(&user, "hello");
         assert_eq!(d3.recv_event("newMessage")["args"]["text"], "hello");
     }
+}
+
+const API_KEY: &str = "0123456789abcdef-api";
+
+/// A server API call with the API key: the status and the JSON body.
+fn api(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, body) = raw_request(addr, req.as_bytes());
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// The server API's presence and connections queries, a room publish and the cluster-wide
+/// disconnect, with the users' and the room's keys on different shards.
+#[test]
+fn server_api_across_a_cluster() {
+    let redis_cluster = TestCluster::start();
+    let with_key = || {
+        let mut config = switchboard::Config {
+            backplane: Some(cluster_config(&redis_cluster)),
+            ..test_config()
+        };
+        config.history.api_key = Some(API_KEY.into());
+        TestServer::with_config(config)
+    };
+    let (a, b) = (with_key(), with_key());
+    let map = cluster::SlotMap::fetch(&cluster_config(&redis_cluster)).unwrap();
+    let users = users_on_every_shard(&map);
+    let (u1, u2) = (&users[0], &users[1]);
+    let mut on_a = a.connect(u1);
+    let mut on_b = b.connect(u1);
+    let mut other = b.connect(u2);
+    a.wait_channels(1);
+    b.wait_channels(2);
+    join(&mut on_a, "r", 1);
+    join(&mut other, "r", 1);
+
+    let (_, count) = api(a.addr, "GET", &format!("/api/connections?user={u1}"), "");
+    assert_eq!(count, json!({"user": u1, "connections": 2}));
+    let (_, presence) = api(a.addr, "GET", "/api/presence?room=r", "");
+    assert_eq!(presence["online"], json!(sorted(&[u1, u2])));
+
+    let notice = r#"{"room":"r","event":"notice","args":{"n":1}}"#;
+    let (status, answer) = api(a.addr, "POST", "/api/publish", notice);
+    assert_eq!(status, 200, "{answer}");
+    for c in [&mut on_a, &mut on_b, &mut other] {
+        assert_eq!(c.recv_event("notice")["args"]["n"], 1);
+    }
+
+    let (status, answer) = api(
+        a.addr,
+        "POST",
+        "/api/disconnect",
+        &json!({"user": u1}).to_string(),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["instances"], 2, "{answer}");
+    assert_eq!(on_a.expect_close(), 4011);
+    assert_eq!(on_b.expect_close(), 4011);
+    other.send_acked(u2, "still here", 1);
 }
