@@ -375,3 +375,60 @@ fn server_api_across_a_cluster() {
     assert_eq!(on_b.expect_close(), 4011);
     other.send_acked(u2, "still here", 1);
 }
+
+/// A join or leave is two steps in two slots (the room's members, then the user's rooms; a
+/// leave the other way round): a crash in between leaves the user a member that is not routed
+/// the room, and the next join or leave completes it; a join refused at the user's room limit
+/// leaves no member entry behind.
+#[test]
+fn a_half_done_join_or_leave_is_completed_by_the_next_one() {
+    let redis_cluster = TestCluster::start();
+    let one_room = RoomsConfig {
+        max_rooms_per_user: 1,
+        ..RoomsConfig::default()
+    };
+    let a = server(&redis_cluster, one_room);
+    let map = cluster::SlotMap::fetch(&cluster_config(&redis_cluster)).unwrap();
+    let user = users_on_every_shard(&map).swap_remove(1);
+    let members_of = |room: &str| -> Vec<String> {
+        let key = format!("{{switchboard:r:{room}}}:m");
+        let mut c = owner(&redis_cluster, &map, &key).connection();
+        redis::cmd("SMEMBERS").arg(&key).query(&mut c).unwrap()
+    };
+    let add_member = |room: &str| {
+        let key = format!("{{switchboard:r:{room}}}:m");
+        let mut c = owner(&redis_cluster, &map, &key).connection();
+        let _: i64 = redis::cmd("SADD")
+            .arg(&key)
+            .arg(&user)
+            .query(&mut c)
+            .unwrap();
+    };
+    let mut dev = a.connect(&user);
+    a.wait_channels(1);
+
+    // The first step of a join done, the second not: a member, not routed.
+    add_member("half");
+    let args = json!({"room": "half", "text": "unrouted"});
+    request_ok(&mut dev, "sendRoomMessage", args, 1);
+    dev.expect_silence(Duration::from_millis(300));
+    join(&mut dev, "half", 2);
+    wait_room_routes(&a, 2, 1);
+    dev.send_json(&json!({"event": "sendRoomMessage", "args": {"room": "half", "text": "routed"}}));
+    assert_eq!(recv_room_message(&mut dev)["args"]["text"], "routed");
+
+    // At the limit of one room: refused, and the room gets no member entry.
+    let code = request_err(&mut dev, "joinRoom", json!({"room": "other"}), 3);
+    assert_eq!(code, "room_limit");
+    assert!(
+        members_of("other").is_empty(),
+        "the member entry was undone"
+    );
+
+    // The first step of a leave done, the second not: the next leave completes it.
+    add_member("gone");
+    request_ok(&mut dev, "leaveRoom", json!({"room": "gone"}), 4);
+    assert!(members_of("gone").is_empty());
+    let code = request_err(&mut dev, "leaveRoom", json!({"room": "gone"}), 5);
+    assert_eq!(code, "not_member");
+}
