@@ -231,8 +231,8 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_MAX_ROOM_NAME_BYTES", default_value_t = rooms::DEFAULT_MAX_ROOM_NAME_BYTES)]
     max_room_name_bytes: usize,
 
-    /// Connections one user may hold across the cluster; the one over it is closed with 4009.
-    /// 0 = no limit.
+    /// Connections one user may hold across the cluster; with Redis the newest wins (the oldest
+    /// is closed with 4009), embedded the one over it is closed with 4009. 0 = no limit.
     #[arg(long, env = "SWITCHBOARD_MAX_DEVICES", default_value_t = rooms::DEFAULT_MAX_DEVICES)]
     max_devices: u32,
 

@@ -4,7 +4,8 @@
 //! Keys (prefix `p`, the channel prefix): `p:ur:{user}` the user's rooms (set), `p:rm:{room}`
 //! the room's members (set), `p:p:{user}` connections per instance (hash node → count),
 //! `p:n:{node}` an instance's heartbeat (expires after `--presence-ttl`), `p:n:{node}:users`
-//! the users it counted, `p:nodes` every instance that has a heartbeat. Channels: `p:u:{user}`
+//! the users it counted, `p:nodes` every instance that has a heartbeat, `p:d:{user}` the user's
+//! devices under `--max-devices` (sorted set, see `devices.rs`: newest wins). Channels: `p:u:{user}`
 //! carries membership changes (`<node> ! +room`), `{p:r:ROOM}` (braces included: a Redis
 //! Cluster hash tag) the room's events. The room's history lives beside its channel, in the
 //! same hash slot: `{p:r:ROOM}:h` the stream, `{p:r:ROOM}:t` its byte count and low-water
@@ -65,6 +66,8 @@ end
 
 // After the macro: the server API's scripts use it too.
 pub(super) mod api_queries;
+#[macro_use]
+mod devices;
 
 /// ARGV: prefix, node, room, user, max rooms per user, max members. Joins and tells every
 /// instance hosting the user, on the user's channel, in the same step.
@@ -175,14 +178,16 @@ return out
 "#
 );
 
-/// ARGV: prefix, node, user, device limit (0 = none). Counts the connection and returns the
-/// user's live connections before it, or -1 (not counted) at the limit.
+/// ARGV: prefix, node, user, device limit (0 = none), device id. Counts the connection and
+/// returns the user's live connections before it. At the limit the oldest device makes room
+/// (`devices.rs`: newest wins).
 const CONNECT: &str = concat!(
     presence_lib!(),
+    devices_lib!(),
     r#"
 local user, limit = ARGV[3], tonumber(ARGV[4])
 local before = live(user)
-if limit > 0 and before >= limit then return -1 end
+if limit > 0 then admit_device(user, ARGV[5], limit) end
 redis.call('HINCRBY', p .. ':p:' .. user, node, 1)
 redis.call('SADD', p .. ':n:' .. node .. ':users', user)
 if before == 0 then announce(user, true) end
@@ -190,11 +195,13 @@ return before
 "#
 );
 
-/// ARGV: prefix, node, user. Uncounts one connection.
+/// ARGV: prefix, node, user, device id. Uncounts one connection.
 const DISCONNECT: &str = concat!(
     presence_lib!(),
+    devices_lib!(),
     r#"
 local user = ARGV[3]
+forget_device(user, ARGV[4])
 local n = redis.call('HINCRBY', p .. ':p:' .. user, node, -1)
 if n > 0 then return n end
 redis.call('HDEL', p .. ':p:' .. user, node)
@@ -208,6 +215,7 @@ return 0
 /// ARGV: prefix, node. Removes every instance whose heartbeat expired; returns how many.
 const SWEEP: &str = concat!(
     presence_lib!(),
+    devices_lib!(),
     r#"
 local swept = 0
 for _, dead in ipairs(redis.call('SMEMBERS', p .. ':nodes')) do
@@ -216,6 +224,7 @@ for _, dead in ipairs(redis.call('SMEMBERS', p .. ':nodes')) do
     local ukey = p .. ':n:' .. dead .. ':users'
     for _, user in ipairs(redis.call('SMEMBERS', ukey)) do
       redis.call('HDEL', p .. ':p:' .. user, dead)
+      forget_devices_of(user, dead)
       if live(user) == 0 then announce(user, false) end
     end
     redis.call('DEL', ukey)
@@ -230,6 +239,7 @@ return swept
 /// with none announced offline, as a sweep would after the TTL, only at once.
 const GOODBYE: &str = concat!(
     presence_lib!(),
+    devices_lib!(),
     r#"
 redis.call('DEL', p .. ':n:' .. node)
 redis.call('SREM', p .. ':nodes', node)
@@ -237,6 +247,7 @@ local ukey = p .. ':n:' .. node .. ':users'
 local users = redis.call('SMEMBERS', ukey)
 for _, user in ipairs(users) do
   redis.call('HDEL', p .. ':p:' .. user, node)
+  forget_devices_of(user, node)
 end
 for _, user in ipairs(users) do
   if live(user) == 0 then announce(user, false) end
@@ -559,12 +570,14 @@ impl Worker {
                 serial,
             } => {
                 let limit = self.config.max_devices;
+                let device = devices::device_id(self.bp.node_id, core, key, serial);
                 let reply = self.call(|c, s, p, n| {
                     s.connect
                         .arg(p)
                         .arg(n)
                         .arg(&*user)
                         .arg(limit)
+                        .arg(&device)
                         .invoke::<i64>(c)
                 });
                 let (admitted, counted) = match reply {
@@ -586,9 +599,21 @@ impl Worker {
                     self.bp.stats.inbox_drops.fetch_add(1, Relaxed);
                 }
             }
-            RoomJob::Disconnected { user } => {
-                let reply =
-                    self.call(|c, s, p, n| s.disconnect.arg(p).arg(n).arg(&*user).invoke::<i64>(c));
+            RoomJob::Disconnected {
+                user,
+                core,
+                key,
+                serial,
+            } => {
+                let device = devices::device_id(self.bp.node_id, core, key, serial);
+                let reply = self.call(|c, s, p, n| {
+                    s.disconnect
+                        .arg(p)
+                        .arg(n)
+                        .arg(&*user)
+                        .arg(&device)
+                        .invoke::<i64>(c)
+                });
                 if let Err(e) = reply {
                     log::warn!("redis: uncounting a connection of {user} failed: {e}");
                 }

@@ -59,8 +59,8 @@ pub struct RoomsConfig {
     pub max_room_members: usize,
     /// Longest room name in bytes (`--max-room-name-bytes`); longer is `bad_room`.
     pub max_room_name_bytes: usize,
-    /// Connections per user across the cluster (`--max-devices`, 0 = off); the connection over
-    /// it is closed with 4009.
+    /// Connections per user across the cluster (`--max-devices`, 0 = off). With Redis the newest
+    /// wins (the oldest is closed with 4009); embedded the connection over it is closed with 4009.
     pub max_devices: u32,
     /// Heartbeat expiry of an instance (`--presence-ttl`), refreshed every third of it.
     pub presence_ttl: Duration,
