@@ -67,6 +67,8 @@ end
 // After the macro: the server API's scripts use it too.
 pub(super) mod api_queries;
 #[macro_use]
+mod coalesce;
+#[macro_use]
 mod devices;
 
 /// ARGV: prefix, node, room, user, max rooms per user, max members. Joins and tells every
@@ -178,27 +180,30 @@ return out
 "#
 );
 
-/// ARGV: prefix, node, user, device limit (0 = none), device id. Counts the connection and
-/// returns the user's live connections before it. At the limit the oldest device makes room
-/// (`devices.rs`: newest wins).
+/// ARGV: prefix, node, user, device limit (0 = none), device id, presence interval in ms.
+/// Counts the connection and returns the user's live connections before it. At the limit the
+/// oldest device makes room (`devices.rs`: newest wins); the user coming online is announced
+/// or held (`coalesce.rs`).
 const CONNECT: &str = concat!(
     presence_lib!(),
     devices_lib!(),
+    coalesce_lib!(),
     r#"
 local user, limit = ARGV[3], tonumber(ARGV[4])
 local before = live(user)
 if limit > 0 then admit_device(user, ARGV[5], limit) end
 redis.call('HINCRBY', p .. ':p:' .. user, node, 1)
 redis.call('SADD', p .. ':n:' .. node .. ':users', user)
-if before == 0 then announce(user, true) end
+if before == 0 then changed(user, true) end
 return before
 "#
 );
 
-/// ARGV: prefix, node, user, device id. Uncounts one connection.
+/// ARGV: prefix, node, user, device id, presence interval in ms. Uncounts one connection.
 const DISCONNECT: &str = concat!(
     presence_lib!(),
     devices_lib!(),
+    coalesce_lib!(),
     r#"
 local user = ARGV[3]
 forget_device(user, ARGV[4])
@@ -207,15 +212,17 @@ if n > 0 then return n end
 redis.call('HDEL', p .. ':p:' .. user, node)
 redis.call('SREM', p .. ':n:' .. node .. ':users', user)
 -- Below zero: a sweep already removed this instance's count (and announced).
-if n == 0 and live(user) == 0 then announce(user, false) end
+if n == 0 and live(user) == 0 then changed(user, false) end
 return 0
 "#
 );
 
-/// ARGV: prefix, node. Removes every instance whose heartbeat expired; returns how many.
+/// ARGV: prefix, node, presence interval in ms. Removes every instance whose heartbeat expired;
+/// returns how many.
 const SWEEP: &str = concat!(
     presence_lib!(),
     devices_lib!(),
+    coalesce_lib!(),
     r#"
 local swept = 0
 for _, dead in ipairs(redis.call('SMEMBERS', p .. ':nodes')) do
@@ -225,7 +232,7 @@ for _, dead in ipairs(redis.call('SMEMBERS', p .. ':nodes')) do
     for _, user in ipairs(redis.call('SMEMBERS', ukey)) do
       redis.call('HDEL', p .. ':p:' .. user, dead)
       forget_devices_of(user, dead)
-      if live(user) == 0 then announce(user, false) end
+      if live(user) == 0 then changed(user, false) end
     end
     redis.call('DEL', ukey)
     swept = swept + 1
@@ -235,11 +242,13 @@ return swept
 "#
 );
 
-/// ARGV: prefix, node. This instance leaves: its connections are uncounted and the users left
-/// with none announced offline, as a sweep would after the TTL, only at once.
+/// ARGV: prefix, node, presence interval in ms. This instance leaves: its connections are
+/// uncounted and the users left with none announced offline (or held, for another instance's
+/// flush), as a sweep would after the TTL, only at once.
 const GOODBYE: &str = concat!(
     presence_lib!(),
     devices_lib!(),
+    coalesce_lib!(),
     r#"
 redis.call('DEL', p .. ':n:' .. node)
 redis.call('SREM', p .. ':nodes', node)
@@ -250,7 +259,7 @@ for _, user in ipairs(users) do
   forget_devices_of(user, node)
 end
 for _, user in ipairs(users) do
-  if live(user) == 0 then announce(user, false) end
+  if live(user) == 0 then changed(user, false) end
 end
 redis.call('DEL', ukey)
 return #users
@@ -266,6 +275,7 @@ struct Scripts {
     disconnect: Script,
     sweep: Script,
     goodbye: Script,
+    flush: Script,
 }
 
 impl Scripts {
@@ -279,6 +289,7 @@ impl Scripts {
             disconnect: Script::new(DISCONNECT),
             sweep: Script::new(SWEEP),
             goodbye: Script::new(GOODBYE),
+            flush: Script::new(coalesce::FLUSH),
         }
     }
 }
@@ -315,9 +326,13 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
         scripts: Scripts::new(),
     };
     let mut next_beat = Instant::now();
+    let mut next_flush = coalesce::next_flush(w.config.presence_interval, 0).map(|d| next_beat + d);
     let mut failing = false;
     loop {
         let now = Instant::now();
+        if next_flush.is_some_and(|at| now >= at) {
+            next_flush = w.flush_presence().map(|d| now + d);
+        }
         if now >= next_beat {
             next_beat = match w.heartbeat() {
                 Ok(()) => {
@@ -338,9 +353,14 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
                 }
             };
         }
-        match rx.recv_timeout(next_beat.saturating_duration_since(Instant::now())) {
+        let wake = next_flush.map_or(next_beat, |at| at.min(next_beat));
+        match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(RoomJob::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                if let Err(e) = w.call(|c, s, p, n| s.goodbye.arg(p).arg(n).invoke::<i64>(c)) {
+                let interval = w.interval_ms();
+                let goodbye = |c: &mut redis::Connection, s: &Scripts, p: &str, n: &str| {
+                    s.goodbye.arg(p).arg(n).arg(interval).invoke::<i64>(c)
+                };
+                if let Err(e) = w.call(goodbye) {
                     log::warn!("redis presence goodbye failed: {e}; the sweep will expire us");
                 }
                 return;
@@ -387,6 +407,7 @@ impl Worker {
     /// Refreshes this instance's heartbeat, then removes instances whose heartbeat expired.
     fn heartbeat(&mut self) -> redis::RedisResult<()> {
         let ttl_ms = self.config.presence_ttl.as_millis() as u64;
+        let interval = self.interval_ms();
         let swept = self.call(|c, s, p, n| {
             redis::pipe()
                 .cmd("SET")
@@ -400,7 +421,7 @@ impl Worker {
                 .arg(n)
                 .ignore()
                 .exec(c)?;
-            s.sweep.arg(p).arg(n).invoke::<i64>(c)
+            s.sweep.arg(p).arg(n).arg(interval).invoke::<i64>(c)
         })?;
         if swept > 0 {
             log::info!("presence: {swept} instance(s) stopped refreshing their heartbeat; their users were uncounted");
@@ -571,6 +592,7 @@ impl Worker {
             } => {
                 let limit = self.config.max_devices;
                 let device = devices::device_id(self.bp.node_id, core, key, serial);
+                let interval = self.interval_ms();
                 let reply = self.call(|c, s, p, n| {
                     s.connect
                         .arg(p)
@@ -578,6 +600,7 @@ impl Worker {
                         .arg(&*user)
                         .arg(limit)
                         .arg(&device)
+                        .arg(interval)
                         .invoke::<i64>(c)
                 });
                 let (admitted, counted) = match reply {
@@ -606,12 +629,14 @@ impl Worker {
                 serial,
             } => {
                 let device = devices::device_id(self.bp.node_id, core, key, serial);
+                let interval = self.interval_ms();
                 let reply = self.call(|c, s, p, n| {
                     s.disconnect
                         .arg(p)
                         .arg(n)
                         .arg(&*user)
                         .arg(&device)
+                        .arg(interval)
                         .invoke::<i64>(c)
                 });
                 if let Err(e) = reply {
