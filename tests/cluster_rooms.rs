@@ -282,34 +282,40 @@ fn presence_across_a_cluster() {
     drop(carol_child);
 }
 
-/// `--max-devices 2` counts a user's connections on both instances: the third is closed with
-/// 4009 on either; one leaving makes room for another.
+/// `--max-devices 2` counts a user's connections on both instances: newest wins, so a third
+/// device, on either instance, is admitted and the oldest one (wherever it is) closes with 4009.
 #[test]
 fn device_limit_across_a_cluster() {
     let redis_cluster = TestCluster::start();
     let a = server(&redis_cluster, rooms_config(Duration::from_secs(30), 2));
     let b = server(&redis_cluster, rooms_config(Duration::from_secs(30), 2));
     let map = cluster::SlotMap::fetch(&cluster_config(&redis_cluster)).unwrap();
-    let counted = |user: &str| -> i64 {
-        let key = format!("{{switchboard:u:{user}}}:p");
+    let devices = |user: &str| -> usize {
+        let key = format!("{{switchboard:u:{user}}}:dev");
         let mut c = owner(&redis_cluster, &map, &key).connection();
-        let counts: Vec<i64> = redis::cmd("HVALS").arg(&key).query(&mut c).unwrap();
-        counts.iter().sum()
+        redis::cmd("ZCARD").arg(&key).query(&mut c).unwrap()
     };
     for user in users_on_every_shard(&map) {
-        let d1 = a.connect(&user);
-        wait_for("the first device to count", || counted(&user) == 1);
-        let _d2 = b.connect(&user);
-        wait_for("the second device to count", || counted(&user) == 2);
-        assert_eq!(a.connect(&user).expect_close(), 4009, "{user} on A");
-        assert_eq!(b.connect(&user).expect_close(), 4009, "{user} on B");
-        assert_eq!(counted(&user), 2, "refused connections are not counted");
-        d1.close();
-        wait_for("the first device to be uncounted", || counted(&user) == 1);
+        let mut d1 = a.connect(&user);
+        wait_for("the first device to count", || devices(&user) == 1);
+        let mut d2 = b.connect(&user);
+        wait_for("the second device to count", || devices(&user) == 2);
         let mut d3 = b.connect(&user);
-        wait_for("the new device to count", || counted(&user) == 2);
-        d3.send_message(&user, "hello");
-        assert_eq!(d3.recv_event("newMessage")["args"]["text"], "hello");
+        assert_eq!(
+            d1.expect_close(),
+            4009,
+            "{user}: the oldest, on the other instance"
+        );
+        let mut d4 = a.connect(&user);
+        assert_eq!(d2.expect_close(), 4009, "{user}: the next oldest");
+        wait_for("two devices counted", || devices(&user) == 2);
+        for (dev, text) in [(&mut d3, "third"), (&mut d4, "fourth")] {
+            dev.send_message(&user, text);
+            while dev.recv_event("newMessage")["args"]["text"] != text {}
+        }
+        d3.close();
+        d4.close();
+        wait_for("no device counted", || devices(&user) == 0);
     }
 }
 

@@ -186,9 +186,12 @@ pub(crate) enum RoomJob {
         key: usize,
         serial: u64,
     },
-    /// A counted connection ended.
+    /// A counted connection ended: uncount it, and drop it from the user's devices.
     Disconnected {
         user: UserId,
+        core: usize,
+        key: usize,
+        serial: u64,
     },
     /// A server API request for a waiting HTTP connection.
     Api {

@@ -46,6 +46,10 @@ use crate::rooms::{RoomError, RoomId, RoomsConfig};
 use crate::UserId;
 
 pub(super) mod api_queries;
+#[macro_use]
+mod coalesce;
+#[macro_use]
+mod devices;
 mod keys;
 mod presence;
 mod scripts;
@@ -81,9 +85,13 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
     let beat_every = config.presence_ttl / 3;
     let mut w = Worker::new(bp, bus, config);
     let mut next_beat = Instant::now();
+    let mut next_flush = coalesce::next_flush(w.config.presence_interval, 0).map(|d| next_beat + d);
     let mut failing = false;
     loop {
         let now = Instant::now();
+        if next_flush.is_some_and(|at| now >= at) {
+            next_flush = w.flush_presence().map(|d| now + d);
+        }
         if now >= next_beat {
             next_beat = match w.heartbeat() {
                 Ok(()) => {
@@ -104,7 +112,8 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
                 }
             };
         }
-        match rx.recv_timeout(next_beat.saturating_duration_since(Instant::now())) {
+        let wake = next_flush.map_or(next_beat, |at| at.min(next_beat));
+        match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(RoomJob::Stop) | Err(RecvTimeoutError::Disconnected) => {
                 if let Err(e) = w.goodbye() {
                     log::warn!("redis presence goodbye failed: {e}; the sweep will expire us");
@@ -366,7 +375,12 @@ impl Worker {
                 key,
                 serial,
             } => self.connected(user, core, key, serial),
-            RoomJob::Disconnected { user } => self.disconnected(&user),
+            RoomJob::Disconnected {
+                user,
+                core,
+                key,
+                serial,
+            } => self.disconnected(&user, core, key, serial),
             RoomJob::Api {
                 query,
                 target,

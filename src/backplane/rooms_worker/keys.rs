@@ -25,6 +25,35 @@ pub fn user_counts(prefix: &str, user: &str) -> String {
     user_key(prefix, user, ":p")
 }
 
+/// The user's devices under `--max-devices` (a sorted set, `devices.rs`).
+pub fn user_devices(prefix: &str, user: &str) -> String {
+    user_key(prefix, user, ":dev")
+}
+
+/// The user's last `presenceChanged` announcement (a hash, `coalesce.rs`).
+pub fn user_announced(prefix: &str, user: &str) -> String {
+    user_key(prefix, user, ":pa")
+}
+
+/// Every user-side key the presence scripts take, in their KEYS order.
+pub struct UserKeys {
+    pub counts: String,
+    pub rooms: String,
+    pub devices: String,
+    pub announced: String,
+}
+
+impl UserKeys {
+    pub fn new(prefix: &str, user: &str) -> Self {
+        UserKeys {
+            counts: user_counts(prefix, user),
+            rooms: user_rooms(prefix, user),
+            devices: user_devices(prefix, user),
+            announced: user_announced(prefix, user),
+        }
+    }
+}
+
 /// The instance registry's keys, all tagged `{PREFIX:n}` (one slot).
 pub struct Registry {
     tag: String,
@@ -64,6 +93,12 @@ impl Registry {
     /// The users an instance counted connections of (a set).
     pub fn users(&self, node: &str) -> String {
         format!("{}:users:{node}", self.tag)
+    }
+
+    /// The users whose presence change is held until the end of their interval (a sorted set,
+    /// `coalesce.rs`).
+    pub fn held(&self) -> String {
+        format!("{}:pq", self.tag)
     }
 
     /// Who uncounts a dead instance's users: one sweeper at a time (expires after the TTL).

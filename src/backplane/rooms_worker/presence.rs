@@ -1,4 +1,4 @@
-//! The rooms worker's presence: counting connections (and refusing one over `--max-devices`),
+//! The rooms worker's presence: counting connections (and the device limit, `devices.rs`),
 //! the heartbeat and the sweep of dead instances, `presenceChanged` to a user's rooms, and who
 //! in a room is online. A user's counts live in the user's slot; the announcements go to each
 //! room's channel in the room's slot (see the module docs of `rooms_worker.rs`).
@@ -8,13 +8,13 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use redis::Value;
 
-use super::{keys, Worker};
+use super::{devices, keys, Worker};
 use crate::backplane::wire;
 use crate::bus::{Admission, CoreMsg};
 use crate::UserId;
 
 /// A presence script's array reply: its leading integers, then the room names.
-fn split_reply(reply: Vec<Value>, ints: usize) -> (Vec<i64>, Vec<String>) {
+pub(super) fn split_reply(reply: Vec<Value>, ints: usize) -> (Vec<i64>, Vec<String>) {
     let mut numbers = Vec::with_capacity(ints);
     let mut rooms = Vec::new();
     for (i, v) in reply.iter().enumerate() {
@@ -39,13 +39,65 @@ fn live_total(counts: &HashMap<String, i64>, node: &str, dead: &str) -> i64 {
         .sum()
 }
 
+/// The ARGV every user-side presence script starts with (`presence_lib!` in `scripts.rs`).
+pub(super) struct PresenceArgs {
+    node: String,
+    dead: String,
+    publish: &'static str,
+    channel: String,
+    interval: u64,
+}
+
+/// Runs a user-side presence script with the user's keys, the common ARGV, then `extra`.
+pub(super) fn run_user_script<T: redis::FromRedisValue>(
+    script: &redis::Script,
+    keys: &keys::UserKeys,
+    args: &PresenceArgs,
+    extra: &[String],
+    conn: &mut redis::Connection,
+) -> redis::RedisResult<T> {
+    let mut call = script.key(&keys.counts);
+    call.key(&keys.rooms)
+        .key(&keys.devices)
+        .key(&keys.announced)
+        .arg(&args.node)
+        .arg(&args.dead)
+        .arg(args.publish)
+        .arg(&args.channel)
+        .arg(args.interval);
+    for arg in extra {
+        call.arg(arg);
+    }
+    call.invoke(conn)
+}
+
 impl Worker {
-    /// A connection opened: registers the user under this instance, then counts it (or
-    /// refuses it at the device limit) and, for the user's first live connection, announces
-    /// the user online in each of its rooms.
+    pub(super) fn presence_args(&self, user: &str) -> PresenceArgs {
+        PresenceArgs {
+            node: self.node.clone(),
+            dead: self.dead.clone(),
+            publish: self.publish,
+            channel: wire::user_channel(&self.prefix, user),
+            interval: self.interval_ms(),
+        }
+    }
+
+    /// Acts on a presence script's change code (see `scripts.rs`): announce now, hold, or
+    /// nothing.
+    fn after_change(&mut self, user: &str, change: i64, rooms: &[String], online: bool) {
+        match change {
+            0 => self.announce(user, rooms, online),
+            due if due > 0 => self.hold(user, due),
+            _ => {}
+        }
+    }
+
+    /// A connection opened: registers the user under this instance, then counts it (at the
+    /// limit the oldest device makes room) and, for the user's first live connection, announces
+    /// the user online in each of its rooms (or holds that, `coalesce.rs`).
     pub(super) fn connected(&mut self, user: UserId, core: usize, key: usize, serial: u64) {
-        let limit = self.config.max_devices;
-        let reply = self.count(&user, limit);
+        let device = devices::device_id(self.bp.node_id, core, key, serial);
+        let reply = self.count(&user, &device);
         let (admitted, counted) = match reply {
             Ok(before) => (before >= 0, before >= 0),
             Err(e) => {
@@ -66,34 +118,26 @@ impl Worker {
         }
     }
 
-    /// Returns the user's live connections before this one, or -1 (not counted) at `limit`.
-    fn count(&mut self, user: &str, limit: u32) -> redis::RedisResult<i64> {
+    /// Returns the user's live connections before this one.
+    fn count(&mut self, user: &str, device: &str) -> redis::RedisResult<i64> {
         // Registered first: a crash before the count leaves a registered user without one
         // (harmless), never a count the sweep cannot find.
         let users = self.registry.users(&self.node);
         self.on(&users, |c, _| {
             redis::cmd("SADD").arg(&users).arg(user).query::<i64>(c)
         })?;
-        let (counts, rooms) = (
-            keys::user_counts(&self.prefix, user),
-            keys::user_rooms(&self.prefix, user),
-        );
-        let (node, dead) = (self.node.clone(), self.dead.clone());
-        let reply: Vec<Value> = self.on(&counts, |c, s| {
-            s.connect
-                .key(&counts)
-                .key(&rooms)
-                .arg(&node)
-                .arg(&dead)
-                .arg(limit)
-                .invoke(c)
+        let user_keys = keys::UserKeys::new(&self.prefix, user);
+        let args = self.presence_args(user);
+        let extra = [self.config.max_devices.to_string(), device.to_string()];
+        let reply: Vec<Value> = self.on(&user_keys.counts, |c, s| {
+            run_user_script(&s.connect, &user_keys, &args, &extra, c)
         })?;
-        let (numbers, rooms) = split_reply(reply, 2);
-        let (before, ours) = (numbers[0], numbers[1]);
+        let (numbers, rooms) = split_reply(reply, 3);
+        let (before, ours, change) = (numbers[0], numbers[1], numbers[2]);
         if ours <= 0 {
             self.unregister(user)?;
         }
-        self.announce(user, &rooms, true);
+        self.after_change(user, change, &rooms, true);
         Ok(before)
     }
 
@@ -107,24 +151,17 @@ impl Worker {
     }
 
     /// A counted connection ended: uncounts it and, for the user's last live connection,
-    /// announces the user offline.
-    pub(super) fn disconnected(&mut self, user: &str) {
-        let (counts, rooms) = (
-            keys::user_counts(&self.prefix, user),
-            keys::user_rooms(&self.prefix, user),
-        );
-        let (node, dead) = (self.node.clone(), self.dead.clone());
-        let reply: redis::RedisResult<Vec<Value>> = self.on(&counts, |c, s| {
-            s.disconnect
-                .key(&counts)
-                .key(&rooms)
-                .arg(&node)
-                .arg(&dead)
-                .invoke(c)
+    /// announces the user offline (or holds that).
+    pub(super) fn disconnected(&mut self, user: &str, core: usize, key: usize, serial: u64) {
+        let device = devices::device_id(self.bp.node_id, core, key, serial);
+        let user_keys = keys::UserKeys::new(&self.prefix, user);
+        let args = self.presence_args(user);
+        let reply: redis::RedisResult<Vec<Value>> = self.on(&user_keys.counts, |c, s| {
+            run_user_script(&s.disconnect, &user_keys, &args, &[device], c)
         });
         let result = reply.and_then(|reply| {
-            let (numbers, rooms) = split_reply(reply, 1);
-            self.announce(user, &rooms, false);
+            let (numbers, rooms) = split_reply(reply, 2);
+            self.after_change(user, numbers[1], &rooms, false);
             if numbers[0] <= 0 {
                 self.unregister(user)?;
             }
@@ -217,21 +254,14 @@ impl Worker {
             format!("{} {gone}", self.dead)
         };
         for user in &users {
-            let (counts, rooms) = (
-                keys::user_counts(&self.prefix, user),
-                keys::user_rooms(&self.prefix, user),
-            );
-            let node = self.node.clone();
-            let offline: Vec<String> = self.on(&counts, |c, s| {
-                s.uncount
-                    .key(&counts)
-                    .key(&rooms)
-                    .arg(&node)
-                    .arg(&dead)
-                    .arg(gone)
-                    .invoke(c)
+            let user_keys = keys::UserKeys::new(&self.prefix, user);
+            let mut args = self.presence_args(user);
+            args.dead.clone_from(&dead);
+            let reply: Vec<Value> = self.on(&user_keys.counts, |c, s| {
+                run_user_script(&s.uncount, &user_keys, &args, &[gone.to_string()], c)
             })?;
-            self.announce(user, &offline, false);
+            let (numbers, rooms) = split_reply(reply, 1);
+            self.after_change(user, numbers[0], &rooms, false);
         }
         // Only once every user is uncounted does `gone` leave the dead (a sweeper that stops
         // half-way leaves it there for the next one, after the claim expires).

@@ -6,14 +6,19 @@
 
 use redis::Script;
 
-/// The user-side presence scripts' shared part. KEYS[1] the user's counts (hash node → count);
-/// ARGV[1] this instance's node id, ARGV[2] the instances found dead (space separated, from
-/// the worker's last registry read). `live()` counts the user's connections on every instance
-/// but the dead ones (this one always counts: a long job may delay its own heartbeat).
+/// The user-side presence scripts' shared part. KEYS: [1] the user's counts (hash node →
+/// count), [2] the user's rooms, [3] the user's devices (`devices.rs`), [4] the user's last
+/// announcement (`coalesce.rs`). ARGV: [1] this instance's node id, [2] the instances found dead
+/// (space separated, from the worker's last registry read), [3] the publish command, [4] the
+/// user's channel, [5] `--presence-interval` in ms; then the script's own. `live()` counts the
+/// user's connections on every instance but the dead ones (this one always counts: a long job
+/// may delay its own heartbeat). `rooms_after(first...)` is the reply that announces: the
+/// given numbers, then the user's rooms.
 macro_rules! presence_lib {
     () => {
         r#"
-local node = ARGV[1]
+local node, publish, channel = ARGV[1], ARGV[3], ARGV[4]
+local interval = tonumber(ARGV[5])
 local dead = {}
 for d in string.gmatch(ARGV[2], '%S+') do dead[d] = true end
 local function live()
@@ -23,6 +28,11 @@ local function live()
     if h[i] == node or not dead[h[i]] then total = total + tonumber(h[i + 1]) end
   end
   return total
+end
+local function rooms_after(...)
+  local out = {...}
+  for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = room end
+  return out
 end
 "#
     };
@@ -128,54 +138,75 @@ redis.call(publish, tag, node .. ' ' .. id .. ' ' .. framed)
 return id
 "#;
 
-/// KEYS: the user's counts, the user's rooms; ARGV: node, dead, device limit (0 = none).
-/// Counts the connection. Returns `{before, ours, rooms...}`: the user's live connections before
-/// it (-1: at the limit, not counted), this instance's count of the user after it, and the
-/// rooms to announce the user online in when this was the first live connection.
+/// The user-side scripts (KEYS and ARGV[1..5] as `presence_lib!` says) each end with a change
+/// code: -1 nothing to announce, 0 announce now (the user's rooms follow), above 0 the change is
+/// held until then (ms, Redis's clock; `coalesce.rs`).
+///
+/// CONNECT: ARGV[6] the device limit (0 = none), ARGV[7] the device id. Counts the connection
+/// (at the limit the oldest device makes room, `devices.rs`). Returns `{before, ours, change,
+/// rooms...}`: the user's live connections before it, this instance's count of the user after
+/// it.
 pub const CONNECT: &str = concat!(
     presence_lib!(),
+    devices_lib!(),
+    coalesce_lib!(),
     r#"
-local limit = tonumber(ARGV[3])
+local limit = tonumber(ARGV[6])
 local before = live()
-if limit > 0 and before >= limit then
-  return {-1, tonumber(redis.call('HGET', KEYS[1], node) or '0')}
-end
+if limit > 0 then admit_device(ARGV[7], limit) end
 local ours = redis.call('HINCRBY', KEYS[1], node, 1)
-if before > 0 then return {before, ours} end
-local out = redis.call('SMEMBERS', KEYS[2])
-table.insert(out, 1, ours)
-table.insert(out, 1, 0)
-return out
+if before > 0 then return {before, ours, -1} end
+local held = changed(true)
+if held > 0 then return {before, ours, held} end
+return rooms_after(before, ours, 0)
 "#
 );
 
-/// KEYS: the user's counts, the user's rooms; ARGV: node, dead. Uncounts one connection.
-/// Returns `{ours, rooms...}`: this instance's count of the user after it, and the rooms to
-/// announce the user offline in when that was the last live connection.
+/// DISCONNECT: ARGV[6] the device id. Uncounts one connection. Returns `{ours, change,
+/// rooms...}`: this instance's count of the user after it.
 pub const DISCONNECT: &str = concat!(
     presence_lib!(),
+    devices_lib!(),
+    coalesce_lib!(),
     r#"
+forget_device(ARGV[6])
 local n = redis.call('HINCRBY', KEYS[1], node, -1)
-if n > 0 then return {n} end
+if n > 0 then return {n, -1} end
 redis.call('HDEL', KEYS[1], node)
 -- Below zero: a sweep already removed this instance's count (and announced).
-if n < 0 or live() > 0 then return {0} end
-local out = redis.call('SMEMBERS', KEYS[2])
-table.insert(out, 1, 0)
-return out
+if n < 0 or live() > 0 then return {0, -1} end
+local held = changed(false)
+if held > 0 then return {0, held} end
+return rooms_after(0, 0)
 "#
 );
 
-/// KEYS: the user's counts, the user's rooms; ARGV: node, dead, the gone instance. Removes the
-/// gone instance's count of the user; returns the rooms to announce the user offline in when
-/// that left none live. Only the call that removed the count announces, so two sweepers (or a
-/// sweep and a goodbye) announce once.
+/// UNCOUNT: ARGV[6] the gone instance. Removes its count and devices of the user. Returns
+/// `{change, rooms...}`. Only the call that removed the count announces, so two sweepers (or
+/// a sweep and a goodbye) announce once.
 pub const UNCOUNT: &str = concat!(
     presence_lib!(),
+    devices_lib!(),
+    coalesce_lib!(),
     r#"
-if redis.call('HDEL', KEYS[1], ARGV[3]) == 0 then return {} end
-if live() > 0 then return {} end
-return redis.call('SMEMBERS', KEYS[2])
+forget_devices_of(ARGV[6])
+if redis.call('HDEL', KEYS[1], ARGV[6]) == 0 or live() > 0 then return {-1} end
+local held = changed(false)
+if held > 0 then return {held} end
+return rooms_after(0)
+"#
+);
+
+/// SETTLE: a held change's interval ended. Returns `{1, rooms...}` (announce online), `{-1,
+/// rooms...}` (offline) when the user's state differs from the last one announced, else `{0}`.
+pub const SETTLE: &str = concat!(
+    presence_lib!(),
+    coalesce_lib!(),
+    r#"
+local online = live() > 0
+if redis.call('HGET', KEYS[4], 'on') == (online and '1' or '0') then return {0} end
+record(online, now_ms())
+return rooms_after(online and 1 or -1)
 "#
 );
 
@@ -222,6 +253,8 @@ pub struct Scripts {
     pub connect: Script,
     pub disconnect: Script,
     pub uncount: Script,
+    pub settle: Script,
+    pub flush: Script,
     pub heartbeat: Script,
     pub everyone: Script,
 }
@@ -236,6 +269,8 @@ impl Scripts {
             connect: Script::new(CONNECT),
             disconnect: Script::new(DISCONNECT),
             uncount: Script::new(UNCOUNT),
+            settle: Script::new(SETTLE),
+            flush: Script::new(super::coalesce::FLUSH),
             heartbeat: Script::new(HEARTBEAT),
             everyone: Script::new(EVERYONE),
         }
