@@ -5,14 +5,16 @@
 //! Keys (prefix `p`, the channel prefix; the names in `keys.rs`), each script touching one
 //! hash slot, the same names on one Redis and on a cluster:
 //! - user side, in the slot of the user's channel `p:u:USER`: `{p:u:USER}:ur` the user's rooms
-//!   (set), `{p:u:USER}:p` the user's connections per instance (hash node → count);
+//!   (set), `{p:u:USER}:p` the user's connections per instance (hash node → count),
+//!   `{p:u:USER}:dev` its devices under `--max-devices` (`devices.rs`), `{p:u:USER}:pa` its
+//!   last `presenceChanged` (`coalesce.rs`);
 //! - room side, in the slot of the room's channel `{p:r:ROOM}`: `{p:r:ROOM}:m` the members
 //!   (set), `{p:r:ROOM}:h` the history stream, `{p:r:ROOM}:t` its byte count and low-water
 //!   mark, `{p:r:ROOM}:d:KEY` the idempotency keys (see [`scripts::SEND`]);
 //! - the instance registry, under the one tag `{p:n}`: `:hb:NODE` an instance's heartbeat
 //!   (expires after `--presence-ttl`), `:nodes` the instances with one, `:dead` those found
 //!   without one whose users are not all uncounted yet, `:users:NODE` the users an instance
-//!   counted, `:claim:NODE` who uncounts a dead one.
+//!   counted, `:claim:NODE` who uncounts a dead one, `:pq` the held presence changes.
 //!
 //! Channels: `p:u:USER` carries membership changes (`<node> ! +room`), `{p:r:ROOM}` the room's
 //! events; `PUBLISH` on one Redis, `SPUBLISH` on a cluster (sharded pub/sub, on the shard of
