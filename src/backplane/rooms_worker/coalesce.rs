@@ -9,7 +9,8 @@
 //! a while after it stops mattering), `p:pq` the held users (sorted set, user → when its
 //! interval ends). Every instance's rooms worker runs [`FLUSH`] a few times per interval; it
 //! takes the users whose interval ended and announces their state then, in one script, so
-//! however many instances flush, a held change is announced once.
+//! however many instances flush, a held change is announced once. (The scripts read Redis's
+//! clock with `TIME` before writing: Redis 5 or newer, which replicates a script's effects.)
 
 use std::time::Duration;
 
@@ -109,15 +110,19 @@ impl Worker {
                 .arg(interval)
                 .invoke::<i64>(c)
         });
-        let took = match reply {
-            Ok(took) => usize::try_from(took).unwrap_or(0),
+        match reply {
+            Ok(took) => next_flush(self.config.presence_interval, took.max(0) as usize),
             Err(e) => {
-                // The heartbeat reports the outage; the next flush takes what is due then.
+                // The heartbeat reports the outage; the next flush, an interval (at least half
+                // a second) later, takes what is due then.
                 log::debug!("redis: flushing held presence changes failed: {e}");
-                0
+                Some(
+                    self.config
+                        .presence_interval
+                        .max(Duration::from_millis(500)),
+                )
             }
-        };
-        next_flush(self.config.presence_interval, took)
+        }
     }
 }
 
