@@ -216,15 +216,15 @@ fn device_limit_across_instances() {
         let set = devices(&redis, "u1");
         (set[0].clone(), set[1].clone())
     };
-    // Newest wins: a third device, on either instance, is admitted and the oldest closes.
-    let mut d3 = a.connect("u1");
+    // Newest wins: a third device is admitted and the oldest closes, on the other instance.
+    let mut d3 = b.connect("u1");
     assert_eq!(d1.expect_close(), 4009, "the oldest device makes room");
     wait_for("the third device to count", || {
         let set = devices(&redis, "u1");
         set.len() == 2 && set[0] == second && set[1] != first
     });
     round_trip(&mut d3, "third");
-    let mut d4 = b.connect("u1");
+    let mut d4 = a.connect("u1");
     assert_eq!(d2.expect_close(), 4009);
     wait_for("u1's devices: the third and the fourth", || {
         counted(&redis, "u1") == 2 && devices(&redis, "u1").len() == 2

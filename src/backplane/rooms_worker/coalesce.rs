@@ -13,7 +13,8 @@
 //! change, and the user's last announcement stands). Every instance's rooms worker runs
 //! [`FLUSH`] a few times per interval: it takes the users whose interval ended, in one script,
 //! so however many instances flush, a held change is settled once (`SETTLE`, in the user's
-//! slot, announces the state then if it differs).
+//! slot, announces the state then if it differs). The scripts read Redis's clock with `TIME`
+//! before writing: Redis 5 or newer, which replicates a script's effects.
 
 use std::time::Duration;
 
@@ -112,9 +113,14 @@ impl Worker {
         let due = match reply {
             Ok(due) => due,
             Err(e) => {
-                // The heartbeat reports the outage; the next flush takes what is due then.
+                // The heartbeat reports the outage; the next flush, an interval (at least half
+                // a second) later, takes what is due then.
                 log::debug!("redis: flushing held presence changes failed: {e}");
-                Vec::new()
+                return Some(
+                    self.config
+                        .presence_interval
+                        .max(Duration::from_millis(500)),
+                );
             }
         };
         for user in &due {
