@@ -5,16 +5,20 @@
 //! the room's members (set), `p:p:{user}` connections per instance (hash node → count),
 //! `p:n:{node}` an instance's heartbeat (expires after `--presence-ttl`), `p:n:{node}:users`
 //! the users it counted, `p:nodes` every instance that has a heartbeat, `p:d:{user}` the user's
-//! devices under `--max-devices` (sorted set, see `devices.rs`: newest wins). Channels: `p:u:{user}`
-//! carries membership changes (`<node> ! +room`), `{p:r:ROOM}` (braces included: a Redis
-//! Cluster hash tag) the room's events. The room's history lives beside its channel, in the
-//! same hash slot: `{p:r:ROOM}:h` the stream, `{p:r:ROOM}:t` its byte count and low-water
-//! mark, `{p:r:ROOM}:d:KEY` the idempotency keys (see [`SEND`]).
+//! devices under `--max-devices` (sorted set, see `devices.rs`: newest wins), `p:pa:{user}` and
+//! `p:pq` the presence announcements and held changes (`coalesce.rs`). Channels: `p:u:{user}`
+//! carries membership changes (`<node> ! +room`) and close requests (`<node> ! d<device>`),
+//! `{p:r:ROOM}` (braces included: a Redis Cluster hash tag) the room's events. The room's
+//! history lives beside its channel, in the same hash slot: `{p:r:ROOM}:h` the stream,
+//! `{p:r:ROOM}:t` its byte count and low-water mark, `{p:r:ROOM}:d:KEY` the idempotency keys
+//! (see [`SEND`]).
 //!
 //! Every third of the TTL the worker refreshes this instance's heartbeat and sweeps: an
 //! instance whose heartbeat expired (killed without a goodbye) is removed, its connections
 //! uncounted, and the users left with none are announced offline to their rooms. The sweep is
-//! one script, so when several instances sweep, exactly one announces.
+//! one script, so when several instances sweep, exactly one announces. Presence changes are
+//! coalesced per user over `--presence-interval`: a few times per interval the worker also
+//! announces the held ones that are due (`coalesce.rs`).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
