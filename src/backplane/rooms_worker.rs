@@ -16,9 +16,9 @@
 //!   without one whose users are not all uncounted yet, `:users:NODE` the users an instance
 //!   counted, `:claim:NODE` who uncounts a dead one, `:pq` the held presence changes.
 //!
-//! Channels: `p:u:USER` carries membership changes (`<node> ! +room`), `{p:r:ROOM}` the room's
-//! events; `PUBLISH` on one Redis, `SPUBLISH` on a cluster (sharded pub/sub, on the shard of
-//! the channel's slot).
+//! Channels: `p:u:USER` carries membership changes (`<node> ! +room`) and close requests
+//! (`<node> ! d<device>`, `devices.rs`), `{p:r:ROOM}` the room's events; `PUBLISH` on one
+//! Redis, `SPUBLISH` on a cluster (sharded pub/sub, on the shard of the channel's slot).
 //!
 //! What spans two slots is two steps, ordered so that a crash in between leaves a state the
 //! next join or leave repairs: a join adds the user to the room's members, then the room to
@@ -33,7 +33,9 @@
 //! Every third of the TTL the worker refreshes this instance's heartbeat and reads the dead
 //! instances: one killed without a goodbye has its users uncounted, one by one, and those left
 //! with no live connection announced offline to their rooms, exactly once (the uncount that
-//! removed the count announces).
+//! removed the count announces). Presence changes are coalesced per user over
+//! `--presence-interval`: a few times per interval the worker also announces the held ones that
+//! are due (`coalesce.rs`).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
