@@ -1,14 +1,16 @@
 // Presence churn vs. an unrelated pair's round trip (issue 16, finding 4).
-// Usage: node loadtest/presence_churn.js PORT CHURN(0|1) SECONDS, against a switchboard on
-// 127.0.0.1:PORT (embedded, dev auth). 100 members and a user x share 50 rooms; with CHURN=1,
-// x reconnects in a loop (4 at a time) while pairA and pairB bounce a message every 20 ms; prints
-// the pair's round trip (p50, p99, max), x's connects and refusals, the members' frames.
+// Usage: node loadtest/presence_churn.js PORT[,PORT2] CHURN(0|1) SECONDS, against a switchboard on
+// 127.0.0.1:PORT (embedded, dev auth), or two instances on one Redis (PORT,PORT2: the members
+// alternate between them, x's reconnects too, pairA is on the first and pairB on the second).
+// 100 members and a user x share 50 rooms; with CHURN=1, x reconnects in a loop (4 at a time)
+// while pairA and pairB bounce a message every 20 ms; prints the pair's round trip (p50, p99,
+// max), x's connects and refusals, the members' frames.
 // Needs the ws package that tests/socketio-client installs (npm ci there).
 const WebSocket = require(require('path').join(__dirname, '../tests/socketio-client/node_modules/ws'));
-const [port, churn, seconds] = [process.argv[2], process.argv[3] === '1', +(process.argv[4] || 10)];
-const url = (u) => `ws://127.0.0.1:${port}/ws?token=${u}`;
+const [ports, churn, seconds] = [process.argv[2].split(','), process.argv[3] === '1', +(process.argv[4] || 10)];
+const url = (u, i = 0) => `ws://127.0.0.1:${ports[i % ports.length]}/ws?token=${u}`;
 const ROOMS = 50, MEMBERS = 100;
-const open = (u) => new Promise((res, rej) => { const w = new WebSocket(url(u)); w.on('open', () => res(w)); w.on('error', rej); });
+const open = (u, i) => new Promise((res, rej) => { const w = new WebSocket(url(u, i)); w.on('open', () => res(w)); w.on('error', rej); });
 let ackN = 0;
 function request(w, event, args) {
   return new Promise((res) => {
@@ -22,7 +24,7 @@ let frames = 0, closedMembers = 0;
 (async () => {
   const members = [];
   for (let m = 0; m < MEMBERS; m++) {
-    const w = await open('m' + m);
+    const w = await open('m' + m, m);
     w.on('message', () => frames++);
     w.on('close', () => closedMembers++);
     members.push(w);
@@ -31,15 +33,16 @@ let frames = 0, closedMembers = 0;
   const x = await open('x');
   for (let r = 0; r < ROOMS; r++) await request(x, 'joinRoom', { room: 'r' + r });
   x.close();
-  const a = await open('pairA'), b = await open('pairB');
+  const a = await open('pairA', 0), b = await open('pairB', ports.length - 1);
   b.on('message', (d) => { const v = JSON.parse(d); if (v.event === 'newMessage') b.send(JSON.stringify({ event: 'sendMessage', args: { to: 'pairA', text: v.args.text } })); });
   const rtts = [];
   const pending = new Map();
   a.on('message', (d) => { const v = JSON.parse(d); if (v.event === 'newMessage' && pending.has(v.args.text)) { rtts.push(Number(process.hrtime.bigint() - pending.get(v.args.text)) / 1e6); pending.delete(v.args.text); } });
   let stop = false, connects = 0, refused = 0;
+  let attempts = 0;
   const loop = async () => {
     while (!stop) {
-      try { const w = await open('x'); connects++; w.close(); await new Promise((r) => w.on('close', r)); }
+      try { const w = await open('x', attempts++); connects++; w.close(); await new Promise((r) => w.on('close', r)); }
       catch (e) { refused++; await new Promise((r) => setTimeout(r, 5)); }
     }
   };

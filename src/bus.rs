@@ -59,6 +59,14 @@ pub enum CoreMsg {
     Hook(Box<HookDone>),
     /// Close every connection of this user here with 4011 (`POST /api/disconnect`).
     Disconnect(UserId),
+    /// Close connection `key` here with 4009 if it is still `serial`: a newer device of its user
+    /// took its place under `--max-devices` (with Redis, newest wins).
+    Displace {
+        /// The connection's slab key.
+        key: usize,
+        /// Its serial, so a reused key is left alone.
+        serial: u64,
+    },
     /// The answer to a server API request that went to Redis (presence, counts, members).
     Api(Box<ApiAnswer>),
 }

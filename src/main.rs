@@ -265,8 +265,8 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_MAX_ROOM_NAME_BYTES", default_value_t = rooms::DEFAULT_MAX_ROOM_NAME_BYTES)]
     max_room_name_bytes: usize,
 
-    /// Connections one user may hold across the cluster; the one over it is closed with 4009.
-    /// 0 = no limit.
+    /// Connections one user may hold across the cluster; with Redis the newest wins (the oldest
+    /// is closed with 4009), embedded the one over it is closed with 4009. 0 = no limit.
     #[arg(long, env = "SWITCHBOARD_MAX_DEVICES", default_value_t = rooms::DEFAULT_MAX_DEVICES)]
     max_devices: u32,
 
@@ -307,8 +307,9 @@ struct Cli {
     #[arg(long, env = "SWITCHBOARD_MAX_ROOM_QUEUE", default_value_t = rooms::DEFAULT_MAX_ROOM_QUEUE)]
     max_room_queue: usize,
 
-    /// Embedded: a user's presence changes within this long after one was announced are
-    /// coalesced into at most one `presenceChanged` at its end (0 = announce every change).
+    /// A user's presence changes within this long after one was announced are coalesced into
+    /// at most one `presenceChanged` at its end, embedded and with Redis (0 = announce every
+    /// change).
     #[arg(long, env = "SWITCHBOARD_PRESENCE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     presence_interval: Duration,
 
@@ -512,11 +513,6 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("max_room_queue", redis, "--backplane redis"),
         ("redis_wait_replicas", cluster, "--redis-cluster"),
         ("redis_wait_timeout", cluster, "--redis-cluster"),
-        (
-            "presence_interval",
-            !redis,
-            "--backplane none (with Redis, presence is not coalesced)",
-        ),
         ("room_history_max_len", history, "--history on"),
         ("room_history_max_age", history, "--history on"),
         ("room_history_max_bytes", history, "--history on"),
@@ -760,8 +756,8 @@ fn main() -> ExitCode {
     }
     if !config.rooms_active() {
         log::warn!(
-            "rooms, presence and --max-devices are off: they need per-user routing on a single \
-             Redis (or no Redis)"
+            "rooms, presence and --max-devices are off: they need per-user routing (on one \
+             Redis or a cluster) or no Redis; --routing seed does not support them"
         );
     }
     if config.auth == AuthMode::Dev {

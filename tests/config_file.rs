@@ -134,10 +134,6 @@ fn flags_that_would_be_ignored_name_the_flag_they_need() {
             "--redis-wait-replicas needs --redis-cluster",
         ),
         (
-            &["--backplane", "redis", "--presence-interval", "2s"],
-            "--presence-interval needs --backplane none",
-        ),
-        (
             &["--history", "off", "--room-history-max-len", "5"],
             "--room-history-max-len needs --history on",
         ),

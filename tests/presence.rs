@@ -1,7 +1,8 @@
 //! Presence and the device limit: `presence` lists the members with a live connection anywhere;
 //! members hear `presenceChanged` when a member's first device connects and last disconnects,
-//! across instances, also when an instance is killed with SIGKILL (its heartbeat expires); the
-//! connection over `--max-devices` is closed with 4009, cluster-wide.
+//! across instances, also when an instance is killed with SIGKILL (its heartbeat expires); at
+//! `--max-devices` the newest connection wins, cluster-wide: the oldest is closed with 4009,
+//! or simply dropped when its instance is dead.
 
 mod common;
 
@@ -31,31 +32,16 @@ fn presence_server(redis: &TestRedis, ttl: Duration, max_devices: u32) -> TestSe
     })
 }
 
+/// The binary as a child process on `redis` (so a test can SIGKILL it), with `extra` flags.
+fn child_on(redis: &TestRedis, extra: &[&str]) -> ChildServer {
+    let url = redis.url();
+    let mut args = vec!["--backplane", "redis", "--redis-url", &url];
+    args.extend_from_slice(extra);
+    ChildServer::spawn(&args)
+}
+
 fn join(c: &mut Client, room: &str) {
     request_ok(c, "joinRoom", json!({ "room": room }), 1);
-}
-
-fn online(c: &mut Client, room: &str) -> Vec<String> {
-    let r = request_ok(c, "presence", json!({ "room": room }), 2);
-    assert_eq!(r["room"], room);
-    let mut users: Vec<String> = r["online"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u.as_str().unwrap().to_string())
-        .collect();
-    users.sort();
-    users
-}
-
-fn expect_presence(c: &mut Client, room: &str, user: &str, is_online: bool) {
-    let e = c.recv_event("presenceChanged");
-    assert_eq!(
-        e["args"],
-        json!({"room": room, "user": user, "online": is_online}),
-        "{}: {e}",
-        c.user
-    );
 }
 
 /// No `presenceChanged` within `wait`.
@@ -73,7 +59,7 @@ fn expect_no_presence(c: &mut Client, wait: Duration) {
 fn counted(redis: &TestRedis, user: &str) -> i64 {
     let mut r = redis.connection();
     let counts: Vec<i64> = redis::cmd("HVALS")
-        .arg(format!("switchboard:p:{user}"))
+        .arg(format!("{{switchboard:u:{user}}}:p"))
         .query(&mut r)
         .unwrap();
     counts.iter().sum()
@@ -89,17 +75,17 @@ fn embedded_presence_and_changes() {
     let mut b = server.connect("b");
     join(&mut a, "x");
     join(&mut b, "x");
-    assert_eq!(online(&mut a, "x"), ["a", "b"]);
+    assert_eq!(presence_online(&mut a, "x"), ["a", "b"]);
     let b2 = server.connect("b");
     expect_no_presence(&mut a, Duration::from_millis(200));
     b.close();
     expect_no_presence(&mut a, Duration::from_millis(200));
     b2.close();
     expect_presence(&mut a, "x", "b", false);
-    assert_eq!(online(&mut a, "x"), ["a"]);
+    assert_eq!(presence_online(&mut a, "x"), ["a"]);
     let _b = server.connect("b");
     expect_presence(&mut a, "x", "b", true);
-    assert_eq!(online(&mut a, "x"), ["a", "b"]);
+    assert_eq!(presence_online(&mut a, "x"), ["a", "b"]);
 }
 
 #[test]
@@ -134,7 +120,7 @@ fn presence_changes_across_instances() {
     let mut bob_b = b.connect("bob");
     join(&mut alice, "x");
     join(&mut bob_b, "x");
-    assert_eq!(online(&mut alice, "x"), ["alice", "bob"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice", "bob"]);
     // A second device on the other instance: bob stays online when one of them goes.
     let bob_a = a.connect("bob");
     wait_for("bob's two devices to count", || counted(&redis, "bob") == 2);
@@ -142,10 +128,10 @@ fn presence_changes_across_instances() {
     expect_no_presence(&mut alice, Duration::from_millis(300));
     bob_a.close();
     expect_presence(&mut alice, "x", "bob", false);
-    assert_eq!(online(&mut alice, "x"), ["alice"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice"]);
     let mut bob_b = b.connect("bob");
     expect_presence(&mut alice, "x", "bob", true);
-    assert_eq!(online(&mut bob_b, "x"), ["alice", "bob"]);
+    assert_eq!(presence_online(&mut bob_b, "x"), ["alice", "bob"]);
 }
 
 #[test]
@@ -157,7 +143,7 @@ fn a_stopped_instance_says_goodbye() {
     let mut bob = b.connect("bob");
     join(&mut alice, "x");
     join(&mut bob, "x");
-    assert_eq!(online(&mut alice, "x"), ["alice", "bob"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice", "bob"]);
     let started = Instant::now();
     drop(bob);
     drop(b);
@@ -171,20 +157,12 @@ fn a_stopped_instance_says_goodbye() {
 fn users_of_an_instance_killed_with_sigkill_go_offline_after_the_ttl() {
     let redis = TestRedis::start();
     let a = presence_server(&redis, Duration::from_secs(2), 0);
-    let url = redis.url();
-    let doomed = ChildServer::spawn(&[
-        "--backplane",
-        "redis",
-        "--redis-url",
-        &url,
-        "--presence-ttl",
-        "2s",
-    ]);
+    let doomed = child_on(&redis, &["--presence-ttl", "2s"]);
     let mut alice = a.connect("alice");
     let mut bob = Client::connect(doomed.addr, "bob");
     join(&mut alice, "x");
     join(&mut bob, "x");
-    assert_eq!(online(&mut alice, "x"), ["alice", "bob"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice", "bob"]);
     let killed = Instant::now();
     doomed.signal(9);
     expect_presence(&mut alice, "x", "bob", false);
@@ -193,7 +171,7 @@ fn users_of_an_instance_killed_with_sigkill_go_offline_after_the_ttl() {
         after >= Duration::from_millis(1500),
         "offline only once the heartbeat expired, not {after:?} after the kill"
     );
-    assert_eq!(online(&mut alice, "x"), ["alice"]);
+    assert_eq!(presence_online(&mut alice, "x"), ["alice"]);
     assert_eq!(
         counted(&redis, "bob"),
         0,
@@ -202,45 +180,118 @@ fn users_of_an_instance_killed_with_sigkill_go_offline_after_the_ttl() {
     drop(doomed);
 }
 
+/// The user's devices under `--max-devices`, per Redis, oldest first.
+fn devices(redis: &TestRedis, user: &str) -> Vec<String> {
+    let mut r = redis.connection();
+    redis::cmd("ZRANGE")
+        .arg(format!("{{switchboard:u:{user}}}:dev"))
+        .arg(0)
+        .arg(-1)
+        .query(&mut r)
+        .unwrap()
+}
+
+/// A round trip through Redis: the device is open and admitted. (Messages another device of
+/// the user sent to the user before are skipped.)
+fn round_trip(d: &mut Client, text: &str) {
+    let user = d.user.clone();
+    d.send_message(&user, text);
+    while d.recv_event("newMessage")["args"]["text"] != text {}
+}
+
 #[test]
 fn device_limit_across_instances() {
     let redis = TestRedis::start();
     let a = presence_server(&redis, Duration::from_secs(30), 2);
     let b = presence_server(&redis, Duration::from_secs(30), 2);
-    let d1 = a.connect("u1");
-    wait_for("the first device to count", || counted(&redis, "u1") == 1);
-    let _d2 = b.connect("u1");
-    wait_for("the second device to count", || counted(&redis, "u1") == 2);
-    let mut d3 = a.connect("u1");
-    assert_eq!(
-        d3.expect_close(),
-        4009,
-        "the third device, on either instance"
-    );
-    let mut d3b = b.connect("u1");
-    assert_eq!(d3b.expect_close(), 4009);
-    assert_eq!(
-        counted(&redis, "u1"),
-        2,
-        "refused connections are not counted"
-    );
+    let mut d1 = a.connect("u1");
+    wait_for("the first device to count", || {
+        devices(&redis, "u1").len() == 1
+    });
+    let mut d2 = b.connect("u1");
+    wait_for("the second device to count", || {
+        devices(&redis, "u1").len() == 2
+    });
+    let (first, second) = {
+        let set = devices(&redis, "u1");
+        (set[0].clone(), set[1].clone())
+    };
+    // Newest wins: a third device is admitted and the oldest closes, on the other instance.
+    let mut d3 = b.connect("u1");
+    assert_eq!(d1.expect_close(), 4009, "the oldest device makes room");
+    wait_for("the third device to count", || {
+        let set = devices(&redis, "u1");
+        set.len() == 2 && set[0] == second && set[1] != first
+    });
+    round_trip(&mut d3, "third");
+    let mut d4 = a.connect("u1");
+    assert_eq!(d2.expect_close(), 4009);
+    wait_for("u1's devices: the third and the fourth", || {
+        counted(&redis, "u1") == 2 && devices(&redis, "u1").len() == 2
+    });
+    round_trip(&mut d4, "fourth");
+    round_trip(&mut d3, "third again");
     // Other users are not affected.
-    let _u2 = a.connect("u2");
+    let mut u2 = a.connect("u2");
     wait_for("u2 to count", || counted(&redis, "u2") == 1);
-    // A device leaving makes room for another.
-    d1.close();
-    wait_for("u1's first device to be uncounted", || {
+    round_trip(&mut u2, "other");
+    // A device leaving makes room for another: nobody is closed.
+    d3.close();
+    wait_for("the third device to be uncounted", || {
+        devices(&redis, "u1").len() == 1 && counted(&redis, "u1") == 1
+    });
+    let mut d5 = b.connect("u1");
+    wait_for("the new device to count", || {
+        devices(&redis, "u1").len() == 2
+    });
+    round_trip(&mut d5, "fifth");
+    round_trip(&mut d4, "fourth again");
+    for (server, name) in [(&a, "A"), (&b, "B")] {
+        assert_eq!(
+            metric(server.addr, &closed_metric("device_limit")),
+            1,
+            "one device displaced on {name}"
+        );
+    }
+}
+
+/// Issue 16 (7): a device on an instance killed with SIGKILL does not hold its user's slot
+/// until the instance's heartbeat expires (30 s here): the next device is admitted at once.
+#[test]
+fn a_device_on_a_killed_instance_does_not_lock_its_user_out() {
+    let redis = TestRedis::start();
+    let doomed = child_on(&redis, &["--max-devices", "1"]);
+    let survivor = presence_server(&redis, Duration::from_secs(30), 1);
+    let _lost = Client::connect(doomed.addr, "u1");
+    wait_for("the device on the doomed instance to count", || {
         counted(&redis, "u1") == 1
     });
-    let mut d4 = b.connect("u1");
-    wait_for("the new device to count", || counted(&redis, "u1") == 2);
-    d4.send_message("u1", "hello");
-    assert_eq!(d4.recv_event("newMessage")["args"]["text"], "hello");
-    assert_eq!(
-        metric(b.addr, &closed_metric("device_limit")),
-        1,
-        "one refusal on B"
+    let on_doomed = devices(&redis, "u1");
+    doomed.signal(9);
+    let killed = Instant::now();
+    let mut device = survivor.connect("u1");
+    // The dead instance's count stays until the sweep; refused, the new device is not counted.
+    wait_for("the new device to be admitted and counted", || {
+        counted(&redis, "u1") == 2
+    });
+    let set = devices(&redis, "u1");
+    assert!(
+        set.len() == 1 && set != on_doomed,
+        "{set:?} after {on_doomed:?}"
     );
+    // Its admission reached its core before this message comes back through Redis.
+    round_trip(&mut device, "admitted");
+    let after = killed.elapsed();
+    assert!(
+        after < Duration::from_secs(10),
+        "admitted {after:?} after the kill, well before the 30 s heartbeat TTL"
+    );
+    assert_eq!(
+        metric(survivor.addr, &closed_metric("device_limit")),
+        0,
+        "nobody was closed on the survivor"
+    );
+    drop(doomed);
 }
 
 /// A `presence` answer larger than half the outbound bound comes in pages (`next`, then
@@ -341,8 +392,86 @@ fn presence_changes_are_coalesced_per_user() {
         heard.is_empty(),
         "twenty changes within the interval were announced: {heard:?}"
     );
-    assert_eq!(online(&mut member, "x"), ["m"]);
+    assert_eq!(presence_online(&mut member, "x"), ["m"]);
     // A change that stands is announced at the interval's end.
     let _f = server.connect("f");
     expect_presence(&mut member, "x", "f", true);
+}
+
+/// The `presenceChanged` events `c` hears about `user` until `deadline`, with when each came.
+fn heard_changes(c: &mut Client, user: &str, deadline: Instant) -> Vec<(Instant, bool)> {
+    let mut heard = Vec::new();
+    while let Some(m) = c.next_message(deadline) {
+        if let Ok(tungstenite::Message::Text(t)) = m {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["event"] == "presenceChanged" && v["args"]["user"] == user {
+                heard.push((Instant::now(), v["args"]["online"].as_bool().unwrap()));
+            }
+        }
+    }
+    heard
+}
+
+/// Issue 16 (4) with Redis: a user reconnecting in a loop, on two instances, costs its rooms'
+/// members at most one `presenceChanged` per `--presence-interval`, each a real change, and the
+/// final state is always announced: online while a device stays, offline once the last left.
+#[test]
+fn presence_changes_are_coalesced_per_user_across_instances() {
+    let interval = Duration::from_secs(2);
+    let redis = TestRedis::start();
+    let mut rc = RedisConfig::new(redis.url());
+    rc.reconnect_max = Duration::from_millis(300);
+    let a = TestServer::with_config(Config {
+        backplane: Some(rc),
+        rooms: RoomsConfig {
+            presence_interval: interval,
+            ..rooms_config(Duration::from_secs(30), 0)
+        },
+        ..test_config()
+    });
+    // The flag, accepted with Redis.
+    let b = child_on(&redis, &["--presence-interval", "2s"]);
+    let mut member = a.connect("m");
+    join(&mut member, "x");
+    let mut flapper = Client::connect(b.addr, "f");
+    join(&mut flapper, "x");
+    flapper.close();
+    expect_presence(&mut member, "x", "f", false);
+    // Twenty changes right after an announcement, on both instances; the last device stays.
+    let started = Instant::now();
+    for round in 0..10 {
+        let addr = if round % 2 == 0 { a.addr } else { b.addr };
+        let mut f = Client::connect(addr, "f");
+        request(&mut f, "noSuchEvent", json!(null), 1);
+        f.close();
+    }
+    let mut last = a.connect("f");
+    request(&mut last, "noSuchEvent", json!(null), 1);
+    let flapped = started.elapsed();
+    let heard = heard_changes(&mut member, "f", Instant::now() + interval * 2);
+    assert!(
+        heard.len() <= 2 + (flapped.as_millis() / interval.as_millis()) as usize,
+        "{} changes announced in {flapped:?} of flapping: {heard:?}",
+        heard.len()
+    );
+    for pair in heard.windows(2) {
+        assert_ne!(
+            pair[0].1, pair[1].1,
+            "only changes are announced: {heard:?}"
+        );
+        let gap = pair[1].0 - pair[0].0;
+        // The announcements are at least an interval apart in Redis; their arrival here may
+        // bunch up by the delivery's jitter.
+        assert!(
+            gap >= interval - Duration::from_millis(500),
+            "two announcements {gap:?} apart: {heard:?}"
+        );
+    }
+    assert_eq!(heard.last().map(|h| h.1), Some(true), "f stayed online");
+    assert_eq!(presence_online(&mut member, "x"), ["f", "m"]);
+    // The last device leaves within the interval after that announcement: announced anyway.
+    last.close();
+    expect_presence(&mut member, "x", "f", false);
+    assert_eq!(presence_online(&mut member, "x"), ["m"]);
+    drop(b);
 }

@@ -447,7 +447,7 @@ fn bounds_hold_with_redis() {
     );
     let mut r = redis.connection();
     let members: Vec<String> = redis::cmd("SMEMBERS")
-        .arg("switchboard:rm:r")
+        .arg("{switchboard:r:r}:m")
         .query(&mut r)
         .unwrap();
     assert_eq!(members.len(), 2, "nothing was added past a bound");

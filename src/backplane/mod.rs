@@ -189,9 +189,12 @@ pub(crate) enum RoomJob {
         key: usize,
         serial: u64,
     },
-    /// A counted connection ended.
+    /// A counted connection ended: uncount it, and drop it from the user's devices.
     Disconnected {
         user: UserId,
+        core: usize,
+        key: usize,
+        serial: u64,
     },
     /// A server API request for a waiting HTTP connection.
     Api {
@@ -301,7 +304,7 @@ pub struct Backplane {
     jobs: OnceLock<Arc<HistoryReads<Job>>>,
     /// The cores' inboxes, for held acks (set by [`Backplane::start`]).
     bus: OnceLock<Arc<Bus>>,
-    /// Set when rooms are on (per-user routing on one Redis).
+    /// Set when rooms are on (per-user routing, on one Redis or a cluster).
     rooms: OnceLock<RoomsConfig>,
     /// The rooms worker's queue.
     room_jobs: OnceLock<std::sync::mpsc::Sender<RoomJob>>,
@@ -383,7 +386,7 @@ impl Backplane {
         let _ = self.history.set(config);
     }
 
-    /// Turns rooms and presence on (per-user routing on one Redis): call before
+    /// Turns rooms and presence on (per-user routing, on one Redis or a cluster): call before
     /// [`Backplane::start`].
     pub fn enable_rooms(&self, config: RoomsConfig) {
         let _ = self.rooms.set(config);

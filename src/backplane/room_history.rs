@@ -104,7 +104,7 @@ pub(super) fn page(
     };
     let (member, time): (bool, (u64, u64)) = redis::pipe()
         .cmd("SISMEMBER")
-        .arg(format!("{prefix}:rm:{room}"))
+        .arg(wire::room_members_key(prefix, room))
         .arg(&*request.user)
         .cmd("TIME")
         .query(conn)?;

@@ -180,13 +180,14 @@ impl RoomRoutes {
         }
     }
 
-    /// The subscriber connection dropped: nothing is confirmed any more. Returns every room, to
-    /// subscribe again on the next connection.
-    pub fn reset(&mut self) -> Vec<RoomId> {
-        for local in self.rooms.values_mut() {
-            local.confirmed = false;
+    /// A subscriber connection dropped: the rooms whose channel it served (`on_link`) are not
+    /// confirmed any more, until the next connection subscribes them again.
+    pub fn reset(&mut self, on_link: impl Fn(&str) -> bool) {
+        for (room, local) in self.rooms.iter_mut() {
+            if on_link(room) {
+                local.confirmed = false;
+            }
         }
-        self.rooms.keys().cloned().collect()
     }
 
     /// (room, local member) pairs routed.
@@ -281,6 +282,21 @@ mod tests {
         assert_eq!(ch.unsubscribe, vec![r("x")]);
         assert!(routes.room("x").map(|r| r.1).is_none());
         assert_eq!(routes.pairs(), 0);
-        assert_eq!(routes.reset(), Vec::<RoomId>::new());
+    }
+
+    #[test]
+    fn a_dropped_link_unconfirms_only_the_rooms_it_served() {
+        let mut routes = RoomRoutes::default();
+        let mut ch = ChannelChanges::default();
+        let a: UserId = "a".into();
+        routes.start_load(&a);
+        routes.loaded(&a, vec![r("x"), r("y")], &mut ch);
+        routes.confirmed("x");
+        routes.confirmed("y");
+        routes.reset(|room| room == "x");
+        assert!(!routes.room_confirmed("x"));
+        assert!(routes.room_confirmed("y"), "served by another shard's link");
+        routes.reset(|_| true);
+        assert!(!routes.room_confirmed("y"));
     }
 }

@@ -1,287 +1,85 @@
-//! The rooms worker: membership, room messages, presence and the device limit, each one Lua
-//! script on the worker's own blocking Redis connection, so no core ever waits for Redis.
+//! The rooms worker: membership, room messages, presence and the device limit, as Lua scripts
+//! on the worker's own blocking Redis connections (one per shard on a Redis Cluster, see
+//! [`ShardConns`]), so no core ever waits for Redis.
 //!
-//! Keys (prefix `p`, the channel prefix): `p:ur:{user}` the user's rooms (set), `p:rm:{room}`
-//! the room's members (set), `p:p:{user}` connections per instance (hash node → count),
-//! `p:n:{node}` an instance's heartbeat (expires after `--presence-ttl`), `p:n:{node}:users`
-//! the users it counted, `p:nodes` every instance that has a heartbeat. Channels: `p:u:{user}`
-//! carries membership changes (`<node> ! +room`), `{p:r:ROOM}` (braces included: a Redis
-//! Cluster hash tag) the room's events. The room's history lives beside its channel, in the
-//! same hash slot: `{p:r:ROOM}:h` the stream, `{p:r:ROOM}:t` its byte count and low-water
-//! mark, `{p:r:ROOM}:d:KEY` the idempotency keys (see [`SEND`]).
+//! Keys (prefix `p`, the channel prefix; the names in `keys.rs`), each script touching one
+//! hash slot, the same names on one Redis and on a cluster:
+//! - user side, in the slot of the user's channel `p:u:USER`: `{p:u:USER}:ur` the user's rooms
+//!   (set), `{p:u:USER}:p` the user's connections per instance (hash node → count),
+//!   `{p:u:USER}:dev` its devices under `--max-devices` (`devices.rs`), `{p:u:USER}:pa` its
+//!   last `presenceChanged` (`coalesce.rs`);
+//! - room side, in the slot of the room's channel `{p:r:ROOM}`: `{p:r:ROOM}:m` the members
+//!   (set), `{p:r:ROOM}:h` the history stream, `{p:r:ROOM}:t` its byte count and low-water
+//!   mark, `{p:r:ROOM}:d:KEY` the idempotency keys (see [`scripts::SEND`]);
+//! - the instance registry, under the one tag `{p:n}`: `:hb:NODE` an instance's heartbeat
+//!   (expires after `--presence-ttl`), `:nodes` the instances with one, `:dead` those found
+//!   without one whose users are not all uncounted yet, `:users:NODE` the users an instance
+//!   counted, `:claim:NODE` who uncounts a dead one, `:pq` the held presence changes.
 //!
-//! Every third of the TTL the worker refreshes this instance's heartbeat and sweeps: an
-//! instance whose heartbeat expired (killed without a goodbye) is removed, its connections
-//! uncounted, and the users left with none are announced offline to their rooms. The sweep is
-//! one script, so when several instances sweep, exactly one announces.
+//! Channels: `p:u:USER` carries membership changes (`<node> ! +room`) and close requests
+//! (`<node> ! d<device>`, `devices.rs`), `{p:r:ROOM}` the room's events; `PUBLISH` on one
+//! Redis, `SPUBLISH` on a cluster (sharded pub/sub, on the shard of the channel's slot).
+//!
+//! What spans two slots is two steps, ordered so that a crash in between leaves a state the
+//! next join or leave repairs: a join adds the user to the room's members, then the room to
+//! the user's rooms (undoing the first at `room_limit`); a leave removes the room from the
+//! user's rooms, then the user from the members. In between, the user is a member who is not
+//! routed the room (can send and read its history, gets no live event), never the other way.
+//! Both steps run on every join and leave, so a retry completes a half-done one. Presence
+//! counts a user's connections in the user's slot; the instances that count are all but the
+//! dead ones, read from the registry at each heartbeat and passed to the scripts; the
+//! `presenceChanged` events then go to each of the user's rooms in the room's slot.
+//!
+//! Every third of the TTL the worker refreshes this instance's heartbeat and reads the dead
+//! instances: one killed without a goodbye has its users uncounted, one by one, and those left
+//! with no live connection announced offline to their rooms, exactly once (the uncount that
+//! removed the count announces). Presence changes are coalesced per user over
+//! `--presence-interval`: a few times per interval the worker also announces the held ones that
+//! are due (`coalesce.rs`).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::{Script, Value};
-
 use super::redis_errors::{classify_error, ErrorReply};
-use super::{Backoff, Backplane, RoomAck, RoomJob, RoomTarget};
-use crate::bus::{Admission, ApiAnswer, Bus, CoreMsg, RoomAnswer};
+use super::shard_conns::ShardConns;
+use super::{wire, Backoff, Backplane, RoomAck, RoomJob, RoomTarget};
+use crate::bus::{ApiAnswer, Bus, CoreMsg, RoomAnswer};
 use crate::protocol::ErrorCode;
 use crate::rooms::{RoomError, RoomId, RoomsConfig};
 use crate::UserId;
 
-const IO_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) mod api_queries;
+#[macro_use]
+mod coalesce;
+#[macro_use]
+mod devices;
+mod keys;
+mod presence;
+mod scripts;
+
+use keys::Registry;
+use scripts::Scripts;
+
 /// How long a done join or leave may wait for this instance's routes before it is acked anyway.
 const ACK_WAIT: Duration = Duration::from_secs(5);
-
-/// Shared by the presence scripts (and the server API's, in `api_queries.rs`): ARGV[1] is the
-/// prefix, ARGV[2] this instance's node id.
-/// `live(user)` counts the user's connections on instances whose heartbeat exists (this one
-/// always counts: a long job may delay its own refresh); `announce` publishes
-/// `presenceChanged` on each of the user's rooms, as an event kept in no history.
-macro_rules! presence_lib {
-    () => {
-        r#"
-local p = ARGV[1]
-local node = ARGV[2]
-local function live(user)
-  local h = redis.call('HGETALL', p .. ':p:' .. user)
-  local total = 0
-  for i = 1, #h, 2 do
-    if h[i] == node or redis.call('EXISTS', p .. ':n:' .. h[i]) == 1 then
-      total = total + tonumber(h[i + 1])
-    end
-  end
-  return total
-end
-local function announce(user, online)
-  for _, room in ipairs(redis.call('SMEMBERS', p .. ':ur:' .. user)) do
-    local frame = cjson.encode({event = 'presenceChanged',
-      args = {room = room, user = user, online = online}})
-    redis.call('PUBLISH', '{' .. p .. ':r:' .. room .. '}', node .. ' - ' .. frame)
-  end
-end
-"#
-    };
-}
-
-// After the macro: the server API's scripts use it too.
-pub(super) mod api_queries;
-
-/// ARGV: prefix, node, room, user, max rooms per user, max members. Joins and tells every
-/// instance hosting the user, on the user's channel, in the same step.
-const JOIN: &str = r#"
-local p, node, room, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local ukey, mkey = p .. ':ur:' .. user, p .. ':rm:' .. room
-if redis.call('SISMEMBER', ukey, room) == 1 then return 'ok' end
-if redis.call('SCARD', ukey) >= tonumber(ARGV[5]) then return '!room_limit' end
-if redis.call('SCARD', mkey) >= tonumber(ARGV[6]) then return '!room_full' end
-redis.call('SADD', ukey, room)
-redis.call('SADD', mkey, user)
-redis.call('PUBLISH', p .. ':u:' .. user, node .. ' ! +' .. room)
-return 'ok'
-"#;
-
-/// ARGV: prefix, node, room, user.
-const LEAVE: &str = r#"
-local p, node, room, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('SREM', p .. ':ur:' .. user, room) == 0 then return '!not_member' end
-redis.call('SREM', p .. ':rm:' .. room, user)
-redis.call('PUBLISH', p .. ':u:' .. user, node .. ' ! -' .. room)
-return 'ok'
-"#;
-
-/// ARGV: prefix, node, room, sender, frame (without offset), history `1`/`0`, max length,
-/// max age in ms, idempotency key (empty: none), dedupe window in ms, max bytes.
-///
-/// With history the frame is stored **once**, in the room's stream `{p:r:ROOM}:h` (field `f`),
-/// and published on the room's channel with its offset and room spliced in; every member
-/// device gets that one publication. The bounds are exact: after the append the oldest entries
-/// go while the room is over its length or byte bound or they are past the age (the new entry
-/// always stays), read oldest first (one entry, then 16 at a time), then one exact
-/// `XTRIM MINID`. `{p:r:ROOM}:t` keeps the byte count (`bytes`) and
-/// `low`, the newest offset no longer retained (or, for a new stream, its first entry): a
-/// resume after an offset at or above `low` is complete. Both keys expire after the max age
-/// without appends. Returns the id (`-` without history) or `!not_member`; with an idempotency
-/// key already recorded for the room, that earlier answer, and nothing is stored or published
-/// again.
-const SEND: &str = r#"
-local p, node, room, user, frame = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local tag = '{' .. p .. ':r:' .. room .. '}'
-if redis.call('SISMEMBER', p .. ':rm:' .. room, user) == 0 then return '!not_member' end
-local dkey = false
-if ARGV[9] ~= '' then
-  dkey = tag .. ':d:' .. ARGV[9]
-  local earlier = redis.call('GET', dkey)
-  if earlier then return earlier end
-end
-if ARGV[6] ~= '1' then
-  redis.call('PUBLISH', tag, node .. ' - ' .. frame)
-  if dkey then redis.call('SET', dkey, '-', 'PX', ARGV[10]) end
-  return '-'
-end
-local stream, tkey = tag .. ':h', tag .. ':t'
-local maxlen, maxage, maxbytes = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[11])
-local id = redis.call('XADD', stream, '*', 'f', frame)
-local len = redis.call('XLEN', stream)
-local total
-if len == 1 then
-  total = #frame
-  redis.call('HSET', tkey, 'bytes', total, 'low', id)
-else
-  total = redis.call('HINCRBY', tkey, 'bytes', #frame)
-end
-local cutoff = tonumber(string.match(id, '^%d+')) - maxage
--- The oldest entry alone first: usually it stays, and nothing more is read.
-local from, keep, dropped, count = '-', false, false, 1
-while not keep do
-  local batch = redis.call('XRANGE', stream, from, '+', 'COUNT', count)
-  count = 16
-  if #batch == 0 then break end
-  for _, e in ipairs(batch) do
-    local old = tonumber(string.match(e[1], '^%d+')) < cutoff
-    if e[1] ~= id and (len > maxlen or total > maxbytes or old) then
-      len, total, dropped = len - 1, total - #e[2][2], e[1]
-    else
-      keep = e[1]
-      break
-    end
-  end
-  from = '(' .. batch[#batch][1]
-end
-if dropped then
-  redis.call('XTRIM', stream, 'MINID', keep)
-  redis.call('HSET', tkey, 'bytes', total, 'low', dropped)
-end
-redis.call('PEXPIRE', stream, maxage)
-redis.call('PEXPIRE', tkey, maxage)
-if dkey then redis.call('SET', dkey, id, 'PX', ARGV[10]) end
-local framed = string.sub(frame, 1, -2) .. ',"room":"' .. room .. '","offset":"' .. id .. '"}'
-redis.call('PUBLISH', tag, node .. ' ' .. id .. ' ' .. framed)
-return id
-"#;
-
-/// ARGV: prefix, node, room, user. The members with a live connection, or `!not_member`.
-const PRESENCE: &str = concat!(
-    presence_lib!(),
-    r#"
-local room, user = ARGV[3], ARGV[4]
-local mkey = p .. ':rm:' .. room
-if redis.call('SISMEMBER', mkey, user) == 0 then return '!not_member' end
-local out = {}
-for _, m in ipairs(redis.call('SMEMBERS', mkey)) do
-  if live(m) > 0 then out[#out + 1] = m end
-end
-table.sort(out)
-return out
-"#
-);
-
-/// ARGV: prefix, node, user, device limit (0 = none). Counts the connection and returns the
-/// user's live connections before it, or -1 (not counted) at the limit.
-const CONNECT: &str = concat!(
-    presence_lib!(),
-    r#"
-local user, limit = ARGV[3], tonumber(ARGV[4])
-local before = live(user)
-if limit > 0 and before >= limit then return -1 end
-redis.call('HINCRBY', p .. ':p:' .. user, node, 1)
-redis.call('SADD', p .. ':n:' .. node .. ':users', user)
-if before == 0 then announce(user, true) end
-return before
-"#
-);
-
-/// ARGV: prefix, node, user. Uncounts one connection.
-const DISCONNECT: &str = concat!(
-    presence_lib!(),
-    r#"
-local user = ARGV[3]
-local n = redis.call('HINCRBY', p .. ':p:' .. user, node, -1)
-if n > 0 then return n end
-redis.call('HDEL', p .. ':p:' .. user, node)
-redis.call('SREM', p .. ':n:' .. node .. ':users', user)
--- Below zero: a sweep already removed this instance's count (and announced).
-if n == 0 and live(user) == 0 then announce(user, false) end
-return 0
-"#
-);
-
-/// ARGV: prefix, node. Removes every instance whose heartbeat expired; returns how many.
-const SWEEP: &str = concat!(
-    presence_lib!(),
-    r#"
-local swept = 0
-for _, dead in ipairs(redis.call('SMEMBERS', p .. ':nodes')) do
-  if dead ~= node and redis.call('EXISTS', p .. ':n:' .. dead) == 0 then
-    redis.call('SREM', p .. ':nodes', dead)
-    local ukey = p .. ':n:' .. dead .. ':users'
-    for _, user in ipairs(redis.call('SMEMBERS', ukey)) do
-      redis.call('HDEL', p .. ':p:' .. user, dead)
-      if live(user) == 0 then announce(user, false) end
-    end
-    redis.call('DEL', ukey)
-    swept = swept + 1
-  end
-end
-return swept
-"#
-);
-
-/// ARGV: prefix, node. This instance leaves: its connections are uncounted and the users left
-/// with none announced offline, as a sweep would after the TTL, only at once.
-const GOODBYE: &str = concat!(
-    presence_lib!(),
-    r#"
-redis.call('DEL', p .. ':n:' .. node)
-redis.call('SREM', p .. ':nodes', node)
-local ukey = p .. ':n:' .. node .. ':users'
-local users = redis.call('SMEMBERS', ukey)
-for _, user in ipairs(users) do
-  redis.call('HDEL', p .. ':p:' .. user, node)
-end
-for _, user in ipairs(users) do
-  if live(user) == 0 then announce(user, false) end
-end
-redis.call('DEL', ukey)
-return #users
-"#
-);
-
-struct Scripts {
-    join: Script,
-    leave: Script,
-    send: Script,
-    presence: Script,
-    connect: Script,
-    disconnect: Script,
-    sweep: Script,
-    goodbye: Script,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        Scripts {
-            join: Script::new(JOIN),
-            leave: Script::new(LEAVE),
-            send: Script::new(SEND),
-            presence: Script::new(PRESENCE),
-            connect: Script::new(CONNECT),
-            disconnect: Script::new(DISCONNECT),
-            sweep: Script::new(SWEEP),
-            goodbye: Script::new(GOODBYE),
-        }
-    }
-}
 
 struct Worker {
     bp: Arc<Backplane>,
     bus: Arc<Bus>,
     config: RoomsConfig,
-    conn: Option<redis::Connection>,
+    conns: ShardConns,
     backoff: Backoff,
     scripts: Scripts,
     prefix: String,
     node: String,
+    registry: Registry,
+    /// `SPUBLISH` on a Redis Cluster (the subscriber listens with `SSUBSCRIBE`), else `PUBLISH`.
+    publish: &'static str,
+    /// The instances found dead at the last registry read, space separated: their counts do
+    /// not count (passed to the presence scripts).
+    dead: String,
 }
 
 /// Runs until [`RoomJob::Stop`] (sent by [`Backplane::stop`] after the cores finished).
@@ -290,24 +88,15 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
         return;
     };
     let beat_every = config.presence_ttl / 3;
-    let mut w = Worker {
-        backoff: Backoff::new(
-            bp.config.reconnect_min,
-            bp.config.reconnect_max,
-            bp.node_id ^ 0x7005,
-        ),
-        prefix: bp.config.channel_prefix.clone(),
-        node: format!("{:016x}", bp.node_id),
-        bp,
-        bus,
-        config,
-        conn: None,
-        scripts: Scripts::new(),
-    };
+    let mut w = Worker::new(bp, bus, config);
     let mut next_beat = Instant::now();
+    let mut next_flush = coalesce::next_flush(w.config.presence_interval, 0).map(|d| next_beat + d);
     let mut failing = false;
     loop {
         let now = Instant::now();
+        if next_flush.is_some_and(|at| now >= at) {
+            next_flush = w.flush_presence().map(|d| now + d);
+        }
         if now >= next_beat {
             next_beat = match w.heartbeat() {
                 Ok(()) => {
@@ -328,9 +117,10 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
                 }
             };
         }
-        match rx.recv_timeout(next_beat.saturating_duration_since(Instant::now())) {
+        let wake = next_flush.map_or(next_beat, |at| at.min(next_beat));
+        match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(RoomJob::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                if let Err(e) = w.call(|c, s, p, n| s.goodbye.arg(p).arg(n).invoke::<i64>(c)) {
+                if let Err(e) = w.goodbye() {
                     log::warn!("redis presence goodbye failed: {e}; the sweep will expire us");
                 }
                 return;
@@ -345,28 +135,42 @@ pub(crate) fn run(bp: Arc<Backplane>, bus: Arc<Bus>, rx: Receiver<RoomJob>) {
 }
 
 impl Worker {
-    /// Runs `f` on the connection, (re)opening it first; a failure drops the connection.
-    fn call<T>(
+    fn new(bp: Arc<Backplane>, bus: Arc<Bus>, config: RoomsConfig) -> Self {
+        let prefix = bp.config.channel_prefix.clone();
+        Worker {
+            backoff: Backoff::new(
+                bp.config.reconnect_min,
+                bp.config.reconnect_max,
+                bp.node_id ^ 0x7005,
+            ),
+            registry: Registry::new(&prefix),
+            prefix,
+            node: format!("{:016x}", bp.node_id),
+            publish: if bp.config.sharded() {
+                "SPUBLISH"
+            } else {
+                "PUBLISH"
+            },
+            bp,
+            bus,
+            config,
+            conns: ShardConns::default(),
+            scripts: Scripts::new(),
+            dead: String::new(),
+        }
+    }
+
+    /// Runs `f` on the connection to the shard owning `key` (the one Redis without a cluster),
+    /// opening it first; a failure drops every connection and the topology.
+    fn on<T>(
         &mut self,
-        f: impl FnOnce(&mut redis::Connection, &Scripts, &str, &str) -> redis::RedisResult<T>,
+        key: &str,
+        f: impl FnOnce(&mut redis::Connection, &Scripts) -> redis::RedisResult<T>,
     ) -> redis::RedisResult<T> {
-        if self.bp.master_moved() {
-            self.conn = None;
-        }
-        if self.conn.is_none() {
-            let c = self
-                .bp
-                .config
-                .client(&self.bp.redis_url())?
-                .get_connection_with_timeout(IO_TIMEOUT)?;
-            c.set_read_timeout(Some(IO_TIMEOUT))?;
-            c.set_write_timeout(Some(IO_TIMEOUT))?;
-            self.conn = Some(c);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err((redis::ErrorKind::Io, "not connected").into());
+        let result = match self.conns.for_key(&self.bp, key.as_bytes()) {
+            Ok((_, conn)) => f(conn, &self.scripts),
+            Err(e) => Err(e),
         };
-        let result = f(conn, &self.scripts, &self.prefix, &self.node);
         match &result {
             Ok(_) => self.backoff.reset(),
             // Redis answered and will not write now (out of memory, loading, ...): the
@@ -374,33 +178,9 @@ impl Worker {
             Err(e) if classify_error(e) == ErrorReply::RefusesWrites => {
                 self.bp.note_write_refused(&e.to_string())
             }
-            Err(_) => self.conn = None,
+            Err(_) => self.conns.reset(),
         }
         result
-    }
-
-    /// Refreshes this instance's heartbeat, then removes instances whose heartbeat expired.
-    fn heartbeat(&mut self) -> redis::RedisResult<()> {
-        let ttl_ms = self.config.presence_ttl.as_millis() as u64;
-        let swept = self.call(|c, s, p, n| {
-            redis::pipe()
-                .cmd("SET")
-                .arg(format!("{p}:n:{n}"))
-                .arg(1)
-                .arg("PX")
-                .arg(ttl_ms)
-                .ignore()
-                .cmd("SADD")
-                .arg(format!("{p}:nodes"))
-                .arg(n)
-                .ignore()
-                .exec(c)?;
-            s.sweep.arg(p).arg(n).invoke::<i64>(c)
-        })?;
-        if swept > 0 {
-            log::info!("presence: {swept} instance(s) stopped refreshing their heartbeat; their users were uncounted");
-        }
-        Ok(())
     }
 
     fn answer(
@@ -447,32 +227,88 @@ impl Worker {
         )
     }
 
+    /// `<node> ! +room` (joined) or `<node> ! -room` (left), for the user's channel.
+    fn control(&self, joined: bool, room: &str) -> String {
+        let sign = if joined { '+' } else { '-' };
+        format!("{} ! {sign}{room}", self.node)
+    }
+
+    /// Joins: the room's members first (the room's slot), then the user's rooms and the
+    /// control on the user's channel (the user's slot); see the module docs for the order.
+    fn join(&mut self, user: &str, room: &str) -> redis::RedisResult<String> {
+        let members = wire::room_members_key(&self.prefix, room);
+        let max_members = self.config.max_room_members;
+        let added = self.on(&members, |c, s| {
+            s.room_join
+                .key(&members)
+                .arg(user)
+                .arg(max_members)
+                .invoke::<String>(c)
+        })?;
+        if added.starts_with('!') {
+            return Ok(added);
+        }
+        let rooms = keys::user_rooms(&self.prefix, user);
+        let (channel, control) = (
+            wire::user_channel(&self.prefix, user),
+            self.control(true, room),
+        );
+        let (max_rooms, publish) = (self.config.max_rooms_per_user, self.publish);
+        let reply = self.on(&rooms, |c, s| {
+            s.user_join
+                .key(&rooms)
+                .arg(room)
+                .arg(max_rooms)
+                .arg(publish)
+                .arg(&channel)
+                .arg(&control)
+                .invoke::<String>(c)
+        })?;
+        if reply.starts_with('!') && added == "added" {
+            // Over the user's limit: this join's member entry goes again.
+            self.on(&members, |c, _| {
+                redis::cmd("SREM").arg(&members).arg(user).query::<i64>(c)
+            })?;
+        }
+        Ok(reply)
+    }
+
+    /// Leaves: the user's rooms and the control first, then the room's members.
+    fn leave(&mut self, user: &str, room: &str) -> redis::RedisResult<String> {
+        let rooms = keys::user_rooms(&self.prefix, user);
+        let (channel, control) = (
+            wire::user_channel(&self.prefix, user),
+            self.control(false, room),
+        );
+        let publish = self.publish;
+        let routed: i64 = self.on(&rooms, |c, s| {
+            s.user_leave
+                .key(&rooms)
+                .arg(room)
+                .arg(publish)
+                .arg(&channel)
+                .arg(&control)
+                .invoke(c)
+        })?;
+        let members = wire::room_members_key(&self.prefix, room);
+        let member: i64 = self.on(&members, |c, _| {
+            redis::cmd("SREM").arg(&members).arg(user).query(c)
+        })?;
+        Ok(if routed == 0 && member == 0 {
+            "!not_member".into()
+        } else {
+            "ok".into()
+        })
+    }
+
     fn handle(&mut self, job: RoomJob) {
         match job {
             RoomJob::Join { user, room, target } => {
-                let (max_rooms, max_members) =
-                    (self.config.max_rooms_per_user, self.config.max_room_members);
-                let reply = self.call(|c, s, p, n| {
-                    s.join
-                        .arg(p)
-                        .arg(n)
-                        .arg(&*room)
-                        .arg(&*user)
-                        .arg(max_rooms)
-                        .arg(max_members)
-                        .invoke::<String>(c)
-                });
+                let reply = self.join(&user, &room);
                 self.membership_done(reply, user, room, true, target);
             }
             RoomJob::Leave { user, room, target } => {
-                let reply = self.call(|c, s, p, n| {
-                    s.leave
-                        .arg(p)
-                        .arg(n)
-                        .arg(&*room)
-                        .arg(&*user)
-                        .invoke::<String>(c)
-                });
+                let reply = self.leave(&user, &room);
                 self.membership_done(reply, user, room, false, target);
             }
             RoomJob::Send {
@@ -493,14 +329,17 @@ impl Worker {
                     .bp
                     .history()
                     .map_or(crate::history::DEFAULT_DEDUPE_WINDOW, |h| h.dedupe_window);
-                let reply = self.call(|c, s, p, n| {
+                let (prefix, node, publish) =
+                    (self.prefix.clone(), self.node.clone(), self.publish);
+                let channel = wire::room_channel(&prefix, &room);
+                let reply = self.on(&channel, |c, s| {
                     let (on, max_len, max_age, max_bytes) = match history {
                         Some((len, age, bytes)) => ("1", len, age, bytes),
                         None => ("0", 0, 0, 0),
                     };
                     s.send
-                        .arg(p)
-                        .arg(n)
+                        .arg(&prefix)
+                        .arg(&node)
                         .arg(&*room)
                         .arg(&*user)
                         .arg(frame.as_str())
@@ -510,6 +349,7 @@ impl Worker {
                         .arg(dedupe.as_deref().unwrap_or(""))
                         .arg(window.as_millis() as u64)
                         .arg(max_bytes)
+                        .arg(publish)
                         .invoke::<String>(c)
                 });
                 let result = match reply {
@@ -523,36 +363,17 @@ impl Worker {
                 self.answer(target, result);
             }
             RoomJob::Presence { user, room, target } => {
-                let reply = self.call(|c, s, p, n| {
-                    s.presence
-                        .arg(p)
-                        .arg(n)
-                        .arg(&*room)
-                        .arg(&*user)
-                        .invoke::<Value>(c)
-                });
-                let result = match reply {
-                    Ok(Value::Array(items)) => {
-                        let online: Vec<String> = items
-                            .iter()
-                            .filter_map(|v| redis::from_redis_value_ref::<String>(v).ok())
-                            .collect();
-                        Ok(serde_json::json!({ "room": &*room, "online": online }))
-                    }
-                    Ok(other) => {
-                        let text =
-                            redis::from_redis_value_ref::<String>(&other).unwrap_or_default();
-                        Err(self.refusal(&text, &room))
-                    }
+                let result = match self.room_online(&room, Some(&user)) {
+                    Ok(Some(online)) => Ok(serde_json::json!({ "room": &*room, "online": online })),
+                    Ok(None) => Err(self.refusal("!not_member", &room)),
                     Err(e) => Err(self.unavailable(&e)),
                 };
                 self.answer(target, result);
             }
             RoomJob::Load { user } => {
-                let reply = self.call(|c, _, p, _| {
-                    redis::cmd("SMEMBERS")
-                        .arg(format!("{p}:ur:{user}"))
-                        .query::<Vec<String>>(c)
+                let rooms = keys::user_rooms(&self.prefix, &user);
+                let reply = self.on(&rooms, |c, _| {
+                    redis::cmd("SMEMBERS").arg(&rooms).query::<Vec<String>>(c)
                 });
                 let result = match reply {
                     Ok(rooms) => Ok(rooms.into_iter().map(RoomId::from).collect()),
@@ -571,53 +392,22 @@ impl Worker {
                 core,
                 key,
                 serial,
-            } => {
-                let limit = self.config.max_devices;
-                let reply = self.call(|c, s, p, n| {
-                    s.connect
-                        .arg(p)
-                        .arg(n)
-                        .arg(&*user)
-                        .arg(limit)
-                        .invoke::<i64>(c)
-                });
-                let (admitted, counted) = match reply {
-                    Ok(before) => (before >= 0, before >= 0),
-                    Err(e) => {
-                        // Fail open: a Redis outage must not lock every user out.
-                        log::warn!("redis: counting a connection of {user} failed: {e}");
-                        (true, false)
-                    }
-                };
-                let verdict = Admission {
-                    key,
-                    serial,
-                    user,
-                    admitted,
-                    counted,
-                };
-                if !self.bus.send(core, CoreMsg::Admission(Box::new(verdict))) {
-                    self.bp.stats.inbox_drops.fetch_add(1, Relaxed);
-                }
-            }
-            RoomJob::Disconnected { user } => {
-                let reply =
-                    self.call(|c, s, p, n| s.disconnect.arg(p).arg(n).arg(&*user).invoke::<i64>(c));
-                if let Err(e) = reply {
-                    log::warn!("redis: uncounting a connection of {user} failed: {e}");
-                }
-            }
+            } => self.connected(user, core, key, serial),
+            RoomJob::Disconnected {
+                user,
+                core,
+                key,
+                serial,
+            } => self.disconnected(&user, core, key, serial),
             RoomJob::Api {
                 query,
                 target,
                 pending,
             } => {
-                let result = self
-                    .call(|c, _, p, n| api_queries::run(c, p, n, &query))
-                    .map_err(|e| {
-                        log::warn!("redis: server API request failed: {e}");
-                        e.to_string()
-                    });
+                let result = self.api(&query).map_err(|e| {
+                    log::warn!("redis: server API request failed: {e}");
+                    e.to_string()
+                });
                 let answer = ApiAnswer {
                     key: target.key,
                     serial: target.serial,
@@ -673,20 +463,12 @@ mod tests {
     fn worker(cores: usize) -> (Worker, Arc<Backplane>, Arc<Bus>) {
         let bp = Backplane::new(RedisConfig::new("redis://127.0.0.1:1"), 0xabc);
         let bus = Arc::new(Bus::new(cores, 16));
-        let w = Worker {
-            backoff: Backoff::new(Duration::from_millis(1), Duration::from_millis(2), 1),
-            prefix: "sb".into(),
-            node: format!("{:016x}", 0xabc),
-            bp: Arc::clone(&bp),
-            bus: Arc::clone(&bus),
-            config: RoomsConfig {
-                max_rooms_per_user: 3,
-                max_room_members: 4,
-                ..RoomsConfig::default()
-            },
-            conn: None,
-            scripts: Scripts::new(),
+        let config = RoomsConfig {
+            max_rooms_per_user: 3,
+            max_room_members: 4,
+            ..RoomsConfig::default()
         };
+        let w = Worker::new(Arc::clone(&bp), Arc::clone(&bus), config);
         (w, bp, bus)
     }
 

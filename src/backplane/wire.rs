@@ -45,6 +45,12 @@ pub fn room_stream_key(prefix: &str, room: &str) -> String {
     format!("{{{prefix}:r:{room}}}:h")
 }
 
+/// `{PREFIX:r:ROOM}:m`: the room's members (a set of user ids), in the room's slot so that a
+/// send checks membership in the same script that stores and publishes.
+pub fn room_members_key(prefix: &str, room: &str) -> String {
+    format!("{{{prefix}:r:{room}}}:m")
+}
+
 /// `{PREFIX:r:ROOM}:t`: the room stream's byte count and low-water mark (`low`).
 pub fn room_trim_key(prefix: &str, room: &str) -> String {
     format!("{{{prefix}:r:{room}}}:t")
@@ -103,6 +109,48 @@ pub fn disconnect_payload(node: u64) -> String {
 /// Whether `payload` is a [`disconnect_payload`].
 pub fn is_disconnect(payload: &[u8]) -> bool {
     payload.len() == 20 && payload[16..] == *b" ! x"
+}
+
+/// One connection, cluster-wide: `<node>/<core>/<key>/<serial>` (node in 16 hex digits). The
+/// rooms worker keeps these in a user's device set for `--max-devices` (newest wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceId {
+    /// The instance holding the connection.
+    pub node: u64,
+    /// Its core.
+    pub core: usize,
+    /// Its slab key on that core.
+    pub key: usize,
+    /// Its serial: the slab key alone may have been reused since.
+    pub serial: u64,
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let DeviceId {
+            node,
+            core,
+            key,
+            serial,
+        } = self;
+        write!(f, "{node:016x}/{core}/{key}/{serial}")
+    }
+}
+
+/// The payload on a user's channel that closes one of the user's connections with 4009, because
+/// a newer one took its place under `--max-devices`: `<node> ! d<device id>`. Published by the
+/// `CONNECT` script, read by the instance holding the device.
+pub fn read_displace(payload: &[u8]) -> Option<DeviceId> {
+    let rest = payload.get(16..)?.strip_prefix(b" ! d")?;
+    let mut parts = std::str::from_utf8(rest).ok()?.split('/');
+    let node = parts.next().filter(|n| n.len() == 16)?;
+    let device = DeviceId {
+        node: u64::from_str_radix(node, 16).ok()?,
+        core: parts.next()?.parse().ok()?,
+        key: parts.next()?.parse().ok()?,
+        serial: parts.next()?.parse().ok()?,
+    };
+    parts.next().is_none().then_some(device)
 }
 
 /// Appends the per-user payload for `frame` from `node` to `out`.
@@ -290,6 +338,31 @@ mod tests {
         assert!(is_disconnect(disconnect_payload(0xabc).as_bytes()));
         assert_eq!(read_control(disconnect_payload(0xabc).as_bytes()), None);
         assert!(!is_disconnect(b"0000000000000abc ! +x"));
+    }
+
+    #[test]
+    fn displace_payloads_name_one_device() {
+        let device = DeviceId {
+            node: 0xabc,
+            core: 1,
+            key: 42,
+            serial: 7,
+        };
+        assert_eq!(device.to_string(), "0000000000000abc/1/42/7");
+        let payload = format!("0000000000000def ! d{device}");
+        assert_eq!(read_displace(payload.as_bytes()), Some(device));
+        assert_eq!(read_control(payload.as_bytes()), None);
+        assert!(!is_disconnect(payload.as_bytes()));
+        for bad in [
+            "0000000000000def ! d0000000000000abc/1/42",
+            "0000000000000def ! d0000000000000abc/1/42/7/8",
+            "0000000000000def ! dabc/1/42/7",
+            "0000000000000def ! d0000000000000abc/x/42/7",
+            "0000000000000def ! +0000000000000abc/1/42/7",
+            "0000000000000def ! d",
+        ] {
+            assert_eq!(read_displace(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]

@@ -378,15 +378,13 @@ impl Config {
     }
 
     /// Whether rooms, presence and the device limit are in force: embedded, or per-user routing
-    /// on a single Redis. A room's message and history share the room's hash slot, but the
-    /// membership and presence scripts still touch keys of several slots (a user's rooms and a
-    /// room's members; every instance's counts of a user), which a Redis Cluster cannot run in
-    /// one script, and the seed format has no room channel; there the room events are unknown
-    /// events and the binary says so at startup.
+    /// (on one Redis or a Redis Cluster: every rooms script touches one hash slot). The seed
+    /// format has no room channel; there the room events are unknown events and the binary
+    /// says so at startup.
     pub fn rooms_active(&self) -> bool {
         self.backplane
             .as_ref()
-            .is_none_or(|r| r.routing == Routing::PerUser && r.cluster.is_empty())
+            .is_none_or(|r| r.routing == Routing::PerUser)
     }
 
     /// The idle time after which an open connection that sent nothing is closed.
@@ -523,7 +521,7 @@ mod tests {
         cluster.cluster = vec!["127.0.0.1:7000".into()];
         cfg.backplane = Some(cluster);
         assert!(cfg.history_active(), "cluster, per-user routing");
-        assert!(!cfg.rooms_active(), "rooms: not on a cluster yet");
+        assert!(cfg.rooms_active(), "rooms on a cluster too");
         cfg.history.max_len = 0;
         assert!(cfg.validate().unwrap_err().0.contains("--history-max-len"));
     }

@@ -13,8 +13,9 @@ pub const DEFAULT_MAX_DEVICES: u32 = 0;
 /// Room requests (join, leave, send, presence) waiting for the Redis rooms worker; past it new
 /// ones are refused at once (`internal` error `rooms busy`) rather than queued behind a flood.
 pub const DEFAULT_MAX_ROOM_QUEUE: usize = 4096;
-/// Embedded: a user's presence changes within this long after one was announced are held and
-/// coalesced into at most one `presenceChanged` at its end (0 = announce every change).
+/// A user's presence changes within this long after one was announced are held and coalesced
+/// into at most one `presenceChanged` at its end (0 = announce every change), embedded
+/// (`core_loop/presence.rs`) and with Redis, cluster-wide (`rooms_worker/coalesce.rs`).
 pub const DEFAULT_PRESENCE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an instance that stopped refreshing its heartbeat counts as alive. Its users go
 /// offline (with `presenceChanged`) within about 4/3 of this after it died.
@@ -59,14 +60,14 @@ pub struct RoomsConfig {
     pub max_room_members: usize,
     /// Longest room name in bytes (`--max-room-name-bytes`); longer is `bad_room`.
     pub max_room_name_bytes: usize,
-    /// Connections per user across the cluster (`--max-devices`, 0 = off); the connection over
-    /// it is closed with 4009.
+    /// Connections per user across the cluster (`--max-devices`, 0 = off). With Redis the newest
+    /// wins (the oldest is closed with 4009); embedded the connection over it is closed with 4009.
     pub max_devices: u32,
     /// Heartbeat expiry of an instance (`--presence-ttl`), refreshed every third of it.
     pub presence_ttl: Duration,
     /// Room requests waiting for the Redis rooms worker (`--max-room-queue`).
     pub max_room_queue: usize,
-    /// Embedded: presence changes of one user coalesced over this long (`--presence-interval`).
+    /// Presence changes of one user coalesced over this long (`--presence-interval`).
     pub presence_interval: Duration,
     /// The bounds of each room's history (with history on).
     pub history: RoomHistoryConfig,

@@ -426,6 +426,7 @@ impl CoreLoop {
             CoreMsg::ResyncRoom(user, room) => self.resync_room(&user, &room),
             CoreMsg::Hook(done) => self.on_hook(*done),
             CoreMsg::Disconnect(user) => self.disconnect_user(&user),
+            CoreMsg::Displace { key, serial } => self.displace(key, serial),
             CoreMsg::Api(answer) => self.on_api_answer(*answer),
         });
     }

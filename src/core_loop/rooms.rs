@@ -329,14 +329,19 @@ impl CoreLoop {
         true
     }
 
-    /// A counted connection of `user` ended.
-    pub(super) fn uncount_device(&mut self, user: &UserId) {
+    /// A counted connection of `user` (slab `key`, `serial`) ended.
+    pub(super) fn uncount_device(&mut self, user: &UserId, key: usize, serial: u64) {
         let shared = Arc::clone(&self.shared);
         if let Some(rooms) = &shared.rooms {
             let notices = rooms.disconnect(user);
             self.notify_presence(notices, user, false);
         } else if let Some(bp) = &shared.backplane {
-            bp.room_request(RoomJob::Disconnected { user: user.clone() });
+            bp.room_request(RoomJob::Disconnected {
+                user: user.clone(),
+                core: self.id,
+                key,
+                serial,
+            });
         }
     }
 
@@ -359,7 +364,7 @@ impl CoreLoop {
         };
         if !waiting {
             if verdict.counted {
-                self.uncount_device(&verdict.user);
+                self.uncount_device(&verdict.user, verdict.key, verdict.serial);
             }
             return;
         }
@@ -371,6 +376,16 @@ impl CoreLoop {
                 verdict.user
             );
             self.close(verdict.key, CloseReason::DeviceLimit);
+        }
+    }
+
+    /// With Redis and `--max-devices`: a newer device of this connection's user took its place
+    /// (newest wins), so it closes with 4009, unless the key was reused since.
+    pub(super) fn displace(&mut self, key: usize, serial: u64) {
+        let current = self.conns.get_open_mut(key).map(|open| open.serial);
+        if current == Some(serial) {
+            log::debug!("core={} conn={key} displaced by a newer device", self.id);
+            self.close(key, CloseReason::DeviceLimit);
         }
     }
 

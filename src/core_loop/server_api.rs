@@ -153,10 +153,7 @@ impl CoreLoop {
     pub(super) fn api_publish_to(&mut self, key: usize, audience: Audience, dispatch: Dispatch) {
         let shared = Arc::clone(&self.shared);
         if !shared.config.rooms_active() {
-            let e = ApiError::new(
-                404,
-                "rooms are off (they need one Redis with per-user routing)",
-            );
+            let e = ApiError::new(404, "rooms are off (they need per-user routing)");
             return self.reply(key, e.response(), &[]);
         }
         if let Some(rooms) = &shared.rooms {
@@ -203,10 +200,7 @@ impl CoreLoop {
             .as_ref()
             .filter(|_| shared.config.rooms_active())
         else {
-            let e = ApiError::new(
-                404,
-                "rooms are off (they need one Redis with per-user routing)",
-            );
+            let e = ApiError::new(404, "rooms are off (they need per-user routing)");
             return self.reply(key, e.response(), &[]);
         };
         let serial = self.wait(key);

@@ -41,7 +41,7 @@ impl CoreLoop {
             }
         }
         if ended.counted {
-            self.uncount_device(&ended.user);
+            self.uncount_device(&ended.user, key, ended.serial);
         }
     }
 

@@ -32,6 +32,8 @@ pub(super) struct Unindexed {
     pub last: bool,
     /// It was counted in the user's presence and must be uncounted.
     pub counted: bool,
+    /// Its serial (the device id in Redis names it).
+    pub serial: u64,
 }
 
 impl Table {
@@ -154,6 +156,7 @@ impl Table {
             user: open.user.clone(),
             last,
             counted,
+            serial: open.serial,
         })
     }
 }

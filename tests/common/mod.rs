@@ -1031,6 +1031,31 @@ pub fn request_err(client: &mut Client, event: &str, args: Value, ack: u64) -> S
     v["args"]["code"].as_str().unwrap_or_default().to_string()
 }
 
+/// The room's members online, per the `presence` query, sorted.
+pub fn presence_online(c: &mut Client, room: &str) -> Vec<String> {
+    let r = request_ok(c, "presence", serde_json::json!({ "room": room }), 2);
+    assert_eq!(r["room"], room);
+    let mut users: Vec<String> = r["online"]
+        .as_array()
+        .expect("online")
+        .iter()
+        .map(|u| u.as_str().unwrap_or_default().to_string())
+        .collect();
+    users.sort();
+    users
+}
+
+/// The next `presenceChanged` says `user` went online (`is_online`) or offline in `room`.
+pub fn expect_presence(c: &mut Client, room: &str, user: &str, is_online: bool) {
+    let e = c.recv_event("presenceChanged");
+    assert_eq!(
+        e["args"],
+        serde_json::json!({"room": room, "user": user, "online": is_online}),
+        "{}: {e}",
+        c.user
+    );
+}
+
 /// The next `newMessage` of a room, skipping other events (`recovered`, `presenceChanged`).
 pub fn recv_room_message(client: &mut Client) -> Value {
     client.recv_event("newMessage")

@@ -35,6 +35,14 @@ pub(super) enum Incoming<'a> {
     },
     /// Close every connection of `user` (`POST /api/disconnect` on some instance).
     Disconnect { user: &'a str },
+    /// Close this instance's connection `key` on `core` (if still `serial`) with 4009: a newer
+    /// device of its user took its place under `--max-devices`. Another instance's device:
+    /// [`Incoming::Own`], nothing to do here.
+    Displace {
+        core: usize,
+        key: usize,
+        serial: u64,
+    },
     /// A user's frame with its offset (history on).
     Delivery {
         user: &'a str,
@@ -75,6 +83,16 @@ impl Reader<'_> {
             if let Some(user) = wire::user_of_channel(prefix, channel) {
                 if wire::is_disconnect(payload) {
                     return Incoming::Disconnect { user };
+                }
+                if let Some(device) = wire::read_displace(payload) {
+                    if device.node != self.node_id {
+                        return Incoming::Own;
+                    }
+                    return Incoming::Displace {
+                        core: device.core,
+                        key: device.key,
+                        serial: device.serial,
+                    };
                 }
                 if let Some((joined, room)) = wire::read_control(payload) {
                     return Incoming::Control { user, joined, room };
@@ -230,6 +248,21 @@ mod tests {
         assert!(matches!(
             r.read(b"{sb:r:team}", event, |_| false),
             Incoming::Invalid { log: false }
+        ));
+    }
+
+    #[test]
+    fn a_displaced_device_is_closed_only_by_the_instance_holding_it() {
+        let r = reader(Routing::PerUser, true, true);
+        let here = b"0000000000000001 ! d0000000000000abc/1/42/7";
+        match r.read(b"sb:u:alice", here, |_| false) {
+            Incoming::Displace { core, key, serial } => assert_eq!((core, key, serial), (1, 42, 7)),
+            other => panic!("expected a displace, got {other:?}"),
+        }
+        let elsewhere = b"0000000000000abc ! d0000000000000def/1/42/7";
+        assert!(matches!(
+            r.read(b"sb:u:alice", elsewhere, |_| false),
+            Incoming::Own
         ));
     }
 }

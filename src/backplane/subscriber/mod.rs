@@ -206,13 +206,14 @@ impl Subscriber {
         let mut channels = self
             .subs
             .resubscribe(i, self.hosts.users(), |ch| links.shard_of(ch));
-        if self.subs.per_user() && i == 0 && self.bp.rooms().is_some() {
+        if self.subs.per_user() && self.bp.rooms().is_some() {
             let prefix = &self.bp.config.channel_prefix;
             channels.extend(
                 self.routes
                     .rooms()
                     .iter()
-                    .map(|r| wire::room_channel(prefix, r)),
+                    .map(|r| wire::room_channel(prefix, r))
+                    .filter(|ch| links.shard_of(ch) == i),
             );
         }
         let (command, _) = self.subs.commands();
@@ -319,11 +320,11 @@ impl Subscriber {
     /// Drops shard `i`'s connection; its channels are re-subscribed on reconnect.
     fn disconnect(&mut self, i: usize, why: &str) {
         self.links.disconnect(i, self.poll.registry(), why);
-        if i == 0 {
-            // The next connection subscribes every room again (`resubscribe`).
-            self.routes.reset();
-        }
+        // The next connection subscribes the shard's rooms again (`resubscribe`).
         let links = &self.links;
+        let prefix = &self.bp.config.channel_prefix;
+        self.routes
+            .reset(|room| links.shard_of(&wire::room_channel(prefix, room)) == i);
         self.subs.lost(i, |ch| links.shard_of(ch));
         self.update_connected();
     }
@@ -333,6 +334,7 @@ impl Subscriber {
         log::info!("redis cluster topology changed ({why}); refreshing");
         self.links.clear(self.poll.registry());
         self.subs.clear();
+        self.routes.reset(|_| true);
         self.update_connected();
     }
 
@@ -393,8 +395,12 @@ impl Subscriber {
             Some(Reply::SUnsubscribed { channel, count }) => {
                 self.links.set_confirmed(i, count);
                 // An SUNSUBSCRIBE we did not ask for means the slot moved to another shard.
-                let user = wire::user_of_channel(&self.bp.config.channel_prefix, channel);
-                if user.is_some_and(|u| self.subs.is_subscribed(u)) {
+                let prefix = &self.bp.config.channel_prefix;
+                let user = wire::user_of_channel(prefix, channel);
+                let room = wire::room_of_channel(prefix, channel);
+                if user.is_some_and(|u| self.subs.is_subscribed(u))
+                    || room.is_some_and(|r| self.routes.room(r).is_some())
+                {
                     self.refresh_topology("slot migrated");
                 } else {
                     self.update_connected();

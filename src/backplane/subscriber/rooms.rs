@@ -41,8 +41,9 @@ impl Subscriber {
         self.apply_room_channels(changes);
     }
 
-    /// Sends the room (un)subscriptions (rooms live on the one non-cluster connection). While
-    /// it is down, the reconnect subscribes every room the routes list.
+    /// Sends the room (un)subscriptions, each on the shard serving the room's channel (sharded
+    /// commands on a Redis Cluster). A shard that is down subscribes, on reconnect, every room
+    /// the routes list for it.
     pub(super) fn apply_room_channels(&mut self, changes: ChannelChanges) {
         self.bp
             .stats
@@ -52,17 +53,28 @@ impl Subscriber {
             return;
         }
         let prefix = self.bp.config.channel_prefix.clone();
-        let channels = |rooms: &[crate::rooms::RoomId]| -> Vec<String> {
-            rooms
-                .iter()
-                .map(|r| wire::room_channel(&prefix, r))
-                .collect()
+        let shards = self.links.len();
+        let by_shard = |links: &super::shards::Links, rooms: &[crate::rooms::RoomId]| {
+            let mut out = vec![Vec::new(); shards];
+            for room in rooms {
+                let channel = wire::room_channel(&prefix, room);
+                let shard = links.shard_of(&channel);
+                if let Some(list) = out.get_mut(shard) {
+                    list.push(channel);
+                }
+            }
+            out
         };
+        let unsubscribe = by_shard(&self.links, &changes.unsubscribe);
+        let subscribe = by_shard(&self.links, &changes.subscribe);
+        let (sub, unsub) = self.subs.commands();
         // Leaves first: a leave and a rejoin in one batch must end subscribed.
-        self.links
-            .write_channels(0, "UNSUBSCRIBE", &channels(&changes.unsubscribe));
-        self.links
-            .write_channels(0, "SUBSCRIBE", &channels(&changes.subscribe));
+        for (i, channels) in unsubscribe.iter().enumerate() {
+            self.links.write_channels(i, unsub, channels);
+        }
+        for (i, channels) in subscribe.iter().enumerate() {
+            self.links.write_channels(i, sub, channels);
+        }
     }
 
     /// Tells the cores hosting `user` to resume `room` on its connections from their last

@@ -255,6 +255,14 @@ impl Subscriber {
                     CoreMsg::Disconnect(UserId::from(user))
                 });
             }
+            Incoming::Displace { core, key, serial } => {
+                // The core number comes from Redis: one past this instance's cores is ignored.
+                if core < self.bus.cores() {
+                    send(&self.bus, stats, core, CoreMsg::Displace { key, serial });
+                } else {
+                    stats.invalid.fetch_add(1, Relaxed);
+                }
+            }
             Incoming::Delivery {
                 user,
                 offset,
