@@ -19,6 +19,7 @@
 //! Local delivery never waits for Redis: the core delivers a dispatch to its own and its sibling
 //! cores' connections first and only then queues the publication for other instances.
 
+mod backoff;
 pub mod cluster;
 pub(crate) mod core_link;
 mod endpoint;
@@ -42,7 +43,6 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crossbeam_queue::{ArrayQueue, SegQueue};
 
@@ -52,6 +52,7 @@ pub use crate::config::redis::{
     DEFAULT_RECONNECT_MIN, DEFAULT_WAIT_REPLICAS, DEFAULT_WAIT_TIMEOUT,
 };
 
+pub(crate) use self::backoff::Backoff;
 use self::fair_reads::HistoryReads;
 pub(crate) use self::fair_reads::Job;
 pub use self::fair_reads::NotQueued;
@@ -783,42 +784,6 @@ impl Backplane {
             crate::metrics::Unit::Seconds,
             std::iter::once(&s.redis_round_trip),
         );
-    }
-}
-
-/// Exponential backoff with jitter.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-    seed: u64,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration, seed: u64) -> Self {
-        Backoff {
-            min,
-            max,
-            current: min,
-            seed: seed | 1,
-        }
-    }
-
-    /// The next delay: the current step, jittered to 50–100 %, then the step doubles.
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        // xorshift: enough randomness to spread a fleet's reconnects apart.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let frac = 0.5 + (self.seed % 1000) as f64 / 2000.0;
-        let delay = self.current.mul_f64(frac);
-        self.current = (self.current * 2).min(self.max);
-        delay
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.current = self.min;
     }
 }
 

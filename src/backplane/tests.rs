@@ -1,5 +1,7 @@
 //! Unit tests of `backplane`, beside it (moved out to keep the module under 800 lines).
 
+use std::time::Duration;
+
 use super::*;
 
 #[test]
