@@ -68,8 +68,11 @@ fn a_reader_that_never_reads_is_closed_with_4008_and_memory_stays_bounded() {
     // History keeps what is sent (max-len events per user): a short history keeps it from
     // counting as growth here, while the bound under test stays the outbound one.
     let server = ChildServer::spawn(&[
-        // The sender floods on purpose; the per-connection rate limit is another test's subject.
+        // The sender floods on purpose; the per-connection rate limit and the per-sender budget
+        // of what it may store for others are other tests' subjects.
         "--rate-limit",
+        "0",
+        "--sender-bytes-per-minute",
         "0",
         "--max-outbound-bytes",
         &MAX_OUTBOUND.to_string(),
@@ -153,6 +156,8 @@ fn stalled_readers_past_the_process_budget_are_closed_biggest_first() {
     const BIG: usize = 48 * 1024;
     let server = ChildServer::spawn(&[
         "--rate-limit",
+        "0",
+        "--sender-bytes-per-minute",
         "0",
         "--max-outbound-bytes",
         &(32 * 1024 * 1024).to_string(),

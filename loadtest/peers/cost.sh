@@ -23,7 +23,9 @@
 # PORT (first of four consecutive ports: PORT, PORT+1 switchboard, PORT+2 Redis, PORT+3 Node;
 # default 18310), OUT (results directory; default a new /tmp/cost.XXXXXX), SERVER_ARGS (extra
 # switchboard flags, e.g. --rate-limit 0: needed only if one connection sends more than 200
-# messages/s, i.e. RATE > 100 x SENDERS x DEVICES), LOADTEST_ARGS (extra generator flags),
+# messages/s, i.e. RATE > 100 x SENDERS x DEVICES; and --sender-bytes-per-minute 0 once a
+# sending user stores more than 8 MiB a minute for others, about RATE > 300 x SENDERS with the
+# default message size), LOADTEST_ARGS (extra generator flags),
 # RAMP=1 (run `ramp` instead: --start-rate RATE/5 --step RATE/5 --step-duration DURATION
 # --max-steps 5 --p99-bound-ms 10; one row per step), CPU2 (start the second `--cores 1`
 # instance under `taskset -c CPU2`, see below), PERF=1 (count the syscalls and context
