@@ -14,8 +14,8 @@
 //! replay, `recovered`), and fetches `GET /api/history` once after each; prints the resume's p50/p99/max, how many were
 //! `complete: false`, the victim's HTTP statuses, and the 1-minute load average before and after.
 //!
-//! Run: `BINARY=target/release/switchboard cargo bench --bench history_flood` (the bench
-//! measures the binary, not itself). Knobs (environment): `BINARY`, `FLOOD` (`resume`),
+//! Run: `cargo bench --bench history_flood` (the bench measures the binary cargo built for it, or
+//! the one `BINARY` names, not itself). Knobs (environment): `BINARY`, `FLOOD` (`resume`),
 //! `EVENTS` (1000), `EVENT_BYTES` (61440), `SAMPLES` (100), `WARMUP` (3), `EMBEDDED`, `ARGS` (extra server
 //! flags, space-separated). The machine is shared: compare binaries in the same minutes,
 //! alternating, and read the load average beside each figure.
@@ -205,12 +205,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let binary = std::env::var("BINARY").unwrap_or_else(|_| "target/release/switchboard".into());
+    // Cargo builds the binary for benches: a plain `cargo bench` (or the test suite's one run of
+    // each bench) uses that one; BINARY measures another, e.g. a release build of an older commit.
+    let binary =
+        std::env::var("BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_switchboard").into());
     let flood_kind = std::env::var("FLOOD").unwrap_or_else(|_| "resume".into());
-    let events: usize = env_or("EVENTS", 1000);
+    // `cargo bench` passes `--bench`; `cargo test` (the suite runs every bench once) does not:
+    // then a small run checks that the bench works, measuring nothing.
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let events: usize = env_or("EVENTS", if measuring { 1000 } else { 50 });
     let event_bytes: usize = env_or("EVENT_BYTES", 61440);
-    let samples: usize = env_or("SAMPLES", 100);
-    let warmup: u64 = env_or("WARMUP", 3);
+    let samples: usize = env_or("SAMPLES", if measuring { 100 } else { 5 });
+    let warmup: u64 = env_or("WARMUP", if measuring { 3 } else { 0 });
     let burst: usize = env_or("BURST", 10);
     let every = Duration::from_millis(env_or("EVERY_MS", 300));
     let extra: Vec<String> = std::env::var("ARGS")
