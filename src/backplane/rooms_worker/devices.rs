@@ -1,11 +1,12 @@
 //! The device limit with Redis (`--max-devices`): newest wins. Each counted connection of a
 //! user is an entry of `{p:u:USER}:dev` (sorted set in the user's slot, [`DeviceId`] → connect
-//! time in ms, Redis's clock). A connection that finds the user at the limit drops the entries
-//! of instances found dead (a crashed instance's devices: nobody is told), then the oldest live
-//! ones, each with a close request `<node> ! d<device>` on the user's channel (the instance
-//! holding it closes it with 4009), and is itself always admitted. So a crash never locks a
-//! user out, and the limit holds: the set never has more than the limit, a device over it
-//! closes at once on its live instance.
+//! time in ms, Redis's clock, raised past the newest entry's so admissions never tie). A
+//! connection that finds the user at the limit drops the entries of instances found dead (a
+//! crashed instance's devices: nobody is told), then the oldest live ones, each with a close
+//! request `<node> ! d<device>` on the user's channel (the instance holding it closes it with
+//! 4009), and is itself always admitted. So a crash never locks a user out, and the limit
+//! holds: the set never has more than the limit, a device over it closes at once on its live
+//! instance.
 //!
 //! Why not refuse the newest with a short heartbeat TTL instead: the lockout would still last
 //! the TTL, clients would have to retry 4009 on a timer (and a user really over the limit
@@ -39,8 +40,12 @@ local function admit_device(device, limit)
       end
     end
   end
+  -- Scores order the devices by admission: two admitted in the same millisecond must not tie
+  -- (ties sort by name, and the newer could then be closed as the oldest).
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local newest = redis.call('ZRANGE', dkey, -1, -1, 'WITHSCORES')
+  if newest[2] and tonumber(newest[2]) >= now then now = tonumber(newest[2]) + 1 end
   redis.call('ZADD', dkey, now, device)
 end
 local function forget_device(device)
