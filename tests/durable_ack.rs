@@ -20,21 +20,6 @@ fn send_with_id(c: &mut Client, to: &str, text: &str, client_id: &str, ack: u64)
     }));
 }
 
-/// The `text`s of `user`'s retained events, oldest first, read with the `history` event.
-fn history_texts(c: &mut Client, ack: u64) -> Vec<String> {
-    c.send_json(&json!({"event": "history", "args": {"limit": 100}, "ack": ack}));
-    let v = answer(c, ack, Instant::now() + DEADLINE).expect("history answer");
-    assert_eq!(v["event"], "ack", "{v}");
-    let mut texts: Vec<String> = v["args"]["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| e["args"]["text"].as_str().unwrap_or_default().to_string())
-        .collect();
-    texts.reverse();
-    texts
-}
-
 #[test]
 fn redis_ack_waits_for_redis_and_a_resend_is_stored_once() {
     let mut redis = TestRedis::start();

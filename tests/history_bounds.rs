@@ -54,21 +54,6 @@ fn flood_made_up_ids(addr: std::net::SocketAddr, attacker: &str, count: usize) {
     );
 }
 
-/// The `text`s of the caller's retained events, oldest first (the `history` event).
-fn history_texts(c: &mut Client, ack: u64) -> Vec<String> {
-    c.send_json(&json!({"event": "history", "args": {"limit": 50}, "ack": ack}));
-    let v = answer(c, ack, Instant::now() + DEADLINE).expect("history answer");
-    assert_eq!(v["event"], "ack", "{v}");
-    let mut texts: Vec<String> = v["args"]["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| e["args"]["text"].as_str().unwrap_or_default().to_string())
-        .collect();
-    texts.reverse();
-    texts
-}
-
 /// Sends `text` to `to` with an ack number and returns the answer (ack or error).
 fn send_answered(c: &mut Client, to: &str, text: &str, ack: u64) -> Value {
     c.send_json(&json!({"event": "sendMessage", "args": {"to": to, "text": text}, "ack": ack}));

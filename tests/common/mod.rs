@@ -644,6 +644,21 @@ pub fn answer(c: &mut Client, ack: u64, deadline: Instant) -> Option<Value> {
     }
 }
 
+/// The `text`s of the caller's retained events, oldest first, read with the `history` event.
+pub fn history_texts(c: &mut Client, ack: u64) -> Vec<String> {
+    c.send_json(&serde_json::json!({"event": "history", "args": {"limit": 100}, "ack": ack}));
+    let v = answer(c, ack, Instant::now() + DEADLINE).expect("history answer");
+    assert_eq!(v["event"], "ack", "{v}");
+    let mut texts: Vec<String> = v["args"]["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["args"]["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    texts.reverse();
+    texts
+}
+
 /// Until the instance's subscription to `user` is confirmed, a fresh connection misses what is
 /// published: probe with messages to self until one comes back.
 pub fn wait_live(c: &mut Client, user: &str) {

@@ -18,18 +18,7 @@ impl TestRedis {
 
     /// Starts with extra `redis-server` arguments (e.g. `["--appendonly", "yes"]`).
     pub fn start_with(extra: &[&str]) -> Self {
-        let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("switchboard-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut r = TestRedis {
-            port,
-            dir,
-            child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        r.restart();
-        r
+        Self::start_on(free_port(), extra)
     }
 
     pub fn url(&self) -> String {
