@@ -323,13 +323,7 @@ const API_KEY: &str = "0123456789abcdef-api";
 
 /// A server API call with the API key: the status and the JSON body.
 fn api(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {API_KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let (status, body) = raw_request(addr, req.as_bytes());
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    api_call(addr, method, path, API_KEY, body)
 }
 
 /// The server API's presence and connections queries, a room publish and the cluster-wide

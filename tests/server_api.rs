@@ -33,22 +33,12 @@ fn on_redis(redis: &TestRedis) -> TestServer {
     })
 }
 
-fn call(addr: SocketAddr, method: &str, path: &str, key: &str, body: &str) -> (u16, Value) {
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let (status, body) = raw_request(addr, req.as_bytes());
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
 fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, Value) {
-    call(addr, "POST", path, KEY, body)
+    api_call(addr, "POST", path, KEY, body)
 }
 
 fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
-    call(addr, "GET", path, KEY, "")
+    api_call(addr, "GET", path, KEY, "")
 }
 
 fn join(c: &mut Client, room: &str, ack: u64) {
@@ -122,7 +112,7 @@ fn errors_are_json_with_a_status() {
         ("GET", "/api/history?user=", KEY, "", 400),
     ];
     for (method, path, key, body, want) in cases {
-        let (status, answer) = call(server.addr, method, path, key, body);
+        let (status, answer) = api_call(server.addr, method, path, key, body);
         assert_eq!(status, want, "{method} {path} {body}: {answer}");
         assert!(answer["error"].is_string(), "{method} {path}: {answer}");
     }

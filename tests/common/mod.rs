@@ -115,6 +115,18 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     )
 }
 
+/// A server API call (`/api/...`) with `key` as its bearer token: the status and the JSON body
+/// (`Null` when the body is not JSON).
+pub fn api_call(addr: SocketAddr, method: &str, path: &str, key: &str, body: &str) -> (u16, Value) {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, body) = raw_request(addr, req.as_bytes());
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
 /// Attempts a WebSocket upgrade; returns the HTTP status and body when refused.
 pub fn try_upgrade(addr: SocketAddr, path_and_query: &str, extra_headers: &str) -> (u16, String) {
     let req = format!(
