@@ -324,8 +324,8 @@ pub struct Backplane {
     link_outage: AtomicBool,
     /// When Redis last refused a publication's write (ms since the epoch; 0: not since the
     /// last one it took), and whether that spell was logged.
-    pub(crate) write_refused_at: AtomicU64,
-    pub(crate) write_refusal_logged: AtomicBool,
+    write_refused_at: AtomicU64,
+    write_refusal_logged: AtomicBool,
     /// TLS settings for the non-blocking links when the URL is `rediss://`.
     pub(crate) redis_tls: Option<Arc<rustls::ClientConfig>>,
     /// With Sentinel: the master's `host:port` as the sentinels last named it.

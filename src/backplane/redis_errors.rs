@@ -49,6 +49,10 @@ pub(crate) fn classify_error(e: &redis::RedisError) -> ErrorReply {
     e.code().map_or(ErrorReply::Other, classify)
 }
 
+/// How long after the last refusal the backplane counts as refusing writes, unless a write is
+/// taken sooner.
+const REFUSAL_SPELL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The write-refusal spell: any writer may report it, `/readyz` reads it.
 impl Backplane {
     /// Redis refused a write (`why`: its reply): `/readyz` answers 503 for a while, and the
@@ -58,6 +62,14 @@ impl Backplane {
         if !self.write_refusal_logged.swap(true, SeqCst) {
             log::warn!("redis refuses writes ({why}): publications fail with unavailable");
         }
+    }
+
+    /// Whether Redis refused a write within the last [`REFUSAL_SPELL`] and took none since:
+    /// `/readyz` then answers 503.
+    pub(crate) fn refusing_writes(&self) -> bool {
+        let refused_at = self.write_refused_at.load(SeqCst);
+        refused_at != 0
+            && crate::types::now_ms().saturating_sub(refused_at) < REFUSAL_SPELL.as_millis() as u64
     }
 
     /// Redis took a write: the spell, if any, is over.

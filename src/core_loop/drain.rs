@@ -103,9 +103,7 @@ impl Shared {
             if bp.stats.subscriber_connected.load(Ordering::Relaxed) != 1 {
                 return Err(NotReady::BackplaneNotSubscribed);
             }
-            // Refused within the last few seconds and not taken since.
-            let refused_at = bp.write_refused_at.load(Ordering::SeqCst);
-            if refused_at != 0 && crate::types::now_ms().saturating_sub(refused_at) < 5_000 {
+            if bp.refusing_writes() {
                 return Err(NotReady::BackplaneRefusesWrites);
             }
         }
