@@ -76,6 +76,7 @@ fn reject_ignored(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
         ("routing", redis, "--backplane redis"),
         ("publish_queue", redis, "--backplane redis"),
         ("publish_batch_window", redis, "--backplane redis"),
+        ("publish_pace", redis, "--backplane redis"),
         ("redis_reconnect_max", redis, "--backplane redis"),
         ("redis_cluster", redis, "--backplane redis"),
         ("redis_prefix", redis, "--backplane redis"),

@@ -1,6 +1,7 @@
 //! Each core publishes on its own Redis connection (per-user routing on one Redis): a held ack
 //! is answered by the core whose link Redis answered, without a trip through the bus; it still
-//! waits for Redis (SIGKILLed, then back), and survives Redis losing its script cache.
+//! waits for Redis (SIGKILLed, then back), and survives Redis losing its script cache. A link
+//! with `--publish-pace` holds a burst into a few writes and loses or reorders none of it.
 
 mod common;
 
@@ -92,4 +93,45 @@ fn an_ack_waits_for_a_sigkilled_redis_and_survives_a_lost_script_cache() {
     assert!(bp.stats.reconnects.load(Relaxed) >= 1);
     assert!(bp.stats.publish_errors.load(Relaxed) >= 1);
     assert_eq!(bp.queue_depth(), 0);
+}
+
+#[test]
+fn a_paced_link_delivers_stores_and_acks_a_burst_in_order() {
+    let redis = TestRedis::start();
+    let mut rc = switchboard::backplane::RedisConfig::new(redis.url());
+    // Long enough that the burst below is held and written in a few paced writes.
+    rc.publish_pace = Duration::from_millis(30);
+    let server = TestServer::with_config(switchboard::Config {
+        backplane: Some(rc),
+        ..test_config()
+    });
+    let mut u1 = server.connect("u1");
+    let mut u2 = server.connect("u2");
+    wait_live(&mut u1, "u1");
+    wait_live(&mut u2, "u2");
+    for n in 1..=20 {
+        send(&mut u1, "u2", &format!("m{n}"), n);
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let mut acks = Vec::new();
+    while acks.len() < 20 {
+        let Some(Ok(tungstenite::Message::Text(t))) = u1.next_message(deadline) else {
+            panic!("only acks {acks:?}");
+        };
+        let v: serde_json::Value = serde_json::from_str(&t).expect("JSON");
+        if v["event"] == "ack" || v["event"] == "error" {
+            assert_eq!(v["event"], "ack", "{v}");
+            acks.push(v["ack"].as_u64().expect("ack number"));
+        }
+    }
+    assert_eq!(acks, (1..=20).collect::<Vec<_>>(), "every ack, in order");
+    for n in 1..=20 {
+        assert_eq!(u2.recv_event("newMessage")["args"]["text"], format!("m{n}"));
+    }
+    let stored: Vec<String> = history_texts(&mut u2, 99)
+        .into_iter()
+        .filter(|t| t != "probe")
+        .collect();
+    let sent: Vec<String> = (1..=20).map(|n| format!("m{n}")).collect();
+    assert_eq!(stored, sent, "stored once each, in order");
 }

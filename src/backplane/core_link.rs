@@ -89,6 +89,8 @@ pub struct CoreLink {
     reported_depth: usize,
     /// Since when unwritten publications wait for the batch window to pass.
     pending_since: Option<Instant>,
+    /// When publications were last written (for `--publish-pace`).
+    last_write: Option<Instant>,
     /// Since when nothing is in flight (see [`CoreLink::sync_interest`]).
     idle_since: Option<Instant>,
 }
@@ -117,6 +119,7 @@ impl CoreLink {
             lost: false,
             reported_depth: 0,
             pending_since: None,
+            last_write: None,
             idle_since: None,
             token,
             bp: Arc::clone(bp),
@@ -177,6 +180,9 @@ impl CoreLink {
             && self.window_passed(now)
         {
             self.pending_since = None;
+            if self.pipe.has_unsent() {
+                self.last_write = Some(now);
+            }
             self.pipe.encode(&self.enc);
             self.flush(registry);
         }
@@ -220,14 +226,40 @@ impl CoreLink {
         }
     }
 
-    /// Whether what waits may be written now: no batch window, or the first unwritten
-    /// publication has waited it out (starting the wait when there is one).
+    /// Whether what waits may be written now: the first unwritten publication has waited out
+    /// the batch window (starting the wait when there is one), and the last write is at least
+    /// the pace old.
     fn window_passed(&mut self, now: Instant) -> bool {
-        let window = self.bp.config.publish_batch_window;
-        if window.is_zero() || !self.pipe.has_unsent() {
+        if !self.pipe.has_unsent() {
             return true;
         }
-        now >= *self.pending_since.get_or_insert(now) + window
+        let window = self.bp.config.publish_batch_window;
+        if !window.is_zero() && now < *self.pending_since.get_or_insert(now) + window {
+            return false;
+        }
+        self.paced_at().is_none_or(|at| now >= at)
+    }
+
+    /// When the publications it holds may be written (the window and the pace both passed),
+    /// if it holds any.
+    fn held_until(&self) -> Option<Instant> {
+        let window = self
+            .pending_since
+            .filter(|_| self.pipe.has_unsent())
+            .map(|t| t + self.bp.config.publish_batch_window);
+        match (window, self.paced_at()) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the pace lets unwritten publications go, if it holds them at all.
+    fn paced_at(&self) -> Option<Instant> {
+        let pace = self.bp.config.publish_pace;
+        match self.last_write {
+            Some(t) if !pace.is_zero() && self.pipe.has_unsent() => Some(t + pace),
+            _ => None,
+        }
     }
 
     /// When [`Self::turn`] must run next, at the latest.
@@ -236,9 +268,7 @@ impl CoreLink {
             Conn::Down { retry_at } => Some(*retry_at),
             Conn::Connecting { deadline, .. } => Some(*deadline),
             Conn::Up { reading, .. } => {
-                let window = self
-                    .pending_since
-                    .map(|t| t + self.bp.config.publish_batch_window);
+                let window = self.held_until();
                 // Not reading: replies due are read within LAZY_READ, and reading resumes
                 // LAZY_READ after the last one.
                 let lazy = match (reading, self.idle_since) {

@@ -12,6 +12,8 @@ pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_millis(100);
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// Default [`RedisConfig::publish_batch_window`]: none, a write per loop turn.
 pub const DEFAULT_PUBLISH_BATCH_WINDOW: Duration = Duration::ZERO;
+/// Default [`RedisConfig::publish_pace`]: none, a write per loop turn.
+pub const DEFAULT_PUBLISH_PACE: Duration = Duration::ZERO;
 /// Default [`RedisConfig::wait_replicas`]: acknowledge once the primary has the message.
 pub const DEFAULT_WAIT_REPLICAS: u32 = 0;
 /// Default [`RedisConfig::wait_timeout`].
@@ -45,6 +47,13 @@ pub struct RedisConfig {
     /// (and Redis's replies and pub/sub writes with it); zero writes at the end of every loop
     /// turn. Only for the cores' own links (per-user routing on one Redis).
     pub publish_batch_window: Duration,
+    /// The shortest time between two writes of a core's link: a publication after a quiet
+    /// spell is written at once; those that come within this time of the last write wait for
+    /// it to pass and share the next write. Under load, one write (and one Redis read, reply
+    /// and pub/sub write per instance) per pace instead of per message, for at most this much
+    /// latency; when messages are further apart than this, no latency at all. Zero writes at
+    /// the end of every loop turn. Only for the cores' own links.
+    pub publish_pace: Duration,
     /// Per-user channel prefix (`{prefix}:u:{user}`).
     pub channel_prefix: String,
     /// On a Redis Cluster with history on: replicas that must have a message (Redis `WAIT`,
@@ -83,6 +92,7 @@ impl RedisConfig {
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             publish_batch_window: DEFAULT_PUBLISH_BATCH_WINDOW,
+            publish_pace: DEFAULT_PUBLISH_PACE,
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_string(),
             wait_replicas: DEFAULT_WAIT_REPLICAS,
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
@@ -169,6 +179,9 @@ impl RedisConfig {
         }
         if self.publish_batch_window > Duration::from_millis(100) {
             return Err("--publish-batch-window must be at most 100ms".into());
+        }
+        if self.publish_pace > Duration::from_millis(100) {
+            return Err("--publish-pace must be at most 100ms".into());
         }
         if self.wait_replicas > 0 && !self.sharded() {
             return Err(

@@ -119,7 +119,10 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
     for &i in &firsts {
         write_frame(&mut conns[i], &join, &mut rnd);
     }
-    let mut events = Events::with_capacity(1024);
+    let mut reader = Reader {
+        events: Events::with_capacity(1024),
+        scratch: vec![0u8; 64 * 1024],
+    };
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let base = Instant::now();
@@ -147,9 +150,8 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
             write_frame(&mut conns[sender], &frame, &mut rnd);
             next_warm = Instant::now() + Duration::from_millis(500);
         }
-        poll.poll(&mut events, Some(Duration::from_millis(50)))
-            .map_err(|e| e.to_string())?;
-        pump(&events, &mut conns, &mut rnd, |conn, payload| {
+        let timeout = Duration::from_millis(50);
+        reader.turn(&mut poll, timeout, &mut conns, &mut rnd, |conn, payload| {
             if memmem::find(payload, b"\"event\":\"ack\"").is_some() {
                 conn.acked = true;
             } else if memmem::find(payload, b"\"text\":\"warm\"").is_some() {
@@ -160,7 +162,7 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
                     String::from_utf8_lossy(payload)
                 );
             }
-        });
+        })?;
     }
     if !args.quiet {
         eprintln!("room: every device is in; sending {} messages/s", args.rate);
@@ -196,9 +198,8 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
         } else {
             end.saturating_duration_since(Instant::now())
         };
-        poll.poll(&mut events, Some(wait.min(Duration::from_millis(100))))
-            .map_err(|e| e.to_string())?;
-        pump(&events, &mut conns, &mut rnd, |conn, payload| {
+        let timeout = wait.min(Duration::from_millis(100));
+        reader.turn(&mut poll, timeout, &mut conns, &mut rnd, |conn, payload| {
             let Some(at) = memmem::find(payload, marker) else {
                 return;
             };
@@ -218,7 +219,7 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
             conn.delivered += 1;
             let now_us = base.elapsed().as_micros() as u64;
             let _ = hist.record(now_us.saturating_sub(us).max(1));
-        });
+        })?;
     }
     let send_seconds = send_for.as_secs_f64();
     let leave = format!(r#"{{"event":"leaveRoom","args":{{"room":"{room}"}}}}"#);
@@ -249,15 +250,39 @@ pub fn run(args: &Args) -> Result<RoomReport, String> {
     })
 }
 
-/// Reads every ready connection until WouldBlock and hands each text frame to `on_text`;
+/// The reading side, kept for the whole run: zeroing a 64 KiB buffer per poll would cost the
+/// CPUs the generator shares with the servers.
+struct Reader {
+    events: Events,
+    scratch: Vec<u8>,
+}
+
+impl Reader {
+    /// Waits up to `timeout` for readiness, then reads every ready connection ([`pump`]).
+    fn turn(
+        &mut self,
+        poll: &mut Poll,
+        timeout: Duration,
+        conns: &mut [Conn],
+        rnd: &mut u64,
+        on_text: impl FnMut(&mut Conn, &[u8]),
+    ) -> Result<(), String> {
+        poll.poll(&mut self.events, Some(timeout))
+            .map_err(|e| e.to_string())?;
+        pump(&self.events, conns, rnd, &mut self.scratch, on_text);
+        Ok(())
+    }
+}
+
+/// Reads every ready connection until it is drained and hands each text frame to `on_text`;
 /// answers pings; flushes pending output on writable.
 fn pump(
     events: &Events,
     conns: &mut [Conn],
     rnd: &mut u64,
+    tmp: &mut [u8],
     mut on_text: impl FnMut(&mut Conn, &[u8]),
 ) {
-    let mut tmp = [0u8; 64 * 1024];
     for event in events.iter() {
         let Some(conn) = conns.get_mut(event.token().0) else {
             continue;
@@ -268,8 +293,14 @@ fn pump(
         if !event.is_readable() {
             continue;
         }
-        while let ReadResult::Data(n) = conn.ws.read(&mut tmp) {
+        while let ReadResult::Data(n) = conn.ws.read(tmp) {
             conn.ws.rbuf.extend_from_slice(&tmp[..n]);
+            if n < tmp.len() {
+                // A short read drained the socket: edge-triggered readiness reports what comes
+                // later, so the read that would only say WouldBlock is skipped (one syscall per
+                // delivery, on a box the generator shares with the servers).
+                break;
+            }
         }
         // Taken out of the connection while its frames are handed over: no copy per frame.
         let mut buf = std::mem::take(&mut conn.ws.rbuf);

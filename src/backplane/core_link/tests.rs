@@ -245,6 +245,53 @@ fn a_batch_window_holds_the_first_publication_then_writes_what_queued_together()
 }
 
 #[test]
+fn a_pace_writes_the_first_publication_at_once_and_holds_the_next_till_it_passes() {
+    let (listener, port) = fake_redis();
+    let mut cfg = RedisConfig::new(format!("redis://127.0.0.1:{port}"));
+    cfg.publish_pace = Duration::from_millis(80);
+    let bp = Backplane::new(cfg, 1);
+    let mut h = Harness::new(&bp);
+    let mut peer = accept(&mut h, &listener);
+    for _ in 0..3 {
+        h.pump();
+    }
+    let one = Arc::new(crate::bus::encode_dispatch(vec!["a".into()], "e", &1).unwrap());
+    let two = Arc::new(crate::bus::encode_dispatch(vec!["b".into()], "e", &2).unwrap());
+    let three = Arc::new(crate::bus::encode_dispatch(vec!["c".into()], "e", &3).unwrap());
+    // After a quiet spell: written on this turn, no wait.
+    let first = Instant::now();
+    h.link.publish(&one, None);
+    h.link.turn(h.poll.registry(), Instant::now(), &mut h.ready);
+    assert!(!h.link.pipe.has_unsent(), "written on its turn, not held");
+    let mut seen = Vec::new();
+    let sent = read_commands(&mut h, &mut peer, &mut seen, 1);
+    assert_eq!(sent[0][..2], ["PUBLISH", "switchboard:u:a"]);
+    // Within the pace of that write: held, and the loop is told when to write them.
+    h.link.publish(&two, None);
+    h.pump();
+    h.link.publish(&three, None);
+    h.pump();
+    // The first write was at `first` or later, so the pace runs till `first` + 80 ms at least.
+    let held = h.link.pipe.has_unsent();
+    if first.elapsed() < Duration::from_millis(80) {
+        assert!(held, "held while the pace runs");
+        let due = h.link.next_deadline(Instant::now());
+        assert!(
+            due.is_some_and(|t| t <= first + Duration::from_millis(80)),
+            "the loop wakes when the pace has passed: {due:?}"
+        );
+    }
+    let sent = read_commands(&mut h, &mut peer, &mut seen, 3);
+    assert!(
+        first.elapsed() >= Duration::from_millis(80),
+        "held for the pace"
+    );
+    assert_eq!(sent[1][..2], ["PUBLISH", "switchboard:u:b"]);
+    assert_eq!(sent[2][..2], ["PUBLISH", "switchboard:u:c"]);
+    h.link.close(h.poll.registry());
+}
+
+#[test]
 fn replies_nobody_waits_for_are_read_on_the_next_turn_without_a_wake() {
     let (listener, port) = fake_redis();
     let bp = Backplane::new(RedisConfig::new(format!("redis://127.0.0.1:{port}")), 1);
