@@ -1,8 +1,9 @@
 //! How long does another user's resume take while one user floods history reads (issue 16,
 //! finding 3)?
 //!
-//! Starts a private `redis-server` (a free port, a temp dir, `--save ""`; never the one on 6379)
-//! and the server binary on it (`--backplane redis --cores 2`, connect rates off so the flood is
+//! Starts a private `redis-server` (`TestRedis` of tests/common: a free port, a temp dir, never
+//! the one on 6379) and the server binary on it (`--backplane redis --cores 2`, connect rates
+//! off so the flood is
 //! the finding's, not cut short by them). Writes `EVENTS` events of `EVENT_BYTES` bytes into the
 //! hostile user's stream (what that many direct messages leave there), gives the victim 5
 //! messages through the server, then runs the flood: every `EVERY_MS` (300) ms, `BURST` (10) new
@@ -20,13 +21,17 @@
 //! flags, space-separated). The machine is shared: compare binaries in the same minutes,
 //! alternating, and read the load average beside each figure.
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{fill_history, ChildServer, TestRedis};
 use tungstenite::Message;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -40,66 +45,6 @@ fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
-}
-
-/// A child process killed (by its pid) on drop.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> (Killed, u16, std::path::PathBuf) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let dir = std::env::temp_dir().join(format!("switchboard-flood-{port}"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server on PATH");
-    let child = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (child, port, dir)
-}
-
-fn fill_history(port: u16, user: &str, n: usize, size: usize) {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
-    let mut c = client.get_connection().expect("redis connection");
-    let text = "x".repeat(size);
-    let frame =
-        serde_json::json!({"event": "newMessage", "args": {"from": "h", "text": text}}).to_string();
-    for start in (0..n).step_by(50) {
-        let mut pipe = redis::pipe();
-        for _ in start..n.min(start + 50) {
-            pipe.cmd("XADD")
-                .arg(format!("switchboard:h:{user}"))
-                .arg("*")
-                .arg("f")
-                .arg(&frame)
-                .ignore();
-        }
-        let () = pipe.query(&mut c).expect("XADD");
-    }
 }
 
 /// Embedded mode: the hostile user sends itself `n` events of `size` bytes through the server,
@@ -120,44 +65,19 @@ fn fill_history_embedded(addr: SocketAddr, user: &str, n: usize, size: usize) {
     }
 }
 
-/// The binary on Redis at `redis_port`, or embedded (`None`).
-fn start_server(binary: &str, redis_port: Option<u16>, extra: &[String]) -> (Killed, SocketAddr) {
-    let backplane = match redis_port {
-        Some(port) => vec![
-            "--backplane".to_string(),
-            "redis".to_string(),
-            "--redis-url".to_string(),
-            format!("redis://127.0.0.1:{port}"),
-        ],
-        None => Vec::new(),
-    };
-    let mut child = Command::new(binary)
-        .args(["--listen", "127.0.0.1:0", "--cores", "2"])
-        .args(&backplane)
+/// The binary on `redis`, or embedded (`None`).
+fn start_server(binary: &str, redis: Option<&TestRedis>, extra: &[String]) -> ChildServer {
+    let mut command = Command::new(binary);
+    command.args(["--listen", "127.0.0.1:0", "--cores", "2"]);
+    if let Some(redis) = redis {
+        command.args(["--backplane", "redis", "--redis-url", &redis.url()]);
+    }
+    command
         .args(["--history", "on", "--rate-limit", "0"])
         .args(["--connect-rate-per-user", "0", "--connect-rate-per-ip", "0"])
         .args(extra)
-        .env("RUST_LOG", "warn,switchboard=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the server binary");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on ws://").nth(1).filter(|_| !sent) {
-                let _ = tx.send(rest.split('/').next().unwrap_or_default().to_string());
-                sent = true;
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the server logs its address")
-        .parse()
-        .expect("an address");
-    (Killed(child), addr)
+        .env("RUST_LOG", "warn,switchboard=info");
+    ChildServer::spawn_command(command)
 }
 
 /// Connects with `?since=` and reads until `recovered` (its `complete`) or the end (`None`).
@@ -226,11 +146,12 @@ fn main() {
         .collect();
     let load_before = load_average();
     let embedded = std::env::var("EMBEDDED").is_ok_and(|v| v == "1");
-    let redis = (!embedded).then(start_redis);
-    if let Some((_, port, _)) = &redis {
-        fill_history(*port, "hostile", events, event_bytes);
+    let redis = (!embedded).then(TestRedis::start);
+    if let Some(redis) = &redis {
+        fill_history(redis, "hostile", events, event_bytes);
     }
-    let (_server, addr) = start_server(&binary, redis.as_ref().map(|r| r.1), &extra);
+    let server = start_server(&binary, redis.as_ref(), &extra);
+    let addr = server.addr;
     if embedded {
         fill_history_embedded(addr, "hostile", events, event_bytes);
     }
@@ -325,7 +246,4 @@ fn main() {
         "load average (1/5/15 min): before {load_before}, after {}",
         load_average()
     );
-    if let Some((_, _, dir)) = redis {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }

@@ -34,27 +34,6 @@ const FLOOD_FOR: Duration = Duration::from_secs(30);
 /// Generous: the target under this flood is a p99 of 50 ms (measured, not asserted here).
 const VICTIM_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Writes `n` events of `size` bytes into `user`'s stream directly (what `n` direct messages
-/// would leave there), in pipelines.
-fn fill_history(redis: &TestRedis, user: &str, n: usize, size: usize) {
-    let mut c = redis.connection();
-    let text = "x".repeat(size);
-    let frame =
-        serde_json::json!({"event": "newMessage", "args": {"from": "h", "text": text}}).to_string();
-    for chunk in 0..n.div_ceil(50) {
-        let mut pipe = redis::pipe();
-        for _ in 0..50.min(n - chunk * 50) {
-            pipe.cmd("XADD")
-                .arg(format!("switchboard:h:{user}"))
-                .arg("*")
-                .arg("f")
-                .arg(&frame)
-                .ignore();
-        }
-        let () = pipe.query(&mut c).expect("XADD");
-    }
-}
-
 /// The real binary on `redis`, history on, connect rates off (the flood of the finding
 /// reconnects faster than `--connect-rate-per-user` allows: the reads are what is tested).
 fn child(redis: &TestRedis, extra: &[&str]) -> ChildServer {

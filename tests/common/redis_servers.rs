@@ -90,6 +90,27 @@ impl Drop for TestRedis {
     }
 }
 
+/// Writes `n` events of `size` bytes into `user`'s stream directly (what `n` direct messages
+/// would leave there), in pipelines.
+pub fn fill_history(redis: &TestRedis, user: &str, n: usize, size: usize) {
+    let mut c = redis.connection();
+    let text = "x".repeat(size);
+    let frame =
+        serde_json::json!({"event": "newMessage", "args": {"from": "h", "text": text}}).to_string();
+    for chunk in 0..n.div_ceil(50) {
+        let mut pipe = redis::pipe();
+        for _ in 0..50.min(n - chunk * 50) {
+            pipe.cmd("XADD")
+                .arg(format!("switchboard:h:{user}"))
+                .arg("*")
+                .arg("f")
+                .arg(&frame)
+                .ignore();
+        }
+        let () = pipe.query(&mut c).expect("XADD");
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
