@@ -126,19 +126,19 @@ impl Server {
             open_connections: AtomicUsize::new(0),
             gate: crate::core_loop::Gate::new(config.max_handshakes, config.max_handshakes_per_ip),
             presence: crate::core_loop::Coalescer::new(config.rooms.presence_interval),
-            connect_rates_ip: crate::core_loop::ConnectRates::new(
+            connect_rates_ip: crate::core_loop::ConnectRates::connect_rates(
                 config.connect_rate_per_ip,
                 config.connect_burst_per_ip,
             ),
-            connect_rates_user: crate::core_loop::ConnectRates::new(
+            connect_rates_user: crate::core_loop::ConnectRates::connect_rates(
                 config.connect_rate_per_user,
                 config.connect_burst_per_user,
             ),
-            api_history_rates: crate::core_loop::ConnectRates::new(
+            api_history_rates: crate::core_loop::ConnectRates::connect_rates(
                 config.history.api_rate,
                 config.history.api_burst,
             ),
-            sender_budgets: crate::core_loop::SenderBudgets::new(
+            sender_budgets: crate::core_loop::SenderBudgets::sender_bytes(
                 config.history.sender_bytes_per_minute,
             ),
             node_id,

@@ -46,7 +46,7 @@ impl CoreLoop {
         // of one account shares one bucket.
         if !shared
             .api_history_rates
-            .take(&identity.user, Instant::now())
+            .take(&identity.user, 1, Instant::now())
         {
             add(&self.metrics().api_history_rate_limited, 1);
             let body = api::json_error_with(

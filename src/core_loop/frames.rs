@@ -226,9 +226,7 @@ impl CoreLoop {
     /// (`sender_budget.rs`), which pays for it; else the `quota_exceeded` error to answer with.
     fn within_sender_budget(&mut self, key: usize) -> Result<(), HandlerError> {
         let budgets = &self.shared.sender_budgets;
-        if self.outbox.is_empty()
-            || budgets.per_minute() == 0
-            || !self.shared.config.history_active()
+        if self.outbox.is_empty() || budgets.is_unlimited() || !self.shared.config.history_active()
         {
             return Ok(());
         }
@@ -245,7 +243,7 @@ impl CoreLoop {
             format!(
                 "this send would store {cost} bytes for other users, more than is left of \
                  {} per minute: nothing was sent",
-                budgets.per_minute()
+                budgets.burst()
             ),
         ))
     }

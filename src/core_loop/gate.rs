@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use super::key_budgets::KeyBudgets;
 use super::CoreLoop;
-use crate::connection::TokenBucket;
 use crate::metrics::{add, Closed};
 use crate::UserId;
 
@@ -89,56 +89,18 @@ impl Gate {
     }
 }
 
-/// Connect rates per key (a source address, a user): a token bucket each, kept while it is
-/// not full again, so the map holds only keys that connected lately.
-pub(crate) struct ConnectRates<K> {
-    rate: u32,
-    burst: u32,
-    buckets: Mutex<Rates<K>>,
-}
-
-struct Rates<K> {
-    buckets: HashMap<K, (TokenBucket, Instant)>,
-    /// The map is pruned of full buckets when it reaches this size.
-    prune_at: usize,
-}
+/// Connect rates per key (a source address, a user): a bucket of connects each, kept while it
+/// is not full again, so the map holds only keys that connected lately.
+pub(crate) type ConnectRates<K> = KeyBudgets<K>;
 
 /// Keys kept at least until the map is pruned.
 const RATES_PRUNE_FLOOR: usize = 4096;
 
-impl<K: Hash + Eq + Clone> ConnectRates<K> {
-    /// `rate` connects a second per key, `burst` above it; a `rate` of 0 is no limit.
-    pub fn new(rate: u32, burst: u32) -> Self {
-        ConnectRates {
-            rate,
-            burst,
-            buckets: Mutex::new(Rates {
-                buckets: HashMap::new(),
-                prune_at: RATES_PRUNE_FLOOR,
-            }),
-        }
-    }
-
-    /// Takes one connect for `key` at `now`; `false` when its bucket is empty.
-    pub fn take(&self, key: &K, now: Instant) -> bool {
-        if self.rate == 0 {
-            return true;
-        }
-        let mut rates = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if rates.buckets.len() >= rates.prune_at {
-            // A bucket untouched for burst / rate seconds is full again: as good as absent.
-            let refill = Duration::from_secs_f64(f64::from(self.burst) / f64::from(self.rate));
-            rates
-                .buckets
-                .retain(|_, (_, last)| now.saturating_duration_since(*last) < refill);
-            rates.prune_at = (rates.buckets.len() * 2).max(RATES_PRUNE_FLOOR);
-        }
-        let (bucket, last) = rates
-            .buckets
-            .entry(key.clone())
-            .or_insert_with(|| (TokenBucket::new(self.burst, now), now));
-        *last = now;
-        bucket.take(self.rate, self.burst, now)
+impl<K: Hash + Eq + Clone> KeyBudgets<K> {
+    /// `rate` connects a second per key, `burst` above it; a `rate` of 0 is no limit. Taken
+    /// once per connect, so one lock for all the keys.
+    pub fn connect_rates(rate: u32, burst: u32) -> Self {
+        KeyBudgets::new(f64::from(rate), u64::from(burst), 1, RATES_PRUNE_FLOOR)
     }
 }
 
@@ -156,7 +118,7 @@ impl CoreLoop {
         let Some(peer) = self.handshakes.get(&key).map(|h| h.peer) else {
             return true;
         };
-        let allowed = self.shared.connect_rates_ip.take(&peer, Instant::now());
+        let allowed = self.shared.connect_rates_ip.take(&peer, 1, Instant::now());
         if !allowed {
             add(&self.metrics().connects_rate_limited, 1);
         }
@@ -166,7 +128,7 @@ impl CoreLoop {
     /// A new connection of `user` is within the user's connect rate. `false`: refuse it (429,
     /// or a CONNECT_ERROR for Socket.IO).
     pub(super) fn connect_rate_user_allows(&mut self, user: &UserId) -> bool {
-        let allowed = self.shared.connect_rates_user.take(user, Instant::now());
+        let allowed = self.shared.connect_rates_user.take(user, 1, Instant::now());
         if !allowed {
             add(&self.metrics().connects_rate_limited, 1);
         }
@@ -224,28 +186,29 @@ impl CoreLoop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn connect_rates_allow_the_burst_then_the_rate_per_key() {
-        let rates = ConnectRates::new(10, 3);
+        let rates = ConnectRates::connect_rates(10, 3);
         let t0 = Instant::now();
-        assert!((0..3).all(|_| rates.take(&"a", t0)));
-        assert!(!rates.take(&"a", t0));
-        assert!(rates.take(&"b", t0), "another key has its own bucket");
-        assert!(rates.take(&"a", t0 + Duration::from_millis(100)));
-        let off = ConnectRates::new(0, 0);
-        assert!((0..100).all(|_| off.take(&"a", t0)));
+        assert!((0..3).all(|_| rates.take(&"a", 1, t0)));
+        assert!(!rates.take(&"a", 1, t0));
+        assert!(rates.take(&"b", 1, t0), "another key has its own bucket");
+        assert!(rates.take(&"a", 1, t0 + Duration::from_millis(100)));
+        let off = ConnectRates::connect_rates(0, 0);
+        assert!((0..100).all(|_| off.take(&"a", 1, t0)));
     }
 
     #[test]
     fn connect_rates_forget_full_buckets() {
-        let rates = ConnectRates::new(1000, 1);
+        let rates = ConnectRates::connect_rates(1000, 1);
         let t0 = Instant::now();
         for n in 0..RATES_PRUNE_FLOOR {
-            rates.take(&n, t0);
+            rates.take(&n, 1, t0);
         }
-        rates.take(&usize::MAX, t0 + Duration::from_secs(1));
-        let kept = rates.buckets.lock().unwrap().buckets.len();
+        rates.take(&usize::MAX, 1, t0 + Duration::from_secs(1));
+        let kept = rates.keys().len();
         assert_eq!(kept, 1, "only the key seen since the others refilled");
     }
 

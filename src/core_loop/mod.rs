@@ -55,6 +55,7 @@ mod frames;
 mod gate;
 mod hooks;
 mod http;
+mod key_budgets;
 mod mode;
 mod presence;
 mod publish;

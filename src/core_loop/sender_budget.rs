@@ -10,11 +10,9 @@
 //! Recipients that must exist are not an option: the server has no user directory (a user is
 //! whoever a valid token names), so a budget is what bounds the sender.
 
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::key_budgets::KeyBudgets;
 use crate::bus::Dispatch;
 use crate::config::history::SENDER_COPY_OVERHEAD;
 use crate::UserId;
@@ -27,78 +25,13 @@ const PRUNE_FLOOR: usize = 1024;
 const WINDOW: Duration = Duration::from_secs(60);
 
 /// Per-user buckets of bytes that may be stored for others.
-pub(crate) struct SenderBudgets {
-    per_minute: u64,
-    shards: Box<[Mutex<Shard>]>,
-}
+pub(crate) type SenderBudgets = KeyBudgets<UserId>;
 
-#[derive(Default)]
-struct Shard {
-    buckets: HashMap<UserId, Bucket>,
-    prune_at: usize,
-}
-
-/// Bytes left and when they were counted.
-struct Bucket {
-    left: u64,
-    at: Instant,
-}
-
-impl SenderBudgets {
+impl KeyBudgets<UserId> {
     /// `per_minute` bytes per user and minute; 0 is no limit.
-    pub fn new(per_minute: u64) -> Self {
-        SenderBudgets {
-            per_minute,
-            shards: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(Shard {
-                        buckets: HashMap::new(),
-                        prune_at: PRUNE_FLOOR,
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    /// The budget per minute (0: none).
-    pub fn per_minute(&self) -> u64 {
-        self.per_minute
-    }
-
-    /// Takes `cost` bytes from `sender`'s bucket at `now`; `false` (and nothing taken) when they
-    /// are not left.
-    pub fn take(&self, sender: &UserId, cost: u64, now: Instant) -> bool {
-        if self.per_minute == 0 || cost == 0 {
-            return true;
-        }
-        let mut h = std::hash::DefaultHasher::new();
-        sender.hash(&mut h);
-        let mut shard = self.shards[(h.finish() % SHARDS as u64) as usize]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if shard.buckets.len() >= shard.prune_at {
-            // A bucket untouched for a whole window is full again: as good as absent.
-            shard
-                .buckets
-                .retain(|_, b| now.saturating_duration_since(b.at) < WINDOW);
-            shard.prune_at = (shard.buckets.len() * 2).max(PRUNE_FLOOR);
-        }
-        let per_minute = self.per_minute;
-        let bucket = shard.buckets.entry(sender.clone()).or_insert(Bucket {
-            left: per_minute,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.at);
-        let refill = (per_minute as u128 * elapsed.as_nanos() / WINDOW.as_nanos()) as u64;
-        if refill > 0 {
-            bucket.left = bucket.left.saturating_add(refill).min(per_minute);
-            bucket.at = now;
-        }
-        if bucket.left < cost {
-            return false;
-        }
-        bucket.left -= cost;
-        true
+    pub fn sender_bytes(per_minute: u64) -> Self {
+        let rate = per_minute as f64 / WINDOW.as_secs_f64();
+        KeyBudgets::new(rate, per_minute, SHARDS, PRUNE_FLOOR)
     }
 }
 
@@ -117,10 +50,11 @@ pub(crate) fn cost_for_others(sender: &UserId, outbox: &[std::sync::Arc<Dispatch
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn a_minute_of_bytes_then_the_refill_per_user() {
-        let budgets = SenderBudgets::new(6000);
+        let budgets = SenderBudgets::sender_bytes(6000);
         let (a, b): (UserId, UserId) = ("a".into(), "b".into());
         let t0 = Instant::now();
         assert!(budgets.take(&a, 4000, t0));
@@ -135,12 +69,15 @@ mod tests {
             !budgets.take(&a, 7000, t0 + Duration::from_secs(600)),
             "never more than a minute's worth"
         );
-        assert!(SenderBudgets::new(0).take(&a, u64::MAX, t0), "0: no limit");
+        assert!(
+            SenderBudgets::sender_bytes(0).take(&a, u64::MAX, t0),
+            "0: no limit"
+        );
     }
 
     #[test]
     fn full_buckets_are_forgotten() {
-        let budgets = SenderBudgets::new(1000);
+        let budgets = SenderBudgets::sender_bytes(1000);
         let t0 = Instant::now();
         for n in 0..(PRUNE_FLOOR * SHARDS * 2) {
             budgets.take(&UserId::from(format!("early{n}")), 1, t0);
@@ -150,18 +87,11 @@ mod tests {
         for n in 0..(PRUNE_FLOOR * SHARDS * 8) {
             budgets.take(&UserId::from(format!("late{n}")), 1, t0 + WINDOW);
         }
-        let early: usize = budgets
-            .shards
+        let early = budgets
+            .keys()
             .iter()
-            .map(|s| {
-                let shard = s.lock().unwrap();
-                shard
-                    .buckets
-                    .keys()
-                    .filter(|k| k.starts_with("early"))
-                    .count()
-            })
-            .sum();
+            .filter(|k| k.starts_with("early"))
+            .count();
         assert_eq!(early, 0);
     }
 
