@@ -233,11 +233,10 @@ impl CoreLink {
         if !self.pipe.has_unsent() {
             return true;
         }
-        let window = self.bp.config.publish_batch_window;
-        if !window.is_zero() && now < *self.pending_since.get_or_insert(now) + window {
-            return false;
+        if !self.bp.config.publish_batch_window.is_zero() {
+            self.pending_since.get_or_insert(now);
         }
-        self.paced_at().is_none_or(|at| now >= at)
+        self.held_until().is_none_or(|at| now >= at)
     }
 
     /// When the publications it holds may be written (the window and the pace both passed),
